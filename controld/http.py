@@ -1,0 +1,161 @@
+"""The UPnP HTTP server: descriptions (GET) and SOAP control (POST), LAN only, bounded.
+
+One request per connection (Connection: close), as miniupnpc and most control
+points use it. Limits: header bytes, body bytes, a deadline per request and a cap
+on concurrent connections; anything over a limit or malformed gets a 4xx and the
+connection is closed. Requests from outside the LAN subnets are dropped, and the
+Host header must be an IP literal (DNS rebinding).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import re
+from collections.abc import Callable
+
+from controld import soap
+from controld.description import ROOT_PATH, Device
+from controld.errors import UPnPError
+from controld.igd import IgdActions
+
+log = logging.getLogger("controld.http")
+
+MAX_HEADER = 8192
+MAX_BODY = 65536
+READ_DEADLINE = 5.0  # to receive the whole request
+REQUEST_DEADLINE = 28.0  # to answer it; UPnP allows 30 s and actions bound their PCP wait below this
+MAX_CONNECTIONS = 64
+SERVER = "Linux UPnP/1.1 igdpcp/0.1"
+
+_HOST = re.compile(r"^(\d{1,3}(?:\.\d{1,3}){3}|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?$")
+_REASONS = {200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
+            408: "Request Timeout", 411: "Length Required", 413: "Payload Too Large",
+            415: "Unsupported Media Type", 431: "Request Header Fields Too Large", 500: "Internal Server Error",
+            501: "Not Implemented", 503: "Service Unavailable"}
+
+
+class HttpError(Exception):
+    def __init__(self, status: int, why: str) -> None:
+        super().__init__(why)
+        self.status = status
+
+
+class UpnpHttpServer:
+    def __init__(self, device: Device, actions: IgdActions, lan_subnets: Callable[[], list[str]]) -> None:
+        self.device = device
+        self.actions = actions
+        self.lan_subnets = lan_subnets
+        self._active = 0
+        self.server: asyncio.AbstractServer | None = None
+
+    async def start(self, host: str, port: int) -> int:
+        """Listen on ``host:port`` (port 0: any); returns the port."""
+        self.server = await asyncio.start_server(self._client, host, port, limit=MAX_HEADER)
+        return self.server.sockets[0].getsockname()[1]
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+    def _in_lan(self, ip: str) -> bool:
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        return any(addr in ipaddress.ip_network(n) for n in self.lan_subnets())
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")[0]
+        if not self._in_lan(peer) or self._active >= MAX_CONNECTIONS:
+            writer.close()
+            return
+        self._active += 1
+        try:
+            status, headers, body = await asyncio.wait_for(self._request(reader, peer), REQUEST_DEADLINE)
+        except HttpError as exc:
+            log.info("http %s: %d %s", peer, exc.status, exc)
+            status, headers, body = exc.status, {}, b""
+        except asyncio.TimeoutError:
+            status, headers, body = 408, {}, b""
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
+            log.info("http %s: bad request: %s", peer, exc)
+            status, headers, body = 400, {}, b""
+        try:
+            head = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}", f"SERVER: {SERVER}",
+                    "Connection: close", f"Content-Length: {len(body)}"]
+            head += [f"{k}: {v}" for k, v in headers.items()]
+            writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + body)
+            await asyncio.wait_for(writer.drain(), REQUEST_DEADLINE)
+        except (ConnectionError, asyncio.TimeoutError):
+            pass
+        finally:
+            self._active -= 1
+            writer.close()
+
+    async def _request(self, reader: asyncio.StreamReader, peer: str) -> tuple[int, dict[str, str], bytes]:
+        try:
+            raw = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_DEADLINE)
+        except asyncio.LimitOverrunError:
+            raise HttpError(431, "headers too large") from None
+        lines = raw.decode("latin-1").split("\r\n")
+        parts = lines[0].split(" ")
+        if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+            raise HttpError(400, "bad request line")
+        method, path, _ = parts
+        headers: dict[str, str] = {}
+        for line in lines[1:]:
+            if not line:
+                continue
+            name, sep, value = line.partition(":")
+            if not sep:
+                raise HttpError(400, "bad header line")
+            headers[name.strip().lower()] = value.strip()
+        if not _HOST.match(headers.get("host", "")):
+            raise HttpError(403, f"Host {headers.get('host', '')[:64]!r} is not an IP literal")
+        path = path.split("?", 1)[0]
+        if method == "GET":
+            return self._get(path)
+        if method == "POST":
+            return await self._post(path, headers, reader, peer)
+        if method in ("SUBSCRIBE", "UNSUBSCRIBE"):
+            raise HttpError(501, "eventing is not implemented yet")
+        raise HttpError(405, f"method {method[:16]}")
+
+    def _get(self, path: str) -> tuple[int, dict[str, str], bytes]:
+        xml = self.device.root_xml() if path == ROOT_PATH else self.device.scpd_by_path(path)
+        if xml is None:
+            if path in self.device.services:
+                return 405, {"Allow": "POST"}, b""
+            raise HttpError(404, f"no {path[:64]}")
+        return 200, {"Content-Type": 'text/xml; charset="utf-8"'}, xml
+
+    async def _post(self, path: str, headers: dict[str, str], reader: asyncio.StreamReader,
+                    peer: str) -> tuple[int, dict[str, str], bytes]:
+        service = self.device.services.get(path)
+        if service is None:
+            raise HttpError(404, f"no control URL {path[:64]}")
+        if "content-length" not in headers or not headers["content-length"].isdigit():
+            raise HttpError(411, "Content-Length required")
+        length = int(headers["content-length"])
+        if length > MAX_BODY:
+            raise HttpError(413, f"body of {length} bytes")
+        body = await asyncio.wait_for(reader.readexactly(length), READ_DEADLINE)
+        xml_headers = {"Content-Type": 'text/xml; charset="utf-8"', "EXT": ""}
+        try:
+            action = soap.parse_request(body, headers.get("soapaction", ""))
+            if action.service_type.rsplit(":", 1)[0] != service.type.rsplit(":", 1)[0]:
+                raise soap.SoapError(f"{action.service_type} is not served at {path}")
+        except soap.SoapError as exc:
+            log.info("soap %s: invalid request: %s", peer, exc)
+            return 500, xml_headers, soap.fault(402, "Invalid Args")
+        try:
+            out = await self.actions.handle(service, action, peer)
+        except UPnPError as exc:
+            log.info("soap %s %s: %s", peer, action.name, exc)
+            return 500, xml_headers, soap.fault(exc.code, exc.description)
+        except Exception:
+            log.exception("soap %s %s failed", peer, action.name)
+            return 500, xml_headers, soap.fault(501, "Action Failed")
+        return 200, xml_headers, soap.response(action.service_type, action.name, out)

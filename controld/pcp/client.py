@@ -1,0 +1,194 @@
+"""PCP client core (RFC 6887), sans-I/O: requests and packets in, events out, time passed in.
+
+Theory of operation. The owner starts an *exchange* per request with
+:meth:`PcpClient.request`; the client answers with :class:`Transmit` events and
+remembers when the next retransmission is due. The owner calls :meth:`poll` at
+:meth:`next_timer` and :meth:`receive` for every packet from a server; both return
+events: :class:`Transmit`, :class:`Answer` (a matching response; the exchange
+ends), :class:`GaveUp` (the exchange's time bound passed), :class:`EpochLost` (the
+server lost state: re-create everything there) and :class:`Unsolicited` (a Mapping
+Update or an ANNOUNCE nobody asked for). No sockets, no sleeping, no clock reads:
+retransmission, epoch and renewal are tested by passing numbers.
+
+References: retransmission RFC 6887 §8.1.1 (rfc6887-pcp §8.3); response checks §8.3
+(rfc6887-pcp §8.4); matching §11.4 (rfc6887-pcp §4.3); epoch §8.5 (rfc6887-pcp §8.6,
+with the 1-second-back resolution given there); renewal timing §11.2.1 (rfc6887-pcp
+§8.5); the IWF's use of all of it RFC 6970 §5.1, rfc6970-iwf items 7, 8, 13, 84.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+
+from shared import pcp
+
+IRT = 3.0  # initial retransmission time, RFC 6887 §8.1.1
+MRT = 1024.0  # maximum retransmission time
+MIN_RENEW_GAP = 4.0  # renewals never less than 4 s apart (§11.2.1)
+MAX_SANE_LIFETIME = 24 * 3600  # treat absurdly long lifetimes as a day (§15)
+
+
+@dataclass(frozen=True)
+class Transmit:
+    key: Hashable
+    server: str
+    packet: bytes
+
+
+@dataclass(frozen=True)
+class Answer:
+    key: Hashable
+    response: pcp.Response
+
+
+@dataclass(frozen=True)
+class GaveUp:
+    key: Hashable
+
+
+@dataclass(frozen=True)
+class EpochLost:
+    server: str
+
+
+@dataclass(frozen=True)
+class Unsolicited:
+    server: str
+    response: pcp.Response
+    lan_ip: str | None
+
+
+Event = Transmit | Answer | GaveUp | EpochLost | Unsolicited
+
+
+@dataclass
+class _Exchange:
+    key: Hashable
+    server: str
+    request: pcp.Request
+    packet: bytes
+    internal_ip: str | None  # the address the mapping is for (matching, §11.4)
+    deadline: float | None  # MRD: give up after this (None: retransmit forever)
+    next_send: float
+    rt: float
+    sent: int = 0
+
+
+@dataclass
+class _Epoch:
+    client_time: float
+    server_time: int
+
+
+@dataclass
+class PcpClient:
+    """Outstanding exchanges and per-server epoch state."""
+
+    rng: random.Random = field(default_factory=random.Random)
+    exchanges: dict[Hashable, _Exchange] = field(default_factory=dict)
+    epochs: dict[str, _Epoch] = field(default_factory=dict)
+
+    def _rand(self) -> float:
+        return self.rng.uniform(-0.1, 0.1)
+
+    def request(self, key: Hashable, server: str, req: pcp.Request, now: float,
+                max_duration: float | None = None, internal_ip: str | None = None) -> list[Event]:
+        """Start (or restart) an exchange; returns the first transmission."""
+        packet = pcp.encode_request(req)
+        deadline = None if max_duration is None else now + max_duration
+        ex = _Exchange(key, server, req, packet, internal_ip, deadline, now, IRT)
+        self.exchanges[key] = ex
+        return self._send(ex, now, first=True)
+
+    def cancel(self, key: Hashable) -> None:
+        self.exchanges.pop(key, None)
+
+    def _send(self, ex: _Exchange, now: float, first: bool = False) -> list[Event]:
+        ex.rt = (1 + self._rand()) * (IRT if first else min(2 * ex.rt, MRT))
+        ex.next_send = now + ex.rt
+        ex.sent += 1
+        return [Transmit(ex.key, ex.server, ex.packet)]
+
+    def next_timer(self) -> float | None:
+        """When :meth:`poll` must next be called (None: nothing outstanding)."""
+        times = [min(ex.next_send, ex.deadline) if ex.deadline is not None else ex.next_send
+                 for ex in self.exchanges.values()]
+        return min(times, default=None)
+
+    def poll(self, now: float) -> list[Event]:
+        """Retransmit what is due and give up on exchanges past their bound."""
+        out: list[Event] = []
+        for ex in list(self.exchanges.values()):
+            if ex.deadline is not None and now >= ex.deadline:
+                del self.exchanges[ex.key]
+                out.append(GaveUp(ex.key))
+            elif now >= ex.next_send:
+                out.extend(self._send(ex, now))
+        return out
+
+    def _epoch_valid(self, server: str, server_time: int, now: float) -> bool:
+        prev = self.epochs.get(server)
+        self.epochs[server] = _Epoch(now, server_time)
+        if prev is None:
+            return True
+        if server_time + 1 < prev.server_time:
+            return False
+        if server_time < prev.server_time:  # back by up to 1 s: valid (rfc6887-pcp §8.6 note)
+            return True
+        client_delta = int(now - prev.client_time)
+        server_delta = server_time - prev.server_time
+        return not (client_delta + 2 < server_delta - server_delta // 16
+                    or server_delta + 2 < client_delta - client_delta // 16)
+
+    def _matches(self, ex: _Exchange, resp: pcp.Response, server: str, lan_ip: str | None) -> bool:
+        if ex.server != server or ex.request.opcode != resp.opcode:
+            return False
+        if resp.opcode != pcp.Opcode.MAP:
+            return True
+        rq, rs = ex.request.map, resp.map
+        assert rq is not None and rs is not None
+        if (rq.nonce, rq.protocol, rq.internal_port) != (rs.nonce, rs.protocol, rs.internal_port):
+            return False
+        tp = ex.request.options.third_party
+        want_ip = str(tp) if tp is not None else ex.internal_ip
+        got_ip = str(resp.options.third_party) if resp.options.third_party is not None else lan_ip
+        if want_ip is not None and got_ip is not None and want_ip != got_ip:
+            return False
+        if resp.result == pcp.Result.SUCCESS and ex.request.options.prefer_failure and ex.request.lifetime:
+            # PREFER_FAILURE race (RFC 6887 §11.4): a success with other values is a stale update.
+            if rq.external_port and rs.external_port != rq.external_port:
+                return False
+            if not rq.external_ip.packed.strip(b"\x00") == b"" and rs.external_ip != rq.external_ip:
+                return False
+        return True
+
+    def receive(self, server: str, data: bytes, now: float, lan_ip: str | None = None) -> list[Event]:
+        """Process one packet from ``server``; malformed or unmatched packets yield nothing."""
+        try:
+            resp = pcp.decode_response(data)
+        except pcp.PcpDecodeError:
+            return []  # RFC 6887 §8.3: silently dropped
+        out: list[Event] = []
+        if resp.result != pcp.Result.UNSUPP_VERSION and not self._epoch_valid(server, resp.epoch, now):
+            out.append(EpochLost(server))
+        for ex in self.exchanges.values():
+            if self._matches(ex, resp, server, lan_ip):
+                del self.exchanges[ex.key]
+                out.append(Answer(ex.key, resp))
+                return out
+        if resp.opcode in (pcp.Opcode.MAP, pcp.Opcode.ANNOUNCE):
+            out.append(Unsolicited(server, resp, lan_ip))
+        return out
+
+
+def renewal_time(granted: int, t0: float, attempt: int, rng: random.Random) -> float:
+    """When renewal ``attempt`` (0, 1, ...) of a mapping granted at ``t0`` goes out.
+
+    RFC 6887 §11.2.1: first at U[1/2, 5/8] of the lifetime, then 3/4..13/16, 7/8..29/32;
+    callers keep attempts at least MIN_RENEW_GAP apart.
+    """
+    life = min(granted, MAX_SANE_LIFETIME)
+    k = attempt
+    return t0 + life * (1 - 2 ** -(k + 1)) + rng.uniform(0, life * 2 ** -(k + 3))

@@ -1,0 +1,171 @@
+"""SSDP (UPnP Device Architecture 1.1 §1): discovery answers and announcements.
+
+The message logic is pure (:func:`parse`, :func:`search_targets`, :func:`response`,
+:func:`notify`); :class:`SsdpServer` is the socket edge. Only LAN sources are
+answered, at most one answer per matching type per search, after a random delay
+within MX.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import random
+import socket
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from controld.description import Device
+
+log = logging.getLogger("controld.ssdp")
+
+GROUP = "239.255.255.250"
+PORT = 1900
+MAX_AGE = 1800
+NOTIFY_INTERVAL = 600  # well within max-age, so control points never time us out
+MAX_DATAGRAM = 2048
+SERVER = "Linux/1 UPnP/1.1 igdpcp/0.1"
+
+
+@dataclass(frozen=True)
+class Target:
+    st: str  # what is searched for / announced (ST or NT)
+    usn: str
+
+
+def search_targets(dev: Device) -> list[Target]:
+    """Every type the device answers for, with its USN."""
+    out = [Target("upnp:rootdevice", f"uuid:{dev.uuid_root}::upnp:rootdevice")]
+    for uuid, dtype in dev.device_types():
+        out.append(Target(f"uuid:{uuid}", f"uuid:{uuid}"))
+        out.append(Target(dtype, f"uuid:{uuid}::{dtype}"))
+    owners = {dev.l3f.type: dev.uuid_root, dev.wancfg.type: dev.uuid_wan, dev.wanip.type: dev.uuid_wcd}
+    for stype, uuid in owners.items():
+        out.append(Target(stype, f"uuid:{uuid}::{stype}"))
+    return out
+
+
+def parse(data: bytes) -> tuple[str, dict[str, str]] | None:
+    """Start line and upper-cased headers of an SSDP datagram; None if it is not one."""
+    try:
+        text = data[:MAX_DATAGRAM].decode("latin-1")
+    except UnicodeDecodeError:  # pragma: no cover - latin-1 decodes anything
+        return None
+    lines = text.split("\r\n")
+    headers = {}
+    for line in lines[1:40]:
+        name, sep, value = line.partition(":")
+        if sep:
+            headers[name.strip().upper()] = value.strip()
+    return lines[0], headers
+
+
+def matches(targets: list[Target], st: str) -> list[Target]:
+    """The targets one search answers: ssdp:all gets one of each, a versioned type any lower version."""
+    if st == "ssdp:all":
+        return targets
+    base, _, ver = st.rpartition(":")
+    out = []
+    for t in targets:
+        if t.st == st:
+            out.append(t)
+        elif ver.isdigit() and t.st.startswith("urn:") and t.st.rpartition(":")[0] == base:
+            served = int(t.st.rpartition(":")[2])
+            if int(ver) <= served:
+                # UDA 1.1 §1.3.3: answer with the version that was asked for
+                out.append(Target(st, t.usn.replace(t.st, st)))
+    return out
+
+
+def response(t: Target, location: str, boot_id: int, config_id: int) -> bytes:
+    return ("HTTP/1.1 200 OK\r\n"
+            f"CACHE-CONTROL: max-age={MAX_AGE}\r\nDATE: {time.strftime('%a, %d %b %Y %H:%M:%S GMT', time.gmtime())}\r\n"
+            f"EXT:\r\nLOCATION: {location}\r\nSERVER: {SERVER}\r\nST: {t.st}\r\nUSN: {t.usn}\r\n"
+            f"BOOTID.UPNP.ORG: {boot_id}\r\nCONFIGID.UPNP.ORG: {config_id}\r\n\r\n").encode()
+
+
+def notify(t: Target, nts: str, location: str, boot_id: int, config_id: int) -> bytes:
+    alive = nts == "ssdp:alive"
+    return ("NOTIFY * HTTP/1.1\r\n"
+            f"HOST: {GROUP}:{PORT}\r\n"
+            + (f"CACHE-CONTROL: max-age={MAX_AGE}\r\nLOCATION: {location}\r\nSERVER: {SERVER}\r\n" if alive else "")
+            + f"NT: {t.st}\r\nNTS: {nts}\r\nUSN: {t.usn}\r\n"
+            f"BOOTID.UPNP.ORG: {boot_id}\r\nCONFIGID.UPNP.ORG: {config_id}\r\n\r\n").encode()
+
+
+class SsdpServer(asyncio.DatagramProtocol):
+    """Listens on 239.255.255.250:1900 on the LAN interface; answers M-SEARCH, sends NOTIFY."""
+
+    def __init__(self, device: Device, lan_ip: str, location: str, lan_subnets: Callable[[], list[str]]) -> None:
+        self.device = device
+        self.lan_ip = lan_ip
+        self.location = location
+        self.lan_subnets = lan_subnets
+        self.targets = search_targets(device)
+        self.boot_id = int(time.time())
+        self.config_id = 1
+        self.rng = random.Random()
+        self.transport: asyncio.DatagramTransport | None = None
+        self._pending = 0
+
+    async def start(self) -> None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_UDP)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("", PORT))
+        mreq = struct.pack("4s4s", socket.inet_aton(GROUP), socket.inet_aton(self.lan_ip))
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, mreq)
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(self.lan_ip))
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 2)
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 0)
+        loop = asyncio.get_running_loop()
+        self.transport, _ = await loop.create_datagram_endpoint(lambda: self, sock=sock)
+
+    def announce(self, nts: str) -> None:
+        """One NOTIFY per target (ssdp:alive or ssdp:byebye)."""
+        if self.transport is None:
+            return
+        for t in self.targets:
+            self.transport.sendto(notify(t, nts, self.location, self.boot_id, self.config_id), (GROUP, PORT))
+
+    async def run_notify(self) -> None:
+        """ssdp:alive at start (twice, as UDP may drop one) and then periodically."""
+        while True:
+            self.announce("ssdp:alive")
+            await asyncio.sleep(0.25)
+            self.announce("ssdp:alive")
+            await asyncio.sleep(NOTIFY_INTERVAL - 0.25)
+
+    def _in_lan(self, ip: str) -> bool:
+        addr = ipaddress.ip_address(ip)
+        return any(addr in ipaddress.ip_network(n) for n in self.lan_subnets())
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        parsed = parse(data)
+        if parsed is None or not parsed[0].startswith("M-SEARCH * HTTP/1.1"):
+            return
+        _, h = parsed
+        if h.get("MAN", "").strip('"') != "ssdp:discover" or not self._in_lan(addr[0]):
+            return
+        found = matches(self.targets, h.get("ST", ""))
+        if not found or self._pending > 256:  # bounded work per burst of searches
+            return
+        mx = int(h["MX"]) if h.get("MX", "").isdigit() else 1
+        delay = self.rng.uniform(0, min(max(mx, 1), 5) * 0.5)
+        self._pending += 1
+        asyncio.get_running_loop().call_later(delay, self._answer, found, addr)
+
+    def _answer(self, found: list[Target], addr: tuple[str, int]) -> None:
+        self._pending -= 1
+        if self.transport is None:
+            return
+        for t in found:
+            self.transport.sendto(response(t, self.location, self.boot_id, self.config_id), addr)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.announce("ssdp:byebye")
+            self.transport.close()
+            self.transport = None

@@ -1,0 +1,146 @@
+"""The one mapping table behind every front end: in memory for speed, SQLite (WAL) for truth.
+
+Every write goes to SQLite before the caller answers a control point (rfc6970-iwf
+items 28-30, 32: persist the nonce with the entry). Listing order is creation order:
+a mapping keeps its index until something before it is removed.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+import sqlite3
+from dataclasses import dataclass, fields
+
+from controld.lifecycle import LISTED, State
+
+
+@dataclass
+class Mapping:
+    """One port mapping, with both of its bindings (rfc6970-iwf item 32)."""
+
+    id: int
+    cp: str  # control point (source address) that owns it
+    igd: int  # IGD version the CP used: 1 or 2
+    remote_host: str
+    ext_port: int  # the external port the CP sees (NAT2's in cascaded mode)
+    proto: int
+    int_client: str
+    int_port: int
+    description: str
+    lease: int  # requested lease in seconds; 0 = infinite (IGD:1)
+    lease_end: float | None  # wall-clock end of the UPnP lease; None = infinite
+    state: State
+    created: float
+    nat1_port: int | None = None  # NAT1 WAN port (cascaded, nat1-only)
+    nonce: bytes | None = None
+    pcp_server: str | None = None
+    ext_ip: str | None = None  # external address the CP was given
+    pcp_lifetime: int | None = None
+    pcp_expiry: float | None = None  # wall clock
+    prefer_failure: bool = False
+    mode: str = "cascaded"
+
+    @property
+    def proto_name(self) -> str:
+        return {6: "TCP", 17: "UDP"}.get(self.proto, str(self.proto))
+
+    def describe(self) -> str:
+        """Short text naming the mapping, for log lines."""
+        return (f"mapping {self.id} {self.proto_name} ext {self.ext_ip or '?'}:{self.ext_port}"
+                f" -> {self.int_client}:{self.int_port} (nat1 {self.nat1_port}, cp {self.cp})")
+
+
+_COLUMNS = [f.name for f in fields(Mapping)]
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS mappings (
+    id INTEGER PRIMARY KEY, cp TEXT NOT NULL, igd INTEGER NOT NULL, remote_host TEXT NOT NULL,
+    ext_port INTEGER NOT NULL, proto INTEGER NOT NULL, int_client TEXT NOT NULL,
+    int_port INTEGER NOT NULL, description TEXT NOT NULL, lease INTEGER NOT NULL,
+    lease_end REAL, state TEXT NOT NULL, created REAL NOT NULL, nat1_port INTEGER,
+    nonce BLOB, pcp_server TEXT, ext_ip TEXT, pcp_lifetime INTEGER, pcp_expiry REAL,
+    prefer_failure INTEGER NOT NULL, mode TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+class MappingTable:
+    """Mappings by id, by (ext port, proto), and by listing index."""
+
+    def __init__(self, state_dir: str) -> None:
+        os.makedirs(state_dir, exist_ok=True)
+        self.db = sqlite3.connect(os.path.join(state_dir, "mappings.sqlite3"), isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across crashes of the daemon
+        self.db.executescript(_SCHEMA)
+        self.by_id: dict[int, Mapping] = {}
+        self.by_key: dict[tuple[int, int], int] = {}
+        self._listed: list[int] = []  # ids of listed mappings, ascending
+        cur = self.db.execute(f"SELECT {', '.join(_COLUMNS)} FROM mappings ORDER BY id")
+        for row in cur:
+            m = Mapping(**dict(zip(_COLUMNS, row)))
+            m.state = State(m.state)
+            m.prefer_failure = bool(m.prefer_failure)
+            self._index(m)
+        row = self.db.execute("SELECT MAX(id) FROM mappings").fetchone()
+        self._next_id = (row[0] or 0) + 1
+
+    def new_id(self) -> int:
+        nid = self._next_id
+        self._next_id += 1
+        return nid
+
+    def _index(self, m: Mapping) -> None:
+        self.by_id[m.id] = m
+        self.by_key[(m.ext_port, m.proto)] = m.id
+        pos = bisect.bisect_left(self._listed, m.id)
+        present = pos < len(self._listed) and self._listed[pos] == m.id
+        if m.state in LISTED and not present:
+            self._listed.insert(pos, m.id)
+        elif m.state not in LISTED and present:
+            del self._listed[pos]
+
+    def save(self, m: Mapping) -> None:
+        """Insert or update ``m`` durably, then in memory."""
+        old = self.by_id.get(m.id)
+        if old is not None and (old.ext_port, old.proto) != (m.ext_port, m.proto):
+            self.by_key.pop((old.ext_port, old.proto), None)
+        values = [getattr(m, c) for c in _COLUMNS]
+        values[_COLUMNS.index("state")] = m.state.value
+        self.db.execute(f"INSERT OR REPLACE INTO mappings ({', '.join(_COLUMNS)}) VALUES "
+                        f"({', '.join('?' * len(_COLUMNS))})", values)
+        self._index(m)
+
+    def delete(self, m: Mapping) -> None:
+        self.db.execute("DELETE FROM mappings WHERE id = ?", (m.id,))
+        self.by_id.pop(m.id, None)
+        if self.by_key.get((m.ext_port, m.proto)) == m.id:
+            del self.by_key[(m.ext_port, m.proto)]
+        pos = bisect.bisect_left(self._listed, m.id)
+        if pos < len(self._listed) and self._listed[pos] == m.id:
+            del self._listed[pos]
+
+    def find(self, ext_port: int, proto: int) -> Mapping | None:
+        mid = self.by_key.get((ext_port, proto))
+        return None if mid is None else self.by_id[mid]
+
+    def listed(self) -> list[Mapping]:
+        return [self.by_id[i] for i in self._listed]
+
+    def at_index(self, index: int) -> Mapping | None:
+        """The ``index``-th listed mapping (GetGenericPortMappingEntry), O(1)."""
+        return self.by_id[self._listed[index]] if 0 <= index < len(self._listed) else None
+
+    def count(self) -> int:
+        return len(self._listed)
+
+    def get_meta(self, key: str) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+    def close(self) -> None:
+        self.db.close()

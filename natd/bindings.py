@@ -1,0 +1,111 @@
+"""natd's desired NAT1 set and its port allocator (pure: no kernel, no sockets).
+
+Every binding is keyed by controld's mapping id (``mid``) and, for packets, by
+(protocol, WAN port). Each IGD mapping gets its own WAN port, so two mappings to the
+same LAN endpoint stay two distinct PCP internal tuples (rfc6970-iwf item 48).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+from dataclasses import dataclass, field
+
+from shared.wire import Binding
+
+# Never hand out the PCP ports themselves (RFC 6887 §11.3) nor the well-known range
+# by chance; an explicitly requested low port is still honoured when free.
+ALLOC_RANGE = (1024, 65535)
+RESERVED_UDP = frozenset({5350, 5351})
+
+
+class PolicyError(ValueError):
+    """A request natd refuses; ``code`` goes back in the error reply."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class Limits:
+    """natd's own policy; it trusts nothing controld sends (ARCHITECTURE.md, Trust)."""
+
+    max_total: int = 65536
+    max_per_host: int = 4096
+
+
+@dataclass
+class BindingTable:
+    lan_subnets: list[ipaddress.IPv4Network] = field(default_factory=list)
+    router_ips: set[str] = field(default_factory=set)
+    limits: Limits = field(default_factory=Limits)
+    by_mid: dict[int, Binding] = field(default_factory=dict)
+    by_port: dict[tuple[int, int], int] = field(default_factory=dict)
+    per_host: dict[str, int] = field(default_factory=dict)
+    rng: random.Random = field(default_factory=random.SystemRandom)
+
+    def check_lan(self, ip: str) -> None:
+        """The internal address must be a LAN host: not the router, not loopback, not the WAN."""
+        addr = ipaddress.IPv4Address(ip)
+        if ip in self.router_ips or addr.is_loopback or addr.is_multicast or addr.is_unspecified:
+            raise PolicyError("not-lan", f"{ip} is not a LAN host")
+        if not any(addr in net for net in self.lan_subnets):
+            raise PolicyError("not-lan", f"{ip} is outside the LAN subnets")
+        net = next(n for n in self.lan_subnets if addr in n)
+        if addr in (net.network_address, net.broadcast_address) and net.prefixlen < 31:
+            raise PolicyError("not-lan", f"{ip} is a network or broadcast address")
+
+    def free(self, proto: int, port: int) -> bool:
+        return (proto, port) not in self.by_port and not (proto == 17 and port in RESERVED_UDP)
+
+    def allocate(self, proto: int, want: int, exact: bool) -> int:
+        """The wanted port if free, else (unless ``exact``) a random free one."""
+        if want and self.free(proto, want):
+            return want
+        if exact:
+            raise PolicyError("port-in-use", f"{'tcp' if proto == 6 else 'udp'}/{want} is taken")
+        lo, hi = ALLOC_RANGE
+        start = self.rng.randint(lo, hi)
+        for i in range(hi - lo + 1):  # bounded: one pass over the range
+            port = lo + (start - lo + i) % (hi - lo + 1)
+            if self.free(proto, port):
+                return port
+        raise PolicyError("no-ports", "no free NAT1 port")
+
+    def add(self, b: Binding) -> None:
+        """Insert a checked binding; the caller has already chosen ``wan_port``."""
+        self.check_lan(b.lan_ip)
+        if len(self.by_mid) >= self.limits.max_total:
+            raise PolicyError("quota", "total binding limit reached")
+        if self.per_host.get(b.lan_ip, 0) >= self.limits.max_per_host:
+            raise PolicyError("quota", f"binding limit for {b.lan_ip} reached")
+        owner = self.by_port.get((b.proto, b.wan_port))
+        if owner is not None and owner != b.mid:
+            raise PolicyError("port-in-use", f"WAN port {b.wan_port} belongs to mapping {owner}")
+        self.remove(b.mid)
+        self.by_mid[b.mid] = b
+        self.by_port[(b.proto, b.wan_port)] = b.mid
+        self.per_host[b.lan_ip] = self.per_host.get(b.lan_ip, 0) + 1
+
+    def remove(self, mid: int) -> Binding | None:
+        b = self.by_mid.pop(mid, None)
+        if b is not None:
+            del self.by_port[(b.proto, b.wan_port)]
+            self.per_host[b.lan_ip] -= 1
+            if not self.per_host[b.lan_ip]:
+                del self.per_host[b.lan_ip]
+        return b
+
+    def replace_all(self, bindings: list[Binding]) -> None:
+        """Swap in a whole new set (sync), all or nothing."""
+        trial = BindingTable(self.lan_subnets, self.router_ips, self.limits, rng=self.rng)
+        for b in bindings:
+            if b.mid in trial.by_mid:
+                raise PolicyError("duplicate", f"mapping {b.mid} listed twice")
+            trial.add(b)
+        self.by_mid, self.by_port, self.per_host = trial.by_mid, trial.by_port, trial.per_host
+
+    def by_wan_port(self, proto: int, port: int) -> Binding | None:
+        mid = self.by_port.get((proto, port))
+        return None if mid is None else self.by_mid[mid]

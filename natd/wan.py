@@ -1,0 +1,60 @@
+"""Interface facts from netlink (pyroute2): WAN address and gateway, LAN addresses.
+
+``snapshot`` answers once; ``watch`` follows rtnetlink address, link and route
+events and calls back with a fresh snapshot when something that matters changed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from pyroute2 import AsyncIPRoute
+
+from shared.netif import if_addrs
+
+log = logging.getLogger("natd.wan")
+
+# rtnetlink multicast groups: links, IPv4 addresses, IPv4 routes
+_GROUPS = 0x1 | 0x10 | 0x40
+
+
+@dataclass(frozen=True)
+class IfState:
+    """What natd needs to know about its two interfaces."""
+
+    wan_ip: str | None
+    gateway: str | None
+    lan_ips: tuple[str, ...]
+    lan_subnets: tuple[str, ...]
+
+
+async def snapshot(wan_if: str, lan_if: str) -> IfState:
+    """Read the current WAN address/gateway and LAN addresses from the kernel."""
+    w, lan = await if_addrs(wan_if), await if_addrs(lan_if)
+    return IfState(w.addresses[0] if w.addresses else None, w.gateway, lan.addresses, lan.subnets)
+
+
+async def watch(wan_if: str, lan_if: str, on_change: Callable[[IfState], Awaitable[None]],
+                initial: IfState) -> None:
+    """Call ``on_change`` whenever the interface facts differ from the last ones seen."""
+    last = initial
+    while True:
+        try:
+            async with AsyncIPRoute() as mon:
+                await mon.bind(groups=_GROUPS)
+                while True:
+                    async for _msg in mon.get():
+                        # A burst of netlink messages accompanies one change: settle first.
+                        await asyncio.sleep(0.05)
+                        now = await snapshot(wan_if, lan_if)
+                        if now != last:
+                            last = now
+                            await on_change(now)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # netlink socket trouble: back off and reopen
+            log.warning("netlink monitor failed (%s); reopening in 1 s", exc)
+            await asyncio.sleep(1)

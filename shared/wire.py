@@ -1,0 +1,293 @@
+"""The controld <-> natd message schema: the one definition both daemons use.
+
+Transport: ZeroMQ. Requests go DEALER (controld) -> ROUTER (natd), one frame of
+msgpack each way; events go PUB (natd) -> SUB (controld), two frames: topic, msgpack.
+Every message is a msgpack map with ``v`` (schema version), ``op`` and the fields of
+the dataclass registered for that op. :func:`decode` checks version, size, op and the
+type and range of every field before anything else sees the message, so a hostile or
+mistaken peer gets a :class:`WireError` (and a typed error reply), never a crash.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, ClassVar
+
+import msgpack
+
+SCHEMA_VERSION = 1
+MAX_MESSAGE = 8 * 1024 * 1024  # a full sync of 65k bindings fits; anything bigger is refused
+MAX_LIST = 70_000
+MAX_STR = 4096
+MAX_BYTES = 1100  # the largest PCP packet (RFC 6887 §7)
+
+PROTOCOLS = (6, 17)  # TCP, UDP: all UPnP IGD can express
+
+
+class WireError(ValueError):
+    """A message that does not fit the schema; ``code`` is sent back in the error reply."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _ipv4(value: str) -> None:
+    try:
+        ipaddress.IPv4Address(value)
+    except ValueError:
+        raise WireError("bad-field", f"not an IPv4 address: {value!r}") from None
+
+
+def _port(value: int, zero_ok: bool = False) -> None:
+    if not (0 if zero_ok else 1) <= value <= 65535:
+        raise WireError("bad-field", f"port out of range: {value}")
+
+
+def _proto(value: int) -> None:
+    if value not in PROTOCOLS:
+        raise WireError("bad-field", f"protocol must be TCP (6) or UDP (17): {value}")
+
+
+# --- shared pieces ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Binding:
+    """One NAT1 forward: WAN ``proto/wan_port`` -> ``lan_ip:lan_port``; ``mid`` is controld's row id."""
+
+    mid: int
+    proto: int
+    lan_ip: str
+    lan_port: int
+    wan_port: int
+
+    def check(self) -> None:
+        _proto(self.proto)
+        _ipv4(self.lan_ip)
+        _port(self.lan_port)
+        _port(self.wan_port)
+
+
+# --- requests (controld -> natd) and their replies -----------------------------
+
+
+@dataclass(frozen=True)
+class Message:
+    OP: ClassVar[str] = ""
+
+    def check(self) -> None:
+        """Range checks beyond types; raise WireError."""
+
+
+@dataclass(frozen=True)
+class Hello(Message):
+    OP: ClassVar[str] = "hello"
+
+
+@dataclass(frozen=True)
+class HelloReply(Message):
+    OP: ClassVar[str] = "hello.reply"
+    boot_id: str
+    wan_ip: str | None
+    gateway: str | None
+    lan_ips: list[str]
+    lan_subnets: list[str]
+
+
+@dataclass(frozen=True)
+class Bind(Message):
+    """Ensure a NAT1 binding for ``mid``; ``want_port`` first, any free port unless ``exact``."""
+
+    OP: ClassVar[str] = "bind"
+    mid: int
+    proto: int
+    lan_ip: str
+    lan_port: int
+    want_port: int
+    exact: bool = False
+
+    def check(self) -> None:
+        _proto(self.proto)
+        _ipv4(self.lan_ip)
+        _port(self.lan_port)
+        _port(self.want_port, zero_ok=True)
+
+
+@dataclass(frozen=True)
+class BindReply(Message):
+    OP: ClassVar[str] = "bind.reply"
+    wan_ip: str
+    wan_port: int
+
+
+@dataclass(frozen=True)
+class Unbind(Message):
+    OP: ClassVar[str] = "unbind"
+    mid: int
+
+
+@dataclass(frozen=True)
+class PcpSend(Message):
+    """Relay a PCP request to ``server``; with ``mid`` natd rewrites it to that binding first."""
+
+    OP: ClassVar[str] = "pcp.send"
+    server: str
+    packet: bytes
+    mid: int | None = None
+
+    def check(self) -> None:
+        _ipv4(self.server)
+
+
+@dataclass(frozen=True)
+class Sync(Message):
+    """The whole desired NAT1 set; natd applies only the difference."""
+
+    OP: ClassVar[str] = "sync"
+    bindings: list[Binding] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class SyncReply(Message):
+    OP: ClassVar[str] = "sync.reply"
+    added: int
+    removed: int
+
+
+@dataclass(frozen=True)
+class Ok(Message):
+    OP: ClassVar[str] = "ok"
+
+
+@dataclass(frozen=True)
+class Error(Message):
+    OP: ClassVar[str] = "error"
+    code: str
+    message: str
+
+
+# --- events (natd PUB) -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PcpReceived(Message):
+    """A PCP packet from a server, internal port already mapped back to the LAN value."""
+
+    OP: ClassVar[str] = "pcp.rx"
+    server: str
+    packet: bytes
+    mid: int | None = None
+    lan_ip: str | None = None
+
+
+@dataclass(frozen=True)
+class WanChanged(Message):
+    OP: ClassVar[str] = "wan"
+    wan_ip: str | None
+    gateway: str | None
+
+
+@dataclass(frozen=True)
+class Heartbeat(Message):
+    OP: ClassVar[str] = "heartbeat"
+    boot_id: str
+    bindings: int
+
+
+MESSAGES: dict[str, type[Message]] = {
+    cls.OP: cls
+    for cls in (Hello, HelloReply, Bind, BindReply, Unbind, PcpSend, Sync, SyncReply, Ok, Error,
+                PcpReceived, WanChanged, Heartbeat)
+}
+
+
+# --- codec -----------------------------------------------------------------------
+
+
+def encode(msg: Message, rid: int | None = None) -> bytes:
+    """Serialise a message (with request id ``rid`` for requests and replies)."""
+    body: dict[str, Any] = {"v": SCHEMA_VERSION, "op": msg.OP, **asdict(msg)}
+    if rid is not None:
+        body["id"] = rid
+    return msgpack.packb(body, use_bin_type=True)
+
+
+def _coerce(value: Any, tp: Any, name: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; build nested dataclasses."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], name)
+    if origin is list:
+        if not isinstance(value, list) or len(value) > MAX_LIST:
+            raise WireError("bad-field", f"{name}: expected a list of at most {MAX_LIST}")
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item, name) for v in value]
+    if isinstance(tp, type) and issubclass(tp, Binding):
+        if not isinstance(value, dict):
+            raise WireError("bad-field", f"{name}: expected a map")
+        return _build(tp, value, name)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise WireError("bad-field", f"{name}: expected a boolean")
+        return value
+    if tp is int:
+        if not isinstance(value, int) or isinstance(value, bool) or not -(2**63) <= value < 2**63:
+            raise WireError("bad-field", f"{name}: expected an integer")
+        return value
+    if tp is str:
+        if not isinstance(value, str) or len(value) > MAX_STR:
+            raise WireError("bad-field", f"{name}: expected a string of at most {MAX_STR}")
+        return value
+    if tp is bytes:
+        if not isinstance(value, bytes) or len(value) > MAX_BYTES:
+            raise WireError("bad-field", f"{name}: expected at most {MAX_BYTES} bytes")
+        return value
+    raise WireError("bad-field", f"{name}: unsupported type")  # pragma: no cover - schema bug
+
+
+def _build(cls: type, raw: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    extra = set(raw) - known - {"v", "op", "id"}
+    if extra:
+        raise WireError("bad-field", f"{where}: unknown fields {sorted(map(str, extra))}")
+    kwargs: dict[str, Any] = {}
+    for f in fields(cls):
+        if f.name in raw:
+            kwargs[f.name] = _coerce(raw[f.name], hints[f.name], f"{where}.{f.name}")
+    try:
+        obj = cls(**kwargs)
+    except TypeError:
+        raise WireError("bad-field", f"{where}: missing fields") from None
+    obj.check()
+    return obj
+
+
+def decode(data: bytes) -> tuple[Message, int | None]:
+    """Parse and validate one message; returns it with its request id (or None)."""
+    if len(data) > MAX_MESSAGE:
+        raise WireError("too-big", f"message of {len(data)} bytes")
+    try:
+        raw = msgpack.unpackb(data, raw=False, strict_map_key=True, max_bin_len=MAX_BYTES,
+                              max_str_len=MAX_STR, max_array_len=MAX_LIST, max_map_len=64)
+    except Exception as exc:  # msgpack raises many types on garbage
+        raise WireError("bad-msgpack", f"undecodable message: {type(exc).__name__}") from None
+    if not isinstance(raw, dict):
+        raise WireError("bad-msgpack", "message is not a map")
+    if raw.get("v") != SCHEMA_VERSION:
+        raise WireError("version", f"schema version {raw.get('v')!r}, this side speaks {SCHEMA_VERSION}")
+    cls = MESSAGES.get(raw.get("op"))  # type: ignore[arg-type]
+    if cls is None:
+        raise WireError("bad-op", f"unknown op {raw.get('op')!r}")
+    rid = raw.get("id")
+    if rid is not None and (not isinstance(rid, int) or isinstance(rid, bool)):
+        raise WireError("bad-field", "id must be an integer")
+    return _build(cls, raw, cls.OP), rid
