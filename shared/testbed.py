@@ -225,6 +225,32 @@ sys.stdout.write(reply.hex() + "\n")
 """
 
 
+_REAPER_SCRIPT = r"""
+# Launch a daemonizing program as a child subreaper, so the daemon becomes our child
+# when its launcher exits, and reap it when it ends.  SIGTERM/SIGINT are ignored: the
+# daemon is stopped by its own pid; we exit once no child is left.
+import ctypes, os, signal, subprocess, sys
+PR_SET_CHILD_SUBREAPER = 36
+ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+launcher = subprocess.Popen(sys.argv[1:], restore_signals=True,
+                            preexec_fn=lambda: (signal.signal(signal.SIGTERM, signal.SIG_DFL),
+                                                signal.signal(signal.SIGINT, signal.SIG_DFL)))
+rc = launcher.wait()
+if rc != 0:
+    sys.stderr.write(f"launcher exited with {rc}\n")
+while True:
+    try:
+        os.wait()
+    except ChildProcessError:
+        break
+    except InterruptedError:
+        continue
+sys.exit(rc)
+"""
+
+
 class Listener:
     """A one-shot receiver inside a namespace (see :meth:`Testbed.tcp_listen` and
     :meth:`Testbed.udp_listen`)."""
@@ -583,74 +609,65 @@ table inet {NAT2_TABLE} {{
 
     def start_nat2(self, timeout: float = 10.0) -> int:
         """Start miniupnpd as NAT2's PCP/NAT-PMP server in ``{p}-isp``; return its pid
-        once it listens on UDP 5351.  No-op (returns the pid) when already running."""
+        once it listens on UDP 5351.  No-op (returns the pid) when already running.
+
+        miniupnpd has no foreground mode without ``-d`` (debug logging), so it
+        daemonizes; a small wrapper that is a child subreaper launches it, so the daemon
+        is reaped as soon as it exits instead of lingering as a zombie of PID 1.  The
+        daemon is tracked by its pid file."""
         if not self._set_up:
             raise TestbedError("bed not set up")
         if self.nat2_running():
             return self._nat2_pid  # type: ignore[return-value]
+        self._nat2_reap()
         conf = self.path("nat2.conf")
         pidfile = self.path("nat2.pid")
         with open(conf, "w") as f:
             f.write(self.nat2_config())
         if os.path.exists(pidfile):
             os.unlink(pidfile)
-        argv = ["ip", "netns", "exec", self.ns("isp"), MINIUPNPD, "-f", conf, "-P", pidfile]
-        t0 = time.monotonic()
+        wrapper = self._script("reaper", _REAPER_SCRIPT)
+        argv = [sys.executable, wrapper, MINIUPNPD, "-f", conf, "-P", pidfile]
         if self.nat2_debug:
-            self._nat2_log = open(self.path("nat2.log"), "ab")
-            self._nat2_proc = subprocess.Popen(argv + ["-d"], stdout=self._nat2_log,
-                                               stderr=subprocess.STDOUT,
-                                               start_new_session=True)
-            self._nat2_pid = self._nat2_proc.pid
-        else:
-            # Without -d miniupnpd daemonizes: the launcher exits, the daemon writes its
-            # pid file, and we track it by that pid.
-            res = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
-                                 check=False)
-            if res.returncode != 0:
-                raise TestbedError(f"miniupnpd failed to start (rc {res.returncode}): "
-                                   f"{res.stderr.strip()}")
-            self._nat2_pid = self._wait_pidfile(pidfile, t0 + timeout)
+            argv.append("-d")
+        t0 = time.monotonic()
         deadline = t0 + timeout
-        while not _udp_bound(self._nat2_pid, PCP_PORT):
-            if not pid_alive(self._nat2_pid):
-                self._nat2_pid = None
-                raise TestbedError("miniupnpd exited during start-up"
+        self._nat2_log = open(self.path("nat2.log"), "ab")
+        self._nat2_proc = self.popen("isp", argv, stdin=subprocess.DEVNULL,
+                                     stdout=self._nat2_log, stderr=subprocess.STDOUT)
+        pid = None
+        while pid is None or not _udp_bound(pid, PCP_PORT):
+            if pid is None:
+                pid = _read_pidfile(pidfile)
+                self._nat2_pid = pid
+            if (pid is not None and not pid_alive(pid)) or (
+                    pid is None and self._nat2_proc.poll() is not None):
+                self._signal_nat2(signal.SIGKILL, 3.0)
+                raise TestbedError("miniupnpd exited during start-up" + self._nat2_log_tail())
+            if time.monotonic() > deadline:
+                self._signal_nat2(signal.SIGKILL, 3.0)
+                raise TestbedError(f"miniupnpd not listening on {PCP_PORT} after {timeout}s"
                                    + self._nat2_log_tail())
-            if time.monotonic() > deadline:
-                self.kill_nat2()
-                raise TestbedError(f"miniupnpd not listening on {PCP_PORT} after {timeout}s")
-            time.sleep(0.01)
-        log.info("%s: NAT2 miniupnpd pid %d up in %.3fs", self.prefix, self._nat2_pid,
-                 time.monotonic() - t0)
-        return self._nat2_pid
-
-    def _wait_pidfile(self, pidfile: str, deadline: float) -> int:
-        while True:
-            try:
-                with open(pidfile) as f:
-                    text = f.read().strip()
-                if text:
-                    return int(text)
-            except (OSError, ValueError):
-                pass
-            if time.monotonic() > deadline:
-                raise TestbedError("miniupnpd wrote no pid file (bad config? it logs to "
-                                   "syslog; try nat2_debug=True)")
             time.sleep(0.005)
+        log.info("%s: NAT2 miniupnpd pid %d up in %.3fs", self.prefix, pid,
+                 time.monotonic() - t0)
+        return pid
 
     def _nat2_log_tail(self) -> str:
-        if not self.nat2_debug or self.workdir is None:
-            return " (it logs to syslog; use nat2_debug=True to see why)"
-        try:
-            with open(self.path("nat2.log"), errors="replace") as f:
-                return ": " + " | ".join(f.read().splitlines()[-10:])
-        except OSError:
-            return ""
+        text = ""
+        if self.workdir is not None:
+            try:
+                with open(self.path("nat2.log"), errors="replace") as f:
+                    text = " | ".join(f.read().splitlines()[-10:])
+            except OSError:
+                pass
+        hint = "" if self.nat2_debug else " (miniupnpd logs to syslog; nat2_debug=True shows it)"
+        return (f": {text}" if text else "") + hint
 
     def stop_nat2(self, timeout: float = 5.0) -> None:
         """Stop NAT2's miniupnpd with SIGTERM and wait (SIGKILL after ``timeout``).
-        Its nft rules and lease file stay as miniupnpd leaves them."""
+        Its nft rules and lease file stay as miniupnpd leaves them (a later
+        :meth:`start_nat2` reloads the leases); :meth:`restart_nat2` wipes them."""
         self._signal_nat2(signal.SIGTERM, timeout)
 
     def kill_nat2(self) -> None:
@@ -659,43 +676,36 @@ table inet {NAT2_TABLE} {{
 
     def _signal_nat2(self, sig: int, timeout: float) -> None:
         pid = self.nat2_pid
-        if pid is None:
-            self._nat2_reap()
-            return
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
-        if not self._wait_gone(pid, timeout) and sig != signal.SIGKILL:
-            log.warning("%s: miniupnpd %d ignored signal %d, killing", self.prefix, pid, sig)
+        if pid is not None:
             try:
-                os.kill(pid, signal.SIGKILL)
+                os.kill(pid, sig)
             except ProcessLookupError:
                 pass
-            self._wait_gone(pid, 3.0)
-        self._nat2_reap()
+            if not _wait_gone(pid, timeout) and sig != signal.SIGKILL:
+                log.warning("%s: miniupnpd %d ignored signal %d, killing", self.prefix, pid,
+                            sig)
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                _wait_gone(pid, 3.0)
         self._nat2_pid = None
+        self._nat2_reap()
 
     def _nat2_reap(self) -> None:
+        """Collect the wrapper (it exits once the daemon is gone) and close the log."""
         if self._nat2_proc is not None:
             try:
                 self._nat2_proc.wait(timeout=3)
             except subprocess.TimeoutExpired:
-                pass
+                _stop_proc(self._nat2_proc)
+            with self._procs_lock:
+                if self._nat2_proc in self._procs:
+                    self._procs.remove(self._nat2_proc)
             self._nat2_proc = None
         if self._nat2_log is not None:
             self._nat2_log.close()
             self._nat2_log = None
-
-    def _wait_gone(self, pid: int, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while pid_alive(pid):
-            if self._nat2_proc is not None and self._nat2_proc.pid == pid:
-                self._nat2_proc.poll()  # reap our own child so it stops being a zombie
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.005)
-        return True
 
     def restart_nat2(self) -> int:
         """Restart NAT2 with total state loss, like a CGN reboot: stop miniupnpd, remove
@@ -879,6 +889,25 @@ def pid_alive(pid: int) -> bool:
     except OSError:
         return False
     return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    """Wait until ``pid`` is gone (or a zombie); False on timeout."""
+    deadline = time.monotonic() + timeout
+    while pid_alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+def _read_pidfile(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+        return int(text) if text else None
+    except (OSError, ValueError):
+        return None
 
 
 def _udp_bound(pid: int | None, port: int) -> bool:

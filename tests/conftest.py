@@ -67,3 +67,4 @@ def make_testbed() -> Iterator[Callable[..., Testbed]]:
 def testbed(make_testbed: Callable[..., Testbed]) -> Testbed:
     """A fresh bed for one test, NAT2 running with default lifetimes (120..86400 s)."""
     return make_testbed()
+from tests.stack_fixtures import make_stack  # noqa: E402,F401  (daemon fixtures)

@@ -1,0 +1,111 @@
+"""PCP wire codec against RFC 6887 layouts (rfc6887-pcp §2-§7, §10 worked example)."""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+
+import pytest
+
+from shared import pcp
+
+V4 = ipaddress.IPv4Address
+NONCE = bytes(range(1, 13))
+
+
+def test_worked_example_bytes() -> None:
+    """rfc6887-pcp §10: MAP TCP 8080, lifetime 7200, from 198.51.100.7, PREFER_FAILURE."""
+    req = pcp.Request(pcp.Opcode.MAP, 7200, V4("198.51.100.7"),
+                      pcp.MapData(NONCE, 6, 8080, 8080), pcp.Options(prefer_failure=True))
+    expected = bytes.fromhex(
+        "02010000" "00001c20"
+        "00000000" "00000000" "0000ffff" "c6336407"
+        "01020304" "05060708" "090a0b0c"
+        "06000000" "1f901f90"
+        "00000000" "00000000" "0000ffff" "00000000"
+        "02000000")
+    assert pcp.encode_request(req) == expected
+    assert pcp.decode_request(expected) == req
+
+
+def test_third_party_option_bytes() -> None:
+    """rfc6887-pcp §10: THIRD_PARTY for 192.168.1.10 adds exactly these 20 octets."""
+    req = pcp.Request(pcp.Opcode.MAP, 60, V4("10.0.0.1"), pcp.MapData(NONCE, 6, 80, 0),
+                      pcp.Options(third_party=V4("192.168.1.10")))
+    assert pcp.encode_request(req)[60:] == bytes.fromhex(
+        "01000010" "00000000" "00000000" "0000ffff" "c0a8010a")
+
+
+def test_ipv4_mapped_check_uses_all_96_bits() -> None:
+    almost = b"\x00" * 9 + b"\x01\xff\xff" + bytes([1, 2, 3, 4])
+    assert pcp.unpack_address(almost).version == 6
+    assert pcp.unpack_address(b"\x00" * 10 + b"\xff\xff" + bytes([1, 2, 3, 4])) == V4("1.2.3.4")
+
+
+def test_delete_uses_all_zeros_of_the_family() -> None:
+    """Erratum 3621: suggested address of a delete is ::ffff:0:0 for IPv4, not ::."""
+    req = pcp.Request(pcp.Opcode.MAP, 0, V4("10.0.0.1"), pcp.MapData(NONCE, 6, 80, 0, pcp.any_address(4)))
+    assert pcp.encode_request(req)[44:60] == b"\x00" * 10 + b"\xff\xff" + b"\x00" * 4
+
+
+def _resp(result: int = 0, opts: bytes = b"") -> bytes:
+    hdr = struct.pack("!BBBBII12s", 2, 0x81, 0, result, 600, 42, b"\x00" * 12)
+    body = struct.pack("!12sB3xHH16s", NONCE, 6, 80, 8080, b"\x00" * 10 + b"\xff\xff" + bytes([198, 20, 0, 1]))
+    return hdr + body + opts
+
+
+def test_response_decodes() -> None:
+    r = pcp.decode_response(_resp())
+    assert (r.result, r.lifetime, r.epoch) == (0, 600, 42)
+    assert r.map == pcp.MapData(NONCE, 6, 80, 8080, V4("198.20.0.1"))
+
+
+@pytest.mark.parametrize("bad,why", [
+    (b"\x02", "too short"),
+    (_resp()[:1] + b"\x01" + _resp()[2:], "R bit clear"),
+    (_resp()[:-1], "not a multiple of 4"),
+    (_resp() + b"\x00" * 1100, "longer than 1100"),
+    (b"\x03" + _resp()[1:], "wrong version"),
+    (_resp(opts=b"\x03\x00\x00\x30" + b"\x00" * 4), "option runs past the end"),
+])
+def test_bad_responses_are_rejected(bad: bytes, why: str) -> None:
+    with pytest.raises(pcp.PcpDecodeError):
+        pcp.decode_response(bad)
+
+
+def test_unknown_mandatory_option_in_response_is_ignored() -> None:
+    """RFC 6887 §7.3: a client ignores options it does not understand."""
+    r = pcp.decode_response(_resp(opts=b"\x7e\x00\x00\x00"))
+    assert r.result == 0 and r.options == pcp.Options()
+
+
+def test_unsupp_version_is_reported_even_when_short() -> None:
+    """RFC 6887 §9: a NAT-PMP server answers 8 octets; version negotiation must still see it."""
+    r = pcp.decode_response(bytes([0, 0x80, 0, 1, 0, 0, 0, 5]))
+    assert r.result == pcp.Result.UNSUPP_VERSION and r.version == 0
+
+
+@pytest.mark.parametrize("mutate,result", [
+    (lambda b: b + b"\x02\x00\x00\x00", pcp.Result.MALFORMED_OPTION),  # PREFER_FAILURE twice
+    (lambda b: b + b"\x05\x00\x00\x00", pcp.Result.UNSUPP_OPTION),  # unknown mandatory option
+    (lambda b: b[:36] + b"\x00" + b[37:], pcp.Result.MALFORMED_REQUEST),  # protocol 0 with a port
+    (lambda b: b[:1] + b"\x09" + b[2:], pcp.Result.UNSUPP_OPCODE),
+    (lambda b: b[:30], pcp.Result.MALFORMED_REQUEST),
+])
+def test_server_side_checks(mutate, result) -> None:  # type: ignore[no-untyped-def]
+    good = pcp.encode_request(pcp.Request(pcp.Opcode.MAP, 600, V4("10.0.0.1"), pcp.MapData(NONCE, 6, 80, 80),
+                                          pcp.Options(prefer_failure=True)))
+    with pytest.raises(pcp.PcpDecodeError) as exc:
+        pcp.decode_request(mutate(good))
+    assert exc.value.result == result
+
+
+def test_rewrite_as_natd_does() -> None:
+    """Cascaded mode: internal address/port become NAT1's (RFC 6970 §5.5, rfc6970-iwf items 35-37)."""
+    lan = pcp.encode_request(pcp.Request(pcp.Opcode.MAP, 600, V4("192.168.1.2"),
+                                         pcp.MapData(NONCE, 6, 80, 8080), pcp.Options(description="web")))
+    out = pcp.decode_request(pcp.rewrite_request(lan, V4("100.64.0.2"), 40000))
+    assert out.client_ip == V4("100.64.0.2") and out.map is not None and out.map.internal_port == 40000
+    assert out.map.external_port == 8080 and out.options.description == "web"
+    back = pcp.decode_response(pcp.rewrite_response_port(_resp(), 8000))
+    assert back.map is not None and back.map.internal_port == 8000 and back.map.external_port == 8080

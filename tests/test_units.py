@@ -1,0 +1,167 @@
+"""Pure pieces: wire schema against hostile input, SOAP parsing, error table, lifecycle, table."""
+
+from __future__ import annotations
+
+import random
+
+import msgpack
+import pytest
+
+from controld import soap
+from controld.errors import PCP_TO_UPNP, upnp_error_for_pcp
+from controld.lifecycle import TRANSITIONS, Ev, LifecycleError, State, next_state
+from controld.table import Mapping, MappingTable
+from natd.bindings import BindingTable, PolicyError
+from shared import pcp, wire
+
+# --- wire schema -------------------------------------------------------------------
+
+
+def test_wire_round_trip() -> None:
+    msg = wire.Sync([wire.Binding(1, 6, "192.168.1.2", 80, 8080)])
+    assert wire.decode(wire.encode(msg, 9)) == (msg, 9)
+
+
+@pytest.mark.parametrize("raw,code", [
+    (b"\xc1", "bad-msgpack"),
+    (msgpack.packb([1, 2]), "bad-msgpack"),
+    (msgpack.packb({"v": 99, "op": "hello"}), "version"),
+    (msgpack.packb({"v": 1, "op": "rm -rf"}), "bad-op"),
+    (msgpack.packb({"v": 1, "op": "bind", "mid": 1}), "bad-field"),
+    (msgpack.packb({"v": 1, "op": "bind", "mid": "1", "proto": 6, "lan_ip": "1.2.3.4", "lan_port": 1,
+                    "want_port": 1}), "bad-field"),
+    (msgpack.packb({"v": 1, "op": "bind", "mid": 1, "proto": 1, "lan_ip": "1.2.3.4", "lan_port": 1,
+                    "want_port": 1}), "bad-field"),
+    (msgpack.packb({"v": 1, "op": "bind", "mid": 1, "proto": 6, "lan_ip": "1.2.3.4", "lan_port": 70000,
+                    "want_port": 1}), "bad-field"),
+    (msgpack.packb({"v": 1, "op": "pcp.send", "server": "x", "packet": b""}), "bad-field"),
+    (msgpack.packb({"v": 1, "op": "pcp.send", "server": "1.1.1.1", "packet": b"x" * 5000}), "bad-msgpack"),
+    (msgpack.packb({"v": 1, "op": "hello", "extra": 1}), "bad-field"),
+    (b"\x00" * (wire.MAX_MESSAGE + 1), "too-big"),
+])
+def test_wire_refuses_hostile_messages(raw: bytes, code: str) -> None:
+    with pytest.raises(wire.WireError) as exc:
+        wire.decode(raw)
+    assert exc.value.code == code
+
+
+def test_wire_never_crashes_on_random_bytes() -> None:
+    rng = random.Random(7)
+    good = wire.encode(wire.Bind(1, 6, "192.168.1.2", 80, 8080), 1)
+    for _ in range(3000):
+        data = bytearray(good)
+        for _ in range(rng.randint(1, 4)):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        try:
+            wire.decode(bytes(data))
+        except wire.WireError:
+            pass
+
+
+# --- natd policy -------------------------------------------------------------------
+
+
+def test_natd_refuses_non_lan_targets() -> None:
+    import ipaddress
+
+    t = BindingTable([ipaddress.IPv4Network("192.168.1.0/24")], {"192.168.1.1", "100.64.0.2"})
+    for ip in ("192.168.1.1", "100.64.0.2", "127.0.0.1", "10.0.0.5", "192.168.1.255", "192.168.1.0"):
+        with pytest.raises(PolicyError):
+            t.add(wire.Binding(1, 6, ip, 80, 8080))
+    t.add(wire.Binding(1, 6, "192.168.1.2", 80, 8080))
+    assert t.allocate(6, 8080, exact=False) != 8080
+    with pytest.raises(PolicyError):
+        t.allocate(6, 8080, exact=True)
+    assert t.allocate(17, 5351, exact=False) != 5351  # never the PCP ports (RFC 6887 §11.3)
+
+
+# --- SOAP --------------------------------------------------------------------------
+
+ACTION = '"urn:schemas-upnp-org:service:WANIPConnection:1#GetExternalIPAddress"'
+
+
+def _env(body: str) -> bytes:
+    return ('<?xml version="1.0"?><s:Envelope xmlns:s="http://schemas.xmlsoap.org/soap/envelope/">'
+            f"<s:Body>{body}</s:Body></s:Envelope>").encode()
+
+
+def test_soap_parses_action_and_args() -> None:
+    a = soap.parse_request(_env('<u:GetExternalIPAddress xmlns:u="urn:schemas-upnp-org:service:'
+                                'WANIPConnection:1"><X>1</X></u:GetExternalIPAddress>'), ACTION)
+    assert (a.name, a.version, a.args) == ("GetExternalIPAddress", 1, {"X": "1"})
+
+
+@pytest.mark.parametrize("body", [
+    b'<?xml version="1.0"?><!DOCTYPE x [<!ENTITY a "aaaa"><!ENTITY b "&a;&a;&a;">]><x>&b;</x>',
+    b'<?xml version="1.0"?><!DOCTYPE x SYSTEM "file:///etc/passwd"><x/>',
+    _env("<u:Other xmlns:u='urn:schemas-upnp-org:service:WANIPConnection:1'/>"),
+    _env("<a>" * 40 + "</a>" * 40),
+    b"<notxml",
+    _env(""),
+])
+def test_soap_refuses_bad_documents(body: bytes) -> None:
+    with pytest.raises(soap.SoapError):
+        soap.parse_request(body, ACTION)
+
+
+def test_soap_fault_shape() -> None:
+    f = soap.fault(718, "ConflictInMappingEntry")
+    assert b"<errorCode>718</errorCode>" in f and b"UPnPError" in f
+
+
+# --- error table (RFC 6970 §4.3, rfc6970-iwf §16) ---------------------------------
+
+ROWS = [  # (PCP result, IGD:1, IGD:2) exactly as the reference gives them
+    (1, 501, 501), (2, 718, 606), (3, 501, 501), (4, 501, 501), (5, 501, 501), (6, 501, 501),
+    (7, 501, 501), (8, 501, 728), (9, 501, 501), (10, 501, 728), (12, 501, 501), (13, 501, 501),
+]
+
+
+@pytest.mark.parametrize("result,v1,v2", ROWS)
+def test_pcp_to_upnp_table(result: int, v1: int, v2: int) -> None:
+    assert upnp_error_for_pcp(result, 1, "AddPortMapping").code == v1
+    assert upnp_error_for_pcp(result, 2, "AddPortMapping").code == v2
+
+
+def test_cannot_provide_external_depends_on_action() -> None:
+    assert upnp_error_for_pcp(11, 1, "AddPortMapping").code == 718
+    assert upnp_error_for_pcp(11, 2, "GetSpecificPortMappingEntry").code == 714
+    assert upnp_error_for_pcp(24, 2, "AddPortMapping").code == 501  # later codes -> 501
+    assert set(PCP_TO_UPNP) == {r for r, _, _ in ROWS}
+
+
+# --- lifecycle ---------------------------------------------------------------------
+
+
+def test_lifecycle_table() -> None:
+    assert next_state(State.PENDING, Ev.UPSTREAM_OK) == State.ACTIVE
+    assert next_state(State.PENDING, Ev.TIMEOUT) == State.GONE
+    assert next_state(State.RENEWING, Ev.UPSTREAM_ERROR) == State.ACTIVE
+    with pytest.raises(LifecycleError):
+        next_state(State.GONE, Ev.RENEW_DUE)
+    assert all(dst in State for dst in TRANSITIONS.values())
+
+
+# --- the table ---------------------------------------------------------------------
+
+
+def _m(t: MappingTable, port: int, state: State = State.ACTIVE) -> Mapping:
+    return Mapping(t.new_id(), "192.168.1.2", 1, "", port, 6, "192.168.1.2", port, "d", 0, None, state, 0.0,
+                   nonce=b"n" * 12)
+
+
+def test_table_persists_and_keeps_indices(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    t = MappingTable(str(tmp_path))
+    a, b, c = _m(t, 1001), _m(t, 1002), _m(t, 1003)
+    for m in (a, b, c):
+        t.save(m)
+    t.save(_m(t, 1004, State.PENDING))  # not listed until acknowledged
+    assert [m.ext_port for m in t.listed()] == [1001, 1002, 1003]
+    t.delete(b)
+    assert t.at_index(1).ext_port == 1003 and t.at_index(2) is None
+    t.close()
+    t2 = MappingTable(str(tmp_path))
+    assert [m.ext_port for m in t2.listed()] == [1001, 1003]
+    assert t2.find(1003, 6).nonce == b"n" * 12
+    assert t2.new_id() > c.id
+    assert pcp.MAX_LIFETIME == 2**32 - 1
