@@ -372,6 +372,42 @@ class Iwf:
                     mode=self.mode)
         return await self._create(m, "AddPortMapping")
 
+    async def add_any_port_mapping(self, cp: str, igd: int, remote_host: str, ext_port: int, proto: int,
+                                   int_port: int, int_client: str, enabled: bool, description: str,
+                                   lease: int) -> Mapping:
+        """AddAnyPortMapping (RFC 6970 §5.6.1): MAP without PREFER_FAILURE; the answer names the port."""
+        if not enabled:
+            raise UPnPError(402, "PortMappingEnabled must be 1 (rfc6970-iwf item 16)")
+        if self.cfg.secure_mode and int_client != cp:
+            raise UPnPError(606, "InternalClient must be the caller's own address")
+        if lease == 0 or lease > IGD2_MAX_LEASE:
+            lease = IGD2_MAX_LEASE  # an IGD:2 action: rfc6970-iwf item 71
+        existing = self.table.find(ext_port, proto) if ext_port else None
+        if existing is not None and existing.state in LISTED and \
+                (existing.int_client, existing.int_port) == (int_client, int_port):
+            return await self._refresh(existing, description, lease)
+        now = self.wall()
+        m = Mapping(id=self.table.new_id(), cp=cp, igd=igd, remote_host=remote_host, ext_port=ext_port,
+                    proto=proto, int_client=int_client, int_port=int_port, description=description,
+                    lease=lease, lease_end=now + lease, state=State.PENDING, created=now,
+                    nonce=os.urandom(12), pcp_server=self.server, prefer_failure=False, mode=self.mode)
+        return await self._create(m, "AddAnyPortMapping")
+
+    async def delete_port_mapping_range(self, cp: str, igd: int, start: int, end: int, proto: int,
+                                        manage: bool) -> int:
+        """DeletePortMappingRange (RFC 6970 §5.8): one MAP delete per local match; returns the count.
+
+        Only the caller's own mappings unless ``manage`` (the caller asked and is allowed).
+        """
+        if start > end:
+            raise UPnPError(733, "StartPort is greater than EndPort")
+        victims = [m for m in self.table.listed() if m.proto == proto and start <= m.ext_port <= end
+                   and (manage or m.cp == cp or m.int_client == cp)]
+        if not victims:
+            raise UPnPError(730, f"no mapping in {start}-{end}")  # rfc6970-iwf item 62: nothing sent
+        await asyncio.gather(*(self._remove(m, f"range delete by {cp}") for m in victims))
+        return len(victims)
+
     async def _refresh(self, m: Mapping, description: str, lease: int) -> Mapping:
         """The owner re-adds its own mapping: new lease, same nonce (rfc6970-iwf item 54)."""
         m.description = description

@@ -76,6 +76,7 @@ class MappingTable:
         self.db.executescript(_SCHEMA)
         self.by_id: dict[int, Mapping] = {}
         self.by_key: dict[tuple[int, int], int] = {}
+        self._key_of: dict[int, tuple[int, int]] = {}  # the key each mapping is indexed under
         self._listed: list[int] = []  # ids of listed mappings, ascending
         cur = self.db.execute(f"SELECT {', '.join(_COLUMNS)} FROM mappings ORDER BY id")
         for row in cur:
@@ -93,7 +94,18 @@ class MappingTable:
 
     def _index(self, m: Mapping) -> None:
         self.by_id[m.id] = m
-        self.by_key[(m.ext_port, m.proto)] = m.id
+        key = (m.ext_port, m.proto)
+        old = self._key_of.get(m.id)
+        if old != key:
+            if old is not None and self.by_key.get(old) == m.id:
+                del self.by_key[old]
+            # A pending request never displaces a mapping already holding the port.
+            holder = self.by_key.get(key)
+            if holder is None or m.state in LISTED or holder not in self.by_id:
+                self.by_key[key] = m.id
+                self._key_of[m.id] = key
+            else:
+                self._key_of.pop(m.id, None)
         pos = bisect.bisect_left(self._listed, m.id)
         present = pos < len(self._listed) and self._listed[pos] == m.id
         if m.state in LISTED and not present:
@@ -103,9 +115,6 @@ class MappingTable:
 
     def save(self, m: Mapping) -> None:
         """Insert or update ``m`` durably, then in memory."""
-        old = self.by_id.get(m.id)
-        if old is not None and (old.ext_port, old.proto) != (m.ext_port, m.proto):
-            self.by_key.pop((old.ext_port, old.proto), None)
         values = [getattr(m, c) for c in _COLUMNS]
         values[_COLUMNS.index("state")] = m.state.value
         self.db.execute(f"INSERT OR REPLACE INTO mappings ({', '.join(_COLUMNS)}) VALUES "
@@ -115,8 +124,9 @@ class MappingTable:
     def delete(self, m: Mapping) -> None:
         self.db.execute("DELETE FROM mappings WHERE id = ?", (m.id,))
         self.by_id.pop(m.id, None)
-        if self.by_key.get((m.ext_port, m.proto)) == m.id:
-            del self.by_key[(m.ext_port, m.proto)]
+        key = self._key_of.pop(m.id, None)
+        if key is not None and self.by_key.get(key) == m.id:
+            del self.by_key[key]
         pos = bisect.bisect_left(self._listed, m.id)
         if pos < len(self._listed) and self._listed[pos] == m.id:
             del self._listed[pos]

@@ -146,6 +146,8 @@ class Natd:
             return wire.Ok()
         if isinstance(msg, wire.PcpSend):
             return self._pcp_send(msg)
+        if isinstance(msg, wire.GetCounters):
+            return _counters(self.args.wan_if)
         if isinstance(msg, wire.Sync):
             before = dict(t.by_mid)
             t.replace_all(msg.bindings)
@@ -190,6 +192,9 @@ class Natd:
             except (NftError, OSError) as exc:
                 log.error("failed %s: %s", type(msg).__name__, exc)
                 reply = wire.Error("failed", str(exc))
+            except Exception as exc:  # a bug must cost one request, never the daemon
+                log.exception("internal error on a request")
+                reply = wire.Error("internal", type(exc).__name__)
             await self.router.send_multipart([ident, wire.encode(reply, rid)])
 
     async def _heartbeat(self) -> None:
@@ -239,6 +244,19 @@ class Natd:
         self.pub.close()
         self.ctx.term()
         log.info("natd stopped; %d forwards left in place for the next start", len(self.table.by_mid))
+
+
+def _counters(ifname: str) -> wire.CountersReply:
+    """The WAN interface's kernel counters (sysfs: no netlink round trip needed)."""
+    base = f"/sys/class/net/{ifname}/statistics/"
+    vals = []
+    for name in ("tx_bytes", "rx_bytes", "tx_packets", "rx_packets"):
+        try:
+            with open(base + name) as f:
+                vals.append(int(f.read()))
+        except (OSError, ValueError):
+            vals.append(0)
+    return wire.CountersReply(*vals)
 
 
 def _pname(proto: int) -> str:

@@ -159,6 +159,22 @@ class SyncReply(Message):
 
 
 @dataclass(frozen=True)
+class GetCounters(Message):
+    """WAN interface counters (WANCommonInterfaceConfig GetTotal*)."""
+
+    OP: ClassVar[str] = "counters"
+
+
+@dataclass(frozen=True)
+class CountersReply(Message):
+    OP: ClassVar[str] = "counters.reply"
+    bytes_sent: int
+    bytes_received: int
+    packets_sent: int
+    packets_received: int
+
+
+@dataclass(frozen=True)
 class Ok(Message):
     OP: ClassVar[str] = "ok"
 
@@ -200,7 +216,8 @@ class Heartbeat(Message):
 
 MESSAGES: dict[str, type[Message]] = {
     cls.OP: cls
-    for cls in (Hello, HelloReply, Bind, BindReply, Unbind, PcpSend, Sync, SyncReply, Ok, Error,
+    for cls in (Hello, HelloReply, Bind, BindReply, Unbind, PcpSend, Sync, SyncReply, GetCounters, CountersReply,
+                Ok, Error,
                 PcpReceived, WanChanged, Heartbeat)
 }
 
