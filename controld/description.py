@@ -6,11 +6,22 @@ the XML is generated from them, so the SCPD always declares exactly what is serv
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 from xml.sax.saxutils import escape
 
 # Control and event URLs, one per service (served by controld.http).
 ROOT_PATH = "/rootDesc.xml"
+
+# User agents known to break on IGD:2 descriptions get the IGD:1 view, as miniupnpd does
+# (Windows, Xbox, MS BITS: miniupnpd.md §1.2 and §4.4, miniupnp #277, #539). Lower case.
+IGD1_ONLY_AGENTS = ("microsoft", "fdssdp")
+
+
+def wants_igd1(user_agent: str) -> bool:
+    """True for a control point that must be described IGD:1 even when IGD:2 is served."""
+    ua = user_agent.lower()
+    return any(a in ua for a in IGD1_ONLY_AGENTS)
 
 
 @dataclass(frozen=True)
@@ -90,6 +101,17 @@ def wanipconnection(version: int) -> Service:
         "DeletePortMapping": _a(_PM_KEY),
         "GetExternalIPAddress": _a("out:NewExternalIPAddress:ExternalIPAddress"),
     }
+    if version >= 2:
+        # WANIPConnection:2 actions (IGD:2; RFC 6970 §5.6.1, §5.7, §5.8)
+        actions["AddAnyPortMapping"] = _a(_PM_KEY + " " + _out("in", _PM_VALUE)
+                                          + " out:NewReservedPort:ExternalPort")
+        actions["DeletePortMappingRange"] = _a(
+            "in:NewStartPort:ExternalPort in:NewEndPort:ExternalPort in:NewProtocol:PortMappingProtocol "
+            "in:NewManage:A_ARG_TYPE_Manage")
+        actions["GetListOfPortMappings"] = _a(
+            "in:NewStartPort:ExternalPort in:NewEndPort:ExternalPort in:NewProtocol:PortMappingProtocol "
+            "in:NewManage:A_ARG_TYPE_Manage in:NewNumberOfPorts:PortMappingNumberOfEntries "
+            "out:NewPortListing:A_ARG_TYPE_PortListing")
     variables = [
         Var("ConnectionType", "string"),
         Var("PossibleConnectionTypes", "string", True, ("Unconfigured", "IP_Routed", "IP_Bridged")),
@@ -110,6 +132,9 @@ def wanipconnection(version: int) -> Service:
         Var("InternalClient", "string"),
         Var("PortMappingDescription", "string"),
     ]
+    if version >= 2:
+        variables += [Var("SystemUpdateID", "ui4", True), Var("A_ARG_TYPE_Manage", "boolean"),
+                      Var("A_ARG_TYPE_PortListing", "string")]
     return Service("WANIPConnection", version, "urn:upnp-org:serviceId:WANIPConn1", "WANIPCn",
                    actions, tuple(variables))
 
@@ -163,6 +188,20 @@ class Device:
         self.wancfg = wancommonifc()
         self.l3f = layer3forwarding()
         self.services = {s.control_url: s for s in (self.wanip, self.wancfg, self.l3f)}
+        self.events = {s.event_url: s for s in (self.wanip, self.wancfg, self.l3f)}
+        self._v1: Device | None = None
+        if self.igd_version >= 2:
+            self._v1 = Device(self.uuid_root, self.uuid_wan, self.uuid_wcd, 1, self.friendly_name)
+
+    def view(self, user_agent: str) -> "Device":
+        """The description a control point gets: IGD:1 for agents that break on IGD:2."""
+        return self._v1 if self._v1 is not None and wants_igd1(user_agent) else self
+
+    @property
+    def config_id(self) -> int:
+        """CONFIGID.UPNP.ORG: changes whenever the descriptions change (UDA 1.1 §1.2; miniupnpd's is fixed)."""
+        blob = self.root_xml() + b"".join(scpd_xml(s) for s in self.services.values())
+        return zlib.crc32(blob) & 0xFFFFFF  # UDA 1.1: 0..16777215
 
     def device_types(self) -> list[tuple[str, str]]:
         """(uuid, device type) for every device, root first."""

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from controld import soap
 from controld.description import ROOT_PATH, Device
 from controld.errors import UPnPError
+from controld.gena import GenaServer
 from controld.igd import IgdActions
 
 log = logging.getLogger("controld.http")
@@ -31,7 +32,7 @@ SERVER = "Linux UPnP/1.1 igdpcp/0.1"
 
 _HOST = re.compile(r"^(\d{1,3}(?:\.\d{1,3}){3}|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?$")
 _REASONS = {200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
-            408: "Request Timeout", 411: "Length Required", 413: "Payload Too Large",
+            408: "Request Timeout", 411: "Length Required", 412: "Precondition Failed", 413: "Payload Too Large",
             415: "Unsupported Media Type", 431: "Request Header Fields Too Large", 500: "Internal Server Error",
             501: "Not Implemented", 503: "Service Unavailable"}
 
@@ -43,11 +44,15 @@ class HttpError(Exception):
 
 
 class UpnpHttpServer:
-    def __init__(self, device: Device, actions: IgdActions, lan_subnets: Callable[[], list[str]]) -> None:
+    def __init__(self, device: Device, actions: IgdActions, lan_subnets: Callable[[], list[str]],
+                 gena: GenaServer | None = None) -> None:
         self.device = device
         self.actions = actions
         self.lan_subnets = lan_subnets
+        self.gena = gena
         self._active = 0
+        self._subnets: list[str] = []
+        self._nets: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
         self.server: asyncio.AbstractServer | None = None
 
     async def start(self, host: str, port: int) -> int:
@@ -64,7 +69,10 @@ class UpnpHttpServer:
             addr = ipaddress.ip_address(ip)
         except ValueError:
             return False
-        return any(addr in ipaddress.ip_network(n) for n in self.lan_subnets())
+        subnets = self.lan_subnets()
+        if subnets != self._subnets:  # parsed once per change, not per connection
+            self._subnets, self._nets = list(subnets), [ipaddress.ip_network(n) for n in subnets]
+        return any(addr in n for n in self._nets)
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")[0]
@@ -72,8 +80,10 @@ class UpnpHttpServer:
             writer.close()
             return
         self._active += 1
+        after = None
         try:
-            status, headers, body = await asyncio.wait_for(self._request(reader, peer), REQUEST_DEADLINE)
+            async with asyncio.timeout(REQUEST_DEADLINE):  # no extra task per request, unlike wait_for
+                status, headers, body, after = await self._request(reader, writer, peer)
         except HttpError as exc:
             log.info("http %s: %d %s", peer, exc.status, exc)
             status, headers, body = exc.status, {}, b""
@@ -87,16 +97,21 @@ class UpnpHttpServer:
                     "Connection: close", f"Content-Length: {len(body)}"]
             head += [f"{k}: {v}" for k, v in headers.items()]
             writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + body)
-            await asyncio.wait_for(writer.drain(), REQUEST_DEADLINE)
+            async with asyncio.timeout(REQUEST_DEADLINE):
+                await writer.drain()
         except (ConnectionError, asyncio.TimeoutError):
             pass
         finally:
             self._active -= 1
             writer.close()
+        if after is not None:
+            after()  # e.g. GENA's initial event, which must follow the SUBSCRIBE response
 
-    async def _request(self, reader: asyncio.StreamReader, peer: str) -> tuple[int, dict[str, str], bytes]:
+    async def _request(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                       peer: str) -> tuple[int, dict[str, str], bytes, Callable[[], None] | None]:
         try:
-            raw = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_DEADLINE)
+            async with asyncio.timeout(READ_DEADLINE):
+                raw = await reader.readuntil(b"\r\n\r\n")
         except asyncio.LimitOverrunError:
             raise HttpError(431, "headers too large") from None
         lines = raw.decode("latin-1").split("\r\n")
@@ -116,15 +131,22 @@ class UpnpHttpServer:
             raise HttpError(403, f"Host {headers.get('host', '')[:64]!r} is not an IP literal")
         path = path.split("?", 1)[0]
         if method == "GET":
-            return self._get(path)
+            return (*self._get(path, headers.get("user-agent", "")), None)
         if method == "POST":
-            return await self._post(path, headers, reader, peer)
+            if headers.get("expect", "").lower() == "100-continue":
+                writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            return (*await self._post(path, headers, reader, peer), None)
         if method in ("SUBSCRIBE", "UNSUBSCRIBE"):
-            raise HttpError(501, "eventing is not implemented yet")
+            if self.gena is None or path not in self.device.events:
+                raise HttpError(404, f"no event URL {path[:64]}")
+            status, out, after = self.gena.request(method, path, headers, peer)
+            return status, out, b"", after
         raise HttpError(405, f"method {method[:16]}")
 
-    def _get(self, path: str) -> tuple[int, dict[str, str], bytes]:
-        xml = self.device.root_xml() if path == ROOT_PATH else self.device.scpd_by_path(path)
+    def _get(self, path: str, user_agent: str) -> tuple[int, dict[str, str], bytes]:
+        # IGD:1 view for agents that break on IGD:2 (controld.description.IGD1_ONLY_AGENTS)
+        view = self.device.view(user_agent)
+        xml = view.root_xml() if path == ROOT_PATH else view.scpd_by_path(path)
         if xml is None:
             if path in self.device.services:
                 return 405, {"Allow": "POST"}, b""
@@ -141,7 +163,8 @@ class UpnpHttpServer:
         length = int(headers["content-length"])
         if length > MAX_BODY:
             raise HttpError(413, f"body of {length} bytes")
-        body = await asyncio.wait_for(reader.readexactly(length), READ_DEADLINE)
+        async with asyncio.timeout(READ_DEADLINE):
+            body = await reader.readexactly(length)
         xml_headers = {"Content-Type": 'text/xml; charset="utf-8"', "EXT": ""}
         try:
             action = soap.parse_request(body, headers.get("soapaction", ""))
@@ -150,6 +173,8 @@ class UpnpHttpServer:
         except soap.SoapError as exc:
             log.info("soap %s: invalid request: %s", peer, exc)
             return 500, xml_headers, soap.fault(402, "Invalid Args")
+        if action.version > service.version:  # a :2 action on an IGD:1 router
+            return 500, xml_headers, soap.fault(401, "Invalid Action")
         try:
             out = await self.actions.handle(service, action, peer)
         except UPnPError as exc:

@@ -1,22 +1,57 @@
-"""WANIPConnection, WANCommonInterfaceConfig and Layer3Forwarding actions.
+"""WANIPConnection (IGD:1 and IGD:2), WANCommonInterfaceConfig and Layer3Forwarding actions.
 
-Arguments are checked here (a missing or malformed one is 402 Invalid Args); what
-the action means for the mapping table and upstream is the IWF's business.
+Arguments are checked here (a missing or malformed one is 402 Invalid Args), and so
+are the UPnP layer's own policies, before the IWF is called: permission rules
+(miniupnpd syntax, :mod:`controld.permissions`), per-host and total mapping quotas
+(728), and who may manage other control points' mappings (NewManage). What an action
+means for the mapping table and upstream is the IWF's business (RFC 6970 §4, §5).
 """
 
 from __future__ import annotations
 
+import inspect
 import ipaddress
+import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+from xml.sax.saxutils import escape
 
 from controld.description import Device, Service
 from controld.errors import UPnPError
 from controld.iwf import Iwf
-from controld.soap import SoapAction
+from controld.permissions import Permissions
+from controld.soap import Cdata, SoapAction
 from controld.table import Mapping
+from shared import wire
+
+log = logging.getLogger("controld.igd")
 
 Out = dict[str, str | int]
+UI4 = 2**32
+LIST_DEFAULT_MAX = 1000  # GetListOfPortMappings with NewNumberOfPorts=0 (miniupnpd.md §1.2)
+# Served but not in the SCPD: vendor actions real control points call (miniupnpc's
+# UPNP_GetPortMappingNumberOfEntries); strict clients never see them declared.
+UNDECLARED = {"WANIPConnection": frozenset({"GetPortMappingNumberOfEntries"})}
+
+
+@dataclass
+class Policy:
+    """The UPnP layer's own limits, from the config (controld/main.py)."""
+
+    permissions: Permissions = field(default_factory=Permissions)
+    max_per_host: int = 256  # 0: unlimited
+    max_total: int = 4096  # 0: unlimited
+    manage_hosts: tuple[ipaddress.IPv4Network, ...] = ()  # may act on others' mappings (NewManage=1)
+
+    def may_manage(self, cp: str) -> bool:
+        """Is ``cp`` allowed to manage (list/delete) other control points' mappings?"""
+        try:
+            a = ipaddress.IPv4Address(cp)
+        except ValueError:
+            return False
+        return any(a in n for n in self.manage_hosts)
 
 
 def _arg(a: SoapAction, name: str) -> str:
@@ -46,12 +81,31 @@ def _bool(a: SoapAction, name: str) -> bool:
     return raw in ("1", "true", "yes")
 
 
-def _ipv4(a: SoapAction, name: str) -> str:
-    raw = _arg(a, name)
+def _remote_host(a: SoapAction) -> str:
+    """Only a wildcard RemoteHost: PCP FILTER cannot key a mapping on it (rfc6970-iwf §18 item 12)."""
+    raw = _arg(a, "NewRemoteHost").strip()
+    if raw not in ("", "*", "0.0.0.0"):  # 0.0.0.0: how some control points write the wildcard
+        raise UPnPError(726, "only a wildcard RemoteHost is supported")
+    return ""
+
+
+def _internal_client(a: SoapAction, cp: str) -> str:
+    """NewInternalClient as an IPv4 literal; empty means the caller, as miniupnpd does (no DNS, ever)."""
+    raw = _arg(a, "NewInternalClient").strip()
+    if raw == "":
+        return cp
     try:
         return str(ipaddress.IPv4Address(raw))
     except ValueError:
-        raise UPnPError(402, f"{name} must be an IPv4 address") from None
+        raise UPnPError(402, "NewInternalClient must be an IPv4 address") from None
+
+
+def _int_port(a: SoapAction) -> int:
+    port = _uint(a, "NewInternalPort", 65535)
+    if port == 0:
+        # IGD:2 names the wildcard internal port (732); IGD:1 has no code for it
+        raise UPnPError(732 if a.version >= 2 else 402, "InternalPort 0 (wildcard) is not allowed")
+    return port
 
 
 def _entry(iwf: Iwf, m: Mapping, with_key: bool) -> Out:
@@ -63,13 +117,41 @@ def _entry(iwf: Iwf, m: Mapping, with_key: bool) -> Out:
     return out
 
 
-class IgdActions:
-    """Dispatch of SOAP actions to handlers, per service."""
+def port_listing(entries: list[tuple[Mapping, int]]) -> str:
+    """The IGD:2 PortListing document (WANIPConnection:2 XSD) for GetListOfPortMappings.
 
-    def __init__(self, iwf: Iwf, device: Device) -> None:
+    Sent inside CDATA (:class:`controld.soap.Cdata`) as miniupnpd does, because miniupnpc
+    does not decode entities; values are XML-escaped too, unlike miniupnpd's (miniupnpd.md §1.2).
+    """
+    rows = "".join(
+        "<p:PortMappingEntry>"
+        f"<p:NewRemoteHost>{escape(m.remote_host)}</p:NewRemoteHost>"
+        f"<p:NewExternalPort>{m.ext_port}</p:NewExternalPort><p:NewProtocol>{m.proto_name}</p:NewProtocol>"
+        f"<p:NewInternalPort>{m.int_port}</p:NewInternalPort>"
+        f"<p:NewInternalClient>{escape(m.int_client)}</p:NewInternalClient><p:NewEnabled>1</p:NewEnabled>"
+        f"<p:NewDescription>{escape(m.description)}</p:NewDescription><p:NewLeaseTime>{lease}</p:NewLeaseTime>"
+        "</p:PortMappingEntry>" for m, lease in entries)
+    return ('<?xml version="1.0" encoding="UTF-8"?>'
+            '<p:PortMappingList xmlns:p="urn:schemas-upnp-org:gw:WANIPConnection" '
+            'xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance" '
+            'xsi:schemaLocation="urn:schemas-upnp-org:gw:WANIPConnection '
+            'http://www.upnp.org/schemas/gw/WANIPConnection-v2.xsd">' + rows + "</p:PortMappingList>")
+
+
+async def _maybe_await(value: Any) -> Any:
+    """The IWF's lookups may become coroutines; await them when they are."""
+    return await value if inspect.isawaitable(value) else value
+
+
+class IgdActions:
+    """Dispatch of SOAP actions to handlers, per service; owner of SystemUpdateID."""
+
+    def __init__(self, iwf: Iwf, device: Device, policy: Policy | None = None) -> None:
         self.iwf = iwf
         self.device = device
+        self.policy = policy or Policy()
         self.started = time.monotonic()
+        self.system_update_id = 1  # IGD:2: bumped on every mapping change (miniupnpd keeps it at 1)
         self.handlers: dict[str, Callable[[SoapAction, str], Awaitable[Out]]] = {
             "GetConnectionTypeInfo": self.get_connection_type_info,
             "SetConnectionType": self.read_only,
@@ -79,23 +161,72 @@ class IgdActions:
             "GetNATRSIPStatus": self.get_nat_rsip_status,
             "GetExternalIPAddress": self.get_external_ip_address,
             "AddPortMapping": self.add_port_mapping,
+            "AddAnyPortMapping": self.add_any_port_mapping,
             "DeletePortMapping": self.delete_port_mapping,
+            "DeletePortMappingRange": self.delete_port_mapping_range,
             "GetSpecificPortMappingEntry": self.get_specific_port_mapping_entry,
             "GetGenericPortMappingEntry": self.get_generic_port_mapping_entry,
+            "GetListOfPortMappings": self.get_list_of_port_mappings,
+            "GetPortMappingNumberOfEntries": self.get_port_mapping_number_of_entries,
             "GetCommonLinkProperties": self.get_common_link_properties,
-            "GetTotalBytesSent": self.zero_counter,
-            "GetTotalBytesReceived": self.zero_counter,
-            "GetTotalPacketsSent": self.zero_counter,
-            "GetTotalPacketsReceived": self.zero_counter,
+            "GetTotalBytesSent": self.counter,
+            "GetTotalBytesReceived": self.counter,
+            "GetTotalPacketsSent": self.counter,
+            "GetTotalPacketsReceived": self.counter,
             "GetDefaultConnectionService": self.get_default_connection_service,
             "SetDefaultConnectionService": self.set_default_connection_service,
         }
 
+    def changed(self) -> None:
+        """The IWF's on_change fired: mappings or addresses changed (SystemUpdateID, IGD:2)."""
+        self.system_update_id = (self.system_update_id + 1) % UI4 or 1
+
     async def handle(self, service: Service, action: SoapAction, cp: str) -> Out:
         """Run ``action`` invoked on ``service`` by control point ``cp``; raises UPnPError."""
-        if action.name not in service.actions or action.name not in self.handlers:
-            raise UPnPError(401, f"{action.name} is not an action of {service.name}")
+        known = action.name in service.actions or action.name in UNDECLARED.get(service.name, ())
+        if not known or action.name not in self.handlers:
+            raise UPnPError(401, f"{action.name} is not an action of {service.name}:{service.version}")
         return await self.handlers[action.name](action, cp)
+
+    # --- evented state (GENA reads it here: one place for each fact) ---------------------
+
+    def evented(self, service: Service, cp: str) -> dict[str, str]:
+        """Every evented variable of ``service`` as control point ``cp`` sees it now."""
+        if service.name == "WANIPConnection":
+            out = {"PossibleConnectionTypes": "IP_Routed",
+                   "ConnectionStatus": "Connected" if self.iwf.connected() else "Disconnected",
+                   # per control point: rfc6970-iwf item 14
+                   "ExternalIPAddress": self.iwf.external_ip(cp),
+                   "PortMappingNumberOfEntries": str(self.iwf.table.count())}
+            if service.version >= 2:
+                out["SystemUpdateID"] = str(self.system_update_id)
+            return out
+        if service.name == "WANCommonInterfaceConfig":
+            return {"PhysicalLinkStatus": "Up" if self.iwf.wan_ip else "Down"}
+        return {"DefaultConnectionService": self._default_service()}
+
+    # --- policy ----------------------------------------------------------------------------
+
+    def _check_quota(self, cp: str) -> None:
+        """728 when the caller or the router is at its mapping limit (rfc6970-iwf item 90)."""
+        total = self.iwf.table.count()
+        if self.policy.max_total and total >= self.policy.max_total:
+            raise UPnPError(728, f"the router holds its maximum of {self.policy.max_total} mappings")
+        limit = self.policy.max_per_host
+        if limit and total >= limit:  # below the per-host limit in total, no host can be over it
+            mine = sum(1 for m in self.iwf.table.listed() if m.cp == cp)
+            if mine >= limit:
+                raise UPnPError(728, f"{cp} holds its maximum of {limit} mappings")
+
+    def _denied(self, a: SoapAction, why: str) -> UPnPError:
+        # miniupnpd.md §1.2: permission denied is 606 under IGD:2 and 718 under IGD:1
+        return UPnPError(606 if a.version >= 2 else 718, why)
+
+    def _manage(self, a: SoapAction, cp: str) -> bool:
+        """NewManage=1 counts only for hosts allowed to manage; others act on their own mappings."""
+        return _bool(a, "NewManage") and self.policy.may_manage(cp)
+
+    # --- WANIPConnection -------------------------------------------------------------------
 
     async def get_connection_type_info(self, a: SoapAction, cp: str) -> Out:
         return {"NewConnectionType": "IP_Routed", "NewPossibleConnectionTypes": "IP_Routed"}
@@ -117,42 +248,106 @@ class IgdActions:
     async def get_external_ip_address(self, a: SoapAction, cp: str) -> Out:
         return {"NewExternalIPAddress": self.iwf.external_ip(cp)}
 
+    def _mapping_args(self, a: SoapAction, cp: str) -> tuple[str, int, int, int, str, bool, str, int]:
+        return (_remote_host(a), _uint(a, "NewExternalPort", 65535), _proto(a), _int_port(a),
+                _internal_client(a, cp), _bool(a, "NewEnabled"), _arg(a, "NewPortMappingDescription")[:256],
+                _uint(a, "NewLeaseDuration", UI4 - 1))
+
     async def add_port_mapping(self, a: SoapAction, cp: str) -> Out:
-        remote = _arg(a, "NewRemoteHost")
-        if remote not in ("", "*"):
-            raise UPnPError(726, "only a wildcard RemoteHost is supported")
-        await self.iwf.add_port_mapping(
-            cp, a.version, "", _uint(a, "NewExternalPort", 65535), _proto(a),
-            _uint(a, "NewInternalPort", 65535, 1), _ipv4(a, "NewInternalClient"), _bool(a, "NewEnabled"),
-            _arg(a, "NewPortMappingDescription")[:256], _uint(a, "NewLeaseDuration", 2**32 - 1))
+        remote, eport, proto, iport, client, enabled, desc, lease = self._mapping_args(a, cp)
+        if eport == 0:
+            raise UPnPError(716, "use AddAnyPortMapping for a wildcard external port (rfc6970-iwf item 49)")
+        if not self.policy.permissions.allowed(eport, client, iport, desc):
+            raise self._denied(a, f"permission rules refuse {eport} -> {client}:{iport}")
+        existing = await _maybe_await(self.iwf.table.find(eport, proto))
+        if existing is None:  # a refresh of one's own mapping never counts against the quota
+            self._check_quota(cp)
+        await self.iwf.add_port_mapping(cp, a.version, remote, eport, proto, iport, client, enabled, desc, lease)
         return {}
 
+    async def add_any_port_mapping(self, a: SoapAction, cp: str) -> Out:
+        remote, eport, proto, iport, client, enabled, desc, lease = self._mapping_args(a, cp)
+        wanted = self.policy.permissions.nearest_allowed(eport, client, iport, desc)
+        if wanted is None:
+            raise self._denied(a, f"permission rules allow no external port for {client}:{iport}")
+        self._check_quota(cp)
+        m = await self.iwf.add_any_port_mapping(cp, a.version, remote, wanted, proto, iport, client,
+                                                enabled, desc, lease)
+        return {"NewReservedPort": m.ext_port}
+
     async def delete_port_mapping(self, a: SoapAction, cp: str) -> Out:
-        _arg(a, "NewRemoteHost")
+        _remote_host(a)
         await self.iwf.delete_port_mapping(cp, a.version, "", _uint(a, "NewExternalPort", 65535), _proto(a))
         return {}
 
+    def _range(self, a: SoapAction) -> tuple[int, int, int]:
+        start, end = _uint(a, "NewStartPort", 65535), _uint(a, "NewEndPort", 65535)
+        if start > end:
+            raise UPnPError(733, "NewStartPort is greater than NewEndPort")
+        return start, end, _proto(a)
+
+    async def delete_port_mapping_range(self, a: SoapAction, cp: str) -> Out:
+        start, end, proto = self._range(a)
+        n = await self.iwf.delete_port_mapping_range(cp, a.version, start, end, proto, self._manage(a, cp))
+        log.info("range delete %d-%d by %s removed %d mappings", start, end, cp, n)
+        return {}
+
     async def get_specific_port_mapping_entry(self, a: SoapAction, cp: str) -> Out:
-        _arg(a, "NewRemoteHost")
-        m = self.iwf.get_specific(cp, "", _uint(a, "NewExternalPort", 65535), _proto(a))
+        _remote_host(a)
+        m = await _maybe_await(self.iwf.get_specific(cp, "", _uint(a, "NewExternalPort", 65535), _proto(a)))
         return _entry(self.iwf, m, with_key=False)
 
     async def get_generic_port_mapping_entry(self, a: SoapAction, cp: str) -> Out:
+        # O(1) by index; an index is stable until a mapping before it goes (controld/table.py)
         m = self.iwf.get_generic(_uint(a, "NewPortMappingIndex", 65535))
         return _entry(self.iwf, m, with_key=True)
+
+    async def get_port_mapping_number_of_entries(self, a: SoapAction, cp: str) -> Out:
+        return {"NewPortMappingNumberOfEntries": self.iwf.table.count()}
+
+    async def get_list_of_port_mappings(self, a: SoapAction, cp: str) -> Out:
+        """Answered locally (RFC 6970 §5.7, rfc6970-iwf item 55); own mappings unless managing."""
+        start, end, proto = self._range(a)
+        manage = self._manage(a, cp)
+        limit = _uint(a, "NewNumberOfPorts", 65535) or LIST_DEFAULT_MAX
+        found: list[tuple[Mapping, int]] = []
+        for m in self.iwf.table.listed():
+            if m.proto == proto and start <= m.ext_port <= end and (manage or cp in (m.cp, m.int_client)):
+                found.append((m, self.iwf.lease_remaining(m)))
+                if len(found) >= limit:
+                    break
+        if not found:
+            raise UPnPError(730, f"no mapping in {start}-{end}")
+        found.sort(key=lambda e: e[0].ext_port)
+        return {"NewPortListing": Cdata(port_listing(found))}
+
+    # --- WANCommonInterfaceConfig ----------------------------------------------------------
 
     async def get_common_link_properties(self, a: SoapAction, cp: str) -> Out:
         return {"NewWANAccessType": "Ethernet", "NewLayer1UpstreamMaxBitRate": 0,
                 "NewLayer1DownstreamMaxBitRate": 0,
                 "NewPhysicalLinkStatus": "Up" if self.iwf.wan_ip else "Down"}
 
-    async def zero_counter(self, a: SoapAction, cp: str) -> Out:
-        name = a.name.replace("Get", "New", 1)
-        return {name: 0}
+    async def counter(self, a: SoapAction, cp: str) -> Out:
+        """Real WAN counters from natd, wrapped to ui4 as the state variables are."""
+        try:
+            reply = await self.iwf.link.call(wire.GetCounters(), timeout=5)
+        except Exception as exc:  # natd away: the action fails, the daemon does not
+            raise UPnPError(501, f"counters unavailable: {exc}") from None
+        if not isinstance(reply, wire.CountersReply):
+            raise UPnPError(501, "counters unavailable")
+        value = {"GetTotalBytesSent": reply.bytes_sent, "GetTotalBytesReceived": reply.bytes_received,
+                 "GetTotalPacketsSent": reply.packets_sent,
+                 "GetTotalPacketsReceived": reply.packets_received}[a.name]
+        return {a.name.replace("Get", "New", 1): value % UI4}
+
+    # --- Layer3Forwarding ------------------------------------------------------------------
+
+    def _default_service(self) -> str:
+        return f"uuid:{self.device.uuid_wcd}:WANConnectionDevice:1,urn:upnp-org:serviceId:WANIPConn1"
 
     async def get_default_connection_service(self, a: SoapAction, cp: str) -> Out:
-        return {"NewDefaultConnectionService":
-                f"uuid:{self.device.uuid_wcd}:WANConnectionDevice:1,urn:upnp-org:serviceId:WANIPConn1"}
+        return {"NewDefaultConnectionService": self._default_service()}
 
     async def set_default_connection_service(self, a: SoapAction, cp: str) -> Out:
         _arg(a, "NewDefaultConnectionService")

@@ -9,6 +9,17 @@ row are removed before the control point hears the error (ARCHITECTURE.md).
 The PCP protocol logic itself is the sans-I/O :class:`controld.pcp.client.PcpClient`;
 this module is its edge: it turns Transmit events into natd requests, natd's
 ``pcp.rx`` events into :meth:`PcpClient.receive` calls, and runs its timer.
+
+Requirement map (rfc6970-iwf.md items; RFC 6970 sections):
+- modes nat1-only / cascaded / no-nat1, auto (items 2, 12, 33-39; §5.4, §5.5)
+- AddPortMapping -> MAP + PREFER_FAILURE (items 47-54; §5.6.2); AddAnyPortMapping -> MAP (42-46; §5.6.1)
+- short-error retry, configurable and off by default (items 46, 51; §18 item 4)
+- GetSpecificPortMappingEntry: local table, then the probe (items 56-60; §5.7)
+- deletes with the stored nonce, erratum 3621 layout (items 61-67; §5.8)
+- leases: infinite by renewal, IGD:2 cap, expiry (items 68-76; §5.9)
+- per control point ExternalIPAddress (items 14, 77, 78; §4.1)
+- host left -> delete its mappings (items 79, 80; §5.10)
+- epoch / ANNOUNCE / Mapping Update recovery (items 81-84; §5.10)
 """
 
 from __future__ import annotations
@@ -27,6 +38,7 @@ from controld.errors import UPnPError, upnp_error_for_pcp
 from controld.lifecycle import LISTED, Ev, State, next_state
 from controld.natd_link import NatdError, NatdLink
 from controld.pcp import client as pcpc
+from controld.pcp.discovery import ServerFile, choose_server
 from controld.table import Mapping, MappingTable
 from shared import pcp, wire
 
@@ -34,17 +46,29 @@ log = logging.getLogger("controld.iwf")
 
 IGD2_MAX_LEASE = 604800  # RFC 6970 §4.1: IGD:2 lease 0 means this (rfc6970-iwf item 71)
 DISCARD_PORT = 9  # RFC 6970 §4.2: probe port to learn the external address (item 25)
-PROBE_LIFETIME = 120
+PROBE_LIFETIME = 60  # RFC 6970 §4.2, §5.7: short probe lifetime, RECOMMENDED 60 s (items 24, 57)
+PCP_PORTS = frozenset({5350, 5351})  # UDP ports never mapped (RFC 6887 §11.3)
+MAX_CP_ADDRESSES = 4096  # per-CP ExternalIPAddress entries kept (bounded)
+REDECIDE_S = 60.0  # auto mode: how often a fallen-back IWF looks for its PCP server again
 MODES = ("auto", "nat1-only", "cascaded", "no-nat1")
 
 
 @dataclass
 class IwfConfig:
     mode: str = "auto"
-    pcp_server: str | None = None  # None: natd's WAN default router (RFC 6887 §8.1)
+    pcp_server: str | None = None  # None: DHCP option 158 file, else the WAN default router (RFC 6887 §8.1)
+    pcp_server_file: str | None = None  # written by the DHCP client hook (packaging/hooks/)
     pcp_timeout: float = 10.0  # bound on one exchange inside a SOAP action (rfc6970-iwf item 13)
     secure_mode: bool = True  # InternalClient must be the caller (rfc6970-iwf item 88)
-    recovery_pace: float = 0.01  # seconds between re-created mappings after a state loss
+    service_wait: float = 2.0  # on start, re-assert after RAND(0, this) seconds (ARCHITECTURE.md)
+    recovery_window: int = 32  # background renewals/re-creations in flight at once (pacing)
+    short_error_retry: float = 0.0  # rfc6970-iwf items 46/51, §18 item 4: seconds to wait, 0 = off
+    cpe_retries: int = 2  # CANNOT_PROVIDE_EXTERNAL retries when the above is on (item 51 default)
+    epoch_poll: float = 30.0  # solicited ANNOUNCE this often while mappings live upstream (RFC 6887 §14.1); 0 = off
+
+
+class _Superseded(Exception):
+    """A newer exchange for the same mapping replaced this one."""
 
 
 def _is_private(ip: str | None) -> bool:
@@ -52,6 +76,21 @@ def _is_private(ip: str | None) -> bool:
         return True
     a = ipaddress.IPv4Address(ip)
     return a.is_private or a in ipaddress.IPv4Network("100.64.0.0/10")
+
+
+def _description(text: str) -> str:
+    """The DESCRIPTION text sent upstream (rfc6970-iwf item 23), blank-padded to a multiple of 4.
+
+    miniupnpd 2.3.1 ignores option padding and answers MALFORMED_OPTION to any option
+    whose length is not a multiple of 4 (measured on the test bed); blanks keep the text
+    valid UTF-8 without a trailing NUL (RFC 7220 §4).
+    """
+    raw = pcp.description_bytes(text)
+    return raw.decode("utf-8") + " " * (-len(raw) % 4)
+
+
+def _result_name(result: int) -> str:
+    return pcp.Result(result).name if result in pcp.Result._value2member_map_ else str(result)
 
 
 class Iwf:
@@ -74,21 +113,48 @@ class Iwf:
         self.server_ext_ip: str | None = None  # NAT2's external address, from any MAP response
         self.ext_ip_by_cp: dict[str, str] = {}  # rfc6970-iwf item 14: per control point
         self.on_change: Callable[[], None] = lambda: None  # GENA hook: entries or address changed
+        self.server_file = ServerFile(cfg.pcp_server_file)
+        self._server_seen: str | None = None
         self._waiters: dict[Hashable, asyncio.Future[pcp.Response | None]] = {}
         self._wake = asyncio.Event()
         self._renewals: list[tuple[float, int, int]] = []  # heap of (due wall time, mid, attempt)
         self._due: dict[int, tuple[float, int]] = {}  # the live entry per mapping
         self._probe_seq = 0
+        self._probe_lock = asyncio.Lock()  # probes share one internal tuple (discard port): one at a time
+        self._slots = asyncio.Semaphore(max(1, cfg.recovery_window))
+        self._no_new_until: dict[str, float] = {}  # NO_RESOURCES: no new mappings there (RFC 6887 §11.4)
+        self._pf_keys: dict[tuple[bytes, int, int], Hashable] = {}  # outstanding PREFER_FAILURE requests
         self._tasks: list[asyncio.Task[None]] = []
+        self._bg: set[asyncio.Task[object]] = set()
 
     # --- start, natd and WAN events --------------------------------------------------
 
     @property
     def server(self) -> str | None:
-        return self.cfg.pcp_server or self.gateway
+        """The PCP server: configured, else DHCP option 158, else the default router (RFC 6887 §8.1)."""
+        addr, source = choose_server(self.cfg.pcp_server, self.server_file.servers(), self.gateway)
+        if addr != self._server_seen:
+            log.info("PCP server is %s (%s)", addr, source)
+            self._server_seen = addr
+        return addr
+
+    def _spawn(self, coro) -> asyncio.Task:  # type: ignore[no-untyped-def]
+        """A background task kept referenced until it ends (asyncio holds tasks weakly)."""
+        task = asyncio.create_task(coro)
+        self._bg.add(task)
+        task.add_done_callback(self._bg.discard)
+        return task
+
+    def _probe_nonce(self) -> bytes:
+        """One nonce for every probe, kept across restarts, so a left-over probe mapping stays ours."""
+        raw = self.table.get_meta("probe_nonce")
+        if raw is None or len(bytes.fromhex(raw)) != 12:
+            raw = os.urandom(12).hex()
+            self.table.set_meta("probe_nonce", raw)
+        return bytes.fromhex(raw)
 
     async def start(self) -> None:
-        """Greet natd, restore NAT1 from the table, decide the mode, resume renewals."""
+        """Greet natd, restore NAT1 from the table, decide the mode, re-assert upstream."""
         hello = await self.link.call(wire.Hello(), timeout=30)
         assert isinstance(hello, wire.HelloReply)
         self.natd_boot, self.wan_ip, self.gateway = hello.boot_id, hello.wan_ip, hello.gateway
@@ -97,59 +163,113 @@ class Iwf:
                 log.info("dropping unfinished %s (%s)", m.describe(), m.state.value)
                 self.table.delete(m)
         await self.sync_nat1()
-        self._tasks = [asyncio.create_task(self._timer()), asyncio.create_task(self._renewer())]
+        self._tasks = [asyncio.create_task(self._timer()), asyncio.create_task(self._renewer()),
+                       asyncio.create_task(self._redecider()), asyncio.create_task(self._epoch_poller())]
         await self.decide_mode()
-        for i, m in enumerate(self.table.listed()):
-            # Re-assert upstream with the stored nonces, paced (ARCHITECTURE.md, recovery).
-            self._schedule(m, self.wall() + i * self.cfg.recovery_pace)
+        # Re-assert upstream with the stored nonces after RAND(PCP_SERVICE_WAIT), paced by the
+        # renewal window (ARCHITECTURE.md, recovery; rfc6970-iwf item 32, §18 item 6).
+        at = self.wall() + self.rng.uniform(0, self.cfg.service_wait)
+        for m in self.table.listed():
+            self._schedule(m, at)
         log.info("iwf up: mode=%s wan=%s pcp-server=%s external=%s, %d mappings restored",
                  self.mode, self.wan_ip, self.server, self.server_ext_ip, self.table.count())
 
     async def stop(self) -> None:
-        for t in self._tasks:
+        for t in [*self._tasks, *self._bg]:
             t.cancel()
 
     async def sync_nat1(self) -> None:
         """Send natd the whole NAT1 set (after our start or natd's restart)."""
         bindings = [wire.Binding(m.id, m.proto, m.int_client, m.int_port, m.nat1_port)
-                    for m in self.table.listed() if m.nat1_port]
+                    for m in self.table.listed() if m.nat1_port and m.mode != "no-nat1"]
         reply = await self.link.call(wire.Sync(bindings), timeout=30)
         assert isinstance(reply, wire.SyncReply)
         log.info("nat1 sync: %d bindings (+%d -%d)", len(bindings), reply.added, reply.removed)
 
     async def decide_mode(self) -> None:
-        """``auto``: cascaded when the WAN address is private/shared and a PCP server answers."""
+        """``auto``: cascaded when the WAN address is private/shared and a PCP server answers.
+
+        rfc6970-iwf item 12: with no WAN address, or no way to tell whether to use a PCP
+        server, the IWF is not invoked (classic IGD). A configured or DHCP-provided server
+        is such a way: the IWF then stays cascaded and answers 501 while it is silent (item 13).
+        """
         if self.cfg.mode == "nat1-only":
             self.mode = "nat1-only"
             return
-        if self.cfg.mode == "auto" and not _is_private(self.wan_ip):
+        if self.cfg.mode == "auto" and (self.wan_ip is None or not _is_private(self.wan_ip)):
             self.mode = "nat1-only"
             return
         ok = await self._probe_external()
         if self.cfg.mode == "auto":
-            self.mode = "cascaded" if ok else "nat1-only"
-            if not ok:
+            told = bool(self.cfg.pcp_server or self.server_file.servers())
+            self.mode = "cascaded" if ok or told else "nat1-only"
+            if self.mode == "nat1-only":
                 log.warning("WAN %s is private and no PCP server answered at %s: classic IGD only; "
                             "the Internet cannot reach these mappings", self.wan_ip, self.server)
         else:
             self.mode = self.cfg.mode
 
+    async def _redecider(self) -> None:
+        """``auto`` fell back to nat1-only on a private WAN: look for the PCP server again now and then."""
+        while True:
+            await asyncio.sleep(REDECIDE_S)
+            if self.cfg.mode == "auto" and self.mode == "nat1-only" and self.wan_ip and _is_private(self.wan_ip):
+                await self.decide_mode()
+                if self.mode != "nat1-only":
+                    log.info("PCP server %s found: new mappings go upstream (mode %s)", self.server, self.mode)
+                    self.on_change()
+
+    async def _epoch_poller(self) -> None:
+        """Ask the server for its Epoch now and then (RFC 6887 §14.1: a client MAY send ANNOUNCE).
+
+        A provider's multicast ANNOUNCE rarely reaches a CPE (and miniupnpd 2.3.1 sends it to
+        port 5351, not 5350: measured on the test bed), so a server restart is found within
+        ``epoch_poll`` seconds instead of at the next renewal; the answer goes through the
+        same epoch check as every response (rfc6970-iwf item 84).
+        """
+        if self.cfg.epoch_poll <= 0:
+            return
+        seq = 0
+        while True:
+            await asyncio.sleep(self.cfg.epoch_poll)
+            if self.mode == "nat1-only" or self.wan_ip is None or \
+                    not any(m.mode != "nat1-only" for m in self.table.listed()):
+                continue
+            seq += 1
+            req = pcp.Request(pcp.Opcode.ANNOUNCE, 0, ipaddress.IPv4Address(self.wan_ip))
+            try:
+                await self._exchange(("announce", seq), req, None, min(self.cfg.epoch_poll, self.cfg.pcp_timeout))
+            except _Superseded:
+                pass
+
+    async def _probe(self, proto: int, ext_port: int, prefer_failure: bool) -> pcp.Response | None:
+        """One short MAP from the WAN address for the discard port (rfc6970-iwf items 25, 57),
+        deleted again at once; the probes' internal tuple is shared, so they run one at a time."""
+        if self.server is None or self.wan_ip is None:
+            return None
+        async with self._probe_lock:
+            self._probe_seq += 1
+            nonce = self._probe_nonce()
+            req = self._map_request(nonce, proto, DISCARD_PORT, ext_port, PROBE_LIFETIME,
+                                    prefer_failure=prefer_failure)
+            try:
+                resp = await self._exchange(("probe", self._probe_seq), req, None, self.cfg.pcp_timeout)
+            except _Superseded:
+                return None
+            if resp is not None and resp.result == pcp.Result.SUCCESS and resp.map is not None:
+                self._learn_external(str(resp.map.external_ip))
+                # Leave nothing behind on NAT2 (rfc6970-iwf item 60 notes): delete it, same nonce.
+                dreq = self._map_request(nonce, proto, DISCARD_PORT, 0, 0)
+                try:
+                    await self._exchange(("probe-del", self._probe_seq), dreq, None, min(5.0, self.cfg.pcp_timeout))
+                except _Superseded:
+                    pass
+            return resp
+
     async def _probe_external(self) -> bool:
         """Learn NAT2's external address with a short discard-port MAP (rfc6970-iwf item 25)."""
-        if self.server is None or self.wan_ip is None:
-            return False
-        self._probe_seq += 1
-        nonce = os.urandom(12)
-        req = self._map_request(nonce, pcp.PROTO_TCP, DISCARD_PORT, 0, PROBE_LIFETIME)
-        resp = await self._exchange(("probe", self._probe_seq), req, None, None, self.cfg.pcp_timeout)
-        if resp is None:
-            return False
-        if resp.result == pcp.Result.SUCCESS and resp.map is not None:
-            self._learn_external(str(resp.map.external_ip))
-            # Leave nothing behind on NAT2: delete the probe mapping at once.
-            dreq = self._map_request(nonce, pcp.PROTO_TCP, DISCARD_PORT, 0, 0)
-            asyncio.create_task(self._exchange(("probe-del", self._probe_seq), dreq, None, None, 10))
-        return True
+        resp = await self._probe(pcp.PROTO_TCP, 0, False)
+        return resp is not None and resp.result != pcp.Result.UNSUPP_VERSION
 
     def _learn_external(self, ip: str) -> None:
         if ip != self.server_ext_ip:
@@ -171,40 +291,58 @@ class Iwf:
             old = self.wan_ip
             self.wan_ip, self.gateway = msg.wan_ip, msg.gateway
             if msg.wan_ip != old:
+                # rfc6970-iwf item 81: NAT2 keyed the old mappings on the old address; re-create
+                # them from the new one (the old ones expire) and re-learn the external address.
                 log.info("WAN address %s -> %s; re-deciding mode and re-creating upstream", old, msg.wan_ip)
                 self.server_ext_ip = None
+                self.ext_ip_by_cp.clear()
                 self.client.epochs.clear()
                 await self.decide_mode()
-                self._recover_all()
+                self._recover_all(None, 0.0)
                 self.on_change()
 
     # --- the PCP edge ------------------------------------------------------------------
 
     def _map_request(self, nonce: bytes, proto: int, iport: int, eport: int, lifetime: int,
                      ext_ip: str | None = None, prefer_failure: bool = False,
-                     third_party: str | None = None, description: str | None = None) -> pcp.Request:
+                     third_party: str | None = None, description: str | None = None,
+                     remote_host: str = "") -> pcp.Request:
         """A MAP request; natd fills in the client address (and the NAT1 port) on the way out."""
         eip = ipaddress.IPv4Address(ext_ip) if ext_ip and lifetime else pcp.any_address(4)
+        filters: tuple[pcp.Filter, ...] = ()
+        if remote_host and lifetime:
+            # RemoteHost -> FILTER, one host, all its ports (rfc6970-iwf item 20: prefix 96 + 32).
+            filters = (pcp.Filter(128, 0, ipaddress.IPv4Address(remote_host)),)
         opts = pcp.Options(
             third_party=ipaddress.IPv4Address(third_party) if third_party else None,
+            # Never with port 0 (MALFORMED_OPTION, RFC 6887 §13.2) nor on a delete (rfc6970-iwf item 49).
             prefer_failure=prefer_failure and lifetime > 0 and eport > 0,
-            description=description if lifetime and description else None)
-        # A delete carries port 0 and the all-zeros address of its family (erratum 3621).
+            filters=filters,
+            description=_description(description) if lifetime and description else None)  # RFC 7220, item 23
+        # A delete carries port 0 and the all-zeros address of its family (erratum 3621, §18 item 2).
         data = pcp.MapData(nonce, proto, iport, eport if lifetime else 0, eip)
         return pcp.Request(pcp.Opcode.MAP, lifetime, ipaddress.IPv4Address(self.wan_ip or "0.0.0.0"), data, opts)
 
-    async def _exchange(self, key: Hashable, req: pcp.Request, mid: int | None,
-                        internal_ip: str | None, bound: float | None) -> pcp.Response | None:
-        """Run one PCP exchange; None when it gave up (no answer within ``bound``)."""
-        server = self.server
+    async def _exchange(self, key: Hashable, req: pcp.Request, m: Mapping | None,
+                        bound: float | None) -> pcp.Response | None:
+        """Run one PCP exchange; None when it gave up (no answer within ``bound``).
+
+        Raises _Superseded when a newer exchange for the same key took over.
+        """
+        server = m.pcp_server if m is not None and m.pcp_server else self.server
         if server is None:
             return None
         fut: asyncio.Future[pcp.Response | None] = asyncio.get_running_loop().create_future()
         old = self._waiters.pop(key, None)
         if old is not None and not old.done():
-            old.set_result(None)
+            old.set_exception(_Superseded())
         self._waiters[key] = fut
-        self._dispatch(self.client.request(key, server, req, self.clock(), bound, internal_ip))
+        pf = (req.map.nonce, req.map.protocol, req.map.internal_port) \
+            if req.map is not None and req.options.prefer_failure else None
+        if pf is not None:
+            self._pf_keys[pf] = key
+        self._dispatch(self.client.request(key, server, req, self.clock(), bound,
+                                           m.int_client if m is not None else None))
         self._wake.set()
         try:
             return await fut
@@ -212,19 +350,32 @@ class Iwf:
             if self._waiters.get(key) is fut:
                 del self._waiters[key]
                 self.client.cancel(key)
+            if pf is not None and self._pf_keys.get(pf) == key:
+                del self._pf_keys[pf]
+
+    def _relay_mid(self, key: Hashable) -> int | None:
+        """natd rewrites a request to a NAT1 binding only for cascaded mappings (RFC 6970 §5.5)."""
+        if isinstance(key, tuple) and key[0] == "map":
+            m = self.table.by_id.get(key[1])
+            if m is not None and m.mode == "cascaded" and m.nat1_port:
+                return m.id
+        return None
 
     def _dispatch(self, events: list[pcpc.Event]) -> None:
         for ev in events:
             if isinstance(ev, pcpc.Transmit):
-                mid = ev.key[1] if isinstance(ev.key, tuple) and ev.key[0] == "map" else None
-                asyncio.create_task(self._transmit(ev, mid if self.mode == "cascaded" else None))
+                self._spawn(self._transmit(ev, self._relay_mid(ev.key)))
             elif isinstance(ev, pcpc.Answer | pcpc.GaveUp):
                 fut = self._waiters.get(ev.key)
                 if fut is not None and not fut.done():
                     fut.set_result(ev.response if isinstance(ev, pcpc.Answer) else None)
             elif isinstance(ev, pcpc.EpochLost):
-                log.warning("PCP server %s lost its state (epoch); re-creating every mapping", ev.server)
-                self._recover_all()
+                # RFC 6887 §8.5, §14.1.3 (rfc6970-iwf items 82, 84): re-create everything there;
+                # after an ANNOUNCE wait a random 0-5 s first.
+                delay = self.rng.uniform(0, pcpc.ANNOUNCE_MAX_DELAY) if ev.announce else 0.0
+                log.warning("PCP server %s lost its state (%s); re-creating every mapping in %.1f s",
+                            ev.server, "ANNOUNCE" if ev.announce else "epoch", delay)
+                self._recover_all(ev.server, delay)
             elif isinstance(ev, pcpc.Unsolicited):
                 self._unsolicited(ev)
 
@@ -236,16 +387,36 @@ class Iwf:
 
     def _unsolicited(self, ev: pcpc.Unsolicited) -> None:
         resp = ev.response
-        if resp.opcode == pcp.Opcode.ANNOUNCE:
-            return  # epoch already checked in receive(); a valid epoch needs no action (§14.1.3)
+        if resp.opcode != pcp.Opcode.MAP or resp.map is None:
+            return  # an ANNOUNCE: its epoch was checked in receive(); a valid one needs no action
+        pf_key = self._pf_keys.get((resp.map.nonce, resp.map.protocol, resp.map.internal_port))
+        fut = self._waiters.get(pf_key) if pf_key is not None else None
+        if fut is not None and not fut.done() and resp.result == pcp.Result.SUCCESS and resp.lifetime:
+            # Our PREFER_FAILURE request got SUCCESS for other values. The client rightly did not
+            # take it as the answer (RFC 6887 §11.4 race), but each create uses a fresh nonce, so
+            # no stale update can carry it: NAT2 ignored PREFER_FAILURE (miniupnpd 2.3.1 does,
+            # measured). Hand it to the waiting action, which compares the port itself.
+            log.warning("PCP server %s ignored PREFER_FAILURE (%s): it granted port %d instead", ev.server,
+                        pf_key, resp.map.external_port)
+            self.client.cancel(pf_key)
+            fut.set_result(resp)
+            return
         # A Mapping Update (RFC 6887 §14.2, rfc6970-iwf item 83): update the table quietly.
         for m in self.table.listed():
-            if resp.map and m.nonce == resp.map.nonce and resp.result == pcp.Result.SUCCESS:
-                m.ext_ip = str(resp.map.external_ip)
-                m.ext_port = resp.map.external_port
-                self.table.save(m)
-                log.info("mapping update from %s: %s", ev.server, m.describe())
-                self.on_change()
+            if (m.nonce, m.proto, m.int_port) != (resp.map.nonce, resp.map.protocol, resp.map.internal_port):
+                continue
+            if resp.result != pcp.Result.SUCCESS:
+                log.warning("mapping update from %s for %s: %s", ev.server, m.describe(), _result_name(resp.result))
+                continue
+            if resp.lifetime == 0:
+                continue  # the answer to one of our own deletes arriving late
+            m.ext_ip = str(resp.map.external_ip)
+            m.ext_port = resp.map.external_port
+            m.pcp_expiry = self.wall() + min(resp.lifetime, pcpc.MAX_SANE_LIFETIME)
+            self.table.save(m)
+            self._note_cp_address(m)
+            log.info("mapping update from %s: %s", ev.server, m.describe())
+            self.on_change()
 
     async def _timer(self) -> None:
         """Drive the PCP client's retransmissions."""
@@ -268,13 +439,14 @@ class Iwf:
         self._due[m.id] = (due, attempt)
         heapq.heappush(self._renewals, (due, m.id, attempt))
 
-    def _recover_all(self) -> None:
-        now = self.wall()
-        for i, m in enumerate(self.table.listed()):
-            if m.mode != "nat1-only":
+    def _recover_all(self, server: str | None, delay: float) -> None:
+        """Every upstream mapping (at ``server``, or all) is re-created, paced by the window."""
+        at = self.wall() + delay
+        for m in self.table.listed():
+            if m.mode != "nat1-only" and (server is None or m.pcp_server in (None, server)):
                 m.state = next_state(m.state, Ev.STATE_LOST)
                 self.table.save(m)
-                self._schedule(m, now + i * self.cfg.recovery_pace)
+                self._schedule(m, at)
 
     async def _renewer(self) -> None:
         """Renew PCP mappings at RFC 6887 §11.2.1 times; end UPnP leases (rfc6970-iwf §12)."""
@@ -292,49 +464,85 @@ class Iwf:
             if m is None or m.state not in LISTED:
                 continue
             if m.lease_end is not None and now >= m.lease_end:
+                # rfc6970-iwf item 74 and §12 notes: the lease ended: PCP delete, NAT1 rule, row.
                 log.info("lease ended: %s", m.describe())
-                asyncio.create_task(self._remove(m, "lease ended"))
+                self._spawn(self._remove(m, "lease ended"))
                 continue
             if m.mode == "nat1-only":
                 if m.lease_end is not None:
                     self._schedule(m, m.lease_end)
                 continue
-            asyncio.create_task(self._renew(m, attempt))
+            self._spawn(self._renew(m, attempt))
 
     async def _renew(self, m: Mapping, attempt: int) -> None:
-        if m.state == State.ACTIVE:
-            m.state = next_state(m.state, Ev.RENEW_DUE)
-        lifetime = self._requested_lifetime(m)
-        req = self._map_request(m.nonce or b"\0" * 12, m.proto, m.int_port, m.ext_port, lifetime,
-                                m.ext_ip, m.prefer_failure, self._third_party(m), m.description)
-        bound = max(pcpc.MIN_RENEW_GAP, (m.pcp_expiry or self.wall()) - self.wall()) if m.state == State.RENEWING else 30.0
-        resp = await self._exchange(("map", m.id), req, m.id, m.int_client, bound)
+        """Renew (or re-create) ``m`` upstream: same nonce, assigned values suggested (RFC 6887 §11.2.1)."""
+        async with self._slots:  # pacing: at most recovery_window background exchanges at once
+            if self.table.by_id.get(m.id) is not m or m.state not in LISTED:
+                return
+            if m.state == State.ACTIVE:
+                m.state = next_state(m.state, Ev.RENEW_DUE)
+            if self.server is not None and m.pcp_server != self.server:
+                # A different server (DHCP changed it): a nonce of its own (rfc6970-iwf item 7).
+                log.info("%s moves to PCP server %s", m.describe(), self.server)
+                m.pcp_server, m.nonce = self.server, os.urandom(12)
+            lifetime = self._requested_lifetime(m)
+            req = self._map_request(m.nonce or b"\0" * 12, m.proto, m.int_port, m.ext_port, lifetime,
+                                    m.ext_ip, m.prefer_failure, self._third_party(m), m.description,
+                                    m.remote_host)
+            now = self.wall()
+            if m.state == State.RENEWING and m.pcp_expiry:
+                bound = max(pcpc.MIN_RENEW_GAP, m.pcp_expiry - now)
+            else:
+                bound = max(pcpc.MIN_RENEW_GAP, self.cfg.pcp_timeout)
+            try:
+                resp = await self._exchange(("map", m.id), req, m, bound)
+            except _Superseded:
+                return  # a refresh or delete took over this mapping's exchange
         if self.table.by_id.get(m.id) is not m or m.state not in LISTED:
             return
         now = self.wall()
         if resp is not None and resp.result == pcp.Result.SUCCESS and resp.map is not None:
+            moved = (str(resp.map.external_ip), resp.map.external_port) != (m.ext_ip, m.ext_port)
             self._granted(m, resp)
             m.state = next_state(m.state, Ev.UPSTREAM_OK)
             self.table.save(m)
+            # rfc6970-iwf item 75: renewal answers never reach the CP; a moved mapping is evented.
             log.info("renewed %s for %d s", m.describe(), resp.lifetime)
+            if moved:
+                self.on_change()
             return
         ev = Ev.TIMEOUT if resp is None else Ev.UPSTREAM_ERROR
         m.state = next_state(m.state, ev)
         self.table.save(m)
-        log.warning("renewal of %s failed (%s); retrying", m.describe(),
-                    "no answer" if resp is None else pcp.Result(resp.result).name)
-        self._schedule(m, now + max(pcpc.MIN_RENEW_GAP, 2.0 ** min(attempt, 8)), attempt + 1)
+        granted, t0 = m.pcp_lifetime or 0, (m.pcp_expiry or now) - (m.pcp_lifetime or 0)
+        due = pcpc.retry_time(granted, t0, attempt + 1, now, self.rng)
+        # Failed renewal (rfc6970-iwf item 76, our policy): keep the row, retry until the lease ends.
+        log.warning("renewal of %s failed (%s); retrying in %.0f s", m.describe(),
+                    "no answer" if resp is None else _result_name(resp.result), due - now)
+        self._schedule(m, due, attempt + 1)
 
     def _granted(self, m: Mapping, resp: pcp.Response) -> None:
+        """Store what NAT2 granted (rfc6970-iwf item 30) and schedule the first renewal."""
         assert resp.map is not None
         now = self.wall()
+        life = min(resp.lifetime, pcpc.MAX_SANE_LIFETIME)  # absurd lifetimes count as a day (§15)
         m.ext_ip = str(resp.map.external_ip)
         m.ext_port = resp.map.external_port
-        m.pcp_lifetime = resp.lifetime
-        m.pcp_expiry = now + resp.lifetime
+        m.pcp_lifetime = life
+        m.pcp_expiry = now + life
         self._learn_external(m.ext_ip)
-        self.ext_ip_by_cp[m.cp] = m.ext_ip
-        self._schedule(m, pcpc.renewal_time(resp.lifetime, now, 0, self.rng))
+        self._note_cp_address(m)
+        self._schedule(m, pcpc.renewal_time(life, now, 0, self.rng))
+
+    def _note_cp_address(self, m: Mapping) -> None:
+        """rfc6970-iwf items 14, 78: the CP's ExternalIPAddress is its last PCP answer's address."""
+        if m.ext_ip is None:
+            return
+        if m.cp not in self.ext_ip_by_cp and len(self.ext_ip_by_cp) >= MAX_CP_ADDRESSES:
+            self.ext_ip_by_cp.pop(next(iter(self.ext_ip_by_cp)))
+        if self.ext_ip_by_cp.get(m.cp) != m.ext_ip:
+            self.ext_ip_by_cp[m.cp] = m.ext_ip
+            self.on_change()
 
     def _requested_lifetime(self, m: Mapping) -> int:
         """rfc6970-iwf items 69-71: infinite -> 0xFFFFFFFF; never past the UPnP lease."""
@@ -343,20 +551,39 @@ class Iwf:
         return max(1, int(m.lease_end - self.wall()))
 
     def _third_party(self, m: Mapping) -> str | None:
-        return m.int_client if m.mode == "no-nat1" else None
+        """THIRD_PARTY only without NAT1 (rfc6970-iwf items 33, 39), never our own address (§13.1)."""
+        return m.int_client if m.mode == "no-nat1" and m.int_client != self.wan_ip else None
 
     # --- actions -----------------------------------------------------------------------
+
+    def _check_common(self, cp: str, proto: int, int_client: str, enabled: bool) -> None:
+        if not enabled:
+            # rfc6970-iwf item 16, §18 item 7: our choice of code is 402 Invalid Args.
+            raise UPnPError(402, "PortMappingEnabled must be 1: PCP cannot disable a mapping (rfc6970-iwf item 16)")
+        if self.cfg.secure_mode and int_client != cp:
+            raise UPnPError(606, "InternalClient must be the caller's own address (rfc6970-iwf item 88)")
+        if proto not in (pcp.PROTO_TCP, pcp.PROTO_UDP):
+            raise UPnPError(402, "protocol must be TCP or UDP")
+
+    def _new_mapping(self, cp: str, igd: int, remote_host: str, ext_port: int, proto: int, int_port: int,
+                     int_client: str, description: str, lease: int, prefer_failure: bool) -> Mapping:
+        now = self.wall()
+        return Mapping(id=self.table.new_id(), cp=cp, igd=igd, remote_host=remote_host, ext_port=ext_port,
+                       proto=proto, int_client=int_client, int_port=int_port, description=description,
+                       lease=lease, lease_end=now + lease if lease else None, state=State.PENDING,
+                       created=now, nonce=os.urandom(12), pcp_server=self.server,
+                       prefer_failure=prefer_failure, mode=self.mode)
 
     async def add_port_mapping(self, cp: str, igd: int, remote_host: str, ext_port: int, proto: int,
                                int_port: int, int_client: str, enabled: bool, description: str,
                                lease: int) -> Mapping:
         """AddPortMapping (RFC 6970 §5.6.2): MAP with PREFER_FAILURE for exactly ``ext_port``."""
-        if not enabled:
-            raise UPnPError(402, "PortMappingEnabled must be 1: PCP cannot disable a mapping (rfc6970-iwf item 16)")
+        self._check_common(cp, proto, int_client, enabled)
         if ext_port == 0:
+            # rfc6970-iwf item 49: PREFER_FAILURE cannot carry port 0; our choice is 716.
             raise UPnPError(716, "use AddAnyPortMapping for a wildcard port")
-        if self.cfg.secure_mode and int_client != cp:
-            raise UPnPError(606, "InternalClient must be the caller's own address")
+        if proto == pcp.PROTO_UDP and ext_port in PCP_PORTS:
+            raise UPnPError(718, f"UDP {ext_port} is PCP's own port and is never mapped (RFC 6887 §11.3)")
         if igd >= 2 and (lease == 0 or lease > IGD2_MAX_LEASE):
             lease = IGD2_MAX_LEASE  # rfc6970-iwf item 71
         existing = self.table.find(ext_port, proto)
@@ -364,33 +591,25 @@ class Iwf:
             if existing.state not in LISTED or (existing.int_client, existing.int_port) != (int_client, int_port):
                 raise UPnPError(718, f"{existing.proto_name} {ext_port} is mapped to {existing.int_client}")
             return await self._refresh(existing, description, lease)
-        now = self.wall()
-        m = Mapping(id=self.table.new_id(), cp=cp, igd=igd, remote_host=remote_host, ext_port=ext_port,
-                    proto=proto, int_client=int_client, int_port=int_port, description=description,
-                    lease=lease, lease_end=now + lease if lease else None, state=State.PENDING,
-                    created=now, nonce=os.urandom(12), pcp_server=self.server, prefer_failure=True,
-                    mode=self.mode)
+        m = self._new_mapping(cp, igd, remote_host, ext_port, proto, int_port, int_client, description, lease,
+                              prefer_failure=True)  # rfc6970-iwf items 47, 49
         return await self._create(m, "AddPortMapping")
 
     async def add_any_port_mapping(self, cp: str, igd: int, remote_host: str, ext_port: int, proto: int,
                                    int_port: int, int_client: str, enabled: bool, description: str,
                                    lease: int) -> Mapping:
         """AddAnyPortMapping (RFC 6970 §5.6.1): MAP without PREFER_FAILURE; the answer names the port."""
-        if not enabled:
-            raise UPnPError(402, "PortMappingEnabled must be 1 (rfc6970-iwf item 16)")
-        if self.cfg.secure_mode and int_client != cp:
-            raise UPnPError(606, "InternalClient must be the caller's own address")
+        self._check_common(cp, proto, int_client, enabled)
         if lease == 0 or lease > IGD2_MAX_LEASE:
             lease = IGD2_MAX_LEASE  # an IGD:2 action: rfc6970-iwf item 71
+        if proto == pcp.PROTO_UDP and ext_port in PCP_PORTS:
+            ext_port = 0  # only a suggestion: let NAT2 choose rather than ask for PCP's port
         existing = self.table.find(ext_port, proto) if ext_port else None
         if existing is not None and existing.state in LISTED and \
                 (existing.int_client, existing.int_port) == (int_client, int_port):
             return await self._refresh(existing, description, lease)
-        now = self.wall()
-        m = Mapping(id=self.table.new_id(), cp=cp, igd=igd, remote_host=remote_host, ext_port=ext_port,
-                    proto=proto, int_client=int_client, int_port=int_port, description=description,
-                    lease=lease, lease_end=now + lease, state=State.PENDING, created=now,
-                    nonce=os.urandom(12), pcp_server=self.server, prefer_failure=False, mode=self.mode)
+        m = self._new_mapping(cp, igd, remote_host, ext_port, proto, int_port, int_client, description, lease,
+                              prefer_failure=False)  # rfc6970-iwf item 42
         return await self._create(m, "AddAnyPortMapping")
 
     async def delete_port_mapping_range(self, cp: str, igd: int, start: int, end: int, proto: int,
@@ -405,6 +624,7 @@ class Iwf:
                    and (manage or m.cp == cp or m.int_client == cp)]
         if not victims:
             raise UPnPError(730, f"no mapping in {start}-{end}")  # rfc6970-iwf item 62: nothing sent
+        # rfc6970-iwf items 26, 66: one delete per mapping (run side by side, each bounded).
         await asyncio.gather(*(self._remove(m, f"range delete by {cp}") for m in victims))
         return len(victims)
 
@@ -415,16 +635,51 @@ class Iwf:
         m.lease_end = self.wall() + lease if lease else None
         if m.mode != "nat1-only":
             req = self._map_request(m.nonce or b"\0" * 12, m.proto, m.int_port, m.ext_port,
-                                    self._requested_lifetime(m), m.ext_ip, True, self._third_party(m), description)
-            resp = await self._exchange(("map", m.id), req, m.id, m.int_client, self.cfg.pcp_timeout)
-            if resp is None:
-                raise UPnPError(501, "the PCP server did not answer")
-            if resp.result != pcp.Result.SUCCESS or resp.map is None:
-                raise upnp_error_for_pcp(resp.result, m.igd, "AddPortMapping")
+                                    self._requested_lifetime(m), m.ext_ip, True, self._third_party(m),
+                                    description, m.remote_host)
+            resp = await self._upstream(m, req, "AddPortMapping")
             self._granted(m, resp)
+            if m.state == State.RECOVERING:
+                m.state = next_state(m.state, Ev.UPSTREAM_OK)
+        elif m.lease_end is not None:
+            self._schedule(m, m.lease_end)
         self.table.save(m)
         log.info("refreshed %s lease=%s", m.describe(), m.lease or "infinite")
         return m
+
+    async def _upstream(self, m: Mapping, req: pcp.Request, action: str) -> pcp.Response:
+        """One synchronous MAP for a UPnP action: the answer, or the RFC 6970 §4.3 error.
+
+        With ``short_error_retry`` set, a short-lifetime error is retried once after that
+        many seconds, CANNOT_PROVIDE_EXTERNAL up to ``cpe_retries`` times (rfc6970-iwf
+        items 46, 51; off by default per §18 item 4).
+        """
+        server = m.pcp_server or self.server
+        hold = self._no_new_until.get(server or "")
+        if m.state == State.PENDING and hold is not None and self.clock() < hold:
+            # RFC 6887 §11.4: after NO_RESOURCES, no new mappings at that server for its error lifetime.
+            raise upnp_error_for_pcp(pcp.Result.NO_RESOURCES, m.igd, action)
+        retries = 0
+        while True:
+            try:
+                resp = await self._exchange(("map", m.id), req, m, self.cfg.pcp_timeout)
+            except _Superseded:
+                raise UPnPError(501, "a newer request for this mapping took over") from None
+            if resp is None:
+                raise UPnPError(501, f"no answer from PCP server {server} (rfc6970-iwf item 13)")
+            if resp.result == pcp.Result.SUCCESS and resp.map is not None:
+                return resp
+            log.info("PCP refused %s: %s (lifetime %d)", m.describe(), _result_name(resp.result), resp.lifetime)
+            if resp.result == pcp.Result.NO_RESOURCES and server and resp.lifetime:
+                self._no_new_until[server] = self.clock() + min(resp.lifetime, 1800)
+            limit = self.cfg.cpe_retries if resp.result == pcp.Result.CANNOT_PROVIDE_EXTERNAL else 1
+            if self.cfg.short_error_retry > 0 and pcpc.is_short_error(resp) and retries < limit:
+                retries += 1
+                log.info("short-lifetime error for %s: retry %d in %.0f s", m.describe(), retries,
+                         self.cfg.short_error_retry)
+                await asyncio.sleep(self.cfg.short_error_retry)
+                continue
+            raise upnp_error_for_pcp(resp.result, m.igd, action)
 
     async def _create(self, m: Mapping, action: str) -> Mapping:
         self.table.save(m)  # the intent is recorded before anything is sent
@@ -451,14 +706,17 @@ class Iwf:
             else:
                 req = self._map_request(m.nonce or b"", m.proto, m.int_port, m.ext_port,
                                         self._requested_lifetime(m), None, m.prefer_failure,
-                                        self._third_party(m), m.description)
-                resp = await self._exchange(("map", m.id), req, m.id, m.int_client, self.cfg.pcp_timeout)
-                if resp is None:
-                    raise UPnPError(501, f"no answer from PCP server {self.server}")
-                if resp.result != pcp.Result.SUCCESS or resp.map is None:
-                    log.info("PCP refused %s: %s", m.describe(), pcp.Result(resp.result).name
-                             if resp.result in pcp.Result._value2member_map_ else resp.result)
-                    raise upnp_error_for_pcp(resp.result, m.igd, action)
+                                        self._third_party(m), m.description, m.remote_host)
+                resp = await self._upstream(m, req, action)
+                assert resp.map is not None
+                if m.prefer_failure and resp.map.external_port != m.ext_port:
+                    # NAT2 gave another port although we asked for exactly this one: what
+                    # CANNOT_PROVIDE_EXTERNAL would have said (rfc6970-iwf item 51): undo it there.
+                    await self._delete_upstream(m)
+                    raise UPnPError(718, f"port {m.ext_port} is not available upstream "
+                                         f"(NAT2 offered {resp.map.external_port})")
+                if resp.map.protocol == pcp.PROTO_UDP and resp.map.external_port in PCP_PORTS:
+                    raise UPnPError(501, "NAT2 assigned a PCP port (RFC 6887 §11.3)")
                 self._granted(m, resp)
         except BaseException as exc:
             m.state = next_state(m.state, Ev.TIMEOUT if isinstance(exc, UPnPError) and exc.code == 501
@@ -466,7 +724,7 @@ class Iwf:
             await self._undo(m)
             raise
         m.state = next_state(m.state, Ev.UPSTREAM_OK)
-        self.table.save(m)
+        self.table.save(m)  # durable before the CP hears "yes" (rfc6970-iwf items 28-30)
         log.info("added %s lease=%s", m.describe(), m.lease or "infinite")
         self.on_change()
         return m
@@ -474,6 +732,7 @@ class Iwf:
     async def _undo(self, m: Mapping) -> None:
         """Leave nothing behind for a mapping that never became active."""
         self.table.delete(m)
+        self._due.pop(m.id, None)
         if m.nat1_port is not None:
             try:
                 await self.link.call(wire.Unbind(m.id))
@@ -491,30 +750,62 @@ class Iwf:
         if error is not None:
             raise error
 
+    async def host_left(self, ip: str) -> int:
+        """A LAN host's DHCP lease ended: delete all its mappings (rfc6970-iwf items 79, 80)."""
+        victims = [m for m in self.table.listed() if m.int_client == ip]
+        await asyncio.gather(*(self._remove(m, f"host {ip} left (DHCP)") for m in victims))
+        if victims:
+            log.info("host %s left: %d mappings removed", ip, len(victims))
+        return len(victims)
+
+    async def _delete_upstream(self, m: Mapping) -> UPnPError | None:
+        """MAP lifetime 0 with the stored nonce, port 0, all-zeros address (RFC 6887 §15.1, erratum 3621)."""
+        if m.mode == "nat1-only" or not m.nonce:
+            return None
+        req = self._map_request(m.nonce, m.proto, m.int_port, 0, 0, third_party=self._third_party(m))
+        try:
+            resp = await self._exchange(("map", m.id), req, m, self.cfg.pcp_timeout)
+        except _Superseded:
+            resp = None
+        if resp is None:
+            return UPnPError(501, "the PCP server did not answer the delete")
+        if resp.result != pcp.Result.SUCCESS:
+            return upnp_error_for_pcp(resp.result, m.igd, "DeletePortMapping")
+        return None
+
     async def _remove(self, m: Mapping, why: str) -> UPnPError | None:
         """Delete upstream (same nonce, port 0), unbind NAT1, drop the row; the row goes whatever NAT2 says."""
+        if m.state not in LISTED:
+            return None  # already on its way out
         m.state = next_state(m.state, Ev.DELETE)
         self.table.save(m)
-        error = None
-        if m.mode != "nat1-only" and m.nonce:
-            req = self._map_request(m.nonce, m.proto, m.int_port, 0, 0, third_party=self._third_party(m))
-            resp = await self._exchange(("map", m.id), req, m.id, m.int_client, self.cfg.pcp_timeout)
-            if resp is None:
-                error = UPnPError(501, "the PCP server did not answer the delete")
-            elif resp.result != pcp.Result.SUCCESS:
-                error = upnp_error_for_pcp(resp.result, m.igd, "DeletePortMapping")
+        error = await self._delete_upstream(m)
         m.state = next_state(m.state, Ev.DELETED)
         await self._undo(m)
         log.info("removed %s: %s%s", m.describe(), why, f" (upstream: {error})" if error else "")
         self.on_change()
         return error
 
-    def get_specific(self, cp: str, remote_host: str, ext_port: int, proto: int) -> Mapping:
-        """GetSpecificPortMappingEntry from the local table (RFC 6970 §5.7)."""
+    async def get_specific(self, cp: str, remote_host: str, ext_port: int, proto: int, igd: int = 1) -> Mapping:
+        """GetSpecificPortMappingEntry (RFC 6970 §5.7, rfc6970-iwf items 56-60).
+
+        The local table first, all of it (a probe on a port we hold would shorten that
+        mapping: item 60 notes). Otherwise a MAP probe with PREFER_FAILURE and a 60 s
+        lifetime; whatever it finds, the CP gets 714 (CANNOT_PROVIDE_EXTERNAL: in use
+        by someone else; SUCCESS: free, and the probe is deleted again), or 501 when
+        NAT2 does not answer (item 58).
+        """
         m = self.table.find(ext_port, proto)
-        if m is None or m.state not in LISTED:
+        if m is not None and m.state in LISTED:
+            return m
+        if ext_port == 0 or self.mode == "nat1-only" or (proto == pcp.PROTO_UDP and ext_port in PCP_PORTS):
             raise UPnPError(714, f"no mapping for {ext_port}")
-        return m
+        resp = await self._probe(proto, ext_port, True)
+        if resp is None:
+            raise UPnPError(501, f"no answer from PCP server {self.server} (rfc6970-iwf item 58)")
+        if resp.result not in (pcp.Result.SUCCESS, pcp.Result.CANNOT_PROVIDE_EXTERNAL):
+            raise upnp_error_for_pcp(resp.result, igd, "GetSpecificPortMappingEntry")
+        raise UPnPError(714, f"no mapping for {ext_port} (probe: {_result_name(resp.result)})")
 
     def get_generic(self, index: int) -> Mapping:
         """GetGenericPortMappingEntry: answered locally, never sent upstream (rfc6970-iwf item 55)."""
@@ -524,7 +815,7 @@ class Iwf:
         return m
 
     def external_ip(self, cp: str) -> str:
-        """ExternalIPAddress for ``cp``: its last PCP answer, else NAT2's address (rfc6970-iwf item 14)."""
+        """ExternalIPAddress for ``cp``: its last PCP answer, else NAT2's address (rfc6970-iwf items 14, 77)."""
         if self.mode == "nat1-only":
             return self.wan_ip if self.wan_ip and not _is_private(self.wan_ip) else ""
         return self.ext_ip_by_cp.get(cp) or self.server_ext_ip or ""
@@ -533,7 +824,14 @@ class Iwf:
         return self.wan_ip is not None and (self.mode == "nat1-only" or self.server_ext_ip is not None)
 
     def lease_remaining(self, m: Mapping) -> int:
-        """What the control point sees as the remaining lease (0 for infinite)."""
+        """What the control point sees as the remaining lease (0 = infinite, IGD:1).
+
+        Never more than NAT2 granted (the mapping lives upstream only that long unless
+        renewed); an infinite lease stays 0: it is kept alive by renewals (rfc6970-iwf item 69).
+        """
         if m.lease_end is None:
             return 0
-        return max(0, int(m.lease_end - self.wall()))
+        left = m.lease_end - self.wall()
+        if m.mode != "nat1-only" and m.pcp_expiry is not None:
+            left = min(left, m.pcp_expiry - self.wall())
+        return max(1, int(left))

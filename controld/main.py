@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import logging
 import uuid
 
 from controld.description import ROOT_PATH, Device
+from controld.gena import GenaServer
 from controld.http import UpnpHttpServer
-from controld.igd import IgdActions
+from controld.igd import IgdActions, Policy
+from controld.permissions import Permissions, RuleError
+from controld.admin import AdminServer
 from controld.iwf import MODES, Iwf, IwfConfig
 from controld.natd_link import NatdError, NatdLink
 from controld.ssdp import SsdpServer
@@ -25,6 +29,7 @@ from shared.netif import if_addrs
 log = logging.getLogger("controld")
 
 LAN_WAIT_S = 30.0
+LAN_POLL_S = 5.0  # how often the LAN address is checked for a change
 NATD_WAIT_S = 60.0
 
 
@@ -53,14 +58,17 @@ async def run(args: argparse.Namespace) -> None:
     lan_ip, subnets = await _lan_addresses(args.lan_if)
     table = MappingTable(args.state_dir)
     cfg = IwfConfig(mode=args.mode, pcp_server=args.pcp_server, pcp_timeout=args.pcp_timeout,
-                    secure_mode=args.secure_mode)
+                    secure_mode=args.secure_mode, pcp_server_file=args.pcp_server_file or None,
+                    service_wait=args.pcp_service_wait, recovery_window=args.pcp_recovery_window,
+                    short_error_retry=args.pcp_short_error_retry, cpe_retries=args.pcp_cpe_retries,
+                    epoch_poll=args.pcp_epoch_poll)
     iwf: Iwf | None = None
 
     async def on_event(msg):  # type: ignore[no-untyped-def]
         if iwf is not None:
             await iwf.on_natd_event(msg)
 
-    link = NatdLink(args.rpc, args.events, on_event)
+    link = NatdLink(args.rpc, args.events, on_event, curve_dir=args.curve_dir)
     link_task = asyncio.create_task(link.run())
     iwf = Iwf(cfg, table, link)
     deadline = asyncio.get_running_loop().time() + NATD_WAIT_S
@@ -74,19 +82,55 @@ async def run(args: argparse.Namespace) -> None:
             log.info("waiting for natd at %s", args.rpc)
     device = Device(_stable_uuid(table, "uuid_root"), _stable_uuid(table, "uuid_wan"),
                     _stable_uuid(table, "uuid_wcd"), igd_version=args.igd_version)
-    http = UpnpHttpServer(device, IgdActions(iwf, device), lambda: subnets)
+    actions = IgdActions(iwf, device, _policy(args))
+    gena = GenaServer(device, actions.evented)
+
+    def on_change() -> None:  # the IWF's hook: SystemUpdateID, then one coalesced GENA round
+        actions.changed()
+        gena.changed()
+
+    iwf.on_change = on_change
+    http = UpnpHttpServer(device, actions, lambda: subnets, gena)
     port = await http.start(lan_ip, args.http_port)
     location = f"http://{lan_ip}:{port}{ROOT_PATH}"
     ssdp = SsdpServer(device, lan_ip, location, lambda: subnets)
     await ssdp.start()
     notify_task = asyncio.create_task(ssdp.run_notify())
+    expiry_task = asyncio.create_task(gena.run_expiry())
+
+    async def watch_lan() -> None:
+        """LAN address change: listen on the new address, ssdp:byebye + new BOOTID + ssdp:alive."""
+        nonlocal lan_ip, subnets, port
+        while True:
+            await asyncio.sleep(LAN_POLL_S)
+            a = await if_addrs(args.lan_if)
+            if not a.addresses or a.addresses[0] == lan_ip:
+                continue
+            http.close()
+            subnets = list(a.subnets)
+            port = await http.start(a.addresses[0], port)
+            lan_ip = a.addresses[0]
+            ssdp.relocate(lan_ip, f"http://{lan_ip}:{port}{ROOT_PATH}")
+
+    watch_task = asyncio.create_task(watch_lan())
+    admin = AdminServer(args.admin_socket, iwf.host_left) if args.admin_socket else None
+    if admin is not None:
+        try:
+            await admin.start()
+        except OSError as exc:  # the hooks then cannot reach us; UPnP still works
+            log.warning("no admin socket at %s: %s", args.admin_socket, exc)
+            admin = None
     log.info("controld up: %s on %s, IGD:%d at %s, state in %s", lan_ip, args.lan_if,
              args.igd_version, location, args.state_dir)
     stop = asyncio.Event()
     install_stop_signals(stop)
     await stop.wait()
     log.info("controld stopping")
-    notify_task.cancel()
+    for t in (notify_task, expiry_task, watch_task):
+        t.cancel()
+    if admin is not None:
+        admin.close()
+    gena.close()
     ssdp.close()
     http.close()
     await iwf.stop()
@@ -96,21 +140,56 @@ async def run(args: argparse.Namespace) -> None:
     log.info("controld stopped; %d mappings kept for the next start", table.count())
 
 
+def _policy(args: argparse.Namespace) -> Policy:
+    """The UPnP layer's permission rules, quotas and managers from flags/config; bad ones stop the start."""
+    try:
+        perms = Permissions.parse(args.permission or [])
+        managers = tuple(ipaddress.IPv4Network(n, strict=False) for n in args.manage_host or [])
+    except (RuleError, ValueError) as exc:
+        raise SystemExit(f"controld: {exc}") from None
+    return Policy(perms, args.max_mappings_per_host, args.max_mappings, managers)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="igdpcp-controld", description=__doc__.splitlines()[0])
     p.add_argument("--config", help="UCI config file (section 'controld'); flags win")
     p.add_argument("--lan-if", required=True, help="LAN interface to serve UPnP on")
     p.add_argument("--rpc", required=True, help="natd's request endpoint (ipc://PATH or tcp://HOST:PORT)")
     p.add_argument("--events", required=True, help="natd's event endpoint")
+    p.add_argument("--curve-dir", default=None,
+                   help="CURVE keys for tcp:// (controld.key_secret, natd.key; made by igdpcp-natd --gen-keys)")
     p.add_argument("--state-dir", required=True, help="where the mapping table (SQLite) lives")
     p.add_argument("--mode", default="auto", choices=MODES, help="auto picks from the WAN address and PCP")
     p.add_argument("--pcp-server", default=None, help="PCP server address (default: the WAN default router)")
     p.add_argument("--pcp-timeout", type=float, default=10.0,
                    help="seconds a UPnP action waits for NAT2 before answering 501")
+    p.add_argument("--pcp-server-file", default="/var/run/igdpcp/pcp-server",
+                   help="PCP servers from DHCP option 158, written by the DHCP client hook; "
+                        "used when --pcp-server is not given ('' to ignore)")
+    p.add_argument("--pcp-service-wait", type=float, default=2.0,
+                   help="on start, re-assert stored mappings upstream after RAND(0, this) seconds")
+    p.add_argument("--pcp-recovery-window", type=int, default=32,
+                   help="renewals/re-creations in flight at once (paces recovery after a NAT2 restart)")
+    p.add_argument("--pcp-short-error-retry", type=float, default=0.0,
+                   help="retry a short-lifetime PCP error once after this many seconds (RFC 6970 §5.6; "
+                        "0: off, the default, because UPnP answers within 30 s)")
+    p.add_argument("--pcp-cpe-retries", type=int, default=2,
+                   help="with --pcp-short-error-retry: retries of a short CANNOT_PROVIDE_EXTERNAL")
+    p.add_argument("--pcp-epoch-poll", type=float, default=30.0,
+                   help="send the PCP server an ANNOUNCE this often to notice a restart (0: off)")
+    p.add_argument("--admin-socket", default="/var/run/igdpcp/controld.sock",
+                   help="Unix socket for the DHCP-release hook (igdpcp host-left); '' for none")
     p.add_argument("--http-port", type=int, default=0, help="UPnP HTTP port on the LAN address (0: any)")
     p.add_argument("--igd-version", type=int, default=1, choices=(1, 2), help="IGD device version to describe")
     p.add_argument("--secure-mode", action=argparse.BooleanOptionalAction, default=True,
                    help="InternalClient must be the caller's own address")
+    p.add_argument("--permission", action="append", metavar="RULE",
+                   help="miniupnpd rule 'allow|deny EPORT[-EPORT] IP[/MASK] IPORT[-IPORT] [\"REGEX\"]', "
+                        "first match wins; with rules, no match is a deny (UCI: list permission)")
+    p.add_argument("--max-mappings-per-host", type=int, default=256, help="UPnP mappings per LAN host (0: no limit)")
+    p.add_argument("--max-mappings", type=int, default=4096, help="UPnP mappings in total (0: no limit)")
+    p.add_argument("--manage-host", action="append", metavar="IP[/LEN]",
+                   help="hosts whose NewManage=1 reaches other hosts' mappings (UCI: list manage_host)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
 

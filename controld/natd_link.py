@@ -1,16 +1,25 @@
-"""controld's side of the natd link: requests with ids and deadlines, events by subscription."""
+"""controld's side of the natd link: requests with ids and deadlines, events by subscription.
+
+On tcp:// both sockets are CURVE clients (keys from ``--curve-dir``, made by
+``igdpcp-natd --gen-keys``); natd refuses any other peer. ZeroMQ reconnects by itself
+when natd restarts; the heartbeat's boot id tells the IWF to re-sync (Iwf.on_natd_event).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 import zmq
 import zmq.asyncio
 
 from shared import wire
+from shared.daemon import curve_client, needs_curve
+
+RECONNECT_MS = (100, 2000)  # first retry, back-off ceiling when natd is away
 
 log = logging.getLogger("controld.natd")
 
@@ -24,28 +33,41 @@ class NatdError(RuntimeError):
 
 
 class NatdLink:
-    def __init__(self, rpc: str, events: str, on_event: Callable[[wire.Message], Awaitable[None]]) -> None:
+    def __init__(self, rpc: str, events: str, on_event: Callable[[wire.Message], Awaitable[None]],
+                 curve_dir: str | None = None) -> None:
+        for ep in (rpc, events):
+            if needs_curve(ep) and not curve_dir:
+                raise SystemExit(f"controld: {ep} needs CURVE keys: pass --curve-dir (see igdpcp-natd --gen-keys)")
         self.ctx = zmq.asyncio.Context()
-        self.dealer = self.ctx.socket(zmq.DEALER)
-        self.dealer.setsockopt(zmq.LINGER, 0)
-        self.dealer.setsockopt(zmq.MAXMSGSIZE, wire.MAX_MESSAGE)
-        self.dealer.connect(rpc)
-        self.sub = self.ctx.socket(zmq.SUB)
-        self.sub.setsockopt(zmq.LINGER, 0)
-        self.sub.setsockopt(zmq.MAXMSGSIZE, wire.MAX_MESSAGE)
-        self.sub.setsockopt(zmq.SUBSCRIBE, b"")
-        self.sub.connect(events)
+        self.dealer = self._socket(zmq.DEALER, rpc, curve_dir)
+        self.sub = self._socket(zmq.SUB, events, curve_dir, subscribe=True)
         self.on_event = on_event
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[wire.Message]] = {}
 
+    def _socket(self, kind: int, endpoint: str, curve_dir: str | None, subscribe: bool = False) -> zmq.asyncio.Socket:
+        sock = self.ctx.socket(kind)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, wire.MAX_MESSAGE)
+        sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_MS[0])
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_MS[1])
+        if subscribe:
+            sock.setsockopt(zmq.SUBSCRIBE, b"")
+        if needs_curve(endpoint) and curve_dir:
+            curve_client(sock, curve_dir)
+        sock.connect(endpoint)
+        return sock
+
     async def call(self, msg: wire.Message, timeout: float = 5.0) -> wire.Message:
-        """Send a request and wait for its reply; natd's Error replies raise NatdError."""
+        """Send a request and wait for its reply; natd's Error replies raise NatdError.
+
+        The request carries its deadline, so natd never acts on it after we gave up.
+        """
         rid = next(self._ids)
         fut: asyncio.Future[wire.Message] = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut
         try:
-            await self.dealer.send(wire.encode(msg, rid))
+            await self.dealer.send(wire.encode(msg, rid, int((time.time() + timeout) * 1000)))
             reply = await asyncio.wait_for(fut, timeout)
         except asyncio.TimeoutError:
             raise NatdError("timeout", f"natd did not answer {msg.OP} within {timeout} s") from None

@@ -112,9 +112,20 @@ def envelope(inner: str) -> bytes:
             f"{inner}</s:Body></s:Envelope>\r\n").encode()
 
 
+class Cdata(str):
+    """An out argument sent as CDATA (GetListOfPortMappings: miniupnpc does not decode entities)."""
+
+
+def _value(v: str | int) -> str:
+    if isinstance(v, Cdata):
+        # a "]]>" inside is split across two sections, so the document stays well-formed
+        return "<![CDATA[" + v.replace("]]>", "]]]]><![CDATA[>") + "]]>"
+    return escape(str(v))
+
+
 def response(service_type: str, action: str, out: dict[str, str | int]) -> bytes:
     """The action's response envelope with its out arguments, in order."""
-    args = "".join(f"<{k}>{escape(str(v))}</{k}>" for k, v in out.items())
+    args = "".join(f"<{k}>{_value(v)}</{k}>" for k, v in out.items())
     return envelope(f'<u:{action}Response xmlns:u="{service_type}">{args}</u:{action}Response>')
 
 

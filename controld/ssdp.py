@@ -1,9 +1,12 @@
 """SSDP (UPnP Device Architecture 1.1 §1): discovery answers and announcements.
 
 The message logic is pure (:func:`parse`, :func:`search_targets`, :func:`response`,
-:func:`notify`); :class:`SsdpServer` is the socket edge. Only LAN sources are
-answered, at most one answer per matching type per search, after a random delay
-within MX.
+:func:`notify`, :class:`RateLimit`); :class:`SsdpServer` is the socket edge. Only LAN
+sources are answered, at most one answer per matching type per search, after a random
+delay within MX, and each source is rate limited (an answer is ~10 datagrams, so an
+unlimited responder would be an amplifier). ssdp:alive at start and every
+NOTIFY_INTERVAL minus jitter; ssdp:byebye on shutdown and, with a new BOOTID and
+ssdp:alive, when the LAN address changes.
 """
 
 from __future__ import annotations
@@ -26,8 +29,30 @@ GROUP = "239.255.255.250"
 PORT = 1900
 MAX_AGE = 1800
 NOTIFY_INTERVAL = 600  # well within max-age, so control points never time us out
+NOTIFY_JITTER = 60.0  # subtracted at random from each interval, so routers do not sync up
 MAX_DATAGRAM = 2048
 SERVER = "Linux/1 UPnP/1.1 igdpcp/0.1"
+RATE_BURST = 10.0  # M-SEARCHes one source may send at once
+RATE_PER_S = 2.0  # and then per second
+RATE_SOURCES = 1024  # sources remembered (bounded)
+
+
+class RateLimit:
+    """Token bucket per source address; time is passed in."""
+
+    def __init__(self, burst: float = RATE_BURST, rate: float = RATE_PER_S, sources: int = RATE_SOURCES) -> None:
+        self.burst, self.rate, self.sources = burst, rate, sources
+        self.buckets: dict[str, tuple[float, float]] = {}  # source -> (tokens, last time)
+
+    def allow(self, source: str, now: float) -> bool:
+        """Take one token for ``source``; False when it has none left."""
+        tokens, last = self.buckets.pop(source, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - last) * self.rate)
+        if len(self.buckets) >= self.sources:
+            self.buckets.pop(next(iter(self.buckets)))  # forget the least recently seen
+        ok = tokens >= 1.0
+        self.buckets[source] = (tokens - 1.0 if ok else tokens, now)
+        return ok
 
 
 @dataclass(frozen=True)
@@ -105,10 +130,12 @@ class SsdpServer(asyncio.DatagramProtocol):
         self.location = location
         self.lan_subnets = lan_subnets
         self.targets = search_targets(device)
-        self.boot_id = int(time.time())
-        self.config_id = 1
+        self.boot_id = int(time.time()) & 0x7FFFFFFF  # UDA 1.1: 0..2^31-1
+        self.config_id = device.config_id
         self.rng = random.Random()
+        self.limit = RateLimit()
         self.transport: asyncio.DatagramTransport | None = None
+        self._sock: socket.socket | None = None
         self._pending = 0
 
     async def start(self) -> None:
@@ -120,8 +147,27 @@ class SsdpServer(asyncio.DatagramProtocol):
         sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(self.lan_ip))
         sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 2)
         sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 0)
+        self._sock = sock
         loop = asyncio.get_running_loop()
         self.transport, _ = await loop.create_datagram_endpoint(lambda: self, sock=sock)
+
+    def relocate(self, lan_ip: str, location: str) -> None:
+        """The LAN address changed: byebye at the old LOCATION, new BOOTID, alive at the new one."""
+        log.info("LAN address %s -> %s: ssdp:byebye, BOOTID %d -> %d, ssdp:alive at %s",
+                 self.lan_ip, lan_ip, self.boot_id, self.boot_id + 1, location)
+        self.announce("ssdp:byebye")
+        if self._sock is not None:
+            try:
+                old = struct.pack("4s4s", socket.inet_aton(GROUP), socket.inet_aton(self.lan_ip))
+                self._sock.setsockopt(socket.IPPROTO_IP, socket.IP_DROP_MEMBERSHIP, old)
+            except OSError:
+                pass  # the old address is already gone with its membership
+            new = struct.pack("4s4s", socket.inet_aton(GROUP), socket.inet_aton(lan_ip))
+            self._sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, new)
+            self._sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(lan_ip))
+        self.lan_ip, self.location = lan_ip, location
+        self.boot_id = (self.boot_id + 1) & 0x7FFFFFFF
+        self.announce("ssdp:alive")
 
     def announce(self, nts: str) -> None:
         """One NOTIFY per target (ssdp:alive or ssdp:byebye)."""
@@ -136,10 +182,13 @@ class SsdpServer(asyncio.DatagramProtocol):
             self.announce("ssdp:alive")
             await asyncio.sleep(0.25)
             self.announce("ssdp:alive")
-            await asyncio.sleep(NOTIFY_INTERVAL - 0.25)
+            await asyncio.sleep(NOTIFY_INTERVAL - 0.25 - self.rng.uniform(0, NOTIFY_JITTER))
 
     def _in_lan(self, ip: str) -> bool:
-        addr = ipaddress.ip_address(ip)
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
         return any(addr in ipaddress.ip_network(n) for n in self.lan_subnets())
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
@@ -152,7 +201,11 @@ class SsdpServer(asyncio.DatagramProtocol):
         found = matches(self.targets, h.get("ST", ""))
         if not found or self._pending > 256:  # bounded work per burst of searches
             return
-        mx = int(h["MX"]) if h.get("MX", "").isdigit() else 1
+        if not self.limit.allow(addr[0], time.monotonic()):
+            log.debug("ssdp: rate limit for %s", addr[0])
+            return
+        raw_mx = h.get("MX", "")
+        mx = int(raw_mx) if raw_mx.isdigit() and len(raw_mx) <= 3 else 1
         delay = self.rng.uniform(0, min(max(mx, 1), 5) * 0.5)
         self._pending += 1
         asyncio.get_running_loop().call_later(delay, self._answer, found, addr)

@@ -17,6 +17,7 @@ from shared.wire import Binding
 # by chance; an explicitly requested low port is still honoured when free.
 ALLOC_RANGE = (1024, 65535)
 RESERVED_UDP = frozenset({5350, 5351})
+LAN_CACHE_MAX = 70_000  # addresses whose LAN check is remembered (bounded)
 
 
 class PolicyError(ValueError):
@@ -43,10 +44,22 @@ class BindingTable:
     by_mid: dict[int, Binding] = field(default_factory=dict)
     by_port: dict[tuple[int, int], int] = field(default_factory=dict)
     per_host: dict[str, int] = field(default_factory=dict)
+    # LAN endpoint (ip, proto, port) -> mids: who owns the endpoint's SNAT, in O(1)
+    by_endpoint: dict[tuple[str, int, int], set[int]] = field(default_factory=dict)
     rng: random.Random = field(default_factory=random.SystemRandom)
+    _lan_ok: dict[str, tuple] = field(default_factory=dict, repr=False)
 
     def check_lan(self, ip: str) -> None:
         """The internal address must be a LAN host: not the router, not loopback, not the WAN."""
+        key = (ip, tuple(self.lan_subnets), frozenset(self.router_ips))
+        if self._lan_ok.get(ip) == key:
+            return  # checked before against the same subnets and router addresses
+        self._check_lan(ip)
+        if len(self._lan_ok) >= LAN_CACHE_MAX:
+            self._lan_ok.clear()
+        self._lan_ok[ip] = key
+
+    def _check_lan(self, ip: str) -> None:
         addr = ipaddress.IPv4Address(ip)
         if ip in self.router_ips or addr.is_loopback or addr.is_multicast or addr.is_unspecified:
             raise PolicyError("not-lan", f"{ip} is not a LAN host")
@@ -76,6 +89,8 @@ class BindingTable:
     def add(self, b: Binding) -> None:
         """Insert a checked binding; the caller has already chosen ``wan_port``."""
         self.check_lan(b.lan_ip)
+        if b.proto == 17 and b.wan_port in RESERVED_UDP:
+            raise PolicyError("reserved-port", f"udp/{b.wan_port} is the PCP relay's own port (RFC 6887 §19.1)")
         if len(self.by_mid) >= self.limits.max_total:
             raise PolicyError("quota", "total binding limit reached")
         if self.per_host.get(b.lan_ip, 0) >= self.limits.max_per_host:
@@ -87,6 +102,7 @@ class BindingTable:
         self.by_mid[b.mid] = b
         self.by_port[(b.proto, b.wan_port)] = b.mid
         self.per_host[b.lan_ip] = self.per_host.get(b.lan_ip, 0) + 1
+        self.by_endpoint.setdefault(endpoint(b), set()).add(b.mid)
 
     def remove(self, mid: int) -> Binding | None:
         b = self.by_mid.pop(mid, None)
@@ -95,17 +111,33 @@ class BindingTable:
             self.per_host[b.lan_ip] -= 1
             if not self.per_host[b.lan_ip]:
                 del self.per_host[b.lan_ip]
+            mids = self.by_endpoint[endpoint(b)]
+            mids.discard(b.mid)
+            if not mids:
+                del self.by_endpoint[endpoint(b)]
         return b
 
     def replace_all(self, bindings: list[Binding]) -> None:
         """Swap in a whole new set (sync), all or nothing."""
-        trial = BindingTable(self.lan_subnets, self.router_ips, self.limits, rng=self.rng)
+        trial = BindingTable(self.lan_subnets, self.router_ips, self.limits, rng=self.rng, _lan_ok=self._lan_ok)
         for b in bindings:
             if b.mid in trial.by_mid:
                 raise PolicyError("duplicate", f"mapping {b.mid} listed twice")
             trial.add(b)
         self.by_mid, self.by_port, self.per_host = trial.by_mid, trial.by_port, trial.per_host
+        self.by_endpoint = trial.by_endpoint
+
+    def snat_owner(self, ep: tuple[str, int, int]) -> Binding | None:
+        """The binding whose WAN port the LAN endpoint's outbound traffic uses (lowest mid,
+        as natd.nft.expected decides for a whole set)."""
+        mids = self.by_endpoint.get(ep)
+        return self.by_mid[min(mids)] if mids else None
 
     def by_wan_port(self, proto: int, port: int) -> Binding | None:
         mid = self.by_port.get((proto, port))
         return None if mid is None else self.by_mid[mid]
+
+
+def endpoint(b: Binding) -> tuple[str, int, int]:
+    """A binding's LAN endpoint as the SNAT map keys it: (lan ip, proto, lan port)."""
+    return (b.lan_ip, b.proto, b.lan_port)

@@ -9,24 +9,36 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import ipaddress
 import logging
+import os
+import signal
+import sys
+import time
 import uuid
+from collections.abc import Callable
+from typing import Any
 
 import zmq
 import zmq.asyncio
 
-from natd import wan
-from natd.bindings import BindingTable, Limits, PolicyError
-from natd.nft import Nft, NftError
+from natd import conntrack, nftmon, wan
+from natd.bindings import BindingTable, Limits, PolicyError, endpoint
+from natd.nft import LAYOUTS, Change, FwNotReady, Layout, Nft, NftError, expected
 from natd.relay import PcpRelay
 from shared import pcp, wire
 from shared.config import parse_args_with_config
-from shared.daemon import install_stop_signals, prepare_ipc, restrict_ipc, setup_logging
+from shared.daemon import (AUTHORIZED_DIR, bind_endpoint, curve_server, gen_keys, install_stop_signals, needs_curve,
+                           setup_logging)
 
 log = logging.getLogger("natd")
 
 HEARTBEAT_S = 1.0
+HEAL_DEBOUNCE_S = 0.05  # coalesce the burst of netlink events one foreign commit makes
+HEAL_RETRY_S = 1.0
+CT_BATCH_S = 0.25  # one conntrack dump (it blocks ~10 ms in the kernel) per burst of deletes
+MAX_CT_PENDING = 1_000_000  # bound on queued conntrack work (a sync of 65k forgets 130k tuples)
 
 
 class Natd:
@@ -34,17 +46,21 @@ class Natd:
         self.args = args
         self.boot_id = uuid.uuid4().hex
         self.ctx = zmq.asyncio.Context()
-        self.nft = Nft(args.table)
+        self.nft = Nft(Layout.make(args.layout, args.table))
         self.table = BindingTable(limits=Limits(args.max_bindings, args.max_per_host))
         self.relay = PcpRelay(self._pcp_received)
         self.ifs = wan.IfState(None, None, (), ())
         self.synced = False  # adopted kernel forwards are kept until controld's first sync
+        self._gen: int | None = None  # ruleset generation last known to match our state
+        self._dirty = asyncio.Event()
+        self._ct_pending: list[conntrack.Flow] = []
+        self._ct_wake = asyncio.Event()
 
     # --- interface facts ---------------------------------------------------------
 
     def _apply_ifs(self, ifs: wan.IfState) -> None:
         self.ifs = ifs
-        self.table.lan_subnets = [ipaddress.IPv4Network(n) for n in ifs.lan_subnets]
+        self.table.lan_subnets = [ipaddress.IPv4Network(n, strict=False) for n in ifs.lan_subnets]
         self.table.router_ips = set(ifs.lan_ips) | ({ifs.wan_ip} if ifs.wan_ip else set())
 
     async def _on_ifs(self, ifs: wan.IfState) -> None:
@@ -53,24 +69,143 @@ class Natd:
         log.info("interfaces changed: wan=%s gateway=%s lan=%s", ifs.wan_ip, ifs.gateway, ",".join(ifs.lan_ips))
         if ifs.wan_ip != old:
             await self.relay.open(ifs.wan_ip)
-            self._program()  # bindings follow the new WAN address
+        try:
+            self._program()  # bindings follow the new WAN address (snat4, wan4, lan4)
+        except NftError as exc:
+            log.error("cannot move %d forwards to WAN %s: %s", len(self.table.by_mid), ifs.wan_ip, exc)
+            self._kick()
         self._publish(wire.WanChanged(ifs.wan_ip, ifs.gateway))
 
     # --- kernel ------------------------------------------------------------------
 
-    def _program(self) -> None:
-        added, removed = self.nft.apply(self.table.by_mid.values(), self.ifs.wan_ip)
-        if added or removed:
-            log.debug("nft: +%d -%d forwards (%d live)", added, removed, len(self.table.by_mid))
+    def _program(self) -> Change:
+        """Make the kernel match the binding table; forget conntrack of what went away."""
+        ch = self.nft.apply(self.table.by_mid.values(), self.ifs.wan_ip, self.ifs.lan_subnets)
+        if ch.added or ch.removed:
+            log.debug("nft: +%d -%d forwards (%d live)", ch.added, ch.removed, len(self.table.by_mid))
+        self._after_write(ch)
+        return ch
+
+    def _program_delta(self, *changed: wire.Binding | None) -> Change:
+        """Bind/Unbind: rewrite only the keys ``changed`` bindings touch, O(1) in the table size."""
+        t, wan_ip = self.table, self.ifs.wan_ip
+        fwd: dict = {}
+        snat: dict = {}
+        for b in changed:
+            if b is None:
+                continue
+            cur = t.by_wan_port(b.proto, b.wan_port)
+            fwd[(b.proto, b.wan_port)] = (cur.lan_ip, cur.lan_port) if cur else None
+            owner = t.snat_owner(endpoint(b))
+            snat[endpoint(b)] = (wan_ip, owner.wan_port) if owner and wan_ip else None
+        ch = self.nft.apply_delta(fwd, snat)
+        self._after_write(ch)
+        return ch
+
+    def _after_write(self, ch: Change) -> None:
+        self._gen = nftmon.generation()
+        flows = [conntrack.Flow(proto, wip, wport, lip, lport)
+                 for (proto, wport), (lip, lport) in ch.gone_fwd for wip in ch.old_wan]
+        flows += [conntrack.Flow(proto, wip, wport, lip, lport) for (lip, proto, lport), (wip, wport) in ch.gone_snat]
+        if flows and len(self._ct_pending) < MAX_CT_PENDING:
+            self._ct_pending.extend(flows)
+            self._ct_wake.set()
+
+    async def _conntrack_worker(self) -> None:
+        """Forget conntrack entries of deleted forwards, batched: one table dump per burst of deletes."""
+        while True:
+            await self._ct_wake.wait()
+            await asyncio.sleep(CT_BATCH_S)
+            self._ct_wake.clear()
+            flows, self._ct_pending = self._ct_pending, []
+            try:
+                n = await conntrack.forget(flows)
+            except Exception as exc:  # conntrack trouble must not cost the daemon
+                log.warning("conntrack cleanup for %d removed NAT entries failed: %s", len(flows), exc)
+                continue
+            if n:
+                log.info("conntrack: removed %d entries of %d removed NAT entries", n, len(flows))
 
     def _adopt(self) -> None:
-        """Keep what an earlier natd left in the kernel until controld syncs (no traffic gap)."""
-        for i, ((proto, wport), (lip, lport)) in enumerate(sorted(self.nft.state.fwd.items())):
-            b = wire.Binding(-1 - i, proto, lip, lport, wport)
+        """Keep what an earlier natd left in the kernel until controld syncs (no traffic gap).
+
+        The forward that owns a LAN endpoint's SNAT element in the kernel gets the lowest
+        id, so recomputing the SNAT map changes nothing (rfc6970-iwf item 48: one WAN port
+        per mapping, several mappings may share a LAN endpoint).
+        """
+        st = self.nft.state
+        items = sorted(st.fwd.items(), key=lambda kv: (
+            st.snat.get((kv[1][0], kv[0][0], kv[1][1]), ("", -1))[1] != kv[0][1], kv[0]))
+        for i, ((proto, wport), (lip, lport)) in enumerate(items):
+            b = wire.Binding(i - len(items), proto, lip, lport, wport)
             try:
                 self.table.add(b)
             except PolicyError as exc:
-                log.warning("not adopting forward %s/%d -> %s:%d: %s", proto, wport, lip, lport, exc)
+                log.warning("not adopting forward %s/%d -> %s:%d: %s", _pname(proto), wport, lip, lport, exc)
+
+    async def _on_hup(self, hup: asyncio.Event) -> None:
+        """SIGHUP (procd reload, the WAN hotplug after fw4's reload): re-read the interfaces
+        and verify every nft object now, forwards kept (openwrt.md §4.5 item 3a)."""
+        while True:
+            await hup.wait()
+            hup.clear()
+            log.info("SIGHUP: re-reading interfaces and verifying %d forwards", len(self.table.by_mid))
+            try:
+                ifs = await wan.snapshot(self.args.wan_if, self.args.lan_if)
+                if ifs != self.ifs:
+                    await self._on_ifs(ifs)
+            except Exception as exc:  # a reload must never stop the daemon
+                log.warning("SIGHUP: reading interfaces failed: %s", exc)
+            self._gen = None
+            self._kick()
+
+    def _check_generation(self) -> None:
+        """Verify only if the ruleset changed since natd's last write or check."""
+        if nftmon.generation() != self._gen:
+            self._kick()
+
+    def _kick(self) -> None:
+        """Ask the healer to verify our kernel objects soon."""
+        self._dirty.set()
+
+    async def _healer(self) -> None:
+        """Verify and restore natd's nftables objects whenever they may have changed."""
+        while True:
+            await self._dirty.wait()
+            await asyncio.sleep(HEAL_DEBOUNCE_S)
+            self._dirty.clear()
+            try:
+                self._heal()
+            except FwNotReady as exc:
+                log.warning("fw4 layout: %s; forwards wait for fw4", exc)
+                self._gen = nftmon.generation()  # retried when the ruleset changes again
+            except NftError as exc:
+                log.error("restoring nft objects failed: %s; retrying in %.0f s", exc, HEAL_RETRY_S)
+                await asyncio.sleep(HEAL_RETRY_S)
+                self._kick()
+            except Exception:  # a bug here must not stop healing for good
+                log.exception("healer failed")
+                await asyncio.sleep(HEAL_RETRY_S)
+
+    def _heal(self) -> None:
+        gen = nftmon.generation()
+        intact, have = self.nft.snapshot()
+        want = expected(self.table.by_mid.values(), self.ifs.wan_ip, self.ifs.lan_subnets)
+        if intact and have == want:
+            self.nft.state = have
+            self._gen = gen
+            return
+        reason = "rules or chains missing" if not intact else "map elements changed"
+        t0 = time.monotonic()
+        if intact:
+            self.nft.state = have
+        else:
+            self.nft.setup()
+        self._program()
+        log.warning("nft objects in %s changed under natd (%s); restored %d forwards in %.0f ms",
+                    self.nft.layout.where, reason, len(self.table.by_mid), (time.monotonic() - t0) * 1000)
+        self._publish(wire.Restored(self.boot_id, reason, len(self.table.by_mid)))
+        _trim_heap()
 
     # --- PCP relay -----------------------------------------------------------------
 
@@ -130,18 +265,31 @@ class Natd:
             if cur and (cur.proto, cur.lan_ip, cur.lan_port) == (msg.proto, msg.lan_ip, msg.lan_port):
                 return wire.BindReply(self.ifs.wan_ip or "", cur.wan_port)
             owner = t.by_wan_port(msg.proto, msg.want_port)
+            adopted = None
             if owner is not None and owner.mid < 0 and (owner.lan_ip, owner.lan_port) == (msg.lan_ip, msg.lan_port):
-                t.remove(owner.mid)  # controld claims a forward natd adopted at start
-            port = t.allocate(msg.proto, msg.want_port, msg.exact)
-            b = wire.Binding(msg.mid, msg.proto, msg.lan_ip, msg.lan_port, port)
-            t.add(b)
-            self._program_or_undo(lambda: t.remove(b.mid))
+                adopted = t.remove(owner.mid)  # controld claims a forward natd adopted at start
+            try:
+                port = t.allocate(msg.proto, msg.want_port, msg.exact)
+                b = wire.Binding(msg.mid, msg.proto, msg.lan_ip, msg.lan_port, port)
+                t.add(b)
+            except PolicyError:
+                if adopted is not None:
+                    t.add(adopted)
+                raise
+
+            def undo() -> None:
+                t.remove(b.mid)
+                for old in (cur, adopted):
+                    if old is not None:
+                        t.add(old)
+
+            self._delta_or_undo(undo, cur, adopted, b)
             log.info("bind mid=%d %s/%d -> %s:%d", b.mid, _pname(b.proto), port, b.lan_ip, b.lan_port)
             return wire.BindReply(self.ifs.wan_ip or "", port)
         if isinstance(msg, wire.Unbind):
             b = t.remove(msg.mid)
             if b is not None:
-                self._program_or_undo(lambda: t.add(b))
+                self._delta_or_undo(lambda: t.add(b), b)
                 log.info("unbind mid=%d %s/%d -> %s:%d", b.mid, _pname(b.proto), b.wan_port, b.lan_ip, b.lan_port)
             return wire.Ok()
         if isinstance(msg, wire.PcpSend):
@@ -149,21 +297,23 @@ class Natd:
         if isinstance(msg, wire.GetCounters):
             return _counters(self.args.wan_if)
         if isinstance(msg, wire.Sync):
-            before = dict(t.by_mid)
+            before = list(t.by_mid.values())
             t.replace_all(msg.bindings)
             try:
-                added, removed = self.nft.apply(t.by_mid.values(), self.ifs.wan_ip)
+                ch = self._program()
             except NftError:
-                t.replace_all(list(before.values()))
+                t.replace_all(before)
                 raise
             self.synced = True
-            log.info("sync: %d bindings, +%d -%d forwards", len(t.by_mid), added, removed)
-            return wire.SyncReply(added, removed)
+            if len(msg.bindings) > 1000:
+                _trim_heap()
+            log.info("sync: %d bindings, +%d -%d forwards", len(t.by_mid), ch.added, ch.removed)
+            return wire.SyncReply(ch.added, ch.removed)
         raise PolicyError("bad-op", f"{msg.OP} is not a request")
 
-    def _program_or_undo(self, undo: callable) -> None:  # type: ignore[valid-type]
+    def _delta_or_undo(self, undo: Callable[[], object], *changed: wire.Binding | None) -> None:
         try:
-            self._program()
+            self._program_delta(*changed)
         except NftError:
             undo()
             raise
@@ -172,78 +322,121 @@ class Natd:
         topic = msg.OP.encode()
         self.pub.send_multipart([topic, wire.encode(msg)])
 
+    def _answer(self, payload: bytes) -> tuple[wire.Message, int | None]:
+        """One request in, one reply out; every failure becomes a typed Error reply."""
+        rid = None
+        name = "message"
+        try:
+            env = wire.decode_envelope(payload)
+            rid, name = env.rid, type(env.msg).__name__
+            if env.deadline_ms is not None and time.time() * 1000 > env.deadline_ms:
+                log.warning("dropped %s id=%s: its deadline passed before natd read it", name, rid)
+                return wire.Error("deadline", "request arrived after its deadline; nothing done"), rid
+            return self._handle(env.msg), rid
+        except wire.WireError as exc:
+            log.warning("refused message id=%s: %s: %s", exc.rid, exc.code, exc)
+            return wire.Error(exc.code, str(exc)), exc.rid
+        except PolicyError as exc:
+            log.warning("refused %s id=%s: %s", name, rid, exc)
+            return wire.Error(exc.code, str(exc)), rid
+        except (NftError, OSError) as exc:
+            log.error("failed %s id=%s: %s", name, rid, exc)
+            return wire.Error("failed", str(exc)[:wire.MAX_STR]), rid
+        except Exception as exc:  # a bug must cost one request, never the daemon
+            log.exception("internal error on %s id=%s", name, rid)
+            return wire.Error("internal", type(exc).__name__), rid
+
     async def _serve(self) -> None:
         while True:
-            frames = await self.router.recv_multipart()
+            frames = await self.router.recv_multipart(copy=True)
             if len(frames) != 2:
-                log.warning("dropped request with %d frames", len(frames))
+                log.warning("refused request of %d frames (one expected)", len(frames) - 1)
+                if frames and len(frames[0]) <= 256:
+                    await self.router.send_multipart([frames[0], wire.encode(
+                        wire.Error("bad-frames", "a request is exactly one frame"))])
                 continue
             ident, payload = frames
-            rid = None
-            try:
-                msg, rid = wire.decode(payload)
-                reply = self._handle(msg)
-            except wire.WireError as exc:
-                log.warning("refused message: %s: %s", exc.code, exc)
-                reply = wire.Error(exc.code, str(exc))
-            except PolicyError as exc:
-                log.warning("refused %s: %s", type(msg).__name__, exc)
-                reply = wire.Error(exc.code, str(exc))
-            except (NftError, OSError) as exc:
-                log.error("failed %s: %s", type(msg).__name__, exc)
-                reply = wire.Error("failed", str(exc))
-            except Exception as exc:  # a bug must cost one request, never the daemon
-                log.exception("internal error on a request")
-                reply = wire.Error("internal", type(exc).__name__)
+            reply, rid = self._answer(payload)
             await self.router.send_multipart([ident, wire.encode(reply, rid)])
 
     async def _heartbeat(self) -> None:
+        """Heartbeat with the boot id every second; also the periodic safety-net check."""
         while True:
             self._publish(wire.Heartbeat(self.boot_id, len(self.table.by_mid)))
-            if not self.nft.table_intact():
-                log.warning("nft table ip %s vanished or changed; restoring %d forwards",
-                            self.nft.table, len(self.table.by_mid))
-                self.nft.setup()
-                self._program()
+            self._check_generation()  # the periodic safety net
             await asyncio.sleep(HEARTBEAT_S)
+
+    def _socket(self, kind: int, endpoint: str) -> zmq.asyncio.Socket:
+        sock = self.ctx.socket(kind)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, wire.MAX_MESSAGE)
+        if needs_curve(endpoint):
+            curve_server(sock, self.args.curve_dir)
+        bind_endpoint(sock, endpoint, self.args.ipc_group)
+        return sock
+
+    def _start_auth(self) -> Any:
+        """ZAP handler: only clients whose public key is in CURVE_DIR/authorized/ get in."""
+        if not any(needs_curve(ep) for ep in (self.args.rpc, self.args.events)):
+            return None
+        if not self.args.curve_dir:
+            raise SystemExit("natd: tcp:// endpoints need CURVE keys: pass --curve-dir "
+                             "(create them with igdpcp-natd --gen-keys DIR)")
+        from zmq.auth.asyncio import AsyncioAuthenticator
+
+        auth = AsyncioAuthenticator(self.ctx)
+        auth.start()
+        auth.configure_curve(domain="*", location=os.path.join(self.args.curve_dir, AUTHORIZED_DIR))
+        return auth
 
     async def run(self) -> None:
         """Start everything, serve until SIGTERM, then close sockets (forwards stay in the kernel)."""
         self._apply_ifs(await wan.snapshot(self.args.wan_if, self.args.lan_if))
-        self.nft.setup()
-        self._adopt()
-        self._program()
+        try:
+            self.nft.setup()
+            self._adopt()
+            self._program()
+        except FwNotReady as exc:
+            log.warning("fw4 layout: %s; forwards are applied once fw4 is loaded", exc)
+        monitor = nftmon.NftMonitor(self.nft.layout.family, self.nft.layout.table, self._kick, self._check_generation)
+        monitor.start()
         await self.relay.open(self.ifs.wan_ip)
-        for ep in (self.args.rpc, self.args.events):
-            prepare_ipc(ep)
-        self.router = self.ctx.socket(zmq.ROUTER)
-        self.router.setsockopt(zmq.LINGER, 0)
-        self.router.setsockopt(zmq.MAXMSGSIZE, wire.MAX_MESSAGE)
-        self.router.bind(self.args.rpc)
-        self.pub = self.ctx.socket(zmq.PUB)
-        self.pub.setsockopt(zmq.LINGER, 0)
-        self.pub.bind(self.args.events)
-        for ep in (self.args.rpc, self.args.events):
-            restrict_ipc(ep, self.args.ipc_group)
-        log.info("natd up: boot=%s wan=%s (%s) lan=%s rpc=%s events=%s", self.boot_id, self.ifs.wan_ip,
-                 self.args.wan_if, ",".join(self.ifs.lan_subnets), self.args.rpc, self.args.events)
+        auth = self._start_auth()
+        self.router = self._socket(zmq.ROUTER, self.args.rpc)
+        self.pub = self._socket(zmq.PUB, self.args.events)
+        log.info("natd up: boot=%s wan=%s (%s) lan=%s layout=%s rpc=%s events=%s", self.boot_id, self.ifs.wan_ip,
+                 self.args.wan_if, ",".join(self.ifs.lan_subnets), self.nft.layout.name, self.args.rpc,
+                 self.args.events)
         stop = asyncio.Event()
         install_stop_signals(stop)
+        hup = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, hup.set)
         tasks = [asyncio.create_task(c) for c in (
-            self._serve(), self._heartbeat(),
+            self._serve(), self._heartbeat(), self._healer(), self._conntrack_worker(), self._on_hup(hup),
             wan.watch(self.args.wan_if, self.args.lan_if, self._on_ifs, self.ifs))]
         waiter = asyncio.create_task(stop.wait())
         done, _ = await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
         for t in tasks + [waiter]:
             t.cancel()
+        monitor.close()
         for t in done:
             if t is not waiter and t.exception():
                 raise t.exception()  # type: ignore[misc]
         self.relay.close()
+        if auth is not None:
+            auth.stop()
         self.router.close()
         self.pub.close()
         self.ctx.term()
         log.info("natd stopped; %d forwards left in place for the next start", len(self.table.by_mid))
+
+
+def _trim_heap() -> None:
+    """Give the C heap libnftables used for a big batch back to the system (RSS, not a leak)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (musl on OpenWrt): nothing to do
+        pass
 
 
 def _counters(ifname: str) -> wire.CountersReply:
@@ -270,7 +463,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lan-if", required=True, help="LAN interface (NAT1's inside)")
     p.add_argument("--rpc", required=True, help="ZeroMQ endpoint for requests (ipc://PATH or tcp://HOST:PORT)")
     p.add_argument("--events", required=True, help="ZeroMQ endpoint for events")
-    p.add_argument("--table", default="igdpcp", help="nftables table name (family ip)")
+    p.add_argument("--layout", default="standalone", choices=LAYOUTS,
+                   help="standalone: own table 'ip TABLE'; fw4: chains and maps inside OpenWrt's 'inet fw4' "
+                        "(needs the packaging/fw4 include files)")
+    p.add_argument("--table", default="igdpcp", help="nftables table name in the standalone layout (family ip)")
+    p.add_argument("--curve-dir", default=None,
+                   help="CURVE keys for tcp:// endpoints (natd.key_secret, authorized/*.key); see --gen-keys")
     p.add_argument("--ipc-group", default=None, help="group owning the ipc:// socket files (mode 0660)")
     p.add_argument("--max-bindings", type=int, default=65536, help="total NAT1 forwards allowed")
     p.add_argument("--max-per-host", type=int, default=4096, help="NAT1 forwards allowed per LAN host")
@@ -279,7 +477,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of ``igdpcp-natd``."""
+    """Entry point of ``igdpcp-natd``; ``--gen-keys DIR`` only writes the CURVE keys and exits."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--gen-keys"]:
+        if len(argv) != 2:
+            raise SystemExit("usage: igdpcp-natd --gen-keys DIR")
+        for path in gen_keys(argv[1]):
+            print(path)
+        return
     args = parse_args_with_config(build_parser(), argv, "natd")
     setup_logging("natd", args.log_level)
     asyncio.run(Natd(args).run())

@@ -1,13 +1,22 @@
-"""NAT1 in nftables: natd's own table, forwards as map elements, atomic batches.
+"""NAT1 in nftables: forwards as map elements behind a fixed set of rules, atomic batches.
 
-Layout (standalone): ``table ip igdpcp`` with
-- ``map fwd4``  proto . wan port -> lan addr . lan port    (DNAT, one O(1) lookup per packet)
+One code path, two layouts (chosen by configuration, see :class:`Layout`):
+
+- ``standalone``: natd's own ``table ip igdpcp`` with four base chains
+  (prerouting, output, postrouting, forward);
+- ``fw4``: regular chains ``igdpcp_dstnat``/``igdpcp_srcnat``/``igdpcp_forward`` inside
+  OpenWrt's ``table inet fw4``, reached by jumps the include files in packaging/fw4/
+  put into fw4's ``dstnat``/``srcnat``/``forward`` chains (openwrt.md §4.2, §4.5).
+
+Objects (names carry the layout's prefix):
+- ``map fwd4``  proto . wan port -> lan addr . lan port    (DNAT: one O(1) lookup per packet)
 - ``map snat4`` lan addr . proto . lan port -> wan addr . wan port (endpoint-independent
   SNAT so traffic the LAN host starts from a mapped port leaves from the mapped port)
 - ``set wan4``  the WAN addresses the forwards answer on
-and four base chains whose rules never change with the number of forwards. Every
-change is one libnftables transaction: it applies whole or not at all. Explicit IPv4
-selectors (``ip daddr``, family ``ip``) keep IPv6 from ever matching an IPv4 forward.
+- ``set lan4``  the LAN subnets (hairpin masquerade; no SNAT towards the LAN)
+Rules never change with the number of forwards. Every rule starts with an explicit IPv4
+selector (``meta nfproto ipv4`` in ``inet``, ``ip version 4`` in ``ip``) so no IPv6
+packet can match an IPv4 forward (miniupnpd.md §2.10). Every change is one libnftables transaction: whole or nothing.
 """
 
 from __future__ import annotations
@@ -15,7 +24,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import nftables
 
@@ -25,6 +34,8 @@ log = logging.getLogger("natd.nft")
 
 PROTO_NAMES = {6: "tcp", 17: "udp"}
 PROTO_NUMBERS = {v: k for k, v in PROTO_NAMES.items()}
+LAYOUTS = ("standalone", "fw4")
+TAG = "igdpcp"  # rule comment prefix: how natd recognises its own rules
 
 FwdKey = tuple[int, int]  # proto, wan port
 FwdVal = tuple[str, int]  # lan ip, lan port
@@ -36,41 +47,105 @@ class NftError(RuntimeError):
     """libnftables refused a command; the message is nft's own."""
 
 
+@dataclass(frozen=True)
+class Layout:
+    """Where natd's objects live; the only difference between standalone and fw4."""
+
+    name: str
+    family: str
+    table: str
+    prefix: str
+
+    @classmethod
+    def make(cls, name: str, table: str = "igdpcp") -> Layout:
+        """``standalone`` (own table ``ip <table>``) or ``fw4`` (inside ``inet fw4``)."""
+        if name == "standalone":
+            return cls("standalone", "ip", table, "")
+        if name == "fw4":
+            return cls("fw4", "inet", "fw4", "igdpcp_")
+        raise ValueError(f"layout must be one of {LAYOUTS}")
+
+    @property
+    def own_table(self) -> bool:
+        return self.name == "standalone"
+
+    def obj(self, name: str) -> str:
+        return self.prefix + name
+
+    @property
+    def where(self) -> str:
+        return f"{self.family} {self.table}"
+
+    def chains(self) -> dict[str, list[tuple[str, str]]]:
+        """Our chains and their rules as (comment tag, rule text); order matters."""
+        # family ip is IPv4 by itself (nft refuses nfproto there); inet needs the selector.
+        p, v4 = self.prefix, ("meta nfproto ipv4" if self.family == "inet" else "ip version 4")
+        dnat = (f"{TAG} dnat", f"{v4} ip daddr @{p}wan4 dnat ip to meta l4proto . th dport map @{p}fwd4")
+        hairpin = (f"{TAG} hairpin",  # LAN -> WAN address -> LAN: the server must answer via us
+                   f"{v4} ct status dnat ip saddr @{p}lan4 ct original ip daddr @{p}wan4 masquerade")
+        snat = (f"{TAG} snat", f"{v4} ip daddr != @{p}lan4 meta l4proto {{ tcp, udp }} "
+                               f"snat ip to ip saddr . meta l4proto . th sport map @{p}snat4")
+        fwd = (f"{TAG} forward", f"{v4} ct status dnat ct original ip daddr @{p}wan4 accept")
+        if self.own_table:
+            return {"prerouting": [dnat], "output": [dnat], "postrouting": [hairpin, snat], "forward": [fwd]}
+        return {f"{p}dstnat": [dnat], f"{p}srcnat": [hairpin, snat], f"{p}forward": [fwd]}
+
+    def chain_decl(self, chain: str) -> str:
+        """The ``add chain`` body: base chains with hooks (standalone) or plain chains (fw4)."""
+        hooks = {
+            "prerouting": "type nat hook prerouting priority dstnat; policy accept;",
+            "output": "type nat hook output priority -100; policy accept;",
+            # Before the host's own masquerade (srcnat) so the mapped source port wins.
+            "postrouting": "type nat hook postrouting priority srcnat - 1; policy accept;",
+            "forward": "type filter hook forward priority filter; policy accept;",
+        }
+        return f"{{ {hooks[chain]} }}" if self.own_table else ""
+
+    def jumps(self) -> dict[str, str]:
+        """fw4 only: fw4 base chain -> our chain (installed by the chain-post include files)."""
+        if self.own_table:
+            return {}
+        return {"dstnat": f"{self.prefix}dstnat", "srcnat": f"{self.prefix}srcnat",
+                "forward": f"{self.prefix}forward"}
+
+
 @dataclass
 class KernelState:
-    """What natd believes its maps hold; re-read from the kernel when in doubt."""
+    """What natd believes its maps and sets hold; re-read from the kernel when in doubt."""
 
-    fwd: dict[FwdKey, FwdVal]
-    snat: dict[SnatKey, SnatVal]
-    wan: set[str]
+    fwd: dict[FwdKey, FwdVal] = field(default_factory=dict)
+    snat: dict[SnatKey, SnatVal] = field(default_factory=dict)
+    wan: set[str] = field(default_factory=set)
+    lan: set[str] = field(default_factory=set)
 
 
-def _chains(table: str) -> str:
-    dnat = "ip daddr @wan4 dnat ip to meta l4proto . th dport map @fwd4"
-    return f"""
-add chain ip {table} prerouting {{ type nat hook prerouting priority dstnat; policy accept; }}
-add chain ip {table} output {{ type nat hook output priority -100; policy accept; }}
-add chain ip {table} postrouting {{ type nat hook postrouting priority srcnat - 1; policy accept; }}
-add chain ip {table} forward {{ type filter hook forward priority filter; policy accept; }}
-flush chain ip {table} prerouting
-flush chain ip {table} output
-flush chain ip {table} postrouting
-flush chain ip {table} forward
-add rule ip {table} prerouting {dnat}
-add rule ip {table} output {dnat}
-add rule ip {table} postrouting meta l4proto {{ tcp, udp }} snat ip to ip saddr . meta l4proto . th sport map @snat4
-add rule ip {table} forward ct status dnat accept
-"""
+@dataclass(frozen=True)
+class Change:
+    """The outcome of one :meth:`Nft.apply`; ``gone_*`` name what conntrack should forget."""
+
+    added: int = 0
+    removed: int = 0
+    gone_fwd: tuple[tuple[FwdKey, FwdVal], ...] = ()
+    gone_snat: tuple[tuple[SnatKey, SnatVal], ...] = ()
+    old_wan: tuple[str, ...] = ()
+
+
+class FwNotReady(NftError):
+    """fw4 layout: ``table inet fw4`` (or its base chains) is not loaded yet."""
 
 
 class Nft:
     """natd's nftables objects; the only code that writes them."""
 
-    def __init__(self, table: str = "igdpcp") -> None:
-        self.table = table
+    def __init__(self, layout: Layout | None = None) -> None:
+        self.layout = layout or Layout.make("standalone")
         self._nft = nftables.Nftables()
         self._nft.set_json_output(False)
-        self.state = KernelState({}, {}, set())
+        self.state = KernelState()
+
+    @property
+    def table(self) -> str:
+        return self.layout.table
 
     def run(self, script: str) -> str:
         """Run one batch of nft commands as a single transaction."""
@@ -89,84 +164,192 @@ class Nft:
             raise NftError(err.strip())
         return json.loads(out).get("nftables", [])
 
-    def table_intact(self) -> bool:
-        """True when our table and its four rules are present (fw4 reloads and flushes remove them)."""
+    # --- structure -------------------------------------------------------------------
+
+    def snapshot(self) -> tuple[bool, KernelState]:
+        """(structure intact, elements) from ONE listing of the table.
+
+        Intact means our chains hold exactly our rules and, in fw4, fw4's jumps to them
+        exist. Lists every element, so natd calls it only when the ruleset's generation
+        changed (see natd.nftmon), never blindly every second.
+        """
+        lay = self.layout
         try:
-            items = self._list_json(f"table ip {self.table}")
+            items = self._list_json(f"table {lay.where}")
         except NftError:
-            return False
-        rules = [i["rule"]["chain"] for i in items if "rule" in i]
-        return sorted(rules) == ["forward", "output", "postrouting", "prerouting"]
+            return False, KernelState()
+        rules: dict[str, list[str | None]] = {}
+        jumps: set[tuple[str, str]] = set()
+        for item in items:
+            r = item.get("rule")
+            if r is None:
+                continue
+            rules.setdefault(r["chain"], []).append(r.get("comment"))
+            for e in r.get("expr", []):
+                if "jump" in e:
+                    jumps.add((r["chain"], e["jump"].get("target")))
+        ok = all(rules.get(c) == [tag for tag, _ in rs] for c, rs in lay.chains().items())
+        ok = ok and all(j in jumps for j in lay.jumps().items())
+        return ok, self._elements(items)
+
+    def structure_ok(self) -> bool:
+        """True when our objects and rules are all in place."""
+        return self.snapshot()[0]
+
+    def _has_jump(self, base: str, target: str) -> bool:
+        for item in self._list_json(f"chain {self.layout.where} {base}"):
+            if any(e.get("jump", {}).get("target") == target for e in item.get("rule", {}).get("expr", [])):
+                return True
+        return False
 
     def setup(self) -> None:
-        """Create the table if needed and adopt the elements already in it (no traffic gap)."""
-        t = self.table
-        self.run(f"""
-add table ip {t}
-add map ip {t} fwd4 {{ type inet_proto . inet_service : ipv4_addr . inet_service; }}
-add map ip {t} snat4 {{ type ipv4_addr . inet_proto . inet_service : ipv4_addr . inet_service; }}
-add set ip {t} wan4 {{ type ipv4_addr; }}
-{_chains(t)}""")
+        """Declare our objects and (re)write our rules, one transaction; adopt existing elements.
+
+        Maps keep their elements (``add`` of an existing map is a no-op), so a restart
+        adopts the forwards an earlier natd left and traffic never pauses.
+        """
+        lay, p = self.layout, self.layout.prefix
+        if not lay.own_table:
+            self._check_fw4()
+        lines = [f"add table {lay.where}"] if lay.own_table else []
+        lines += [
+            f"add map {lay.where} {p}fwd4 {{ type inet_proto . inet_service : ipv4_addr . inet_service; }}",
+            f"add map {lay.where} {p}snat4 {{ type ipv4_addr . inet_proto . inet_service : "
+            f"ipv4_addr . inet_service; }}",
+            f"add set {lay.where} {p}wan4 {{ type ipv4_addr; }}",
+            f"add set {lay.where} {p}lan4 {{ type ipv4_addr; flags interval; }}",
+        ]
+        for chain, rules in lay.chains().items():
+            lines.append(f"add chain {lay.where} {chain} {lay.chain_decl(chain)}")
+            lines.append(f"flush chain {lay.where} {chain}")
+            lines += [f'add rule {lay.where} {chain} {text} comment "{tag}"' for tag, text in rules]
+        for base, target in lay.jumps().items():
+            if not self._has_jump(base, target):
+                # The include files should have put it there; fall back so forwards still work.
+                log.warning("fw4 chain %s lacks 'jump %s' (packaging/fw4 include files missing?); inserting it",
+                            base, target)
+                lines.append(f'insert rule {lay.where} {base} jump {target} comment "{TAG} jump"')
+        self.run("\n".join(lines))
         self.state = self.read()
-        log.info("nft table ip %s ready, adopted %d forwards", t, len(self.state.fwd))
+        log.info("nft %s layout in %s ready, adopted %d forwards", lay.name, lay.where, len(self.state.fwd))
+
+    def _check_fw4(self) -> None:
+        try:
+            names = {i["chain"]["name"] for i in self._list_json("chains inet") if "chain" in i
+                     and i["chain"].get("table") == "fw4"}
+        except NftError as exc:
+            raise FwNotReady(f"cannot list fw4 chains: {exc}") from None
+        missing = set(self.layout.jumps()) - names
+        if missing:
+            raise FwNotReady(f"table inet fw4 is not loaded (missing chains {sorted(missing)})")
+
+    # --- elements --------------------------------------------------------------------
 
     def read(self) -> KernelState:
-        """Read the maps back from the kernel."""
-        st = KernelState({}, {}, set())
-        for item in self._list_json(f"table ip {self.table}"):
+        """Read our maps and sets back from the kernel."""
+        return self.snapshot()[1]
+
+    def _elements(self, items: list[dict]) -> KernelState:
+        st = KernelState()
+        p = self.layout.prefix
+        for item in items:
             obj = item.get("map") or item.get("set")
-            if not obj:
+            if not obj or not obj.get("name", "").startswith(p):
                 continue
+            name = obj["name"][len(p):]
             for elem in obj.get("elem", []):
-                if obj["name"] == "wan4":
+                if name == "wan4":
                     st.wan.add(elem if isinstance(elem, str) else elem.get("elem", {}).get("val", ""))
-                    continue
-                key, val = elem
-                k, v = key["concat"], val["concat"]
-                if obj["name"] == "fwd4":
-                    st.fwd[(_proto(k[0]), int(k[1]))] = (v[0], int(v[1]))
-                elif obj["name"] == "snat4":
-                    st.snat[(k[0], _proto(k[1]), int(k[2]))] = (v[0], int(v[1]))
+                elif name == "lan4":
+                    st.lan.add(_prefix(elem))
+                elif name in ("fwd4", "snat4"):
+                    key, val = elem
+                    k, v = key["concat"], val["concat"]
+                    if name == "fwd4":
+                        st.fwd[(_proto(k[0]), int(k[1]))] = (v[0], int(v[1]))
+                    else:
+                        st.snat[(k[0], _proto(k[1]), int(k[2]))] = (v[0], int(v[1]))
         return st
 
-    def apply(self, bindings: Iterable[Binding], wan_ip: str | None) -> tuple[int, int]:
-        """Make the kernel hold exactly ``bindings`` on ``wan_ip``; returns (added, removed) forwards.
+    def apply(self, bindings: Iterable[Binding], wan_ip: str | None, lan: Iterable[str] = ()) -> Change:
+        """Make the kernel hold exactly ``bindings`` on ``wan_ip``; only the difference is written.
 
-        Only the difference is written, as one transaction. If our picture of the
-        kernel was wrong (someone else changed it), re-read and try once more.
+        If our picture of the kernel was wrong (someone else changed it), re-read and
+        try once more.
         """
+        bindings = list(bindings)
+        want = expected(bindings, wan_ip, lan)
         for attempt in (1, 2):
-            script, added, removed = self._diff(bindings, wan_ip)
+            script, change = self._diff(want)
             if not script:
-                return 0, 0
+                return change
             try:
                 self.run(script)
-                self.state = self.read() if attempt == 2 else self._expected(bindings, wan_ip)
-                return added, removed
+                self.state = want
+                return change
             except NftError as exc:
-                if attempt == 2:
+                if attempt == 2 or isinstance(exc, FwNotReady):
                     raise
                 log.warning("nft state drifted (%s); re-reading and retrying", exc)
-                if not self.table_intact():
+                if not self.structure_ok():
                     self.setup()
                 self.state = self.read()
         raise AssertionError("unreachable")
 
-    @staticmethod
-    def _expected(bindings: Iterable[Binding], wan_ip: str | None) -> KernelState:
-        fwd: dict[FwdKey, FwdVal] = {}
-        snat: dict[SnatKey, SnatVal] = {}
-        # One SNAT per LAN tuple: the oldest mapping (lowest mid) owns the source port.
-        for b in sorted(bindings, key=lambda b: b.mid):
-            fwd[(b.proto, b.wan_port)] = (b.lan_ip, b.lan_port)
-            if wan_ip:
-                snat.setdefault((b.lan_ip, b.proto, b.lan_port), (wan_ip, b.wan_port))
-        return KernelState(fwd, snat, {wan_ip} if wan_ip else set())
+    def apply_delta(self, fwd: dict[FwdKey, FwdVal | None], snat: dict[SnatKey, SnatVal | None]) -> Change:
+        """Write only the named keys (None: absent): O(changed), whatever N is (Bind/Unbind)."""
+        for attempt in (1, 2):
+            script, change = self._delta(fwd, snat)
+            if not script:
+                return change
+            try:
+                self.run(script)
+            except NftError as exc:
+                if attempt == 2:
+                    raise
+                log.warning("nft state drifted (%s); re-reading and retrying", exc)
+                if not self.structure_ok():
+                    self.setup()
+                self.state = self.read()
+                continue
+            for (k, v), d in ((kv, self.state.fwd) for kv in fwd.items()):
+                d.pop(k, None) if v is None else d.__setitem__(k, v)
+            for (k, v), d in ((kv, self.state.snat) for kv in snat.items()):
+                d.pop(k, None) if v is None else d.__setitem__(k, v)
+            return change
+        raise AssertionError("unreachable")
 
-    def _diff(self, bindings: Iterable[Binding], wan_ip: str | None) -> tuple[str, int, int]:
-        want = self._expected(bindings, wan_ip)
-        have = self.state
-        t = self.table
+    def _delta(self, fwd: dict[FwdKey, FwdVal | None], snat: dict[SnatKey, SnatVal | None]) -> tuple[str, Change]:
+        have, lay, p = self.state, self.layout, self.layout.prefix
+        lines: list[str] = []
+        gone_fwd, gone_snat, added, removed = [], [], 0, 0
+        for k, v in fwd.items():
+            h = have.fwd.get(k)
+            if h == v:
+                continue
+            key = f"{PROTO_NAMES[k[0]]} . {k[1]}"
+            if h is not None:
+                lines.append(f"delete element {lay.where} {p}fwd4 {{ {key} }}")
+                gone_fwd.append((k, h))
+                removed += v is None
+            if v is not None:
+                lines.append(f"add element {lay.where} {p}fwd4 {{ {key} : {v[0]} . {v[1]} }}")
+                added += 1
+        for k, v in snat.items():
+            h = have.snat.get(k)
+            if h == v:
+                continue
+            key = f"{k[0]} . {PROTO_NAMES[k[1]]} . {k[2]}"
+            if h is not None:
+                lines.append(f"delete element {lay.where} {p}snat4 {{ {key} }}")
+                gone_snat.append((k, h))
+            if v is not None:
+                lines.append(f"add element {lay.where} {p}snat4 {{ {key} : {v[0]} . {v[1]} }}")
+        change = Change(added, removed, tuple(gone_fwd), tuple(gone_snat), tuple(sorted(have.wan)))
+        return "\n".join(lines), change
+
+    def _diff(self, want: KernelState) -> tuple[str, Change]:
+        have, lay, p = self.state, self.layout, self.layout.prefix
         lines: list[str] = []
 
         def fk(k: FwdKey) -> str:
@@ -175,27 +358,96 @@ add set ip {t} wan4 {{ type ipv4_addr; }}
         def sk(k: SnatKey) -> str:
             return f"{k[0]} . {PROTO_NAMES[k[1]]} . {k[2]}"
 
+        gone: dict[str, list] = {}
         for name, w, h, key in (("fwd4", want.fwd, have.fwd, fk), ("snat4", want.snat, have.snat, sk)):
-            gone = [k for k in h if w.get(k) != h[k]]
+            gone[name] = [k for k in h if w.get(k) != h[k]]
             new = [k for k in w if h.get(k) != w[k]]
-            if gone:
-                lines.append(f"delete element ip {t} {name} {{ {', '.join(key(k) for k in gone)} }}")
+            if gone[name]:
+                lines.append(f"delete element {lay.where} {p}{name} {{ {', '.join(key(k) for k in gone[name])} }}")
             if new:
                 elems = ", ".join(f"{key(k)} : {w[k][0]} . {w[k][1]}" for k in new)
-                lines.append(f"add element ip {t} {name} {{ {elems} }}")
-        if want.wan != have.wan:
-            if have.wan:
-                lines.append(f"delete element ip {t} wan4 {{ {', '.join(sorted(have.wan))} }}")
-            if want.wan:
-                lines.append(f"add element ip {t} wan4 {{ {', '.join(sorted(want.wan))} }}")
-        added = sum(1 for k in want.fwd if have.fwd.get(k) != want.fwd[k])
-        removed = sum(1 for k in have.fwd if k not in want.fwd)
-        return "\n".join(lines), added, removed
+                lines.append(f"add element {lay.where} {p}{name} {{ {elems} }}")
+        for name, w_set, h_set in (("wan4", want.wan, have.wan), ("lan4", want.lan, have.lan)):
+            if w_set != h_set:
+                if h_set - w_set:
+                    lines.append(f"delete element {lay.where} {p}{name} {{ {', '.join(sorted(h_set - w_set))} }}")
+                if w_set - h_set:
+                    lines.append(f"add element {lay.where} {p}{name} {{ {', '.join(sorted(w_set - h_set))} }}")
+        change = Change(
+            added=sum(1 for k in want.fwd if have.fwd.get(k) != want.fwd[k]),
+            removed=sum(1 for k in have.fwd if k not in want.fwd),
+            gone_fwd=tuple((k, have.fwd[k]) for k in gone["fwd4"]),
+            gone_snat=tuple((k, have.snat[k]) for k in gone["snat4"]),
+            old_wan=tuple(sorted(have.wan)),
+        )
+        return "\n".join(lines), change
 
     def teardown(self) -> None:
-        """Remove natd's table (used on explicit uninstall, not on restart)."""
-        self.run(f"delete table ip {self.table}")
+        """Remove natd's objects (explicit uninstall only, never on restart)."""
+        lay, p = self.layout, self.layout.prefix
+        if lay.own_table:
+            self.run(f"delete table {lay.where}")
+            return
+        lines = [f"flush chain {lay.where} {c}" for c in lay.chains()]
+        self.run("\n".join(lines))
+
+
+def expected(bindings: Iterable[Binding], wan_ip: str | None, lan: Iterable[str] = ()) -> KernelState:
+    """The kernel state that ``bindings`` on ``wan_ip`` call for (the one place this is decided)."""
+    fwd: dict[FwdKey, FwdVal] = {}
+    snat: dict[SnatKey, SnatVal] = {}
+    # One SNAT per LAN tuple: the oldest mapping (lowest mid) owns the source port.
+    for b in sorted(bindings, key=lambda b: b.mid):
+        fwd[(b.proto, b.wan_port)] = (b.lan_ip, b.lan_port)
+        if wan_ip:
+            snat.setdefault((b.lan_ip, b.proto, b.lan_port), (wan_ip, b.wan_port))
+    return KernelState(fwd, snat, {wan_ip} if wan_ip else set(), set(lan))
 
 
 def _proto(value: str | int) -> int:
     return value if isinstance(value, int) else PROTO_NUMBERS[value]
+
+
+def _prefix(elem: object) -> str:
+    """An interval-set element from nft JSON as ``a.b.c.d/len``."""
+    if isinstance(elem, str):
+        return elem if "/" in elem else f"{elem}/32"
+    if isinstance(elem, dict):
+        if "prefix" in elem:
+            return f"{elem['prefix']['addr']}/{elem['prefix']['len']}"
+        if "elem" in elem:
+            return _prefix(elem["elem"].get("val"))
+        if "range" in elem:
+            return f"{elem['range'][0]}-{elem['range'][1]}"
+    return str(elem)
+
+
+FW4_INCLUDE_ORDER = "30"  # after miniupnpd's 20- files (openwrt.md §4.5 item 1)
+
+
+def fw4_includes() -> dict[str, str]:
+    """The /usr/share/nftables.d/ include files the fw4 layout expects, by relative path.
+
+    Generated from :class:`Layout` so the rules natd verifies and the rules fw4 loads
+    are the same text; packaging/fw4/ holds this output (tests/test_natd_units.py checks).
+    Declaring rules here too means a fw4 reload brings them back at once; natd only
+    re-adds map elements (openwrt.md §4.2: include files land inside ``inet fw4``).
+    """
+    lay = Layout.make("fw4")
+    p = lay.prefix
+    name = f"{FW4_INCLUDE_ORDER}-igdpcp.nft"
+    head = "# igdpcp natd, fw4 layout (igdpcp-natd --layout fw4). Installs as /usr/share/nftables.d/{}\n"
+    body = [
+        f"map {p}fwd4 {{\n\ttype inet_proto . inet_service : ipv4_addr . inet_service\n}}",
+        f"map {p}snat4 {{\n\ttype ipv4_addr . inet_proto . inet_service : ipv4_addr . inet_service\n}}",
+        f"set {p}wan4 {{\n\ttype ipv4_addr\n}}",
+        f"set {p}lan4 {{\n\ttype ipv4_addr\n\tflags interval\n}}",
+    ]
+    for chain, rules in lay.chains().items():
+        lines = "".join(f'\t{text} comment "{tag}"\n' for tag, text in rules)
+        body.append(f"chain {chain} {{\n{lines}}}")
+    files = {f"table-post/{name}": head.format(f"table-post/{name}") + "\n\n".join(body) + "\n"}
+    for base, target in lay.jumps().items():
+        path = f"chain-post/{base}/{name}"
+        files[path] = head.format(path) + f'jump {target} comment "{TAG} jump"\n'
+    return files

@@ -29,7 +29,12 @@ class _Proto(asyncio.DatagramProtocol):
 
 
 class PcpRelay:
-    """One UDP socket bound to the WAN address, one on 224.0.0.1:5350 for ANNOUNCE."""
+    """One UDP socket bound to the WAN address, one on port 5350 for ANNOUNCE and mapping updates.
+
+    The 5350 socket is bound to the wildcard address and joins 224.0.0.1 on the WAN
+    address, so it hears both multicast and unicast announcements (RFC 6887 §14.1,
+    rfc6887-pcp.md §8.8); the source check below keeps LAN senders out.
+    """
 
     def __init__(self, on_packet: Callable[[str, bytes], None]) -> None:
         self.on_packet = on_packet
@@ -50,7 +55,7 @@ class PcpRelay:
             sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.bind((pcp.ANNOUNCE_GROUP_V4, pcp.ANNOUNCE_PORT))
+            sock.bind(("0.0.0.0", pcp.ANNOUNCE_PORT))
             mreq = struct.pack("4s4s", socket.inet_aton(pcp.ANNOUNCE_GROUP_V4), socket.inet_aton(wan_ip))
             sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, mreq)
             self._announce, _ = await loop.create_datagram_endpoint(lambda: _Proto(self), sock=sock)

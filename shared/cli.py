@@ -106,6 +106,21 @@ def teardown(prefix: str) -> int:
     return 0
 
 
+def host_left(socket_path: str, ip: str) -> int:
+    """``igdpcp host-left IP``: controld removes IP's mappings (RFC 6970 §5.10); 0 on success."""
+    import asyncio
+
+    from controld.admin import send_host_left
+
+    try:
+        answer = asyncio.run(send_host_left(socket_path, ip))
+    except (OSError, asyncio.TimeoutError) as exc:
+        print(f"igdpcp host-left: controld at {socket_path}: {exc}", file=sys.stderr)
+        return 1
+    print(answer)
+    return 0 if answer.startswith("ok") else 1
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``igdpcp``."""
     p = argparse.ArgumentParser(prog="igdpcp", description="igdpcp tools")
@@ -116,8 +131,13 @@ def main(argv: list[str] | None = None) -> None:
                    help="split: controld in its own namespace")
     t = sub.add_parser("teardown", help="remove a bed left by demo --keep")
     t.add_argument("prefix")
+    h = sub.add_parser("host-left", help="tell controld a LAN host left (DHCP release): remove its mappings")
+    h.add_argument("ip", help="the host's IPv4 address")
+    h.add_argument("--socket", default="/var/run/igdpcp/controld.sock", help="controld's --admin-socket")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.cmd == "host-left":
+        sys.exit(host_left(args.socket, args.ip))
     sys.exit(demo(args.keep, args.layout) if args.cmd == "demo" else teardown(args.prefix))
 
 

@@ -207,8 +207,21 @@ def parse_args_with_config(parser: argparse.ArgumentParser, argv: list[str] | No
     ``wan_if`` sets flag ``--wan-if``.  Command-line flags win over the file
     (an append flag given on the command line replaces the file's list), and
     a ``required`` flag may be satisfied by the file alone.  Keys naming no
-    flag, bad values and unreadable files raise ConfigError.
+    flag, bad values and unreadable files are a ConfigError: like any argument
+    error it ends the program with one line ``PROG: error: FILE:LINE: reason``
+    and exit code 2, unless the parser has ``exit_on_error=False``, which
+    makes it raise instead.
     """
+    try:
+        return _parse_args_with_config(parser, argv, section_type)
+    except ConfigError as e:
+        if not parser.exit_on_error:
+            raise
+        parser.exit(2, f"{parser.prog}: error: {e}\n")  # a daemon says why, without a traceback
+
+
+def _parse_args_with_config(parser: argparse.ArgumentParser, argv: list[str] | None,
+                            section_type: str) -> argparse.Namespace:
     cfg = next((a for a in parser._actions if "--config" in a.option_strings), None)
     if cfg is None:
         cfg = parser.add_argument("--config", metavar="PATH", help="UCI config file to read")

@@ -7,6 +7,10 @@ import logging
 import os
 import signal
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import zmq
 
 
 def setup_logging(name: str, level: str = "info") -> None:
@@ -50,3 +54,87 @@ def restrict_ipc(endpoint: str, group: str | None) -> None:
 
         os.chown(path, -1, grp.getgrnam(group).gr_gid)
     os.chmod(path, 0o660)
+
+
+def bind_endpoint(sock: "zmq.Socket", endpoint: str, group: str | None) -> None:
+    """Bind ``sock``; an ipc:// socket file is born mode 0660 (umask) and handed to ``group``.
+
+    Setting the umask before bind leaves no window in which another local user could
+    connect to a more open socket file (ARCHITECTURE.md, Trust).
+    """
+    prepare_ipc(endpoint)
+    old = os.umask(0o117) if ipc_path(endpoint) else None
+    try:
+        sock.bind(endpoint)
+    finally:
+        if old is not None:
+            os.umask(old)
+    restrict_ipc(endpoint, group)
+
+
+# --- CURVE keys for tcp:// (generated at install: igdpcp-natd --gen-keys DIR) ------------
+
+NATD_KEY = "natd"
+CONTROLD_KEY = "controld"
+AUTHORIZED_DIR = "authorized"  # public keys of clients natd accepts
+
+
+def needs_curve(endpoint: str) -> bool:
+    """tcp:// (any non-ipc transport) is only allowed with CURVE."""
+    return not endpoint.startswith(("ipc://", "inproc://"))
+
+
+def gen_keys(directory: str) -> list[str]:
+    """Create natd's and controld's CURVE key pairs in ``directory`` (secret files mode 0600)
+    and authorise controld's public key for natd; returns the files written."""
+    import shutil
+
+    import zmq.auth
+
+    os.makedirs(directory, mode=0o755, exist_ok=True)
+    auth = os.path.join(directory, AUTHORIZED_DIR)
+    os.makedirs(auth, mode=0o755, exist_ok=True)
+    written = []
+    for name in (NATD_KEY, CONTROLD_KEY):
+        old = os.umask(0o077)
+        try:
+            pub, sec = zmq.auth.create_certificates(directory, name)
+        finally:
+            os.umask(old)
+        os.chmod(pub, 0o644)
+        os.chmod(sec, 0o600)
+        written += [pub, sec]
+    dst = os.path.join(auth, f"{CONTROLD_KEY}.key")
+    shutil.copyfile(os.path.join(directory, f"{CONTROLD_KEY}.key"), dst)
+    os.chmod(dst, 0o644)
+    written.append(dst)
+    return written
+
+
+def _load(path: str, secret: bool) -> tuple[bytes, bytes | None]:
+    import zmq.auth
+
+    try:
+        pub, sec = zmq.auth.load_certificate(path)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"cannot read CURVE key {path}: {exc}") from None
+    if secret and not sec:
+        raise SystemExit(f"{path} holds no secret key")
+    return pub, sec
+
+
+def curve_server(sock: "zmq.Socket", key_dir: str) -> None:
+    """Make ``sock`` a CURVE server with natd's key pair (before bind)."""
+    pub, sec = _load(os.path.join(key_dir, f"{NATD_KEY}.key_secret"), True)
+    sock.curve_secretkey = sec
+    sock.curve_publickey = pub
+    sock.curve_server = True
+
+
+def curve_client(sock: "zmq.Socket", key_dir: str) -> None:
+    """Make ``sock`` a CURVE client with controld's key pair and natd's public key (before connect)."""
+    pub, sec = _load(os.path.join(key_dir, f"{CONTROLD_KEY}.key_secret"), True)
+    server, _ = _load(os.path.join(key_dir, f"{NATD_KEY}.key"), False)
+    sock.curve_secretkey = sec
+    sock.curve_publickey = pub
+    sock.curve_serverkey = server

@@ -25,6 +25,7 @@ HEADER_SIZE = 24
 MAP_SIZE = 36
 PROTO_TCP = 6
 PROTO_UDP = 17
+MAX_DESCRIPTION = 1016  # RFC 7220 §3: the room left in a PEER request
 MAX_LIFETIME = 0xFFFFFFFF  # the largest encodable lifetime (rfc6970-iwf §18 item 1)
 
 _V4_PREFIX = b"\x00" * 10 + b"\xff\xff"
@@ -149,6 +150,14 @@ def _pad4(n: int) -> int:
     return (n + 3) & ~3
 
 
+def description_bytes(text: str) -> bytes:
+    """DESCRIPTION contents: UTF-8, at most 1016 octets cut on a character boundary (RFC 7220 §3)."""
+    raw = text.encode("utf-8")
+    if len(raw) > MAX_DESCRIPTION:
+        raw = raw[:MAX_DESCRIPTION].decode("utf-8", errors="ignore").encode("utf-8")
+    return raw
+
+
 def _encode_options(opts: Options) -> bytes:
     out = bytearray()
 
@@ -163,7 +172,7 @@ def _encode_options(opts: Options) -> bytes:
     for f in opts.filters:
         put(OptionCode.FILTER, struct.pack("!xBH16s", f.prefix_len, f.peer_port, pack_address(f.peer_ip)))
     if opts.description is not None:
-        put(OptionCode.DESCRIPTION, opts.description.encode("utf-8")[:1016])
+        put(OptionCode.DESCRIPTION, description_bytes(opts.description))
     for code, data in opts.unknown:
         put(code, data)
     return bytes(out)

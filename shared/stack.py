@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from shared import testbed as tb
 
 HTTP_PORT = 5000
+NATD_TCP_PORTS = (7001, 7002)  # rpc, events when transport == "tcp"
 LAYOUTS = ("router", "split")
 
 
@@ -37,7 +38,10 @@ class Stack:
     mode: str = "auto"
     controld_args: Sequence[str] = ()
     natd_args: Sequence[str] = ()
+    transport: str = "ipc"  # "tcp": natd on tcp://ROUTER_LAN_IP with CURVE keys in curve_dir
+    curve_dir: str | None = None
     argv: dict[str, list[str]] = field(default_factory=lambda: {n: daemon_argv(n) for n in ("natd", "controld")})
+    env: dict[str, str] = field(default_factory=dict)  # added to the daemons' environment (installed launchers)
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
 
     @property
@@ -54,11 +58,23 @@ class Stack:
 
     @property
     def rpc(self) -> str:
+        if self.transport == "tcp":
+            return f"tcp://{tb.ROUTER_LAN_IP}:{NATD_TCP_PORTS[0]}"
         return f"ipc://{self.bed.path('natd-rpc.sock')}"
 
     @property
     def events(self) -> str:
+        if self.transport == "tcp":
+            return f"tcp://{tb.ROUTER_LAN_IP}:{NATD_TCP_PORTS[1]}"
         return f"ipc://{self.bed.path('natd-events.sock')}"
+
+    def _curve_args(self) -> list[str]:
+        return ["--curve-dir", self.curve_dir] if self.curve_dir else []
+
+    @property
+    def admin_socket(self) -> str:
+        """controld's admin socket (``igdpcp host-left --socket``)."""
+        return self.bed.path("controld-admin.sock")
 
     def log_path(self, name: str) -> str:
         return self.bed.path(f"{name}.log")
@@ -72,14 +88,15 @@ class Stack:
 
     def start_natd(self, timeout: float = 15.0) -> None:
         argv = [*self.argv["natd"], "--wan-if", tb.ROUTER_WAN_IF, "--lan-if", tb.ROUTER_LAN_IF,
-                "--rpc", self.rpc, "--events", self.events, *self.natd_args]
+                "--rpc", self.rpc, "--events", self.events, *self._curve_args(), *self.natd_args]
         self._start("natd", "cpe", argv, "natd up:", timeout)
 
     def start_controld(self, timeout: float = 20.0) -> None:
         lan_if = tb.CTL_IF if self.layout == "split" else tb.ROUTER_LAN_IF
         argv = [*self.argv["controld"], "--lan-if", lan_if, "--rpc", self.rpc, "--events", self.events,
                 "--state-dir", self.bed.path("state"), "--mode", self.mode, "--http-port", str(HTTP_PORT),
-                *self.controld_args]
+                "--admin-socket", self.admin_socket, "--pcp-server-file", self.bed.path("pcp-server"),
+                *self._curve_args(), *self.controld_args]
         self._start("controld", self.controld_ns, argv, "controld up:", timeout)
 
     def start(self) -> "Stack":
@@ -93,7 +110,7 @@ class Stack:
     def _start(self, name: str, ns: str, argv: list[str], ready: str, timeout: float) -> None:
         logf = open(self.log_path(name), "ab")
         start = os.path.getsize(self.log_path(name))
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **self.env)
         self.procs[name] = self.bed.popen(ns, argv, stdout=logf, stderr=subprocess.STDOUT, env=env)
         logf.close()
         deadline = time.monotonic() + timeout

@@ -2,14 +2,23 @@
 
 Transport: ZeroMQ. Requests go DEALER (controld) -> ROUTER (natd), one frame of
 msgpack each way; events go PUB (natd) -> SUB (controld), two frames: topic, msgpack.
-Every message is a msgpack map with ``v`` (schema version), ``op`` and the fields of
-the dataclass registered for that op. :func:`decode` checks version, size, op and the
+Every message is a msgpack map with ``v`` (schema version), ``op``, optionally ``id``
+(request id, echoed in the reply) and ``dl`` (deadline, Unix time in ms: natd does not
+act on a request it reads after that), and the fields of the dataclass registered for
+that op.
+
+Versioning: ``SCHEMA_VERSION`` is what this side writes; ``ACCEPTED_VERSIONS`` what it
+reads. Version 2 added the ``dl`` envelope field, the positive ``mid`` rule and the
+``restored`` event; a v1 peer's requests are still served. Any other version is
+refused with a ``version`` error reply, and an ``error`` reply of any version is
+readable, so a mismatch is always a clear error on both sides, never a crash. :func:`decode` checks version, size, op and the
 type and range of every field before anything else sees the message, so a hostile or
 mistaken peer gets a :class:`WireError` (and a typed error reply), never a crash.
 """
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import types
 import typing
@@ -18,7 +27,8 @@ from typing import Any, ClassVar
 
 import msgpack
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+ACCEPTED_VERSIONS = (1, 2)
 MAX_MESSAGE = 8 * 1024 * 1024  # a full sync of 65k bindings fits; anything bigger is refused
 MAX_LIST = 70_000
 MAX_STR = 4096
@@ -28,11 +38,15 @@ PROTOCOLS = (6, 17)  # TCP, UDP: all UPnP IGD can express
 
 
 class WireError(ValueError):
-    """A message that does not fit the schema; ``code`` is sent back in the error reply."""
+    """A message that does not fit the schema; ``code`` is sent back in the error reply.
 
-    def __init__(self, code: str, message: str) -> None:
+    ``rid`` is the request id when it could still be read, so the reply can carry it.
+    """
+
+    def __init__(self, code: str, message: str, rid: int | None = None) -> None:
         super().__init__(message)
         self.code = code
+        self.rid = rid
 
 
 def _ipv4(value: str) -> None:
@@ -45,6 +59,12 @@ def _ipv4(value: str) -> None:
 def _port(value: int, zero_ok: bool = False) -> None:
     if not (0 if zero_ok else 1) <= value <= 65535:
         raise WireError("bad-field", f"port out of range: {value}")
+
+
+def _mid(value: int | None) -> None:
+    # controld's row ids are SQLite rowids (>= 1); natd uses negative ids for adopted forwards.
+    if value is not None and not 1 <= value < 2**63:
+        raise WireError("bad-field", f"mapping id out of range: {value}")
 
 
 def _proto(value: int) -> None:
@@ -66,6 +86,7 @@ class Binding:
     wan_port: int
 
     def check(self) -> None:
+        _mid(self.mid)
         _proto(self.proto)
         _ipv4(self.lan_ip)
         _port(self.lan_port)
@@ -111,6 +132,7 @@ class Bind(Message):
     exact: bool = False
 
     def check(self) -> None:
+        _mid(self.mid)
         _proto(self.proto)
         _ipv4(self.lan_ip)
         _port(self.lan_port)
@@ -129,6 +151,9 @@ class Unbind(Message):
     OP: ClassVar[str] = "unbind"
     mid: int
 
+    def check(self) -> None:
+        _mid(self.mid)
+
 
 @dataclass(frozen=True)
 class PcpSend(Message):
@@ -141,6 +166,7 @@ class PcpSend(Message):
 
     def check(self) -> None:
         _ipv4(self.server)
+        _mid(self.mid)
 
 
 @dataclass(frozen=True)
@@ -214,22 +240,34 @@ class Heartbeat(Message):
     bindings: int
 
 
+@dataclass(frozen=True)
+class Restored(Message):
+    """natd found its kernel objects gone or changed (flush, fw4 reload) and re-applied them."""
+
+    OP: ClassVar[str] = "restored"
+    boot_id: str
+    reason: str
+    forwards: int
+
+
 MESSAGES: dict[str, type[Message]] = {
     cls.OP: cls
     for cls in (Hello, HelloReply, Bind, BindReply, Unbind, PcpSend, Sync, SyncReply, GetCounters, CountersReply,
                 Ok, Error,
-                PcpReceived, WanChanged, Heartbeat)
+                PcpReceived, WanChanged, Heartbeat, Restored)
 }
 
 
 # --- codec -----------------------------------------------------------------------
 
 
-def encode(msg: Message, rid: int | None = None) -> bytes:
-    """Serialise a message (with request id ``rid`` for requests and replies)."""
+def encode(msg: Message, rid: int | None = None, deadline_ms: int | None = None) -> bytes:
+    """Serialise a message (with request id ``rid`` and, for requests, a deadline)."""
     body: dict[str, Any] = {"v": SCHEMA_VERSION, "op": msg.OP, **asdict(msg)}
     if rid is not None:
         body["id"] = rid
+    if deadline_ms is not None:
+        body["dl"] = deadline_ms
     return msgpack.packb(body, use_bin_type=True)
 
 
@@ -247,10 +285,8 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
             raise WireError("bad-field", f"{name}: expected a list of at most {MAX_LIST}")
         (item,) = typing.get_args(tp)
         return [_coerce(v, item, name) for v in value]
-    if isinstance(tp, type) and issubclass(tp, Binding):
-        if not isinstance(value, dict):
-            raise WireError("bad-field", f"{name}: expected a map")
-        return _build(tp, value, name)
+    if tp is Binding:
+        return _binding(value, name)
     if tp is bool:
         if not isinstance(value, bool):
             raise WireError("bad-field", f"{name}: expected a boolean")
@@ -270,16 +306,40 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
     raise WireError("bad-field", f"{name}: unsupported type")  # pragma: no cover - schema bug
 
 
-def _build(cls: type, raw: dict[str, Any], where: str) -> Any:
+_BINDING_KEYS = frozenset(("mid", "proto", "lan_ip", "lan_port", "wan_port"))
+
+
+def _binding(value: Any, name: str) -> Binding:
+    """Fast path for the one nested type (a 65k-element sync builds 65k of them)."""
+    if not isinstance(value, dict) or value.keys() != _BINDING_KEYS:
+        raise WireError("bad-field", f"{name}: expected a map with exactly {sorted(_BINDING_KEYS)}")
+    mid, proto, lan_ip, lan_port, wan_port = (value["mid"], value["proto"], value["lan_ip"], value["lan_port"],
+                                              value["wan_port"])
+    if type(mid) is not int or type(proto) is not int or type(lan_port) is not int or type(wan_port) is not int \
+            or type(lan_ip) is not str or len(lan_ip) > 15:
+        raise WireError("bad-field", f"{name}: wrong field types")
+    b = Binding(mid, proto, lan_ip, lan_port, wan_port)
+    b.check()
+    return b
+
+
+@functools.cache
+def _schema(cls: type) -> tuple[tuple[tuple[str, Any], ...], frozenset[str]]:
+    """A dataclass's (field, type) pairs and allowed keys, resolved once (a 65k sync builds 65k)."""
     hints = typing.get_type_hints(cls)
-    known = {f.name for f in fields(cls)}
-    extra = set(raw) - known - {"v", "op", "id"}
-    if extra:
-        raise WireError("bad-field", f"{where}: unknown fields {sorted(map(str, extra))}")
+    pairs = tuple((f.name, hints[f.name]) for f in fields(cls))
+    return pairs, frozenset(name for name, _ in pairs) | ENVELOPE
+
+
+def _build(cls: type, raw: dict[str, Any], where: str) -> Any:
+    pairs, allowed = _schema(cls)
+    if not allowed.issuperset(raw):
+        extra = set(raw) - allowed
+        raise WireError("bad-field", f"{where}: unknown fields {sorted(map(str, extra))[:8]}")
     kwargs: dict[str, Any] = {}
-    for f in fields(cls):
-        if f.name in raw:
-            kwargs[f.name] = _coerce(raw[f.name], hints[f.name], f"{where}.{f.name}")
+    for name, tp in pairs:
+        if name in raw:
+            kwargs[name] = _coerce(raw[name], tp, f"{where}.{name}")
     try:
         obj = cls(**kwargs)
     except TypeError:
@@ -288,8 +348,35 @@ def _build(cls: type, raw: dict[str, Any], where: str) -> Any:
     return obj
 
 
+ENVELOPE = frozenset({"v", "op", "id", "dl"})
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """A decoded message with its request id and deadline (Unix ms), either may be None."""
+
+    msg: Message
+    rid: int | None
+    deadline_ms: int | None
+
+
+def _int_field(raw: dict[str, Any], key: str) -> int | None:
+    value = raw.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**63:
+        raise WireError("bad-field", f"{key} must be a non-negative integer")
+    return value
+
+
 def decode(data: bytes) -> tuple[Message, int | None]:
     """Parse and validate one message; returns it with its request id (or None)."""
+    env = decode_envelope(data)
+    return env.msg, env.rid
+
+
+def decode_envelope(data: bytes) -> Envelope:
+    """Parse and validate one message with its envelope (id, deadline)."""
     if len(data) > MAX_MESSAGE:
         raise WireError("too-big", f"message of {len(data)} bytes")
     try:
@@ -299,12 +386,22 @@ def decode(data: bytes) -> tuple[Message, int | None]:
         raise WireError("bad-msgpack", f"undecodable message: {type(exc).__name__}") from None
     if not isinstance(raw, dict):
         raise WireError("bad-msgpack", "message is not a map")
-    if raw.get("v") != SCHEMA_VERSION:
-        raise WireError("version", f"schema version {raw.get('v')!r}, this side speaks {SCHEMA_VERSION}")
-    cls = MESSAGES.get(raw.get("op"))  # type: ignore[arg-type]
-    if cls is None:
-        raise WireError("bad-op", f"unknown op {raw.get('op')!r}")
-    rid = raw.get("id")
-    if rid is not None and (not isinstance(rid, int) or isinstance(rid, bool)):
-        raise WireError("bad-field", "id must be an integer")
-    return _build(cls, raw, cls.OP), rid
+    try:
+        rid = _int_field(raw, "id")
+    except WireError:
+        raise WireError("bad-field", "id must be a non-negative integer") from None
+    try:
+        deadline = _int_field(raw, "dl")
+        version = raw.get("v")
+        # An error reply is readable whatever its version: that is how a mismatch is reported.
+        if version not in ACCEPTED_VERSIONS and not (raw.get("op") == Error.OP and isinstance(version, int)):
+            raise WireError("version", f"schema version {str(version)[:20]!r} not understood; this side reads "
+                            f"{'/'.join(map(str, ACCEPTED_VERSIONS))} and writes {SCHEMA_VERSION}")
+        op = raw.get("op")
+        cls = MESSAGES.get(op) if isinstance(op, str) else None
+        if cls is None:
+            raise WireError("bad-op", f"unknown op {str(op)[:40]!r}")
+        return Envelope(_build(cls, raw, cls.OP), rid, deadline)
+    except WireError as exc:
+        exc.rid = rid
+        raise

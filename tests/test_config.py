@@ -214,7 +214,7 @@ def test_load_uci_missing_file(tmp_path: Path) -> None:
 # ---------------------------------------------------- parse_args_with_config
 
 def natd_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="natd")
+    p = argparse.ArgumentParser(prog="natd", exit_on_error=False)  # ConfigError raised
     p.add_argument("--config", metavar="PATH")
     p.add_argument("--wan-if", required=True)
     p.add_argument("--lan-if", default="br-lan")
@@ -267,7 +267,7 @@ def test_without_config_is_plain_argparse() -> None:
 
 
 def test_config_flag_added_when_missing(tmp_path: Path) -> None:
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(exit_on_error=False)
     p.add_argument("--lan-if")
     path = write(tmp_path, "config controld\n\toption lan_if br-lan\n")
     ns = parse_args_with_config(p, ["--config", path], "controld")
@@ -287,7 +287,7 @@ def test_booleans(tmp_path: Path, word: str, on: bool) -> None:
 
 
 def test_boolean_optional_action(tmp_path: Path) -> None:
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(exit_on_error=False)
     p.add_argument("--ipv6", action=argparse.BooleanOptionalAction, default=True)
     path = write(tmp_path, "config natd\n\toption ipv6 0\n")
     assert parse_args_with_config(p, ["--config", path], "natd").ipv6 is False
@@ -376,7 +376,7 @@ def test_option_feeds_append_as_one_element_list(tmp_path: Path) -> None:
 
 
 def test_nargs_list_and_controld_permissions(tmp_path: Path) -> None:
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(exit_on_error=False)
     p.add_argument("--lan-if")
     p.add_argument("--mode")
     p.add_argument("--state-dir")
@@ -393,7 +393,7 @@ def test_nargs_list_and_controld_permissions(tmp_path: Path) -> None:
 
 
 def test_type_conversion_runs_once(tmp_path: Path) -> None:
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(exit_on_error=False)
     p.add_argument("--name", type=lambda s: "x" + s)
     path = write(tmp_path, "config natd\n\toption name abc\n")
     assert parse_args_with_config(p, ["--config", path], "natd").name == "xabc"
@@ -419,13 +419,46 @@ def test_crlf_empty_name_semicolon_in_quotes_and_trailing_backslash() -> None:
 
 
 def test_bare_config_flag_is_reported_by_the_parser(capsys: pytest.CaptureFixture[str]) -> None:
+    parser = natd_parser()
+    parser.exit_on_error = True
     with pytest.raises(SystemExit):
-        parse_args_with_config(natd_parser(), ["--wan-if", "w", "--config"], "natd")
+        parse_args_with_config(parser, ["--wan-if", "w", "--config"], "natd")
     assert "--config: expected one argument" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("daemon, body, reason", [
+    ("natd", "config natd\n\toption wan_if 'wan\n", ":2: unterminated single quote"),
+    ("controld", "config controld\n\toption lan_if br-lan\n\toption mode turbo\n",
+     ":3: invalid value 'turbo' for 'mode'"),
+    ("natd", "config natd\n\toption wna_if eth1\n", ":2: unknown option 'wna_if' in section natd"),
+])
+def test_daemon_with_bad_config_exits_with_one_line(tmp_path: Path, daemon: str, body: str,
+                                                     reason: str) -> None:
+    """The real daemons: a bad /etc/config/igdpcp gives one line naming file and line,
+    exit code 2, no traceback (procd logs it; nothing crashes half-started)."""
+    import subprocess
+    import sys
+
+    path = write(tmp_path, body)
+    res = subprocess.run([sys.executable, "-m", f"{daemon}.main", "--config", path], capture_output=True,
+                         text=True, timeout=60, cwd=Path(__file__).resolve().parent.parent)
+    assert res.returncode == 2
+    assert res.stderr == f"igdpcp-{daemon}: error: {path}{reason}" + res.stderr.split(reason, 1)[1]
+    assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
+
+
+def test_config_error_exits_cleanly_by_default(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    parser = argparse.ArgumentParser(prog="x")
+    parser.add_argument("--mode", choices=["a"])
+    path = write(tmp_path, "config natd\n\toption mode b\n")
+    with pytest.raises(SystemExit) as exc:
+        parse_args_with_config(parser, ["--config", path], "natd")
+    assert exc.value.code == 2
+    assert capsys.readouterr().err == f"x: error: {path}:2: invalid value 'b' for 'mode' (choose from 'a')\n"
+
+
 def test_count_and_short_only_flags(tmp_path: Path) -> None:
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(exit_on_error=False)
     p.add_argument("-v", dest="verbose", action="count", default=0)
     p.add_argument("-q", dest="quiet", action="store_true")
     path = write(tmp_path, "config natd\n\toption verbose 2\n\toption quiet yes\n")

@@ -113,3 +113,61 @@ def test_renewal_windows() -> None:
         assert 750 <= c.renewal_time(1000, 0, 1, rng) <= 812.5
         assert 875 <= c.renewal_time(1000, 0, 2, rng) <= 906.25
     assert c.renewal_time(2**32 - 1, 0, 0, rng) <= 0.625 * 86400  # absurd lifetimes count as a day
+
+
+def test_unsupported_version_ends_exchanges_and_holds_off() -> None:
+    """RFC 6887 §9 (rfc6887-pcp §8.9): we speak version 2 only; a server proposing another
+    version answers every exchange with it and is not asked again for min(30 min, Lifetime)."""
+    import struct
+
+    cl = c.PcpClient()
+    cl.request("a", SERVER, _req(), now=0.0)
+    cl.request("b", SERVER, _req(eport=9), now=0.0)
+    nat_pmp = struct.pack("!BBHI", 0, 0x80, 1, 77)  # an 8-octet NAT-PMP "unsupported version"
+    assert cl.receive("10.9.9.9", nat_pmp, 1.0) == []  # nothing asked there: ignored
+    evs = cl.receive(SERVER, nat_pmp, 1.0)
+    assert {e.key for e in evs if isinstance(e, c.Answer)} == {"a", "b"}
+    assert all(e.response.result == pcp.Result.UNSUPP_VERSION and e.response.version == 0 for e in evs)
+    again = cl.request("c", SERVER, _req(), now=2.0)
+    assert [type(e) for e in again] == [c.Answer]  # held off: nothing transmitted
+    later = c.PcpClient()
+    later.refused[SERVER] = (10.0, pcp.decode_response(nat_pmp))
+    assert isinstance(later.request("e", SERVER, _req(), now=10.0)[0], c.Transmit)
+
+
+def test_announce_epoch_loss_is_flagged_and_unmatched_answers_ignored() -> None:
+    """An unsolicited ANNOUNCE with an epoch that went back: EpochLost(announce=True), so the
+    IWF waits 0-5 s (RFC 6887 §14.1.3); responses to nothing we sent are ignored (§8.3)."""
+    cl = c.PcpClient()
+    cl.request("a", SERVER, _req(), now=0.0)
+    cl.receive(SERVER, _resp(epoch=5000), 1.0)
+    ann = pcp.encode_response(pcp.Response(pcp.Opcode.ANNOUNCE, 0, 0, 2))
+    evs = cl.receive(SERVER, ann, 2.0)
+    assert evs[0] == c.EpochLost(SERVER, announce=True) and isinstance(evs[1], c.Unsolicited)
+    assert cl.receive(SERVER, pcp.encode_response(pcp.Response(pcp.Opcode.ANNOUNCE, 0, 0, 3)), 3.0)[0] \
+        == c.Unsolicited(SERVER, pcp.decode_response(
+            pcp.encode_response(pcp.Response(pcp.Opcode.ANNOUNCE, 0, 0, 3))), None)  # valid epoch: no loss
+    peer = pcp.encode_response(pcp.Response(pcp.Opcode.PEER, 0, 60, 4)) + b"\0" * 56
+    assert cl.receive(SERVER, peer, 4.0) == []
+
+
+def test_retry_time_follows_the_windows_then_backs_off() -> None:
+    """RFC 6887 §11.2.1: after a failed renewal, the next window still >= 4 s away; once the
+    lifetime is over, IRT doubling to MRT (§8.1.1), never closer than 4 s."""
+    rng = random.Random(4)
+    for _ in range(100):
+        assert 750 <= c.retry_time(1000, 0, 1, 600.0, rng) <= 812.5
+        assert 875 <= c.retry_time(1000, 0, 1, 850.0, rng) <= 906.25  # 3/4 window passed: the next one
+        t = c.retry_time(1000, 0, 3, 1200.0, rng)
+        assert 1200 + 4 <= t <= 1200 + 1.1 * 24
+        assert c.retry_time(10, 0, 1, 9.0, rng) >= 13.0
+        assert c.retry_time(1000, 0, 30, 2000.0, rng) <= 2000 + 1.1 * c.MRT
+
+
+def test_short_errors() -> None:
+    """RFC 6887 §7.4 classes; CANNOT_PROVIDE_EXTERNAL by its Lifetime (rfc6970-iwf §18 item 9)."""
+    def r(result: int, life: int) -> pcp.Response:
+        return pcp.Response(pcp.Opcode.MAP, result, life, 0)
+    assert c.is_short_error(r(7, 30)) and c.is_short_error(r(8, 30)) and c.is_short_error(r(10, 30))
+    assert c.is_short_error(r(11, 30)) and not c.is_short_error(r(11, 1800))
+    assert not c.is_short_error(r(2, 30)) and not c.is_short_error(r(3, 0))

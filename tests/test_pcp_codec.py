@@ -109,3 +109,17 @@ def test_rewrite_as_natd_does() -> None:
     assert out.map.external_port == 8080 and out.options.description == "web"
     back = pcp.decode_response(pcp.rewrite_response_port(_resp(), 8000))
     assert back.map is not None and back.map.internal_port == 8000 and back.map.external_port == 8080
+
+
+def test_filter_and_description_bytes() -> None:
+    """FILTER (RFC 6887 §13.3): code 3, length 20, reserved, prefix, port, IPv4-mapped peer;
+    DESCRIPTION (RFC 7220): code 128, UTF-8, zero padding not counted in the length."""
+    import ipaddress as ip
+
+    opts = pcp.Options(filters=(pcp.Filter(128, 0, ip.IPv4Address("198.20.0.10")),), description="caf\u00e9")
+    req = pcp.Request(pcp.Opcode.MAP, 600, ip.IPv4Address("100.64.0.2"),
+                      pcp.MapData(b"\x01" * 12, 6, 80, 8080), opts)
+    raw = pcp.encode_request(req)
+    assert raw[60:84] == bytes.fromhex("03000014" "00800000" "00000000000000000000ffff" "c614000a")
+    assert raw[84:] == bytes.fromhex("80000005") + "caf\u00e9".encode() + b"\0\0\0"
+    assert len(raw) % 4 == 0 and pcp.decode_request(raw) == req

@@ -28,6 +28,9 @@ IRT = 3.0  # initial retransmission time, RFC 6887 §8.1.1
 MRT = 1024.0  # maximum retransmission time
 MIN_RENEW_GAP = 4.0  # renewals never less than 4 s apart (§11.2.1)
 MAX_SANE_LIFETIME = 24 * 3600  # treat absurdly long lifetimes as a day (§15)
+ANNOUNCE_MAX_DELAY = 5.0  # random 0-5 s before re-creating after an ANNOUNCE (§14.1.3)
+UNSUPP_VERSION_RETRY = 1800.0  # retry a server that refused version 2 after min(30 min, Lifetime) (§9)
+MAX_EXCHANGES = 70_000  # every outstanding request is a mapping or a probe: bounded like the table
 
 
 @dataclass(frozen=True)
@@ -50,7 +53,10 @@ class GaveUp:
 
 @dataclass(frozen=True)
 class EpochLost:
+    """``server`` lost its mappings; ``announce``: learned from an ANNOUNCE (wait U[0, 5] s, §14.1.3)."""
+
     server: str
+    announce: bool = False
 
 
 @dataclass(frozen=True)
@@ -89,13 +95,27 @@ class PcpClient:
     rng: random.Random = field(default_factory=random.Random)
     exchanges: dict[Hashable, _Exchange] = field(default_factory=dict)
     epochs: dict[str, _Epoch] = field(default_factory=dict)
+    # server -> (until, its UNSUPP_VERSION answer): version negotiation failed (§9, rfc6887-pcp §8.9)
+    refused: dict[str, tuple[float, pcp.Response]] = field(default_factory=dict)
 
     def _rand(self) -> float:
         return self.rng.uniform(-0.1, 0.1)
 
     def request(self, key: Hashable, server: str, req: pcp.Request, now: float,
                 max_duration: float | None = None, internal_ip: str | None = None) -> list[Event]:
-        """Start (or restart) an exchange; returns the first transmission."""
+        """Start (or restart) an exchange; returns the first transmission.
+
+        A server that answered UNSUPP_VERSION is not asked again before its retry time:
+        the exchange ends at once with that answer (RFC 6887 §9).
+        """
+        refused = self.refused.get(server)
+        if refused is not None:
+            if now < refused[0]:
+                self.exchanges.pop(key, None)
+                return [Answer(key, refused[1])]
+            del self.refused[server]
+        if key not in self.exchanges and len(self.exchanges) >= MAX_EXCHANGES:
+            return [GaveUp(key)]
         packet = pcp.encode_request(req)
         deadline = None if max_duration is None else now + max_duration
         ex = _Exchange(key, server, req, packet, internal_ip, deadline, now, IRT)
@@ -148,7 +168,8 @@ class PcpClient:
         if resp.opcode != pcp.Opcode.MAP:
             return True
         rq, rs = ex.request.map, resp.map
-        assert rq is not None and rs is not None
+        if rq is None or rs is None:
+            return False
         if (rq.nonce, rq.protocol, rq.internal_port) != (rs.nonce, rs.protocol, rs.internal_port):
             return False
         tp = ex.request.options.third_party
@@ -165,21 +186,42 @@ class PcpClient:
         return True
 
     def receive(self, server: str, data: bytes, now: float, lan_ip: str | None = None) -> list[Event]:
-        """Process one packet from ``server``; malformed or unmatched packets yield nothing."""
+        """Process one packet from ``server``; malformed or unmatched packets yield nothing.
+
+        Order of checks as RFC 6887 §8.3 (rfc6887-pcp §8.4): size, R bit, version
+        (UNSUPP_VERSION before the length checks), frame, then matching, then epoch.
+        """
         try:
             resp = pcp.decode_response(data)
         except pcp.PcpDecodeError:
             return []  # RFC 6887 §8.3: silently dropped
+        if resp.result == pcp.Result.UNSUPP_VERSION:
+            return self._unsupported_version(server, resp, now)
+        matched = next((ex for ex in self.exchanges.values() if self._matches(ex, resp, server, lan_ip)), None)
+        if matched is None and resp.opcode not in (pcp.Opcode.MAP, pcp.Opcode.ANNOUNCE):
+            return []  # a response to nothing we sent (§8.3: MUST ignore)
+        if matched is None and resp.opcode == pcp.Opcode.ANNOUNCE and resp.result != pcp.Result.SUCCESS:
+            return []
         out: list[Event] = []
-        if resp.result != pcp.Result.UNSUPP_VERSION and not self._epoch_valid(server, resp.epoch, now):
-            out.append(EpochLost(server))
-        for ex in self.exchanges.values():
-            if self._matches(ex, resp, server, lan_ip):
-                del self.exchanges[ex.key]
-                out.append(Answer(ex.key, resp))
-                return out
-        if resp.opcode in (pcp.Opcode.MAP, pcp.Opcode.ANNOUNCE):
+        if not self._epoch_valid(server, resp.epoch, now):
+            out.append(EpochLost(server, announce=matched is None and resp.opcode == pcp.Opcode.ANNOUNCE))
+        if matched is not None:
+            del self.exchanges[matched.key]
+            out.append(Answer(matched.key, resp))
+        else:
             out.append(Unsolicited(server, resp, lan_ip))
+        return out
+
+    def _unsupported_version(self, server: str, resp: pcp.Response, now: float) -> list[Event]:
+        """We speak only version 2 (NAT-PMP fallback is not offered upstream): every exchange
+        with ``server`` ends with this answer, and it is left alone for min(30 min, Lifetime)."""
+        if not any(ex.server == server for ex in self.exchanges.values()):
+            return []  # nothing asked: a stray or spoofed packet changes nothing
+        self.refused[server] = (now + min(UNSUPP_VERSION_RETRY, resp.lifetime), resp)
+        out: list[Event] = []
+        for ex in [ex for ex in self.exchanges.values() if ex.server == server]:
+            del self.exchanges[ex.key]
+            out.append(Answer(ex.key, resp))
         return out
 
 
@@ -192,3 +234,31 @@ def renewal_time(granted: int, t0: float, attempt: int, rng: random.Random) -> f
     life = min(granted, MAX_SANE_LIFETIME)
     k = attempt
     return t0 + life * (1 - 2 ** -(k + 1)) + rng.uniform(0, life * 2 ** -(k + 3))
+
+
+def retry_time(granted: int, t0: float, attempt: int, now: float, rng: random.Random) -> float:
+    """When the next renewal goes after ``attempt`` failed ones (RFC 6887 §11.2.1).
+
+    The first §11.2.1 window that is still at least MIN_RENEW_GAP away; once the
+    lifetime has run out, back off from IRT doubling up to MRT (§8.1.1), never
+    sooner than MIN_RENEW_GAP.
+    """
+    life = min(granted, MAX_SANE_LIFETIME)
+    for k in range(attempt, attempt + 32):  # bounded: the windows converge on t0 + life
+        t = renewal_time(granted, t0, k, rng)
+        if t >= now + MIN_RENEW_GAP and t < t0 + life:
+            return t
+    backoff = min(MRT, IRT * 2.0 ** min(attempt, 10)) * (1 + rng.uniform(-0.1, 0.1))
+    return now + max(MIN_RENEW_GAP, backoff)
+
+
+# Short-lifetime errors (RFC 6887 §7.4): worth one more try later (RFC 6970 §5.6.1, §5.6.2).
+SHORT_RESULTS = frozenset({pcp.Result.NETWORK_FAILURE, pcp.Result.NO_RESOURCES, pcp.Result.USER_EX_QUOTA})
+SHORT_ERROR_MAX_LIFETIME = 60  # CANNOT_PROVIDE_EXTERNAL is short when its Lifetime is at most this (§18 item 9)
+
+
+def is_short_error(resp: pcp.Response) -> bool:
+    """Whether an error answer is a short-lifetime one (rfc6970-iwf items 46, 51; §18 item 9)."""
+    if resp.result == pcp.Result.CANNOT_PROVIDE_EXTERNAL:
+        return resp.lifetime <= SHORT_ERROR_MAX_LIFETIME
+    return resp.result in SHORT_RESULTS

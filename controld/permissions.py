@@ -1,0 +1,135 @@
+"""Permission rules in miniupnpd's allow/deny syntax (miniupnpd.md §1.7), sans-I/O.
+
+One rule a line::
+
+    allow|deny <eport>[-<eport>] <ip>[/<bits>|/<dotted mask>] <iport>[-<iport>] ["<regex>"]
+
+The optional regex is matched case-insensitively against the mapping's description
+(miniupnpd's ``--regex`` builds). Evaluation is first match wins. Difference from
+miniupnpd, on purpose (safer): when rules are configured and none matches, the mapping
+is refused; miniupnpd accepts it. With no rules at all every mapping is allowed (secure
+mode and quotas still apply).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+
+MAX_RULES = 256
+MAX_REGEX = 256
+
+
+class RuleError(ValueError):
+    """A rule line that cannot be parsed; the message names the line."""
+
+
+@dataclass(frozen=True)
+class Rule:
+    allow: bool
+    eport: tuple[int, int]
+    net: ipaddress.IPv4Network
+    iport: tuple[int, int]
+    regex: re.Pattern[str] | None = None
+
+    def matches(self, eport: int, client: str, iport: int, description: str) -> bool:
+        """Does this rule cover the mapping (external port, internal client, port, description)?"""
+        if not (self.eport[0] <= eport <= self.eport[1] and self.iport[0] <= iport <= self.iport[1]):
+            return False
+        try:
+            if ipaddress.IPv4Address(client) not in self.net:
+                return False
+        except ValueError:
+            return False
+        return self.regex is None or self.regex.search(description) is not None
+
+    def __str__(self) -> str:
+        def rng(r: tuple[int, int]) -> str:
+            return str(r[0]) if r[0] == r[1] else f"{r[0]}-{r[1]}"
+        tail = f' "{self.regex.pattern}"' if self.regex else ""
+        return f"{'allow' if self.allow else 'deny'} {rng(self.eport)} {self.net} {rng(self.iport)}{tail}"
+
+
+def _ports(text: str, line: str) -> tuple[int, int]:
+    lo, sep, hi = text.partition("-")
+    if not lo.isdigit() or (sep and not hi.isdigit()):
+        raise RuleError(f"bad port range {text!r} in {line!r}")
+    a, b = int(lo), int(hi) if sep else int(lo)
+    if not 0 <= a <= b <= 65535:
+        raise RuleError(f"port range {text!r} out of 0-65535 or reversed in {line!r}")
+    return a, b
+
+
+def _network(text: str, line: str) -> ipaddress.IPv4Network:
+    addr, sep, mask = text.partition("/")
+    try:
+        if not sep:
+            return ipaddress.IPv4Network(f"{addr}/32")
+        bits = mask if mask.isdigit() else str(ipaddress.IPv4Network(f"0.0.0.0/{mask}").prefixlen)
+        # strict=False: miniupnpd masks the address, so 192.168.1.5/24 means 192.168.1.0/24
+        return ipaddress.IPv4Network(f"{addr}/{bits}", strict=False)
+    except ValueError:
+        raise RuleError(f"bad address/mask {text!r} in {line!r}") from None
+
+
+def parse_rule(line: str) -> Rule:
+    """One rule from its text; raises :class:`RuleError`."""
+    text = line.strip()
+    regex: re.Pattern[str] | None = None
+    q = text.find('"')
+    if q >= 0:
+        if not text.endswith('"') or q == len(text) - 1:
+            raise RuleError(f"unterminated regex in {line!r}")
+        pattern = text[q + 1:-1]
+        if len(pattern) > MAX_REGEX:
+            raise RuleError(f"regex longer than {MAX_REGEX} characters in {line!r}")
+        try:
+            regex = re.compile(pattern, re.IGNORECASE)
+        except re.error as exc:
+            raise RuleError(f"bad regex in {line!r}: {exc}") from None
+        text = text[:q].strip()
+    words = text.split()
+    if len(words) != 4 or words[0].lower() not in ("allow", "deny"):
+        raise RuleError(f"expected 'allow|deny EPORT[-EPORT] IP[/MASK] IPORT[-IPORT]', got {line!r}")
+    return Rule(words[0].lower() == "allow", _ports(words[1], line), _network(words[2], line),
+                _ports(words[3], line), regex)
+
+
+@dataclass(frozen=True)
+class Permissions:
+    """An ordered rule list; first match wins."""
+
+    rules: tuple[Rule, ...] = ()
+
+    @classmethod
+    def parse(cls, lines: list[str]) -> "Permissions":
+        """Rules from config lines (blank lines and '#' comments skipped); raises RuleError."""
+        rules = [parse_rule(x) for x in lines if x.strip() and not x.strip().startswith("#")]
+        if len(rules) > MAX_RULES:
+            raise RuleError(f"more than {MAX_RULES} permission rules")
+        return cls(tuple(rules))
+
+    def allowed(self, eport: int, client: str, iport: int, description: str = "") -> bool:
+        """True when the first matching rule allows; no rules: True; rules but no match: False."""
+        if not self.rules:
+            return True
+        for r in self.rules:
+            if r.matches(eport, client, iport, description):
+                return r.allow
+        return False
+
+    def nearest_allowed(self, eport: int, client: str, iport: int, description: str = "",
+                        lo: int = 1024) -> int | None:
+        """The allowed external port closest to ``eport`` (walking +-1, +-2, ...) for
+        AddAnyPortMapping, like miniupnpd's bitmap search; None if no port is allowed."""
+        if self.allowed(eport, client, iport, description) and eport:
+            return eport
+        start = eport if eport >= lo else lo
+        for d in range(0, 65536):
+            for p in (start + d, start - d):
+                if lo <= p <= 65535 and self.allowed(p, client, iport, description):
+                    return p
+            if start + d > 65535 and start - d < lo:
+                break
+        return None
