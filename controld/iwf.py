@@ -682,7 +682,9 @@ class Iwf:
             raise upnp_error_for_pcp(resp.result, m.igd, action)
 
     async def _create(self, m: Mapping, action: str) -> Mapping:
-        self.table.save(m)  # the intent is recorded before anything is sent
+        # The intent is recorded before anything is sent. On disk only when something upstream
+        # could outlive a crash: a NAT1-only orphan is removed by the start-up sync anyway.
+        self.table.save(m, durable=m.mode != "nat1-only")
         try:
             if m.mode in ("cascaded", "nat1-only"):
                 try:

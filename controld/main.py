@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import ipaddress
 import logging
+import signal
 import uuid
+from collections.abc import Callable
 
 from controld.description import ROOT_PATH, Device
 from controld.gena import GenaServer
@@ -23,7 +26,7 @@ from controld.natd_link import NatdError, NatdLink
 from controld.ssdp import SsdpServer
 from controld.table import MappingTable
 from shared.config import parse_args_with_config
-from shared.daemon import install_stop_signals, setup_logging
+from shared.daemon import install_stop_signals, reread_args, setup_logging
 from shared.netif import if_addrs
 
 log = logging.getLogger("controld")
@@ -53,15 +56,28 @@ async def _lan_addresses(lan_if: str) -> tuple[str, list[str]]:
         await asyncio.sleep(0.5)
 
 
-async def run(args: argparse.Namespace) -> None:
-    """Start every part, serve until SIGTERM, then say ssdp:byebye and stop."""
+# Options a running controld cannot take over on SIGHUP (sockets, storage, identity).
+RESTART_ONLY = ("lan_if", "rpc", "events", "curve_dir", "state_dir", "mode", "http_port", "igd_version",
+                "admin_socket", "pcp_server_file", "pcp_recovery_window")
+
+
+def _iwf_config(args: argparse.Namespace) -> IwfConfig:
+    return IwfConfig(mode=args.mode, pcp_server=args.pcp_server, pcp_timeout=args.pcp_timeout,
+                     secure_mode=args.secure_mode, pcp_server_file=args.pcp_server_file or None,
+                     service_wait=args.pcp_service_wait, recovery_window=args.pcp_recovery_window,
+                     short_error_retry=args.pcp_short_error_retry, cpe_retries=args.pcp_cpe_retries,
+                     epoch_poll=args.pcp_epoch_poll)
+
+
+async def run(args: argparse.Namespace, reparse: Callable[[], argparse.Namespace] | None = None) -> None:
+    """Start every part, serve until SIGTERM, then say ssdp:byebye and stop.
+
+    SIGHUP re-reads flags and config (``reparse``) and applies what can change live:
+    permission rules, quotas, managers, PCP settings, log level; no mapping is touched.
+    """
     lan_ip, subnets = await _lan_addresses(args.lan_if)
     table = MappingTable(args.state_dir)
-    cfg = IwfConfig(mode=args.mode, pcp_server=args.pcp_server, pcp_timeout=args.pcp_timeout,
-                    secure_mode=args.secure_mode, pcp_server_file=args.pcp_server_file or None,
-                    service_wait=args.pcp_service_wait, recovery_window=args.pcp_recovery_window,
-                    short_error_retry=args.pcp_short_error_retry, cpe_retries=args.pcp_cpe_retries,
-                    epoch_poll=args.pcp_epoch_poll)
+    cfg = _iwf_config(args)
     iwf: Iwf | None = None
 
     async def on_event(msg):  # type: ignore[no-untyped-def]
@@ -122,8 +138,25 @@ async def run(args: argparse.Namespace) -> None:
             admin = None
     log.info("controld up: %s on %s, IGD:%d at %s, state in %s", lan_ip, args.lan_if,
              args.igd_version, location, args.state_dir)
+    def reload() -> None:
+        nonlocal args
+        new = reread_args(reparse, args, RESTART_ONLY, log) if reparse else None
+        if new is None:
+            return
+        try:
+            policy = _policy(new)
+        except SystemExit as exc:  # a bad rule: keep the running policy
+            log.warning("reload: %s; keeping the running rules", exc)
+            return
+        args = new
+        actions.policy = policy
+        iwf.cfg = dataclasses.replace(_iwf_config(new), mode=iwf.cfg.mode)
+        log.info("reload: configuration re-read; %d rules, quotas %d/host %d total; %d mappings kept",
+                 len(policy.permissions.rules), policy.max_per_host, policy.max_total, table.count())
+
     stop = asyncio.Event()
     install_stop_signals(stop)
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload)
     await stop.wait()
     log.info("controld stopping")
     for t in (notify_task, expiry_task, watch_task):
@@ -196,9 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``igdpcp-controld``."""
-    args = parse_args_with_config(build_parser(), argv, "controld")
+    def parse() -> argparse.Namespace:
+        return parse_args_with_config(build_parser(), argv, "controld")
+
+    args = parse()
     setup_logging("controld", args.log_level)
-    asyncio.run(run(args))
+    asyncio.run(run(args, parse))
 
 
 if __name__ == "__main__":

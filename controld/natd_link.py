@@ -67,8 +67,9 @@ class NatdLink:
         fut: asyncio.Future[wire.Message] = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut
         try:
-            await self.dealer.send(wire.encode(msg, rid, int((time.time() + timeout) * 1000)))
-            reply = await asyncio.wait_for(fut, timeout)
+            async with asyncio.timeout(timeout):  # no task per call, unlike wait_for
+                await self.dealer.send(wire.encode(msg, rid, int((time.time() + timeout) * 1000)))
+                reply = await fut
         except asyncio.TimeoutError:
             raise NatdError("timeout", f"natd did not answer {msg.OP} within {timeout} s") from None
         finally:

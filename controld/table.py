@@ -113,8 +113,11 @@ class MappingTable:
         elif m.state not in LISTED and present:
             del self._listed[pos]
 
-    def save(self, m: Mapping) -> None:
-        """Insert or update ``m`` durably, then in memory."""
+    def save(self, m: Mapping, durable: bool = True) -> None:
+        """Insert or update ``m`` durably (unless not ``durable``), then in memory."""
+        if not durable:
+            self._index(m)
+            return
         values = [getattr(m, c) for c in _COLUMNS]
         values[_COLUMNS.index("state")] = m.state.value
         self.db.execute(f"INSERT OR REPLACE INTO mappings ({', '.join(_COLUMNS)}) VALUES "

@@ -29,7 +29,7 @@ from natd.nft import LAYOUTS, Change, FwNotReady, Layout, Nft, NftError, expecte
 from natd.relay import PcpRelay
 from shared import pcp, wire
 from shared.config import parse_args_with_config
-from shared.daemon import (AUTHORIZED_DIR, bind_endpoint, curve_server, gen_keys, install_stop_signals, needs_curve,
+from shared.daemon import (AUTHORIZED_DIR, reread_args, bind_endpoint, curve_server, gen_keys, install_stop_signals, needs_curve,
                            setup_logging)
 
 log = logging.getLogger("natd")
@@ -41,9 +41,15 @@ CT_BATCH_S = 0.25  # one conntrack dump (it blocks ~10 ms in the kernel) per bur
 MAX_CT_PENDING = 1_000_000  # bound on queued conntrack work (a sync of 65k forgets 130k tuples)
 
 
+# Options a running natd cannot take over on SIGHUP (sockets, kernel object names).
+RESTART_ONLY = ("wan_if", "lan_if", "rpc", "events", "table", "layout", "ipc_group", "curve_dir")
+
+
 class Natd:
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: argparse.Namespace,
+                 reparse: Callable[[], argparse.Namespace] | None = None) -> None:
         self.args = args
+        self.reparse = reparse
         self.boot_id = uuid.uuid4().hex
         self.ctx = zmq.asyncio.Context()
         self.nft = Nft(Layout.make(args.layout, args.table))
@@ -149,7 +155,11 @@ class Natd:
         while True:
             await hup.wait()
             hup.clear()
-            log.info("SIGHUP: re-reading interfaces and verifying %d forwards", len(self.table.by_mid))
+            log.info("SIGHUP: re-reading config and interfaces, verifying %d forwards", len(self.table.by_mid))
+            new = reread_args(self.reparse, self.args, RESTART_ONLY, log) if self.reparse else None
+            if new is not None:
+                self.args = new
+                self.table.limits = Limits(new.max_bindings, new.max_per_host)
             try:
                 ifs = await wan.snapshot(self.args.wan_if, self.args.lan_if)
                 if ifs != self.ifs:
@@ -485,9 +495,12 @@ def main(argv: list[str] | None = None) -> None:
         for path in gen_keys(argv[1]):
             print(path)
         return
-    args = parse_args_with_config(build_parser(), argv, "natd")
+    def parse() -> argparse.Namespace:
+        return parse_args_with_config(build_parser(), argv, "natd")
+
+    args = parse()
     setup_logging("natd", args.log_level)
-    asyncio.run(Natd(args).run())
+    asyncio.run(Natd(args, parse).run())
 
 
 if __name__ == "__main__":

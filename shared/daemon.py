@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import os
 import signal
+from collections.abc import Callable
 import sys
 from typing import TYPE_CHECKING
 
@@ -20,6 +22,26 @@ def setup_logging(name: str, level: str = "info") -> None:
         level=getattr(logging, level.upper(), logging.INFO),
         format=f"%(asctime)s {name}[%(process)d] %(levelname)s %(name)s: %(message)s",
     )
+
+
+def reread_args(parse: Callable[[], argparse.Namespace], old: argparse.Namespace,
+                restart_only: tuple[str, ...], log: logging.Logger) -> argparse.Namespace | None:
+    """SIGHUP: parse flags + config file again; None (old settings kept) if the file is bad.
+
+    Options in ``restart_only`` cannot change in a running daemon: a changed one is
+    logged, and keeps its old value until the next start.
+    """
+    try:
+        new = parse()
+    except (SystemExit, Exception) as exc:  # argparse exits on a bad file; a reload must not
+        log.warning("reload: configuration not usable, keeping the running one (%s)", exc)
+        return None
+    for name in restart_only:
+        if getattr(new, name, None) != getattr(old, name, None):
+            log.warning("reload: %s changed; it takes effect at the next start", name)
+            setattr(new, name, getattr(old, name, None))
+    logging.getLogger().setLevel(getattr(logging, str(new.log_level).upper(), logging.INFO))
+    return new
 
 
 def install_stop_signals(stop: asyncio.Event) -> None:
