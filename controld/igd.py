@@ -294,7 +294,8 @@ class IgdActions:
 
     async def get_specific_port_mapping_entry(self, a: SoapAction, cp: str) -> Out:
         _remote_host(a)
-        m = await _maybe_await(self.iwf.get_specific(cp, "", _uint(a, "NewExternalPort", 65535), _proto(a)))
+        m = await _maybe_await(self.iwf.get_specific(cp, "", _uint(a, "NewExternalPort", 65535), _proto(a),
+                                                     igd=a.version))
         return _entry(self.iwf, m, with_key=False)
 
     async def get_generic_port_mapping_entry(self, a: SoapAction, cp: str) -> Out:

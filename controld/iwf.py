@@ -799,6 +799,9 @@ class Iwf:
         """
         m = self.table.find(ext_port, proto)
         if m is not None and m.state in LISTED:
+            if igd >= 2 and self.cfg.secure_mode and cp not in (m.cp, m.int_client):
+                # IGD:2 access control: another CP's entry is not the caller's to read (item 60 notes)
+                raise UPnPError(606, f"{m.proto_name} {ext_port} belongs to another control point")
             return m
         if ext_port == 0 or self.mode == "nat1-only" or (proto == pcp.PROTO_UDP and ext_port in PCP_PORTS):
             raise UPnPError(714, f"no mapping for {ext_port}")

@@ -112,13 +112,18 @@ def response(t: Target, location: str, boot_id: int, config_id: int) -> bytes:
             f"BOOTID.UPNP.ORG: {boot_id}\r\nCONFIGID.UPNP.ORG: {config_id}\r\n\r\n").encode()
 
 
-def notify(t: Target, nts: str, location: str, boot_id: int, config_id: int) -> bytes:
+def notify(t: Target, nts: str, location: str, boot_id: int, config_id: int,
+           next_boot_id: int | None = None) -> bytes:
+    """ssdp:alive, ssdp:byebye, or ssdp:update (UDA 1.1 §1.2.4: carries NEXTBOOTID)."""
     alive = nts == "ssdp:alive"
     return ("NOTIFY * HTTP/1.1\r\n"
             f"HOST: {GROUP}:{PORT}\r\n"
-            + (f"CACHE-CONTROL: max-age={MAX_AGE}\r\nLOCATION: {location}\r\nSERVER: {SERVER}\r\n" if alive else "")
+            + (f"CACHE-CONTROL: max-age={MAX_AGE}\r\nSERVER: {SERVER}\r\n" if alive else "")
+            + (f"LOCATION: {location}\r\n" if nts != "ssdp:byebye" else "")
             + f"NT: {t.st}\r\nNTS: {nts}\r\nUSN: {t.usn}\r\n"
-            f"BOOTID.UPNP.ORG: {boot_id}\r\nCONFIGID.UPNP.ORG: {config_id}\r\n\r\n").encode()
+            f"BOOTID.UPNP.ORG: {boot_id}\r\nCONFIGID.UPNP.ORG: {config_id}\r\n"
+            + (f"NEXTBOOTID.UPNP.ORG: {next_boot_id}\r\n" if next_boot_id is not None else "")
+            + "\r\n").encode()
 
 
 class SsdpServer(asyncio.DatagramProtocol):
@@ -152,10 +157,11 @@ class SsdpServer(asyncio.DatagramProtocol):
         self.transport, _ = await loop.create_datagram_endpoint(lambda: self, sock=sock)
 
     def relocate(self, lan_ip: str, location: str) -> None:
-        """The LAN address changed: byebye at the old LOCATION, new BOOTID, alive at the new one."""
-        log.info("LAN address %s -> %s: ssdp:byebye, BOOTID %d -> %d, ssdp:alive at %s",
-                 self.lan_ip, lan_ip, self.boot_id, self.boot_id + 1, location)
-        self.announce("ssdp:byebye")
+        """The LAN address changed: ssdp:update (BOOTID -> NEXTBOOTID, UDA 1.1 §1.2.4) and
+        ssdp:alive at the new LOCATION, so control points keep the device instead of dropping it."""
+        next_boot = (self.boot_id + 1) & 0x7FFFFFFF
+        log.info("LAN address %s -> %s: ssdp:update BOOTID %d -> %d, ssdp:alive at %s",
+                 self.lan_ip, lan_ip, self.boot_id, next_boot, location)
         if self._sock is not None:
             try:
                 old = struct.pack("4s4s", socket.inet_aton(GROUP), socket.inet_aton(self.lan_ip))
@@ -166,15 +172,17 @@ class SsdpServer(asyncio.DatagramProtocol):
             self._sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, new)
             self._sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(lan_ip))
         self.lan_ip, self.location = lan_ip, location
-        self.boot_id = (self.boot_id + 1) & 0x7FFFFFFF
+        self.announce("ssdp:update", next_boot)
+        self.boot_id = next_boot
         self.announce("ssdp:alive")
 
-    def announce(self, nts: str) -> None:
-        """One NOTIFY per target (ssdp:alive or ssdp:byebye)."""
+    def announce(self, nts: str, next_boot_id: int | None = None) -> None:
+        """One NOTIFY per target (ssdp:alive, ssdp:byebye or ssdp:update)."""
         if self.transport is None:
             return
         for t in self.targets:
-            self.transport.sendto(notify(t, nts, self.location, self.boot_id, self.config_id), (GROUP, PORT))
+            self.transport.sendto(notify(t, nts, self.location, self.boot_id, self.config_id, next_boot_id),
+                                  (GROUP, PORT))
 
     async def run_notify(self) -> None:
         """ssdp:alive at start (twice, as UDP may drop one) and then periodically."""

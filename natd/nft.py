@@ -322,29 +322,22 @@ class Nft:
     def _delta(self, fwd: dict[FwdKey, FwdVal | None], snat: dict[SnatKey, SnatVal | None]) -> tuple[str, Change]:
         have, lay, p = self.state, self.layout, self.layout.prefix
         lines: list[str] = []
-        gone_fwd, gone_snat, added, removed = [], [], 0, 0
-        for k, v in fwd.items():
-            h = have.fwd.get(k)
-            if h == v:
-                continue
-            key = f"{PROTO_NAMES[k[0]]} . {k[1]}"
-            if h is not None:
-                lines.append(f"delete element {lay.where} {p}fwd4 {{ {key} }}")
-                gone_fwd.append((k, h))
-                removed += v is None
-            if v is not None:
-                lines.append(f"add element {lay.where} {p}fwd4 {{ {key} : {v[0]} . {v[1]} }}")
-                added += 1
-        for k, v in snat.items():
-            h = have.snat.get(k)
-            if h == v:
-                continue
-            key = f"{k[0]} . {PROTO_NAMES[k[1]]} . {k[2]}"
-            if h is not None:
-                lines.append(f"delete element {lay.where} {p}snat4 {{ {key} }}")
-                gone_snat.append((k, h))
-            if v is not None:
-                lines.append(f"add element {lay.where} {p}snat4 {{ {key} : {v[0]} . {v[1]} }}")
+        gone_fwd: list = []
+        gone_snat: list = []
+        maps = (("fwd4", fwd, have.fwd, gone_fwd, lambda k: f"{PROTO_NAMES[k[0]]} . {k[1]}"),
+                ("snat4", snat, have.snat, gone_snat, lambda k: f"{k[0]} . {PROTO_NAMES[k[1]]} . {k[2]}"))
+        for name, changes, current, gone, fmt in maps:
+            for k, v in changes.items():
+                h = current.get(k)
+                if h == v:
+                    continue
+                if h is not None:
+                    lines.append(f"delete element {lay.where} {p}{name} {{ {fmt(k)} }}")
+                    gone.append((k, h))
+                if v is not None:
+                    lines.append(f"add element {lay.where} {p}{name} {{ {fmt(k)} : {v[0]} . {v[1]} }}")
+        added = sum(1 for k, v in fwd.items() if v is not None and have.fwd.get(k) != v)
+        removed = sum(1 for k, v in fwd.items() if v is None and have.fwd.get(k) is not None)
         change = Change(added, removed, tuple(gone_fwd), tuple(gone_snat), tuple(sorted(have.wan)))
         return "\n".join(lines), change
 

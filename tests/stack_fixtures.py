@@ -40,8 +40,9 @@ def make_stack(make_testbed: Callable[..., Testbed]) -> Iterator[Callable[..., S
 
 
 def soap_call(st: Stack, action: str, args: dict[str, str] | None = None, raw: bytes | None = None,
-              service: str = WANIP, path: str = "/ctl/WANIPCn", timeout: float = 30) -> tuple[int, bytes]:
-    """POST one SOAP action from the LAN host; returns (HTTP status, body)."""
+              service: str = WANIP, path: str = "/ctl/WANIPCn", timeout: float = 30,
+              ns: str = "lan") -> tuple[int, bytes]:
+    """POST one SOAP action from namespace ``ns`` (the LAN host); returns (HTTP status, body)."""
     if raw is None:
         inner = "".join(f"<{k}>{escape(v)}</{k}>" for k, v in (args or {}).items())
         raw = ('<?xml version="1.0"?><s:Envelope xmlns:s="http://schemas.xmlsoap.org/soap/envelope/" '
@@ -55,7 +56,7 @@ def soap_call(st: Stack, action: str, args: dict[str, str] | None = None, raw: b
             "r=c.getresponse();sys.stdout.buffer.write(str(r.status).encode()+b'\\n'+r.read())\n")
     import subprocess
 
-    res = subprocess.run(["ip", "netns", "exec", st.bed.ns("lan"), "python3", "-c", code, st.controld_ip, path,
+    res = subprocess.run(["ip", "netns", "exec", st.bed.ns(ns), "python3", "-c", code, st.controld_ip, path,
                           f'"{service}#{action}"', str(timeout)], input=raw, capture_output=True,
                          timeout=timeout + 5)
     head, _, body = res.stdout.partition(b"\n")

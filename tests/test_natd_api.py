@@ -15,9 +15,11 @@ import time
 import msgpack
 import pytest
 
+
 from natd.client import NatdCallError
 from shared import testbed as tb
 from shared import wire
+from tests import fuzz
 from tests.test_natd_helpers import elements, natd_only, python  # noqa: F401
 
 pytestmark = pytest.mark.netns
@@ -83,14 +85,7 @@ def test_hostile_messages_get_typed_errors_and_natd_keeps_answering(natd_only) -
     good = [wire.encode(m, 99) for m in (wire.Bind(9, 6, "192.168.1.9", 9, 29999), wire.Unbind(1),
                                          wire.Sync([wire.Binding(9, 6, "192.168.1.9", 9, 29999)]))]
     sent = 0
-    for i in range(600):
-        if i % 3 == 0:
-            data = rng.randbytes(rng.randrange(1, 300))
-        else:
-            buf = bytearray(rng.choice(good))
-            for _ in range(rng.randrange(1, 4)):
-                buf[rng.randrange(len(buf))] = rng.randrange(256)
-            data = bytes(buf)
+    for data in fuzz.cases(rng, good, 600):
         c.send_raw(data)
         sent += 1
     answered = sum(1 for _ in range(sent) if c.recv_raw(5) is not None)

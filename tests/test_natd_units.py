@@ -13,6 +13,8 @@ import struct
 import msgpack
 import pytest
 
+from tests import fuzz
+
 from natd import nftmon
 from natd.bindings import BindingTable, PolicyError
 from natd.nft import Layout, expected, fw4_includes
@@ -71,14 +73,7 @@ def test_random_and_mutated_bytes_only_ever_raise_wire_error() -> None:
     rng = random.Random(5)
     good = [wire.encode(m, 1) for m in (wire.Hello(), wire.Bind(1, 6, "192.168.1.2", 80, 8080),
                                         wire.Sync([wire.Binding(1, 17, "192.168.1.9", 53, 5353)]))]
-    for i in range(3000):  # bounded fuzz; each case must decode or raise WireError, nothing else
-        if i % 3 == 0:
-            data = rng.randbytes(rng.randrange(0, 200))
-        else:
-            data = bytearray(rng.choice(good))
-            for _ in range(rng.randrange(1, 4)):
-                data[rng.randrange(len(data))] = rng.randrange(256)
-            data = bytes(data[:rng.randrange(1, len(data) + 1)])
+    for data in fuzz.cases(rng, good, 3000, max_random=200, truncate=True):  # decode or WireError, nothing else
         try:
             msg, _ = wire.decode(data)
         except wire.WireError:

@@ -156,6 +156,10 @@ def test_ssdp_messages_carry_the_uda11_headers() -> None:
         assert h in r
     bye = ssdp.notify(t, "ssdp:byebye", "http://x/", 7, 9).decode()
     assert "NTS: ssdp:byebye" in bye and "LOCATION" not in bye and "BOOTID.UPNP.ORG: 7" in bye
+    upd = ssdp.notify(t, "ssdp:update", "http://192.168.1.4:5000/rootDesc.xml", 7, 9, 8).decode()
+    for h in ("NTS: ssdp:update", "LOCATION: http://192.168.1.4:5000/rootDesc.xml", "BOOTID.UPNP.ORG: 7",
+              "NEXTBOOTID.UPNP.ORG: 8", "NT: upnp:rootdevice"):  # UDA 1.1 §1.2.4
+        assert h in upd
     assert ssdp.NOTIFY_INTERVAL + ssdp.NOTIFY_JITTER < ssdp.MAX_AGE / 2  # repeated well within max-age
 
 
