@@ -117,6 +117,7 @@ class Iwf:
         self._server_seen: str | None = None
         self._waiters: dict[Hashable, asyncio.Future[pcp.Response | None]] = {}
         self._wake = asyncio.Event()
+        self._wan_task: asyncio.Task[None] | None = None
         self._renewals: list[tuple[float, int, int]] = []  # heap of (due wall time, mid, attempt)
         self._due: dict[int, tuple[float, int]] = {}  # the live entry per mapping
         self._probe_seq = 0
@@ -278,7 +279,11 @@ class Iwf:
             self.on_change()
 
     async def on_natd_event(self, msg: wire.Message) -> None:
-        """Events from natd: PCP packets, WAN changes, heartbeats (restart detection)."""
+        """Events from natd: PCP packets, WAN changes, heartbeats (restart detection).
+
+        Never waits on a PCP exchange here: the answers arrive on this same event stream,
+        so anything that needs one runs as its own task.
+        """
         if isinstance(msg, wire.PcpReceived):
             self._dispatch(self.client.receive(msg.server, msg.packet, self.clock(), msg.lan_ip))
         elif isinstance(msg, wire.Heartbeat):
@@ -291,15 +296,20 @@ class Iwf:
             old = self.wan_ip
             self.wan_ip, self.gateway = msg.wan_ip, msg.gateway
             if msg.wan_ip != old:
-                # rfc6970-iwf item 81: NAT2 keyed the old mappings on the old address; re-create
-                # them from the new one (the old ones expire) and re-learn the external address.
                 log.info("WAN address %s -> %s; re-deciding mode and re-creating upstream", old, msg.wan_ip)
-                self.server_ext_ip = None
-                self.ext_ip_by_cp.clear()
-                self.client.epochs.clear()
-                await self.decide_mode()
-                self._recover_all(None, 0.0)
-                self.on_change()
+                if self._wan_task is not None:
+                    self._wan_task.cancel()  # a newer address supersedes a reaction still running
+                self._wan_task = asyncio.create_task(self._wan_changed())
+
+    async def _wan_changed(self) -> None:
+        """rfc6970-iwf item 81: NAT2 keyed the old mappings on the old address; re-create them
+        from the new one (the old ones expire there) and re-learn the external address."""
+        self.server_ext_ip = None
+        self.ext_ip_by_cp.clear()
+        self.client.epochs.clear()
+        await self.decide_mode()
+        self._recover_all(None, 0.0)
+        self.on_change()
 
     # --- the PCP edge ------------------------------------------------------------------
 
