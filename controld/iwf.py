@@ -634,8 +634,8 @@ class Iwf:
                    and (manage or m.cp == cp or m.int_client == cp)]
         if not victims:
             raise UPnPError(730, f"no mapping in {start}-{end}")  # rfc6970-iwf item 62: nothing sent
-        # rfc6970-iwf items 26, 66: one delete per mapping (run side by side, each bounded).
-        await asyncio.gather(*(self._remove(m, f"range delete by {cp}") for m in victims))
+        # rfc6970-iwf items 26, 66: one delete per mapping, paced.
+        await self._remove_many(victims, f"range delete by {cp}")
         return len(victims)
 
     async def _refresh(self, m: Mapping, description: str, lease: int) -> Mapping:
@@ -765,10 +765,29 @@ class Iwf:
     async def host_left(self, ip: str) -> int:
         """A LAN host's DHCP lease ended: delete all its mappings (rfc6970-iwf items 79, 80)."""
         victims = [m for m in self.table.listed() if m.int_client == ip]
-        await asyncio.gather(*(self._remove(m, f"host {ip} left (DHCP)") for m in victims))
+        await self._remove_many(victims, f"host {ip} left (DHCP)")
         if victims:
             log.info("host %s left: %d mappings removed", ip, len(victims))
         return len(victims)
+
+    async def _remove_many(self, victims: list[Mapping], why: str) -> None:
+        """Remove many mappings with at most ``recovery_window`` PCP deletes in flight (no burst
+        at NAT2). Returns after ``pcp_timeout`` at the latest: the rest carries on in the
+        background, as RFC 6970 §5.8 allows (rfc6970-iwf item 67), so an action always answers."""
+        gate = asyncio.Semaphore(max(1, self.cfg.recovery_window))
+
+        async def one(m: Mapping) -> None:
+            async with gate:
+                await self._remove(m, why)
+
+        async def every() -> None:
+            await asyncio.gather(*(one(m) for m in victims))
+
+        work = self._spawn(every())
+        _, pending = await asyncio.wait({work}, timeout=self.cfg.pcp_timeout)
+        if pending:
+            log.info("%s: answered after %.0f s; upstream deletes continue in the background",
+                     why, self.cfg.pcp_timeout)
 
     async def _delete_upstream(self, m: Mapping) -> UPnPError | None:
         """MAP lifetime 0 with the stored nonce, port 0, all-zeros address (RFC 6887 §15.1, erratum 3621)."""

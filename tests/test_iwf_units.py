@@ -213,3 +213,50 @@ def test_admin_command_and_description_padding() -> None:
         raw = _description(text).encode()
         assert len(raw) % 4 == 0 and len(raw) <= pcp.MAX_DESCRIPTION and not raw.endswith(b"\0")
     assert pcp.description_bytes("\u00e9" * 600).decode("utf-8") == "\u00e9" * 508  # cut on a character
+
+
+class SlowDeletes(ScriptedLink):
+    """natd stand-in whose PCP deletes are answered after ``delay``; counts deletes in flight."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__()
+        self.delay, self.in_flight, self.peak = delay, 0, 0
+
+    async def call(self, msg: wire.Message, timeout: float = 5.0) -> wire.Message:
+        if isinstance(msg, wire.PcpSend) and pcp.decode_request(msg.packet).lifetime == 0:
+            self.in_flight += 1
+            self.peak = max(self.peak, self.in_flight)
+            await asyncio.sleep(self.delay)
+            self.in_flight -= 1
+        return await super().call(msg, timeout)
+
+
+def test_range_delete_is_paced_and_answers_in_time(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """DeletePortMappingRange: one MAP delete per mapping (rfc6970-iwf items 26, 66), never more
+    than the recovery window at NAT2 at once, and the CP is answered within pcp_timeout even while
+    deletes continue (item 67 MAY)."""
+    link = SlowDeletes(delay=0.1)
+
+    async def main() -> None:
+        conf = IwfConfig(mode="cascaded", pcp_server=SERVER, service_wait=0.0, epoch_poll=0.0,
+                         pcp_timeout=0.5, recovery_window=4)
+        iwf = Iwf(conf, MappingTable(str(tmp_path)), link, rng=random.Random(5))  # type: ignore[arg-type]
+        link.iwf = iwf
+        await iwf.start()
+        try:
+            for port in range(9000, 9040):
+                await add(iwf, port, iport=port)
+            t0 = asyncio.get_running_loop().time()
+            assert await iwf.delete_port_mapping_range(LAN, 2, 9000, 9039, pcp.PROTO_TCP, False) == 40
+            assert asyncio.get_running_loop().time() - t0 < 0.9  # 40 deletes / 4 x 0.1 s = 1 s of work
+            for _ in range(100):  # bounded wait for the background rest
+                if iwf.table.count() == 0 and link.in_flight == 0:
+                    break
+                await asyncio.sleep(0.05)
+            assert iwf.table.count() == 0 and sorted(link.unbound) == sorted(range(1, 41))
+            assert len([r for r in link.maps(0) if r.lifetime == 0]) == 40 and link.peak == 4
+        finally:
+            await iwf.stop()
+            iwf.table.close()
+
+    asyncio.run(asyncio.wait_for(main(), 30))
