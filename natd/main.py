@@ -231,6 +231,7 @@ class Natd:
             if b is not None:
                 mid, lan_ip = b.mid, b.lan_ip
                 data = pcp.rewrite_response_port(data, b.lan_port)
+        log.info("pcp <- %s: %s", server, _describe_response(resp, mid))
         self._publish(wire.PcpReceived(server, data, mid, lan_ip))
 
     def _pcp_send(self, msg: wire.PcpSend) -> wire.Message:
@@ -260,6 +261,7 @@ class Natd:
             elif req.map.internal_port != 9:
                 raise PolicyError("no-binding", "unbound MAP must use THIRD_PARTY or the discard port")
         self.relay.send(msg.server, pcp.rewrite_request(msg.packet, wan_ip, port))
+        log.info("pcp -> %s: %s", msg.server, _describe_request(req, msg.mid, str(wan_ip), port))
         return wire.Ok()
 
     # --- RPC ---------------------------------------------------------------------
@@ -460,6 +462,33 @@ def _counters(ifname: str) -> wire.CountersReply:
         except (OSError, ValueError):
             vals.append(0)
     return wire.CountersReply(*vals)
+
+
+def _result(code: int) -> str:
+    return pcp.Result(code).name if code in pcp.Result._value2member_map_ else f"result {code}"
+
+
+def _describe_request(req: pcp.Request, mid: int | None, wan_ip: str, port: int | None) -> str:
+    """One log line for a relayed request, as it left (after the NAT1 rewrite)."""
+    who = f"mapping {mid}" if mid is not None else "unbound"
+    if req.map is None:
+        return f"{pcp.Opcode(req.opcode).name} ({who})"
+    m, o = req.map, req.options
+    what = "delete" if req.lifetime == 0 else f"lifetime {req.lifetime}"
+    return (f"MAP {_pname(m.protocol)} internal {wan_ip}:{port or m.internal_port} suggest "
+            f"{m.external_ip}:{m.external_port} {what} nonce {m.nonce.hex()[:8]}"
+            + (" PREFER_FAILURE" if o.prefer_failure else "")
+            + (f" THIRD_PARTY {o.third_party}" if o.third_party else "") + f" ({who})")
+
+
+def _describe_response(resp: pcp.Response, mid: int | None) -> str:
+    """One log line for a PCP answer: result, assigned external endpoint, lifetime, epoch."""
+    who = f"mapping {mid}" if mid is not None else "unbound"
+    head = f"{pcp.Opcode(resp.opcode).name if resp.opcode in (0, 1, 2) else resp.opcode} {_result(resp.result)}"
+    if resp.map is None:
+        return f"{head} epoch {resp.epoch} ({who})"
+    return (f"{head} external {resp.map.external_ip}:{resp.map.external_port} lifetime {resp.lifetime}"
+            f" epoch {resp.epoch} nonce {resp.map.nonce.hex()[:8]} ({who})")
 
 
 def _pname(proto: int) -> str:

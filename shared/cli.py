@@ -27,7 +27,11 @@ def _say(step: str, text: str) -> None:
 
 
 def _pcp_lines(st: Stack) -> list[str]:
-    return [line.split(": ", 1)[-1] for line in st.log("controld").splitlines() if "added mapping" in line]
+    """natd's log lines for the mapping's PCP request and answer (not the start-up probe)."""
+    lines = [ln.split("natd: pcp ", 1)[-1] for ln in st.log("natd").splitlines()
+             if "natd: pcp " in ln and "(mapping " in ln]
+    return [ln.replace("-> ", "request  to ", 1) if ln.startswith("->") else ln.replace("<- ", "response from ", 1)
+            for ln in lines]
 
 
 def demo(keep: bool, layout: str) -> int:
@@ -52,7 +56,7 @@ def demo(keep: bool, layout: str) -> int:
         for (proto, port), (ip, iport) in st.nat1_forwards().items():
             _say("NAT1", f"nft map igdpcp/fwd4: {proto} {tb.ROUTER_WAN_IP}:{port} -> {ip}:{iport}")
         for line in _pcp_lines(st):
-            _say("PCP", f"MAP via natd to {tb.ISP_INT_IP}:5351, SUCCESS: {line}")
+            _say("PCP", line)
         for r in bed.nat2_dnat_rules():
             _say("NAT2", f"miniupnpd DNAT: {r.proto} {tb.NAT2_PUBLIC_IP}:{r.ext_port} -> {r.int_ip}:{r.int_port}")
         listener = bed.tcp_listen("lan", LAN_PORT)
