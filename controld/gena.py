@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 from xml.sax.saxutils import escape
 
 from controld.description import Device, Service
+from controld.parse import ascii_uint
 
 log = logging.getLogger("controld.gena")
 
@@ -65,8 +66,9 @@ class Subscription:
 def parse_timeout(header: str) -> int:
     """TIMEOUT: Second-N (or infinite, or absent) -> the granted seconds, bounded."""
     h = header.strip().lower()
-    if h.startswith("second-") and h[7:].isdigit():
-        return max(MIN_TIMEOUT, min(MAX_TIMEOUT, int(h[7:])))
+    seconds = ascii_uint(h[7:]) if h.startswith("second-") else None
+    if seconds is not None:
+        return max(MIN_TIMEOUT, min(MAX_TIMEOUT, seconds))
     return DEFAULT_TIMEOUT
 
 

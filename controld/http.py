@@ -20,6 +20,7 @@ from controld.description import ROOT_PATH, Device
 from controld.errors import UPnPError
 from controld.gena import GenaServer
 from controld.igd import IgdActions
+from controld.parse import ascii_uint
 
 log = logging.getLogger("controld.http")
 
@@ -158,9 +159,9 @@ class UpnpHttpServer:
         service = self.device.services.get(path)
         if service is None:
             raise HttpError(404, f"no control URL {path[:64]}")
-        if "content-length" not in headers or not headers["content-length"].isdigit():
+        length = ascii_uint(headers.get("content-length", ""), 18)
+        if length is None:
             raise HttpError(411, "Content-Length required")
-        length = int(headers["content-length"])
         if length > MAX_BODY:
             raise HttpError(413, f"body of {length} bytes")
         async with asyncio.timeout(READ_DEADLINE):

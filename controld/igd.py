@@ -24,6 +24,7 @@ from controld.iwf import Iwf
 from controld.permissions import Permissions
 from controld.soap import Cdata, SoapAction
 from controld.table import Mapping
+from controld.parse import ascii_uint
 from shared import wire
 
 log = logging.getLogger("controld.igd")
@@ -62,9 +63,10 @@ def _arg(a: SoapAction, name: str) -> str:
 
 def _uint(a: SoapAction, name: str, hi: int, lo: int = 0) -> int:
     raw = _arg(a, name)
-    if not raw.isdigit() or not lo <= int(raw) <= hi:
+    value = ascii_uint(raw)
+    if value is None or not lo <= value <= hi:
         raise UPnPError(402, f"{name} must be an integer in {lo}..{hi}, got {raw[:20]!r}")
-    return int(raw)
+    return value
 
 
 def _proto(a: SoapAction) -> int:

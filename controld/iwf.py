@@ -159,14 +159,19 @@ class Iwf:
         hello = await self.link.call(wire.Hello(), timeout=30)
         assert isinstance(hello, wire.HelloReply)
         self.natd_boot, self.wan_ip, self.gateway = hello.boot_id, hello.wan_ip, hello.gateway
+        leftovers = []
         for m in list(self.table.by_id.values()):
             if m.state not in LISTED:  # a previous run stopped half-way: nothing was promised
                 log.info("dropping unfinished %s (%s)", m.describe(), m.state.value)
                 self.table.delete(m)
+                if m.mode != "nat1-only" and m.nonce:
+                    leftovers.append(m)
         await self.sync_nat1()
         self._tasks = [asyncio.create_task(self._timer()), asyncio.create_task(self._renewer()),
                        asyncio.create_task(self._redecider()), asyncio.create_task(self._epoch_poller())]
         await self.decide_mode()
+        for m in leftovers:  # NAT2 may hold them: delete with the stored nonce (rfc6970-iwf item 32 notes)
+            self._spawn(self._delete_upstream(m))
         # Re-assert upstream with the stored nonces after RAND(PCP_SERVICE_WAIT), paced by the
         # renewal window (ARCHITECTURE.md, recovery; rfc6970-iwf item 32, §18 item 6).
         at = self.wall() + self.rng.uniform(0, self.cfg.service_wait)
@@ -228,12 +233,13 @@ class Iwf:
         ``epoch_poll`` seconds instead of at the next renewal; the answer goes through the
         same epoch check as every response (rfc6970-iwf item 84).
         """
-        if self.cfg.epoch_poll <= 0:
-            return
         seq = 0
         while True:
+            if self.cfg.epoch_poll <= 0:  # off; a reload (SIGHUP) may turn it on again
+                await asyncio.sleep(REDECIDE_S)
+                continue
             await asyncio.sleep(self.cfg.epoch_poll)
-            if self.mode == "nat1-only" or self.wan_ip is None or \
+            if self.cfg.epoch_poll <= 0 or self.mode == "nat1-only" or self.wan_ip is None or \
                     not any(m.mode != "nat1-only" for m in self.table.listed()):
                 continue
             seq += 1
@@ -289,8 +295,7 @@ class Iwf:
         elif isinstance(msg, wire.Heartbeat):
             if self.natd_boot is not None and msg.boot_id != self.natd_boot:
                 log.warning("natd restarted (boot %s); re-syncing NAT1", msg.boot_id)
-                self.natd_boot = msg.boot_id
-                await self.sync_nat1()
+                await self.sync_nat1()  # raises on failure: the next heartbeat tries again
             self.natd_boot = msg.boot_id
         elif isinstance(msg, wire.WanChanged):
             old = self.wan_ip
@@ -448,6 +453,9 @@ class Iwf:
             due = min(due, m.lease_end)
         self._due[m.id] = (due, attempt)
         heapq.heappush(self._renewals, (due, m.id, attempt))
+        if len(self._renewals) > 2 * len(self._due) + 64:  # bounded: drop superseded entries
+            self._renewals = [(d, mid, a) for mid, (d, a) in self._due.items()]
+            heapq.heapify(self._renewals)
 
     def _recover_all(self, server: str | None, delay: float) -> None:
         """Every upstream mapping (at ``server``, or all) is re-created, paced by the window."""
@@ -511,7 +519,8 @@ class Iwf:
         if self.table.by_id.get(m.id) is not m or m.state not in LISTED:
             return
         now = self.wall()
-        if resp is not None and resp.result == pcp.Result.SUCCESS and resp.map is not None:
+        # A SUCCESS with lifetime 0 holds nothing upstream: a failed renewal, retried.
+        if resp is not None and resp.result == pcp.Result.SUCCESS and resp.map is not None and resp.lifetime:
             moved = (str(resp.map.external_ip), resp.map.external_port) != (m.ext_ip, m.ext_port)
             self._granted(m, resp)
             m.state = next_state(m.state, Ev.UPSTREAM_OK)
@@ -542,7 +551,8 @@ class Iwf:
         m.pcp_expiry = now + life
         self._learn_external(m.ext_ip)
         self._note_cp_address(m)
-        self._schedule(m, pcpc.renewal_time(life, now, 0, self.rng))
+        # RFC 6887 §11.2.1: renewals never less than 4 s apart, however short the grant.
+        self._schedule(m, max(pcpc.renewal_time(life, now, 0, self.rng), now + pcpc.MIN_RENEW_GAP))
 
     def _note_cp_address(self, m: Mapping) -> None:
         """rfc6970-iwf items 14, 78: the CP's ExternalIPAddress is its last PCP answer's address."""
@@ -639,15 +649,22 @@ class Iwf:
         return len(victims)
 
     async def _refresh(self, m: Mapping, description: str, lease: int) -> Mapping:
-        """The owner re-adds its own mapping: new lease, same nonce (rfc6970-iwf item 54)."""
-        m.description = description
-        m.lease = lease
-        m.lease_end = self.wall() + lease if lease else None
+        """The owner re-adds its own mapping: new lease, same nonce (rfc6970-iwf item 54).
+
+        The new lease and description take effect only once NAT2 agreed; a failed refresh
+        leaves the mapping as it was.
+        """
+        old = (m.description, m.lease, m.lease_end)
+        m.description, m.lease, m.lease_end = description, lease, self.wall() + lease if lease else None
         if m.mode != "nat1-only":
             req = self._map_request(m.nonce or b"\0" * 12, m.proto, m.int_port, m.ext_port,
                                     self._requested_lifetime(m), m.ext_ip, True, self._third_party(m),
                                     description, m.remote_host)
-            resp = await self._upstream(m, req, "AddPortMapping")
+            try:
+                resp = await self._upstream(m, req, "AddPortMapping")
+            except BaseException:
+                m.description, m.lease, m.lease_end = old
+                raise
             self._granted(m, resp)
             if m.state == State.RECOVERING:
                 m.state = next_state(m.state, Ev.UPSTREAM_OK)
@@ -728,7 +745,10 @@ class Iwf:
                     raise UPnPError(718, f"port {m.ext_port} is not available upstream "
                                          f"(NAT2 offered {resp.map.external_port})")
                 if resp.map.protocol == pcp.PROTO_UDP and resp.map.external_port in PCP_PORTS:
+                    await self._delete_upstream(m)  # leave nothing behind on NAT2 either
                     raise UPnPError(501, "NAT2 assigned a PCP port (RFC 6887 §11.3)")
+                if resp.lifetime == 0:
+                    raise UPnPError(501, "NAT2 answered SUCCESS with lifetime 0: it holds nothing")
                 self._granted(m, resp)
         except BaseException as exc:
             m.state = next_state(m.state, Ev.TIMEOUT if isinstance(exc, UPnPError) and exc.code == 501

@@ -115,17 +115,31 @@ async def run(args: argparse.Namespace, reparse: Callable[[], argparse.Namespace
     expiry_task = asyncio.create_task(gena.run_expiry())
 
     async def watch_lan() -> None:
-        """LAN address change: listen on the new address, ssdp:byebye + new BOOTID + ssdp:alive."""
+        """LAN address change: listen on the new address, then ssdp:update + alive there.
+
+        The old listener closes only once the new one is up; a failed bind is retried at
+        the next poll instead of leaving UPnP without a server."""
         nonlocal lan_ip, subnets, port
         while True:
             await asyncio.sleep(LAN_POLL_S)
-            a = await if_addrs(args.lan_if)
+            try:
+                a = await if_addrs(args.lan_if)
+            except Exception as exc:  # netlink trouble: try again at the next poll
+                log.warning("reading %s failed: %s", args.lan_if, exc)
+                continue
             if not a.addresses or a.addresses[0] == lan_ip:
                 continue
-            http.close()
-            subnets = list(a.subnets)
-            port = await http.start(a.addresses[0], port)
-            lan_ip = a.addresses[0]
+            old = http.server
+            try:
+                new_port = await http.start(a.addresses[0], port)
+            except OSError as exc:
+                http.server = old
+                log.warning("cannot listen on the new LAN address %s:%d yet (%s); retrying",
+                            a.addresses[0], port, exc)
+                continue
+            if old is not None:
+                old.close()
+            subnets, port, lan_ip = list(a.subnets), new_port, a.addresses[0]
             ssdp.relocate(lan_ip, f"http://{lan_ip}:{port}{ROOT_PATH}")
 
     watch_task = asyncio.create_task(watch_lan())

@@ -121,15 +121,24 @@ class Permissions:
 
     def nearest_allowed(self, eport: int, client: str, iport: int, description: str = "",
                         lo: int = 1024) -> int | None:
-        """The allowed external port closest to ``eport`` (walking +-1, +-2, ...) for
-        AddAnyPortMapping, like miniupnpd's bitmap search; None if no port is allowed."""
+        """The allowed external port closest to ``eport`` (ties go up) for AddAnyPortMapping,
+        like miniupnpd's bitmap search; None if no port is allowed.
+
+        The decision can only change at a rule's port-range edge, so it is evaluated once per
+        segment between edges: O(rules^2), never a walk over 64k ports per request.
+        """
         if self.allowed(eport, client, iport, description) and eport:
             return eport
         start = eport if eport >= lo else lo
-        for d in range(0, 65536):
-            for p in (start + d, start - d):
-                if lo <= p <= 65535 and self.allowed(p, client, iport, description):
-                    return p
-            if start + d > 65535 and start - d < lo:
-                break
-        return None
+        edges = {lo, 65536}
+        for r in self.rules:
+            edges.update(e for e in (r.eport[0], r.eport[1] + 1) if lo < e < 65536)
+        bounds = sorted(edges)
+        best: int | None = None
+        for a, b in zip(bounds, bounds[1:]):  # segment [a, b): one decision for all its ports
+            if not self.allowed(a, client, iport, description):
+                continue
+            p = min(max(start, a), b - 1)  # the segment's port nearest to start
+            if best is None or (abs(p - start), p < start) < (abs(best - start), best < start):
+                best = p
+        return best

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from controld.description import Device
+from controld.parse import ascii_uint
 
 log = logging.getLogger("controld.ssdp")
 
@@ -97,9 +98,10 @@ def matches(targets: list[Target], st: str) -> list[Target]:
     for t in targets:
         if t.st == st:
             out.append(t)
-        elif ver.isdigit() and t.st.startswith("urn:") and t.st.rpartition(":")[0] == base:
+        elif (wanted := ascii_uint(ver, 4)) is not None and t.st.startswith("urn:") \
+                and t.st.rpartition(":")[0] == base:
             served = int(t.st.rpartition(":")[2])
-            if int(ver) <= served:
+            if wanted <= served:
                 # UDA 1.1 §1.3.3: answer with the version that was asked for
                 out.append(Target(st, t.usn.replace(t.st, st)))
     return out
@@ -213,7 +215,7 @@ class SsdpServer(asyncio.DatagramProtocol):
             log.debug("ssdp: rate limit for %s", addr[0])
             return
         raw_mx = h.get("MX", "")
-        mx = int(raw_mx) if raw_mx.isdigit() and len(raw_mx) <= 3 else 1
+        mx = ascii_uint(raw_mx, 3) or 1
         delay = self.rng.uniform(0, min(max(mx, 1), 5) * 0.5)
         self._pending += 1
         asyncio.get_running_loop().call_later(delay, self._answer, found, addr)
