@@ -72,9 +72,9 @@ class BindingTable:
     def free(self, proto: int, port: int) -> bool:
         return (proto, port) not in self.by_port and not (proto == 17 and port in RESERVED_UDP)
 
-    def allocate(self, proto: int, want: int, exact: bool) -> int:
-        """The wanted port if free, else (unless ``exact``) a random free one."""
-        if want and self.free(proto, want):
+    def allocate(self, proto: int, want: int, exact: bool, mid: int | None = None) -> int:
+        """The wanted port if free (or already mapping ``mid``'s), else (unless ``exact``) a random free one."""
+        if want and (self.free(proto, want) or (mid is not None and self.by_port.get((proto, want)) == mid)):
             return want
         if exact:
             raise PolicyError("port-in-use", f"{'tcp' if proto == 6 else 'udp'}/{want} is taken")
@@ -91,9 +91,10 @@ class BindingTable:
         self.check_lan(b.lan_ip)
         if b.proto == 17 and b.wan_port in RESERVED_UDP:
             raise PolicyError("reserved-port", f"udp/{b.wan_port} is the PCP relay's own port (RFC 6887 §19.1)")
-        if len(self.by_mid) >= self.limits.max_total:
+        old = self.by_mid.get(b.mid)  # a re-bind replaces it: it must not count against itself
+        if old is None and len(self.by_mid) >= self.limits.max_total:
             raise PolicyError("quota", "total binding limit reached")
-        if self.per_host.get(b.lan_ip, 0) >= self.limits.max_per_host:
+        if self.per_host.get(b.lan_ip, 0) - (old is not None and old.lan_ip == b.lan_ip) >= self.limits.max_per_host:
             raise PolicyError("quota", f"binding limit for {b.lan_ip} reached")
         owner = self.by_port.get((b.proto, b.wan_port))
         if owner is not None and owner != b.mid:
@@ -117,15 +118,24 @@ class BindingTable:
                 del self.by_endpoint[endpoint(b)]
         return b
 
-    def replace_all(self, bindings: list[Binding]) -> None:
-        """Swap in a whole new set (sync), all or nothing."""
+    def replace_all(self, bindings: list[Binding]) -> list[tuple[Binding, str]]:
+        """Swap in a whole new set (sync). A malformed set (duplicates, port clashes, quota) is
+        refused whole; a binding whose host is no longer on the LAN is left out and returned
+        with the reason, so one stale mapping cannot block the rest."""
         trial = BindingTable(self.lan_subnets, self.router_ips, self.limits, rng=self.rng, _lan_ok=self._lan_ok)
+        skipped: list[tuple[Binding, str]] = []
         for b in bindings:
             if b.mid in trial.by_mid:
                 raise PolicyError("duplicate", f"mapping {b.mid} listed twice")
+            try:
+                trial.check_lan(b.lan_ip)
+            except PolicyError as exc:
+                skipped.append((b, str(exc)))
+                continue
             trial.add(b)
         self.by_mid, self.by_port, self.per_host = trial.by_mid, trial.by_port, trial.per_host
         self.by_endpoint = trial.by_endpoint
+        return skipped
 
     def snat_owner(self, ep: tuple[str, int, int]) -> Binding | None:
         """The binding whose WAN port the LAN endpoint's outbound traffic uses (lowest mid,

@@ -75,6 +75,13 @@ class Natd:
         log.info("interfaces changed: wan=%s gateway=%s lan=%s", ifs.wan_ip, ifs.gateway, ",".join(ifs.lan_ips))
         if ifs.wan_ip != old:
             await self.relay.open(ifs.wan_ip)
+        for b in list(self.table.by_mid.values()):  # policy holds for what is already in place too
+            try:
+                self.table.check_lan(b.lan_ip)
+            except PolicyError as exc:
+                self.table.remove(b.mid)
+                log.warning("dropped forward of mapping %d %s/%d -> %s:%d: %s", b.mid, _pname(b.proto),
+                            b.wan_port, b.lan_ip, b.lan_port, exc)
         try:
             self._program()  # bindings follow the new WAN address (snat4, wan4, lan4)
         except NftError as exc:
@@ -257,6 +264,8 @@ class Natd:
             # the only other unbound MAP is the discard-port probe (rfc6970-iwf item 25).
             tp = req.options.third_party
             if tp is not None:
+                if tp.version != 4:
+                    raise PolicyError("bad-pcp", "THIRD_PARTY must name an IPv4 LAN host")
                 self.table.check_lan(str(tp))
             elif req.map.internal_port != 9:
                 raise PolicyError("no-binding", "unbound MAP must use THIRD_PARTY or the discard port")
@@ -281,7 +290,7 @@ class Natd:
             if owner is not None and owner.mid < 0 and (owner.lan_ip, owner.lan_port) == (msg.lan_ip, msg.lan_port):
                 adopted = t.remove(owner.mid)  # controld claims a forward natd adopted at start
             try:
-                port = t.allocate(msg.proto, msg.want_port, msg.exact)
+                port = t.allocate(msg.proto, msg.want_port, msg.exact, mid=msg.mid)
                 b = wire.Binding(msg.mid, msg.proto, msg.lan_ip, msg.lan_port, port)
                 t.add(b)
             except PolicyError:
@@ -310,7 +319,9 @@ class Natd:
             return _counters(self.args.wan_if)
         if isinstance(msg, wire.Sync):
             before = list(t.by_mid.values())
-            t.replace_all(msg.bindings)
+            for b, why in t.replace_all(msg.bindings):
+                log.warning("sync: left out mapping %d %s/%d -> %s:%d: %s", b.mid, _pname(b.proto), b.wan_port,
+                            b.lan_ip, b.lan_port, why)
             try:
                 ch = self._program()
             except NftError:

@@ -21,6 +21,7 @@ packet can match an IPv4 forward (miniupnpd.md §2.10). Every change is one libn
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 from collections.abc import Iterable
@@ -394,7 +395,9 @@ def expected(bindings: Iterable[Binding], wan_ip: str | None, lan: Iterable[str]
         fwd[(b.proto, b.wan_port)] = (b.lan_ip, b.lan_port)
         if wan_ip:
             snat.setdefault((b.lan_ip, b.proto, b.lan_port), (wan_ip, b.wan_port))
-    return KernelState(fwd, snat, {wan_ip} if wan_ip else set(), set(lan))
+    # lan4 is an interval set: overlapping subnets (an alias /32 inside the /24) must be merged.
+    merged = ipaddress.collapse_addresses(ipaddress.IPv4Network(n, strict=False) for n in lan)
+    return KernelState(fwd, snat, {wan_ip} if wan_ip else set(), {str(n) for n in merged})
 
 
 def _proto(value: str | int) -> int:

@@ -16,6 +16,8 @@ from shared import pcp
 
 log = logging.getLogger("natd.relay")
 
+MAX_SERVERS = 16  # PCP servers whose answers are accepted (RFC 7488 lists are short)
+
 
 class _Proto(asyncio.DatagramProtocol):
     def __init__(self, relay: PcpRelay) -> None:
@@ -38,7 +40,7 @@ class PcpRelay:
 
     def __init__(self, on_packet: Callable[[str, bytes], None]) -> None:
         self.on_packet = on_packet
-        self.servers: set[str] = set()
+        self.servers: dict[str, None] = {}  # ordered: oldest first (a bounded LRU)
         self.wan_ip: str | None = None
         self._unicast: asyncio.DatagramTransport | None = None
         self._announce: asyncio.DatagramTransport | None = None
@@ -73,7 +75,10 @@ class PcpRelay:
         """Send one PCP request to ``server``:5351 from the WAN address."""
         if self._unicast is None:
             raise OSError("no WAN address")
-        self.servers.add(server)
+        self.servers.pop(server, None)
+        self.servers[server] = None
+        while len(self.servers) > MAX_SERVERS:  # bounded; the oldest server stops being trusted
+            del self.servers[next(iter(self.servers))]
         self._unicast.sendto(data, (server, pcp.SERVER_PORT))
 
     def _received(self, data: bytes, addr: tuple[str, int]) -> None:

@@ -67,6 +67,9 @@ class OptionCode(IntEnum):
     DESCRIPTION = 128  # RFC 7220
 
 
+_SINGLE = frozenset({1, 2, 128})  # THIRD_PARTY, PREFER_FAILURE, DESCRIPTION: at most once each
+
+
 class PcpDecodeError(ValueError):
     """A packet that cannot be accepted; ``result`` is what a server answers."""
 
@@ -195,9 +198,11 @@ def _decode_options(data: bytes, opcode: int) -> Options:
         if len(body) != length:
             raise PcpDecodeError(Result.MALFORMED_OPTION, f"option {code} runs past the packet")
         off += 4 + _pad4(length)
-        if code in seen and code != OptionCode.FILTER:
+        if code in seen and code in _SINGLE:  # only options understood to be single (RFC 6887 §7.3)
             raise PcpDecodeError(Result.MALFORMED_OPTION, f"option {code} repeated")
         seen.add(code)
+        if opcode == Opcode.PEER and code == OptionCode.PREFER_FAILURE:
+            raise PcpDecodeError(Result.MALFORMED_REQUEST, "PREFER_FAILURE in a PEER request (§13.2)")
         if opcode in (Opcode.MAP, Opcode.PEER) and code == OptionCode.THIRD_PARTY:
             if length != 16:
                 raise PcpDecodeError(Result.MALFORMED_OPTION, "THIRD_PARTY length != 16")
@@ -210,7 +215,11 @@ def _decode_options(data: bytes, opcode: int) -> Options:
             if length != 20:
                 raise PcpDecodeError(Result.MALFORMED_OPTION, "FILTER length != 20")
             prefix, port = struct.unpack_from("!xBH", body)
-            filters.append(Filter(prefix, port, unpack_address(body[4:20])))
+            peer = unpack_address(body[4:20])
+            # §13.3: 96-128 for IPv4 (mapped), 0-128 for IPv6; 0 alone clears the filters.
+            if prefix > 128 or (prefix and peer.version == 4 and prefix < 96):
+                raise PcpDecodeError(Result.MALFORMED_OPTION, f"FILTER prefix length {prefix} out of range")
+            filters.append(Filter(prefix, port, peer))
         elif code == OptionCode.DESCRIPTION:
             try:
                 description = body.decode("utf-8")

@@ -194,3 +194,56 @@ def test_gen_keys_command_writes_curve_keys_with_private_secrets(tmp_path, capsy
     for f in files:
         mode = stat.S_IMODE(os.stat(f).st_mode)
         assert mode == (0o600 if f.endswith("_secret") else 0o644), (f, oct(mode))
+
+
+# --- review regressions ------------------------------------------------------------
+
+
+def test_overlapping_lan_subnets_become_one_interval() -> None:
+    """An alias inside the LAN (/32 in the /24) must not make the lan4 interval set conflict."""
+    st = expected([], "100.64.0.2", ["192.168.1.0/24", "192.168.1.250/32", "10.0.0.0/8"])
+    assert st.lan == {"192.168.1.0/24", "10.0.0.0/8"}
+
+
+def _lan_table(**kw) -> BindingTable:  # type: ignore[no-untyped-def]
+    import ipaddress
+
+    return BindingTable([ipaddress.IPv4Network("192.168.1.0/24")], {"192.168.1.1"}, **kw)
+
+
+def test_sync_leaves_out_hosts_no_longer_on_the_lan_instead_of_failing() -> None:
+    t = _lan_table()
+    skipped = t.replace_all([wire.Binding(1, 6, "192.168.1.2", 80, 8080), wire.Binding(2, 6, "10.9.0.5", 80, 8081)])
+    assert [b.mid for b, _ in skipped] == [2] and set(t.by_mid) == {1}
+    with pytest.raises(PolicyError):  # a malformed set is still refused whole
+        t.replace_all([wire.Binding(1, 6, "192.168.1.2", 80, 8080), wire.Binding(1, 6, "192.168.1.3", 80, 8081)])
+
+
+def test_rebinding_a_mapping_is_not_refused_by_itself() -> None:
+    from natd.bindings import Limits
+
+    t = _lan_table(limits=Limits(max_total=10, max_per_host=1))
+    t.add(wire.Binding(1, 6, "192.168.1.2", 80, 8080))
+    assert t.allocate(6, 8080, exact=True, mid=1) == 8080  # its own port is free to it
+    t.add(wire.Binding(1, 6, "192.168.1.2", 81, 8080))  # same host, quota 1: replaces, not adds
+    assert t.by_mid[1].lan_port == 81 and t.per_host == {"192.168.1.2": 1}
+    with pytest.raises(PolicyError):
+        t.allocate(6, 8080, exact=True, mid=2)
+
+
+def test_relay_trusts_a_bounded_set_of_servers() -> None:
+    from natd.relay import MAX_SERVERS, PcpRelay
+
+    class Sink:
+        def sendto(self, data: bytes, addr: tuple[str, int]) -> None:
+            pass
+
+    got: list[str] = []
+    relay = PcpRelay(lambda server, data: got.append(server))
+    relay._unicast = Sink()  # type: ignore[assignment]
+    for i in range(1000):
+        relay.send(f"10.0.{i // 256}.{i % 256}", b"x")
+    assert len(relay.servers) == MAX_SERVERS
+    relay._received(b"r", ("10.0.3.231", 5351))  # the most recent one is still trusted
+    relay._received(b"r", ("10.0.0.0", 5351))  # the oldest was forgotten
+    assert got == ["10.0.3.231"]

@@ -541,3 +541,26 @@ def test_hotplug_iface_script(tmp_path: Path, event: dict[str, str], expect: str
     if expect.startswith("ubus"):
         expect = 'ubus call service signal {"name":"igdpcp-natd","instance":"natd","signal":1}'
     assert calls == ([expect] if expect else []), calls
+
+
+def test_postrm_removes_fw4_layout_objects(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """In the fw4 layout natd's objects live inside `inet fw4`; removing the package must not
+    leave its forwards active until some later fw4 reload (openwrt.md §4)."""
+    import subprocess
+
+    calls = tmp_path / "calls"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in (("nft", 'echo "nft $*" >> "$CALLS"; case "$*" in "list table inet fw4") '
+                               'echo "chain igdpcp_dstnat {";; esac; exit 0'),
+                       ("fw4", 'echo "fw4 $*" >> "$CALLS"'), ("uci", "exit 1")):
+        f = bin_dir / name
+        f.write_text(f"#!/bin/sh\n{body}\n")
+        f.chmod(0o755)
+    script = os.path.join(os.path.dirname(__file__), "..", "packaging", "control", "postrm")
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "CALLS": str(calls)}
+    subprocess.run(["sh", script], env=env, check=True)
+    assert "fw4 -q reload" in calls.read_text()
+    calls.unlink()
+    subprocess.run(["sh", script], env={**env, "IPKG_INSTROOT": "/tmp/rootfs"}, check=True)
+    assert not calls.exists()  # nothing at image-build time

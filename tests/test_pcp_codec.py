@@ -123,3 +123,41 @@ def test_filter_and_description_bytes() -> None:
     assert raw[60:84] == bytes.fromhex("03000014" "00800000" "00000000000000000000ffff" "c614000a")
     assert raw[84:] == bytes.fromhex("80000005") + "caf\u00e9".encode() + b"\0\0\0"
     assert len(raw) % 4 == 0 and pcp.decode_request(raw) == req
+
+
+def _map_with(opts: bytes, opcode: int = pcp.Opcode.MAP) -> bytes:
+    if opcode == pcp.Opcode.PEER:
+        body = struct.pack("!12sB3xHH16sH2x16s", NONCE, 6, 80, 0, pcp.pack_address(pcp.any_address(4)), 80,
+                           pcp.pack_address(V4("198.20.0.10")))
+    else:
+        body = struct.pack("!12sB3xHH16s", NONCE, 6, 80, 80, pcp.pack_address(pcp.any_address(4)))
+    return struct.pack("!BBHI16s", 2, opcode, 0, 600, pcp.pack_address(V4("10.0.0.1"))) + body + opts
+
+
+def _filter(prefix: int, peer: str = "198.20.0.10") -> bytes:
+    return struct.pack("!BBHxBH16s", 3, 0, 20, prefix, 0, pcp.pack_address(ipaddress.ip_address(peer)))
+
+
+@pytest.mark.parametrize("prefix,ok", [(0, True), (96, True), (128, True), (50, False), (129, False), (255, False)])
+def test_filter_prefix_range(prefix: int, ok: bool) -> None:
+    """RFC 6887 §13.3 (rfc6887-pcp §7.4): IPv4 prefixes 96-128, 0 clears; others MALFORMED_OPTION."""
+    data = _map_with(_filter(prefix))
+    if ok:
+        assert pcp.decode_request(data).options.filters[0].prefix_len == prefix
+    else:
+        with pytest.raises(pcp.PcpDecodeError) as exc:
+            pcp.decode_request(data)
+        assert exc.value.result == pcp.Result.MALFORMED_OPTION
+
+
+def test_prefer_failure_in_peer_is_malformed_request() -> None:
+    """RFC 6887 §13.2: PREFER_FAILURE in PEER MUST be MALFORMED_REQUEST (not UNSUPP_OPTION)."""
+    with pytest.raises(pcp.PcpDecodeError) as exc:
+        pcp.decode_request(_map_with(b"\x02\x00\x00\x00", pcp.Opcode.PEER))
+    assert exc.value.result == pcp.Result.MALFORMED_REQUEST
+
+
+def test_repeated_unknown_optional_option_is_not_malformed() -> None:
+    """RFC 6887 §7.3: the repeat rule covers single-occurrence options the receiver understands."""
+    req = pcp.decode_request(_map_with(b"\xc8\x00\x00\x00" * 2))
+    assert req.options.unknown == ((200, b""), (200, b""))
