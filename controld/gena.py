@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 from xml.sax.saxutils import escape
 
-from controld.description import Device, Service
+from controld.description import Device, Service, wants_igd1
 from controld.parse import ascii_uint
 
 log = logging.getLogger("controld.gena")
@@ -57,6 +57,7 @@ class Subscription:
     timeout: int
     expires: float
     seq: int = 0
+    igd1_view: bool = False  # it was given the IGD:1 description (UDA 1.1 §4.3: only its variables)
     sent: dict[str, str] = field(default_factory=dict)  # values last delivered
     failures: int = 0
     pending: bool = False
@@ -196,6 +197,8 @@ class GenaServer:
             return exc.status, {}, None
         if sub is None:
             return 200, {}, None
+        if "user-agent" in headers:
+            sub.igd1_view = wants_igd1(headers["user-agent"])
         out = {"SID": sub.sid, "TIMEOUT": f"Second-{sub.timeout}",
                "DATE": time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime())}
         initial = not sub.sent and sub.seq == 0 and sub.task is None
@@ -225,6 +228,8 @@ class GenaServer:
         while sub.pending and service is not None and sub.sid in self.subs.by_sid:
             sub.pending = False
             now_values = self.evented(service, sub.host)
+            if sub.igd1_view:
+                now_values.pop("SystemUpdateID", None)
             diff = {k: v for k, v in now_values.items() if sub.sent.get(k) != v}
             if not diff:
                 continue

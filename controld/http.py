@@ -13,10 +13,11 @@ import asyncio
 import ipaddress
 import logging
 import re
+from urllib.parse import urlsplit
 from collections.abc import Callable
 
 from controld import soap
-from controld.description import ROOT_PATH, Device
+from controld.description import ROOT_PATH, Device, Service
 from controld.errors import UPnPError
 from controld.gena import GenaServer
 from controld.igd import IgdActions
@@ -36,6 +37,46 @@ _REASONS = {200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found", 4
             408: "Request Timeout", 411: "Length Required", 412: "Precondition Failed", 413: "Payload Too Large",
             415: "Unsupported Media Type", 431: "Request Header Fields Too Large", 500: "Internal Server Error",
             501: "Not Implemented", 503: "Service Unavailable"}
+
+
+def _normalise(target: str) -> str:
+    """The path of a request target: absolute-form accepted (RFC 7230 §5.3.2), query dropped,
+    repeated and trailing slashes folded, so /ctl/WANIPCn/ finds /ctl/WANIPCn."""
+    if target.lower().startswith("http://"):
+        target = urlsplit(target).path or "/"
+    path = "/" + "/".join(p for p in target.split("?", 1)[0].split("/") if p)
+    return path
+
+
+async def _read_body(reader: asyncio.StreamReader, headers: dict[str, str]) -> bytes:
+    """The request body by Content-Length or chunked (RFC 7230 §4.1), never over MAX_BODY."""
+    if "chunked" in headers.get("transfer-encoding", "").lower():
+        body = bytearray()
+        for _ in range(MAX_BODY // 16 + 2):  # bounded: tiny chunks cannot loop forever
+            size = _hex((await reader.readuntil(b"\r\n")).split(b";")[0].strip())
+            if size is None:
+                raise HttpError(400, "bad chunk size")
+            if size == 0:
+                await reader.readuntil(b"\r\n")  # the empty trailer line
+                return bytes(body)
+            if len(body) + size > MAX_BODY:
+                raise HttpError(413, "chunked body too large")
+            body += await reader.readexactly(size)
+            await reader.readexactly(2)
+        raise HttpError(413, "too many chunks")
+    length = ascii_uint(headers.get("content-length", ""), 18)
+    if length is None:
+        raise HttpError(411, "Content-Length required")
+    if length > MAX_BODY:
+        raise HttpError(413, f"body of {length} bytes")
+    return await reader.readexactly(length)
+
+
+def _hex(raw: bytes) -> int | None:
+    """A chunk size: 1-8 ASCII hex digits."""
+    if not 0 < len(raw) <= 8 or not all(c in b"0123456789abcdefABCDEF" for c in raw):
+        return None
+    return int(raw, 16)
 
 
 class HttpError(Exception):
@@ -128,9 +169,12 @@ class UpnpHttpServer:
             if not sep:
                 raise HttpError(400, "bad header line")
             headers[name.strip().lower()] = value.strip()
-        if not _HOST.match(headers.get("host", "")):
-            raise HttpError(403, f"Host {headers.get('host', '')[:64]!r} is not an IP literal")
-        path = path.split("?", 1)[0]
+        host = headers.get("host")
+        if host is None and parts[2] != "HTTP/1.0":  # RFC 7230 §5.4: HTTP/1.1 requires Host
+            raise HttpError(400, "no Host header")
+        if host is not None and not _HOST.match(host):
+            raise HttpError(403, f"Host {host[:64]!r} is not an IP literal")
+        path = _normalise(path)
         if method == "GET":
             return (*self._get(path, headers.get("user-agent", "")), None)
         if method == "POST":
@@ -143,6 +187,18 @@ class UpnpHttpServer:
             status, out, after = self.gena.request(method, path, headers, peer)
             return status, out, b"", after
         raise HttpError(405, f"method {method[:16]}")
+
+    def _query_state_variable(self, service: Service, action: soap.SoapAction, peer: str,
+                              headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
+        """UDA 1.0 §3.2.1 QueryStateVariable, still sent by Windows' UPnP API and libupnp:
+        the evented variables, as the caller sees them (404 Invalid Var for the rest)."""
+        if action.name != "QueryStateVariable":
+            return 500, headers, soap.fault(401, "Invalid Action")
+        values = self.actions.evented(service, peer)
+        var = action.args.get("varName", "")
+        if var not in values:
+            return 500, headers, soap.fault(404, "Invalid Var")
+        return 200, headers, soap.response(soap.CONTROL_URN, "QueryStateVariable", {"return": values[var]})
 
     def _get(self, path: str, user_agent: str) -> tuple[int, dict[str, str], bytes]:
         # IGD:1 view for agents that break on IGD:2 (controld.description.IGD1_ONLY_AGENTS)
@@ -159,18 +215,18 @@ class UpnpHttpServer:
         service = self.device.services.get(path)
         if service is None:
             raise HttpError(404, f"no control URL {path[:64]}")
-        length = ascii_uint(headers.get("content-length", ""), 18)
-        if length is None:
-            raise HttpError(411, "Content-Length required")
-        if length > MAX_BODY:
-            raise HttpError(413, f"body of {length} bytes")
         async with asyncio.timeout(READ_DEADLINE):
-            body = await reader.readexactly(length)
+            body = await _read_body(reader, headers)
         xml_headers = {"Content-Type": 'text/xml; charset="utf-8"', "EXT": ""}
         try:
             action = soap.parse_request(body, headers.get("soapaction", ""))
+            if action.service_type == soap.CONTROL_URN:
+                return self._query_state_variable(service, action, peer, xml_headers)
             if action.service_type.rsplit(":", 1)[0] != service.type.rsplit(":", 1)[0]:
                 raise soap.SoapError(f"{action.service_type} is not served at {path}")
+        except soap.SoapActionError as exc:
+            log.info("soap %s: %s", peer, exc)
+            return 500, xml_headers, soap.fault(401, "Invalid Action")
         except soap.SoapError as exc:
             log.info("soap %s: invalid request: %s", peer, exc)
             return 500, xml_headers, soap.fault(402, "Invalid Args")

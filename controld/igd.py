@@ -56,9 +56,11 @@ class Policy:
 
 
 def _arg(a: SoapAction, name: str) -> str:
-    if name not in a.args:
-        raise UPnPError(402, f"missing argument {name}")
-    return a.args[name]
+    if name in a.args:
+        return a.args[name]
+    if name in LENIENT_DEFAULTS:
+        return LENIENT_DEFAULTS[name]
+    raise UPnPError(402, f"missing argument {name}")
 
 
 def _uint(a: SoapAction, name: str, hi: int, lo: int = 0) -> int:
@@ -81,6 +83,12 @@ def _bool(a: SoapAction, name: str) -> bool:
     if raw not in ("0", "1", "true", "false", "yes", "no"):
         raise UPnPError(402, f"{name} must be a boolean")
     return raw in ("1", "true", "yes")
+
+
+# Arguments some control points leave out, and the value miniupnpd assumes for them
+# (miniupnpd.md §1.2); every other in-argument stays required (402 when missing).
+LENIENT_DEFAULTS = {"NewRemoteHost": "", "NewEnabled": "1", "NewLeaseDuration": "0",
+                    "NewPortMappingDescription": ""}
 
 
 def _remote_host(a: SoapAction) -> str:
@@ -313,15 +321,12 @@ class IgdActions:
         start, end, proto = self._range(a)
         manage = self._manage(a, cp)
         limit = _uint(a, "NewNumberOfPorts", 65535) or LIST_DEFAULT_MAX
-        found: list[tuple[Mapping, int]] = []
-        for m in self.iwf.table.listed():
-            if m.proto == proto and start <= m.ext_port <= end and (manage or cp in (m.cp, m.int_client)):
-                found.append((m, self.iwf.lease_remaining(m)))
-                if len(found) >= limit:
-                    break
+        # In port order before the cut, so a client paging by NewStartPort misses nothing.
+        ours = sorted((m for m in self.iwf.table.listed() if m.proto == proto and start <= m.ext_port <= end
+                       and (manage or cp in (m.cp, m.int_client))), key=lambda m: m.ext_port)
+        found = [(m, self.iwf.lease_remaining(m)) for m in ours[:limit]]
         if not found:
             raise UPnPError(730, f"no mapping in {start}-{end}")
-        found.sort(key=lambda e: e[0].ext_port)
         return {"NewPortListing": Cdata(port_listing(found))}
 
     # --- WANCommonInterfaceConfig ----------------------------------------------------------

@@ -19,11 +19,19 @@ MAX_DEPTH = 16
 MAX_ELEMENTS = 256
 MAX_TEXT = 8192
 
-_SOAPACTION = re.compile(r'^"?(urn:[A-Za-z0-9.-]+:service:[A-Za-z0-9]+:(\d+))#([A-Za-z0-9_]+)"?$')
+# Quotes (double, or single as some stacks send), blanks inside them; the UDA 1.0 control URN
+# (QueryStateVariable) as well as service types. miniupnpd is as lenient (miniupnpd.md §1.2).
+_SOAPACTION = re.compile(r"^[\"']?\s*(urn:[A-Za-z0-9.-]+:(?:service:[A-Za-z0-9]+:(\d+)|control-1-0))"
+                         r"#([A-Za-z0-9_]+)\s*[\"']?$")
+CONTROL_URN = "urn:schemas-upnp-org:control-1-0"
 
 
 class SoapError(ValueError):
     """A request that is not a well-formed UPnP SOAP action."""
+
+
+class SoapActionError(SoapError):
+    """The SOAPACTION header names no action this server could serve (401 Invalid Action)."""
 
 
 @dataclass(frozen=True)
@@ -38,8 +46,8 @@ def parse_soapaction(header: str) -> tuple[str, int, str]:
     """Split a SOAPACTION header into (service type, version, action name)."""
     m = _SOAPACTION.match(header.strip())
     if not m:
-        raise SoapError(f"bad SOAPACTION header {header[:80]!r}")
-    return m.group(1), int(m.group(2)), m.group(3)
+        raise SoapActionError(f"bad SOAPACTION header {header[:80]!r}")
+    return m.group(1), int(m.group(2) or 1), m.group(3)
 
 
 def parse_request(body: bytes, soapaction: str) -> SoapAction:
@@ -68,8 +76,10 @@ def parse_request(body: bytes, soapaction: str) -> SoapAction:
             if action is not None:
                 raise SoapError("more than one action in Body")
             ns, _, local = tag.rpartition(" ")
-            if local != name or ns != service:
-                raise SoapError(f"Body element {local!r} does not match SOAPACTION {name!r}")
+            # The service version may differ between header and body (a :1 header with a :2
+            # body, as some stacks write it); the service and the action must not.
+            if local != name or ns.rsplit(":", 1)[0] != service.rsplit(":", 1)[0]:
+                raise SoapError(f"Body element {ns} {local!r} does not match SOAPACTION {service}#{name}")
             action = local
         stack.append(tag)
         text, text_len = [], 0

@@ -80,7 +80,7 @@ def parse(data: bytes) -> tuple[str, dict[str, str]] | None:
         text = data[:MAX_DATAGRAM].decode("latin-1")
     except UnicodeDecodeError:  # pragma: no cover - latin-1 decodes anything
         return None
-    lines = text.split("\r\n")
+    lines = text.replace("\r\n", "\n").split("\n")  # bare LF tolerated (RFC 7230 §3.5)
     headers = {}
     for line in lines[1:40]:
         name, sep, value = line.partition(":")
