@@ -25,6 +25,7 @@ Requirement map (rfc6970-iwf.md items; RFC 6970 sections):
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import heapq
 import ipaddress
 import logging
@@ -118,6 +119,7 @@ class Iwf:
         self._waiters: dict[Hashable, asyncio.Future[pcp.Response | None]] = {}
         self._wake = asyncio.Event()
         self._wan_task: asyncio.Task[None] | None = None
+        self._may_move: set[int] = set()  # mappings allowed a new external port (rfc6970-iwf item 81)
         self._renewals: list[tuple[float, int, int]] = []  # heap of (due wall time, mid, attempt)
         self._due: dict[int, tuple[float, int]] = {}  # the live entry per mapping
         self._probe_seq = 0
@@ -159,19 +161,15 @@ class Iwf:
         hello = await self.link.call(wire.Hello(), timeout=30)
         assert isinstance(hello, wire.HelloReply)
         self.natd_boot, self.wan_ip, self.gateway = hello.boot_id, hello.wan_ip, hello.gateway
-        leftovers = []
-        for m in list(self.table.by_id.values()):
-            if m.state not in LISTED:  # a previous run stopped half-way: nothing was promised
-                log.info("dropping unfinished %s (%s)", m.describe(), m.state.value)
-                self.table.delete(m)
-                if m.mode != "nat1-only" and m.nonce:
-                    leftovers.append(m)
+        # A previous run stopped half-way on these: nothing was promised, but NAT2 may hold them.
+        leftovers = [m for m in self.table.by_id.values() if m.state not in LISTED]
         await self.sync_nat1()
         self._tasks = [asyncio.create_task(self._timer()), asyncio.create_task(self._renewer()),
                        asyncio.create_task(self._redecider()), asyncio.create_task(self._epoch_poller())]
         await self.decide_mode()
-        for m in leftovers:  # NAT2 may hold them: delete with the stored nonce (rfc6970-iwf item 32 notes)
-            self._spawn(self._delete_upstream(m))
+        for m in leftovers:
+            log.info("cleaning up unfinished %s (%s)", m.describe(), m.state.value)
+            self._spawn(self._finish_leftover(m))
         # Re-assert upstream with the stored nonces after RAND(PCP_SERVICE_WAIT), paced by the
         # renewal window (ARCHITECTURE.md, recovery; rfc6970-iwf item 32, §18 item 6).
         at = self.wall() + self.rng.uniform(0, self.cfg.service_wait)
@@ -184,12 +182,25 @@ class Iwf:
         for t in [*self._tasks, *self._bg]:
             t.cancel()
 
+    async def _finish_leftover(self, m: Mapping) -> None:
+        """Delete upstream with the stored nonce (rfc6970-iwf item 32 notes), then the binding and row."""
+        if m.mode != "nat1-only" and m.nonce:
+            await self._delete_upstream(m)
+        await self._undo(m)
+
     async def sync_nat1(self) -> None:
         """Send natd the whole NAT1 set (after our start or natd's restart)."""
+        # Unfinished rows too: a create in flight or a delete after a crash still needs its
+        # binding for natd to relay the PCP request (RFC 6970 §5.5).
         bindings = [wire.Binding(m.id, m.proto, m.int_client, m.int_port, m.nat1_port)
-                    for m in self.table.listed() if m.nat1_port and m.mode != "no-nat1"]
+                    for m in self.table.by_id.values() if m.nat1_port and m.mode != "no-nat1"]
         reply = await self.link.call(wire.Sync(bindings), timeout=30)
         assert isinstance(reply, wire.SyncReply)
+        for mid in reply.refused:  # natd will not forward these (host left the LAN, limit lowered)
+            m = self.table.by_id.get(mid)
+            if m is not None and m.state in LISTED:
+                log.warning("natd refused the NAT1 forward of %s; removing it", m.describe())
+                self._spawn(self._remove(m, "natd refused its NAT1 forward"))
         log.info("nat1 sync: %d bindings (+%d -%d)", len(bindings), reply.added, reply.removed)
 
     async def decide_mode(self) -> None:
@@ -296,6 +307,11 @@ class Iwf:
             if self.natd_boot is not None and msg.boot_id != self.natd_boot:
                 log.warning("natd restarted (boot %s); re-syncing NAT1", msg.boot_id)
                 await self.sync_nat1()  # raises on failure: the next heartbeat tries again
+                now = self.wall()
+                for mid, (_, attempt) in list(self._due.items()):
+                    m = self.table.by_id.get(mid)
+                    if attempt > 0 and m is not None:  # renewals that failed while natd was away
+                        self._schedule(m, now)
             self.natd_boot = msg.boot_id
         elif isinstance(msg, wire.WanChanged):
             old = self.wan_ip
@@ -313,7 +329,7 @@ class Iwf:
         self.ext_ip_by_cp.clear()
         self.client.epochs.clear()
         await self.decide_mode()
-        self._recover_all(None, 0.0)
+        self._recover_all(None, 0.0, may_move=True)
         self.on_change()
 
     # --- the PCP edge ------------------------------------------------------------------
@@ -457,11 +473,19 @@ class Iwf:
             self._renewals = [(d, mid, a) for mid, (d, a) in self._due.items()]
             heapq.heapify(self._renewals)
 
-    def _recover_all(self, server: str | None, delay: float) -> None:
-        """Every upstream mapping (at ``server``, or all) is re-created, paced by the window."""
+    def _recover_all(self, server: str | None, delay: float, may_move: bool = False) -> None:
+        """Every upstream mapping (at ``server``, or all) is re-created, paced by the window.
+
+        ``may_move``: after our own WAN address changed, NAT2 still holds the old mappings
+        for the old address, so the promised ports may be taken by ourselves: re-create
+        without PREFER_FAILURE and let the table follow (rfc6970-iwf item 81). Otherwise
+        (a server restart, item 82) a mapping keeps its port or keeps trying.
+        """
         at = self.wall() + delay
         for m in self.table.listed():
             if m.mode != "nat1-only" and (server is None or m.pcp_server in (None, server)):
+                if may_move:
+                    self._may_move.add(m.id)
                 m.state = next_state(m.state, Ev.STATE_LOST)
                 self.table.save(m)
                 self._schedule(m, at)
@@ -504,8 +528,9 @@ class Iwf:
                 log.info("%s moves to PCP server %s", m.describe(), self.server)
                 m.pcp_server, m.nonce = self.server, os.urandom(12)
             lifetime = self._requested_lifetime(m)
+            strict = m.prefer_failure and m.id not in self._may_move
             req = self._map_request(m.nonce or b"\0" * 12, m.proto, m.int_port, m.ext_port, lifetime,
-                                    m.ext_ip, m.prefer_failure, self._third_party(m), m.description,
+                                    m.ext_ip, strict, self._third_party(m), m.description,
                                     m.remote_host)
             now = self.wall()
             if m.state == State.RENEWING and m.pcp_expiry:
@@ -520,7 +545,16 @@ class Iwf:
             return
         now = self.wall()
         # A SUCCESS with lifetime 0 holds nothing upstream: a failed renewal, retried.
+        if resp is not None and resp.result == pcp.Result.SUCCESS and resp.map is not None and resp.lifetime \
+                and strict and resp.map.external_port != m.ext_port:
+            # The promised port is someone else's now and the server ignored PREFER_FAILURE
+            # (miniupnpd does): give the other port back and keep trying for ours (item 82).
+            log.warning("%s: NAT2 offered port %d instead; released, will retry", m.describe(),
+                        resp.map.external_port)
+            await self._delete_upstream(m)
+            resp = dataclasses.replace(resp, result=pcp.Result.CANNOT_PROVIDE_EXTERNAL)
         if resp is not None and resp.result == pcp.Result.SUCCESS and resp.map is not None and resp.lifetime:
+            self._may_move.discard(m.id)
             moved = (str(resp.map.external_ip), resp.map.external_port) != (m.ext_ip, m.ext_port)
             self._granted(m, resp)
             m.state = next_state(m.state, Ev.UPSTREAM_OK)
@@ -608,7 +642,11 @@ class Iwf:
             lease = IGD2_MAX_LEASE  # rfc6970-iwf item 71
         existing = self.table.find(ext_port, proto)
         if existing is not None:
-            if existing.state not in LISTED or (existing.int_client, existing.int_port) != (int_client, int_port):
+            if existing.state in LISTED and existing.int_client == int_client and existing.int_port != int_port \
+                    and existing.mode != "no-nat1":
+                # WANIPConnection: the same client re-adding a port overwrites it (miniupnpd too).
+                await self._move_internal_port(existing, int_port)
+            elif existing.state not in LISTED or (existing.int_client, existing.int_port) != (int_client, int_port):
                 raise UPnPError(718, f"{existing.proto_name} {ext_port} is mapped to {existing.int_client}")
             return await self._refresh(existing, description, lease)
         m = self._new_mapping(cp, igd, remote_host, ext_port, proto, int_port, int_client, description, lease,
@@ -647,6 +685,18 @@ class Iwf:
         # rfc6970-iwf items 26, 66: one delete per mapping, paced.
         await self._remove_many(victims, f"range delete by {cp}")
         return len(victims)
+
+    async def _move_internal_port(self, m: Mapping, int_port: int) -> None:
+        """Point an existing mapping at another LAN port. Only NAT1 changes: upstream the
+        internal tuple is the NAT1 binding's (RFC 6970 §5.5), which keeps its port."""
+        try:
+            await self.link.call(wire.Bind(m.id, m.proto, m.int_client, int_port, m.nat1_port or m.ext_port,
+                                           exact=True))
+        except NatdError as exc:
+            raise UPnPError(718, f"cannot move {m.describe()} to port {int_port}: {exc}") from None
+        log.info("%s now goes to LAN port %d", m.describe(), int_port)
+        m.int_port = int_port
+        self.table.save(m)
 
     async def _refresh(self, m: Mapping, description: str, lease: int) -> Mapping:
         """The owner re-adds its own mapping: new lease, same nonce (rfc6970-iwf item 54).
@@ -778,9 +828,10 @@ class Iwf:
             raise UPnPError(714, f"no mapping for {ext_port}")  # rfc6970-iwf item 62: nothing sent
         if self.cfg.secure_mode and m.cp != cp and m.int_client != cp:
             raise UPnPError(606 if igd >= 2 else 714, "the mapping belongs to another control point")
+        recovering = m.state == State.RECOVERING
         error = await self._remove(m, f"deleted by {cp}")
-        if error is not None:
-            raise error
+        if error is not None and not recovering:
+            raise error  # (while recovering NAT2 had lost it anyway: gone everywhere is success)
 
     async def host_left(self, ip: str) -> int:
         """A LAN host's DHCP lease ended: delete all its mappings (rfc6970-iwf items 79, 80)."""

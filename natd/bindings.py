@@ -119,9 +119,9 @@ class BindingTable:
         return b
 
     def replace_all(self, bindings: list[Binding]) -> list[tuple[Binding, str]]:
-        """Swap in a whole new set (sync). A malformed set (duplicates, port clashes, quota) is
-        refused whole; a binding whose host is no longer on the LAN is left out and returned
-        with the reason, so one stale mapping cannot block the rest."""
+        """Swap in a whole new set (sync). A malformed set (duplicates, port clashes) is refused
+        whole; a binding whose host is no longer on the LAN, or that goes over a limit (lowered
+        since), is left out and returned with the reason, so it cannot block the rest."""
         trial = BindingTable(self.lan_subnets, self.router_ips, self.limits, rng=self.rng, _lan_ok=self._lan_ok)
         skipped: list[tuple[Binding, str]] = []
         for b in bindings:
@@ -129,10 +129,11 @@ class BindingTable:
                 raise PolicyError("duplicate", f"mapping {b.mid} listed twice")
             try:
                 trial.check_lan(b.lan_ip)
+                trial.add(b)
             except PolicyError as exc:
+                if exc.code not in ("not-lan", "quota"):
+                    raise
                 skipped.append((b, str(exc)))
-                continue
-            trial.add(b)
         self.by_mid, self.by_port, self.per_host = trial.by_mid, trial.by_port, trial.per_host
         self.by_endpoint = trial.by_endpoint
         return skipped

@@ -319,7 +319,8 @@ class Natd:
             return _counters(self.args.wan_if)
         if isinstance(msg, wire.Sync):
             before = list(t.by_mid.values())
-            for b, why in t.replace_all(msg.bindings):
+            skipped = t.replace_all(msg.bindings)
+            for b, why in skipped:
                 log.warning("sync: left out mapping %d %s/%d -> %s:%d: %s", b.mid, _pname(b.proto), b.wan_port,
                             b.lan_ip, b.lan_port, why)
             try:
@@ -331,7 +332,7 @@ class Natd:
             if len(msg.bindings) > 1000:
                 _trim_heap()
             log.info("sync: %d bindings, +%d -%d forwards", len(t.by_mid), ch.added, ch.removed)
-            return wire.SyncReply(ch.added, ch.removed)
+            return wire.SyncReply(ch.added, ch.removed, [b.mid for b, _ in skipped])
         raise PolicyError("bad-op", f"{msg.OP} is not a request")
 
     def _delta_or_undo(self, undo: Callable[[], object], *changed: wire.Binding | None) -> None:

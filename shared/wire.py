@@ -182,6 +182,7 @@ class SyncReply(Message):
     OP: ClassVar[str] = "sync.reply"
     added: int
     removed: int
+    refused: list[int] = field(default_factory=list)  # mappings natd left out (not LAN, over a limit)
 
 
 @dataclass(frozen=True)

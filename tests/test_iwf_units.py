@@ -119,9 +119,13 @@ def test_leases_refresh_and_what_the_cp_sees(tmp_path) -> None:  # type: ignore[
         assert iwf.lease_remaining(await add(iwf, 8083)) == 0  # IGD:1 infinite: kept by renewals
         again = await add(iwf, 8082, lease=600, desc="new")
         assert again is m and link.maps(8082)[-1].map.nonce == m.nonce and m.description == "new"
+        # The same client re-adding with another internal port overwrites (WANIPConnection, as
+        # miniupnpd); only NAT1 changes, the nonce and the upstream mapping stay.
+        moved = await iwf.add_port_mapping(LAN, 1, "", 8082, pcp.PROTO_TCP, 81, LAN, True, "x", 0)
+        assert moved is m and m.int_port == 81 and link.maps(8082)[-1].map.nonce == m.nonce
         with pytest.raises(UPnPError) as exc:
-            await iwf.add_port_mapping(LAN, 1, "", 8082, pcp.PROTO_TCP, 81, LAN, True, "x", 0)
-        assert exc.value.code == 718  # another internal port on a port we hold: local conflict
+            await iwf.add_port_mapping("192.168.1.9", 1, "", 8082, pcp.PROTO_TCP, 81, "192.168.1.9", True, "x", 0)
+        assert exc.value.code == 718  # another client on a port we hold: local conflict
     run(tmp_path, body)
 
 

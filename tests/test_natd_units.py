@@ -247,3 +247,12 @@ def test_relay_trusts_a_bounded_set_of_servers() -> None:
     relay._received(b"r", ("10.0.3.231", 5351))  # the most recent one is still trusted
     relay._received(b"r", ("10.0.0.0", 5351))  # the oldest was forgotten
     assert got == ["10.0.3.231"]
+
+
+def test_sync_leaves_out_bindings_over_a_lowered_limit() -> None:
+    from natd.bindings import Limits
+
+    t = _lan_table(limits=Limits(max_total=10, max_per_host=1))
+    skipped = t.replace_all([wire.Binding(1, 6, "192.168.1.2", 80, 8080), wire.Binding(2, 6, "192.168.1.2", 81, 8081),
+                             wire.Binding(3, 6, "192.168.1.3", 80, 8082)])
+    assert [b.mid for b, _ in skipped] == [2] and set(t.by_mid) == {1, 3}
