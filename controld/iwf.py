@@ -50,6 +50,7 @@ DISCARD_PORT = 9  # RFC 6970 §4.2: probe port to learn the external address (it
 PROBE_LIFETIME = 60  # RFC 6970 §4.2, §5.7: short probe lifetime, RECOMMENDED 60 s (items 24, 57)
 PCP_PORTS = frozenset({5350, 5351})  # UDP ports never mapped (RFC 6887 §11.3)
 MAX_CP_ADDRESSES = 4096  # per-CP ExternalIPAddress entries kept (bounded)
+RECOVERY_MAX_BACKOFF = 300.0  # longest wait between attempts to re-create a lost mapping
 REDECIDE_S = 60.0  # auto mode: how often a fallen-back IWF looks for its PCP server again
 MODES = ("auto", "nat1-only", "cascaded", "no-nat1")
 
@@ -568,7 +569,13 @@ class Iwf:
         m.state = next_state(m.state, ev)
         self.table.save(m)
         granted, t0 = m.pcp_lifetime or 0, (m.pcp_expiry or now) - (m.pcp_lifetime or 0)
-        due = pcpc.retry_time(granted, t0, attempt + 1, now, self.rng)
+        if m.state == State.RECOVERING:
+            # Not in place upstream (server restart, port briefly taken): retry soon, backing off
+            # from 4 s to RECOVERY_MAX_BACKOFF, not at the old grant's renewal times (hours away).
+            due = now + min(RECOVERY_MAX_BACKOFF, pcpc.MIN_RENEW_GAP * 2 ** min(attempt, 12)) \
+                * self.rng.uniform(1.0, 1.25)
+        else:
+            due = pcpc.retry_time(granted, t0, attempt + 1, now, self.rng)
         # Failed renewal (rfc6970-iwf item 76, our policy): keep the row, retry until the lease ends.
         log.warning("renewal of %s failed (%s); retrying in %.0f s", m.describe(),
                     "no answer" if resp is None else _result_name(resp.result), due - now)
@@ -777,6 +784,10 @@ class Iwf:
                     raise UPnPError(501, str(exc)) from None
                 assert isinstance(reply, wire.BindReply)
                 m.nat1_port = reply.wan_port
+                if m.mode == "cascaded":
+                    # On disk before the MAP goes out: after a crash, the clean-up delete for this
+                    # row needs its NAT1 binding to be relayed (natd relays bound MAPs only).
+                    self.table.save(m)
             if m.mode == "nat1-only":
                 m.ext_ip = self.wan_ip
                 m.ext_port = m.nat1_port or m.ext_port

@@ -67,6 +67,9 @@ def test_recovery_keeps_the_promised_port(tmp_path) -> None:  # type: ignore[no-
         await _until(lambda: any(r.lifetime == 0 for r in link.maps()))
         assert m.ext_port == 8080 and m.state == State.RECOVERING
         assert [r.map.nonce for r in link.maps() if r.lifetime == 0] == [m.nonce]  # the wrong grant, released
+        await _until(lambda: m.id in iwf._due)
+        # It retries within seconds (backing off to 5 min), not at the old grant's renewal times.
+        assert iwf._due[m.id][0] - iwf.wall() < 10
         # After our own WAN address changed the port may move (item 81), asked without PREFER_FAILURE.
         iwf._recover_all(SERVER, 0.0, may_move=True)
         await _until(lambda: m.ext_port == 8090)
