@@ -378,7 +378,7 @@ class Nft:
 
     def teardown(self) -> None:
         """Remove natd's objects (explicit uninstall only, never on restart)."""
-        lay, p = self.layout, self.layout.prefix
+        lay = self.layout
         if lay.own_table:
             self.run(f"delete table {lay.where}")
             return

@@ -7,12 +7,11 @@ import asyncio
 import dataclasses
 import time
 
-from controld.iwf import Iwf
 from controld.lifecycle import State
 from controld.table import Mapping, MappingTable
 from shared import pcp, wire
 from tests.test_iwf_regressions import _drive, _iwf
-from tests.test_iwf_units import LAN, SERVER, ScriptedLink, add, run
+from tests.test_iwf_units import LAN, SERVER, ScriptedLink, add
 
 
 class Scripted(ScriptedLink):

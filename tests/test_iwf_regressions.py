@@ -5,18 +5,16 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import random
-import time
 
 import pytest
 
 from controld.errors import UPnPError
 from controld.iwf import Iwf, IwfConfig
-from controld.lifecycle import State
 from controld.natd_link import NatdError
 from controld.permissions import Permissions
-from controld.table import Mapping, MappingTable
+from controld.table import MappingTable
 from shared import pcp, wire
-from tests.test_iwf_units import LAN, SERVER, ScriptedLink, add, run
+from tests.test_iwf_units import LAN, SERVER, ScriptedLink, add
 
 
 def _iwf(tmp_path, link: ScriptedLink, **cfg) -> Iwf:  # type: ignore[no-untyped-def]
@@ -168,27 +166,6 @@ def test_failed_refresh_keeps_the_mapping_as_it_was(tmp_path) -> None:  # type: 
             await add(iwf, 8080, lease=60, igd=2, desc="changed")
         assert (m.lease, m.lease_end, m.description) == before
     _drive(iwf, body)
-
-
-def test_rows_left_by_a_crash_are_deleted_upstream(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """rfc6970-iwf item 32 notes: the stored nonce is what lets us remove them from NAT2."""
-    t = MappingTable(str(tmp_path))
-    now = time.time()
-    for mid, st in ((1, State.DELETING), (2, State.PENDING)):
-        t.save(Mapping(id=mid, cp=LAN, igd=1, remote_host="", ext_port=8080 + mid, proto=6, int_client=LAN,
-                       int_port=80 + mid, description="x", lease=0, lease_end=None, state=st, created=now,
-                       nat1_port=40000 + mid, nonce=bytes(range(mid, mid + 12)), pcp_server=SERVER,
-                       ext_ip="198.20.0.1", pcp_lifetime=120, pcp_expiry=now + 120, mode="cascaded"))
-    t.close()
-
-    async def body(iwf: Iwf, link: ScriptedLink) -> None:
-        for _ in range(50):
-            if len([r for r in link.maps() if r.lifetime == 0]) == 2:
-                break
-            await asyncio.sleep(0.02)
-        deletes = {r.map.nonce for r in link.maps() if r.lifetime == 0}
-        assert deletes == {bytes(range(1, 13)), bytes(range(2, 14))} and iwf.table.count() == 0
-    run(tmp_path, body)
 
 
 def test_epoch_poll_turned_off_by_reload_does_not_spin(tmp_path) -> None:  # type: ignore[no-untyped-def]
