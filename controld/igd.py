@@ -9,13 +9,11 @@ means for the mapping table and upstream is the IWF's business (RFC 6970 §4, §
 
 from __future__ import annotations
 
-import inspect
 import ipaddress
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
 from xml.sax.saxutils import escape
 
 from controld.description import Device, Service
@@ -148,11 +146,6 @@ def port_listing(entries: list[tuple[Mapping, int]]) -> str:
             'http://www.upnp.org/schemas/gw/WANIPConnection-v2.xsd">' + rows + "</p:PortMappingList>")
 
 
-async def _maybe_await(value: Any) -> Any:
-    """The IWF's lookups may become coroutines; await them when they are."""
-    return await value if inspect.isawaitable(value) else value
-
-
 class IgdActions:
     """Dispatch of SOAP actions to handlers, per service; owner of SystemUpdateID."""
 
@@ -269,7 +262,7 @@ class IgdActions:
             raise UPnPError(716, "use AddAnyPortMapping for a wildcard external port (rfc6970-iwf item 49)")
         if not self.policy.permissions.allowed(eport, client, iport, desc):
             raise self._denied(a, f"permission rules refuse {eport} -> {client}:{iport}")
-        existing = await _maybe_await(self.iwf.table.find(eport, proto))
+        existing = self.iwf.table.find(eport, proto)
         if existing is None:  # a refresh of one's own mapping never counts against the quota
             self._check_quota(cp)
         await self.iwf.add_port_mapping(cp, a.version, remote, eport, proto, iport, client, enabled, desc, lease)
@@ -304,8 +297,7 @@ class IgdActions:
 
     async def get_specific_port_mapping_entry(self, a: SoapAction, cp: str) -> Out:
         _remote_host(a)
-        m = await _maybe_await(self.iwf.get_specific(cp, "", _uint(a, "NewExternalPort", 65535), _proto(a),
-                                                     igd=a.version))
+        m = await self.iwf.get_specific(cp, "", _uint(a, "NewExternalPort", 65535), _proto(a), igd=a.version)
         return _entry(self.iwf, m, with_key=False)
 
     async def get_generic_port_mapping_entry(self, a: SoapAction, cp: str) -> Out:

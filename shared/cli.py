@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import subprocess
 import sys
 import time
 
@@ -91,21 +90,16 @@ def demo(keep: bool, layout: str) -> int:
 
 
 def teardown(prefix: str) -> int:
-    """Remove a bed left by ``demo --keep``: its processes, namespaces and temp dir."""
+    """Remove a bed left by ``demo --keep``: the bed's own teardown (processes in its
+    namespaces terminated then killed, namespaces deleted, temporary directory removed)."""
     import glob
-    import shutil
+    import tempfile
 
     found = [ns for ns in tb.list_namespaces() if ns.startswith(prefix + "-")]
-    for ns in found:
-        pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()
-        for pid in pids:
-            try:
-                os.kill(int(pid), 9)
-            except (ProcessLookupError, ValueError):
-                pass
-        subprocess.run(["ip", "netns", "del", ns], check=False)
-    for d in glob.glob(os.path.join("/tmp", f"{prefix}-*")):
-        shutil.rmtree(d, ignore_errors=True)
+    bed = tb.Testbed(prefix=prefix)
+    dirs = glob.glob(os.path.join(tempfile.gettempdir(), f"{prefix}-*"))
+    bed.workdir = dirs[0] if dirs else None
+    bed.teardown()
     print(f"removed {len(found)} namespaces of {prefix}")
     return 0
 

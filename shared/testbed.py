@@ -773,6 +773,16 @@ table inet {NAT2_TABLE} {{
         proc, out = self._listen("udp", name, port, host, timeout, group)
         return UdpListener(proc, out, self.ns(name), host, port)
 
+    def internet_reaches(self, lan_port: int, ext_port: int, payload: bytes = b"hello through both NATs",
+                         timeout: float = 3.0) -> bool:
+        """Does a TCP connection from the Internet host to NAT2's public address and
+        ``ext_port`` deliver ``payload`` to a listener on the LAN host's ``lan_port``?"""
+        listener = self.tcp_listen("lan", lan_port, timeout=timeout + 2)
+        sent = self.tcp_send("inet", NAT2_PUBLIC_IP, ext_port, payload, timeout=timeout)
+        got = listener.received(timeout=timeout if sent else 0.5)
+        listener.close()
+        return sent and got == payload
+
     def tcp_send(self, name: str, host: str, port: int, payload: bytes,
                  timeout: float = 5.0, source: str | None = None) -> bool:
         """Connect from namespace ``name`` to ``host:port``, send ``payload`` and close.

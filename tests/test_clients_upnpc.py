@@ -9,7 +9,6 @@ delete leaves nothing behind.
 from __future__ import annotations
 
 import re
-import time
 
 import pytest
 
@@ -33,13 +32,6 @@ def _listing(out: str) -> list[tuple[str, int, str, int]]:
             re.findall(r"^\s*\d+ (TCP|UDP)\s+(\d+)->([\d.]+):(\d+)", out, re.M)]
 
 
-def _reaches(bed: tb.Testbed, port: int, ext_port: int) -> bool:
-    listener = bed.tcp_listen("lan", port)
-    time.sleep(0.1)
-    sent = bed.tcp_send("inet", tb.NAT2_PUBLIC_IP, ext_port, PAYLOAD, timeout=3)
-    return sent and listener.received(timeout=3 if sent else 0.5) == PAYLOAD
-
-
 def test_upnpc_igd2_every_command(make_stack) -> None:
     """RFC 6970 §5.6-§5.8 through upnpc: -s -a -r -e -l -L -n -N -d, plus -A (a pinhole: not served)."""
     st: Stack = make_stack(controld_args=["--igd-version", "2"])
@@ -57,7 +49,7 @@ def test_upnpc_igd2_every_command(make_stack) -> None:
     assert add.returncode == 0, add.stdout
     assert f"external {tb.NAT2_PUBLIC_IP}:8080 TCP is redirected to internal {tb.LAN_HOST_IP}:8000" in add.stdout
     assert re.search(r"duration=(\d+)", add.stdout) and 3500 < int(re.search(r"duration=(\d+)", add.stdout)[1]) <= 3600
-    assert _reaches(bed, 8000, 8080)
+    assert bed.internet_reaches(8000, 8080, PAYLOAD)
 
     # -a without a lease on IGD:2: RFC 6970 §4.1 (item 71) turns 0 into 604800 s, so the
     # mapping is not permanent (the remaining lease may be reported as what NAT2 granted)
@@ -79,7 +71,7 @@ def test_upnpc_igd2_every_command(make_stack) -> None:
                   rf"{re.escape(tb.LAN_HOST_IP)}:8100", n.stdout)
     assert m and int(m[1]) != 8080, n.stdout
     any_port = int(m[1])
-    assert _reaches(bed, 8100, any_port)
+    assert bed.internet_reaches(8100, any_port, PAYLOAD)
 
     want = {("TCP", 8080, tb.LAN_HOST_IP, 8000), ("UDP", 9000, tb.LAN_HOST_IP, 9000),
             ("TCP", 7001, tb.LAN_HOST_IP, 7000), ("TCP", any_port, tb.LAN_HOST_IP, 8100)}
@@ -94,7 +86,7 @@ def test_upnpc_igd2_every_command(make_stack) -> None:
     left = set(_entries(st.upnpc("-l").stdout))
     assert left == want - {("TCP", 8080, tb.LAN_HOST_IP, 8000), ("TCP", 7001, tb.LAN_HOST_IP, 7000)} \
         - ({("TCP", any_port, tb.LAN_HOST_IP, 8100)} if 7000 <= any_port <= 8090 else set())
-    assert not _reaches(bed, 8000, 8080)
+    assert not bed.internet_reaches(8000, 8080, PAYLOAD)
 
     # -d, then 714 on a repeat (RFC 6970 §5.8)
     d = st.upnpc("-d", "9000", "UDP")

@@ -24,15 +24,6 @@ def _entries(upnpc_l: str) -> list[str]:
     return re.findall(r"^\s*\d+ (?:TCP|UDP)\s+\S+", upnpc_l, re.M)
 
 
-def _reaches(bed: tb.Testbed, port: int, ext_port: int) -> bool:
-    """An Internet host connects to NAT2's public address; do the bytes arrive on the LAN host?"""
-    listener = bed.tcp_listen("lan", port)
-    time.sleep(0.2)
-    sent = bed.tcp_send("inet", tb.NAT2_PUBLIC_IP, ext_port, PAYLOAD, timeout=3)
-    got = listener.received(timeout=3 if sent else 0.5)
-    return sent and got == PAYLOAD
-
-
 @pytest.mark.parametrize("layout", ["router", "split"])
 def test_upnpc_maps_through_both_nats(make_stack, layout: str) -> None:
     st: Stack = make_stack(layout=layout)
@@ -51,7 +42,7 @@ def test_upnpc_maps_through_both_nats(make_stack, layout: str) -> None:
     assert list(nat1.values()) == [(tb.LAN_HOST_IP, 8000)]
     (proto, nat1_port), = nat1
     assert tb.DnatRule("tcp", 8080, tb.ROUTER_WAN_IP, nat1_port) in bed.nat2_dnat_rules()
-    assert _reaches(bed, 8000, 8080)
+    assert bed.internet_reaches(8000, 8080, PAYLOAD)
 
     assert _entries(st.upnpc("-l").stdout) == [f" 0 TCP  8080->{tb.LAN_HOST_IP}:8000"]
 
@@ -59,7 +50,7 @@ def test_upnpc_maps_through_both_nats(make_stack, layout: str) -> None:
     assert "returned : 0" in delete.stdout, delete.stdout
     assert st.nat1_forwards() == {}
     assert not [r for r in bed.nat2_dnat_rules() if r.ext_port == 8080]
-    assert not _reaches(bed, 8000, 8080)
+    assert not bed.internet_reaches(8000, 8080, PAYLOAD)
     assert _entries(st.upnpc("-l").stdout) == []
 
 

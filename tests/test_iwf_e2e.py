@@ -57,15 +57,6 @@ def nat2_ports(bed: tb.Testbed) -> dict[int, tuple[str, int]]:
     return {r.ext_port: (r.int_ip, r.int_port) for r in bed.nat2_dnat_rules() if r.proto == "tcp"}
 
 
-def reaches(bed: tb.Testbed, lan_port: int, ext_port: int) -> bool:
-    """Does a TCP connection from the Internet host to NAT2's public address reach the LAN host?"""
-    listener = bed.tcp_listen("lan", lan_port, timeout=5)
-    sent = bed.tcp_send("inet", tb.NAT2_PUBLIC_IP, ext_port, PAYLOAD, timeout=3)
-    got = listener.received(timeout=3 if sent else 0.5)
-    listener.close()
-    return sent and got == PAYLOAD
-
-
 def wait_for(cond: Callable[[], bool], timeout: float, step: float = 0.2) -> bool:
     """Poll ``cond`` until true or ``timeout`` seconds passed (bounded)."""
     deadline = time.monotonic() + timeout
@@ -146,7 +137,7 @@ def test_renewal_keeps_infinite_lease_and_expiry_removes_everywhere(make_stack) 
     time.sleep(max(0.0, 13 - 9))
     assert st.log("controld").count("renewed mapping 1 ") >= 2
     assert 8080 in nat2_ports(bed)
-    assert reaches(bed, 8000, 8080)
+    assert bed.internet_reaches(8000, 8080, PAYLOAD)
 
 
 def test_conflicts_probe_range_delete_and_host_release(make_stack) -> None:
@@ -166,7 +157,7 @@ def test_conflicts_probe_range_delete_and_host_release(make_stack) -> None:
     assert status == 200, body
     got = int(_value(body, "NewReservedPort") or 0)
     assert got not in (0, 8080) and nat2_ports(bed)[got][0] == tb.ROUTER_WAN_IP
-    assert reaches(bed, 8000, got)
+    assert bed.internet_reaches(8000, got, PAYLOAD)
 
     # GetSpecific: the other subscriber's port and a free one both give 714; the probe is gone.
     for port in (8080, 9100):
@@ -221,7 +212,7 @@ def test_nat2_restart_recovers_within_10s(make_stack) -> None:
     t0 = time.monotonic()
     assert nat2_ports(bed) == {}
     assert wait_for(lambda: nat2_ports(bed) == before, 10), st.log("controld")[-2000:]
-    assert reaches(bed, 8000, 8080)
+    assert bed.internet_reaches(8000, 8080, PAYLOAD)
     assert time.monotonic() - t0 < 10
     assert "lost its state" in st.log("controld")
     assert {r.ext_port for r in bed.nat2_dnat_rules() if r.proto == "udp"} == {8081}
@@ -242,7 +233,7 @@ def test_nat2_unreachable_gives_501_then_retry_succeeds(make_stack) -> None:
     bed.start_nat2()
     status, body = add(st, 8080, 8000)
     assert status == 200, body
-    assert reaches(bed, 8000, 8080)
+    assert bed.internet_reaches(8000, 8080, PAYLOAD)
 
 
 def test_controld_kill9_keeps_table_and_upstream_ownership(make_stack) -> None:
@@ -271,7 +262,7 @@ def test_controld_kill9_keeps_table_and_upstream_ownership(make_stack) -> None:
     assert nat2_ports(bed) == rules
     assert sorted(e[0] for e in listing(st)) == [8080, 8082]
     assert "NOT_AUTHORIZED" not in st.log("controld")
-    assert reaches(bed, 8000, 8080)
+    assert bed.internet_reaches(8000, 8080, PAYLOAD)
 
     st.kill("controld")
     st.start_controld()
@@ -299,7 +290,7 @@ def test_no_nat1_mode_maps_with_third_party(make_testbed) -> None:
         assert status == 200, body
         assert nat2_ports(bed)[8080] == (tb.LAN_HOST_IP, 8000)
         assert st.nat1_forwards() == {}
-        assert reaches(bed, 8000, 8080)
+        assert bed.internet_reaches(8000, 8080, PAYLOAD)
         status, body = soap_call(st, "GetExternalIPAddress", {})
         assert _value(body, "NewExternalIPAddress") == tb.NAT2_PUBLIC_IP
         status, body = soap_call(st, "DeletePortMapping", {"NewRemoteHost": "", "NewExternalPort": "8080",

@@ -15,7 +15,6 @@ import ipaddress
 import json
 import os
 import re
-import time
 
 import pytest
 
@@ -65,13 +64,6 @@ def _code(body: bytes) -> int | None:
     return int(m[1]) if m else None
 
 
-def _reaches(bed: tb.Testbed, port: int, ext_port: int) -> bool:
-    listener = bed.tcp_listen("lan", port)
-    time.sleep(0.1)
-    sent = bed.tcp_send("inet", tb.NAT2_PUBLIC_IP, ext_port, b"profile", timeout=3)
-    return sent and listener.received(timeout=3 if sent else 0.5) == b"profile"
-
-
 def test_field_profiles_azureus_emule_utorrent(make_stack) -> None:
     st: Stack = make_stack(mode="cascaded", controld_args=["--pcp-timeout", "2"])
     bed = st.bed
@@ -107,7 +99,7 @@ def test_field_profiles_azureus_emule_utorrent(make_stack) -> None:
         assert _code(body) == 718  # held at NAT2: ConflictInMappingEntry (rfc6970-iwf item 51)
     assert mapped == HELD + 1
     assert _pcp_requests(bed) - before <= 10  # two candidates: a probe (+ delete) and a MAP (+ delete) each
-    assert _reaches(bed, 8000, mapped)
+    assert bed.internet_reaches(8000, mapped, b"profile")
     status, body = soap_call(st, "GetSpecificPortMappingEntry",
                              {"NewRemoteHost": "", "NewExternalPort": str(mapped), "NewProtocol": "TCP"})
     assert status == 200 and b"uTorrent" in body

@@ -34,13 +34,6 @@ def _sighup_and_wait(st: Stack, name: str, marker: str, timeout: float = 5.0) ->
     raise AssertionError(f"{name} did not log {marker!r} after SIGHUP:\n{st.log(name)[before:]}")
 
 
-def _reaches(bed: tb.Testbed, port: int) -> bool:
-    listener = bed.tcp_listen("lan", port)
-    time.sleep(0.2)
-    sent = bed.tcp_send("inet", tb.NAT2_PUBLIC_IP, port, b"still here", timeout=3)
-    return sent and listener.received(timeout=3 if sent else 0.5) == b"still here"
-
-
 def test_sighup_rereads_config_and_keeps_mappings(make_testbed) -> None:
     bed = make_testbed()
     cconf, nconf = bed.path("controld.conf"), bed.path("natd.conf")
@@ -60,7 +53,7 @@ def test_sighup_rereads_config_and_keeps_mappings(make_testbed) -> None:
         tail = _sighup_and_wait(st, "controld", "reload: configuration re-read")
         assert "igd_version changed; it takes effect at the next start" in tail
         assert st.upnpc("-a", tb.LAN_HOST_IP, "8000", "8000", "TCP").returncode == 0
-        assert _reaches(bed, 9000), "the mapping made before the reload must keep working"
+        assert bed.internet_reaches(9000, 9000, b"still here"), "the mapping made before the reload must keep working"
 
         # A broken file on reload: logged, the running configuration stays, the daemon lives.
         with open(cconf, "w") as f:
@@ -75,6 +68,6 @@ def test_sighup_rereads_config_and_keeps_mappings(make_testbed) -> None:
         _sighup_and_wait(st, "natd", "re-reading config")
         over = st.upnpc("-a", tb.LAN_HOST_IP, "9001", "9001", "TCP")
         assert over.returncode != 0 and "728" in over.stdout, over.stdout
-        assert len(st.nat1_forwards()) == 2 and _reaches(bed, 8000)
+        assert len(st.nat1_forwards()) == 2 and bed.internet_reaches(8000, 8000, b"still here")
     finally:
         st.close()
