@@ -56,7 +56,6 @@ class Natd:
         self.table = BindingTable(limits=Limits(args.max_bindings, args.max_per_host))
         self.relay = PcpRelay(self._pcp_received)
         self.ifs = wan.IfState(None, None, (), ())
-        self.synced = False  # adopted kernel forwards are kept until controld's first sync
         self._gen: int | None = None  # ruleset generation last known to match our state
         self._dirty = asyncio.Event()
         self._ct_pending: list[conntrack.Flow] = []
@@ -328,7 +327,6 @@ class Natd:
             except NftError:
                 t.replace_all(before)
                 raise
-            self.synced = True
             if len(msg.bindings) > 1000:
                 _trim_heap()
             log.info("sync: %d bindings, +%d -%d forwards", len(t.by_mid), ch.added, ch.removed)

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import os
 import random
+import subprocess
 from collections.abc import Awaitable, Callable
 
 import pytest
@@ -18,7 +20,7 @@ from controld.admin import parse_command
 from controld.errors import UPnPError
 from controld.iwf import IGD2_MAX_LEASE, Iwf, IwfConfig, _description
 from controld.lifecycle import State
-from controld.pcp.discovery import choose_server, parse_option_158, parse_server_file
+from controld.pcp.discovery import choose_server, parse_server_file
 from controld.table import MappingTable
 from shared import pcp, wire
 from tests.fake_pcp import FakePcp
@@ -192,18 +194,28 @@ def test_no_nat1_sends_third_party_and_filter(tmp_path) -> None:  # type: ignore
 # --- discovery, admin, description -------------------------------------------------
 
 
-def test_server_discovery_order_and_option_158() -> None:
+def _hook_158(tmp_path, hex_option: str) -> list[list[str]] | None:  # type: ignore[no-untyped-def]
+    """Run the shipped udhcpc hook on option 158 data; the servers it wrote, None for no file."""
+    out = tmp_path / "pcp-server"
+    out.unlink(missing_ok=True)
+    hook = os.path.join(os.path.dirname(__file__), "..", "packaging", "hooks", "udhcpc-pcp-server")
+    env = dict(os.environ, opt158=hex_option, IGDPCP_PCP_SERVER_FILE=str(out))
+    subprocess.run(["sh", hook, "bound"], env=env, check=True, timeout=10)
+    return parse_server_file(out.read_text()) if out.exists() else None
+
+
+def test_server_discovery_order_and_option_158(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """RFC 6887 §8.1: configured, else DHCP, else the default router (rfc6970-iwf item 10);
     RFC 7291 §4: option 158 lists, multicast/loopback discarded, malformed ignored."""
     assert choose_server("100.64.0.9", [["100.64.0.3"]], SERVER) == ("100.64.0.9", "configured")
     assert choose_server(None, [["100.64.0.3", "100.64.0.4"]], SERVER) == ("100.64.0.3", "dhcp")
     assert choose_server(None, [], SERVER) == (SERVER, "default-router")
     assert choose_server(None, [], None) == (None, "none")
-    assert parse_option_158(bytes.fromhex("04644000030cc6140001c6140002e0000001047f000001")) == [
+    # The shipped hook is the one parser of option 158 (what runs on the router).
+    assert _hook_158(tmp_path, "04644000030cc6140001c6140002e0000001047f000001") == [
         ["100.64.0.3"], ["198.20.0.1", "198.20.0.2"]]
     for bad in ("05644000030a", "00", "08c6140001"):
-        with pytest.raises(ValueError):
-            parse_option_158(bytes.fromhex(bad))
+        assert _hook_158(tmp_path, bad) is None  # malformed: ignored, no file
     assert parse_server_file("100.64.0.3\n# x\n224.0.0.1 127.0.0.1\n::ffff:198.20.0.1, junk\n") == [
         ["100.64.0.3"], ["198.20.0.1"]]
 

@@ -44,26 +44,6 @@ def parse_server_file(text: str) -> list[list[str]]:
     return servers
 
 
-def parse_option_158(data: bytes) -> list[list[str]]:
-    """DHCPv4 OPTION_V4_PCP_SERVER contents (RFC 7291 §4): ``{list-len IPv4*n}+``.
-
-    Raises ValueError for a malformed option (list-len not a non-zero multiple of 4,
-    or running past the end), which a client MUST then ignore.
-    """
-    servers: list[list[str]] = []
-    off = 0
-    while off < len(data):
-        n = data[off]
-        if n == 0 or n % 4 or off + 1 + n > len(data):
-            raise ValueError("malformed OPTION_V4_PCP_SERVER")
-        addrs = [a for a in (usable(str(ipaddress.IPv4Address(data[i:i + 4])))
-                             for i in range(off + 1, off + 1 + n, 4)) if a]
-        if addrs:
-            servers.append(addrs)
-        off += 1 + n
-    return servers
-
-
 @dataclass
 class ServerFile:
     """The DHCP-provided server file, re-read only when it changes (mtime and size)."""
