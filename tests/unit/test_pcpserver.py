@@ -18,6 +18,7 @@ from controld.pcpserver.events import (
     Done,
     Drop,
     Granted,
+    Handled,
     MapWanted,
     PeerWanted,
     Refused,
@@ -38,8 +39,11 @@ EPOCH = 4242
 TCP, UDP = 6, 17
 
 
+DEFAULT = ServerPolicy()
+
+
 def handle(data: bytes, source: ipaddress.IPv4Address | ipaddress.IPv6Address = SRC,
-           policy: ServerPolicy = ServerPolicy()) -> object:
+           policy: ServerPolicy = DEFAULT) -> Handled:
     return pcp.handle_datagram(data, source, 40000, EPOCH, policy)
 
 
@@ -53,8 +57,7 @@ def peer_req(lifetime: int = 600, protocol: int = UDP, iport: int = 5000, rip: s
     return c.peer_request(str(SRC), NONCE, protocol, iport, lifetime, rip, rport, options=options)
 
 
-def error_of(data: bytes, source: ipaddress.IPv4Address = SRC, policy: ServerPolicy = ServerPolicy()
-             ) -> c.PcpAnswer:
+def error_of(data: bytes, source: ipaddress.IPv4Address = SRC, policy: ServerPolicy = DEFAULT) -> c.PcpAnswer:
     """The immediate error answer the server gives ``data``; fails if it is anything else."""
     out = handle(data, source, policy)
     assert isinstance(out, Reply), out
@@ -283,6 +286,7 @@ def test_third_party_in_announce_unsupp_option_rfc6887_7_3() -> None:
 
 def test_map_becomes_map_wanted_rfc6887_11_3() -> None:
     event = handle(map_req(options=c.prefer_failure() + c.description("game")))
+    assert isinstance(event, MapWanted)
     assert event == MapWanted(event.requester, SRC, TCP, 8080, 7200, 8080, None, 4, True, (), "game", False,
                               event.raw)
     assert event.requester.nonce == NONCE and event.requester.front_end == "pcp"
@@ -312,6 +316,7 @@ def test_map_not_offered_unsupp_protocol_rfc6887_11_3(protocol: int, iport: int)
 
 def test_map_lifetime_0_is_delete_rfc6887_15_1() -> None:
     event = handle(map_req(lifetime=0, eport=0))
+    assert isinstance(event, DeleteWanted)
     assert event == DeleteWanted(event.requester, SRC, TCP, 8080, 4, False, event.raw)
 
 
@@ -384,7 +389,8 @@ def test_nonce_mismatch_refusal_carries_remaining_lifetime_rfc6887_11_3() -> Non
 
 def test_refused_delete_copies_request_rfc6887_15_1() -> None:
     event = handle(map_req(lifetime=0, eport=0))
-    answer = c.parse_pcp(pcp.respond(event, Refused(Result.NOT_AUTHORIZED), EPOCH))  # type: ignore[arg-type]
+    assert isinstance(event, DeleteWanted)
+    answer = c.parse_pcp(pcp.respond(event, Refused(Result.NOT_AUTHORIZED), EPOCH))
     assert answer.result == Result.NOT_AUTHORIZED and answer.lifetime == 1800
 
 

@@ -156,6 +156,11 @@ def expected_pcp(data: bytes, policy: ServerPolicy) -> int | None | str:
     fault, seen = _option_fault(data, opcode)
     if fault is not None:
         return fault
+    return _opcode_fault(data, opcode, seen, policy)
+
+
+def _opcode_fault(data: bytes, opcode: int, seen: dict[int, list[bytes]], policy: ServerPolicy) -> int | None:
+    """After the options: the opcode's own rules, THIRD_PARTY's authorisation, what we serve."""
     lifetime = struct.unpack_from("!I", data, 4)[0]
     proto, iport, eport = struct.unpack_from("!B3xHH", data, 36) if opcode else (0, 0, 0)
     if opcode == 1:

@@ -11,13 +11,17 @@ from controld.pcpserver import natpmp, pcp
 from controld.pcpserver.events import (
     Address,
     AddressWanted,
+    AnnounceWanted,
     DeleteWanted,
     Done,
     Drop,
     Granted,
+    Handled,
     MapWanted,
+    Outcome,
     Refused,
     Reply,
+    Wanted,
 )
 from shared.pcp import Result
 from tests.bed import pcp_client as c
@@ -27,12 +31,19 @@ EXT = ipaddress.IPv4Address("203.0.113.5")
 EPOCH = 321
 
 
-def handle(data: bytes, source: ipaddress.IPv4Address | ipaddress.IPv6Address = SRC) -> object:
+def handle(data: bytes, source: ipaddress.IPv4Address | ipaddress.IPv6Address = SRC) -> Handled:
     return pcp.handle_datagram(data, source, 5350, EPOCH)
 
 
+def wanted(data: bytes) -> Wanted:
+    """The wanted event ``data`` makes; fails on a drop or an immediate answer."""
+    out = handle(data)
+    assert not isinstance(out, Reply | Drop), out
+    return out
+
+
 def test_public_address_request_and_answer_rfc6886_3_2() -> None:
-    event = handle(c.natpmp_address_request())
+    event = wanted(c.natpmp_address_request())
     assert isinstance(event, AddressWanted) and event.requester.address == SRC
     assert event.requester.front_end == "natpmp" and event.requester.nonce is None
     out = pcp.respond(event, Address(EXT), EPOCH)
@@ -42,36 +53,38 @@ def test_public_address_request_and_answer_rfc6886_3_2() -> None:
 
 @pytest.mark.parametrize(("outcome", "code"), [(Refused(Result.NETWORK_FAILURE), 3),
                                                (Refused(Result.NO_RESOURCES), 4), (Done(), 3)])
-def test_public_address_failure_rfc6886_3_5(outcome: object, code: int) -> None:
-    event = handle(c.natpmp_address_request())
-    answer = c.parse_natpmp(natpmp.respond(event, outcome, EPOCH))  # type: ignore[arg-type]
+def test_public_address_failure_rfc6886_3_5(outcome: Outcome, code: int) -> None:
+    event = wanted(c.natpmp_address_request())
+    answer = c.parse_natpmp(natpmp.respond(event, outcome, EPOCH))
     assert (answer.result, answer.address, answer.epoch) == (code, ipaddress.IPv4Address(0), EPOCH)
 
 
 @pytest.mark.parametrize(("opcode", "proto"), [(c.NATPMP_UDP, 17), (c.NATPMP_TCP, 6)])
 def test_map_request_becomes_map_wanted_rfc6886_3_3(opcode: int, proto: int) -> None:
-    event = handle(c.natpmp_map_request(opcode, 5000, 6000, 7200))
-    assert event == MapWanted(event.requester, SRC, proto, 5000, 7200, 6000)  # type: ignore[union-attr]
-    answer = c.parse_natpmp(pcp.respond(event, Granted(EXT, 6001, 3600), EPOCH))  # type: ignore[arg-type]
+    event = wanted(c.natpmp_map_request(opcode, 5000, 6000, 7200))
+    assert isinstance(event, MapWanted)
+    assert event == MapWanted(event.requester, SRC, proto, 5000, 7200, 6000)
+    answer = c.parse_natpmp(pcp.respond(event, Granted(EXT, 6001, 3600), EPOCH))
     assert (answer.opcode, answer.result, answer.epoch) == (128 + opcode, 0, EPOCH)
     assert (answer.internal_port, answer.external_port, answer.lifetime) == (5000, 6001, 3600)
 
 
 def test_map_no_suggestion_rfc6886_3_3() -> None:
-    event = handle(c.natpmp_map_request(c.NATPMP_TCP, 80, 0, 60))
+    event = wanted(c.natpmp_map_request(c.NATPMP_TCP, 80, 0, 60))
     assert isinstance(event, MapWanted) and event.suggested_port == 0
 
 
 def test_delete_one_mapping_lifetime_0_rfc6886_3_4() -> None:
-    event = handle(c.natpmp_map_request(c.NATPMP_UDP, 5000, 6000, 0))
-    assert event == DeleteWanted(event.requester, SRC, 17, 5000)  # type: ignore[union-attr]
-    answer = c.parse_natpmp(pcp.respond(event, Done(), EPOCH))  # type: ignore[arg-type]
+    event = wanted(c.natpmp_map_request(c.NATPMP_UDP, 5000, 6000, 0))
+    assert isinstance(event, DeleteWanted)
+    assert event == DeleteWanted(event.requester, SRC, 17, 5000)
+    answer = c.parse_natpmp(pcp.respond(event, Done(), EPOCH))
     assert (answer.opcode, answer.result, answer.internal_port, answer.external_port, answer.lifetime) == \
         (129, 0, 5000, 0, 0)
 
 
 def test_delete_all_of_hosts_mappings_internal_port_0_rfc6886_3_4() -> None:
-    event = handle(c.natpmp_map_request(c.NATPMP_TCP, 0, 0, 0))
+    event = wanted(c.natpmp_map_request(c.NATPMP_TCP, 0, 0, 0))
     assert isinstance(event, DeleteWanted) and event.internal_port == 0 and event.protocol == 6
 
 
@@ -87,15 +100,15 @@ def test_map_port_0_with_lifetime_refused_rfc6886_3_3() -> None:
     (Result.USER_EX_QUOTA, 4), (Result.CANNOT_PROVIDE_EXTERNAL, 2), (Result.UNSUPP_PROTOCOL, 2),
 ])
 def test_refusal_result_codes_rfc6886_3_5(result: Result, code: int) -> None:
-    event = handle(c.natpmp_map_request(c.NATPMP_TCP, 80, 80, 60))
-    answer = c.parse_natpmp(pcp.respond(event, Refused(result), EPOCH))  # type: ignore[arg-type]
+    event = wanted(c.natpmp_map_request(c.NATPMP_TCP, 80, 80, 60))
+    answer = c.parse_natpmp(pcp.respond(event, Refused(result), EPOCH))
     # §3.5: internal port copied so the client can match; port and lifetime say nothing granted
     assert (answer.result, answer.internal_port, answer.external_port, answer.lifetime) == (code, 80, 0, 0)
 
 
 def test_refused_delete_rfc6886_3_4() -> None:
-    event = handle(c.natpmp_map_request(c.NATPMP_TCP, 80, 0, 0))
-    answer = c.parse_natpmp(pcp.respond(event, Refused(Result.NOT_AUTHORIZED), EPOCH))  # type: ignore[arg-type]
+    event = wanted(c.natpmp_map_request(c.NATPMP_TCP, 80, 0, 0))
+    answer = c.parse_natpmp(pcp.respond(event, Refused(Result.NOT_AUTHORIZED), EPOCH))
     assert (answer.result, answer.internal_port) == (2, 80)
 
 
@@ -122,17 +135,18 @@ def test_unsupported_version_when_called_directly_rfc6886_3_5() -> None:
 
 
 def test_respond_refuses_what_nat_pmp_cannot_say() -> None:
-    event = handle(c.natpmp_map_request(c.NATPMP_TCP, 80, 80, 60))
+    event = wanted(c.natpmp_map_request(c.NATPMP_TCP, 80, 80, 60))
     with pytest.raises(ValueError):
-        natpmp.respond(event, Granted(ipaddress.IPv6Address("2001:db8::1"), 1, 1), EPOCH)  # type: ignore[arg-type]
+        natpmp.respond(event, Granted(ipaddress.IPv6Address("2001:db8::1"), 1, 1), EPOCH)
     with pytest.raises(ValueError):
-        natpmp.respond(event, Done(), EPOCH)  # type: ignore[arg-type]
+        natpmp.respond(event, Done(), EPOCH)
     announce = pcp.handle_datagram(c.announce_request(SRC), SRC, 1, EPOCH)
+    assert isinstance(announce, AnnounceWanted)
     with pytest.raises(ValueError):
-        natpmp.respond(announce, Done(), EPOCH)  # type: ignore[arg-type]
+        natpmp.respond(announce, Done(), EPOCH)
 
 
 def test_huge_granted_lifetime_capped_to_32_bits() -> None:
-    event = handle(c.natpmp_map_request(c.NATPMP_TCP, 80, 80, 60))
-    answer = c.parse_natpmp(pcp.respond(event, Granted(EXT, 80, 1 << 40), EPOCH))  # type: ignore[arg-type]
+    event = wanted(c.natpmp_map_request(c.NATPMP_TCP, 80, 80, 60))
+    answer = c.parse_natpmp(pcp.respond(event, Granted(EXT, 80, 1 << 40), EPOCH))
     assert answer.lifetime == 0xFFFFFFFF
