@@ -174,3 +174,41 @@ class Refused:
 
 
 Outcome = Granted | Done | Address | Refused
+
+
+# The core's neutral error kinds (docs/lan-pcp.md "Errors") and the PCP result each becomes.
+KIND_RESULTS: dict[str, Result] = {
+    "not-authorized": Result.NOT_AUTHORIZED,  # another client's mapping, or a nonce mismatch (§11.3)
+    "denied": Result.NOT_AUTHORIZED,  # permission rules (§7.4: "forbidden by policy")
+    "conflict": Result.CANNOT_PROVIDE_EXTERNAL,  # only where §7.4 allows it; see refusal()
+    "quota": Result.USER_EX_QUOTA,
+    "unavailable": Result.NETWORK_FAILURE,  # upstream silent or unreachable, no external address
+    "upstream": Result.NETWORK_FAILURE,  # NAT2 refused without a result we may pass on
+    "invalid": Result.MALFORMED_REQUEST,
+    "unsupported": Result.UNSUPP_PROTOCOL,
+    "not-found": Result.NOT_AUTHORIZED,  # a delete of a missing mapping is SUCCESS instead (§15.1)
+}
+# NAT2's results a proxy passes down (RFC 7648 §5.3); the rest describe our own request to
+# NAT2, not the client's, so the client sees NETWORK_FAILURE instead.
+PASSED_ON = frozenset({Result.NOT_AUTHORIZED, Result.NO_RESOURCES, Result.USER_EX_QUOTA, Result.UNSUPP_PROTOCOL,
+                       Result.NETWORK_FAILURE, Result.CANNOT_PROVIDE_EXTERNAL, Result.EXCESSIVE_REMOTE_PEERS})
+
+
+def refusal(event: Wanted, kind: str, pcp_result: int | None = None, lifetime: int | None = None) -> Outcome:
+    """The outcome for a core error (its ``kind`` value and the upstream PCP result, if any).
+
+    Keeps the RFC 6887 §7.4 "MUST only" rules: CANNOT_PROVIDE_EXTERNAL only for a MAP with
+    PREFER_FAILURE or a PEER, EXCESSIVE_REMOTE_PEERS only for a MAP with FILTER; a delete
+    of a mapping that is not there succeeds (§15.1).
+    """
+    if kind == "not-found" and isinstance(event, DeleteWanted):
+        return Done()
+    result = KIND_RESULTS.get(kind, Result.NO_RESOURCES)
+    if kind == "upstream" and pcp_result in PASSED_ON:
+        result = Result(pcp_result)
+    strict = isinstance(event, PeerWanted) or (isinstance(event, MapWanted) and event.prefer_failure)
+    if result == Result.CANNOT_PROVIDE_EXTERNAL and not strict:
+        result = Result.NO_RESOURCES
+    if result == Result.EXCESSIVE_REMOTE_PEERS and not (isinstance(event, MapWanted) and event.filters):
+        result = Result.NO_RESOURCES
+    return Refused(result, lifetime)
