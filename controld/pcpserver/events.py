@@ -166,7 +166,7 @@ class Refused:
     """The core said no: a PCP result code (NAT-PMP answers are derived from it).
 
     ``lifetime`` None takes the RFC 6887 §7.4 class default; NOT_AUTHORIZED for a nonce
-    mismatch passes the remaining lifetime of the mapping (§11.3 item 4).
+    mismatch passes the remaining lifetime of the mapping (§11.3).
     """
 
     result: Result
@@ -188,7 +188,7 @@ KIND_RESULTS: dict[str, Result] = {
     "unsupported": Result.UNSUPP_PROTOCOL,
     "not-found": Result.NOT_AUTHORIZED,  # a delete of a missing mapping is SUCCESS instead (§15.1)
 }
-# NAT2's results a proxy passes down (RFC 7648 §5.3); the rest describe our own request to
+# NAT2's results a proxy passes down (RFC 7648); the rest describe our own request to
 # NAT2, not the client's, so the client sees NETWORK_FAILURE instead.
 PASSED_ON = frozenset({Result.NOT_AUTHORIZED, Result.NO_RESOURCES, Result.USER_EX_QUOTA, Result.UNSUPP_PROTOCOL,
                        Result.NETWORK_FAILURE, Result.CANNOT_PROVIDE_EXTERNAL, Result.EXCESSIVE_REMOTE_PEERS})

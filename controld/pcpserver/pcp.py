@@ -202,7 +202,7 @@ def _map(data: bytes, req: Request, who: Requester, internal_ip: IPAddress, poli
     if req.lifetime == 0:
         return DeleteWanted(who, internal_ip, m.protocol, m.internal_port, family, third, data)
     if m.protocol not in policy.protocols or m.internal_port == 0:
-        # all-ports and all-protocols (DMZ) mappings are not offered (§11.3 item 2)
+        # all-ports and all-protocols (DMZ) mappings are not offered (§11.3)
         raise _Fault(Result.UNSUPP_PROTOCOL, f"protocol {m.protocol} port {m.internal_port}", parsed=True)
     opts = req.options
     return MapWanted(who, internal_ip, m.protocol, m.internal_port, req.lifetime, m.external_port,
