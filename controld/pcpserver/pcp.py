@@ -229,12 +229,13 @@ def _echoed(event: MapWanted | PeerWanted | DeleteWanted, described: str | None)
     tp = event.internal_ip if event.third_party else None
     if isinstance(event, DeleteWanted):
         return Options(third_party=tp)
-    request_text = event.description
-    text = described if described is not None else request_text
+    text = request_text = event.description
     if request_text is None:
         text = None  # RFC 7220 §4: never a DESCRIPTION the request lacked
-    elif text is not None:
-        text = description_bytes(text).decode("utf-8")
+    elif described is not None and len(described.encode("utf-8")) <= len(request_text.encode("utf-8")):
+        # the stored value, cut by the core (RFC 7220 §4); never longer than what came in,
+        # so the answer stays within the request's size and so within 1100 octets (§8.2)
+        text = description_bytes(described).decode("utf-8")
     if isinstance(event, PeerWanted):
         return Options(third_party=tp, description=text)
     return Options(third_party=tp, prefer_failure=event.prefer_failure, filters=event.filters, description=text)

@@ -348,6 +348,15 @@ def test_description_echoes_the_stored_value_rfc7220_4() -> None:
     assert answer.options == ((128, b"a long"),)
 
 
+def test_description_echo_never_longer_than_the_request_rfc6887_8_2() -> None:
+    data = map_req(options=c.description("d" * 900) + c.filter_option(128, 1, str(PEER_IP)) * 2)
+    event = handle(data)
+    assert isinstance(event, MapWanted)
+    out = pcp.respond(event, Granted(EXT, 1, 60, description="e" * 1016), EPOCH)
+    assert len(out) <= len(data) <= 1100
+    assert dict(c.parse_pcp(out).options)[128] == b"d" * 900
+
+
 def test_description_never_echoed_when_absent_or_invalid_rfc7220_4() -> None:
     for opts in (b"", c.option(128, b"\xff\xfe")):
         event = handle(map_req(options=opts))
