@@ -14,7 +14,9 @@ from shared import natpmp
 from shared.natpmp import Fault, NatPmpDecodeError, Opcode, Result
 
 # A bounded slice by default; IGDPCP_FUZZ_EXAMPLES=100000 (or more) for the long run.
-FUZZ = settings(max_examples=int(os.environ.get("IGDPCP_FUZZ_EXAMPLES", "2000")), deadline=None)
+EXAMPLES = int(os.environ.get("IGDPCP_FUZZ_EXAMPLES", "2000"))
+FUZZ = settings(max_examples=EXAMPLES, deadline=None)
+LONG = pytest.mark.timeout(max(300, EXAMPLES // 25))  # the long profile outlasts the default timeout
 ADDR = ipaddress.IPv4Address("203.0.113.7")
 
 
@@ -123,6 +125,7 @@ def test_encode_refuses_what_nat_pmp_cannot_say() -> None:
         natpmp.encode_response(natpmp.PublicAddressResponse(0, -1, ADDR))
 
 
+@LONG
 @FUZZ
 @given(st.binary(max_size=40))
 def test_fuzz_decode_request_raises_only_typed_errors(raw: bytes) -> None:
@@ -133,6 +136,7 @@ def test_fuzz_decode_request_raises_only_typed_errors(raw: bytes) -> None:
     assert natpmp.encode_request(req)[:2] == raw[:2]  # a decoded request re-encodes to its own type
 
 
+@LONG
 @FUZZ
 @given(st.binary(max_size=40))
 def test_fuzz_decode_response_raises_only_typed_errors(raw: bytes) -> None:

@@ -12,6 +12,7 @@ import ipaddress
 import os
 import struct
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -32,8 +33,11 @@ from controld.pcpserver.pcp import ServerPolicy
 from shared.pcp import Result
 from tests.bed import pcp_client as c
 
-FUZZ = settings(max_examples=int(os.environ.get("IGDPCP_FUZZ_EXAMPLES", "2000")), deadline=None,
+EXAMPLES = int(os.environ.get("IGDPCP_FUZZ_EXAMPLES", "2000"))
+FUZZ = settings(max_examples=EXAMPLES, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+# the long profile runs past pytest-timeout's default (100,000 cases: about 8 min on one core)
+LONG = pytest.mark.timeout(max(300, EXAMPLES // 25))
 SRC = ipaddress.IPv4Address("192.168.1.10")
 EXT = ipaddress.IPv4Address("203.0.113.5")
 EPOCH = 77
@@ -260,6 +264,7 @@ def run_one(data: bytes, policy: ServerPolicy) -> None:
         check_respond(out, data)
 
 
+@LONG
 @FUZZ
 @given(datagrams, st.booleans())
 def test_fuzz_every_datagram_dropped_answered_or_wanted_as_the_rfcs_say(data: bytes, managed: bool) -> None:
