@@ -34,6 +34,7 @@ from shared.const import PCP_MAX_PACKET, PROTOCOLS
 from shared.pcp import (
     HEADER_SIZE,
     MAP_SIZE,
+    MAX_LIFETIME,
     VERSION,
     IPAddress,
     MapData,
@@ -135,9 +136,9 @@ def handle_datagram(data: bytes, source: IPAddress, source_port: int, epoch: int
         return Drop("R bit set: a response, not a request (RFC 6887 §8.2, RFC 6886 §3.5)")
     if data[0] == natpmp.VERSION and policy.natpmp:
         return natpmp.handle_datagram(data, source, source_port, epoch)
-    if data[0] != VERSION or not policy.pcp:
-        if not policy.pcp:  # a NAT-PMP-only server answers in its own format (RFC 6886 §3.5)
-            return Reply(natpmp.unsupported_version(epoch), f"version {data[0]}, only NAT-PMP served")
+    if not policy.pcp:  # a NAT-PMP-only server answers in its own format (RFC 6886 §3.5)
+        return Reply(natpmp.unsupported_version(epoch), f"version {data[0]}, only NAT-PMP served")
+    if data[0] != VERSION:
         return Reply(unsupported_version(data, epoch), f"version {data[0]} (RFC 6887 §9)")
     if len(data) < HEADER_SIZE:
         return Drop("PCP request shorter than 24 octets (RFC 6887 §8.2)")
@@ -255,7 +256,7 @@ def respond(event: Wanted, outcome: Outcome, epoch: int) -> bytes:
     if isinstance(outcome, Refused):
         result = outcome.result
         lifetime = error_lifetime(result) if outcome.lifetime is None else outcome.lifetime
-        return error_response(raw, result, lifetime, epoch, parsed=True)
+        return error_response(raw, result, min(lifetime, MAX_LIFETIME), epoch, parsed=True)
     if isinstance(event, AnnounceWanted):
         return announcement(epoch)
     nonce = event.requester.nonce or b"\x00" * 12
@@ -268,10 +269,11 @@ def respond(event: Wanted, outcome: Outcome, epoch: int) -> bytes:
     if not isinstance(outcome, Granted):
         raise ValueError(f"{type(outcome).__name__} does not answer {type(event).__name__}")
     opts = _echoed(event, outcome.description)
+    granted = min(outcome.lifetime, MAX_LIFETIME)  # a static mapping's 2^32-1 (§11.3) at most
     if isinstance(event, MapWanted):
         m = MapData(nonce, event.protocol, event.internal_port, outcome.external_port, outcome.external_ip)
-        return encode_response(Response(Opcode.MAP, Result.SUCCESS, outcome.lifetime, epoch, m, opts))
-    head = encode_response(Response(Opcode.PEER, Result.SUCCESS, outcome.lifetime, epoch))
+        return encode_response(Response(Opcode.MAP, Result.SUCCESS, granted, epoch, m, opts))
+    head = encode_response(Response(Opcode.PEER, Result.SUCCESS, granted, epoch))
     peer = raw[HEADER_SIZE:HEADER_SIZE + PEER_SIZE]
     body = bytearray(peer)
     struct.pack_into("!H16s", body, 18, outcome.external_port, pack_address(outcome.external_ip))

@@ -454,6 +454,13 @@ def test_unsolicited_announce_layout_rfc6887_14_1_3() -> None:
     assert (answer.opcode, answer.result, answer.lifetime, answer.epoch) == (0, 0, 0, 9)
 
 
+def test_huge_lifetimes_capped_to_32_bits_rfc6887_11_3() -> None:
+    event = handle(map_req())
+    assert isinstance(event, MapWanted)
+    assert c.parse_pcp(pcp.respond(event, Granted(EXT, 1, 1 << 40), EPOCH)).lifetime == 0xFFFFFFFF
+    assert c.parse_pcp(pcp.respond(event, Refused(Result.NOT_AUTHORIZED, 1 << 40), EPOCH)).lifetime == 0xFFFFFFFF
+
+
 def test_respond_refuses_mismatched_outcome() -> None:
     event = handle(map_req())
     assert isinstance(event, MapWanted)
