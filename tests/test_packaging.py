@@ -293,7 +293,8 @@ def test_uci_sample_documents_every_flag(flavour: str, tmp_path: Path) -> None:
 
 def shell_scripts() -> list[Path]:
     return [*(PKG / "files").glob("*.init"), *(PKG / "files").glob("*.hotplug"),
-            *(PKG / "files").glob("*.launcher"), *(PKG / "control").iterdir()]
+            *(PKG / "files").glob("*.launcher"), *(PKG / "control").iterdir(),
+            PKG / "debian" / "dhclient-exit-hook", PKG / "debian" / "dnsmasq-dhcp-script"]
 
 
 @pytest.mark.parametrize("script", shell_scripts(), ids=lambda p: p.name)
@@ -628,12 +629,12 @@ def test_feed_recipe_installs_the_ipk_files_plus_bytecode(ipk: Path, tmp_path: P
         assert not [n for n in names if "/packaging/openwrt" in n]  # the feed holds the hash
     (tmp_path / "src").mkdir()
     subprocess.run(["tar", "-xzf", str(tarball), "-C", str(tmp_path / "src")], check=True, timeout=60)
-    top = tmp_path / "sdk"
+    sdk = tmp_path / "sdk"
     for rel, text in SDK_SHIM.items():
-        (top / rel).parent.mkdir(parents=True, exist_ok=True)
-        (top / rel).write_text(text)
+        (sdk / rel).parent.mkdir(parents=True, exist_ok=True)
+        (sdk / rel).write_text(text)
     dest = tmp_path / "ipkg"
-    res = subprocess.run(["make", "-s", "-f", str(FEED / "igdpcp" / "Makefile"), f"TOPDIR={top}",
+    res = subprocess.run(["make", "-s", "-f", str(FEED / "igdpcp" / "Makefile"), f"TOPDIR={sdk}",
                           f"PKG_BUILD_DIR={tmp_path / 'src' / f'igdpcp-{B.project_version()}'}", f"DEST={dest}"],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
@@ -719,3 +720,73 @@ def test_postrm_removes_fw4_layout_objects(tmp_path) -> None:  # type: ignore[no
     calls.unlink()
     subprocess.run(["sh", script], env={**env, "IPKG_INSTROOT": "/tmp/rootfs"}, check=True)
     assert not calls.exists()  # nothing at image-build time
+
+
+# ---------------------------------------------------------------- Debian hooks
+
+def test_debian_tree_has_debian_hooks_not_openwrts(debian_root: Path) -> None:
+    files = {"/" + p.relative_to(debian_root).as_posix() for p in debian_root.rglob("*") if p.is_file()}
+    for path in ("/etc/dhcp/dhclient-exit-hooks.d/igdpcp", "/etc/dnsmasq.d/igdpcp",
+                 "/usr/lib/igdpcp/dnsmasq-dhcp-script", "/usr/lib/igdpcp/pcp-server-option",
+                 "/usr/lib/igdpcp/host-left"):
+        assert path in files, path
+    assert not [f for f in files if f.startswith(("/etc/udhcpc.user.d/", "/etc/hotplug.d/", "/etc/init.d/",
+                                                   "/usr/share/nftables.d/", "/etc/config/"))]
+    # the option-158 parser and the host-leave hook are the OpenWrt hooks' own bytes (one copy)
+    assert (debian_root / "usr/lib/igdpcp/pcp-server-option").read_bytes() == \
+        (PKG / "hooks" / "udhcpc-pcp-server").read_bytes()
+    assert (debian_root / "usr/lib/igdpcp/host-left").read_bytes() == (PKG / "hooks" / "dhcp-release").read_bytes()
+    conf = (debian_root / "etc/dnsmasq.d/igdpcp").read_text()
+    assert "dhcp-script=/usr/lib/igdpcp/dnsmasq-dhcp-script" in conf.splitlines()
+
+
+@pytest.mark.parametrize("reason, option, expect", [
+    ("BOUND", "4:64:40:0:1", "100.64.0.1\n"),  # dhclient's unpadded hex
+    ("RENEW", "04:64:40:00:01:08:c6:33:64:01:c6:33:64:02", "100.64.0.1\n198.51.100.1 198.51.100.2\n"),
+    ("REBIND", "8:e0:0:0:1:64:40:0:1", "100.64.0.1\n"),  # multicast dropped (RFC 7291 §4)
+    ("BOUND", "5:64:40:0:1:2", None),  # malformed: no file
+    ("BOUND", '"printable?"', None),  # not hex at all: no file
+    ("BOUND", "", None),  # server sent no option 158
+    ("RELEASE", "4:64:40:0:1", None),
+    ("EXPIRE", "", None),
+    ("PREINIT", "", "old\n"),  # other events leave the file alone
+])
+def test_dhclient_exit_hook_writes_the_pcp_server_file(debian_root: Path, tmp_path: Path, reason: str,
+                                                       option: str, expect: str | None) -> None:
+    """Sourced as dhclient-script does, with its variables: the file controld reads follows
+    option 158, and the sourcing shell goes on afterwards (no exit, no leftover variables)."""
+    hook = (debian_root / "etc/dhcp/dhclient-exit-hooks.d/igdpcp").read_text()
+    hook = hook.replace("/usr/lib/igdpcp/pcp-server-option", str(debian_root / "usr/lib/igdpcp/pcp-server-option"))
+    (tmp_path / "hook").write_text(hook)
+    out = tmp_path / "run" / "pcp-server"
+    out.parent.mkdir()
+    out.write_text("old\n")
+    res = subprocess.run(["dash", "-c", f'. "{tmp_path}/hook"; echo "after ${{igdpcp_event-unset}}"'],
+                         env={"PATH": "/usr/bin:/bin", "reason": reason, "interface": "eth1",
+                              "new_pcp_server": option, "IGDPCP_PCP_SERVER_FILE": str(out)},
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and res.stdout == "after unset\n", res.stdout + res.stderr
+    assert (out.read_text() if out.exists() else None) == expect
+
+
+@pytest.mark.parametrize("argv, expect", [
+    (["del", "aa:bb:cc:dd:ee:ff", "192.168.1.20", "laptop"], "host-left 192.168.1.20 --socket "
+                                                              "/var/run/igdpcp/controld.sock"),
+    (["add", "aa:bb:cc:dd:ee:ff", "192.168.1.20", "laptop"], None),
+    (["old", "aa:bb:cc:dd:ee:ff", "192.168.1.20"], None),
+    (["del", "aa:bb:cc:dd:ee:ff", "fd00::20"], None),  # IPv4 mappings only
+])
+def test_dnsmasq_dhcp_script_reports_host_leave(debian_root: Path, tmp_path: Path, argv: list[str],
+                                                expect: str | None) -> None:
+    script = (debian_root / "usr/lib/igdpcp/dnsmasq-dhcp-script").read_text()
+    script = script.replace("/usr/lib/igdpcp/host-left", str(debian_root / "usr/lib/igdpcp/host-left"))
+    (tmp_path / "script").write_text(script)
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    (bin_ / "igdpcp").write_text(f'#!/bin/sh\necho "$*" > "{tmp_path}/called"\n')
+    (bin_ / "igdpcp").chmod(0o755)
+    res = subprocess.run(["dash", str(tmp_path / "script"), *argv], env={"PATH": f"{bin_}:/usr/bin:/bin"},
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    called = tmp_path / "called"
+    assert (called.read_text().strip() if called.exists() else None) == expect
