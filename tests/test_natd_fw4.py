@@ -35,7 +35,7 @@ ROUTER_GUEST_IP, GUEST_HOST_IP = "192.168.2.1", "192.168.2.2"
 OTHER_ISP_IP = "100.64.0.9"  # a second host on the provider side that is not the PCP server
 
 # A guest zone as fw4 renders one for a guest network: its input rejected, forwarding only
-# to wan (fw4's chains for it, in the same shape as those of lan and wan).
+# to wan, plus a lan -> guest forwarding (fw4's chains for it, in the shape of lan's and wan's).
 GUEST_CHAINS = f"""
 \tchain input_guest {{
 \t\tjump reject_from_guest
@@ -52,6 +52,10 @@ GUEST_CHAINS = f"""
 
 \tchain reject_to_guest {{
 \t\toifname "{GUEST_IF}" counter jump handle_reject comment "!fw4: reject guest IPv4/IPv6 traffic"
+\t}}
+
+\tchain accept_to_guest {{
+\t\toifname "{GUEST_IF}" counter accept comment "!fw4: accept guest IPv4/IPv6 traffic"
 \t}}
 """
 
@@ -71,6 +75,8 @@ def fw4_ruleset(includes: str = INCLUDES) -> str:
         text = re.sub(rf'(\n\t\tiifname "{tb.ROUTER_WAN_IF}" jump {base}_wan [^\n]*)',
                       rf'\1\n\t\tiifname "{GUEST_IF}" jump {base}_guest', text)
     text = text.replace("\n\t#\n\t# NAT rules", GUEST_CHAINS + "\n\t#\n\t# NAT rules")
+    text = text.replace("\tchain forward_lan {\n", "\tchain forward_lan {\n\t\tjump accept_to_guest comment "
+                        '"!fw4: Accept lan to guest forwarding"\n')
     for position, chain, path in _include_files(includes):
         text = _splice(text, position, chain, f'include "{path}"')
     return text
@@ -255,6 +261,26 @@ def test_guest_zone_host_cannot_reach_a_lan_host_through_the_wan_address(fw4_nat
     assert reaches(bed, "isp", WAN, 20009, 8009) is not None
 
 
+def test_traffic_from_a_mapped_port_into_another_zone_keeps_its_source(fw4_natd) -> None:
+    """The SNAT to the mapped WAN port is for WAN egress only: lan -> guest traffic from a
+    mapped port reaches the guest host from the LAN host's own address and port."""
+    st, c = fw4_natd
+    bed = st.bed
+    c.call(wire.Bind(1, 17, LAN, 8010, 20010))
+    srv = subprocess.Popen(["ip", "netns", "exec", _guest_ns(bed), python(), "-c", UDP_PEER, "7010"],
+                           stdout=subprocess.PIPE, text=True)
+    try:
+        assert srv.stdout is not None and srv.stdout.readline().strip() == "ready"
+        bed.udp_send("lan", GUEST_HOST_IP, 7010, b"to the guest", bind=("0.0.0.0", 8010))
+        assert srv.communicate(timeout=10)[0].strip() == f"{LAN} 8010 to the guest"
+    finally:
+        srv.kill()
+    # ... while towards the WAN the same socket leaves from the mapped port
+    udp = bed.udp_listen("isp", 7011, timeout=5)
+    bed.udp_send("lan", tb.ISP_INT_IP, 7011, b"out", bind=("0.0.0.0", 8010))
+    assert udp.received(3) == b"out" and udp.peer() == (WAN, 20010)
+
+
 def test_pcp_announce_gets_in_from_the_pcp_server_only(fw4_natd) -> None:
     """fw4's input policy drops udp 5350 from the WAN; natd's set of PCP servers (the ones it
     talks to) lets their ANNOUNCE in (RFC 6887 §14.1.3), nobody else's, also after a reload."""
@@ -313,6 +339,18 @@ except ConnectionRefusedError:
     print("refused")
 except OSError as exc:
     print("failed", exc)
+"""
+
+UDP_PEER = r"""
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", int(sys.argv[1]))); s.settimeout(5)
+print("ready", flush=True)
+try:
+    data, peer = s.recvfrom(100)
+    print(peer[0], peer[1], data.decode(), flush=True)
+except OSError as exc:
+    print("nothing", exc)
 """
 
 BOUND_CONNECT = r"""
