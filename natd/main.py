@@ -25,7 +25,7 @@ import zmq.asyncio
 
 from natd import conntrack, nftmon, wan
 from natd.bindings import BindingTable, Limits, PolicyError, endpoint
-from natd.nft import LAYOUTS, Change, FwNotReady, Layout, Nft, NftError, expected
+from natd.nft import LAYOUTS, Change, FwNotReady, Layout, Nft, NftError
 from natd.relay import PcpRelay
 from shared import pcp, wire
 from shared.config import parse_args_with_config
@@ -38,6 +38,7 @@ HEARTBEAT_S = 1.0
 HEAL_DEBOUNCE_S = 0.05  # coalesce the burst of netlink events one foreign commit makes
 HEAL_RETRY_S = 1.0
 CT_BATCH_S = 0.25  # one conntrack dump (it blocks ~10 ms in the kernel) per burst of deletes
+STOP_CT_S = 2.0  # bound on the conntrack clean-up a stop waits for
 MAX_CT_PENDING = 1_000_000  # bound on queued conntrack work (a sync of 65k forgets 130k tuples)
 
 
@@ -52,9 +53,9 @@ class Natd:
         self.reparse = reparse
         self.boot_id = uuid.uuid4().hex
         self.ctx = zmq.asyncio.Context()
-        self.nft = Nft(Layout.make(args.layout, args.table))
+        self.nft = Nft(Layout.make(args.layout, args.table), args.wan_if, args.lan_if)
         self.table = BindingTable(limits=Limits(args.max_bindings, args.max_per_host))
-        self.relay = PcpRelay(self._pcp_received)
+        self.relay = PcpRelay(self._pcp_received, self._pcp_servers)
         self.ifs = wan.IfState(None, None, (), ())
         self._gen: int | None = None  # ruleset generation last known to match our state
         self._dirty = asyncio.Event()
@@ -206,7 +207,7 @@ class Natd:
     def _heal(self) -> None:
         gen = nftmon.generation()
         intact, have = self.nft.snapshot()
-        want = expected(self.table.by_mid.values(), self.ifs.wan_ip, self.ifs.lan_subnets)
+        want = self.nft.expected(self.table.by_mid.values(), self.ifs.wan_ip, self.ifs.lan_subnets)
         if intact and have == want:
             self.nft.state = have
             self._gen = gen
@@ -224,6 +225,17 @@ class Natd:
         _trim_heap()
 
     # --- PCP relay -----------------------------------------------------------------
+
+    def _pcp_servers(self, servers: list[str]) -> None:
+        """fw4: the input chain lets ANNOUNCE in from exactly the servers natd talks to."""
+        self.nft.pcp_servers = set(servers)
+        if self.nft.layout.own_table:
+            return
+        try:
+            self._program()
+        except NftError as exc:
+            log.warning("cannot update the PCP server set %s: %s", ",".join(servers), exc)
+            self._kick()
 
     def _pcp_received(self, server: str, data: bytes) -> None:
         try:
@@ -412,7 +424,7 @@ class Natd:
         return auth
 
     async def run(self) -> None:
-        """Start everything, serve until SIGTERM, then close sockets (forwards stay in the kernel)."""
+        """Start everything, serve until SIGTERM, then close every forward and the sockets."""
         self._apply_ifs(await wan.snapshot(self.args.wan_if, self.args.lan_if))
         try:
             self.nft.setup()
@@ -444,13 +456,27 @@ class Natd:
         for t in done:
             if t is not waiter and t.exception():
                 raise t.exception()  # type: ignore[misc]
+        await self._close_forwards()
         self.relay.close()
         if auth is not None:
             auth.stop()
         self.router.close()
         self.pub.close()
         self.ctx.term()
-        log.info("natd stopped; %d forwards left in place for the next start", len(self.table.by_mid))
+        log.info("natd stopped")
+
+    async def _close_forwards(self) -> None:
+        """A stop closes every port, as miniupnpd's does; a crash (no SIGTERM) leaves them for
+        the next natd to adopt. controld keeps the mappings: it re-syncs on the new boot id."""
+        n = len(self.table.by_mid)
+        self.table.replace_all([])
+        try:
+            self._program()
+            await asyncio.wait_for(conntrack.forget(self._ct_pending), STOP_CT_S)
+        except (TimeoutError, NftError, OSError) as exc:
+            log.error("stop: closing %d forwards failed: %s", n, exc)
+            return
+        log.info("stop: closed %d forwards (controld restores them at the next start)", n)
 
 
 def _trim_heap() -> None:

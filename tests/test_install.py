@@ -43,7 +43,9 @@ TRAPS = ("nft", "ubus", "uci", "logger", "service", "kill", "killall", "start-st
 # A stand-in for base-files' /lib/functions.sh: default_postinst/prerm source our *-pkg
 # bodies as the real ones do and record the call (the real file exists only on OpenWrt).
 FUNCTIONS_SH = """\
-default_postinst() { echo "default_postinst $*" >> "$TRAPLOG"; . "${IPKG_INSTROOT}/usr/lib/opkg/info/igdpcp.postinst-pkg"; }
+default_postinst() {
+	echo "default_postinst $*" >> "$TRAPLOG"; . "${IPKG_INSTROOT}/usr/lib/opkg/info/igdpcp.postinst-pkg"
+}
 default_prerm() { echo "default_prerm $*" >> "$TRAPLOG"; . "${IPKG_INSTROOT}/usr/lib/opkg/info/igdpcp.prerm-pkg"; }
 """
 
@@ -113,7 +115,7 @@ class StagedOpkg:
         """After prerm: delete listed files (keeping a changed conffile), empty dirs, run postrm."""
         status = (self.root / "usr/lib/opkg/status").read_text()
         words = status.split("Conffiles: ", 1)[1].split()
-        stored = dict(zip(words[::2], words[1::2]))
+        stored = dict(zip(words[::2], words[1::2], strict=True))
         listed = (self.info / f"{PKG}.list").read_text().split()
         for path in sorted(listed, reverse=True):  # children before their directories
             p = self.root / path.lstrip("/")
@@ -209,7 +211,11 @@ def test_install_run_remove(staged: StagedOpkg, make_testbed, tmp_path: Path) ->
     os.chown(bed.workdir, 0, nogroup)
     os.chmod(bed.workdir, 0o770)
     st = Stack(bed, layout="split", env=env, natd_args=["--layout", "standalone"])
-    st.argv = {"natd": [str(root / "usr/sbin/igdpcp-natd"), "--config", str(conf)],
+    # natd with CAP_NET_ADMIN alone, as igdpcp-natd.service runs it (no CAP_NET_RAW: unused)
+    st.argv = {"natd": ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+                        "--inh-caps=-all,+net_admin", "--ambient-caps=-all,+net_admin",
+                        "--bounding-set=-all,+net_admin",
+                        str(root / "usr/sbin/igdpcp-natd"), "--config", str(conf)],
                "controld": ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
                             "--inh-caps=-all", "--bounding-set=-all",
                             str(root / "usr/sbin/igdpcp-controld"), "--config", str(conf)]}
@@ -219,6 +225,9 @@ def test_install_run_remove(staged: StagedOpkg, make_testbed, tmp_path: Path) ->
         status = Path(f"/proc/{ctl_pid}/status").read_text()
         assert re.search(r"^Uid:\s+65534\s+65534\s+65534\s+65534$", status, re.M), status
         assert re.search(r"^CapEff:\s+0+$", status, re.M) and re.search(r"^CapBnd:\s+0+$", status, re.M)
+        natd_status = Path(f"/proc/{st.procs['natd'].pid}/status").read_text()
+        assert re.search(r"^Uid:\s+65534\s+65534\s+65534\s+65534$", natd_status, re.M), natd_status
+        assert re.search(r"^CapEff:\s+0*1000$", natd_status, re.M), natd_status  # bit 12: CAP_NET_ADMIN only
         for name in ("natd", "controld"):
             pid = st.procs[name].pid  # ip netns exec -> launcher -> exec python3: one pid
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")

@@ -173,6 +173,9 @@ def test_control_fields(ipk: Path) -> None:
                   "python3-nftables", "nftables-json", "libzmq", "firewall4"):
         assert piece in deps, piece
     assert "python3" not in deps  # the meta-package pulls in everything (§5)
+    # one IGD per LAN: miniupnpd (every variant) cannot be installed beside it
+    assert f["Conflicts"] == "miniupnpd, miniupnpd-iptables, miniupnpd-nftables"
+    assert f["Provides"] == "miniupnpd"
 
 
 def test_depends_cover_what_the_daemons_import(ipk: Path) -> None:
@@ -290,7 +293,8 @@ def test_uci_sample_documents_every_flag(flavour: str, tmp_path: Path) -> None:
 
 def shell_scripts() -> list[Path]:
     return [*(PKG / "files").glob("*.init"), *(PKG / "files").glob("*.hotplug"),
-            *(PKG / "files").glob("*.launcher"), *(PKG / "control").iterdir()]
+            *(PKG / "files").glob("*.launcher"), *(PKG / "control").iterdir(),
+            PKG / "debian" / "dhclient-exit-hook", PKG / "debian" / "dnsmasq-dhcp-script"]
 
 
 @pytest.mark.parametrize("script", shell_scripts(), ids=lambda p: p.name)
@@ -355,8 +359,15 @@ def init_command(calls: list[str]) -> list[str]:
     return cmd
 
 
+def enabled_config() -> str:
+    """The shipped OpenWrt config, switched on as a user does (it ships disabled)."""
+    text = sample_config("openwrt")
+    assert "option enabled '0'" in text
+    return text.replace("option enabled '0'", "option enabled '1'")
+
+
 def test_procd_natd_instance(tmp_path: Path) -> None:
-    calls = run_init(tmp_path, "igdpcp-natd", sample_config("openwrt"))
+    calls = run_init(tmp_path, "igdpcp-natd", enabled_config())
     cmd = init_command(calls)
     assert cmd[:3] == ["/usr/sbin/igdpcp-natd", "--config", "/etc/config/igdpcp"]
     # the command procd would run parses with natd's own parser and the shipped config
@@ -371,7 +382,7 @@ def test_procd_natd_instance(tmp_path: Path) -> None:
 
 
 def test_procd_controld_instance(tmp_path: Path) -> None:
-    calls = run_init(tmp_path, "igdpcp-controld", sample_config("openwrt"))
+    calls = run_init(tmp_path, "igdpcp-controld", enabled_config())
     cmd = init_command(calls)
     from controld.main import build_parser
     ns = parse_args_with_config(build_parser(), ["--config", str(tmp_path / "igdpcp"), *cmd[3:]], "controld")
@@ -382,10 +393,30 @@ def test_procd_controld_instance(tmp_path: Path) -> None:
     assert "interface_trigger lan" in calls
 
 
-def test_procd_disabled_starts_nothing(tmp_path: Path) -> None:
-    off = sample_config("openwrt").replace("option enabled '1'", "option enabled '0'")
-    for name in ("igdpcp-natd", "igdpcp-controld"):
-        assert not [c for c in run_init(tmp_path, name, off) if c.startswith("open")]
+def test_procd_shipped_disabled_starts_nothing(tmp_path: Path) -> None:
+    """As miniupnpd's package: installed means off until service.enabled is 1; no 'enabled'
+    option at all is off too (the init scripts' default)."""
+    shipped = sample_config("openwrt")
+    missing = shipped.replace("option enabled '0'", "")
+    for text in (shipped, missing):
+        for name in ("igdpcp-natd", "igdpcp-controld"):
+            calls = run_init(tmp_path, name, text)
+            assert not [c for c in calls if c.startswith("open")], calls
+            assert "logger -t igdpcp not started: set igdpcp.service.enabled=1" in calls
+
+
+def test_default_acl_allows_1024_up_to_lan_hosts_and_denies_the_rest() -> None:
+    """miniupnpd's shipped perm_rules, in our syntax, active in the shipped config."""
+    from controld.main import build_parser as controld_parser
+    from controld.permissions import Permissions
+
+    for flavour in ("openwrt", "debian"):
+        (ctl,) = [x for x in parse_uci(sample_config(flavour), "sample") if x.type == "controld"]
+        perms = Permissions.parse(ctl.lists["permission"])
+        assert perms.allowed(1024, "192.168.1.20", 1024) and perms.allowed(65535, "192.168.1.20", 8080)
+        assert not perms.allowed(1023, "192.168.1.20", 8080) and not perms.allowed(8080, "192.168.1.20", 80)
+        assert not perms.allowed(22, "192.168.1.20", 22)
+        assert controld_parser  # the daemon reads the same list (test_uci_sample_documents_every_flag)
 
 
 def test_start_stop_order() -> None:
@@ -448,8 +479,10 @@ def test_systemd_units_privileges(debian_root: Path) -> None:
     sysd = debian_root / "lib/systemd/system"
     natd = unit((sysd / "igdpcp-natd.service").read_text())
     ctl = unit((sysd / "igdpcp-controld.service").read_text())
-    assert natd["CapabilityBoundingSet"] == ["CAP_NET_ADMIN CAP_NET_RAW"]
-    assert natd["AmbientCapabilities"] == ["CAP_NET_ADMIN CAP_NET_RAW"]
+    # CAP_NET_ADMIN only: nftables, rtnetlink, ctnetlink, the nftables monitor; no raw IP socket
+    # anywhere (tests/test_install.py runs natd with exactly this)
+    assert natd["CapabilityBoundingSet"] == ["CAP_NET_ADMIN"]
+    assert natd["AmbientCapabilities"] == ["CAP_NET_ADMIN"]
     assert natd["User"] != ["root"] and natd["Group"] == ["igdpcp"]
     assert ctl["User"] == ["igdpcp"] and ctl["CapabilityBoundingSet"] == [""]
     assert ctl["AmbientCapabilities"] == [""] and ctl["ProtectSystem"] == ["strict"]
@@ -467,35 +500,162 @@ def test_systemd_units_privileges(debian_root: Path) -> None:
     assert re.search(r"^u igdpcp ", sysusers, re.M) and re.search(r"^m igdpcp-natd igdpcp$", sysusers, re.M)
 
 
-def test_debian_config_runs_natd_and_controld_without_flags(debian_root: Path) -> None:
-    """On systemd hosts only --config is passed: the file must satisfy every required flag."""
+def set_devices(text: str) -> str:
+    """The Debian config with the devices set, as the admin does after install."""
+    for opt in ("wan_if 'eth1'", "lan_if 'br-lan'"):
+        text = text.replace(f"#option {opt}", f"option {opt}")
+    return text
+
+
+def test_debian_config_has_no_active_device_and_runs_once_they_are_set(debian_root: Path, tmp_path: Path) -> None:
+    """No placeholder interfaces: shipped, natd refuses for want of --wan-if; with the devices
+    set, only --config is needed (the units pass nothing else)."""
     from controld.main import build_parser as controld_parser
     from natd.main import build_parser as natd_parser
 
-    conf = str(debian_root / "etc/igdpcp/igdpcp")
-    ns = parse_args_with_config(natd_parser(), ["--config", conf], "natd")
-    assert ns.rpc == "ipc:///run/igdpcp/rpc.sock" and ns.wan_if
-    ns = parse_args_with_config(controld_parser(), ["--config", conf, "--state-dir", "/x"], "controld")
-    assert ns.events == "ipc:///run/igdpcp/events.sock"
+    shipped = (debian_root / "etc/igdpcp/igdpcp").read_text()
+    assert not re.search(r"^\s*option (wan_if|lan_if) ", shipped, re.M)
+    with pytest.raises(SystemExit):
+        parse_args_with_config(natd_parser(), ["--config", str(debian_root / "etc/igdpcp/igdpcp")], "natd")
+    conf = tmp_path / "igdpcp"
+    conf.write_text(set_devices(shipped))
+    ns = parse_args_with_config(natd_parser(), ["--config", str(conf)], "natd")
+    assert ns.rpc == "ipc:///run/igdpcp/rpc.sock" and (ns.wan_if, ns.lan_if) == ("eth1", "br-lan")
+    ns = parse_args_with_config(controld_parser(), ["--config", str(conf), "--state-dir", "/x"], "controld")
+    assert ns.events == "ipc:///run/igdpcp/events.sock" and ns.lan_if == "br-lan"
+
+
+def test_systemd_units_skip_start_with_a_message_until_devices_are_set(debian_root: Path, tmp_path: Path) -> None:
+    """Each unit's ExecCondition (need-config) runs as systemd would: exit 1 (start skipped, no
+    restart loop) naming what to set; exit 0 once it is set; a broken file is named too."""
+    sysd = debian_root / "lib/systemd/system"
+    env = {"PATH": "/usr/bin:/bin"}
+    conf = debian_root / "etc/igdpcp/igdpcp"
+    for name, needs in (("igdpcp-natd.service", "wan_if lan_if"), ("igdpcp-controld.service", "lan_if"),
+                        ("igdpcp-controld@.service", "lan_if")):
+        (cond,) = unit((sysd / name).read_text())["ExecCondition"]
+        argv = cond.split()
+        assert argv[0] == f"{B.LIBDIR}/need-config" and argv[1] == "/etc/igdpcp/igdpcp"
+        tool = [str(debian_root / argv[0].lstrip("/"))]
+        res = subprocess.run([*tool, str(conf), *argv[2:]], env=env, capture_output=True, text=True, timeout=60)
+        assert res.returncode == 1, res
+        assert f"set option {needs} in section '{argv[2]}' of {conf}" in res.stderr, res.stderr
+        good = tmp_path / "good"
+        good.write_text(set_devices(conf.read_text()))
+        res = subprocess.run([*tool, str(good), *argv[2:]], env=env, capture_output=True, text=True, timeout=60)
+        assert (res.returncode, res.stderr) == (0, ""), res.stderr
+    bad = tmp_path / "bad"
+    bad.write_text("config natd 'natd'\n\toption wan_if 'unterminated\n")
+    res = subprocess.run([str(debian_root / "usr/lib/igdpcp/need-config"), str(bad), "natd", "wan_if"],
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1 and "unterminated" in res.stderr and str(bad) in res.stderr, res.stderr
 
 
 # ---------------------------------------------------------------- OpenWrt feed Makefile
 
+FEED = PKG / "openwrt"
+
+
+def make_vars(mk: str) -> dict[str, str]:
+    """Top-level and Package/ ``NAME:=value`` assignments of a feed Makefile (last one wins)."""
+    return {m[1]: m[2].strip() for m in re.finditer(r"^\s*([A-Z0-9_]+):=(.*)$", mk, re.M)}
+
+
+@pytest.mark.parametrize("pkg, name", [("igdpcp", "igdpcp"), ("python-pyzmq", "python3-pyzmq"),
+                                       ("python-nftables", "python3-nftables")])
+def test_feed_package_makefiles(pkg: str, name: str) -> None:
+    """packaging/openwrt is a feed (src-link): one directory per package, packages-feed style."""
+    mk = (FEED / pkg / "Makefile").read_text()
+    v = make_vars(mk)
+    assert v["PKG_NAME"] == pkg and re.fullmatch(r"\d+(\.\d+)+", v["PKG_VERSION"]) and v["PKG_RELEASE"].isdigit()
+    assert re.fullmatch(r"[0-9a-f]{64}", v["PKG_HASH"]), "PKG_HASH must be the tarball's sha256, not skip"
+    assert "include $(TOPDIR)/feeds/packages/lang/python/python3-package.mk" in mk
+    assert re.search(rf"^\$\(eval \$\(call BuildPackage,{name}\)\)$", mk, re.M)
+    assert not re.search(r"^\t+python3? ", mk, re.M)  # the SDK's host python: $(HOST_PYTHON3_BIN)
+    assert v["PKG_MAINTAINER"] and v["PKG_LICENSE"]
+    test_sh = FEED / pkg / "test.sh"  # OpenWrt CI runs it on the device after install
+    assert os.access(test_sh, os.X_OK) and f'"$1" = {name}' in test_sh.read_text()
+    assert subprocess.run(["dash", "-n", str(test_sh)], timeout=30).returncode == 0
+    if pkg == "python-pyzmq":  # Cython extension against the system libzmq-curve, from PyPI
+        assert v["PYPI_NAME"] == "pyzmq" and "+libzmq-curve" in v["DEPENDS"].split()
+        assert "ZMQ_PREFIX=$(STAGING_DIR)/usr" in mk and "python-cython/host" in v["PKG_BUILD_DEPENDS"]
+        assert "$(call Py3Package,python3-pyzmq)" in mk and "PKGARCH" not in v
+    if pkg == "python-nftables":  # the binding from nftables' py/, arch-all
+        assert v["PKG_SOURCE"] == "nftables-$(PKG_VERSION).tar.bz2"
+        assert v["PKG_SOURCE_URL"] == "https://netfilter.org/projects/nftables/files"
+        assert sorted(v["DEPENDS"].split()) == ["+nftables-json", "+python3-ctypes", "+python3-light",
+                                                "+python3-logging"]
+        assert v["PKGARCH"] == "all" and "$(PKG_BUILD_DIR)/py/nftables.py" in mk
+
+
 def test_openwrt_feed_makefile_matches_the_ipk(ipk: Path) -> None:
-    mk = (PKG / "openwrt" / "Makefile").read_text()
-    assert re.search(r"^PKGARCH:=all$", mk, re.M)
+    mk = (FEED / "igdpcp" / "Makefile").read_text()
+    v = make_vars(mk)
+    assert v["PKGARCH"] == "all"
     version, release = ipk.name.split("_")[1].split("-")
-    assert re.search(rf"^PKG_VERSION:={re.escape(version)}$", mk, re.M)
-    assert re.search(rf"^PKG_RELEASE:={release}$", mk, re.M)
-    deps = control_fields(ipk)["Depends"].split(", ")
-    depends_line = re.search(r"^\s*DEPENDS:=(.*)$", mk, re.M)[1].split()
-    assert sorted(d.lstrip("+") for d in depends_line) == sorted(deps), \
+    assert (v["PKG_VERSION"], v["PKG_RELEASE"]) == (version, release)
+    assert v["PKG_SOURCE"] == "$(PKG_NAME)-$(PKG_VERSION).tar.gz" and "$(PKG_VERSION)" in v["PKG_SOURCE_URL"]
+    assert v["PKG_SOURCE_URL"].startswith("https://") and "example" not in v["PKG_SOURCE_URL"]
+    f = control_fields(ipk)
+    assert sorted(d.lstrip("+") for d in v["DEPENDS"].split()) == sorted(f["Depends"].split(", ")), \
         "run: packaging/build-ipk --update-feed-makefile"
+    assert v["CONFLICTS"].split() == f["Conflicts"].split(", ") and v["PROVIDES"].split() == f["Provides"].split(", ")
+    assert v["USERID"] == f["Require-User"]
     assert "/etc/config/igdpcp" in re.search(r"define Package/igdpcp/conffiles\n(.*?)endef", mk, re.S)[1]
     # the SDK package carries the same maintainer scripts ($ escaped for make)
     for define, name in (("postinst", "postinst-pkg"), ("prerm", "prerm-pkg"), ("postrm", "postrm")):
         body = re.search(rf"define Package/igdpcp/{define}\n(.*?)endef", mk, re.S)[1]
         assert body.replace("$$", "$") == (PKG / "control" / name).read_text(), define
+
+
+# A stand-in for the SDK's make machinery, just enough to run the feed Makefile's own recipes:
+# BuildPackage runs Build/Compile and Package/<name>/install into $(DEST) (not OpenWrt's code).
+SDK_SHIM = {
+    "rules.mk": "INCLUDE_DIR:=$(TOPDIR)/include\nCP:=cp -fpR\nINSTALL_DIR:=install -d -m0755\n",
+    "include/package.mk": "define BuildPackage\nall:\n\t$$(Build/Compile)\n\t$$(call Package/$(1)/install,$$(DEST))\n"
+                          "endef\n",
+    "feeds/packages/lang/python/python3-package.mk": f"HOST_PYTHON3_BIN:={sys.executable}\n",
+}
+
+
+def test_feed_recipe_installs_the_ipk_files_plus_bytecode(ipk: Path, tmp_path: Path) -> None:
+    """The feed's Build/Compile and install, run by make on the release tarball (build-ipk
+    --dist), give the standalone ipk's files, modes and bytes, plus bytecode for every module."""
+    tarball = B.dist(tmp_path, "HEAD")  # what --dist writes, without touching PKG_HASH (committed tree)
+    # a function of the content: the same bytes again, and no commit id inside
+    assert B.dist(tmp_path / "again", "HEAD").read_bytes() == tarball.read_bytes()
+    assert subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
+                          timeout=30).stdout.strip().encode() not in gzip.decompress(tarball.read_bytes())
+    with tarfile.open(tarball) as t:
+        names = t.getnames()
+        top = f"igdpcp-{B.project_version()}"
+        assert all(n == top or n.startswith(f"{top}/") for n in names)
+        assert not [n for n in names if "/packaging/openwrt" in n]  # the feed holds the hash
+    (tmp_path / "src").mkdir()
+    subprocess.run(["tar", "-xzf", str(tarball), "-C", str(tmp_path / "src")], check=True, timeout=60)
+    sdk = tmp_path / "sdk"
+    for rel, text in SDK_SHIM.items():
+        (sdk / rel).parent.mkdir(parents=True, exist_ok=True)
+        (sdk / rel).write_text(text)
+    dest = tmp_path / "ipkg"
+    res = subprocess.run(["make", "-s", "-f", str(FEED / "igdpcp" / "Makefile"), f"TOPDIR={sdk}",
+                          f"PKG_BUILD_DIR={tmp_path / 'src' / f'igdpcp-{B.project_version()}'}", f"DEST={dest}"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    with tarfile.open(fileobj=io.BytesIO(gzip.decompress(member(ipk, "./data.tar.gz")))) as t:
+        want = {m.name[1:]: (m.mode, t.extractfile(m).read()) for m in t.getmembers() if m.isfile()}
+    got = {"/" + p.relative_to(dest).as_posix(): p for p in dest.rglob("*") if p.is_file()}
+    pyc = {k for k in got if "/__pycache__/" in k}
+    assert {k: (p.stat().st_mode & 0o7777, p.read_bytes()) for k, p in got.items() if k not in pyc} == want
+    modules = [k for k in want if k.endswith(".py")]
+    tag = sys.implementation.cache_tag
+    assert sorted(pyc) == sorted(
+        f"{k.rsplit('/', 1)[0]}/__pycache__/{k.rsplit('/', 1)[1][:-3]}.{tag}.pyc" for k in modules)
+    # the installed tree imports from that bytecode (checked-hash: valid whatever the mtimes)
+    probe = subprocess.run([sys.executable, "-B", "-P", "-c", "import natd.nft as m; print(m.__cached__)"],
+                           env={"PYTHONPATH": f"{dest}/usr/lib/igdpcp:{os.pathsep.join(sys.path[1:])}"},
+                           capture_output=True, text=True, timeout=60)
+    assert probe.returncode == 0 and Path(probe.stdout.strip()).exists(), probe.stderr
 
 
 def test_stage_openwrt_equals_ipk_data(tmp_path: Path) -> None:
@@ -564,3 +724,73 @@ def test_postrm_removes_fw4_layout_objects(tmp_path) -> None:  # type: ignore[no
     calls.unlink()
     subprocess.run(["sh", script], env={**env, "IPKG_INSTROOT": "/tmp/rootfs"}, check=True)
     assert not calls.exists()  # nothing at image-build time
+
+
+# ---------------------------------------------------------------- Debian hooks
+
+def test_debian_tree_has_debian_hooks_not_openwrts(debian_root: Path) -> None:
+    files = {"/" + p.relative_to(debian_root).as_posix() for p in debian_root.rglob("*") if p.is_file()}
+    for path in ("/etc/dhcp/dhclient-exit-hooks.d/igdpcp", "/etc/dnsmasq.d/igdpcp",
+                 "/usr/lib/igdpcp/dnsmasq-dhcp-script", "/usr/lib/igdpcp/pcp-server-option",
+                 "/usr/lib/igdpcp/host-left"):
+        assert path in files, path
+    assert not [f for f in files if f.startswith(("/etc/udhcpc.user.d/", "/etc/hotplug.d/", "/etc/init.d/",
+                                                   "/usr/share/nftables.d/", "/etc/config/"))]
+    # the option-158 parser and the host-leave hook are the OpenWrt hooks' own bytes (one copy)
+    assert (debian_root / "usr/lib/igdpcp/pcp-server-option").read_bytes() == \
+        (PKG / "hooks" / "udhcpc-pcp-server").read_bytes()
+    assert (debian_root / "usr/lib/igdpcp/host-left").read_bytes() == (PKG / "hooks" / "dhcp-release").read_bytes()
+    conf = (debian_root / "etc/dnsmasq.d/igdpcp").read_text()
+    assert "dhcp-script=/usr/lib/igdpcp/dnsmasq-dhcp-script" in conf.splitlines()
+
+
+@pytest.mark.parametrize("reason, option, expect", [
+    ("BOUND", "4:64:40:0:1", "100.64.0.1\n"),  # dhclient's unpadded hex
+    ("RENEW", "04:64:40:00:01:08:c6:33:64:01:c6:33:64:02", "100.64.0.1\n198.51.100.1 198.51.100.2\n"),
+    ("REBIND", "8:e0:0:0:1:64:40:0:1", "100.64.0.1\n"),  # multicast dropped (RFC 7291 §4)
+    ("BOUND", "5:64:40:0:1:2", None),  # malformed: no file
+    ("BOUND", '"printable?"', None),  # not hex at all: no file
+    ("BOUND", "", None),  # server sent no option 158
+    ("RELEASE", "4:64:40:0:1", None),
+    ("EXPIRE", "", None),
+    ("PREINIT", "", "old\n"),  # other events leave the file alone
+])
+def test_dhclient_exit_hook_writes_the_pcp_server_file(debian_root: Path, tmp_path: Path, reason: str,
+                                                       option: str, expect: str | None) -> None:
+    """Sourced as dhclient-script does, with its variables: the file controld reads follows
+    option 158, and the sourcing shell goes on afterwards (no exit, no leftover variables)."""
+    hook = (debian_root / "etc/dhcp/dhclient-exit-hooks.d/igdpcp").read_text()
+    hook = hook.replace("/usr/lib/igdpcp/pcp-server-option", str(debian_root / "usr/lib/igdpcp/pcp-server-option"))
+    (tmp_path / "hook").write_text(hook)
+    out = tmp_path / "run" / "pcp-server"
+    out.parent.mkdir()
+    out.write_text("old\n")
+    res = subprocess.run(["dash", "-c", f'. "{tmp_path}/hook"; echo "after ${{igdpcp_event-unset}}"'],
+                         env={"PATH": "/usr/bin:/bin", "reason": reason, "interface": "eth1",
+                              "new_pcp_server": option, "IGDPCP_PCP_SERVER_FILE": str(out)},
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and res.stdout == "after unset\n", res.stdout + res.stderr
+    assert (out.read_text() if out.exists() else None) == expect
+
+
+@pytest.mark.parametrize("argv, expect", [
+    (["del", "aa:bb:cc:dd:ee:ff", "192.168.1.20", "laptop"], "host-left 192.168.1.20 --socket "
+                                                              "/var/run/igdpcp/controld.sock"),
+    (["add", "aa:bb:cc:dd:ee:ff", "192.168.1.20", "laptop"], None),
+    (["old", "aa:bb:cc:dd:ee:ff", "192.168.1.20"], None),
+    (["del", "aa:bb:cc:dd:ee:ff", "fd00::20"], None),  # IPv4 mappings only
+])
+def test_dnsmasq_dhcp_script_reports_host_leave(debian_root: Path, tmp_path: Path, argv: list[str],
+                                                expect: str | None) -> None:
+    script = (debian_root / "usr/lib/igdpcp/dnsmasq-dhcp-script").read_text()
+    script = script.replace("/usr/lib/igdpcp/host-left", str(debian_root / "usr/lib/igdpcp/host-left"))
+    (tmp_path / "script").write_text(script)
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    (bin_ / "igdpcp").write_text(f'#!/bin/sh\necho "$*" > "{tmp_path}/called"\n')
+    (bin_ / "igdpcp").chmod(0o755)
+    res = subprocess.run(["dash", str(tmp_path / "script"), *argv], env={"PATH": f"{bin_}:/usr/bin:/bin"},
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    called = tmp_path / "called"
+    assert (called.read_text().strip() if called.exists() else None) == expect
