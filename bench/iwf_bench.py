@@ -26,8 +26,8 @@ from datetime import datetime
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from shared import testbed as tb  # noqa: E402
-from shared.stack import Stack  # noqa: E402
+from tests.bed import testbed as tb  # noqa: E402
+from tests.bed.stack import Stack  # noqa: E402
 
 BASE_PORT = 10000
 

@@ -29,9 +29,9 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from natd.client import NatdClient  # noqa: E402
-from shared import testbed as tb  # noqa: E402
+from tests.bed import testbed as tb  # noqa: E402
 from shared import wire  # noqa: E402
-from shared.stack import Stack  # noqa: E402
+from tests.bed.stack import Stack  # noqa: E402
 
 LAN_HOSTS = [f"192.168.1.{i}" for i in range(10, 210)]
 SERVER_PORT = 9900

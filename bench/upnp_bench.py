@@ -25,8 +25,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from shared import testbed as tb  # noqa: E402
-from shared.stack import Stack  # noqa: E402
+from tests.bed import testbed as tb  # noqa: E402
+from tests.bed.stack import Stack  # noqa: E402
 
 MINIUPNPD_PORT = 5001
 FIRST_PORT = 20000

@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from shared.testbed import MINIUPNPD, Testbed, netns_available
+from tests.bed.testbed import MINIUPNPD, Testbed, netns_available
 
 _BED_FIXTURES = {"testbed", "make_testbed"}
 

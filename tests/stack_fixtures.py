@@ -12,8 +12,8 @@ from xml.sax.saxutils import escape
 
 import pytest
 
-from shared.stack import Stack
-from shared.testbed import Testbed
+from tests.bed.stack import Stack
+from tests.bed.testbed import Testbed
 
 WANIP = "urn:schemas-upnp-org:service:WANIPConnection:1"
 

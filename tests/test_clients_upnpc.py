@@ -12,8 +12,8 @@ import re
 
 import pytest
 
-from shared import testbed as tb
-from shared.stack import Stack
+from tests.bed import testbed as tb
+from tests.bed.stack import Stack
 
 pytestmark = pytest.mark.netns
 

@@ -1,25 +1,32 @@
-"""README command 1: `igdpcp demo` proves the path through both NATs and says so hop by hop."""
+"""README command 1: the demo (`scripts/demo` = `python -m tests.bed demo`) proves the path through both NATs and says so hop by hop."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from shared import testbed as tb
+from tests.bed import testbed as tb
 
 pytestmark = pytest.mark.netns
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _ours(out: str) -> list[str]:
+    """The namespaces that still exist of the bed the demo named in its first line
+    (other runs may build beds at the same time)."""
+    prefix = out.split("test bed ", 1)[1].split()[0]
+    return [ns for ns in tb.list_namespaces() if ns.startswith(prefix + "-")]
 
 
 @pytest.mark.parametrize("layout", ["router", "split"])
 def test_demo_prints_every_hop_and_cleans_up(layout: str) -> None:
     if tb.netns_available():
         pytest.skip(f"netns test bed: {tb.netns_available()}")
-    before = set(tb.list_namespaces())
-    igdpcp = os.path.join(os.path.dirname(sys.executable), "igdpcp")
-    res = subprocess.run([igdpcp, "demo", "--layout", layout], capture_output=True, text=True, timeout=120)
+    res = subprocess.run([sys.executable, "-m", "tests.bed", "demo", "--layout", layout], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
     out = res.stdout
     assert res.returncode == 0, out + res.stderr
     assert f"external {tb.NAT2_PUBLIC_IP}:8080 TCP is redirected to internal {tb.LAN_HOST_IP}:8000" in out
@@ -28,4 +35,22 @@ def test_demo_prints_every_hop_and_cleans_up(layout: str) -> None:
     assert f"response from 100.64.0.1: MAP SUCCESS external {tb.NAT2_PUBLIC_IP}:8080" in out
     assert f"miniupnpd DNAT: tcp {tb.NAT2_PUBLIC_IP}:8080 -> {tb.ROUTER_WAN_IP}:8080" in out
     assert "LAN host received 46 bytes" in out and "SUCCESS: an Internet host reached the LAN host" in out
-    assert set(tb.list_namespaces()) == before  # everything it built is gone
+    assert not _ours(out)  # everything it built is gone
+
+
+def test_demo_keep_then_teardown_by_the_printed_command() -> None:
+    if tb.netns_available():
+        pytest.skip(f"netns test bed: {tb.netns_available()}")
+    res = subprocess.run([sys.executable, "-m", "tests.bed", "demo", "--keep"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    hint = res.stdout.strip().splitlines()[-1].strip()
+    try:
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert hint.startswith(".venv/bin/python -m tests.bed teardown ig"), res.stdout
+        assert len(_ours(res.stdout)) == 5  # lan, ctl, cpe, isp, inet left running
+    finally:
+        prefix = hint.rsplit(" ", 1)[-1]
+        down = subprocess.run([sys.executable, "-m", "tests.bed", "teardown", prefix], cwd=ROOT,
+                              capture_output=True, text=True, timeout=60)
+    assert down.returncode == 0 and down.stdout.startswith("removed 5 namespaces"), down.stdout + down.stderr
+    assert not _ours(res.stdout)

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from shared import testbed as tb
-from shared.stack import Stack
+from tests.bed import testbed as tb
+from tests.bed.stack import Stack
 from tests.stack_fixtures import soap_call
 
 pytestmark = pytest.mark.netns

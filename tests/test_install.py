@@ -29,8 +29,8 @@ from pathlib import Path
 
 import pytest
 
-from shared import testbed as tb
-from shared.stack import Stack
+from tests.bed import testbed as tb
+from tests.bed.stack import Stack
 from tests.test_packaging import ROOT, build, member, raw_headers
 
 pytestmark = pytest.mark.netns

@@ -1,7 +1,7 @@
 """The RFC 6970 §4.3 error table, row by row, and the PCP client's error paths, end to end.
 
 Real natd and controld in the namespace bed; upstream a scripted PCP server
-(tests/fake_pcp.py) for the result codes real miniupnpd never produces. controld finds
+(tests/bed/fake_pcp.py) for the result codes real miniupnpd never produces. controld finds
 that server the way a router would: the shipped udhcpc hook turns DHCP option 158 into
 the server file (RFC 6887 §8.1, RFC 7291; rfc6970-iwf item 10).
 """
@@ -17,8 +17,8 @@ import time
 
 import pytest
 
-from shared import testbed as tb
-from shared.stack import Stack
+from tests.bed import testbed as tb
+from tests.bed.stack import Stack
 from tests.test_iwf_e2e import HOOKS, WANIP1, WANIP2, _code, _value, add, wait_for
 
 pytestmark = pytest.mark.netns
@@ -35,7 +35,7 @@ def fake_stack(make_testbed):  # type: ignore[no-untyped-def]
     bed = make_testbed()
     bed.run("isp", ["ip", "addr", "add", f"{FAKE_IP}/24", "dev", tb.ISP_INT_IF])
     log_path = bed.path("fake-pcp.jsonl")
-    fake = bed.popen("isp", [sys.executable, "-m", "tests.fake_pcp", "--bind", FAKE_IP, "--log", log_path],
+    fake = bed.popen("isp", [sys.executable, "-m", "tests.bed.fake_pcp", "--bind", FAKE_IP, "--log", log_path],
                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                      cwd=os.path.join(os.path.dirname(__file__), ".."))
     assert select.select([fake.stdout], [], [], 10)[0] and b"ready" in fake.stdout.readline()

@@ -1,6 +1,6 @@
 """The interworking core in process: exact PCP requests for each UPnP action, leases, policy.
 
-natd is replaced by a scripted link that answers with tests/fake_pcp.py's rules (the
+natd is replaced by a scripted link that answers with tests/bed/fake_pcp.py's rules (the
 real path is covered by test_iwf_e2e.py); what is asserted is the bytes the IWF asks
 natd to send upstream, decoded, and what the control point gets back.
 """
@@ -23,7 +23,7 @@ from controld.lifecycle import State
 from controld.pcp.discovery import choose_server, parse_server_file
 from controld.table import MappingTable
 from shared import pcp, wire
-from tests.fake_pcp import FakePcp
+from tests.bed.fake_pcp import FakePcp
 
 LAN = "192.168.1.2"
 SERVER = "100.64.0.1"

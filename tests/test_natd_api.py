@@ -17,9 +17,9 @@ import pytest
 
 
 from natd.client import NatdCallError
-from shared import testbed as tb
+from tests.bed import testbed as tb
 from shared import wire
-from tests import fuzz
+from tests.bed import fuzz
 from tests.test_natd_helpers import elements, natd_only, python  # noqa: F401
 
 pytestmark = pytest.mark.netns
@@ -138,7 +138,7 @@ def test_tcp_needs_curve_and_refuses_unknown_peers(natd_only, tmp_path) -> None:
     import zmq.auth
 
     from shared.daemon import gen_keys
-    from shared.stack import StackError
+    from tests.bed.stack import StackError
 
     keys = str(tmp_path / "curve")
     gen_keys(keys)
@@ -166,7 +166,7 @@ def test_tcp_needs_curve_and_refuses_unknown_peers(natd_only, tmp_path) -> None:
 def test_controld_in_its_own_namespace_maps_over_tcp_curve(make_testbed, tmp_path) -> None:
     """The split layout over tcp:// + CURVE: a real upnpc mapping still lands in NAT1."""
     from shared.daemon import gen_keys
-    from shared.stack import Stack
+    from tests.bed.stack import Stack
 
     keys = str(tmp_path / "curve")
     gen_keys(keys)

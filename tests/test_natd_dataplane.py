@@ -13,7 +13,7 @@ import time
 import pytest
 
 from natd.nft import Layout
-from shared import testbed as tb
+from tests.bed import testbed as tb
 from shared import wire
 from tests.test_natd_helpers import (HOLD_SCRIPT, conntrack, elements, natd_only, python, reaches,  # noqa: F401
                                      wait_until)

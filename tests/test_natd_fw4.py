@@ -13,7 +13,7 @@ import subprocess
 
 import pytest
 
-from shared import testbed as tb
+from tests.bed import testbed as tb
 from shared import wire
 from tests.test_natd_helpers import elements, here, natd_only, python, reaches, wait_until  # noqa: F401
 

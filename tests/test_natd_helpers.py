@@ -14,9 +14,9 @@ import pytest
 
 from natd.client import NatdClient
 from natd.nft import Layout
-from shared import testbed as tb
-from shared.stack import Stack
-from shared.testbed import Testbed
+from tests.bed import testbed as tb
+from tests.bed.stack import Stack
+from tests.bed.testbed import Testbed
 
 PAYLOAD = b"igdpcp natd: bytes through NAT1"
 

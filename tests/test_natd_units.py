@@ -13,7 +13,7 @@ import struct
 import msgpack
 import pytest
 
-from tests import fuzz
+from tests.bed import fuzz
 
 from natd import nftmon
 from natd.bindings import BindingTable, PolicyError

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from shared import testbed as tb
-from shared.stack import HTTP_PORT, Stack
+from tests.bed import testbed as tb
+from tests.bed.stack import HTTP_PORT, Stack
 
 pytestmark = pytest.mark.netns
 

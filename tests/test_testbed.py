@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from shared import testbed as tb
-from shared.testbed import Testbed, list_namespaces
+from tests.bed import testbed as tb
+from tests.bed.testbed import Testbed, list_namespaces
 
 pytestmark = pytest.mark.netns
 

@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from shared import testbed as tb
-from shared.stack import Stack
+from tests.bed import testbed as tb
+from tests.bed.stack import Stack
 from tests.stack_fixtures import NsClient, http_request, soap_envelope
 
 pytestmark = pytest.mark.netns

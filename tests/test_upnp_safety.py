@@ -15,8 +15,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as hs
 
-from shared import testbed as tb
-from shared.stack import HTTP_PORT, Stack
+from tests.bed import testbed as tb
+from tests.bed.stack import HTTP_PORT, Stack
 from tests.stack_fixtures import NsClient, http_request, soap_envelope
 
 pytestmark = pytest.mark.netns

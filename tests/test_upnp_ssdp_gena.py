@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from shared import testbed as tb
-from shared.stack import HTTP_PORT, Stack
+from tests.bed import testbed as tb
+from tests.bed.stack import HTTP_PORT, Stack
 from tests.stack_fixtures import NsClient, http_request, soap_envelope
 
 pytestmark = pytest.mark.netns

@@ -1,4 +1,4 @@
-"""Run igdpcp's two daemons inside a :class:`shared.testbed.Testbed` (demo and tests).
+"""Run igdpcp's two daemons inside a :class:`tests.bed.testbed.Testbed` (demo and tests).
 
 Two layouts, as the router may run them:
 - ``router``: natd and controld both in the router namespace (controld on br-lan);
@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from shared import testbed as tb
+from tests.bed import testbed as tb
 
 HTTP_PORT = 5000
 NATD_TCP_PORTS = (7001, 7002)  # rpc, events when transport == "tcp"

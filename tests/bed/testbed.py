@@ -17,7 +17,7 @@ the test hosts' own addresses)::
 
 Use it as a context manager (``with Testbed() as bed: ...``) or call :meth:`Testbed.setup`
 and :meth:`Testbed.teardown` yourself; teardown is idempotent and also runs when setup
-fails halfway.  ``python -m shared.testbed`` builds a bed, starts NAT2 and waits for
+fails halfway.  ``python -m tests.bed.testbed`` builds a bed, starts NAT2 and waits for
 Ctrl-C, for poking at it by hand.
 """
 
@@ -1007,7 +1007,7 @@ def _proto_name(value: Any) -> str | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m shared.testbed``: build a bed with NAT2, log its names, wait for
+    """``python -m tests.bed.testbed``: build a bed with NAT2, log its names, wait for
     Ctrl-C (or ``--seconds N``), tear down."""
     import argparse
 

@@ -1,6 +1,6 @@
 """A scripted PCP server for the error paths real miniupnpd cannot produce (never the only upstream).
 
-Run in a test bed namespace: ``python -m tests.fake_pcp --bind 100.64.0.3 --log FILE``.
+Run in a test bed namespace: ``python -m tests.bed.fake_pcp --bind 100.64.0.3 --log FILE``.
 It answers MAP and ANNOUNCE on UDP 5351 of ``--bind``; what it answers is chosen by
 the request's suggested external port, so one running server scripts every row of
 the RFC 6970 §4.3 table (rfc6970-iwf §16):
