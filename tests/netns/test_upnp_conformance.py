@@ -9,7 +9,7 @@ import pytest
 
 from tests.bed import testbed as tb
 from tests.bed.stack import Stack
-from tests.stack_fixtures import NsClient, http_request, soap_envelope
+from tests.bed.fixtures import NsClient, http_request, soap_envelope
 
 pytestmark = pytest.mark.netns
 

@@ -441,7 +441,7 @@ def test_daemon_with_bad_config_exits_with_one_line(tmp_path: Path, daemon: str,
 
     path = write(tmp_path, body)
     res = subprocess.run([sys.executable, "-m", f"{daemon}.main", "--config", path], capture_output=True,
-                         text=True, timeout=60, cwd=Path(__file__).resolve().parent.parent)
+                         text=True, timeout=60, cwd=Path(__file__).resolve().parents[2])
     assert res.returncode == 2
     assert res.stderr == f"igdpcp-{daemon}: error: {path}{reason}" + res.stderr.split(reason, 1)[1]
     assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr

@@ -31,7 +31,7 @@ import pytest
 
 from tests.bed import testbed as tb
 from tests.bed.stack import Stack
-from tests.test_packaging import ROOT, build, member, raw_headers
+from tests.bed.ipk import ROOT, build, member, raw_headers
 
 pytestmark = pytest.mark.netns
 

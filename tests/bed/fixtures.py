@@ -1,4 +1,4 @@
-"""Fixtures and helpers that run igdpcp's daemons on the namespace test bed.
+"""Fixtures (a pytest plugin) and helpers: the namespace test bed and igdpcp's daemons on it.
 
 Loaded by tests/conftest.py as a plugin; the daemons are stopped and the bed torn
 down when the test ends, pass or fail.
@@ -6,6 +6,8 @@ down when the test ends, pass or fail.
 
 from __future__ import annotations
 
+import functools
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 from xml.sax.saxutils import escape
@@ -13,9 +15,48 @@ from xml.sax.saxutils import escape
 import pytest
 
 from tests.bed.stack import Stack
-from tests.bed.testbed import Testbed
+from tests.bed.testbed import MINIUPNPD, Testbed, netns_available
 
 WANIP = "urn:schemas-upnp-org:service:WANIPConnection:1"
+
+
+@functools.cache
+def netns_skip_reason() -> str | None:
+    """Why namespace tests cannot run here (not root, no ``ip netns``), or None; asked once."""
+    return netns_available()
+
+
+@pytest.fixture
+def make_testbed() -> Iterator[Callable[..., Testbed]]:
+    """Factory: ``make_testbed(start_nat2=True, **Testbed_kwargs)`` returns a set-up bed
+    (NAT2's miniupnpd started unless ``start_nat2=False``).  Every bed it made is torn
+    down when the test ends, pass or fail."""
+    reason = netns_skip_reason()
+    if reason:
+        pytest.skip(f"netns test bed: {reason}")
+    beds: list[Testbed] = []
+
+    def factory(start_nat2: bool = True, **kwargs: Any) -> Testbed:
+        if start_nat2 and not os.access(MINIUPNPD, os.X_OK):
+            pytest.skip(f"{MINIUPNPD} not installed (miniupnpd-nftables)")
+        bed = Testbed(**kwargs)
+        beds.append(bed)
+        bed.setup()
+        if start_nat2:
+            bed.start_nat2()
+        return bed
+
+    try:
+        yield factory
+    finally:
+        for bed in reversed(beds):
+            bed.teardown()
+
+
+@pytest.fixture
+def testbed(make_testbed: Callable[..., Testbed]) -> Testbed:
+    """A fresh bed for one test, NAT2 running with default lifetimes (120..86400 s)."""
+    return make_testbed()
 
 
 @pytest.fixture

@@ -15,8 +15,7 @@ import pytest
 from natd.nft import Layout
 from tests.bed import testbed as tb
 from shared import wire
-from tests.test_natd_helpers import (HOLD_SCRIPT, conntrack, elements, natd_only, python, reaches,  # noqa: F401
-                                     wait_until)
+from tests.bed.natd import HOLD_SCRIPT, conntrack, elements, python, reaches, wait_until
 
 pytestmark = pytest.mark.netns
 

@@ -111,4 +111,4 @@ def python() -> str:
 
 
 def here(*parts: str) -> str:
-    return os.path.join(os.path.dirname(os.path.abspath(__file__)), *parts)
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), *parts)  # from tests/

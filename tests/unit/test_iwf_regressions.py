@@ -14,7 +14,7 @@ from controld.natd_link import NatdError
 from controld.permissions import Permissions
 from controld.table import MappingTable
 from shared import pcp, wire
-from tests.test_iwf_units import LAN, SERVER, ScriptedLink, add
+from tests.unit.test_iwf_units import LAN, SERVER, ScriptedLink, add
 
 
 def _iwf(tmp_path, link: ScriptedLink, **cfg) -> Iwf:  # type: ignore[no-untyped-def]

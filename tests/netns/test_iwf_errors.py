@@ -19,7 +19,7 @@ import pytest
 
 from tests.bed import testbed as tb
 from tests.bed.stack import Stack
-from tests.test_iwf_e2e import HOOKS, WANIP1, WANIP2, _code, _value, add, wait_for
+from tests.netns.test_iwf_e2e import HOOKS, WANIP1, WANIP2, _code, _value, add, wait_for
 
 pytestmark = pytest.mark.netns
 
@@ -37,7 +37,7 @@ def fake_stack(make_testbed):  # type: ignore[no-untyped-def]
     log_path = bed.path("fake-pcp.jsonl")
     fake = bed.popen("isp", [sys.executable, "-m", "tests.bed.fake_pcp", "--bind", FAKE_IP, "--log", log_path],
                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                     cwd=os.path.join(os.path.dirname(__file__), ".."))
+                     cwd=os.path.join(os.path.dirname(__file__), "..", ".."))
     assert select.select([fake.stdout], [], [], 10)[0] and b"ready" in fake.stdout.readline()
     # DHCP offered option 158 = one server, 100.64.0.3 (list-length 4): the hook writes the file.
     env = dict(os.environ, opt158="0464400003", IGDPCP_PCP_SERVER_FILE=bed.path("pcp-server"))
@@ -122,12 +122,12 @@ def test_unsupported_version_is_501_and_holds_off(fake_stack) -> None:  # type: 
 
 
 def st_call(st: Stack, action: str, port: int) -> tuple[int, bytes]:
-    from tests.stack_fixtures import soap_call
+    from tests.bed.fixtures import soap_call
 
     return soap_call(st, action, {"NewRemoteHost": "", "NewExternalPort": str(port), "NewProtocol": "TCP"})
 
 
 def soap_ok(st: Stack) -> bool:
-    from tests.stack_fixtures import soap_call
+    from tests.bed.fixtures import soap_call
 
     return soap_call(st, "GetStatusInfo", {})[0] == 200

@@ -17,7 +17,7 @@ from hypothesis import strategies as hs
 
 from tests.bed import testbed as tb
 from tests.bed.stack import HTTP_PORT, Stack
-from tests.stack_fixtures import NsClient, http_request, soap_envelope
+from tests.bed.fixtures import NsClient, http_request, soap_envelope
 
 pytestmark = pytest.mark.netns
 

@@ -11,7 +11,7 @@ import pytest
 from tests.bed import testbed as tb
 
 pytestmark = pytest.mark.netns
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _ours(out: str) -> list[str]:

@@ -15,7 +15,7 @@ import pytest
 
 from tests.bed import testbed as tb
 from shared import wire
-from tests.test_natd_helpers import elements, here, natd_only, python, reaches, wait_until  # noqa: F401
+from tests.bed.natd import elements, here, python, reaches, wait_until
 
 pytestmark = pytest.mark.netns
 

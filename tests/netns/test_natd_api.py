@@ -20,7 +20,7 @@ from natd.client import NatdCallError
 from tests.bed import testbed as tb
 from shared import wire
 from tests.bed import fuzz
-from tests.test_natd_helpers import elements, natd_only, python  # noqa: F401
+from tests.bed.natd import elements, python
 
 pytestmark = pytest.mark.netns
 
@@ -126,7 +126,7 @@ def test_ipc_socket_is_0660_with_its_group(natd_only) -> None:
         assert stat.S_IMODE(info.st_mode) == 0o660 and info.st_gid == 1, oct(info.st_mode)
     # The bed's directory is private (mkdtemp); open it so only the socket file's mode decides.
     os.chmod(os.path.dirname(st.rpc[len("ipc://"):]), 0o755)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     as_user = ["setpriv", "--reuid=65534", "--regid=65534"]
     outsider = st.bed.run("cpe", [*as_user, "--clear-groups", python(), "-c", CLIENT, st.rpc, "", root])
     member = st.bed.run("cpe", [*as_user, "--groups=1", python(), "-c", CLIENT, st.rpc, "", root])
@@ -153,7 +153,7 @@ def test_tcp_needs_curve_and_refuses_unknown_peers(natd_only, tmp_path) -> None:
     os.link(os.path.join(keys, "natd.key"), os.path.join(stranger, "natd.key"))
     for src, dst in (("controld.key_secret", "client.key_secret"), ("natd.key", "natd.key")):
         os.link(os.path.join(keys, src), os.path.join(known, dst))
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
     def hello(key_dir: str) -> str:
         return st.bed.run("ctl", [python(), "-c", CLIENT, st.rpc, key_dir, root]).stdout.strip()

@@ -198,7 +198,7 @@ def _hook_158(tmp_path, hex_option: str) -> list[list[str]] | None:  # type: ign
     """Run the shipped udhcpc hook on option 158 data; the servers it wrote, None for no file."""
     out = tmp_path / "pcp-server"
     out.unlink(missing_ok=True)
-    hook = os.path.join(os.path.dirname(__file__), "..", "packaging", "hooks", "udhcpc-pcp-server")
+    hook = os.path.join(os.path.dirname(__file__), "..", "..", "packaging", "hooks", "udhcpc-pcp-server")
     env = dict(os.environ, opt158=hex_option, IGDPCP_PCP_SERVER_FILE=str(out))
     subprocess.run(["sh", hook, "bound"], env=env, check=True, timeout=10)
     return parse_server_file(out.read_text()) if out.exists() else None

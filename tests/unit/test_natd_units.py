@@ -20,7 +20,7 @@ from natd.bindings import BindingTable, PolicyError
 from natd.nft import Layout, expected, fw4_includes
 from shared import wire
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _raw(**body: object) -> bytes:

@@ -10,8 +10,8 @@ import time
 from controld.lifecycle import State
 from controld.table import Mapping, MappingTable
 from shared import pcp, wire
-from tests.test_iwf_regressions import _drive, _iwf
-from tests.test_iwf_units import LAN, SERVER, ScriptedLink, add
+from tests.unit.test_iwf_regressions import _drive, _iwf
+from tests.unit.test_iwf_units import LAN, SERVER, ScriptedLink, add
 
 
 class Scripted(ScriptedLink):

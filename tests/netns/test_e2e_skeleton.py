@@ -12,7 +12,7 @@ import pytest
 
 from tests.bed import testbed as tb
 from tests.bed.stack import Stack
-from tests.stack_fixtures import soap_call
+from tests.bed.fixtures import soap_call
 
 pytestmark = pytest.mark.netns
 

@@ -18,7 +18,7 @@ import pytest
 from shared import pcp
 from tests.bed import testbed as tb
 from tests.bed.stack import Stack
-from tests.stack_fixtures import soap_call
+from tests.bed.fixtures import soap_call
 
 pytestmark = pytest.mark.netns
 
@@ -26,7 +26,7 @@ WANIP1 = "urn:schemas-upnp-org:service:WANIPConnection:1"
 WANIP2 = "urn:schemas-upnp-org:service:WANIPConnection:2"
 PAYLOAD = b"igdpcp iwf: through NAT2 and NAT1"
 OTHER_SUBSCRIBER = "100.64.0.7"  # a second CGN customer on NAT2's inside (rfc6970-iwf item 51)
-HOOKS = os.path.join(os.path.dirname(__file__), "..", "packaging", "hooks")
+HOOKS = os.path.join(os.path.dirname(__file__), "..", "..", "packaging", "hooks")
 
 
 def _map_args(ext: int, internal: int, proto: str = "TCP", lease: int = 0, desc: str = "iwf") -> dict[str, str]:
@@ -99,7 +99,7 @@ def test_renewal_keeps_infinite_lease_and_expiry_removes_everywhere(make_stack) 
     """NAT2 grants 6 s: an IGD:1 lease 0 lives on by renewals (rfc6970-iwf items 68, 69, 74);
     a 5 s lease ends and is removed from NAT1, NAT2 and the table (§12 notes); the lease the
     CP sees never exceeds what NAT2 granted."""
-    from tests.test_upnp_ssdp_gena import Sink, _props
+    from tests.netns.test_upnp_ssdp_gena import Sink, _props
 
     st: Stack = make_stack(bed_kwargs={"nat2_min_lifetime": 2, "nat2_max_lifetime": 6})
     bed = st.bed
