@@ -8,9 +8,9 @@ Measured in one run, same bed, same machine:
 - new TCP connections per second from the ISP side to the LAST forward at N = 1 and
   N = 10,000 through natd's map (target: within 10 %), beside the same through one DNAT
   rule + one filter rule per forward in plain chains, the shape miniupnpd's nftables
-  backend builds (reference/miniupnpd.md §2.3, §2.7), and beside that shape's own
+  backend builds (its netfilter_nft/nftnlrdr.c), and beside that shape's own
   add/delete cost when every add is its own transaction and every delete first dumps
-  the chain to find the rule handle (miniupnpd.md §2.4-2.5);
+  the chain to find the rule handle (as miniupnpd's delete_redirect_and_filter_rules does);
 - natd's RSS with 0 and 10,000 bindings.
 
 Run as root on Debian 12 after ./scripts/setup:  .venv/bin/python bench/natd_bench.py

@@ -11,7 +11,7 @@ router namespace, in the same run, so the two columns are comparable.
 Run as root on Debian 12 after ./scripts/setup:
     .venv/bin/python bench/upnp_bench.py                 # N = 100 1000 3000 10000
     .venv/bin/python bench/upnp_bench.py -n 100 1000 --skip-miniupnpd-above 3000
-miniupnpd's cost grows with N^2 (miniupnpd.md §2.4-2.5); --skip-miniupnpd-above bounds the run.
+miniupnpd's cost grows with N^2 (each add and delete walks its chains); --skip-miniupnpd-above bounds the run.
 """
 
 from __future__ import annotations

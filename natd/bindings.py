@@ -2,7 +2,7 @@
 
 Every binding is keyed by controld's mapping id (``mid``) and, for packets, by
 (protocol, WAN port). Each IGD mapping gets its own WAN port, so two mappings to the
-same LAN endpoint stay two distinct PCP internal tuples (rfc6970-iwf item 48).
+same LAN endpoint stay two distinct PCP internal tuples (docs/requirements.md IWF-48).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ class PolicyError(ValueError):
 
 @dataclass
 class Limits:
-    """natd's own policy; it trusts nothing controld sends (ARCHITECTURE.md, Trust)."""
+    """natd's own policy; it trusts nothing controld sends (docs/architecture.md, Trust)."""
 
     max_total: int = 65536
     max_per_host: int = 4096

@@ -142,7 +142,7 @@ class Natd:
         """Keep what an earlier natd left in the kernel until controld syncs (no traffic gap).
 
         The forward that owns a LAN endpoint's SNAT element in the kernel gets the lowest
-        id, so recomputing the SNAT map changes nothing (rfc6970-iwf item 48: one WAN port
+        id, so recomputing the SNAT map changes nothing (docs/requirements.md IWF-48: one WAN port
         per mapping, several mappings may share a LAN endpoint).
         """
         st = self.nft.state
@@ -157,7 +157,7 @@ class Natd:
 
     async def _on_hup(self, hup: asyncio.Event) -> None:
         """SIGHUP (procd reload, the WAN hotplug after fw4's reload): re-read the interfaces
-        and verify every nft object now, forwards kept (openwrt.md §4.5 item 3a)."""
+        and verify every nft object now, forwards kept."""
         while True:
             await hup.wait()
             hup.clear()

@@ -82,7 +82,7 @@ def bind_endpoint(sock: "zmq.Socket", endpoint: str, group: str | None) -> None:
     """Bind ``sock``; an ipc:// socket file is born mode 0660 (umask) and handed to ``group``.
 
     Setting the umask before bind leaves no window in which another local user could
-    connect to a more open socket file (ARCHITECTURE.md, Trust).
+    connect to a more open socket file (docs/architecture.md, Trust).
     """
     prepare_ipc(endpoint)
     old = os.umask(0o117) if ipc_path(endpoint) else None

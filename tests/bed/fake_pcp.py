@@ -3,7 +3,7 @@
 Run in a test bed namespace: ``python -m tests.bed.fake_pcp --bind 100.64.0.3 --log FILE``.
 It answers MAP and ANNOUNCE on UDP 5351 of ``--bind``; what it answers is chosen by
 the request's suggested external port, so one running server scripts every row of
-the RFC 6970 §4.3 table (rfc6970-iwf §16):
+the RFC 6970 §4.3 table (docs/requirements.md, Error table):
 
 - 20001..20063: error result ``port - 20000`` with Lifetime 0 (the request copied back,
   RFC 6887 §8.2); 20100 + N: result N with Lifetime 30 (a long-ish error lifetime)

@@ -1,6 +1,6 @@
 """The real `upnpc` (miniupnpc 2.2.4, Debian) against controld, IGD:1 and IGD:2, cascaded mode.
 
-The oracle is miniupnpd.md §5.2 (what upnpc prints against miniupnpd); where igdpcp
+The oracle is what upnpc prints against miniupnpd; where igdpcp
 answers differently on purpose, the test says so (README "UPnP", documented differences).
 Bytes through both NATs prove a mapping works; the NAT1 map and NAT2's rules prove a
 delete leaves nothing behind.
@@ -57,7 +57,7 @@ def test_upnpc_igd2_every_command(make_stack) -> None:
     lease0 = re.search(r"duration=(\d+)", add0.stdout)
     assert add0.returncode == 0 and lease0 and 0 < int(lease0[1]) <= 604800, add0.stdout
 
-    # secure mode: another internal client is 606 under IGD:2 (rfc6970-iwf item 88)
+    # secure mode: another internal client is 606 under IGD:2 (docs/requirements.md IWF-88)
     other = st.upnpc("-a", "192.168.1.50", "8000", "8081", "TCP")
     assert other.returncode != 0 and "606" in other.stdout, other.stdout
 

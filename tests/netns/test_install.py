@@ -2,7 +2,7 @@
 INSTALLED daemons in the namespace test bed (controld in its own namespace) through both
 NATs, then remove it and find only the (changed) conffile left.
 
-opkg facts (reference/openwrt.md §1.1-§1.5): the outer gzip'd tar is scanned for
+opkg facts (opkg-lede's libbb/unarchive.c, OpenWrt's include/package-pack.mk): the outer gzip'd tar is scanned for
 control.tar.gz / data.tar.gz; control members land in /usr/lib/opkg/info/<pkg>.<member>;
 the data tar is unpacked at the root; postinst runs with IPKG_INSTROOT set for an image
 root and must then do nothing; on removal prerm runs, every listed file is deleted except a

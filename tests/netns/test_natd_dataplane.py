@@ -30,7 +30,7 @@ def _ruleset(bed: tb.Testbed) -> str:
 def test_forward_is_one_map_element_snat_and_conntrack_cleanup(natd_only) -> None:
     """One forward = one fwd4 element (+ its snat4 element); rules never change with N;
     outbound from the mapped port leaves from the mapped WAN port (endpoint-independent);
-    a delete also removes the forward's conntrack entries (openwrt.md §4.5 item 5)."""
+    a delete also removes the forward's conntrack entries."""
     st, c = natd_only()
     bed = st.bed
     rules_before = _ruleset(bed).count("comment")
@@ -156,7 +156,7 @@ def test_wan_address_change_moves_bindings(natd_only) -> None:
 
 
 def test_unsolicited_announce_and_mapping_update_become_events(natd_only) -> None:
-    """RFC 6887 §14.1, rfc6887-pcp.md §8.8: after natd relayed a request to the server, an
+    """RFC 6887 §14.1: after natd relayed a request to the server, an
     ANNOUNCE the server sends to WAN:5350, and a MAP update for a binding, reach controld as
     pcp.rx events (the MAP mapped back to the LAN port); a stranger's packet does not."""
     import ipaddress

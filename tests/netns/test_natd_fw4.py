@@ -2,7 +2,7 @@
 include files) on the namespace test bed, and the IPv4-only guarantee in the inet family.
 
 The router gets a stand-in for fw4's ruleset, rendered the way fw4 does it
-(openwrt.md §4.1-4.2: "table inet fw4 / flush table inet fw4 / table inet fw4 {...}",
+(firewall4's ruleset.uc: "table inet fw4 / flush table inet fw4 / table inet fw4 {...}",
 chain-post and table-post includes, forward policy drop), so a reload is the same
 `nft -f` fw4 runs. Same natd code path as standalone, chosen by --layout fw4.
 """

@@ -1,7 +1,7 @@
 """natd without a kernel: the wire schema's guards, the nft monitor parser, the fw4 files.
 
 Issue #5: "a version mismatch is a clear error, not a crash"; "natd validates every
-field before anything reaches the kernel"; fw4 include files (openwrt.md §4.2, §4.5).
+field before anything reaches the kernel"; fw4 include files.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def test_random_and_mutated_bytes_only_ever_raise_wire_error() -> None:
 
 
 def test_policy_refuses_non_lan_and_reserved() -> None:
-    """ARCHITECTURE.md Trust: LAN subnets only, never the router, WAN, loopback; PCP ports reserved."""
+    """docs/architecture.md, Trust: LAN subnets only, never the router, WAN, loopback; PCP ports reserved."""
     import ipaddress
 
     t = BindingTable([ipaddress.IPv4Network("192.168.1.0/24")], {"192.168.1.1", "100.64.0.2"})
@@ -106,7 +106,7 @@ def test_snat_owner_is_lowest_mid_and_state_is_one_function() -> None:
 
 
 def test_every_rule_has_an_explicit_ipv4_selector() -> None:
-    """miniupnpd.md §2.10: no IPv6 packet may match an IPv4 forward."""
+    """Unlike miniupnpd's nftables backend, no IPv6 packet may match an IPv4 forward."""
     for name in ("standalone", "fw4"):
         lay = Layout.make(name)
         for rules in lay.chains().values():

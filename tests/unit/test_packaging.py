@@ -1,7 +1,7 @@
 """The ipk and its contents, checked with tools that are not the builder: tar, gzip -t,
 raw tar headers, the daemons' own argument parsers, dash, systemd-analyze.
 
-Format facts: reference/openwrt.md §1.1-§1.5 (ipk container, GNU tar without PAX,
+Format facts from OpenWrt's scripts/ipkg-build and include/package-pack.mk (ipk container, GNU tar without PAX,
 control fields, conffiles, default_postinst wrappers), §2 (procd), §3 (UCI), §4.5 (fw4).
 """
 
@@ -127,7 +127,7 @@ def test_control_fields(ipk: Path) -> None:
 
 def test_depends_cover_what_the_daemons_import(ipk: Path) -> None:
     """Import both daemons for real and map every split-out or third-party module the
-    project's own files import to the package in Depends (reference/openwrt.md §5)."""
+    project's own files import to the package in Depends (the packages feed's lang/python)."""
     code = ("import sys, natd.main, controld.main\n"
             "print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))")
     loaded = set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -231,7 +231,7 @@ def uncommented(text: str) -> str:
 @pytest.mark.parametrize("flavour", ["openwrt", "debian"])
 def test_uci_sample_documents_every_flag(flavour: str, tmp_path: Path) -> None:
     """Every daemon flag appears (set or as a commented default) in its section, and the
-    file parses with every commented example switched on (rfc6970-iwf config, §3.1)."""
+    file parses with every commented example switched on (UCI's file conventions)."""
     from controld.main import build_parser as controld_parser
     from natd.main import build_parser as natd_parser
 
@@ -483,7 +483,7 @@ def test_stage_openwrt_equals_ipk_data(tmp_path: Path) -> None:
 ])
 def test_hotplug_iface_script(tmp_path: Path, event: dict[str, str], expect: str) -> None:
     """WAN ifup/ifupdate after fw4's reload: SIGHUP to natd (re-sync); a new WAN device:
-    restart with the new --wan-if; anything else: nothing (reference/openwrt.md §4.5, §6)."""
+    restart with the new --wan-if; anything else: nothing (hotplug iface events)."""
     (tmp_path / "shim.sh").write_text(PROCD_SHIM)
     (tmp_path / "igdpcp").write_text(sample_config("openwrt"))
     (tmp_path / "wan").write_text("eth1\n")
@@ -509,7 +509,7 @@ def test_hotplug_iface_script(tmp_path: Path, event: dict[str, str], expect: str
 
 def test_postrm_removes_fw4_layout_objects(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """In the fw4 layout natd's objects live inside `inet fw4`; removing the package must not
-    leave its forwards active until some later fw4 reload (openwrt.md §4)."""
+    leave its forwards active until some later fw4 reload."""
     import subprocess
 
     calls = tmp_path / "calls"

@@ -1,4 +1,4 @@
-"""PCP wire codec against RFC 6887 layouts (rfc6887-pcp §2-§7, §10 worked example)."""
+"""PCP wire codec against RFC 6887 layouts (RFC 6887 §7, §11, §13)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ NONCE = bytes(range(1, 13))
 
 
 def test_worked_example_bytes() -> None:
-    """rfc6887-pcp §10: MAP TCP 8080, lifetime 7200, from 198.51.100.7, PREFER_FAILURE."""
+    """A worked example: MAP TCP 8080, lifetime 7200, from 198.51.100.7, PREFER_FAILURE."""
     req = pcp.Request(pcp.Opcode.MAP, 7200, V4("198.51.100.7"),
                       pcp.MapData(NONCE, 6, 8080, 8080), pcp.Options(prefer_failure=True))
     expected = bytes.fromhex(
@@ -29,7 +29,7 @@ def test_worked_example_bytes() -> None:
 
 
 def test_third_party_option_bytes() -> None:
-    """rfc6887-pcp §10: THIRD_PARTY for 192.168.1.10 adds exactly these 20 octets."""
+    """RFC 6887 §13.1: THIRD_PARTY for 192.168.1.10 adds exactly these 20 octets."""
     req = pcp.Request(pcp.Opcode.MAP, 60, V4("10.0.0.1"), pcp.MapData(NONCE, 6, 80, 0),
                       pcp.Options(third_party=V4("192.168.1.10")))
     assert pcp.encode_request(req)[60:] == bytes.fromhex(
@@ -101,7 +101,7 @@ def test_server_side_checks(mutate, result) -> None:  # type: ignore[no-untyped-
 
 
 def test_rewrite_as_natd_does() -> None:
-    """Cascaded mode: internal address/port become NAT1's (RFC 6970 §5.5, rfc6970-iwf items 35-37)."""
+    """Cascaded mode: internal address/port become NAT1's (RFC 6970 §5.5, docs/requirements.md IWF-35 to IWF-37)."""
     lan = pcp.encode_request(pcp.Request(pcp.Opcode.MAP, 600, V4("192.168.1.2"),
                                          pcp.MapData(NONCE, 6, 80, 8080), pcp.Options(description="web")))
     out = pcp.decode_request(pcp.rewrite_request(lan, V4("100.64.0.2"), 40000))
@@ -140,7 +140,7 @@ def _filter(prefix: int, peer: str = "198.20.0.10") -> bytes:
 
 @pytest.mark.parametrize("prefix,ok", [(0, True), (96, True), (128, True), (50, False), (129, False), (255, False)])
 def test_filter_prefix_range(prefix: int, ok: bool) -> None:
-    """RFC 6887 §13.3 (rfc6887-pcp §7.4): IPv4 prefixes 96-128, 0 clears; others MALFORMED_OPTION."""
+    """RFC 6887 §13.3 with erratum 3891: IPv4 prefixes 96-128, 0 clears; others MALFORMED_OPTION."""
     data = _map_with(_filter(prefix))
     if ok:
         assert pcp.decode_request(data).options.filters[0].prefix_len == prefix
