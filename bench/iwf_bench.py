@@ -57,17 +57,17 @@ print(json.dumps(out))
 
 PCP_CLIENT = r"""
 import json, os, socket, sys, time
-from shared import pcp
+from shared import const, pcp
 import ipaddress
 wan, server, n, base = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind((wan, 0)); s.connect((server, 5351)); s.settimeout(5)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind((wan, 0)); s.connect((server, const.PCP_SERVER_PORT)); s.settimeout(5)
 nonces = [os.urandom(12) for _ in range(n)]
 res = {}
 for phase in ("create", "refresh"):
     out = []
     for i in range(n):
         req = pcp.Request(pcp.Opcode.MAP, 3600, ipaddress.IPv4Address(wan),
-                          pcp.MapData(nonces[i], 6, base + i, base + i), pcp.Options(prefer_failure=True))
+                          pcp.MapData(nonces[i], const.TCP, base + i, base + i), pcp.Options(prefer_failure=True))
         t0 = time.perf_counter()
         s.send(pcp.encode_request(req))
         while True:

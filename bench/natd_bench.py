@@ -29,8 +29,9 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from natd.client import NatdClient  # noqa: E402
-from tests.bed import testbed as tb  # noqa: E402
 from shared import wire  # noqa: E402
+from shared.const import PCP_PORTS, TCP, UDP  # noqa: E402
+from tests.bed import testbed as tb  # noqa: E402
 from tests.bed.stack import Stack  # noqa: E402
 
 LAN_HOSTS = [f"192.168.1.{i}" for i in range(10, 210)]
@@ -65,8 +66,8 @@ print(n / secs, fails)
 def binding(i: int, lan_port: int | None = None, host: str | None = None) -> wire.Binding:
     """The i-th forward: TCP and UDP alternate so 65k fit in the port space."""
     port = 1024 + i // 2
-    port += 2 if port >= 5350 else 0  # natd keeps UDP 5350/5351 for its PCP relay
-    return wire.Binding(i + 1, 6 if i % 2 == 0 else 17, host or LAN_HOSTS[i % len(LAN_HOSTS)],
+    port += 2 if port >= min(PCP_PORTS) else 0  # natd keeps the PCP ports for its relay
+    return wire.Binding(i + 1, TCP if i % 2 == 0 else UDP, host or LAN_HOSTS[i % len(LAN_HOSTS)],
                         lan_port or 1000 + i % 50000, port)
 
 

@@ -39,6 +39,8 @@ import time
 import uuid
 from typing import Any, NamedTuple, Sequence
 
+from shared import const
+
 log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------------------
@@ -55,7 +57,7 @@ INET_HOST_IP = "198.20.0.10"
 CGN_SUBNET = "100.64.0.0/10"
 WAN_SUBNET = "100.64.0.0/24"
 INET_SUBNET = "198.20.0.0/24"
-SSDP_GROUP = "239.255.255.250"
+SSDP_GROUP = const.SSDP_GROUP
 
 ROUTER_LAN_IF = "br-lan"
 ROUTER_WAN_IF = "wan0"
@@ -67,7 +69,7 @@ ISP_EXT_IF = "ext0"
 ROUTER_LAN_PORT_LAN = "veth-lan"  # bridge port towards the LAN host
 ROUTER_LAN_PORT_CTL = "veth-ctl"  # bridge port towards the ctl namespace
 
-PCP_PORT = 5351
+PCP_PORT = const.PCP_SERVER_PORT
 
 # nft objects the bed creates.
 ROUTER_FW_TABLE = "testbed_fw"  # family ip, in {p}-cpe
@@ -80,8 +82,8 @@ NAT2_SNAT_CHAIN = "postrouting_miniupnpd"
 HOSTS = ("lan", "cpe", "ctl", "isp", "inet")
 MINIUPNPD = "/usr/sbin/miniupnpd"
 
-_PROTO_NUMBERS = {"tcp": 6, "udp": 17}
-_PROTO_NAMES = {6: "tcp", 17: "udp"}
+_PROTO_NAMES = {num: name.lower() for num, name in const.PROTO_NAMES.items()}  # nft spelling
+_PROTO_NUMBERS = {name: num for num, name in _PROTO_NAMES.items()}
 
 
 class CommandError(subprocess.CalledProcessError):

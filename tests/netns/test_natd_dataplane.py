@@ -13,8 +13,9 @@ import time
 import pytest
 
 from natd.nft import Layout
-from tests.bed import testbed as tb
 from shared import wire
+from shared.const import PCP_CLIENT_PORT, PCP_SERVER_PORT
+from tests.bed import testbed as tb
 from tests.bed.natd import HOLD_SCRIPT, conntrack, elements, python, reaches, wait_until
 
 pytestmark = pytest.mark.netns
@@ -170,17 +171,17 @@ def test_unsolicited_announce_and_mapping_update_become_events(natd_only) -> Non
     c.call(wire.PcpSend(tb.ISP_INT_IP, ann))  # natd now knows 100.64.0.1 as its PCP server
     time.sleep(0.2)
     announce = pcp.encode_response(pcp.Response(pcp.Opcode.ANNOUNCE, pcp.Result.SUCCESS, 0, 5))
-    bed.udp_send("isp", WAN, 5350, announce, bind=(tb.ISP_INT_IP, 5351))
+    bed.udp_send("isp", WAN, PCP_CLIENT_PORT, announce, bind=(tb.ISP_INT_IP, PCP_SERVER_PORT))
     ev = c.next_event("pcp.rx", 3.0)
     assert ev is not None and ev.server == tb.ISP_INT_IP and pcp.decode_response(ev.packet).epoch == 5
     update = pcp.encode_response(pcp.Response(
         pcp.Opcode.MAP, pcp.Result.SUCCESS, 600, 6,
         pcp.MapData(b"n" * 12, 6, 20006, 8080, ipaddress.IPv4Address(tb.NAT2_PUBLIC_IP))))
-    bed.udp_send("isp", WAN, 5350, update, bind=(tb.ISP_INT_IP, 5351))
+    bed.udp_send("isp", WAN, PCP_CLIENT_PORT, update, bind=(tb.ISP_INT_IP, PCP_SERVER_PORT))
     ev = c.next_event("pcp.rx", 3.0)
     assert ev is not None and (ev.mid, ev.lan_ip) == (1, LAN)
     assert pcp.decode_response(ev.packet).map.internal_port == 8006
-    bed.udp_send("isp", WAN, 5350, announce, bind=(tb.ISP_INT_IP, 5999))  # not from the PCP port
+    bed.udp_send("isp", WAN, PCP_CLIENT_PORT, announce, bind=(tb.ISP_INT_IP, 5999))  # not from the PCP port
     assert c.next_event("pcp.rx", 1.0) is None
 
 

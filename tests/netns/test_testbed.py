@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from shared.const import SSDP_GROUP, SSDP_PORT
 from tests.bed import testbed as tb
 from tests.bed.testbed import Testbed, list_namespaces
 
@@ -103,15 +104,15 @@ def test_routing_through_both_nats(testbed: Testbed) -> None:
 
 
 def test_ssdp_multicast_crosses_the_bridge(testbed: Testbed) -> None:
-    msearch = b"M-SEARCH * HTTP/1.1\r\nHOST: 239.255.255.250:1900\r\n\r\n"
-    in_ctl = testbed.udp_listen("ctl", 1900, group=tb.SSDP_GROUP, timeout=5)
-    testbed.udp_send("lan", tb.SSDP_GROUP, 1900, msearch, bind=(tb.LAN_HOST_IP, 0))
+    msearch = f"M-SEARCH * HTTP/1.1\r\nHOST: {SSDP_GROUP}:{SSDP_PORT}\r\n\r\n".encode()
+    in_ctl = testbed.udp_listen("ctl", SSDP_PORT, group=tb.SSDP_GROUP, timeout=5)
+    testbed.udp_send("lan", SSDP_GROUP, SSDP_PORT, msearch, bind=(tb.LAN_HOST_IP, 0))
     assert in_ctl.received(timeout=3) == msearch
     assert in_ctl.peer()[0] == tb.LAN_HOST_IP  # type: ignore[index]
 
-    notify = b"NOTIFY * HTTP/1.1\r\nHOST: 239.255.255.250:1900\r\n\r\n"
-    in_lan = testbed.udp_listen("lan", 1900, group=tb.SSDP_GROUP, timeout=5)
-    testbed.udp_send("ctl", tb.SSDP_GROUP, 1900, notify, bind=(tb.CTL_IP, 0))
+    notify = f"NOTIFY * HTTP/1.1\r\nHOST: {SSDP_GROUP}:{SSDP_PORT}\r\n\r\n".encode()
+    in_lan = testbed.udp_listen("lan", SSDP_PORT, group=tb.SSDP_GROUP, timeout=5)
+    testbed.udp_send("ctl", SSDP_GROUP, SSDP_PORT, notify, bind=(tb.CTL_IP, 0))
     assert in_lan.received(timeout=3) == notify
     assert in_lan.peer()[0] == tb.CTL_IP  # type: ignore[index]
 

@@ -465,3 +465,54 @@ def test_count_and_short_only_flags(tmp_path: Path) -> None:
     ns = parse_args_with_config(p, ["--config", path], "natd")
     assert (ns.verbose, ns.quiet) == (2, True)
     assert parse_args_with_config(p, ["--config", path, "-v"], "natd").verbose == 1
+
+
+# --- the option table: one row per option, read by argparse, UCI and the reload -------------
+
+def test_each_daemon_parser_is_its_table_rows() -> None:
+    from controld.main import build_parser as controld_parser
+    from natd.main import build_parser as natd_parser
+    from shared.config import OPTIONS, options
+
+    for daemon, parser in (("natd", natd_parser()), ("controld", controld_parser())):
+        flags = {s[2:] for a in parser._actions for s in a.option_strings
+                 if s.startswith("--") and not s.startswith("--no-")} - {"help", "config"}
+        assert flags == {o.name for o in options(daemon)}, daemon
+        for o in options(daemon):
+            action = next(a for a in parser._actions if f"--{o.name}" in a.option_strings)
+            assert (action.default, action.required, action.help) == (o.default, o.required, o.help), o.name
+    assert len({o.name for o in OPTIONS}) == len(OPTIONS)  # no option declared twice
+
+
+def test_restart_only_options_keep_their_value_on_reload() -> None:
+    import logging
+
+    from shared.config import restart_only
+    from shared.daemon import reread_args
+
+    assert set(restart_only("natd")) == {"wan_if", "lan_if", "rpc", "events", "table", "layout", "ipc_group",
+                                         "curve_dir"}
+    assert "max_bindings" not in restart_only("natd") and "log_level" not in restart_only("controld")
+    old = argparse.Namespace(wan_if="eth1", max_bindings=10, log_level="info")
+    new = reread_args(lambda: argparse.Namespace(wan_if="eth9", max_bindings=20, log_level="info"), old,
+                      restart_only("natd"), logging.getLogger("test"))
+    assert new is not None and (new.wan_if, new.max_bindings) == ("eth1", 20)
+
+
+def test_uci_sample_shows_the_table_defaults() -> None:
+    """A commented ``#option KEY 'VALUE'`` in the shipped sample is the table's default."""
+    import re
+    from pathlib import Path
+
+    from shared.config import options
+
+    text = (Path(__file__).resolve().parents[2] / "packaging" / "files" / "igdpcp.config").read_text()
+    shown = 0
+    for stype in ("natd", "controld"):
+        body = text.split(f"config {stype} '{stype}'", 1)[1].split("\nconfig ", 1)[0]
+        commented = dict(re.findall(r"^\s*#option (\w+) '([^']*)'", body, re.M))
+        for o in options(stype):
+            if o.dest in commented and o.default is not None and o.kind == "store":
+                assert o.type(commented[o.dest]) == o.default, (stype, o.dest)
+                shown += 1
+    assert shown >= 10
