@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import time
 from datetime import datetime
@@ -60,7 +59,8 @@ import json, os, socket, sys, time
 from shared import const, pcp
 import ipaddress
 wan, server, n, base = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind((wan, 0)); s.connect((server, const.PCP_SERVER_PORT)); s.settimeout(5)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind((wan, 0)); s.settimeout(5)
+s.connect((server, const.PCP_SERVER_PORT))
 nonces = [os.urandom(12) for _ in range(n)]
 res = {}
 for phase in ("create", "refresh"):

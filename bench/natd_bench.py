@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -222,7 +221,7 @@ def main() -> int:
         print("\n## New TCP connections per second to the last forward (isp -> WAN -> LAN host)")
         server = bed.popen("lan", [sys.executable, "-c", ACCEPT_SERVER, str(SERVER_PORT)],
                            stdout=subprocess.PIPE, text=True)
-        assert server.stdout.readline().strip() == "ready"
+        assert server.stdout is not None and server.stdout.readline().strip() == "ready"
         last = ten_k[-1]
         c.call(wire.Sync([last]), timeout=60)
         map1 = conn_rate(bed, last.wan_port, args.conn_secs)

@@ -141,7 +141,7 @@ def _config_value(action: argparse.Action, key: str, raw: list[str], lines: list
     """Turn the file's raw strings for one key into the value the parser would store."""
     def conv(s: str, line: int) -> Any:
         try:
-            v = action.type(s) if action.type is not None else s
+            v = action.type(s) if callable(action.type) else s
         except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
             raise err(filename, line, f"invalid value {s!r} for {key!r}: {e}") from None
         if action.choices is not None and v not in action.choices:
@@ -263,13 +263,13 @@ def _file_values(parser: argparse.ArgumentParser, cfg: argparse.Action, path: st
         return {}
     by_key = _uci_keys(parser, cfg)
     values: dict[str, Any] = {}
-    for key, raw in [*section.options.items(), *section.lists.items()]:
+    given = [(k, [v], False) for k, v in section.options.items()] + [(k, v, True) for k, v in section.lists.items()]
+    for key, raw, is_list in given:
         lines = section.lines.get(key) or [section.line]
         action = by_key.get(key)
         if action is None:
             hint = difflib.get_close_matches(key, by_key, n=1)
             raise err(path, lines[0], f"unknown option {key!r} in section {section_type}"
                                       + (f" (did you mean {hint[0]!r}?)" if hint else ""))
-        is_list = isinstance(raw, list)
-        values[action.dest] = _config_value(action, key, raw if is_list else [raw], lines, is_list, path)
+        values[action.dest] = _config_value(action, key, raw, lines, is_list, path)
     return values

@@ -116,13 +116,14 @@ def _section(args: list[str], line: int, filename: str, sections: list[Section],
         return cur
     if not _NAME.fullmatch(name):
         raise err(filename, line, f"invalid section name {name!r} (use letters, digits and _)")
-    if (cur := by_name.get(name)) is None:
-        cur = by_name[name] = Section(stype, name, {}, {}, line)
-        sections.append(cur)
-    elif cur.type != stype:
+    known = by_name.get(name)
+    if known is None:
+        known = by_name[name] = Section(stype, name, {}, {}, line)
+        sections.append(known)
+    elif known.type != stype:
         raise err(filename, line, f"section {name!r} redefined as {stype!r} "
-                                   f"(was {cur.type!r} at line {cur.line})")
-    return cur
+                                  f"(was {known.type!r} at line {known.line})")
+    return known
 
 
 def _set_value(cur: Section | None, kw: str, args: list[str], line: int, filename: str) -> None:

@@ -74,7 +74,8 @@ def demo(keep: bool, layout: str) -> int:
         if keep:
             print(f"\nLeft running. Explore with e.g.\n  ip netns exec {bed.ns('lan')} upnpc -u {st.root_url} -l\n"
                   f"  ip netns exec {bed.ns('cpe')} nft list table ip igdpcp\n"
-                  f"Logs in {bed.workdir}. Tear down with (in {ROOT}):\n  .venv/bin/python -m tests.bed teardown {bed.prefix}")
+                  f"Logs in {bed.workdir}. Tear down with (in {ROOT}):\n"
+                  f"  .venv/bin/python -m tests.bed teardown {bed.prefix}")
             return 0 if ok else 1
         return 0 if ok else 1
     except Exception as exc:

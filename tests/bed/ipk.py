@@ -7,6 +7,7 @@ import importlib.machinery
 import importlib.util
 import io
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -22,6 +23,7 @@ def load_builder() -> ModuleType:
     """packaging/build-ipk as a module (it is a script: packaging/ is no Python package)."""
     loader = importlib.machinery.SourceFileLoader("igdpcp_build_ipk", str(PKG / "build-ipk"))
     spec = importlib.util.spec_from_loader(loader.name, loader)
+    assert spec is not None
     mod = importlib.util.module_from_spec(spec)
     sys.modules[loader.name] = mod  # dataclasses look the module up by name
     loader.exec_module(mod)
@@ -59,3 +61,18 @@ def raw_headers(tar: bytes) -> list[tuple[str, bytes, bytes]]:
 def tar_list(data: bytes) -> list[tarfile.TarInfo]:
     with tarfile.open(fileobj=io.BytesIO(data)) as t:
         return t.getmembers()
+
+
+def extract(tar: tarfile.TarFile, member: str | tarfile.TarInfo) -> bytes:
+    """The bytes of one regular file in ``tar`` (a missing or non-file member fails the test)."""
+    f = tar.extractfile(member)
+    assert f is not None, member
+    return f.read()
+
+
+def group(pattern: str, text: str, flags: int = 0) -> str:
+    """The first group of ``pattern``'s first match in ``text`` (no match fails the test)."""
+    m = re.search(pattern, text, flags)
+    assert m is not None, pattern
+    return m[1]
+

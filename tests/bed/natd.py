@@ -14,7 +14,6 @@ import pytest
 
 from natd.client import NatdClient
 from natd.nft import Layout
-from tests.bed import testbed as tb
 from tests.bed.stack import Stack
 from tests.bed.testbed import Testbed
 

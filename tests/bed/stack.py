@@ -99,7 +99,7 @@ class Stack:
                 *self._curve_args(), *self.controld_args]
         self._start("controld", self.controld_ns, argv, "controld up:", timeout)
 
-    def start(self) -> "Stack":
+    def start(self) -> Stack:
         """natd first (it owns the sockets), then controld."""
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}")

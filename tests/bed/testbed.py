@@ -37,7 +37,8 @@ import tempfile
 import threading
 import time
 import uuid
-from typing import Any, NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import Any, BinaryIO, NamedTuple
 
 from shared import const
 
@@ -313,7 +314,7 @@ class UdpListener(Listener):
 
 
 # Beds still alive at interpreter exit are torn down (e.g. after KeyboardInterrupt).
-_LIVE: "set[Testbed]" = set()
+_LIVE: set[Testbed] = set()
 
 
 @atexit.register
@@ -357,13 +358,13 @@ class Testbed:
         self._procs_lock = threading.Lock()
         self._nat2_pid: int | None = None
         self._nat2_proc: subprocess.Popen | None = None
-        self._nat2_log = None
+        self._nat2_log: BinaryIO | None = None
         self._set_up = False
         self._torn_down = False
         self._seq = 0
 
     # ---------------------------------------------------------------- basics
-    def __enter__(self) -> "Testbed":
+    def __enter__(self) -> Testbed:
         self.setup()
         return self
 
@@ -425,7 +426,7 @@ class Testbed:
         return proc
 
     # ---------------------------------------------------------------- setup
-    def setup(self) -> "Testbed":
+    def setup(self) -> Testbed:
         """Build the namespaces, links, addresses, routes and firewalls (NAT2's miniupnpd
         is started separately by :meth:`start_nat2`).  On failure everything made so far
         is torn down and the error re-raised."""

@@ -34,7 +34,8 @@ async def main():
     async def on_search(headers):
         out["search"].append({k.lower(): v for k, v in headers.items() if isinstance(v, str)})
     await async_search(on_search, timeout=2, search_target="ssdp:all", source=(LAN, 0))
-    location = next(h["location"] for h in out["search"] if h.get("st", "").startswith("urn:schemas-upnp-org:device:InternetGatewayDevice"))
+    igd = "urn:schemas-upnp-org:device:InternetGatewayDevice"
+    location = next(h["location"] for h in out["search"] if h.get("st", "").startswith(igd))
     requester = AiohttpRequester()
     device = await UpnpFactory(requester, non_strict=False).async_create_device(location)
     out["device_type"] = device.device_type

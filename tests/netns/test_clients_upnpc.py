@@ -49,7 +49,8 @@ def test_upnpc_igd2_every_command(make_stack) -> None:
     add = st.upnpc("-e", "game server", "-a", tb.LAN_HOST_IP, "8000", "8080", "TCP", "3600")
     assert add.returncode == 0, add.stdout
     assert f"external {tb.NAT2_PUBLIC_IP}:8080 TCP is redirected to internal {tb.LAN_HOST_IP}:8000" in add.stdout
-    assert re.search(r"duration=(\d+)", add.stdout) and 3500 < int(re.search(r"duration=(\d+)", add.stdout)[1]) <= 3600
+    duration = re.search(r"duration=(\d+)", add.stdout)
+    assert duration and 3500 < int(duration[1]) <= 3600
     assert bed.internet_reaches(8000, 8080, PAYLOAD)
 
     # -a without a lease on IGD:2: RFC 6970 §4.1 (docs/requirements.md IWF-71) turns 0 into IGD2_MAX_LEASE, so the

@@ -1,4 +1,5 @@
-"""README command 1: the demo (`scripts/demo` = `python -m tests.bed demo`) proves the path through both NATs and says so hop by hop."""
+"""README command 1: the demo (`scripts/demo` = `python -m tests.bed demo`) proves the path
+through both NATs and says so hop by hop."""
 
 from __future__ import annotations
 

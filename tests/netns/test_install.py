@@ -30,8 +30,8 @@ from pathlib import Path
 import pytest
 
 from tests.bed import testbed as tb
-from tests.bed.stack import Stack
 from tests.bed.ipk import ROOT, build, member, raw_headers
+from tests.bed.stack import Stack
 
 pytestmark = pytest.mark.netns
 
@@ -43,7 +43,9 @@ TRAPS = ("nft", "ubus", "uci", "logger", "service", "kill", "killall", "start-st
 # A stand-in for base-files' /lib/functions.sh: default_postinst/prerm source our *-pkg
 # bodies as the real ones do and record the call (the real file exists only on OpenWrt).
 FUNCTIONS_SH = """\
-default_postinst() { echo "default_postinst $*" >> "$TRAPLOG"; . "${IPKG_INSTROOT}/usr/lib/opkg/info/igdpcp.postinst-pkg"; }
+default_postinst() {
+    echo "default_postinst $*" >> "$TRAPLOG"; . "${IPKG_INSTROOT}/usr/lib/opkg/info/igdpcp.postinst-pkg"
+}
 default_prerm() { echo "default_prerm $*" >> "$TRAPLOG"; . "${IPKG_INSTROOT}/usr/lib/opkg/info/igdpcp.prerm-pkg"; }
 """
 
@@ -113,7 +115,7 @@ class StagedOpkg:
         """After prerm: delete listed files (keeping a changed conffile), empty dirs, run postrm."""
         status = (self.root / "usr/lib/opkg/status").read_text()
         words = status.split("Conffiles: ", 1)[1].split()
-        stored = dict(zip(words[::2], words[1::2]))
+        stored = dict(zip(words[::2], words[1::2], strict=True))
         listed = (self.info / f"{PKG}.list").read_text().split()
         for path in sorted(listed, reverse=True):  # children before their directories
             p = self.root / path.lstrip("/")

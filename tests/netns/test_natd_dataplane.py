@@ -12,7 +12,6 @@ import time
 
 import pytest
 
-from natd.nft import Layout
 from shared import wire
 from shared.const import PCP_CLIENT_PORT, PCP_SERVER_PORT
 from tests.bed import testbed as tb
@@ -70,7 +69,8 @@ def test_hairpin_from_the_lan_reaches_the_mapped_server(natd_only) -> None:
     peer = reaches(st.bed, "ctl", WAN, 20001, 8001)
     assert peer is not None and peer[0] == tb.ROUTER_LAN_IP  # masqueraded: the answer returns via NAT1
     assert reaches(st.bed, "lan", WAN, 20001, 8001) is not None  # the server itself, via the router
-    assert reaches(st.bed, "isp", WAN, 20001, 8001)[0] == tb.ISP_INT_IP  # outside: no masquerade
+    outside = reaches(st.bed, "isp", WAN, 20001, 8001)
+    assert outside is not None and outside[0] == tb.ISP_INT_IP  # outside: no masquerade
 
 
 def test_10k_forwards_flush_restore_and_no_residue(natd_only) -> None:
@@ -180,7 +180,8 @@ def test_unsolicited_announce_and_mapping_update_become_events(natd_only) -> Non
     bed.udp_send("isp", WAN, PCP_CLIENT_PORT, update, bind=(tb.ISP_INT_IP, PCP_SERVER_PORT))
     ev = c.next_event("pcp.rx", 3.0)
     assert ev is not None and (ev.mid, ev.lan_ip) == (1, LAN)
-    assert pcp.decode_response(ev.packet).map.internal_port == 8006
+    answer = pcp.decode_response(ev.packet).map
+    assert answer is not None and answer.internal_port == 8006
     bed.udp_send("isp", WAN, PCP_CLIENT_PORT, announce, bind=(tb.ISP_INT_IP, 5999))  # not from the PCP port
     assert c.next_event("pcp.rx", 1.0) is None
 

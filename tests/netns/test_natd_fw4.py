@@ -13,8 +13,8 @@ import subprocess
 
 import pytest
 
-from tests.bed import testbed as tb
 from shared import wire
+from tests.bed import testbed as tb
 from tests.bed.natd import elements, here, python, reaches, wait_until
 
 pytestmark = pytest.mark.netns

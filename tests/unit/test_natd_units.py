@@ -13,12 +13,11 @@ import struct
 import msgpack
 import pytest
 
-from tests.bed import fuzz
-
 from natd import nftmon
 from natd.bindings import BindingTable, PolicyError
 from natd.nft import Layout, expected, fw4_includes
 from shared import wire
+from tests.bed import fuzz
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -153,9 +152,13 @@ def test_bind_unbind_deltas_keep_the_kernel_picture_equal_to_the_full_computatio
         args = main.build_parser().parse_args(["--wan-if", "w", "--lan-if", "l", "--rpc", "ipc:///x",
                                                "--events", "ipc:///y"])
         d = main.Natd(args)
-        monkeypatch.setattr(d.nft, "run", lambda script: scripts.append(script) or "")
+        def record(script: str) -> str:
+            scripts.append(script)
+            return ""
 
-        async def no_forget(flows):  # type: ignore[no-untyped-def]
+        monkeypatch.setattr(d.nft, "run", record)
+
+        async def no_forget(flows):
             return 0
 
         monkeypatch.setattr(conntrack, "forget", no_forget)
@@ -205,7 +208,7 @@ def test_overlapping_lan_subnets_become_one_interval() -> None:
     assert st.lan == {"192.168.1.0/24", "10.0.0.0/8"}
 
 
-def _lan_table(**kw) -> BindingTable:  # type: ignore[no-untyped-def]
+def _lan_table(**kw) -> BindingTable:
     import ipaddress
 
     return BindingTable([ipaddress.IPv4Network("192.168.1.0/24")], {"192.168.1.1"}, **kw)

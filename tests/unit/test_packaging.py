@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from shared.config import parse_args_with_config, parse_uci
-from tests.bed.ipk import EPOCH, PKG, ROOT, build, load_builder, member, raw_headers, tar_list
+from tests.bed.ipk import EPOCH, PKG, ROOT, build, extract, group, load_builder, member, raw_headers, tar_list
 
 B = load_builder()
 
@@ -94,7 +94,7 @@ def test_reproducible_and_source_date_epoch(tmp_path: Path) -> None:
 
 def control_fields(ipk: Path) -> dict[str, str]:
     ctl = tarfile.open(fileobj=io.BytesIO(member(ipk, "./control.tar.gz")))
-    text = ctl.extractfile("./control").read().decode()
+    text = extract(ctl, "./control").decode()
     fields: dict[str, str] = {}
     key = ""
     for line in text.splitlines():
@@ -145,17 +145,17 @@ def test_depends_cover_what_the_daemons_import(ipk: Path) -> None:
 
 def test_conffiles_and_maintainer_scripts(ipk: Path) -> None:
     ctl = tarfile.open(fileobj=io.BytesIO(member(ipk, "./control.tar.gz")))
-    assert ctl.extractfile("./conffiles").read() == b"/etc/config/igdpcp\n"
+    assert extract(ctl, "./conffiles") == b"/etc/config/igdpcp\n"
     data = [m.name for m in tar_list(gzip.decompress(member(ipk, "./data.tar.gz")))]
     assert "./etc/config/igdpcp" in data
-    post = ctl.extractfile("./postinst").read().decode()
-    prerm = ctl.extractfile("./prerm").read().decode()
+    post = extract(ctl, "./postinst").decode()
+    prerm = extract(ctl, "./prerm").decode()
     # package-pack.mk's wrappers: bail out without functions.sh, else default_postinst/prerm
     assert '[ -s "${IPKG_INSTROOT}/lib/functions.sh" ] || exit 0' in post
     assert 'default_postinst "$0" "$@"' in post and 'default_prerm "$0" "$@"' in prerm
     assert '"${IPKG_NO_SCRIPT}" = "1" ] && exit 0' in post
     # postinst-pkg is *sourced* by default_postinst: an 'exit' there would end it early
-    body = ctl.extractfile("./postinst-pkg").read().decode()
+    body = extract(ctl, "./postinst-pkg").decode()
     assert not re.search(r"^\s*exit\b", body, re.M)
 
 
@@ -355,7 +355,7 @@ def test_procd_disabled_starts_nothing(tmp_path: Path) -> None:
 def test_start_stop_order() -> None:
     """natd starts before controld and stops after it (rc.d S/K links, §2.1)."""
     def num(name: str, key: str) -> int:
-        return int(re.search(rf"^{key}=(\d+)$", (PKG / "files" / f"{name}.init").read_text(), re.M)[1])
+        return int(group(rf"^{key}=(\d+)$", (PKG / "files" / f"{name}.init").read_text(), re.M))
     assert num("igdpcp-natd", "START") < num("igdpcp-controld", "START")
     assert num("igdpcp-natd", "STOP") > num("igdpcp-controld", "STOP")
 
@@ -452,13 +452,13 @@ def test_openwrt_feed_makefile_matches_the_ipk(ipk: Path) -> None:
     assert re.search(rf"^PKG_VERSION:={re.escape(version)}$", mk, re.M)
     assert re.search(rf"^PKG_RELEASE:={release}$", mk, re.M)
     deps = control_fields(ipk)["Depends"].split(", ")
-    depends_line = re.search(r"^\s*DEPENDS:=(.*)$", mk, re.M)[1].split()
+    depends_line = group(r"^\s*DEPENDS:=(.*)$", mk, re.M).split()
     assert sorted(d.lstrip("+") for d in depends_line) == sorted(deps), \
         "run: packaging/build-ipk --update-feed-makefile"
-    assert "/etc/config/igdpcp" in re.search(r"define Package/igdpcp/conffiles\n(.*?)endef", mk, re.S)[1]
+    assert "/etc/config/igdpcp" in group(r"define Package/igdpcp/conffiles\n(.*?)endef", mk, re.S)
     # the SDK package carries the same maintainer scripts ($ escaped for make)
     for define, name in (("postinst", "postinst-pkg"), ("prerm", "prerm-pkg"), ("postrm", "postrm")):
-        body = re.search(rf"define Package/igdpcp/{define}\n(.*?)endef", mk, re.S)[1]
+        body = group(rf"define Package/igdpcp/{define}\n(.*?)endef", mk, re.S)
         assert body.replace("$$", "$") == (PKG / "control" / name).read_text(), define
 
 
@@ -468,7 +468,7 @@ def test_stage_openwrt_equals_ipk_data(tmp_path: Path) -> None:
     root = tmp_path / "root"
     B.stage(root, "openwrt")
     with tarfile.open(fileobj=io.BytesIO(gzip.decompress(member(ipk, "./data.tar.gz")))) as t:
-        want = {m.name[1:]: (m.mode, t.extractfile(m).read()) for m in t.getmembers() if m.isfile()}
+        want = {m.name[1:]: (m.mode, extract(t, m)) for m in t.getmembers() if m.isfile()}
     got = {"/" + p.relative_to(root).as_posix(): (p.stat().st_mode & 0o7777, p.read_bytes())
            for p in root.rglob("*") if p.is_file()}
     assert got == want
@@ -507,7 +507,7 @@ def test_hotplug_iface_script(tmp_path: Path, event: dict[str, str], expect: str
     assert calls == ([expect] if expect else []), calls
 
 
-def test_postrm_removes_fw4_layout_objects(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_postrm_removes_fw4_layout_objects(tmp_path: Path) -> None:
     """In the fw4 layout natd's objects live inside `inet fw4`; removing the package must not
     leave its forwards active until some later fw4 reload."""
     import subprocess

@@ -92,7 +92,7 @@ def test_unsupp_version_is_reported_even_when_short() -> None:
     (lambda b: b[:1] + b"\x09" + b[2:], pcp.Result.UNSUPP_OPCODE),
     (lambda b: b[:30], pcp.Result.MALFORMED_REQUEST),
 ])
-def test_server_side_checks(mutate, result) -> None:  # type: ignore[no-untyped-def]
+def test_server_side_checks(mutate, result) -> None:
     good = pcp.encode_request(pcp.Request(pcp.Opcode.MAP, 600, V4("10.0.0.1"), pcp.MapData(NONCE, 6, 80, 80),
                                           pcp.Options(prefer_failure=True)))
     with pytest.raises(pcp.PcpDecodeError) as exc:
