@@ -7,11 +7,9 @@ UPnP error codes, natd's NAT1 map, miniupnpd's DNAT rules, controld's table.
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 
 import pytest
 
@@ -19,52 +17,18 @@ from shared import pcp
 from tests.bed import testbed as tb
 from tests.bed.stack import Stack
 from tests.bed.fixtures import soap_call
+from tests.bed.upnp import HOOKS, WANIP2, add, wait_for
+from tests.bed.upnp import error_code as _code
+from tests.bed.upnp import out_value as _value
 
 pytestmark = pytest.mark.netns
 
-WANIP1 = "urn:schemas-upnp-org:service:WANIPConnection:1"
-WANIP2 = "urn:schemas-upnp-org:service:WANIPConnection:2"
 PAYLOAD = b"igdpcp iwf: through NAT2 and NAT1"
 OTHER_SUBSCRIBER = "100.64.0.7"  # a second CGN customer on NAT2's inside (rfc6970-iwf item 51)
-HOOKS = os.path.join(os.path.dirname(__file__), "..", "..", "packaging", "hooks")
-
-
-def _map_args(ext: int, internal: int, proto: str = "TCP", lease: int = 0, desc: str = "iwf") -> dict[str, str]:
-    return {"NewRemoteHost": "", "NewExternalPort": str(ext), "NewProtocol": proto,
-            "NewInternalPort": str(internal), "NewInternalClient": tb.LAN_HOST_IP, "NewEnabled": "1",
-            "NewPortMappingDescription": desc, "NewLeaseDuration": str(lease)}
-
-
-def _code(body: bytes) -> int | None:
-    m = re.search(rb"<errorCode>(\d+)</errorCode>", body)
-    return int(m.group(1)) if m else None
-
-
-def _value(body: bytes, name: str) -> str | None:
-    m = re.search(rb"<%s>([^<]*)</%s>" % (name.encode(), name.encode()), body)
-    return m.group(1).decode() if m else None
-
-
-def add(st: Stack, ext: int, internal: int, proto: str = "TCP", lease: int = 0, any_port: bool = False,
-        service: str = WANIP1) -> tuple[int, bytes]:
-    """AddPortMapping (or AddAnyPortMapping) from the LAN host; (HTTP status, body)."""
-    action = "AddAnyPortMapping" if any_port else "AddPortMapping"
-    return soap_call(st, action, _map_args(ext, internal, proto, lease), service=WANIP2 if any_port else service)
-
 
 def nat2_ports(bed: tb.Testbed) -> dict[int, tuple[str, int]]:
     """NAT2's (miniupnpd's) TCP DNAT rules: {external port: (internal ip, internal port)}."""
     return {r.ext_port: (r.int_ip, r.int_port) for r in bed.nat2_dnat_rules() if r.proto == "tcp"}
-
-
-def wait_for(cond: Callable[[], bool], timeout: float, step: float = 0.2) -> bool:
-    """Poll ``cond`` until true or ``timeout`` seconds passed (bounded)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(step)
-    return cond()
 
 
 def listing(st: Stack) -> list[tuple[int, str, int]]:
@@ -99,7 +63,8 @@ def test_renewal_keeps_infinite_lease_and_expiry_removes_everywhere(make_stack) 
     """NAT2 grants 6 s: an IGD:1 lease 0 lives on by renewals (rfc6970-iwf items 68, 69, 74);
     a 5 s lease ends and is removed from NAT1, NAT2 and the table (§12 notes); the lease the
     CP sees never exceeds what NAT2 granted."""
-    from tests.netns.test_upnp_ssdp_gena import Sink, _props
+    from tests.bed.upnp import Sink
+    from tests.bed.upnp import props as _props
 
     st: Stack = make_stack(bed_kwargs={"nat2_min_lifetime": 2, "nat2_max_lifetime": 6})
     bed = st.bed

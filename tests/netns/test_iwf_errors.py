@@ -19,7 +19,9 @@ import pytest
 
 from tests.bed import testbed as tb
 from tests.bed.stack import Stack
-from tests.netns.test_iwf_e2e import HOOKS, WANIP1, WANIP2, _code, _value, add, wait_for
+from tests.bed.upnp import HOOKS, WANIP1, WANIP2, add, wait_for
+from tests.bed.upnp import error_code as _code
+from tests.bed.upnp import out_value as _value
 
 pytestmark = pytest.mark.netns
 

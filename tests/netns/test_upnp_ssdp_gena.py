@@ -3,12 +3,6 @@
 
 from __future__ import annotations
 
-import json
-import os
-import re
-import select
-import subprocess
-import sys
 import time
 
 import pytest
@@ -16,6 +10,8 @@ import pytest
 from tests.bed import testbed as tb
 from tests.bed.stack import HTTP_PORT, Stack
 from tests.bed.fixtures import NsClient, http_request, soap_envelope
+from tests.bed.upnp import Sink
+from tests.bed.upnp import props as _props
 
 pytestmark = pytest.mark.netns
 
@@ -81,65 +77,6 @@ def test_ssdp_answers_and_notify(make_testbed) -> None:
     assert st.stop("controld") == 0
     assert headers(bye.received(timeout=3)).get("NTS") == "ssdp:byebye"
     st.close()
-
-
-EVENT_SINK = r"""
-import json, socket, sys
-srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-srv.bind((sys.argv[1], int(sys.argv[2]))); srv.listen(16)
-print(json.dumps({"ready": True}), flush=True)
-while True:
-    conn, _ = srv.accept(); conn.settimeout(5)
-    data = b""
-    try:
-        while b"\r\n\r\n" not in data:
-            data += conn.recv(4096)
-        head, _, body = data.partition(b"\r\n\r\n")
-        n = int(next((l.split(b":")[1] for l in head.split(b"\r\n") if l.lower().startswith(b"content-length")), b"0"))
-        while len(body) < n:
-            body += conn.recv(4096)
-        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
-        lines = head.decode().split("\r\n")
-        h = {k.strip().upper(): v.strip() for k, _, v in (l.partition(":") for l in lines[1:])}
-        print(json.dumps({"line": lines[0], "h": h, "body": body.decode()}), flush=True)
-    except Exception as e:
-        print(json.dumps({"error": str(e)}), flush=True)
-    conn.close()
-"""
-
-
-class Sink:
-    """An HTTP listener on the LAN host recording NOTIFY requests (one JSON line each)."""
-
-    def __init__(self, bed: tb.Testbed, port: int) -> None:
-        self.proc = bed.popen("lan", [sys.executable, "-c", EVENT_SINK, tb.LAN_HOST_IP, str(port)],
-                              stdout=subprocess.PIPE)
-        self.buf = b""
-        assert json.loads(self.next(5) or "{}").get("ready")
-
-    def next(self, timeout: float) -> str | None:
-        """The next line, reading the pipe unbuffered so select() sees what is pending."""
-        assert self.proc.stdout is not None
-        fd = self.proc.stdout.fileno()
-        deadline = time.monotonic() + timeout
-        while b"\n" not in self.buf:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([fd], [], [], left)[0]:
-                return None
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                return None
-            self.buf += chunk
-        line, _, self.buf = self.buf.partition(b"\n")
-        return line.decode()
-
-    def event(self, timeout: float = 5) -> dict | None:
-        line = self.next(timeout)
-        return json.loads(line) if line else None
-
-
-def _props(body: str) -> dict[str, str]:
-    return dict(re.findall(r"<e:property><(\w+)>(.*?)</\1></e:property>", body))
 
 
 def test_gena_subscribe_events_and_limits(make_stack) -> None:

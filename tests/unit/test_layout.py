@@ -10,8 +10,8 @@ ROOT = Path(__file__).resolve().parents[2]
 DAEMONS = ("controld", "natd")
 # Other branches rewrite these now; each entry goes when that branch is merged.
 PENDING_SHARED = {"shared/cli.py"}  # host-left asks controld.admin (the admin-only CLI replaces it)
-PENDING_TESTS = {"tests/unit/test_iwf_operations.py", "tests/unit/test_iwf_regressions.py",
-                 "tests/netns/test_iwf_e2e.py", "tests/netns/test_iwf_errors.py"}
+# (ScriptedLink and its drivers move to tests/bed/ once the core's natd link has settled)
+PENDING_TESTS = {"tests/unit/test_iwf_operations.py", "tests/unit/test_iwf_regressions.py"}
 
 
 def imported(path: Path) -> set[str]:
