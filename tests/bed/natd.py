@@ -1,4 +1,4 @@
-"""Shared pieces (no tests) of the natd namespace tests (tests/test_natd_*.py): natd alone in a bed,
+"""Shared pieces (no tests) of the natd namespace tests (tests/netns/test_natd_*.py): natd alone in a bed,
 driven through its real ZeroMQ API with natd.client, checked in the real ruleset."""
 
 from __future__ import annotations
