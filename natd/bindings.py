@@ -11,6 +11,7 @@ import ipaddress
 import random
 from dataclasses import dataclass, field
 
+from shared.config import default
 from shared.const import PCP_PORTS, PROTO_NAMES, UDP
 from shared.wire import Binding
 
@@ -33,8 +34,8 @@ class PolicyError(ValueError):
 class Limits:
     """natd's own policy; it trusts nothing controld sends (docs/architecture.md, Trust)."""
 
-    max_total: int = 65536
-    max_per_host: int = 4096
+    max_total: int = default("max-bindings")
+    max_per_host: int = default("max-per-host")
 
 
 @dataclass

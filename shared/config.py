@@ -17,7 +17,7 @@ from typing import Any
 from shared.uci import ConfigError, Section, err, load_uci, parse_uci
 
 __all__ = ["ConfigError", "Section", "parse_uci", "load_uci", "parse_args_with_config",
-           "Option", "OPTIONS", "build_parser", "restart_only"]
+           "Option", "OPTIONS", "build_parser", "default", "restart_only"]
 
 _BOOLS = {"1": True, "yes": True, "on": True, "true": True, "enabled": True,
           "0": False, "no": False, "off": False, "false": False, "disabled": False}
@@ -129,6 +129,11 @@ def build_parser(daemon: str, prog: str, description: str,
             p.add_argument(f"--{o.name}", type=o.type, default=o.default, required=o.required,
                            choices=allowed, metavar=o.metavar, help=o.help)
     return p
+
+
+def default(name: str) -> Any:
+    """The declared default of option ``name`` (for code that runs without a command line)."""
+    return next(o.default for o in OPTIONS if o.name == name)
 
 
 def restart_only(daemon: str) -> tuple[str, ...]:

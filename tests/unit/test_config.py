@@ -484,6 +484,14 @@ def test_each_daemon_parser_is_its_table_rows() -> None:
     assert len({o.name for o in OPTIONS}) == len(OPTIONS)  # no option declared twice
 
 
+def test_code_defaults_are_the_table_defaults() -> None:
+    from natd.bindings import Limits
+    from shared.config import default
+
+    assert (Limits().max_total, Limits().max_per_host) == (default("max-bindings"), default("max-per-host")) \
+        == (65536, 4096)
+
+
 def test_restart_only_options_keep_their_value_on_reload() -> None:
     import logging
 
