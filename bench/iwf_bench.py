@@ -19,15 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import time
 from datetime import datetime
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from shared import testbed as tb  # noqa: E402
-from shared.stack import Stack  # noqa: E402
+from tests.bed import testbed as tb  # noqa: E402
+from tests.bed.stack import Stack  # noqa: E402
 
 BASE_PORT = 10000
 
@@ -57,17 +56,18 @@ print(json.dumps(out))
 
 PCP_CLIENT = r"""
 import json, os, socket, sys, time
-from shared import pcp
+from shared import const, pcp
 import ipaddress
 wan, server, n, base = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind((wan, 0)); s.connect((server, 5351)); s.settimeout(5)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind((wan, 0)); s.settimeout(5)
+s.connect((server, const.PCP_SERVER_PORT))
 nonces = [os.urandom(12) for _ in range(n)]
 res = {}
 for phase in ("create", "refresh"):
     out = []
     for i in range(n):
         req = pcp.Request(pcp.Opcode.MAP, 3600, ipaddress.IPv4Address(wan),
-                          pcp.MapData(nonces[i], 6, base + i, base + i), pcp.Options(prefer_failure=True))
+                          pcp.MapData(nonces[i], const.TCP, base + i, base + i), pcp.Options(prefer_failure=True))
         t0 = time.perf_counter()
         s.send(pcp.encode_request(req))
         while True:

@@ -8,9 +8,9 @@ Measured in one run, same bed, same machine:
 - new TCP connections per second from the ISP side to the LAST forward at N = 1 and
   N = 10,000 through natd's map (target: within 10 %), beside the same through one DNAT
   rule + one filter rule per forward in plain chains, the shape miniupnpd's nftables
-  backend builds (reference/miniupnpd.md §2.3, §2.7), and beside that shape's own
+  backend builds (its netfilter_nft/nftnlrdr.c), and beside that shape's own
   add/delete cost when every add is its own transaction and every delete first dumps
-  the chain to find the rule handle (miniupnpd.md §2.4-2.5);
+  the chain to find the rule handle (as miniupnpd's delete_redirect_and_filter_rules does);
 - natd's RSS with 0 and 10,000 bindings.
 
 Run as root on Debian 12 after ./scripts/setup:  .venv/bin/python bench/natd_bench.py
@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -29,9 +28,10 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from natd.client import NatdClient  # noqa: E402
-from shared import testbed as tb  # noqa: E402
 from shared import wire  # noqa: E402
-from shared.stack import Stack  # noqa: E402
+from shared.const import PCP_PORTS, TCP, UDP  # noqa: E402
+from tests.bed import testbed as tb  # noqa: E402
+from tests.bed.stack import Stack  # noqa: E402
 
 LAN_HOSTS = [f"192.168.1.{i}" for i in range(10, 210)]
 SERVER_PORT = 9900
@@ -65,8 +65,8 @@ print(n / secs, fails)
 def binding(i: int, lan_port: int | None = None, host: str | None = None) -> wire.Binding:
     """The i-th forward: TCP and UDP alternate so 65k fit in the port space."""
     port = 1024 + i // 2
-    port += 2 if port >= 5350 else 0  # natd keeps UDP 5350/5351 for its PCP relay
-    return wire.Binding(i + 1, 6 if i % 2 == 0 else 17, host or LAN_HOSTS[i % len(LAN_HOSTS)],
+    port += 2 if port >= min(PCP_PORTS) else 0  # natd keeps the PCP ports for its relay
+    return wire.Binding(i + 1, TCP if i % 2 == 0 else UDP, host or LAN_HOSTS[i % len(LAN_HOSTS)],
                         lan_port or 1000 + i % 50000, port)
 
 
@@ -221,7 +221,7 @@ def main() -> int:
         print("\n## New TCP connections per second to the last forward (isp -> WAN -> LAN host)")
         server = bed.popen("lan", [sys.executable, "-c", ACCEPT_SERVER, str(SERVER_PORT)],
                            stdout=subprocess.PIPE, text=True)
-        assert server.stdout.readline().strip() == "ready"
+        assert server.stdout is not None and server.stdout.readline().strip() == "ready"
         last = ten_k[-1]
         c.call(wire.Sync([last]), timeout=60)
         map1 = conn_rate(bed, last.wan_port, args.conn_secs)

@@ -11,7 +11,7 @@ router namespace, in the same run, so the two columns are comparable.
 Run as root on Debian 12 after ./scripts/setup:
     .venv/bin/python bench/upnp_bench.py                 # N = 100 1000 3000 10000
     .venv/bin/python bench/upnp_bench.py -n 100 1000 --skip-miniupnpd-above 3000
-miniupnpd's cost grows with N^2 (miniupnpd.md §2.4-2.5); --skip-miniupnpd-above bounds the run.
+miniupnpd's cost grows with N^2 (each add and delete walks its chains); --skip-miniupnpd-above bounds the run.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from shared import testbed as tb  # noqa: E402
-from shared.stack import Stack  # noqa: E402
+from tests.bed import testbed as tb  # noqa: E402
+from tests.bed.stack import Stack  # noqa: E402
 
 MINIUPNPD_PORT = 5001
 FIRST_PORT = 20000

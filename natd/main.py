@@ -27,10 +27,19 @@ from natd import conntrack, nftmon, wan
 from natd.bindings import BindingTable, Limits, PolicyError, endpoint
 from natd.nft import LAYOUTS, Change, FwNotReady, Layout, Nft, NftError
 from natd.relay import PcpRelay
-from shared import pcp, wire
+from shared import config, pcp, wire
 from shared.config import parse_args_with_config
-from shared.daemon import (AUTHORIZED_DIR, reread_args, bind_endpoint, curve_server, gen_keys, install_stop_signals, needs_curve,
-                           setup_logging)
+from shared.const import PROTO_NAMES
+from shared.daemon import (
+    AUTHORIZED_DIR,
+    bind_endpoint,
+    curve_server,
+    gen_keys,
+    install_stop_signals,
+    needs_curve,
+    reread_args,
+    setup_logging,
+)
 
 log = logging.getLogger("natd")
 
@@ -43,7 +52,7 @@ MAX_CT_PENDING = 1_000_000  # bound on queued conntrack work (a sync of 65k forg
 
 
 # Options a running natd cannot take over on SIGHUP (sockets, kernel object names).
-RESTART_ONLY = ("wan_if", "lan_if", "rpc", "events", "table", "layout", "ipc_group", "curve_dir")
+RESTART_ONLY = config.restart_only("natd")
 
 
 class Natd:
@@ -143,7 +152,7 @@ class Natd:
         """Keep what an earlier natd left in the kernel until controld syncs (no traffic gap).
 
         The forward that owns a LAN endpoint's SNAT element in the kernel gets the lowest
-        id, so recomputing the SNAT map changes nothing (rfc6970-iwf item 48: one WAN port
+        id, so recomputing the SNAT map changes nothing (docs/requirements.md IWF-48: one WAN port
         per mapping, several mappings may share a LAN endpoint).
         """
         st = self.nft.state
@@ -158,7 +167,7 @@ class Natd:
 
     async def _on_hup(self, hup: asyncio.Event) -> None:
         """SIGHUP (procd reload, the WAN hotplug after fw4's reload): re-read the interfaces
-        and verify every nft object now, forwards kept (openwrt.md §4.5 item 3a)."""
+        and verify every nft object now, forwards kept."""
         while True:
             await hup.wait()
             hup.clear()
@@ -528,27 +537,12 @@ def _describe_response(resp: pcp.Response, mid: int | None) -> str:
 
 
 def _pname(proto: int) -> str:
-    return {6: "tcp", 17: "udp"}.get(proto, str(proto))
+    return PROTO_NAMES.get(proto, str(proto)).lower()
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="igdpcp-natd", description=__doc__.splitlines()[0])
-    p.add_argument("--config", help="UCI config file (section 'natd'); flags win")
-    p.add_argument("--wan-if", required=True, help="WAN interface (NAT1's outside)")
-    p.add_argument("--lan-if", required=True, help="LAN interface (NAT1's inside)")
-    p.add_argument("--rpc", required=True, help="ZeroMQ endpoint for requests (ipc://PATH or tcp://HOST:PORT)")
-    p.add_argument("--events", required=True, help="ZeroMQ endpoint for events")
-    p.add_argument("--layout", default="standalone", choices=LAYOUTS,
-                   help="standalone: own table 'ip TABLE'; fw4: chains and maps inside OpenWrt's 'inet fw4' "
-                        "(needs the packaging/fw4 include files)")
-    p.add_argument("--table", default="igdpcp", help="nftables table name in the standalone layout (family ip)")
-    p.add_argument("--curve-dir", default=None,
-                   help="CURVE keys for tcp:// endpoints (natd.key_secret, authorized/*.key); see --gen-keys")
-    p.add_argument("--ipc-group", default=None, help="group owning the ipc:// socket files (mode 0660)")
-    p.add_argument("--max-bindings", type=int, default=65536, help="total NAT1 forwards allowed")
-    p.add_argument("--max-per-host", type=int, default=4096, help="NAT1 forwards allowed per LAN host")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    return p
+    """natd's command line, from the option table in shared/config.py."""
+    return config.build_parser("natd", "igdpcp-natd", __doc__.splitlines()[0], choices={"layout": LAYOUTS})
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -469,7 +469,7 @@ def fw4_includes() -> dict[str, str]:
     """The /usr/share/nftables.d/ include files the fw4 layout expects, by relative path.
 
     Generated from :class:`Layout` so the rules natd verifies and the rules fw4 loads
-    are the same text; packaging/fw4/ holds this output (tests/test_natd_units.py checks).
+    are the same text; packaging/fw4/ holds this output (tests/unit/test_natd_units.py checks).
     Declaring rules here too means a fw4 reload brings them back at once; natd only
     re-adds map elements (openwrt.md §4.2: include files land inside ``inet fw4``).
     """

@@ -14,8 +14,11 @@ import os
 import sys
 import time
 
-from shared import testbed as tb
-from shared.stack import Stack
+try:  # the bed is not installed (tests/bed): demo and teardown work from a checkout only
+    from tests.bed import testbed as tb
+    from tests.bed.stack import Stack
+except ImportError:
+    tb = Stack = None  # type: ignore[assignment]
 
 LAN_PORT, EXT_PORT = 8000, 8080
 PAYLOAD = b"hello from the Internet, through NAT2 and NAT1"
