@@ -113,7 +113,7 @@ class AdminServer:
         task = asyncio.current_task()
         try:
             if len(self._clients) >= MAX_CLIENTS:
-                with contextlib.suppress(asyncio.TimeoutError, asyncio.IncompleteReadError,
+                with contextlib.suppress(TimeoutError, asyncio.IncompleteReadError,
                                          asyncio.LimitOverrunError):
                     await asyncio.wait_for(reader.readuntil(b"\n"), 1.0)  # answer its request, not a reset
                 writer.write(protocol.error_line(BackendError(ErrorKind.BUSY, "too many admin clients")))
@@ -122,7 +122,7 @@ class AdminServer:
             if task is not None:
                 self._clients.add(task)
             await self._conversation(reader, writer)
-        except (ConnectionError, asyncio.TimeoutError):
+        except (TimeoutError, ConnectionError):
             pass
         finally:
             if task is not None:
