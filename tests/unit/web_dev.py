@@ -57,7 +57,7 @@ class WebServed:
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
 
-        async def start() -> asyncio.AbstractServer:
+        async def start() -> asyncio.Server:
             return await asyncio.start_server(lambda r, w: serve_one(self.app, r, w), host, port)
 
         self.server = asyncio.run_coroutine_threadsafe(start(), self.loop).result(10)
