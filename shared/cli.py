@@ -26,7 +26,9 @@ EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 1, 2, 3
 SOCKET_ENV = "IGDPCP_ADMIN_SOCKET"
 
 # rpcd's exec protocol (docs/operating.md, "LuCI"): method -> argument signature.
-RPCD_METHODS: dict[str, dict[str, Any]] = {"status": {}, "list": {}, "delete": {"id": 32}}
+# rpcd infers each argument's type from the sample value (32: an integer, "": a string).
+RPCD_METHODS: dict[str, dict[str, Any]] = {"status": {}, "list": {}, "delete": {"id": 32},
+                                           "hash_password": {"password": ""}}
 
 
 def duration(seconds: int | None) -> str:
@@ -140,7 +142,7 @@ def _watch(path: str, as_json: bool, out: TextIO, limit: int | None) -> int:
 
 
 def _hash_password(out: TextIO) -> int:
-    from controld.web.auth import make_hash
+    from controld.web.auth import MIN_PASSWORD, make_hash
 
     if sys.stdin.isatty():
         pw = getpass.getpass("admin password for the page: ")
@@ -149,8 +151,8 @@ def _hash_password(out: TextIO) -> int:
             return EXIT_REFUSED
     else:
         pw = sys.stdin.readline().rstrip("\n")
-    if len(pw) < 8:
-        print("igdpcp hash-password: use at least 8 characters", file=sys.stderr)
+    if len(pw) < MIN_PASSWORD:
+        print(f"igdpcp hash-password: use at least {MIN_PASSWORD} characters", file=sys.stderr)
         return EXIT_REFUSED
     print(make_hash(pw), file=out)
     return 0
@@ -175,9 +177,10 @@ def rpcd(path: str, argv: list[str], out: TextIO) -> int:
         return 0
     method = argv[1]
     try:
-        if method == "delete":
-            ident = params.get("id")
-            result: Any = {"deleted": client.call(path, "delete", id=ident)}
+        if method == "hash_password":
+            result: Any = _rpcd_hash(params.get("password"))
+        elif method == "delete":
+            result = {"deleted": client.call(path, "delete", id=params.get("id"))}
         elif method == "list":
             result = {"mappings": client.call(path, "list")}
         else:
@@ -188,6 +191,15 @@ def rpcd(path: str, argv: list[str], out: TextIO) -> int:
         result = {"error": {"kind": "unreachable", "message": str(exc)}}
     print(json.dumps(result), file=out)
     return 0
+
+
+def _rpcd_hash(password: Any) -> dict[str, Any]:
+    """LuCI's settings form cannot hash (no WebCrypto over plain http): the router does."""
+    from controld.web.auth import MIN_PASSWORD, make_hash
+
+    if not isinstance(password, str) or len(password) < MIN_PASSWORD:
+        return {"error": {"kind": "invalid", "message": f"use at least {MIN_PASSWORD} characters"}}
+    return {"hash": make_hash(password)}
 
 
 def _parser() -> argparse.ArgumentParser:

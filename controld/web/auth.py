@@ -16,6 +16,7 @@ ITERATIONS = 200_000  # about 0.3 s on a small router's CPU per login attempt
 MIN_ITERATIONS = 10_000
 MAX_ITERATIONS = 5_000_000  # a typo in UCI must not make each login take minutes
 SALT_BYTES = 16
+MIN_PASSWORD = 8  # characters; what igdpcp hash-password and LuCI accept
 
 
 def make_hash(password: str, iterations: int = ITERATIONS, salt: bytes | None = None) -> str:
