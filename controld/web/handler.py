@@ -40,6 +40,7 @@ log = logging.getLogger("controld.web")
 COOKIE = "igdpcp_sid"
 MAX_BODY = 8192
 MAX_SESSIONS = 256
+MAX_SESSIONS_PER_CLIENT = 8  # so one host flooding the page cannot push others' sessions out
 MAX_LOGIN_FAILURES = 5  # per client address within LOGIN_WINDOW_S, then LOGIN_WINDOW_S of refusal
 LOGIN_WINDOW_S = 300.0
 LIFETIMES = (("3600", "1 hour"), ("86400", "1 day"), ("604800", "7 days"))  # a LAN host's choices
@@ -226,9 +227,12 @@ class WebApp:
         return _Ctx(req, self._new_session(req.client, False, req.now), new_cookie=True)
 
     def _new_session(self, client: str, admin: bool, now: float) -> Session:
-        if len(self.sessions) >= MAX_SESSIONS:  # bounded: the one closest to expiry goes
-            oldest = min(self.sessions.values(), key=lambda x: x.expires)
-            del self.sessions[oldest.sid]
+        # Bounded: the session closest to expiry goes, the client's own first.
+        own = [x for x in self.sessions.values() if x.client == client]
+        pool = own if len(own) >= MAX_SESSIONS_PER_CLIENT else \
+            list(self.sessions.values()) if len(self.sessions) >= MAX_SESSIONS else []
+        if pool:
+            del self.sessions[min(pool, key=lambda x: x.expires).sid]
         ttl = self.config.admin_ttl if admin else self.config.session_ttl
         s = Session(self.token(), self.token(), client, admin, now + ttl)
         self.sessions[s.sid] = s

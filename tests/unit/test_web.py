@@ -12,6 +12,7 @@ from controld.web import auth
 from controld.web.handler import (
     MAX_LOGIN_FAILURES,
     MAX_SESSIONS,
+    MAX_SESSIONS_PER_CLIENT,
     HttpRequest,
     HttpResponse,
     WebApp,
@@ -169,6 +170,17 @@ def test_sessions_are_bounded(app: WebApp) -> None:
     for i in range(MAX_SESSIONS + 10):
         Browser(app, client=f"10.0.{i // 250}.{i % 250 + 1}").get("/")
     assert len(app.sessions) == MAX_SESSIONS
+
+
+def test_one_host_flooding_the_page_keeps_others_sessions(app: WebApp, backend: FakeBackend) -> None:
+    admin = Browser(app, client=OTHER)
+    admin.get("/login")
+    admin.post("/login", "password=s3cret-pass")
+    for _ in range(MAX_SESSIONS * 2):  # no cookie kept: a new session each time
+        Browser(app).get("/")
+    assert sum(s.client == ME for s in app.sessions.values()) == MAX_SESSIONS_PER_CLIENT
+    admin.get("/mappings")
+    assert admin.post("/delete", "id=1").status == 303 and 1 not in backend.mappings
 
 
 def test_admin_login_sees_and_manages_all(app: WebApp, backend: FakeBackend) -> None:
