@@ -72,6 +72,24 @@ def test_plugin_status_list_delete(served: Served) -> None:
     assert list(served.backend.mappings) == [2]
 
 
+def test_plugin_takes_the_socket_from_uci(tmp_path: Path) -> None:
+    """On the router the path comes from `uci get igdpcp.controld.admin_socket` (here a stand-in uci)."""
+    path = tmp_path / "a dir" / "controld.sock"
+    s = Served(str(path))
+    try:
+        fake = tmp_path / "bin"
+        fake.mkdir()
+        (fake / "uci").write_text(f'#!/bin/sh\n[ "$*" = "-q get igdpcp.controld.admin_socket" ] && echo "{path}"\n')
+        (fake / "uci").chmod(0o755)
+        env = dict(os.environ, IGDPCP_ADMIN_SOCKET="/nonexistent", PATH=f"{fake}{os.pathsep}{BIN}{os.pathsep}"
+                   + os.environ.get("PATH", ""))
+        res = subprocess.run(["sh", str(PLUGIN), "call", "list"], input="{}", env=env, capture_output=True,
+                             text=True, timeout=60)
+        assert json.loads(res.stdout) == {"mappings": []}, res.stdout + res.stderr
+    finally:
+        s.close()
+
+
 def test_plugin_with_controld_down(tmp_path: Path) -> None:
     reply = plugin(str(tmp_path / "none.sock"), "call", "status", stdin="{}")
     assert reply["error"]["kind"] == "unreachable" and "not answering" in reply["error"]["message"]

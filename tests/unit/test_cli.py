@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from controld.adminapi.backend import Origin
+from controld.adminapi.backend import OPERATOR, Origin
 from shared import cli
 from tests.unit.admin_fake import Served
 
@@ -114,6 +114,22 @@ def test_watch_prints_each_change(served: Served) -> None:
     assert lines[0].split()[1:] == ["added", "mapping", "3", "TCP", "198.20.0.1:7000", "->", "192.168.1.7:70",
                                     "origin", "pcp", "owner", "192.168.1.7", "active", "(pcp)"]
     assert lines[1].split()[1:3] == ["removed", "mapping"] and lines[1].endswith("gone (host left)")
+
+
+def test_watch_json(served: Served) -> None:
+    out = io.StringIO()
+    t = threading.Thread(target=cli.run, args=(["watch", "--json", "--count", "1", "--socket", served.path], out))
+    t.start()
+    b = served.backend
+    for _ in range(200):
+        if b.subscribers:
+            break
+        threading.Event().wait(0.02)
+    served.run(b.delete(1, OPERATOR))
+    t.join(10)
+    ev = json.loads(out.getvalue())
+    assert (ev["event"], ev["mapping"]["id"], ev["mapping"]["state"], ev["reason"]) == ("removed", 1, "gone",
+                                                                                      "operator")
 
 
 def test_daemon_down_one_line_no_traceback(tmp_path: Path) -> None:
