@@ -89,6 +89,7 @@ def test_lan_host_sees_only_its_own_forwards(app: WebApp) -> None:
     b = Browser(app)
     page = text(b.get("/mappings"))
     assert "mine" in page and "theirs" not in page and 'name="int_ip"' not in page
+    assert 'data-remaining="3600">1h00m</td>' in page
     assert "Forwards go to this device: 192.168.1.2" in page
     assert "Your forwards</th><td>1<" in text(b.get("/"))
     assert "PCP server" not in text(b.get("/"))  # the admin's facts are not shown
