@@ -174,12 +174,12 @@ class AdminServer:
 
         stop: Callable[[], None] = self.backend.subscribe(push)
         closed = asyncio.ensure_future(reader.read(1))  # any byte or EOF from the client ends the watch
+        got: asyncio.Future[ChangeEvent | None] | None = None
         try:
             while True:
                 got = asyncio.ensure_future(queue.get())
                 done, _ = await asyncio.wait({got, closed}, return_when=asyncio.FIRST_COMPLETED)
                 if got not in done:
-                    got.cancel()
                     return
                 ev = got.result()
                 if ev is None:
@@ -191,6 +191,8 @@ class AdminServer:
         finally:
             stop()
             closed.cancel()
+            if got is not None:
+                got.cancel()  # also when the server closes mid-wait: no pending get left behind
 
     async def close(self) -> None:
         """Stop serving; unlink the path only if it is still our socket."""
