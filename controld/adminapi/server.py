@@ -198,8 +198,11 @@ class AdminServer:
         """Stop serving; unlink the path only if it is still our socket."""
         if self._server is not None:
             self._server.close()
-            for task in list(self._clients):
+            clients = list(self._clients)
+            for task in clients:
                 task.cancel()
+            if clients:  # let them close their connections (bounded)
+                await asyncio.wait(clients, timeout=2.0)
             self._server = None
         if self._inode is not None:
             try:

@@ -222,3 +222,14 @@ def test_close_leaves_a_successors_socket(tmp_path: Path) -> None:
 def test_daemon_down_is_unreachable(tmp_path: Path) -> None:
     with pytest.raises(client.Unreachable, match="not answering"):
         client.call(str(tmp_path / "none.sock"), "status")
+
+
+def test_close_ends_watchers_and_removes_the_socket(tmp_path: Path) -> None:
+    path = str(tmp_path / "c.sock")
+    s = Served(path)
+    with client.Connection(path) as c:
+        c.call("watch")
+        s.close()
+        with pytest.raises(client.Unreachable, match="closed"):
+            next(c.events(timeout=5))
+    assert not os.path.exists(path)
