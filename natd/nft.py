@@ -37,6 +37,9 @@ PROTO_NAMES = {6: "tcp", 17: "udp"}
 PROTO_NUMBERS = {v: k for k, v in PROTO_NAMES.items()}
 LAYOUTS = ("standalone", "fw4")
 TAG = "igdpcp"  # rule comment prefix: how natd recognises its own rules
+# The conntrack mark bit natd's DNAT/SNAT rules OR into the flows they translate, so that
+# natd.conntrack asks the kernel for those flows only (other users' mark bits are kept).
+CT_MARK = 0x00100000
 
 FwdKey = tuple[int, int]  # proto, wan port
 FwdVal = tuple[str, int]  # lan ip, lan port
@@ -81,10 +84,13 @@ class Layout:
         """Our chains and their rules as (comment tag, rule text); order matters."""
         # family ip is IPv4 by itself (nft refuses nfproto there); inet needs the selector.
         p, v4 = self.prefix, ("meta nfproto ipv4" if self.family == "inet" else "ip version 4")
-        dnat = (f"{TAG} dnat", f"{v4} ip daddr @{p}wan4 dnat ip to meta l4proto . th dport map @{p}fwd4")
+        mark = f"ct mark set ct mark or {CT_MARK:#010x}"  # only when a forward matches: lookup first
+        dnat = (f"{TAG} dnat", f"{v4} ip daddr @{p}wan4 meta l4proto . th dport @{p}fwd4 {mark} "
+                               f"dnat ip to meta l4proto . th dport map @{p}fwd4")
         hairpin = (f"{TAG} hairpin",  # LAN -> WAN address -> LAN: the server must answer via us
                    f"{v4} ct status dnat ip saddr @{p}lan4 ct original ip daddr @{p}wan4 masquerade")
         snat = (f"{TAG} snat", f"{v4} ip daddr != @{p}lan4 meta l4proto {{ tcp, udp }} "
+                               f"ip saddr . meta l4proto . th sport @{p}snat4 {mark} "
                                f"snat ip to ip saddr . meta l4proto . th sport map @{p}snat4")
         fwd = (f"{TAG} forward", f"{v4} ct status dnat ct original ip daddr @{p}wan4 accept")
         if self.own_table:
