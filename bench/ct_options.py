@@ -13,7 +13,6 @@ Run as root:  .venv/bin/python bench/ct_options.py
 
 from __future__ import annotations
 
-import asyncio
 import os
 import socket
 import struct
@@ -36,14 +35,15 @@ WAN = "100.64.0.2"
 def insert(s: socket.socket, entries: list[tuple[netlink.CtTuple, netlink.CtTuple, int]]) -> None:
     for i in range(0, len(entries), 500):
         s.send(b"".join(nl.message(netlink.IPCTNL_MSG_CT_NEW, nl.NLM_F_REQUEST | 0x400, j + 1,
-                                   struct.pack("!BBH", 2, 0, 0) + netlink.encode_tuple(1, o) + netlink.encode_tuple(2, r)
-                                   + nl.attr(CTA_TIMEOUT, struct.pack("!I", 600)) + nl.attr(8, struct.pack("!I", m)))
+                                   struct.pack("!BBH", 2, 0, 0) + netlink.encode_tuple(1, o)
+                                   + netlink.encode_tuple(2, r) + nl.attr(CTA_TIMEOUT, struct.pack("!I", 600))
+                                   + nl.attr(netlink.CTA_MARK, struct.pack("!I", m)))
                         for j, (o, r, m) in enumerate(entries[i:i + 500])))
 
 
 def dump(s: socket.socket, req: bytes) -> list[netlink.CtEntry]:
     s.send(req)
-    out = []
+    out: list[netlink.CtEntry] = []
     while True:
         for m in nl.messages(s.recv(1 << 16)):
             if m.type in (nl.NLMSG_DONE, nl.NLMSG_ERROR):
@@ -57,9 +57,9 @@ def filter_request(wport: int) -> bytes:
     t = netlink.CtTuple(17, "0.0.0.0", WAN, 0, wport)
     orig = nl.nested(1, nl.nested(1, nl.attr(2, socket.inet_aton(t.dst))),
                      nl.nested(2, nl.attr(1, bytes([17])), nl.attr(3, struct.pack("!H", wport))))
+    flags = struct.pack("=I", F_IP_DST | F_PROTO_NUM | F_PROTO_DST_PORT)
     return nl.message(netlink.IPCTNL_MSG_CT_GET, nl.NLM_F_REQUEST | nl.NLM_F_DUMP, 1, struct.pack("!BBH", 2, 0, 0)
-                      + orig + nl.nested(CTA_FILTER, nl.attr(CTA_FILTER_ORIG_FLAGS,
-                                                             struct.pack("=I", F_IP_DST | F_PROTO_NUM | F_PROTO_DST_PORT))))
+                      + orig + nl.nested(CTA_FILTER, nl.attr(CTA_FILTER_ORIG_FLAGS, flags)))
 
 
 def run(unrelated: int, n: int) -> None:
@@ -104,5 +104,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    asyncio.run(asyncio.sleep(0))
     sys.exit(main())
