@@ -84,18 +84,23 @@ class Layout:
         """Our chains and their rules as (comment tag, rule text); order matters."""
         # family ip is IPv4 by itself (nft refuses nfproto there); inet needs the selector.
         p, v4 = self.prefix, ("meta nfproto ipv4" if self.family == "inet" else "ip version 4")
-        mark = f"ct mark set ct mark or {CT_MARK:#010x}"  # only when a forward matches: lookup first
-        dnat = (f"{TAG} dnat", f"{v4} ip daddr @{p}wan4 meta l4proto . th dport @{p}fwd4 {mark} "
-                               f"dnat ip to meta l4proto . th dport map @{p}fwd4")
+        # Mark, then translate; a flow no forward matches falls through to the "-miss" rule,
+        # which takes the mark back (a map used as a set needs Linux 6.5, so no lookup first).
+        mark, unmark = (f"ct mark set ct mark or {CT_MARK:#010x}",
+                        f"ct mark set ct mark and {~CT_MARK & 0xFFFFFFFF:#010x}")
+        to_wan = f"{v4} ip daddr @{p}wan4"
+        dnat = (f"{TAG} dnat", f"{to_wan} {mark} dnat ip to meta l4proto . th dport map @{p}fwd4")
+        dnat_miss = (f"{TAG} dnat-miss", f"{to_wan} {unmark}")
         hairpin = (f"{TAG} hairpin",  # LAN -> WAN address -> LAN: the server must answer via us
                    f"{v4} ct status dnat ip saddr @{p}lan4 ct original ip daddr @{p}wan4 masquerade")
-        snat = (f"{TAG} snat", f"{v4} ip daddr != @{p}lan4 meta l4proto {{ tcp, udp }} "
-                               f"ip saddr . meta l4proto . th sport @{p}snat4 {mark} "
-                               f"snat ip to ip saddr . meta l4proto . th sport map @{p}snat4")
+        out = f"{v4} ip daddr != @{p}lan4 meta l4proto {{ tcp, udp }}"
+        snat = (f"{TAG} snat", f"{out} {mark} snat ip to ip saddr . meta l4proto . th sport map @{p}snat4")
+        snat_miss = (f"{TAG} snat-miss", f"{out} {unmark}")
         fwd = (f"{TAG} forward", f"{v4} ct status dnat ct original ip daddr @{p}wan4 accept")
         if self.own_table:
-            return {"prerouting": [dnat], "output": [dnat], "postrouting": [hairpin, snat], "forward": [fwd]}
-        return {f"{p}dstnat": [dnat], f"{p}srcnat": [hairpin, snat], f"{p}forward": [fwd]}
+            return {"prerouting": [dnat, dnat_miss], "output": [dnat, dnat_miss],
+                    "postrouting": [hairpin, snat, snat_miss], "forward": [fwd]}
+        return {f"{p}dstnat": [dnat, dnat_miss], f"{p}srcnat": [hairpin, snat, snat_miss], f"{p}forward": [fwd]}
 
     def chain_decl(self, chain: str) -> str:
         """The ``add chain`` body: base chains with hooks (standalone) or plain chains (fw4)."""

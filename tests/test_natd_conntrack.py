@@ -62,6 +62,8 @@ def test_doomed_takes_exactly_the_deleted_forwards_flows() -> None:
     assert conntrack.doomed([inbound, outbound, same_wan_port_new_forward, other], flows) == [inbound, outbound]
 
 
+UDP_FROM = ("import socket,sys\nfor p in sys.argv[3:]:\n s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
+            " s.bind(('',int(p))); s.sendto(b'x',(sys.argv[1],int(sys.argv[2]))); s.close()")
 UDP_SEND = ("import socket,sys; s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); "
             "[s.sendto(b'x',(sys.argv[1],int(p))) for p in sys.argv[2:]]")
 
@@ -82,12 +84,16 @@ def test_delete_ends_its_flows_among_30k_unrelated_entries_and_keeps_the_rest(na
     assert wait_until(lambda: "dport=20002" in ct_list(bed, "-p", "udp"), 2.0) is not None
     before = ct_count(bed)
     assert before >= 30_003
-    marked = ct_list(bed, "-m", str(CT_MARK))
-    assert "dport=20000" in marked and "dport=20001" in marked and "198.51.100.1" not in marked
+    # From the LAN: out of mapped port 8002 (SNAT through forward 3) and out of unmapped 7777.
+    bed.run("lan", [python(), "-c", UDP_FROM, tb.ISP_INT_IP, "9999", "8002", "7777"])
+    assert wait_until(lambda: "sport=7777" in ct_list(bed, "-p", "udp", "--orig-port-src", "7777"), 2.0) is not None
+    marked = ct_list(bed, "-m", f"{CT_MARK}/{CT_MARK}")
+    assert "dport=20000" in marked and "dport=20001" in marked and "sport=8002 dport=9999" in marked
+    assert "sport=7777" not in marked and "198.51.100.1" not in marked  # only what a forward translated
 
     assert c.call(wire.Unbind(1)) == wire.Ok() and c.call(wire.Unbind(2)) == wire.Ok()
     gone = lambda: "dport=20000" not in ct_list(bed, "-p", "tcp") and "dport=20001" not in ct_list(bed, "-p", "udp")  # noqa: E731
     assert wait_until(gone, 3.0) is not None, ct_list(bed, "-m", str(CT_MARK))
-    assert "dport=20002" in ct_list(bed, "-p", "udp")
-    assert ct_count(bed) >= 30_001
+    assert "dport=20002" in ct_list(bed, "-p", "udp") and "sport=8002 dport=9999" in ct_list(bed, "-p", "udp")
+    assert ct_count(bed) >= 30_003
     assert elements(bed, "fwd4") == {("udp", 20002): (LAN, 8002)}
