@@ -45,6 +45,9 @@ PROTO_NAMES = {6: "tcp", 17: "udp"}
 PROTO_NUMBERS = {v: k for k, v in PROTO_NAMES.items()}
 LAYOUTS = ("standalone", "fw4")
 TAG = "igdpcp"  # rule comment prefix: how natd recognises its own rules
+# The conntrack mark bit natd's DNAT/SNAT rules OR into the flows they translate, so that
+# natd.conntrack asks the kernel for those flows only (other users' mark bits are kept).
+CT_MARK = 0x00100000
 
 FwdKey = tuple[int, int]  # proto, wan port
 FwdVal = tuple[str, int]  # lan ip, lan port
@@ -89,21 +92,31 @@ class Layout:
         """Our chains and their rules as (comment tag, rule text); order matters."""
         # family ip is IPv4 by itself (nft refuses nfproto there); inet needs the selector.
         p, v4 = self.prefix, ("meta nfproto ipv4" if self.family == "inet" else "ip version 4")
-        to_lan = f"ip daddr @{p}wan4 dnat ip to meta l4proto . th dport map @{p}fwd4"
+        # Mark, then translate; a flow no forward matches falls through to the "-miss" rule,
+        # which takes the mark back (a map used as a set needs Linux 6.5, so no lookup first).
+        mark, unmark = (f"ct mark set ct mark or {CT_MARK:#010x}",
+                        f"ct mark set ct mark and {~CT_MARK & 0xFFFFFFFF:#010x}")
+        to_wan = f"{v4} ip daddr @{p}wan4"
+        to_lan = f"dnat ip to meta l4proto . th dport map @{p}fwd4"
         # Only WAN ingress (and LAN for hairpin): a guest-zone host's packet to WANaddr:port
         # stays addressed to the router, where the zone's input policy judges it.
-        dnat = (f"{TAG} dnat", f"{v4} iifname @{p}inif {to_lan}")
+        ingress = f"{v4} iifname @{p}inif ip daddr @{p}wan4"
+        dnat = (f"{TAG} dnat", f"{ingress} {mark} {to_lan}")
+        dnat_miss = (f"{TAG} dnat-miss", f"{ingress} {unmark}")
         hairpin = (f"{TAG} hairpin",  # LAN -> WAN address -> LAN: the server must answer via us
                    f"{v4} ct status dnat ip saddr @{p}lan4 ct original ip daddr @{p}wan4 masquerade")
-        snat = (f"{TAG} snat", f"{v4} oifname @{p}wanif meta l4proto {{ tcp, udp }} "
-                               f"snat ip to ip saddr . meta l4proto . th sport map @{p}snat4")
+        out = f"{v4} oifname @{p}wanif meta l4proto {{ tcp, udp }}"  # WAN egress only: not into a guest/VPN zone
+        snat = (f"{TAG} snat", f"{out} {mark} snat ip to ip saddr . meta l4proto . th sport map @{p}snat4")
+        snat_miss = (f"{TAG} snat-miss", f"{out} {unmark}")
         fwd = (f"{TAG} forward", f"{v4} iifname @{p}inif ct status dnat ct original ip daddr @{p}wan4 accept")
         if self.own_table:
-            local = (f"{TAG} dnat local", f"{v4} {to_lan}")  # the router's own connections: no iif
-            return {"prerouting": [dnat], "output": [local], "postrouting": [hairpin, snat], "forward": [fwd]}
+            local = (f"{TAG} dnat local", f"{to_wan} {mark} {to_lan}")  # the router's own connections: no iif
+            local_miss = (f"{TAG} dnat-local-miss", f"{to_wan} {unmark}")
+            return {"prerouting": [dnat, dnat_miss], "output": [local, local_miss],
+                    "postrouting": [hairpin, snat, snat_miss], "forward": [fwd]}
         announce = (f"{TAG} pcp announce", f"{v4} iifname @{p}wanif ip saddr @{p}pcp4 "
                                            f"udp sport {PCP_SERVER_PORT} udp dport {PCP_CLIENT_PORT} accept")
-        return {f"{p}dstnat": [dnat], f"{p}srcnat": [hairpin, snat], f"{p}forward": [fwd],
+        return {f"{p}dstnat": [dnat, dnat_miss], f"{p}srcnat": [hairpin, snat, snat_miss], f"{p}forward": [fwd],
                 f"{p}input": [announce]}
 
     def chain_decl(self, chain: str) -> str:
@@ -471,7 +484,7 @@ def fw4_includes() -> dict[str, str]:
     Generated from :class:`Layout` so the rules natd verifies and the rules fw4 loads
     are the same text; packaging/fw4/ holds this output (tests/unit/test_natd_units.py checks).
     Declaring rules here too means a fw4 reload brings them back at once; natd only
-    re-adds map elements (openwrt.md §4.2: include files land inside ``inet fw4``).
+    re-adds map elements (fw4 includes nftables.d files inside ``table inet fw4``).
     """
     lay = Layout.make("fw4")
     p = lay.prefix

@@ -111,3 +111,39 @@ def python() -> str:
 
 def here(*parts: str) -> str:
     return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), *parts)  # from tests/
+
+
+# `conntrack -I` for many entries at once (one process, 500 per datagram): UDP flows that
+# have nothing to do with natd's forwards, as a busy router's NATed traffic would be.
+# Self-contained (struct only) so it runs in the router with any interpreter. argv: count.
+CT_FILL_SCRIPT = r"""
+import socket, struct, sys
+n = int(sys.argv[1])
+def attr(t, d):
+    l = 4 + len(d); return struct.pack("=HH", l, t) + d + b"\0" * ((-l) % 4)
+def tup(t, src, dst, sp, dp):
+    ip = attr(0x8001, attr(1, socket.inet_aton(src)) + attr(2, socket.inet_aton(dst)))
+    pr = attr(0x8002, attr(1, bytes([17])) + attr(2, struct.pack("!H", sp)) + attr(3, struct.pack("!H", dp)))
+    return attr(0x8000 | t, ip + pr)
+s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 12)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+made, batch = 0, []
+for i in range(n):
+    src, sp = "10.200.%d.%d" % ((i >> 8) & 255, i & 255), 1024 + (i >> 16)
+    body = struct.pack("!BBH", socket.AF_INET, 0, 0) + tup(1, src, "198.51.100.1", sp, 53) \
+        + tup(2, "198.51.100.1", src, 53, sp) + attr(7, struct.pack("!I", 600))
+    batch.append(struct.pack("=IHHII", 16 + len(body), 0x100, 0x1 | 0x400, i + 1, 0) + body)
+    if len(batch) == 500 or i == n - 1:
+        s.send(b"".join(batch)); batch = []
+print("filled", n)
+"""
+
+
+def ct_count(bed: Testbed) -> int:
+    """How many conntrack entries the router holds."""
+    return int(bed.run("cpe", ["cat", "/proc/sys/net/netfilter/nf_conntrack_count"]).stdout)
+
+
+def ct_fill(bed: Testbed, n: int) -> None:
+    """Put ``n`` unrelated UDP entries into the router's conntrack table."""
+    bed.run("cpe", [python(), "-c", CT_FILL_SCRIPT, str(n)], timeout=120)

@@ -135,7 +135,7 @@ def test_kill9_keeps_traffic_restart_adopts_without_duplicates(natd_only) -> Non
 
 
 def test_wan_address_change_moves_bindings(natd_only) -> None:
-    """pyroute2 sees the new WAN address: an event to controld, and the forwards answer on it."""
+    """natd's rtnetlink watch sees the new WAN address: an event to controld, and the forwards answer on it."""
     new = "100.64.0.3"
     st, c = natd_only(before=lambda bed: bed.run("cpe", ["sysctl", "-qw",
                                                            f"net.ipv4.conf.{tb.ROUTER_WAN_IF}.promote_secondaries=1"]))
