@@ -25,10 +25,10 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from natd.client import NatdClient  # noqa: E402
-from shared import testbed as tb  # noqa: E402
 from shared import wire  # noqa: E402
-from shared.stack import Stack  # noqa: E402
-from tests.test_natd_helpers import ct_count, ct_fill, python  # noqa: E402
+from tests.bed import testbed as tb  # noqa: E402
+from tests.bed.natd import ct_count, ct_fill, python  # noqa: E402
+from tests.bed.stack import Stack  # noqa: E402
 
 UDP_SEND = ("import socket,sys; s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); "
             "[s.sendto(b'x',(sys.argv[1],p)) for p in range(int(sys.argv[2]),int(sys.argv[3]))]")

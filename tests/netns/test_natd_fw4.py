@@ -18,7 +18,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from shared import wire
+from natd.nft import Layout
+from shared import pcp, wire
 from tests.bed import testbed as tb
 from tests.bed.natd import elements, here, python, reaches, wait_until
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "packaging" / "README.md"
 SYSTEM_PYTHON = "/usr/bin/python3"  # Debian's, not the venv's: the steps need nothing else
 

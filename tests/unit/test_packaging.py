@@ -371,7 +371,6 @@ def test_procd_shipped_disabled_starts_nothing(tmp_path: Path) -> None:
 
 def test_default_acl_allows_1024_up_to_lan_hosts_and_denies_the_rest() -> None:
     """miniupnpd's shipped perm_rules, in our syntax, active in the shipped config."""
-    from controld.main import build_parser as controld_parser
     from controld.permissions import Permissions
 
     for flavour in ("openwrt", "debian"):
@@ -380,7 +379,6 @@ def test_default_acl_allows_1024_up_to_lan_hosts_and_denies_the_rest() -> None:
         assert perms.allowed(1024, "192.168.1.20", 1024) and perms.allowed(65535, "192.168.1.20", 8080)
         assert not perms.allowed(1023, "192.168.1.20", 8080) and not perms.allowed(8080, "192.168.1.20", 80)
         assert not perms.allowed(22, "192.168.1.20", 22)
-        assert controld_parser  # the daemon reads the same list (test_uci_sample_documents_every_flag)
 
 
 def test_start_stop_order() -> None:
@@ -565,7 +563,7 @@ def test_openwrt_feed_makefile_matches_the_ipk(ipk: Path) -> None:
         "run: packaging/build-ipk --update-feed-makefile"
     assert v["CONFLICTS"].split() == f["Conflicts"].split(", ") and v["PROVIDES"].split() == f["Provides"].split(", ")
     assert v["USERID"] == f["Require-User"]
-    assert "/etc/config/igdpcp" in re.search(r"define Package/igdpcp/conffiles\n(.*?)endef", mk, re.S)[1]
+    assert "/etc/config/igdpcp" in group(r"define Package/igdpcp/conffiles\n(.*?)endef", mk, re.S)
     # the SDK package carries the same maintainer scripts ($ escaped for make)
     for define, name in (("postinst", "postinst-pkg"), ("prerm", "prerm-pkg"), ("postrm", "postrm")):
         body = group(rf"define Package/igdpcp/{define}\n(.*?)endef", mk, re.S)
@@ -607,7 +605,7 @@ def test_feed_recipe_installs_the_ipk_files_plus_bytecode(ipk: Path, tmp_path: P
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
     with tarfile.open(fileobj=io.BytesIO(gzip.decompress(member(ipk, "./data.tar.gz")))) as t:
-        want = {m.name[1:]: (m.mode, t.extractfile(m).read()) for m in t.getmembers() if m.isfile()}
+        want = {m.name[1:]: (m.mode, t.extractfile(m).read()) for m in t.getmembers() if m.isfile()}  # type: ignore[union-attr]
     got = {"/" + p.relative_to(dest).as_posix(): p for p in dest.rglob("*") if p.is_file()}
     pyc = {k for k in got if "/__pycache__/" in k}
     assert {k: (p.stat().st_mode & 0o7777, p.read_bytes()) for k, p in got.items() if k not in pyc} == want

@@ -12,11 +12,11 @@ import pytest
 from natd import conntrack, netlink
 from natd.nft import CT_MARK
 from shared import netlink as nl
-from shared import testbed as tb
 from shared import wire
 from shared.netif import read_addrs
-from tests.test_natd_helpers import conntrack as ct_list
-from tests.test_natd_helpers import ct_count, ct_fill, elements, natd_only, python, reaches, wait_until  # noqa: F401
+from tests.bed import testbed as tb
+from tests.bed.natd import conntrack as ct_list
+from tests.bed.natd import ct_count, ct_fill, elements, python, reaches, wait_until
 
 LAN = tb.LAN_HOST_IP
 WAN = tb.ROUTER_WAN_IP
@@ -69,7 +69,7 @@ UDP_SEND = ("import socket,sys; s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM
 
 
 @pytest.mark.netns
-def test_delete_ends_its_flows_among_30k_unrelated_entries_and_keeps_the_rest(natd_only) -> None:  # noqa: F811
+def test_delete_ends_its_flows_among_30k_unrelated_entries_and_keeps_the_rest(natd_only) -> None:
     """30,000 unrelated flows in conntrack: a delete still ends the forward's established flows
     (found by the kernel through the forwards' conntrack mark), keeps another forward's flow
     and every unrelated entry."""
