@@ -71,6 +71,18 @@ OPTIONS: tuple[Option, ...] = (
     _O("ipc-group", (NATD,), "group owning the ipc:// socket files (mode 0660)"),
     _O("max-bindings", (NATD,), "total NAT1 forwards allowed", default=65536, type=int, live=True),
     _O("max-per-host", (NATD,), "NAT1 forwards allowed per LAN host", default=4096, type=int, live=True),
+    # --- natd: IPv6 pinholes (docs/pinholes.md)
+    _O("ipv6-firewall", (NATD,), "where IPv6 pinholes live: auto (fw4 layout: inside fw4's forward path; "
+                                 "standalone: off), own (natd's table ip6 TABLE drops new inbound IPv6 from "
+                                 "the WAN except pinholes), table:FAMILY:TABLE:CHAIN (natd's sets and rules in "
+                                 "the admin's chain, which the admin's forward chain jumps to), or off",
+       default="auto", metavar="MODE"),
+    _O("max-pinholes", (NATD,), "IPv6 pinholes allowed in total", default=4096, type=int, live=True),
+    _O("max-pinholes-per-host", (NATD,), "IPv6 pinholes allowed per LAN address", default=256, type=int,
+       live=True),
+    _O("pinhole-grace", (NATD,), "seconds a pinhole's kernel timeout outlives its lease (safety net if "
+                                 "controld is gone; controld deletes it at the lease's end)",
+       default=60, type=int, live=True),
     # --- controld
     _O("state-dir", (CONTROLD,), "where the mapping table (SQLite) lives", required=True),
     _O("mode", (CONTROLD,), "auto picks from the WAN address and PCP", default="auto"),
