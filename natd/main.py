@@ -25,7 +25,8 @@ import zmq.asyncio
 
 from natd import conntrack, nftmon, wan
 from natd.bindings import BindingTable, Limits, PolicyError, endpoint
-from natd.nft import LAYOUTS, Change, FwNotReady, Layout, Nft, NftError
+from natd.nft import LAYOUTS, Change, FwNotReady, Layout, Nft, NftError, PinholeNft, PinholePlace, PinKey
+from natd.pinholes import PinholeLimits, PinholeTable, describe
 from natd.relay import PcpRelay
 from shared import config, pcp, wire
 from shared.config import parse_args_with_config
@@ -70,6 +71,7 @@ class Natd:
         self._dirty = asyncio.Event()
         self._ct_pending: list[conntrack.Flow] = []
         self._ct_wake = asyncio.Event()
+        self._init_pinholes(args)
 
     # --- interface facts ---------------------------------------------------------
 
@@ -77,6 +79,7 @@ class Natd:
         self.ifs = ifs
         self.table.lan_subnets = [ipaddress.IPv4Network(n, strict=False) for n in ifs.lan_subnets]
         self.table.router_ips = set(ifs.lan_ips) | ({ifs.wan_ip} if ifs.wan_ip else set())
+        self._apply_ifs6(ifs)
 
     async def _on_ifs(self, ifs: wan.IfState) -> None:
         old = self.ifs.wan_ip
@@ -96,6 +99,7 @@ class Natd:
         except NftError as exc:
             log.error("cannot move %d forwards to WAN %s: %s", len(self.table.by_mid), ifs.wan_ip, exc)
             self._kick()
+        self._pinholes_follow_lan()
         self._publish(wire.WanChanged(ifs.wan_ip, ifs.gateway))
 
     # --- kernel ------------------------------------------------------------------
@@ -176,6 +180,7 @@ class Natd:
             if new is not None:
                 self.args = new
                 self.table.limits = Limits(new.max_bindings, new.max_per_host)
+                self.pins.limits = _pinhole_limits(new)
             try:
                 ifs = await wan.snapshot(self.args.wan_if, self.args.lan_if)
                 if ifs != self.ifs:
@@ -214,6 +219,7 @@ class Natd:
                 await asyncio.sleep(HEAL_RETRY_S)
 
     def _heal(self) -> None:
+        self._heal_pinholes()
         gen = nftmon.generation()
         intact, have = self.nft.snapshot()
         want = self.nft.expected(self.table.by_mid.values(), self.ifs.wan_ip, self.ifs.lan_subnets)
@@ -297,6 +303,8 @@ class Natd:
 
     def _handle(self, msg: wire.Message) -> wire.Message:
         t = self.table
+        if type(msg) in self._pinhole_handlers:
+            return self._pinhole_handlers[type(msg)](msg)
         if isinstance(msg, wire.Hello):
             i = self.ifs
             return wire.HelloReply(self.boot_id, i.wan_ip, i.gateway, list(i.lan_ips), list(i.lan_subnets))
@@ -441,6 +449,7 @@ class Natd:
             self._program()
         except FwNotReady as exc:
             log.warning("fw4 layout: %s; forwards are applied once fw4 is loaded", exc)
+        self._setup_pinholes()
         monitor = nftmon.NftMonitor(self.nft.layout.family, self.nft.layout.table, self._kick, self._check_generation)
         monitor.start()
         await self.relay.open(self.ifs.wan_ip)
@@ -456,6 +465,7 @@ class Natd:
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, hup.set)
         tasks = [asyncio.create_task(c) for c in (
             self._serve(), self._heartbeat(), self._healer(), self._conntrack_worker(), self._on_hup(hup),
+            self._pinhole_sweeper(),
             wan.watch(self.args.wan_if, self.args.lan_if, self._on_ifs, self.ifs))]
         waiter = asyncio.create_task(stop.wait())
         done, _ = await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
@@ -466,6 +476,7 @@ class Natd:
             if t is not waiter and t.exception():
                 raise t.exception()  # type: ignore[misc]
         await self._close_forwards()
+        self._close_pinholes()
         self.relay.close()
         if auth is not None:
             auth.stop()
@@ -486,6 +497,161 @@ class Natd:
             log.error("stop: closing %d forwards failed: %s", n, exc)
             return
         log.info("stop: closed %d forwards (controld restores them at the next start)", n)
+
+    # --- IPv6 pinholes (docs/pinholes.md) ------------------------------------------
+
+    def _init_pinholes(self, args: argparse.Namespace) -> None:
+        try:
+            place = PinholePlace.make(args.ipv6_firewall, self.nft.layout)
+        except ValueError as exc:
+            raise SystemExit(f"natd: {exc}") from None
+        self.pins = PinholeTable(limits=_pinhole_limits(args))
+        self.pin_nft = PinholeNft(self.nft, place, args.wan_if) if place else None
+        self._pinhole_handlers: dict[type, Callable[[Any], wire.Message]] = {
+            wire.PinholeAdd: self._pinhole_add, wire.PinholeDelete: self._pinhole_delete,
+            wire.PinholeSync: self._pinhole_sync, wire.PinholeCounters: self._pinhole_counters,
+            wire.PinholeStatus: self._pinhole_status,
+        }
+
+    def _apply_ifs6(self, ifs: wan.IfState) -> None:
+        self.pins.lan_prefixes = [ipaddress.IPv6Network(n, strict=False) for n in ifs.lan6_prefixes]
+        self.pins.router_ips = {ipaddress.IPv6Address(a) for a in ifs.lan6_ips}
+
+    def _setup_pinholes(self) -> None:
+        if self.pin_nft is None:
+            return
+        try:
+            self.pin_nft.setup()
+            self.pin_nft.apply({})  # a new natd starts with none: controld re-syncs on the new boot id
+        except FwNotReady as exc:
+            log.warning("pinholes: %s; they are applied once fw4 is loaded", exc)
+
+    def _pin(self) -> PinholeNft:
+        if self.pin_nft is None:
+            raise PolicyError("pinholes-off", "IPv6 pinholes are off (--ipv6-firewall off)")
+        return self.pin_nft
+
+    def _pin_write(self, delta: dict[PinKey, int | None]) -> None:
+        self._pin().apply_delta(delta)
+        self._gen = nftmon.generation()
+
+    def _pinhole_add(self, msg: wire.PinholeAdd) -> wire.Message:
+        self._pin()
+        p, now = msg.pinhole, time.monotonic()
+        old = self.pins.by_pid.get(p.pid)
+        key, timeout = self.pins.add(p, now)
+        delta: dict[PinKey, int | None] = {key: timeout}
+        if old is not None and old[1] != key:
+            delta = {old[1]: None, **delta}
+        try:
+            self._pin_write(delta)
+        except NftError:
+            self.pins.remove(p.pid)
+            if old is not None:
+                self.pins.put(old)
+            raise
+        log.info("pinhole %s pid=%d %s lease %d s", "renew" if old else "open", p.pid, describe(key), p.lease)
+        return wire.PinholeReply(p.pid, timeout)
+
+    def _pinhole_delete(self, msg: wire.PinholeDelete) -> wire.Message:
+        self._pin()
+        old = self.pins.by_pid.get(msg.pid)
+        if old is None:
+            return wire.Ok()
+        self.pins.remove(msg.pid)
+        try:
+            self._pin_write({old[1]: None})
+        except NftError:
+            self.pins.put(old)
+            raise
+        log.info("pinhole close pid=%d %s", msg.pid, describe(old[1]))
+        return wire.Ok()
+
+    def _pinhole_sync(self, msg: wire.PinholeSync) -> wire.Message:
+        pin, now = self._pin(), time.monotonic()
+        trial, skipped = self.pins.replace_all(msg.pinholes, now)
+        for p, why in skipped:
+            log.warning("pinhole sync: left out pid=%d [%s]:%d: %s", p.pid, p.lan_ip, p.lan_port, why)
+        added, removed = pin.apply(trial.wanted(now), refresh=True)
+        self._gen = nftmon.generation()
+        self.pins = trial
+        log.info("pinhole sync: %d pinholes, +%d -%d", len(trial.by_pid), added, removed)
+        return wire.SyncReply(added, removed, [p.pid for p, _ in skipped])
+
+    def _pinhole_counters(self, msg: wire.PinholeCounters) -> wire.Message:
+        _intact, have = self._pin().snapshot()
+        pids = msg.pids or sorted(self.pins.by_pid)
+        known = [pid for pid in pids if pid in self.pins.by_pid]
+        return wire.PinholeCountersReply(known, [have.get(self.pins.by_pid[pid][1], 0) for pid in known])
+
+    def _pinhole_status(self, _msg: wire.PinholeStatus) -> wire.Message:
+        lim, pl = self.pins.limits, self.pin_nft.place if self.pin_nft else None
+        return wire.PinholeStatusReply(pl is not None, pl.mode if pl else "off",
+                                       [str(n) for n in self.pins.lan_prefixes], len(self.pins.by_pid),
+                                       lim.max_total, lim.max_per_host)
+
+    def _pinholes_follow_lan(self) -> None:
+        """A LAN prefix went away: its pinholes close (policy holds for what is in place too)."""
+        gone = []
+        for pid, (p, key, _exp) in list(self.pins.by_pid.items()):
+            try:
+                self.pins.check_lan(p.lan_ip)
+            except PolicyError as exc:
+                self.pins.remove(pid)
+                gone.append(key)
+                log.warning("closed pinhole pid=%d %s: %s", pid, describe(key), exc)
+        if gone and self.pin_nft is not None:
+            try:
+                self._pin_write(dict.fromkeys(gone))
+            except NftError as exc:
+                log.error("cannot close %d pinholes off the LAN: %s", len(gone), exc)
+                self._kick()
+
+    def _heal_pinholes(self) -> None:
+        """Restore the pinhole rules and elements after a flush or a fw4 reload."""
+        if self.pin_nft is None:
+            return
+        now = time.monotonic()
+        self.pins.expire(now)
+        intact, have = self.pin_nft.snapshot()
+        want = self.pins.wanted(now)
+        if intact and set(have) == set(want):
+            self.pin_nft.have = set(have)
+            return
+        t0 = time.monotonic()
+        if intact:
+            self.pin_nft.have = set(have)
+        else:
+            self.pin_nft.setup()
+        self.pin_nft.apply(want)
+        log.warning("pinholes in %s changed under natd (%s); restored %d in %.0f ms", self.pin_nft.place.where,
+                    "rules or sets missing" if not intact else "elements changed", len(want),
+                    (time.monotonic() - t0) * 1000)
+
+    async def _pinhole_sweeper(self) -> None:
+        """Forget pinholes the kernel timed out itself (controld gone past lease + grace)."""
+        while True:
+            await asyncio.sleep(HEARTBEAT_S)
+            for pid, key in self.pins.expire(time.monotonic()):
+                if self.pin_nft is not None:
+                    self.pin_nft.have.discard(key)
+                log.info("pinhole expired pid=%d %s (lease + grace over, no renewal)", pid, describe(key))
+
+    def _close_pinholes(self) -> None:
+        """A stop closes every pinhole, as it closes every forward; controld re-syncs them."""
+        if self.pin_nft is None or not self.pin_nft.have:
+            return
+        n = len(self.pin_nft.have)
+        try:
+            self.pin_nft.apply({})
+        except NftError as exc:
+            log.error("stop: closing %d pinholes failed: %s", n, exc)
+            return
+        log.info("stop: closed %d pinholes", n)
+
+
+def _pinhole_limits(args: argparse.Namespace) -> PinholeLimits:
+    return PinholeLimits(args.max_pinholes, args.max_pinholes_per_host, args.pinhole_grace)
 
 
 def _trim_heap() -> None:

@@ -673,20 +673,24 @@ class PinholeNft:
         ok = jumped and len(have_sets) == 3 and tags == [t for t, _ in pl.rules()]
         return ok, elems
 
-    def apply(self, want: dict[PinKey, int], refresh: Iterable[PinKey] = ()) -> tuple[int, int]:
-        """Make the kernel hold exactly ``want`` ({key: timeout s}); ``refresh``: keys whose
-        timeout is reset even if present (delete + add in the same batch). Returns (+, -)."""
-        refresh = set(refresh)
+    def apply(self, want: dict[PinKey, int], refresh: bool = False) -> tuple[int, int]:
+        """Make the kernel hold exactly ``want`` ({key: timeout s}); ``refresh`` resets the
+        timeout of keys already present too (a sync's leases count from now). Returns (+, -)."""
+        delta: dict[PinKey, int | None] = {k: None for k in self.have if k not in want}
+        delta.update((k, t) for k, t in want.items() if refresh or k not in self.have)
+        return self.apply_delta(delta)
+
+    def apply_delta(self, delta: dict[PinKey, int | None]) -> tuple[int, int]:
+        """Write only the named keys ({key: timeout s, or None: absent}), one transaction;
+        a present key is deleted and re-added (its timeout restarts). Returns (+, -)."""
         for attempt in (1, 2):
             where, lines = self.place.where, []
-            gone = [k for k in self.have if k not in want]
-            new = [k for k in want if k not in self.have or k in refresh]
-            for k in gone + [k for k in new if k in self.have]:
+            for k, t in delta.items():
                 name, text = pin_elem(k)
-                lines.append(f"delete element {where} {self.place.obj(name)} {{ {text} }}")
-            for k in new:
-                name, text = pin_elem(k)
-                lines.append(f"add element {where} {self.place.obj(name)} {{ {text} timeout {want[k]}s }}")
+                if k in self.have:
+                    lines.append(f"delete element {where} {self.place.obj(name)} {{ {text} }}")
+                if t is not None:
+                    lines.append(f"add element {where} {self.place.obj(name)} {{ {text} timeout {t}s }}")
             if not lines:
                 return 0, 0
             try:
@@ -701,9 +705,11 @@ class PinholeNft:
                 else:
                     self.have = set(have)
                 continue
-            added = sum(1 for k in new if k not in self.have)
-            self.have = set(want)
-            return added, len(gone)
+            added = sum(1 for k, t in delta.items() if t is not None and k not in self.have)
+            removed = sum(1 for k, t in delta.items() if t is None and k in self.have)
+            for k, t in delta.items():
+                self.have.discard(k) if t is None else self.have.add(k)
+            return added, removed
         raise AssertionError("unreachable")
 
     def teardown(self) -> None:

@@ -337,8 +337,27 @@ class PinholeCountersReply(Message):
     packets: list[int] = field(default_factory=list)  # packets[i] belongs to pids[i] (msgpack maps: str keys)
 
 
+@dataclass(frozen=True)
+class PinholeStatus(Message):
+    """Is the IPv6 firewall natd manages on, where, and which LAN prefixes may have pinholes."""
+
+    OP: ClassVar[str] = "pinhole.status"
+
+
+@dataclass(frozen=True)
+class PinholeStatusReply(Message):
+    OP: ClassVar[str] = "pinhole.status.reply"
+    enabled: bool  # WANIPv6FirewallControl FirewallEnabled and InboundPinholeAllowed
+    mode: str  # fw4, own, table or off
+    lan_prefixes: list[str]
+    pinholes: int
+    max_total: int
+    max_per_host: int
+
+
 PINHOLE_MESSAGES: tuple[type[Message], ...] = (PinholeAdd, PinholeReply, PinholeDelete, PinholeSync,
-                                               PinholeCounters, PinholeCountersReply)
+                                               PinholeCounters, PinholeCountersReply, PinholeStatus,
+                                               PinholeStatusReply)
 
 
 MESSAGES: dict[str, type[Message]] = {
