@@ -640,6 +640,7 @@ class PinholeNft:
             return False, {}
         tags: list[str | None] = []
         jumped = pl.jump() is None
+        wan_ok = False  # the WAN device set is part of the structure (a fw4 reload empties it)
         elems: dict[PinKey, int] = {}
         have_sets: set[str] = set()
         for item in items:
@@ -657,8 +658,7 @@ class PinholeNft:
                 continue
             have_sets.add(s["name"])
             if s["name"] == pl.obj("pinif"):
-                if {e if isinstance(e, str) else "" for e in s.get("elem", [])} != ({self.wan_if} - {None}):
-                    jumped = False  # the WAN device set is part of the structure
+                wan_ok = {e if isinstance(e, str) else "" for e in s.get("elem", [])} == ({self.wan_if} - {None})
                 continue
             for e in s.get("elem", []):
                 inner = e.get("elem", {}) if isinstance(e, dict) else {}
@@ -670,7 +670,7 @@ class PinholeNft:
                 else:
                     key = (val[1], _proto(val[2]), int(val[3]), val[0])
                 elems[key] = int(inner.get("counter", {}).get("packets", 0))
-        ok = jumped and len(have_sets) == 3 and tags == [t for t, _ in pl.rules()]
+        ok = jumped and wan_ok and len(have_sets) == 3 and tags == [t for t, _ in pl.rules()]
         return ok, elems
 
     def apply(self, want: dict[PinKey, int], refresh: bool = False) -> tuple[int, int]:

@@ -584,7 +584,18 @@ table inet {NAT2_TABLE} {{
             self.run(name, ["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])
         # NAT2's forward chain drops what miniupnpd does not open; IPv6 is routed, not its business.
         self.nft("isp", f'insert rule inet {NAT2_TABLE} forward meta nfproto ipv6 accept comment "routed IPv6"\n')
+        self._wait_ipv6_ready()
         self._ipv6_up = True
+
+    def _wait_ipv6_ready(self, timeout: float = 5.0) -> None:
+        """Until link-local addresses leave DAD (tentative) a host cannot solicit neighbours,
+        and the first SYN of a test gets lost."""
+        deadline = time.monotonic() + timeout
+        for name in HOSTS:
+            while self._host_run(["ip", "-n", self.ns(name), "-6", "addr", "show", "tentative"]).stdout.strip():
+                if time.monotonic() > deadline:
+                    raise TestbedError(f"IPv6 addresses in {name} still tentative after {timeout}s")
+                time.sleep(0.05)
 
     def _wait_links_up(self, timeout: float = 5.0) -> None:
         """Wait until every link is operationally UP.  Carrier (LOWER_UP) is not enough:

@@ -241,7 +241,7 @@ def test_fw4_pinholes_open_fw4s_drop_and_survive_reload_and_restart(natd_only) -
         bed.run("cpe", ["nft", "-f", bed.path("fw4.nft")])
         took = wait_until(lambda: pinholes(bed, "inet", "fw4", "igdpcp_") == want, 3.0)
         assert took is not None, (what, st.log("natd")[-2000:])
-        assert tcp_in(bed, 8600), what
+        assert tcp_in(bed, 8600), (what, st.log("natd")[-2000:])
         # the include's rules and natd's are the same text: no duplicates
         assert chain_text(bed, "inet", "fw4", "igdpcp_pinholes").count("comment") == 2, what
     c.call(wire.PinholeDelete(1))
@@ -254,7 +254,7 @@ def test_fw4_pinholes_open_fw4s_drop_and_survive_reload_and_restart(natd_only) -
 def test_pinhole_without_renewal_closes_after_lease_and_grace(natd_only) -> None:
     st, c = natd_only(natd_args=["--ipv6-firewall", "own", "--pinhole-grace", "0"],
                       before=lambda bed: bed.setup_ipv6())
-    c.call(pin(1, 8700, lease=2))
+    c.call(pin(1, 8700, lease=3))
     assert tcp_in(st.bed, 8700)
     assert wait_until(lambda: pinholes(st.bed, "ip6", "igdpcp") == set(), 5.0) is not None
     assert tcp_in(st.bed, 8700) is False
