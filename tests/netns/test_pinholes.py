@@ -229,7 +229,7 @@ def test_fw4_pinholes_open_fw4s_drop_and_survive_reload_and_restart(natd_only) -
     assert body[-1] == "jump handle_reject" and any(x.startswith("jump igdpcp_pinholes") for x in body[-3:])
     assert "policy drop" in fwd
     assert tcp_in(bed, 8600) is False  # fw4's default: inbound IPv6 from wan is rejected
-    assert c.call(wire.PinholeStatus()).mode == "fw4"  # type: ignore[attr-defined]
+    assert c.call(wire.PinholeStatus()).mode == "fw4"
     c.call(pin(1, 8600))
     c.call(pin(2, 8601, UDP))
     want = {(LAN6, "tcp", 8600), (LAN6, "udp", 8601)}
