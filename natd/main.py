@@ -611,6 +611,16 @@ class Natd:
         """Restore the pinhole rules and elements after a flush or a fw4 reload."""
         if self.pin_nft is None:
             return
+        try:
+            self._restore_pinholes()
+        except FwNotReady:
+            pass  # the IPv4 half says so and waits for fw4 too
+        except NftError as exc:  # must not keep the IPv4 half from its own restore
+            log.error("restoring pinholes failed: %s; retrying at the next check", exc)
+            self._gen = None
+
+    def _restore_pinholes(self) -> None:
+        assert self.pin_nft is not None
         now = time.monotonic()
         self.pins.expire(now)
         intact, have = self.pin_nft.snapshot()

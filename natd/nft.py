@@ -620,8 +620,8 @@ class PinholeNft:
         j = pl.jump()
         if j and not self.nft._has_jump(*j):
             log.warning("fw4 chain %s lacks 'jump %s' (packaging/fw4 include files missing?); inserting it", *j)
-            # Before fw4's final reject: the forward chain's last rule is 'jump handle_reject'.
-            lines.append(f'add rule {where} {j[0]} jump {j[1]} comment "{TAG} jump"')
+            # At the start: appended, it would sit behind fw4's final 'jump handle_reject'.
+            lines.append(f'insert rule {where} {j[0]} jump {j[1]} comment "{TAG} pinholes jump"')
         pinif = {self.wan_if} if self.wan_if else set()
         lines.append(f"flush set {where} {pl.obj('pinif')}")
         if pinif:

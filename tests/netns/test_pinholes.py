@@ -259,3 +259,24 @@ def test_pinhole_without_renewal_closes_after_lease_and_grace(natd_only) -> None
     assert wait_until(lambda: pinholes(st.bed, "ip6", "igdpcp") == set(), 5.0) is not None
     assert tcp_in(st.bed, 8700) is False
     assert wait_until(lambda: "pinhole expired pid=1" in st.log("natd"), 3.0) is not None
+
+
+def test_fw4_without_the_include_files_natd_inserts_its_jump(natd_only, tmp_path) -> None:
+    """An install whose pinhole include files are missing still gets working pinholes (and a warning)."""
+    from natd.nft import fw4_includes
+
+    for path, text in fw4_includes().items():
+        if "pinholes" not in path:
+            (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / path).write_text(text)
+
+    def before(bed: tb.Testbed) -> None:
+        bed.run("cpe", ["nft", "delete", "table", "ip", tb.ROUTER_FW_TABLE])
+        bed.setup_ipv6()
+        bed.nft("cpe", fw4_ruleset(str(tmp_path)))
+
+    st, c = natd_only(natd_args=["--layout", "fw4"], before=before)
+    assert "lacks 'jump igdpcp_pinholes'" in st.log("natd")
+    assert tcp_in(st.bed, 8800) is False
+    c.call(pin(1, 8800))
+    assert tcp_in(st.bed, 8800)
