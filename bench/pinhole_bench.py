@@ -20,12 +20,15 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.natd_bench import pct  # noqa: E402
 from natd.client import NatdClient  # noqa: E402
 from shared import wire  # noqa: E402
 from shared.const import TCP, UDP  # noqa: E402
 from tests.bed import testbed as tb  # noqa: E402
 from tests.bed.stack import Stack  # noqa: E402
+
+
+def pct(values: list[float], q: float) -> float:
+    return sorted(values)[min(len(values) - 1, int(q * len(values)))]
 
 
 def pinhole(i: int, lease: int = 3600) -> wire.Pinhole:

@@ -17,8 +17,8 @@ import pytest
 from natd.client import NatdCallError
 from shared import wire
 from tests.bed import testbed as tb
+from tests.bed.fw4 import fw4_ruleset
 from tests.bed.natd import PAYLOAD, wait_until
-from tests.netns.test_natd_fw4 import fw4_ruleset
 
 pytestmark = pytest.mark.netns
 
