@@ -15,16 +15,16 @@ import signal
 import uuid
 from collections.abc import Callable
 
-from controld.description import ROOT_PATH, Device
-from controld.gena import GenaServer
-from controld.http import UpnpHttpServer
-from controld.igd import IgdActions, Policy
-from controld.permissions import Permissions, RuleError
 from controld.admin import AdminServer
-from controld.iwf import MODES, Iwf, IwfConfig
+from controld.core.policy import Permissions, Policy, RuleError
+from controld.core.service import MODES, Iwf, IwfConfig
+from controld.core.store import MappingTable
 from controld.natd_link import NatdError, NatdLink
-from controld.ssdp import SsdpServer
-from controld.table import MappingTable
+from controld.upnp.description import ROOT_PATH, Device
+from controld.upnp.gena import GenaServer
+from controld.upnp.http import UpnpHttpServer
+from controld.upnp.igd import IgdActions
+from controld.upnp.ssdp import SsdpServer
 from shared.config import parse_args_with_config
 from shared.daemon import install_stop_signals, reread_args, setup_logging
 from shared.netif import if_addrs
@@ -63,7 +63,7 @@ RESTART_ONLY = ("lan_if", "rpc", "events", "curve_dir", "state_dir", "mode", "ht
 
 def _iwf_config(args: argparse.Namespace) -> IwfConfig:
     return IwfConfig(mode=args.mode, pcp_server=args.pcp_server, pcp_timeout=args.pcp_timeout,
-                     secure_mode=args.secure_mode, pcp_server_file=args.pcp_server_file or None,
+                     pcp_server_file=args.pcp_server_file or None,
                      service_wait=args.pcp_service_wait, recovery_window=args.pcp_recovery_window,
                      short_error_retry=args.pcp_short_error_retry, cpe_retries=args.pcp_cpe_retries,
                      epoch_poll=args.pcp_epoch_poll)
@@ -86,7 +86,7 @@ async def run(args: argparse.Namespace, reparse: Callable[[], argparse.Namespace
 
     link = NatdLink(args.rpc, args.events, on_event, curve_dir=args.curve_dir)
     link_task = asyncio.create_task(link.run())
-    iwf = Iwf(cfg, table, link)
+    iwf = Iwf(cfg, table, link, policy=_policy(args))
     deadline = asyncio.get_running_loop().time() + NATD_WAIT_S
     while True:
         try:
@@ -98,14 +98,11 @@ async def run(args: argparse.Namespace, reparse: Callable[[], argparse.Namespace
             log.info("waiting for natd at %s", args.rpc)
     device = Device(_stable_uuid(table, "uuid_root"), _stable_uuid(table, "uuid_wan"),
                     _stable_uuid(table, "uuid_wcd"), igd_version=args.igd_version)
-    actions = IgdActions(iwf, device, _policy(args))
+    actions = IgdActions(iwf, device)
     gena = GenaServer(device, actions.evented)
 
-    def on_change() -> None:  # the IWF's hook: SystemUpdateID, then one coalesced GENA round
-        actions.changed()
-        gena.changed()
-
-    iwf.on_change = on_change
+    table.subscribe(actions.changed)  # SystemUpdateID first, then one coalesced GENA round
+    table.subscribe(gena.changed)
     http = UpnpHttpServer(device, actions, lambda: subnets, gena)
     port = await http.start(lan_ip, args.http_port)
     location = f"http://{lan_ip}:{port}{ROOT_PATH}"
@@ -163,7 +160,7 @@ async def run(args: argparse.Namespace, reparse: Callable[[], argparse.Namespace
             log.warning("reload: %s; keeping the running rules", exc)
             return
         args = new
-        actions.policy = policy
+        iwf.policy = policy
         iwf.cfg = dataclasses.replace(_iwf_config(new), mode=iwf.cfg.mode)
         log.info("reload: configuration re-read; %d rules, quotas %d/host %d total; %d mappings kept",
                  len(policy.permissions.rules), policy.max_per_host, policy.max_total, table.count())
@@ -188,13 +185,13 @@ async def run(args: argparse.Namespace, reparse: Callable[[], argparse.Namespace
 
 
 def _policy(args: argparse.Namespace) -> Policy:
-    """The UPnP layer's permission rules, quotas and managers from flags/config; bad ones stop the start."""
+    """The core's permission rules, quotas, secure mode and managers from flags/config; bad ones stop the start."""
     try:
         perms = Permissions.parse(args.permission or [])
         managers = tuple(ipaddress.IPv4Network(n, strict=False) for n in args.manage_host or [])
     except (RuleError, ValueError) as exc:
         raise SystemExit(f"controld: {exc}") from None
-    return Policy(perms, args.max_mappings_per_host, args.max_mappings, managers)
+    return Policy(perms, args.max_mappings_per_host, args.max_mappings, managers, args.secure_mode)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,8 +7,10 @@ import asyncio
 import dataclasses
 import time
 
-from controld.lifecycle import State
-from controld.table import Mapping, MappingTable
+from controld.core.lifecycle import State
+from controld.core.model import Mapping
+from controld.core.store import MappingTable
+from controld.upnp import igd as upnp_igd
 from shared import pcp, wire
 from tests.test_iwf_regressions import _drive, _iwf
 from tests.test_iwf_units import LAN, SERVER, ScriptedLink, add
@@ -129,7 +131,7 @@ def test_delete_while_recovering_succeeds_when_nat2_no_longer_has_it(tmp_path) -
         m = await add(iwf, 8080)
         m.state = State.RECOVERING  # NAT2 restarted; not re-created yet
         link.deletes_fail = True  # miniupnpd answers NO_RESOURCES for a mapping it does not have
-        await iwf.delete_port_mapping(LAN, 1, "", 8080, pcp.PROTO_TCP)
+        await upnp_igd.delete_port_mapping(iwf, LAN, 1, "", 8080, pcp.PROTO_TCP)
         assert iwf.table.count() == 0 and link.unbound == [m.id]
     _drive(iwf, body)
 

@@ -8,11 +8,12 @@ import random
 
 import pytest
 
-from controld.errors import UPnPError
-from controld.iwf import Iwf, IwfConfig
+from controld.upnp.errors import UPnPError
+from controld.core.service import Iwf, IwfConfig
+from controld.upnp import igd as upnp_igd
 from controld.natd_link import NatdError
-from controld.permissions import Permissions
-from controld.table import MappingTable
+from controld.core.policy import Permissions
+from controld.core.store import MappingTable
 from shared import pcp, wire
 from tests.test_iwf_units import LAN, SERVER, ScriptedLink, add
 
@@ -114,7 +115,7 @@ def test_renewal_heap_stays_bounded(tmp_path) -> None:  # type: ignore[no-untype
             await add(iwf, 8080, lease=604800, igd=2)
         for _ in range(300):
             await add(iwf, 9000, lease=604800, igd=2)
-            await iwf.delete_port_mapping(LAN, 2, "", 9000, pcp.PROTO_TCP)
+            await upnp_igd.delete_port_mapping(iwf, LAN, 2, "", 9000, pcp.PROTO_TCP)
         assert len(iwf._renewals) <= 2 * len(iwf._due) + 65
     _drive(iwf, body)
 
@@ -140,7 +141,7 @@ def test_pcp_port_grant_is_deleted_upstream(tmp_path) -> None:  # type: ignore[n
 
     async def body() -> None:
         with pytest.raises(UPnPError) as exc:
-            await iwf.add_any_port_mapping(LAN, 2, "", 7000, pcp.PROTO_UDP, 7000, LAN, True, "x", 3600)
+            await upnp_igd.add_any_port_mapping(iwf, LAN, 2, "", 7000, pcp.PROTO_UDP, 7000, LAN, True, "x", 3600)
         assert exc.value.code == 501
         assert len([r for r in link.maps() if r.lifetime == 0]) == 1 and iwf.table.count() == 0
     _drive(iwf, body)

@@ -17,11 +17,13 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from controld.admin import parse_command
-from controld.errors import UPnPError
-from controld.iwf import IGD2_MAX_LEASE, Iwf, IwfConfig, _description
-from controld.lifecycle import State
+from controld.upnp.errors import UPnPError
+from controld.core.service import Iwf, IwfConfig, _description
+from controld.upnp import igd as upnp_igd
+from shared.const import IGD2_MAX_LEASE
+from controld.core.lifecycle import State
 from controld.pcp.discovery import choose_server, parse_server_file
-from controld.table import MappingTable
+from controld.core.store import MappingTable
 from shared import pcp, wire
 from tests.fake_pcp import FakePcp
 
@@ -81,7 +83,7 @@ def run(tmp_path, body: Callable[[Iwf, ScriptedLink], Awaitable[None]], **cfg) -
 
 
 def add(iwf: Iwf, ext: int, lease: int = 0, igd: int = 1, iport: int = 80, desc: str = "web"):  # type: ignore[no-untyped-def]
-    return iwf.add_port_mapping(LAN, igd, "", ext, pcp.PROTO_TCP, iport, LAN, True, desc, lease)
+    return upnp_igd.add_port_mapping(iwf, LAN, igd, "", ext, pcp.PROTO_TCP, iport, LAN, True, desc, lease)
 
 
 def test_add_and_delete_are_byte_exact(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -96,14 +98,14 @@ def test_add_and_delete_are_byte_exact(tmp_path) -> None:  # type: ignore[no-unt
         assert req.options.description == "web " and req.map.internal_port == 80
         assert m.nonce == req.map.nonce and m.state == State.ACTIVE and m.ext_ip == "198.20.0.1"
         assert iwf.external_ip(LAN) == "198.20.0.1" and iwf.external_ip("192.168.1.9") == "198.20.0.1"
-        await iwf.delete_port_mapping(LAN, 1, "", 8080, pcp.PROTO_TCP)
+        await upnp_igd.delete_port_mapping(iwf, LAN, 1, "", 8080, pcp.PROTO_TCP)
         dreq = link.maps(0)[-1]
         assert dreq.lifetime == 0 and dreq.map.nonce == m.nonce and dreq.map.external_port == 0
         assert dreq.map.external_ip == ipaddress.IPv4Address(0) and dreq.options == pcp.Options()
         assert pcp.encode_request(dreq)[44:60] == b"\0" * 10 + b"\xff\xff" + b"\0" * 4
         assert iwf.table.count() == 0 and link.unbound == [m.id]
         with pytest.raises(UPnPError) as exc:
-            await iwf.delete_port_mapping(LAN, 1, "", 8080, pcp.PROTO_TCP)
+            await upnp_igd.delete_port_mapping(iwf, LAN, 1, "", 8080, pcp.PROTO_TCP)
         assert exc.value.code == 714  # nothing local: nothing sent (item 62)
     run(tmp_path, body)
 
@@ -123,10 +125,10 @@ def test_leases_refresh_and_what_the_cp_sees(tmp_path) -> None:  # type: ignore[
         assert again is m and link.maps(8082)[-1].map.nonce == m.nonce and m.description == "new"
         # The same client re-adding with another internal port overwrites (WANIPConnection, as
         # miniupnpd); only NAT1 changes, the nonce and the upstream mapping stay.
-        moved = await iwf.add_port_mapping(LAN, 1, "", 8082, pcp.PROTO_TCP, 81, LAN, True, "x", 0)
+        moved = await upnp_igd.add_port_mapping(iwf, LAN, 1, "", 8082, pcp.PROTO_TCP, 81, LAN, True, "x", 0)
         assert moved is m and m.int_port == 81 and link.maps(8082)[-1].map.nonce == m.nonce
         with pytest.raises(UPnPError) as exc:
-            await iwf.add_port_mapping("192.168.1.9", 1, "", 8082, pcp.PROTO_TCP, 81, "192.168.1.9", True, "x", 0)
+            await upnp_igd.add_port_mapping(iwf, "192.168.1.9", 1, "", 8082, pcp.PROTO_TCP, 81, "192.168.1.9", True, "x", 0)
         assert exc.value.code == 718  # another client on a port we hold: local conflict
     run(tmp_path, body)
 
@@ -134,18 +136,18 @@ def test_leases_refresh_and_what_the_cp_sees(tmp_path) -> None:  # type: ignore[
 def test_refusals_before_anything_is_sent(tmp_path) -> None:  # type: ignore[no-untyped-def]
     async def body(iwf: Iwf, link: ScriptedLink) -> None:
         cases = [
-            (iwf.add_port_mapping(LAN, 1, "", 8080, 6, 80, LAN, False, "", 0), 402),  # item 16
-            (iwf.add_port_mapping(LAN, 1, "", 0, 6, 80, LAN, True, "", 0), 716),  # item 49, our choice
-            (iwf.add_port_mapping(LAN, 1, "", 5351, 17, 80, LAN, True, "", 0), 718),  # RFC 6887 §11.3
-            (iwf.add_port_mapping(LAN, 1, "", 8080, 6, 80, "192.168.1.9", True, "", 0), 606),  # item 88
-            (iwf.delete_port_mapping_range(LAN, 2, 1, 100, 6, False), 730),  # item 62
+            (upnp_igd.add_port_mapping(iwf, LAN, 1, "", 8080, 6, 80, LAN, False, "", 0), 402),  # item 16
+            (upnp_igd.add_port_mapping(iwf, LAN, 1, "", 0, 6, 80, LAN, True, "", 0), 716),  # item 49, our choice
+            (upnp_igd.add_port_mapping(iwf, LAN, 1, "", 5351, 17, 80, LAN, True, "", 0), 718),  # RFC 6887 §11.3
+            (upnp_igd.add_port_mapping(iwf, LAN, 1, "", 8080, 6, 80, "192.168.1.9", True, "", 0), 606),  # item 88
+            (upnp_igd.delete_port_mapping_range(iwf, LAN, 2, 1, 100, 6, False), 730),  # item 62
         ]
         for coro, code in cases:
             with pytest.raises(UPnPError) as exc:
                 await coro
             assert exc.value.code == code
         assert link.maps() == []
-        m = await iwf.add_any_port_mapping(LAN, 2, "", 5351, pcp.PROTO_UDP, 80, LAN, True, "", 0)
+        m = await upnp_igd.add_any_port_mapping(iwf, LAN, 2, "", 5351, pcp.PROTO_UDP, 80, LAN, True, "", 0)
         assert m.ext_port != 5351 and link.maps()[-1].map.external_port == 0  # never suggest PCP's port
         assert not link.maps()[-1].options.prefer_failure  # item 42
     run(tmp_path, body)
@@ -166,10 +168,10 @@ def test_get_specific_probes_only_when_nothing_local(tmp_path) -> None:  # type:
     probe from the discard port, deleted again; the CP gets 714 either way."""
     async def body(iwf: Iwf, link: ScriptedLink) -> None:
         m = await add(iwf, 8080)
-        assert await iwf.get_specific("192.168.1.77", "", 8080, pcp.PROTO_TCP) is m
+        assert await upnp_igd.get_specific(iwf, "192.168.1.77", "", 8080, pcp.PROTO_TCP) is m
         before = len(link.sent)
         with pytest.raises(UPnPError) as exc:
-            await iwf.get_specific(LAN, "", 9100, pcp.PROTO_TCP)
+            await upnp_igd.get_specific(iwf, LAN, "", 9100, pcp.PROTO_TCP)
         assert exc.value.code == 714
         probe, delete = (r for _, r in link.sent[before:])
         assert probe.lifetime == 60 and probe.options.prefer_failure and probe.map.external_port == 9100
@@ -181,7 +183,7 @@ def test_no_nat1_sends_third_party_and_filter(tmp_path) -> None:  # type: ignore
     """No NAT in the IGD: THIRD_PARTY = InternalClient (items 22, 33), nothing bound in NAT1;
     RemoteHost -> FILTER prefix 128, all ports (item 20)."""
     async def body(iwf: Iwf, link: ScriptedLink) -> None:
-        m = await iwf.add_port_mapping(LAN, 1, "198.20.0.10", 8080, 6, 80, LAN, True, "", 0)
+        m = await upnp_igd.add_port_mapping(iwf, LAN, 1, "198.20.0.10", 8080, 6, 80, LAN, True, "", 0)
         (req,) = link.maps(8080)
         assert req.options.third_party == ipaddress.IPv4Address(LAN) and m.nat1_port is None
         assert req.options.filters == (pcp.Filter(128, 0, ipaddress.IPv4Address("198.20.0.10")),)
@@ -263,7 +265,7 @@ def test_range_delete_is_paced_and_answers_in_time(tmp_path) -> None:  # type: i
             for port in range(9000, 9040):
                 await add(iwf, port, iport=port)
             t0 = asyncio.get_running_loop().time()
-            assert await iwf.delete_port_mapping_range(LAN, 2, 9000, 9039, pcp.PROTO_TCP, False) == 40
+            assert await upnp_igd.delete_port_mapping_range(iwf, LAN, 2, 9000, 9039, pcp.PROTO_TCP, False) == 40
             assert asyncio.get_running_loop().time() - t0 < 0.9  # 40 deletes / 4 x 0.1 s = 1 s of work
             for _ in range(100):  # bounded wait for the background rest
                 if iwf.table.count() == 0 and link.in_flight == 0:

@@ -6,10 +6,11 @@ from __future__ import annotations
 import msgpack
 import pytest
 
-from controld import soap
-from controld.errors import PCP_TO_UPNP, upnp_error_for_pcp
-from controld.lifecycle import TRANSITIONS, Ev, LifecycleError, State, next_state
-from controld.table import Mapping, MappingTable
+from controld.upnp import soap
+from controld.upnp.errors import PCP_TO_UPNP, upnp_error_for_pcp
+from controld.core.lifecycle import TRANSITIONS, Ev, LifecycleError, State, next_state
+from controld.core.model import Mapping
+from controld.core.store import MappingTable
 from natd.bindings import BindingTable, PolicyError
 from shared import pcp, wire
 

@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 from xml.sax.saxutils import escape
 
-from controld.description import Device, Service, wants_igd1
-from controld.parse import ascii_uint
+from controld.upnp.description import Device, Service, wants_igd1
+from controld.upnp.parse import ascii_uint
 
-log = logging.getLogger("controld.gena")
+log = logging.getLogger("controld.upnp.gena")
 
 DEFAULT_TIMEOUT = 1800
 MIN_TIMEOUT = 60

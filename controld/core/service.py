@@ -1,25 +1,28 @@
-"""The UPnP IGD-PCP Interworking Function (RFC 6970) over one mapping table.
+"""The protocol-neutral mapping service: the RFC 6970 interworking core over one table.
 
-Front ends (SOAP today; PCP and NAT-PMP servers later) call the ``async`` actions
-here. Each action validates against the table, records its intent, asks natd for
-the NAT1 binding, runs the PCP exchange upstream through natd, stores the result
-durably and only then answers. If anything fails half-way, the NAT1 binding and the
-row are removed before the control point hears the error (ARCHITECTURE.md).
+Front ends (UPnP today; PCP, NAT-PMP and the operator API next) call the ``async``
+operations here with an :class:`~controld.core.model.Origin` and a neutral request;
+failures are :class:`~controld.core.model.CoreError`, never a front end's code. Each
+operation checks the policy (once, here, for every front end), validates against the
+table, records its intent, asks natd for the NAT1 binding, runs the PCP exchange
+upstream through natd, stores the result durably and only then answers. If anything
+fails half-way, the NAT1 binding and the row are removed before the client hears the
+error (docs/core.md).
 
 The PCP protocol logic itself is the sans-I/O :class:`controld.pcp.client.PcpClient`;
 this module is its edge: it turns Transmit events into natd requests, natd's
 ``pcp.rx`` events into :meth:`PcpClient.receive` calls, and runs its timer.
 
-Requirement map (rfc6970-iwf.md items; RFC 6970 sections):
-- modes nat1-only / cascaded / no-nat1, auto (items 2, 12, 33-39; §5.4, §5.5)
-- AddPortMapping -> MAP + PREFER_FAILURE (items 47-54; §5.6.2); AddAnyPortMapping -> MAP (42-46; §5.6.1)
-- short-error retry, configurable and off by default (items 46, 51; §18 item 4)
-- GetSpecificPortMappingEntry: local table, then the probe (items 56-60; §5.7)
-- deletes with the stored nonce, erratum 3621 layout (items 61-67; §5.8)
-- leases: infinite by renewal, IGD:2 cap, expiry (items 68-76; §5.9)
-- per control point ExternalIPAddress (items 14, 77, 78; §4.1)
-- host left -> delete its mappings (items 79, 80; §5.10)
-- epoch / ANNOUNCE / Mapping Update recovery (items 81-84; §5.10)
+Requirement map (docs/requirements.md IWF-N; RFC 6970 sections):
+- modes nat1-only / cascaded / no-nat1, auto (IWF-2, IWF-12, IWF-33 to IWF-39; §5.4, §5.5)
+- exact port -> MAP + PREFER_FAILURE (IWF-47 to IWF-54; §5.6.2); any port -> MAP (IWF-42 to IWF-46; §5.6.1)
+- short-error retry, configurable and off by default (IWF-46, IWF-51; RFC 6970 §5.6)
+- find: local table, then the probe (IWF-56 to IWF-60; §5.7)
+- deletes with the stored nonce, erratum 3621 layout (IWF-61 to IWF-67; §5.8)
+- leases: infinite by renewal, expiry (IWF-68 to IWF-76; §5.9)
+- per client external address (IWF-14, IWF-77, IWF-78; §4.1)
+- host left -> delete its mappings (IWF-79, IWF-80; §5.10)
+- epoch / ANNOUNCE / Mapping Update recovery (IWF-81 to IWF-84; §5.10)
 """
 
 from __future__ import annotations
@@ -35,24 +38,25 @@ import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
-from controld.errors import UPnPError, upnp_error_for_pcp
-from controld.lifecycle import LISTED, Ev, State, next_state
+from controld.core.lifecycle import LISTED, Ev, State, next_state
+from controld.core.model import CoreError, CreateRequest, ErrorKind, Mapping, Origin
+from controld.core.policy import Policy
+from controld.core.store import MappingTable
 from controld.natd_link import NatdError, NatdLink
 from controld.pcp import client as pcpc
 from controld.pcp.discovery import ServerFile, choose_server
-from controld.table import Mapping, MappingTable
 from shared import pcp, wire
+from shared.const import DISCARD_PORT, PCP_PORTS, PROBE_LIFETIME, PROTOCOLS, TCP, UDP
 
-log = logging.getLogger("controld.iwf")
+log = logging.getLogger("controld.core.service")
 
-IGD2_MAX_LEASE = 604800  # RFC 6970 §4.1: IGD:2 lease 0 means this (rfc6970-iwf item 71)
-DISCARD_PORT = 9  # RFC 6970 §4.2: probe port to learn the external address (item 25)
-PROBE_LIFETIME = 60  # RFC 6970 §4.2, §5.7: short probe lifetime, RECOMMENDED 60 s (items 24, 57)
-PCP_PORTS = frozenset({5350, 5351})  # UDP ports never mapped (RFC 6887 §11.3)
 MAX_CP_ADDRESSES = 4096  # per-CP ExternalIPAddress entries kept (bounded)
 RECOVERY_MAX_BACKOFF = 300.0  # longest wait between attempts to re-create a lost mapping
 REDECIDE_S = 60.0  # auto mode: how often a fallen-back IWF looks for its PCP server again
 MODES = ("auto", "nat1-only", "cascaded", "no-nat1")
+# natd's refusal codes for a NAT1 binding, as neutral kinds (anything else: UNAVAILABLE).
+NATD_ERRORS: dict[str, ErrorKind] = {"port-in-use": ErrorKind.CONFLICT, "quota": ErrorKind.QUOTA,
+                                     "no-ports": ErrorKind.QUOTA, "not-lan": ErrorKind.INVALID}
 
 
 @dataclass
@@ -61,7 +65,6 @@ class IwfConfig:
     pcp_server: str | None = None  # None: DHCP option 158 file, else the WAN default router (RFC 6887 §8.1)
     pcp_server_file: str | None = None  # written by the DHCP client hook (packaging/hooks/)
     pcp_timeout: float = 10.0  # bound on one exchange inside a SOAP action (rfc6970-iwf item 13)
-    secure_mode: bool = True  # InternalClient must be the caller (rfc6970-iwf item 88)
     service_wait: float = 2.0  # on start, re-assert after RAND(0, this) seconds (ARCHITECTURE.md)
     recovery_window: int = 32  # background renewals/re-creations in flight at once (pacing)
     short_error_retry: float = 0.0  # rfc6970-iwf items 46/51, §18 item 4: seconds to wait, 0 = off
@@ -100,8 +103,9 @@ class Iwf:
 
     def __init__(self, cfg: IwfConfig, table: MappingTable, link: NatdLink,
                  clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, policy: Policy | None = None) -> None:
         self.cfg = cfg
+        self.policy = policy or Policy()
         self.table = table
         self.link = link
         self.clock = clock
@@ -114,7 +118,6 @@ class Iwf:
         self.natd_boot: str | None = None
         self.server_ext_ip: str | None = None  # NAT2's external address, from any MAP response
         self.ext_ip_by_cp: dict[str, str] = {}  # rfc6970-iwf item 14: per control point
-        self.on_change: Callable[[], None] = lambda: None  # GENA hook: entries or address changed
         self.server_file = ServerFile(cfg.pcp_server_file)
         self._server_seen: str | None = None
         self._waiters: dict[Hashable, asyncio.Future[pcp.Response | None]] = {}
@@ -235,7 +238,7 @@ class Iwf:
                 await self.decide_mode()
                 if self.mode != "nat1-only":
                     log.info("PCP server %s found: new mappings go upstream (mode %s)", self.server, self.mode)
-                    self.on_change()
+                    self.table.publish()
 
     async def _epoch_poller(self) -> None:
         """Ask the server for its Epoch now and then (RFC 6887 §14.1: a client MAY send ANNOUNCE).
@@ -287,14 +290,14 @@ class Iwf:
 
     async def _probe_external(self) -> bool:
         """Learn NAT2's external address with a short discard-port MAP (rfc6970-iwf item 25)."""
-        resp = await self._probe(pcp.PROTO_TCP, 0, False)
+        resp = await self._probe(TCP, 0, False)
         return resp is not None and resp.result != pcp.Result.UNSUPP_VERSION
 
     def _learn_external(self, ip: str) -> None:
         if ip != self.server_ext_ip:
             log.info("external address (NAT2) is %s", ip)
             self.server_ext_ip = ip
-            self.on_change()
+            self.table.publish()
 
     async def on_natd_event(self, msg: wire.Message) -> None:
         """Events from natd: PCP packets, WAN changes, heartbeats (restart detection).
@@ -331,7 +334,7 @@ class Iwf:
         self.client.epochs.clear()
         await self.decide_mode()
         self._recover_all(None, 0.0, may_move=True)
-        self.on_change()
+        self.table.publish()
 
     # --- the PCP edge ------------------------------------------------------------------
 
@@ -448,7 +451,7 @@ class Iwf:
             self.table.save(m)
             self._note_cp_address(m)
             log.info("mapping update from %s: %s", ev.server, m.describe())
-            self.on_change()
+            self.table.publish()
 
     async def _timer(self) -> None:
         """Drive the PCP client's retransmissions."""
@@ -563,7 +566,7 @@ class Iwf:
             # rfc6970-iwf item 75: renewal answers never reach the CP; a moved mapping is evented.
             log.info("renewed %s for %d s", m.describe(), resp.lifetime)
             if moved:
-                self.on_change()
+                self.table.publish()
             return
         ev = Ev.TIMEOUT if resp is None else Ev.UPSTREAM_ERROR
         m.state = next_state(m.state, ev)
@@ -603,7 +606,7 @@ class Iwf:
             self.ext_ip_by_cp.pop(next(iter(self.ext_ip_by_cp)))
         if self.ext_ip_by_cp.get(m.cp) != m.ext_ip:
             self.ext_ip_by_cp[m.cp] = m.ext_ip
-            self.on_change()
+            self.table.publish()
 
     def _requested_lifetime(self, m: Mapping) -> int:
         """rfc6970-iwf items 69-71: infinite -> 0xFFFFFFFF; never past the UPnP lease."""
@@ -615,83 +618,86 @@ class Iwf:
         """THIRD_PARTY only without NAT1 (rfc6970-iwf items 33, 39), never our own address (§13.1)."""
         return m.int_client if m.mode == "no-nat1" and m.int_client != self.wan_ip else None
 
-    # --- actions -----------------------------------------------------------------------
+    # --- operations (every front end) ---------------------------------------------------
 
-    def _check_common(self, cp: str, proto: int, int_client: str, enabled: bool) -> None:
-        if not enabled:
-            # rfc6970-iwf item 16, §18 item 7: our choice of code is 402 Invalid Args.
-            raise UPnPError(402, "PortMappingEnabled must be 1: PCP cannot disable a mapping (rfc6970-iwf item 16)")
-        if self.cfg.secure_mode and int_client != cp:
-            raise UPnPError(606, "InternalClient must be the caller's own address (rfc6970-iwf item 88)")
-        if proto not in (pcp.PROTO_TCP, pcp.PROTO_UDP):
-            raise UPnPError(402, "protocol must be TCP or UDP")
-
-    def _new_mapping(self, cp: str, igd: int, remote_host: str, ext_port: int, proto: int, int_port: int,
-                     int_client: str, description: str, lease: int, prefer_failure: bool) -> Mapping:
+    def _new_mapping(self, origin: Origin, req: CreateRequest, ext_port: int) -> Mapping:
         now = self.wall()
-        return Mapping(id=self.table.new_id(), cp=cp, igd=igd, remote_host=remote_host, ext_port=ext_port,
-                       proto=proto, int_client=int_client, int_port=int_port, description=description,
-                       lease=lease, lease_end=now + lease if lease else None, state=State.PENDING,
+        return Mapping(id=self.table.new_id(), cp=origin.client, igd=origin.version, remote_host=req.remote_host,
+                       ext_port=ext_port, proto=req.proto, int_client=req.int_client, int_port=req.int_port,
+                       description=req.description, lease=req.lease,
+                       lease_end=now + req.lease if req.lease else None, state=State.PENDING,
                        created=now, nonce=os.urandom(12), pcp_server=self.server,
-                       prefer_failure=prefer_failure, mode=self.mode)
+                       prefer_failure=req.exact, mode=self.mode)
 
-    async def add_port_mapping(self, cp: str, igd: int, remote_host: str, ext_port: int, proto: int,
-                               int_port: int, int_client: str, enabled: bool, description: str,
-                               lease: int) -> Mapping:
-        """AddPortMapping (RFC 6970 §5.6.2): MAP with PREFER_FAILURE for exactly ``ext_port``."""
-        self._check_common(cp, proto, int_client, enabled)
-        if ext_port == 0:
-            # rfc6970-iwf item 49: PREFER_FAILURE cannot carry port 0; our choice is 716.
-            raise UPnPError(716, "use AddAnyPortMapping for a wildcard port")
-        if proto == pcp.PROTO_UDP and ext_port in PCP_PORTS:
-            raise UPnPError(718, f"UDP {ext_port} is PCP's own port and is never mapped (RFC 6887 §11.3)")
-        if igd >= 2 and (lease == 0 or lease > IGD2_MAX_LEASE):
-            lease = IGD2_MAX_LEASE  # rfc6970-iwf item 71
-        existing = self.table.find(ext_port, proto)
-        if existing is not None:
-            if existing.state in LISTED and existing.int_client == int_client and existing.int_port != int_port \
-                    and existing.mode != "no-nat1":
-                # WANIPConnection: the same client re-adding a port overwrites it (miniupnpd too).
-                await self._move_internal_port(existing, int_port)
-            elif existing.state not in LISTED or (existing.int_client, existing.int_port) != (int_client, int_port):
-                raise UPnPError(718, f"{existing.proto_name} {ext_port} is mapped to {existing.int_client}")
-            return await self._refresh(existing, description, lease)
-        m = self._new_mapping(cp, igd, remote_host, ext_port, proto, int_port, int_client, description, lease,
-                              prefer_failure=True)  # rfc6970-iwf items 47, 49
-        return await self._create(m, "AddPortMapping")
+    async def create(self, origin: Origin, req: CreateRequest) -> Mapping:
+        """Create (or refresh, for its owner) a mapping: policy first, then NAT1 and upstream.
 
-    async def add_any_port_mapping(self, cp: str, igd: int, remote_host: str, ext_port: int, proto: int,
-                                   int_port: int, int_client: str, enabled: bool, description: str,
-                                   lease: int) -> Mapping:
-        """AddAnyPortMapping (RFC 6970 §5.6.1): MAP without PREFER_FAILURE; the answer names the port."""
-        self._check_common(cp, proto, int_client, enabled)
-        if lease == 0 or lease > IGD2_MAX_LEASE:
-            lease = IGD2_MAX_LEASE  # an IGD:2 action: rfc6970-iwf item 71
-        if proto == pcp.PROTO_UDP and ext_port in PCP_PORTS:
-            ext_port = 0  # only a suggestion: let NAT2 choose rather than ask for PCP's port
-        existing = self.table.find(ext_port, proto) if ext_port else None
-        if existing is not None and existing.state in LISTED and \
-                (existing.int_client, existing.int_port) == (int_client, int_port):
-            return await self._refresh(existing, description, lease)
-        m = self._new_mapping(cp, igd, remote_host, ext_port, proto, int_port, int_client, description, lease,
-                              prefer_failure=False)  # rfc6970-iwf item 42
-        return await self._create(m, "AddAnyPortMapping")
+        ``req.exact``: MAP with PREFER_FAILURE for exactly that port (RFC 6970 §5.6.2,
+        IWF-47 to IWF-54); otherwise MAP without it, the answer names the port (§5.6.1,
+        IWF-42 to IWF-46). A refresh of one's own mapping never counts against the quota.
+        """
+        proto, ext_port = req.proto, req.ext_port
+        existing: Mapping | None = None
+        if req.exact:
+            if ext_port == 0:
+                # IWF-49: PREFER_FAILURE cannot carry port 0.
+                raise CoreError(ErrorKind.INVALID, "an exact request needs an external port")
+            self.policy.check_rules(ext_port, req.int_client, req.int_port, req.description)
+            existing = self.table.find(ext_port, proto)
+        else:
+            ext_port = self.policy.nearest_port(ext_port, req.int_client, req.int_port, req.description)
+        if existing is None:
+            self.policy.check_quota(origin.client, self.table.count(), self.table.owned_by(origin.client))
+        self.policy.check_client(origin.client, req.int_client)
+        if proto not in PROTOCOLS:
+            raise CoreError(ErrorKind.INVALID, "protocol must be TCP or UDP")
+        if req.exact:
+            if proto == UDP and ext_port in PCP_PORTS:
+                raise CoreError(ErrorKind.CONFLICT, f"UDP {ext_port} is PCP's own port and is never mapped "
+                                                    "(RFC 6887 §11.3)")
+            if existing is not None:
+                if existing.state in LISTED and existing.int_client == req.int_client \
+                        and existing.int_port != req.int_port and existing.mode != "no-nat1":
+                    # The same client re-adding a port overwrites it (miniupnpd too).
+                    await self._move_internal_port(existing, req.int_port)
+                elif existing.state not in LISTED or \
+                        (existing.int_client, existing.int_port) != (req.int_client, req.int_port):
+                    raise CoreError(ErrorKind.CONFLICT,
+                                    f"{existing.proto_name} {ext_port} is mapped to {existing.int_client}")
+                return await self._refresh(existing, req.description, req.lease)
+        else:
+            if proto == UDP and ext_port in PCP_PORTS:
+                ext_port = 0  # only a suggestion: let NAT2 choose rather than ask for PCP's port
+            existing = self.table.find(ext_port, proto) if ext_port else None
+            if existing is not None and existing.state in LISTED and \
+                    (existing.int_client, existing.int_port) == (req.int_client, req.int_port):
+                return await self._refresh(existing, req.description, req.lease)
+        return await self._create(self._new_mapping(origin, req, ext_port))
 
-    async def delete_port_mapping_range(self, cp: str, igd: int, start: int, end: int, proto: int,
-                                        manage: bool) -> int:
-        """DeletePortMappingRange (RFC 6970 §5.8): one MAP delete per local match; returns the count.
+    async def delete_range(self, origin: Origin, proto: int, start: int, end: int, manage: bool) -> int:
+        """One MAP delete per local match (RFC 6970 §5.8); returns the count.
 
-        Only the caller's own mappings unless ``manage`` (the caller asked and is allowed).
+        Only the requester's own mappings unless ``manage`` is asked for and the policy
+        grants it (``--manage-host``).
         """
         if start > end:
-            raise UPnPError(733, "StartPort is greater than EndPort")
+            raise CoreError(ErrorKind.INVALID, "StartPort is greater than EndPort")
+        manage = manage and self.policy.may_manage(origin.client)
+        cp = origin.client
         victims = [m for m in self.table.listed() if m.proto == proto and start <= m.ext_port <= end
                    and (manage or m.cp == cp or m.int_client == cp)]
         if not victims:
-            raise UPnPError(730, f"no mapping in {start}-{end}")  # rfc6970-iwf item 62: nothing sent
-        # rfc6970-iwf items 26, 66: one delete per mapping, paced.
+            raise CoreError(ErrorKind.NOT_FOUND, f"no mapping in {start}-{end}")  # IWF-62: nothing sent
+        # IWF-26, IWF-66: one delete per mapping, paced.
         await self._remove_many(victims, f"range delete by {cp}")
         return len(victims)
+
+    def list_range(self, origin: Origin, proto: int, start: int, end: int, manage: bool) -> list[Mapping]:
+        """Listed mappings of ``proto`` in ``start``-``end``, in port order; own ones unless managing."""
+        manage = manage and self.policy.may_manage(origin.client)
+        cp = origin.client
+        return sorted((m for m in self.table.listed() if m.proto == proto and start <= m.ext_port <= end
+                       and (manage or cp in (m.cp, m.int_client))), key=lambda m: m.ext_port)
 
     async def _move_internal_port(self, m: Mapping, int_port: int) -> None:
         """Point an existing mapping at another LAN port. Only NAT1 changes: upstream the
@@ -700,7 +706,7 @@ class Iwf:
             await self.link.call(wire.Bind(m.id, m.proto, m.int_client, int_port, m.nat1_port or m.ext_port,
                                            exact=True))
         except NatdError as exc:
-            raise UPnPError(718, f"cannot move {m.describe()} to port {int_port}: {exc}") from None
+            raise CoreError(ErrorKind.CONFLICT, f"cannot move {m.describe()} to port {int_port}: {exc}") from None
         log.info("%s now goes to LAN port %d", m.describe(), int_port)
         m.int_port = int_port
         self.table.save(m)
@@ -718,7 +724,7 @@ class Iwf:
                                     self._requested_lifetime(m), m.ext_ip, True, self._third_party(m),
                                     description, m.remote_host)
             try:
-                resp = await self._upstream(m, req, "AddPortMapping")
+                resp = await self._upstream(m, req)
             except BaseException:
                 m.description, m.lease, m.lease_end = old
                 raise
@@ -731,8 +737,9 @@ class Iwf:
         log.info("refreshed %s lease=%s", m.describe(), m.lease or "infinite")
         return m
 
-    async def _upstream(self, m: Mapping, req: pcp.Request, action: str) -> pcp.Response:
-        """One synchronous MAP for a UPnP action: the answer, or the RFC 6970 §4.3 error.
+    async def _upstream(self, m: Mapping, req: pcp.Request) -> pcp.Response:
+        """One synchronous MAP for a client's request: the answer, or a CoreError (UPSTREAM
+        carries the PCP result that RFC 6970 §4.3 maps).
 
         With ``short_error_retry`` set, a short-lifetime error is retried once after that
         many seconds, CANNOT_PROVIDE_EXTERNAL up to ``cpe_retries`` times (rfc6970-iwf
@@ -742,15 +749,17 @@ class Iwf:
         hold = self._no_new_until.get(server or "")
         if m.state == State.PENDING and hold is not None and self.clock() < hold:
             # RFC 6887 §11.4: after NO_RESOURCES, no new mappings at that server for its error lifetime.
-            raise upnp_error_for_pcp(pcp.Result.NO_RESOURCES, m.igd, action)
+            raise CoreError(ErrorKind.UPSTREAM, f"PCP server {server} has no resources for new mappings",
+                            pcp.Result.NO_RESOURCES)
         retries = 0
         while True:
             try:
                 resp = await self._exchange(("map", m.id), req, m, self.cfg.pcp_timeout)
             except _Superseded:
-                raise UPnPError(501, "a newer request for this mapping took over") from None
+                raise CoreError(ErrorKind.UNAVAILABLE, "a newer request for this mapping took over") from None
             if resp is None:
-                raise UPnPError(501, f"no answer from PCP server {server} (rfc6970-iwf item 13)")
+                raise CoreError(ErrorKind.UNAVAILABLE, f"no answer from PCP server {server} "
+                                                       "(docs/requirements.md IWF-13)")
             if resp.result == pcp.Result.SUCCESS and resp.map is not None:
                 return resp
             log.info("PCP refused %s: %s (lifetime %d)", m.describe(), _result_name(resp.result), resp.lifetime)
@@ -763,9 +772,9 @@ class Iwf:
                          self.cfg.short_error_retry)
                 await asyncio.sleep(self.cfg.short_error_retry)
                 continue
-            raise upnp_error_for_pcp(resp.result, m.igd, action)
+            raise CoreError(ErrorKind.UPSTREAM, f"PCP {_result_name(resp.result)}", resp.result)
 
-    async def _create(self, m: Mapping, action: str) -> Mapping:
+    async def _create(self, m: Mapping) -> Mapping:
         # The intent is recorded before anything is sent. On disk only when something upstream
         # could outlive a crash: a NAT1-only orphan is removed by the start-up sync anyway.
         self.table.save(m, durable=m.mode != "nat1-only")
@@ -775,13 +784,7 @@ class Iwf:
                     reply = await self.link.call(wire.Bind(m.id, m.proto, m.int_client, m.int_port,
                                                            m.ext_port, exact=m.mode == "nat1-only"))
                 except NatdError as exc:
-                    if exc.code == "port-in-use":
-                        raise UPnPError(718, str(exc)) from None
-                    if exc.code in ("quota", "no-ports"):
-                        raise UPnPError(728, str(exc)) from None
-                    if exc.code == "not-lan":
-                        raise UPnPError(402, str(exc)) from None
-                    raise UPnPError(501, str(exc)) from None
+                    raise CoreError(NATD_ERRORS.get(exc.code, ErrorKind.UNAVAILABLE), str(exc)) from None
                 assert isinstance(reply, wire.BindReply)
                 m.nat1_port = reply.wan_port
                 if m.mode == "cascaded":
@@ -797,29 +800,29 @@ class Iwf:
                 req = self._map_request(m.nonce or b"", m.proto, m.int_port, m.ext_port,
                                         self._requested_lifetime(m), None, m.prefer_failure,
                                         self._third_party(m), m.description, m.remote_host)
-                resp = await self._upstream(m, req, action)
+                resp = await self._upstream(m, req)
                 assert resp.map is not None
                 if m.prefer_failure and resp.map.external_port != m.ext_port:
                     # NAT2 gave another port although we asked for exactly this one: what
                     # CANNOT_PROVIDE_EXTERNAL would have said (rfc6970-iwf item 51): undo it there.
                     await self._delete_upstream(m)
-                    raise UPnPError(718, f"port {m.ext_port} is not available upstream "
-                                         f"(NAT2 offered {resp.map.external_port})")
-                if resp.map.protocol == pcp.PROTO_UDP and resp.map.external_port in PCP_PORTS:
+                    raise CoreError(ErrorKind.CONFLICT, f"port {m.ext_port} is not available upstream "
+                                                        f"(NAT2 offered {resp.map.external_port})")
+                if resp.map.protocol == UDP and resp.map.external_port in PCP_PORTS:
                     await self._delete_upstream(m)  # leave nothing behind on NAT2 either
-                    raise UPnPError(501, "NAT2 assigned a PCP port (RFC 6887 §11.3)")
+                    raise CoreError(ErrorKind.UPSTREAM, "NAT2 assigned a PCP port (RFC 6887 §11.3)")
                 if resp.lifetime == 0:
-                    raise UPnPError(501, "NAT2 answered SUCCESS with lifetime 0: it holds nothing")
+                    raise CoreError(ErrorKind.UPSTREAM, "NAT2 answered SUCCESS with lifetime 0: it holds nothing")
                 self._granted(m, resp)
         except BaseException as exc:
-            m.state = next_state(m.state, Ev.TIMEOUT if isinstance(exc, UPnPError) and exc.code == 501
-                                 else Ev.UPSTREAM_ERROR)
+            m.state = next_state(m.state, Ev.TIMEOUT if isinstance(exc, CoreError)
+                                 and exc.kind == ErrorKind.UNAVAILABLE else Ev.UPSTREAM_ERROR)
             await self._undo(m)
             raise
         m.state = next_state(m.state, Ev.UPSTREAM_OK)
         self.table.save(m)  # durable before the CP hears "yes" (rfc6970-iwf items 28-30)
         log.info("added %s lease=%s", m.describe(), m.lease or "infinite")
-        self.on_change()
+        self.table.publish()
         return m
 
     async def _undo(self, m: Mapping) -> None:
@@ -832,13 +835,14 @@ class Iwf:
             except NatdError as exc:
                 log.error("could not remove NAT1 binding of %s: %s", m.describe(), exc)
 
-    async def delete_port_mapping(self, cp: str, igd: int, remote_host: str, ext_port: int, proto: int) -> None:
-        """DeletePortMapping (RFC 6970 §5.8): local match first, then MAP lifetime 0."""
+    async def delete(self, origin: Origin, proto: int, ext_port: int) -> None:
+        """Delete one mapping (RFC 6970 §5.8): local match first, then MAP lifetime 0."""
+        cp = origin.client
         m = self.table.find(ext_port, proto)
         if m is None or m.state not in LISTED:
-            raise UPnPError(714, f"no mapping for {ext_port}")  # rfc6970-iwf item 62: nothing sent
-        if self.cfg.secure_mode and m.cp != cp and m.int_client != cp:
-            raise UPnPError(606 if igd >= 2 else 714, "the mapping belongs to another control point")
+            raise CoreError(ErrorKind.NOT_FOUND, f"no mapping for {ext_port}")  # IWF-62: nothing sent
+        if not self.policy.may_touch(cp, m.cp, m.int_client):
+            raise CoreError(ErrorKind.NOT_AUTHORIZED, "the mapping belongs to another client")
         recovering = m.state == State.RECOVERING
         error = await self._remove(m, f"deleted by {cp}")
         if error is not None and not recovering:
@@ -871,7 +875,7 @@ class Iwf:
             log.info("%s: answered after %.0f s; upstream deletes continue in the background",
                      why, self.cfg.pcp_timeout)
 
-    async def _delete_upstream(self, m: Mapping) -> UPnPError | None:
+    async def _delete_upstream(self, m: Mapping) -> CoreError | None:
         """MAP lifetime 0 with the stored nonce, port 0, all-zeros address (RFC 6887 §15.1, erratum 3621)."""
         if m.mode == "nat1-only" or not m.nonce:
             return None
@@ -881,12 +885,12 @@ class Iwf:
         except _Superseded:
             resp = None
         if resp is None:
-            return UPnPError(501, "the PCP server did not answer the delete")
+            return CoreError(ErrorKind.UNAVAILABLE, "the PCP server did not answer the delete")
         if resp.result != pcp.Result.SUCCESS:
-            return upnp_error_for_pcp(resp.result, m.igd, "DeletePortMapping")
+            return CoreError(ErrorKind.UPSTREAM, f"PCP {_result_name(resp.result)}", resp.result)
         return None
 
-    async def _remove(self, m: Mapping, why: str) -> UPnPError | None:
+    async def _remove(self, m: Mapping, why: str) -> CoreError | None:
         """Delete upstream (same nonce, port 0), unbind NAT1, drop the row; the row goes whatever NAT2 says."""
         if m.state not in LISTED:
             return None  # already on its way out
@@ -896,42 +900,43 @@ class Iwf:
         m.state = next_state(m.state, Ev.DELETED)
         await self._undo(m)
         log.info("removed %s: %s%s", m.describe(), why, f" (upstream: {error})" if error else "")
-        self.on_change()
+        self.table.publish()
         return error
 
-    async def get_specific(self, cp: str, remote_host: str, ext_port: int, proto: int, igd: int = 1) -> Mapping:
-        """GetSpecificPortMappingEntry (RFC 6970 §5.7, rfc6970-iwf items 56-60).
+    async def find(self, origin: Origin, proto: int, ext_port: int, owner_only: bool = False) -> Mapping:
+        """One mapping by external port (RFC 6970 §5.7, IWF-56 to IWF-60).
 
         The local table first, all of it (a probe on a port we hold would shorten that
-        mapping: item 60 notes). Otherwise a MAP probe with PREFER_FAILURE and a 60 s
-        lifetime; whatever it finds, the CP gets 714 (CANNOT_PROVIDE_EXTERNAL: in use
-        by someone else; SUCCESS: free, and the probe is deleted again), or 501 when
-        NAT2 does not answer (item 58).
+        mapping: IWF-60 notes); ``owner_only``: another client's entry is NOT_AUTHORIZED
+        under secure mode. Otherwise a MAP probe with PREFER_FAILURE and a 60 s lifetime;
+        whatever it finds is NOT_FOUND (CANNOT_PROVIDE_EXTERNAL: in use by someone else;
+        SUCCESS: free, and the probe is deleted again), UNAVAILABLE when NAT2 does not
+        answer (IWF-58), UPSTREAM for other PCP errors.
         """
         m = self.table.find(ext_port, proto)
         if m is not None and m.state in LISTED:
-            if igd >= 2 and self.cfg.secure_mode and cp not in (m.cp, m.int_client):
-                # IGD:2 access control: another CP's entry is not the caller's to read (item 60 notes)
-                raise UPnPError(606, f"{m.proto_name} {ext_port} belongs to another control point")
+            if owner_only and not self.policy.may_touch(origin.client, m.cp, m.int_client):
+                raise CoreError(ErrorKind.NOT_AUTHORIZED, f"{m.proto_name} {ext_port} belongs to another client")
             return m
-        if ext_port == 0 or self.mode == "nat1-only" or (proto == pcp.PROTO_UDP and ext_port in PCP_PORTS):
-            raise UPnPError(714, f"no mapping for {ext_port}")
+        if ext_port == 0 or self.mode == "nat1-only" or (proto == UDP and ext_port in PCP_PORTS):
+            raise CoreError(ErrorKind.NOT_FOUND, f"no mapping for {ext_port}")
         resp = await self._probe(proto, ext_port, True)
         if resp is None:
-            raise UPnPError(501, f"no answer from PCP server {self.server} (rfc6970-iwf item 58)")
+            raise CoreError(ErrorKind.UNAVAILABLE, f"no answer from PCP server {self.server} "
+                                                   "(docs/requirements.md IWF-58)")
         if resp.result not in (pcp.Result.SUCCESS, pcp.Result.CANNOT_PROVIDE_EXTERNAL):
-            raise upnp_error_for_pcp(resp.result, igd, "GetSpecificPortMappingEntry")
-        raise UPnPError(714, f"no mapping for {ext_port} (probe: {_result_name(resp.result)})")
+            raise CoreError(ErrorKind.UPSTREAM, f"probe: PCP {_result_name(resp.result)}", resp.result)
+        raise CoreError(ErrorKind.NOT_FOUND, f"no mapping for {ext_port} (probe: {_result_name(resp.result)})")
 
-    def get_generic(self, index: int) -> Mapping:
-        """GetGenericPortMappingEntry: answered locally, never sent upstream (rfc6970-iwf item 55)."""
+    def at_index(self, index: int) -> Mapping:
+        """The ``index``-th listed mapping: answered locally, never sent upstream (IWF-55)."""
         m = self.table.at_index(index)
         if m is None:
-            raise UPnPError(713, f"index {index} out of range")
+            raise CoreError(ErrorKind.NOT_FOUND, f"index {index} out of range")
         return m
 
     def external_ip(self, cp: str) -> str:
-        """ExternalIPAddress for ``cp``: its last PCP answer, else NAT2's address (rfc6970-iwf items 14, 77)."""
+        """The external address for ``cp``: its last PCP answer, else NAT2's address (IWF-14, IWF-77)."""
         if self.mode == "nat1-only":
             return self.wan_ip if self.wan_ip and not _is_private(self.wan_ip) else ""
         return self.ext_ip_by_cp.get(cp) or self.server_ext_ip or ""

@@ -10,7 +10,7 @@ import zlib
 from dataclasses import dataclass
 from xml.sax.saxutils import escape
 
-# Control and event URLs, one per service (served by controld.http).
+# Control and event URLs, one per service (served by controld.upnp.http).
 ROOT_PATH = "/rootDesc.xml"
 
 # User agents known to break on IGD:2 descriptions get the IGD:1 view, as miniupnpd does

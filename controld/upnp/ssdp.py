@@ -21,10 +21,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from controld.description import Device
-from controld.parse import ascii_uint
+from controld.upnp.description import Device
+from controld.upnp.parse import ascii_uint
 
-log = logging.getLogger("controld.ssdp")
+log = logging.getLogger("controld.upnp.ssdp")
 
 GROUP = "239.255.255.250"
 PORT = 1900

@@ -16,14 +16,14 @@ import re
 from urllib.parse import urlsplit
 from collections.abc import Callable
 
-from controld import soap
-from controld.description import ROOT_PATH, Device, Service
-from controld.errors import UPnPError
-from controld.gena import GenaServer
-from controld.igd import IgdActions
-from controld.parse import ascii_uint
+from controld.upnp import soap
+from controld.upnp.description import ROOT_PATH, Device, Service
+from controld.upnp.errors import UPnPError
+from controld.upnp.gena import GenaServer
+from controld.upnp.igd import IgdActions
+from controld.upnp.parse import ascii_uint
 
-log = logging.getLogger("controld.http")
+log = logging.getLogger("controld.upnp.http")
 
 MAX_HEADER = 8192
 MAX_BODY = 65536
@@ -201,7 +201,7 @@ class UpnpHttpServer:
         return 200, headers, soap.response(soap.CONTROL_URN, "QueryStateVariable", {"return": values[var]})
 
     def _get(self, path: str, user_agent: str) -> tuple[int, dict[str, str], bytes]:
-        # IGD:1 view for agents that break on IGD:2 (controld.description.IGD1_ONLY_AGENTS)
+        # IGD:1 view for agents that break on IGD:2 (controld.upnp.description.IGD1_ONLY_AGENTS)
         view = self.device.view(user_agent)
         xml = view.root_xml() if path == ROOT_PATH else view.scpd_by_path(path)
         if xml is None:
