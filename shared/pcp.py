@@ -336,18 +336,30 @@ def decode_response(data: bytes) -> Response:
     return Response(opcode, result, lifetime, epoch, m, opts, version)
 
 
+_CLIENT_IP = slice(8, 24)  # RFC 6887 §7.1: the request header's client address
+_INTERNAL_PORT = HEADER_SIZE + 16  # RFC 6887 §11.1: a MAP's internal port, after nonce, protocol, reserved
+
+
 def rewrite_request(data: bytes, client_ip: IPAddress, internal_port: int | None) -> bytes:
-    """Rewrite the client address (and a MAP's internal port) as a PCP proxy does (RFC 7648 §5.3.1)."""
-    req = decode_request(data)
-    m = req.map
-    if m is not None and internal_port is not None:
-        m = replace(m, internal_port=internal_port)
-    return encode_request(replace(req, client_ip=client_ip, map=m))
+    """Rewrite the client address (and a MAP's internal port) as a PCP proxy does (RFC 7648 §5.3.1).
+
+    In place at the fields' fixed offsets, no second decode or encode: ``data`` must be a
+    request :func:`decode_request` accepted.
+    """
+    out = bytearray(data)
+    out[_CLIENT_IP] = pack_address(client_ip)
+    if internal_port is not None and out[1] & 0x7F == Opcode.MAP and len(out) >= HEADER_SIZE + MAP_SIZE:
+        struct.pack_into("!H", out, _INTERNAL_PORT, internal_port)
+    return bytes(out)
 
 
 def rewrite_response_port(data: bytes, internal_port: int) -> bytes:
-    """Restore a MAP response's internal port to the LAN value (RFC 6970 §5.5, rfc6970-iwf item 37)."""
-    resp = decode_response(data)
-    if resp.map is None:
+    """Restore a MAP response's internal port to the LAN value (RFC 6970 §5.5, docs/requirements.md IWF-37).
+
+    In place, no second decode or encode: ``data`` must be a response :func:`decode_response` accepted.
+    """
+    if len(data) < HEADER_SIZE + MAP_SIZE or data[1] & 0x7F != Opcode.MAP:
         return data
-    return encode_response(replace(resp, map=replace(resp.map, internal_port=internal_port)))
+    out = bytearray(data)
+    struct.pack_into("!H", out, _INTERNAL_PORT, internal_port)
+    return bytes(out)

@@ -37,7 +37,7 @@ class ScriptedLink:
     def __init__(self) -> None:
         self.iwf: Iwf | None = None
         self.fake = FakePcp(None)
-        self.sent: list[tuple[wire.PcpSend, pcp.Request]] = []
+        self.sent: list[tuple[wire.PcpExchange, pcp.Request]] = []
         self.unbound: list[int] = []
 
     async def call(self, msg: wire.Message, timeout: float = 5.0) -> wire.Message:
@@ -50,15 +50,14 @@ class ScriptedLink:
         if isinstance(msg, wire.Unbind):
             self.unbound.append(msg.mid)
             return wire.Ok()
-        assert isinstance(msg, wire.PcpSend)
+        assert isinstance(msg, wire.PcpExchange)
         req = pcp.decode_request(msg.packet)
         self.sent.append((msg, req))
         reply = self.fake.answer(req, msg.packet)
-        if reply is not None:
-            assert self.iwf is not None
-            evt = wire.PcpReceived(msg.server, reply, msg.mid, None)
-            asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self.iwf.on_natd_event(evt)))
-        return wire.Ok()
+        if reply is None:  # no answer: natd replies once the wait is over
+            await asyncio.sleep(msg.wait_ms / 1000)
+            return wire.PcpAnswer()
+        return wire.PcpAnswer(reply, None)
 
     def maps(self, eport: int | None = None) -> list[pcp.Request]:
         return [r for _, r in self.sent if r.opcode == pcp.Opcode.MAP and r.map is not None
@@ -241,7 +240,7 @@ class SlowDeletes(ScriptedLink):
         self.delay, self.in_flight, self.peak = delay, 0, 0
 
     async def call(self, msg: wire.Message, timeout: float = 5.0) -> wire.Message:
-        if isinstance(msg, wire.PcpSend) and pcp.decode_request(msg.packet).lifetime == 0:
+        if isinstance(msg, wire.PcpExchange) and pcp.decode_request(msg.packet).lifetime == 0:
             self.in_flight += 1
             self.peak = max(self.peak, self.in_flight)
             await asyncio.sleep(self.delay)

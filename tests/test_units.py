@@ -34,8 +34,9 @@ def test_wire_round_trip() -> None:
                     "want_port": 1}), "bad-field"),
     (msgpack.packb({"v": 1, "op": "bind", "mid": 1, "proto": 6, "lan_ip": "1.2.3.4", "lan_port": 70000,
                     "want_port": 1}), "bad-field"),
-    (msgpack.packb({"v": 1, "op": "pcp.send", "server": "x", "packet": b""}), "bad-field"),
-    (msgpack.packb({"v": 1, "op": "pcp.send", "server": "1.1.1.1", "packet": b"x" * 5000}), "bad-msgpack"),
+    (msgpack.packb({"v": 1, "op": "pcp.exchange", "server": "x", "packet": b""}), "bad-field"),
+    (msgpack.packb({"v": 1, "op": "pcp.exchange", "server": "1.1.1.1", "packet": b"x" * 5000}), "bad-msgpack"),
+    (msgpack.packb({"v": 1, "op": "pcp.exchange", "server": "1.1.1.1", "packet": b"", "wait_ms": -1}), "bad-field"),
     (msgpack.packb({"v": 1, "op": "hello", "extra": 1}), "bad-field"),
     (b"\x00" * (wire.MAX_MESSAGE + 1), "too-big"),
 ])

@@ -54,6 +54,7 @@ MAX_CP_ADDRESSES = 4096  # per-CP ExternalIPAddress entries kept (bounded)
 RECOVERY_MAX_BACKOFF = 300.0  # longest wait between attempts to re-create a lost mapping
 REDECIDE_S = 60.0  # auto mode: how often a fallen-back IWF looks for its PCP server again
 MODES = ("auto", "nat1-only", "cascaded", "no-nat1")
+NATD_MARGIN_S = 5.0  # a PCP exchange's natd request may take this much longer than its wait
 # natd's refusal codes for a NAT1 binding, as neutral kinds (anything else: UNAVAILABLE).
 NATD_ERRORS: dict[str, ErrorKind] = {"port-in-use": ErrorKind.CONFLICT, "quota": ErrorKind.QUOTA,
                                      "no-ports": ErrorKind.QUOTA, "not-lan": ErrorKind.INVALID}
@@ -300,10 +301,10 @@ class Iwf:
             self.table.publish()
 
     async def on_natd_event(self, msg: wire.Message) -> None:
-        """Events from natd: PCP packets, WAN changes, heartbeats (restart detection).
+        """Events from natd: unsolicited PCP packets, WAN changes, heartbeats (restart detection).
 
-        Never waits on a PCP exchange here: the answers arrive on this same event stream,
-        so anything that needs one runs as its own task.
+        Never waits on a PCP exchange here: this stream must keep flowing, so anything that
+        needs one runs as its own task.
         """
         if isinstance(msg, wire.PcpReceived):
             self._dispatch(self.client.receive(msg.server, msg.packet, self.clock(), msg.lan_ip))
@@ -376,8 +377,10 @@ class Iwf:
             if req.map is not None and req.options.prefer_failure else None
         if pf is not None:
             self._pf_keys[pf] = key
+        # natd rewrites a request to a NAT1 binding only for cascaded mappings (RFC 6970 §5.5).
+        via = m.id if m is not None and m.mode == "cascaded" and m.nat1_port else None
         self._dispatch(self.client.request(key, server, req, self.clock(), bound,
-                                           m.int_client if m is not None else None))
+                                           m.int_client if m is not None else None, via))
         self._wake.set()
         try:
             return await fut
@@ -388,18 +391,10 @@ class Iwf:
             if pf is not None and self._pf_keys.get(pf) == key:
                 del self._pf_keys[pf]
 
-    def _relay_mid(self, key: Hashable) -> int | None:
-        """natd rewrites a request to a NAT1 binding only for cascaded mappings (RFC 6970 §5.5)."""
-        if isinstance(key, tuple) and key[0] == "map":
-            m = self.table.by_id.get(key[1])
-            if m is not None and m.mode == "cascaded" and m.nat1_port:
-                return m.id
-        return None
-
     def _dispatch(self, events: list[pcpc.Event]) -> None:
         for ev in events:
             if isinstance(ev, pcpc.Transmit):
-                self._spawn(self._transmit(ev, self._relay_mid(ev.key)))
+                self._spawn(self._transmit(ev))
             elif isinstance(ev, pcpc.Answer | pcpc.GaveUp):
                 fut = self._waiters.get(ev.key)
                 if fut is not None and not fut.done():
@@ -414,11 +409,17 @@ class Iwf:
             elif isinstance(ev, pcpc.Unsolicited):
                 self._unsolicited(ev)
 
-    async def _transmit(self, ev: pcpc.Transmit, mid: int | None) -> None:
+    async def _transmit(self, ev: pcpc.Transmit) -> None:
+        """One transmission = one natd request; its reply carries the matched response, if any."""
+        wait_ms = min(wire.MAX_WAIT_MS, int(ev.wait * 1000))
         try:
-            await self.link.call(wire.PcpSend(ev.server, ev.packet, mid))
+            reply = await self.link.call(wire.PcpExchange(ev.server, ev.packet, ev.via, wait_ms),
+                                         timeout=ev.wait + NATD_MARGIN_S)
         except NatdError as exc:
             log.warning("PCP send to %s failed: %s", ev.server, exc)
+            return
+        if isinstance(reply, wire.PcpAnswer) and reply.packet is not None:
+            self._dispatch(self.client.receive(ev.server, reply.packet, self.clock(), reply.lan_ip))
 
     def _unsolicited(self, ev: pcpc.Unsolicited) -> None:
         resp = ev.response
@@ -775,9 +776,11 @@ class Iwf:
             raise CoreError(ErrorKind.UPSTREAM, f"PCP {_result_name(resp.result)}", resp.result)
 
     async def _create(self, m: Mapping) -> Mapping:
-        # The intent is recorded before anything is sent. On disk only when something upstream
-        # could outlive a crash: a NAT1-only orphan is removed by the start-up sync anyway.
-        self.table.save(m, durable=m.mode != "nat1-only")
+        # The intent is recorded before anything is sent; on disk before anything goes upstream,
+        # which could outlive a crash. With NAT1 that is the write after the bind below (a
+        # binding orphaned by a crash before it is removed by the start-up sync); without
+        # NAT1 (no-nat1) it is this one.
+        self.table.save(m, durable=m.mode == "no-nat1")
         try:
             if m.mode in ("cascaded", "nat1-only"):
                 try:

@@ -35,9 +35,14 @@ MAX_EXCHANGES = 70_000  # every outstanding request is a mapping or a probe: bou
 
 @dataclass(frozen=True)
 class Transmit:
+    """Send ``packet`` to ``server`` once and listen ``wait`` seconds for the answer (then
+    the next retransmission or the give-up is due); ``via``: the owner's relay hint."""
+
     key: Hashable
     server: str
     packet: bytes
+    wait: float = IRT
+    via: int | None = None
 
 
 @dataclass(frozen=True)
@@ -80,6 +85,7 @@ class _Exchange:
     next_send: float
     rt: float
     sent: int = 0
+    via: int | None = None  # passed through in Transmit (controld: the NAT1 binding natd rewrites to)
 
 
 @dataclass
@@ -102,7 +108,8 @@ class PcpClient:
         return self.rng.uniform(-0.1, 0.1)
 
     def request(self, key: Hashable, server: str, req: pcp.Request, now: float,
-                max_duration: float | None = None, internal_ip: str | None = None) -> list[Event]:
+                max_duration: float | None = None, internal_ip: str | None = None,
+                via: int | None = None) -> list[Event]:
         """Start (or restart) an exchange; returns the first transmission.
 
         A server that answered UNSUPP_VERSION is not asked again before its retry time:
@@ -118,7 +125,7 @@ class PcpClient:
             return [GaveUp(key)]
         packet = pcp.encode_request(req)
         deadline = None if max_duration is None else now + max_duration
-        ex = _Exchange(key, server, req, packet, internal_ip, deadline, now, IRT)
+        ex = _Exchange(key, server, req, packet, internal_ip, deadline, now, IRT, via=via)
         self.exchanges[key] = ex
         return self._send(ex, now, first=True)
 
@@ -129,7 +136,8 @@ class PcpClient:
         ex.rt = (1 + self._rand()) * (IRT if first else min(2 * ex.rt, MRT))
         ex.next_send = now + ex.rt
         ex.sent += 1
-        return [Transmit(ex.key, ex.server, ex.packet)]
+        until = ex.next_send if ex.deadline is None else min(ex.next_send, ex.deadline)
+        return [Transmit(ex.key, ex.server, ex.packet, max(0.0, until - now), ex.via)]
 
     def next_timer(self) -> float | None:
         """When :meth:`poll` must next be called (None: nothing outstanding)."""
