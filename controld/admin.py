@@ -63,7 +63,7 @@ class AdminServer:
                 answer = f"ok {n}"
             writer.write(answer.encode()[:MAX_LINE] + b"\n")
             await writer.drain()
-        except (asyncio.TimeoutError, asyncio.LimitOverrunError, ValueError, ConnectionError) as exc:
+        except (TimeoutError, asyncio.LimitOverrunError, ValueError, ConnectionError) as exc:
             log.info("admin: dropped a request: %s", type(exc).__name__)
         finally:
             writer.close()

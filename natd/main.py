@@ -29,8 +29,16 @@ from natd.nft import LAYOUTS, Change, FwNotReady, Layout, Nft, NftError, expecte
 from natd.relay import Answer, MatchKey, PcpRelay, match_key
 from shared import pcp, wire
 from shared.config import parse_args_with_config
-from shared.daemon import (AUTHORIZED_DIR, reread_args, bind_endpoint, curve_server, gen_keys, install_stop_signals, needs_curve,
-                           setup_logging)
+from shared.daemon import (
+    AUTHORIZED_DIR,
+    bind_endpoint,
+    curve_server,
+    gen_keys,
+    install_stop_signals,
+    needs_curve,
+    reread_args,
+    setup_logging,
+)
 
 log = logging.getLogger("natd")
 

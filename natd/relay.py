@@ -15,7 +15,6 @@ import socket
 import struct
 from collections.abc import Callable
 
-from shared import pcp
 from shared.const import ALL_HOSTS, PCP_CLIENT_PORT, PCP_SERVER_PORT
 
 log = logging.getLogger("natd.relay")

@@ -68,9 +68,9 @@ def test_recovery_keeps_the_promised_port(tmp_path) -> None:  # type: ignore[no-
         await _until(lambda: any(r.lifetime == 0 for r in link.maps()))
         assert m.ext_port == 8080 and m.state == State.RECOVERING
         assert [r.map.nonce for r in link.maps() if r.lifetime == 0] == [m.nonce]  # the wrong grant, released
-        await _until(lambda: m.id in iwf._due)
+        await _until(lambda: m.id in iwf.timers.due)
         # It retries within seconds (backing off to 5 min), not at the old grant's renewal times.
-        assert iwf._due[m.id][0] - iwf.wall() < 10
+        assert iwf.timers.due[m.id][0] - iwf.wall() < 10
         # After our own WAN address changed the port may move (item 81), asked without PREFER_FAILURE.
         iwf._recover_all(SERVER, 0.0, may_move=True)
         await _until(lambda: m.ext_port == 8090)
@@ -144,5 +144,5 @@ def test_natd_return_brings_failed_renewals_forward(tmp_path) -> None:  # type: 
         m = await add(iwf, 8080)
         iwf._schedule(m, iwf.wall() + 1000, attempt=3)  # failed while natd was away, backing off
         await iwf.on_natd_event(wire.Heartbeat("boot-2", 0))
-        assert iwf._due[m.id][0] <= iwf.wall() + 1
+        assert iwf.timers.due[m.id][0] <= iwf.wall() + 1
     _drive(iwf, body)

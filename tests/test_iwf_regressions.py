@@ -116,7 +116,7 @@ def test_renewal_heap_stays_bounded(tmp_path) -> None:  # type: ignore[no-untype
         for _ in range(300):
             await add(iwf, 9000, lease=604800, igd=2)
             await upnp_igd.delete_port_mapping(iwf, LAN, 2, "", 9000, pcp.PROTO_TCP)
-        assert len(iwf._renewals) <= 2 * len(iwf._due) + 65
+        assert len(iwf.timers.heap) <= 2 * len(iwf.timers.due) + 65
     _drive(iwf, body)
 
 

@@ -113,7 +113,7 @@ class Permissions:
     rules: tuple[Rule, ...] = ()
 
     @classmethod
-    def parse(cls, lines: list[str]) -> "Permissions":
+    def parse(cls, lines: list[str]) -> Permissions:
         """Rules from config lines (blank lines and '#' comments skipped); raises RuleError."""
         rules = [parse_rule(x) for x in lines if x.strip() and not x.strip().startswith("#")]
         if len(rules) > MAX_RULES:

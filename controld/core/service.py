@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import heapq
 import ipaddress
 import logging
 import os
@@ -42,6 +41,19 @@ from controld.core.lifecycle import LISTED, Ev, State, next_state
 from controld.core.model import CoreError, CreateRequest, ErrorKind, Mapping, Origin
 from controld.core.policy import Policy
 from controld.core.store import MappingTable
+from controld.core.upstream import (
+    MODES,
+    REDECIDE_S,
+    EpochPollDue,
+    MappingDue,
+    RedecideDue,
+    TimerEvent,
+    UpstreamTimers,
+    choose_mode,
+    is_private,
+    needs_probe,
+    recovery_due,
+)
 from controld.natd_link import NatdError, NatdLink
 from controld.pcp import client as pcpc
 from controld.pcp.discovery import ServerFile, choose_server
@@ -51,9 +63,7 @@ from shared.const import DISCARD_PORT, PCP_PORTS, PROBE_LIFETIME, PROTOCOLS, TCP
 log = logging.getLogger("controld.core.service")
 
 MAX_CP_ADDRESSES = 4096  # per-CP ExternalIPAddress entries kept (bounded)
-RECOVERY_MAX_BACKOFF = 300.0  # longest wait between attempts to re-create a lost mapping
-REDECIDE_S = 60.0  # auto mode: how often a fallen-back IWF looks for its PCP server again
-MODES = ("auto", "nat1-only", "cascaded", "no-nat1")
+__all__ = ["MODES", "Iwf", "IwfConfig"]
 NATD_MARGIN_S = 5.0  # a PCP exchange's natd request may take this much longer than its wait
 # natd's refusal codes for a NAT1 binding, as neutral kinds (anything else: UNAVAILABLE).
 NATD_ERRORS: dict[str, ErrorKind] = {"port-in-use": ErrorKind.CONFLICT, "quota": ErrorKind.QUOTA,
@@ -75,13 +85,6 @@ class IwfConfig:
 
 class _Superseded(Exception):
     """A newer exchange for the same mapping replaced this one."""
-
-
-def _is_private(ip: str | None) -> bool:
-    if ip is None:
-        return True
-    a = ipaddress.IPv4Address(ip)
-    return a.is_private or a in ipaddress.IPv4Network("100.64.0.0/10")
 
 
 def _description(text: str) -> str:
@@ -122,17 +125,17 @@ class Iwf:
         self.server_file = ServerFile(cfg.pcp_server_file)
         self._server_seen: str | None = None
         self._waiters: dict[Hashable, asyncio.Future[pcp.Response | None]] = {}
-        self._wake = asyncio.Event()
+        self._timer: asyncio.TimerHandle | None = None  # the one timer (see _arm)
+        self._timer_at: float | None = None  # its loop time
         self._wan_task: asyncio.Task[None] | None = None
         self._may_move: set[int] = set()  # mappings allowed a new external port (rfc6970-iwf item 81)
-        self._renewals: list[tuple[float, int, int]] = []  # heap of (due wall time, mid, attempt)
-        self._due: dict[int, tuple[float, int]] = {}  # the live entry per mapping
+        self.timers = UpstreamTimers()  # renewals, lease ends, redecide, epoch poll: one timer drives all
         self._probe_seq = 0
+        self._epoch_seq = 0
         self._probe_lock = asyncio.Lock()  # probes share one internal tuple (discard port): one at a time
         self._slots = asyncio.Semaphore(max(1, cfg.recovery_window))
         self._no_new_until: dict[str, float] = {}  # NO_RESOURCES: no new mappings there (RFC 6887 §11.4)
         self._pf_keys: dict[tuple[bytes, int, int], Hashable] = {}  # outstanding PREFER_FAILURE requests
-        self._tasks: list[asyncio.Task[None]] = []
         self._bg: set[asyncio.Task[object]] = set()
 
     # --- start, natd and WAN events --------------------------------------------------
@@ -169,8 +172,10 @@ class Iwf:
         # A previous run stopped half-way on these: nothing was promised, but NAT2 may hold them.
         leftovers = [m for m in self.table.by_id.values() if m.state not in LISTED]
         await self.sync_nat1()
-        self._tasks = [asyncio.create_task(self._timer()), asyncio.create_task(self._renewer()),
-                       asyncio.create_task(self._redecider()), asyncio.create_task(self._epoch_poller())]
+        now = self.wall()
+        self.timers.redecide_at = now + REDECIDE_S
+        self.timers.epoch_poll_at = now + (self.cfg.epoch_poll if self.cfg.epoch_poll > 0 else REDECIDE_S)
+        self._arm()
         await self.decide_mode()
         for m in leftovers:
             log.info("cleaning up unfinished %s (%s)", m.describe(), m.state.value)
@@ -184,7 +189,10 @@ class Iwf:
                  self.mode, self.wan_ip, self.server, self.server_ext_ip, self.table.count())
 
     async def stop(self) -> None:
-        for t in [*self._tasks, *self._bg]:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for t in self._bg:
             t.cancel()
 
     async def _finish_leftover(self, m: Mapping) -> None:
@@ -215,55 +223,47 @@ class Iwf:
         server, the IWF is not invoked (classic IGD). A configured or DHCP-provided server
         is such a way: the IWF then stays cascaded and answers 501 while it is silent (item 13).
         """
-        if self.cfg.mode == "nat1-only":
-            self.mode = "nat1-only"
-            return
-        if self.cfg.mode == "auto" and (self.wan_ip is None or not _is_private(self.wan_ip)):
-            self.mode = "nat1-only"
-            return
-        ok = await self._probe_external()
-        if self.cfg.mode == "auto":
-            told = bool(self.cfg.pcp_server or self.server_file.servers())
-            self.mode = "cascaded" if ok or told else "nat1-only"
-            if self.mode == "nat1-only":
-                log.warning("WAN %s is private and no PCP server answered at %s: classic IGD only; "
-                            "the Internet cannot reach these mappings", self.wan_ip, self.server)
-        else:
-            self.mode = self.cfg.mode
+        ok = await self._probe_external() if needs_probe(self.cfg.mode, self.wan_ip) else None
+        told = bool(self.cfg.pcp_server or self.server_file.servers())
+        self.mode = choose_mode(self.cfg.mode, self.wan_ip, ok, told)
+        if ok is not None and self.cfg.mode == "auto" and self.mode == "nat1-only":
+            log.warning("WAN %s is private and no PCP server answered at %s: classic IGD only; "
+                        "the Internet cannot reach these mappings", self.wan_ip, self.server)
 
-    async def _redecider(self) -> None:
-        """``auto`` fell back to nat1-only on a private WAN: look for the PCP server again now and then."""
-        while True:
-            await asyncio.sleep(REDECIDE_S)
-            if self.cfg.mode == "auto" and self.mode == "nat1-only" and self.wan_ip and _is_private(self.wan_ip):
+    async def _redecide(self) -> None:
+        """``auto`` fell back to nat1-only on a private WAN: look for the PCP server again."""
+        try:
+            if self.cfg.mode == "auto" and self.mode == "nat1-only" and self.wan_ip and is_private(self.wan_ip):
                 await self.decide_mode()
                 if self.mode != "nat1-only":
                     log.info("PCP server %s found: new mappings go upstream (mode %s)", self.server, self.mode)
                     self.table.publish()
+        finally:
+            self.timers.redecide_at = self.wall() + REDECIDE_S
+            self._arm()
 
-    async def _epoch_poller(self) -> None:
+    async def _poll_epoch(self) -> None:
         """Ask the server for its Epoch now and then (RFC 6887 §14.1: a client MAY send ANNOUNCE).
 
         A provider's multicast ANNOUNCE rarely reaches a CPE (and miniupnpd 2.3.1 sends it to
         port 5351, not 5350: measured on the test bed), so a server restart is found within
         ``epoch_poll`` seconds instead of at the next renewal; the answer goes through the
-        same epoch check as every response (rfc6970-iwf item 84).
+        same epoch check as every response (docs/requirements.md IWF-84). The next poll is
+        armed when this one is over; while off (a reload may turn it on) every REDECIDE_S.
         """
-        seq = 0
-        while True:
-            if self.cfg.epoch_poll <= 0:  # off; a reload (SIGHUP) may turn it on again
-                await asyncio.sleep(REDECIDE_S)
-                continue
-            await asyncio.sleep(self.cfg.epoch_poll)
-            if self.cfg.epoch_poll <= 0 or self.mode == "nat1-only" or self.wan_ip is None or \
-                    not any(m.mode != "nat1-only" for m in self.table.listed()):
-                continue
-            seq += 1
-            req = pcp.Request(pcp.Opcode.ANNOUNCE, 0, ipaddress.IPv4Address(self.wan_ip))
-            try:
-                await self._exchange(("announce", seq), req, None, min(self.cfg.epoch_poll, self.cfg.pcp_timeout))
-            except _Superseded:
-                pass
+        try:
+            if self.cfg.epoch_poll > 0 and self.mode != "nat1-only" and self.wan_ip is not None and \
+                    any(m.mode != "nat1-only" for m in self.table.listed()):
+                self._epoch_seq += 1
+                req = pcp.Request(pcp.Opcode.ANNOUNCE, 0, ipaddress.IPv4Address(self.wan_ip))
+                try:
+                    await self._exchange(("announce", self._epoch_seq), req, None,
+                                         min(self.cfg.epoch_poll, self.cfg.pcp_timeout))
+                except _Superseded:
+                    pass
+        finally:
+            self.timers.epoch_poll_at = self.wall() + (self.cfg.epoch_poll if self.cfg.epoch_poll > 0 else REDECIDE_S)
+            self._arm()
 
     async def _probe(self, proto: int, ext_port: int, prefer_failure: bool) -> pcp.Response | None:
         """One short MAP from the WAN address for the discard port (rfc6970-iwf items 25, 57),
@@ -313,7 +313,7 @@ class Iwf:
                 log.warning("natd restarted (boot %s); re-syncing NAT1", msg.boot_id)
                 await self.sync_nat1()  # raises on failure: the next heartbeat tries again
                 now = self.wall()
-                for mid, (_, attempt) in list(self._due.items()):
+                for mid, (_, attempt) in list(self.timers.due.items()):
                     m = self.table.by_id.get(mid)
                     if attempt > 0 and m is not None:  # renewals that failed while natd was away
                         self._schedule(m, now)
@@ -381,7 +381,7 @@ class Iwf:
         via = m.id if m is not None and m.mode == "cascaded" and m.nat1_port else None
         self._dispatch(self.client.request(key, server, req, self.clock(), bound,
                                            m.int_client if m is not None else None, via))
-        self._wake.set()
+        self._arm()
         try:
             return await fut
         finally:
@@ -454,17 +454,42 @@ class Iwf:
             log.info("mapping update from %s: %s", ev.server, m.describe())
             self.table.publish()
 
-    async def _timer(self) -> None:
-        """Drive the PCP client's retransmissions."""
-        while True:
-            due = self.client.next_timer()
-            timeout = None if due is None else max(0.0, due - self.clock())
-            self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout)
-            except asyncio.TimeoutError:
-                pass
-            self._dispatch(self.client.poll(self.clock()))
+    def _arm(self) -> None:
+        """(Re)arm the one timer at the earliest deadline: the PCP client's next retransmission
+        (monotonic clock) or the next upstream deadline (wall clock). Called whenever either may
+        have moved earlier; a timer already due sooner is kept."""
+        delays = []
+        due = self.client.next_timer()
+        if due is not None:
+            delays.append(due - self.clock())
+        deadline = self.timers.next_deadline()
+        if deadline is not None:
+            delays.append(deadline - self.wall())
+        if not delays:
+            return
+        loop = asyncio.get_running_loop()
+        at = loop.time() + max(0.0, min(delays))
+        if self._timer is not None and self._timer_at is not None and self._timer_at <= at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer, self._timer_at = loop.call_at(at, self._on_timer), at
+
+    def _on_timer(self) -> None:
+        """The timer fired: retransmit or give up what is due, act on due deadlines, re-arm."""
+        self._timer = self._timer_at = None
+        self._dispatch(self.client.poll(self.clock()))
+        for ev in self.timers.on_timer(self.wall()):
+            self._on_due(ev)
+        self._arm()
+
+    def _on_due(self, ev: TimerEvent) -> None:
+        if isinstance(ev, RedecideDue):
+            self._spawn(self._redecide())
+        elif isinstance(ev, EpochPollDue):
+            self._spawn(self._poll_epoch())
+        elif isinstance(ev, MappingDue):
+            self._mapping_due(ev.mid, ev.attempt)
 
     # --- renewal, lease end, recovery ------------------------------------------------
 
@@ -472,11 +497,8 @@ class Iwf:
         """Set the mapping's next renewal (or lease end, whichever is first); replaces the last."""
         if m.lease_end is not None:
             due = min(due, m.lease_end)
-        self._due[m.id] = (due, attempt)
-        heapq.heappush(self._renewals, (due, m.id, attempt))
-        if len(self._renewals) > 2 * len(self._due) + 64:  # bounded: drop superseded entries
-            self._renewals = [(d, mid, a) for mid, (d, a) in self._due.items()]
-            heapq.heapify(self._renewals)
+        self.timers.schedule(m.id, due, attempt)
+        self._arm()
 
     def _recover_all(self, server: str | None, delay: float, may_move: bool = False) -> None:
         """Every upstream mapping (at ``server``, or all) is re-created, paced by the window.
@@ -495,31 +517,21 @@ class Iwf:
                 self.table.save(m)
                 self._schedule(m, at)
 
-    async def _renewer(self) -> None:
-        """Renew PCP mappings at RFC 6887 §11.2.1 times; end UPnP leases (rfc6970-iwf §12)."""
-        while True:
-            now = self.wall()
-            if not self._renewals or self._renewals[0][0] > now:
-                # Poll at least once a second so a newly scheduled earlier time is never missed.
-                await asyncio.sleep(1.0 if not self._renewals else min(1.0, self._renewals[0][0] - now))
-                continue
-            due, mid, attempt = heapq.heappop(self._renewals)
-            if self._due.get(mid) != (due, attempt):
-                continue  # superseded by a later schedule
-            del self._due[mid]
-            m = self.table.by_id.get(mid)
-            if m is None or m.state not in LISTED:
-                continue
-            if m.lease_end is not None and now >= m.lease_end:
-                # rfc6970-iwf item 74 and §12 notes: the lease ended: PCP delete, NAT1 rule, row.
-                log.info("lease ended: %s", m.describe())
-                self._spawn(self._remove(m, "lease ended"))
-                continue
-            if m.mode == "nat1-only":
-                if m.lease_end is not None:
-                    self._schedule(m, m.lease_end)
-                continue
-            self._spawn(self._renew(m, attempt))
+    def _mapping_due(self, mid: int, attempt: int) -> None:
+        """A renewal (RFC 6887 §11.2.1) or the lease end (docs/requirements.md IWF-74) is due."""
+        m = self.table.by_id.get(mid)
+        if m is None or m.state not in LISTED:
+            return
+        if m.lease_end is not None and self.wall() >= m.lease_end:
+            # IWF-74: the lease ended: PCP delete, NAT1 rule, row.
+            log.info("lease ended: %s", m.describe())
+            self._spawn(self._remove(m, "lease ended"))
+            return
+        if m.mode == "nat1-only":
+            if m.lease_end is not None:
+                self._schedule(m, m.lease_end)
+            return
+        self._spawn(self._renew(m, attempt))
 
     async def _renew(self, m: Mapping, attempt: int) -> None:
         """Renew (or re-create) ``m`` upstream: same nonce, assigned values suggested (RFC 6887 §11.2.1)."""
@@ -576,8 +588,7 @@ class Iwf:
         if m.state == State.RECOVERING:
             # Not in place upstream (server restart, port briefly taken): retry soon, backing off
             # from 4 s to RECOVERY_MAX_BACKOFF, not at the old grant's renewal times (hours away).
-            due = now + min(RECOVERY_MAX_BACKOFF, pcpc.MIN_RENEW_GAP * 2 ** min(attempt, 12)) \
-                * self.rng.uniform(1.0, 1.25)
+            due = recovery_due(now, attempt, self.rng)
         else:
             due = pcpc.retry_time(granted, t0, attempt + 1, now, self.rng)
         # Failed renewal (rfc6970-iwf item 76, our policy): keep the row, retry until the lease ends.
@@ -831,7 +842,7 @@ class Iwf:
     async def _undo(self, m: Mapping) -> None:
         """Leave nothing behind for a mapping that never became active."""
         self.table.delete(m)
-        self._due.pop(m.id, None)
+        self.timers.drop(m.id)
         if m.nat1_port is not None:
             try:
                 await self.link.call(wire.Unbind(m.id))
@@ -941,7 +952,7 @@ class Iwf:
     def external_ip(self, cp: str) -> str:
         """The external address for ``cp``: its last PCP answer, else NAT2's address (IWF-14, IWF-77)."""
         if self.mode == "nat1-only":
-            return self.wan_ip if self.wan_ip and not _is_private(self.wan_ip) else ""
+            return self.wan_ip if self.wan_ip and not is_private(self.wan_ip) else ""
         return self.ext_ip_by_cp.get(cp) or self.server_ext_ip or ""
 
     def connected(self) -> bool:

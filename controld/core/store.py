@@ -19,7 +19,6 @@ from dataclasses import fields
 from controld.core.lifecycle import LISTED, State
 from controld.core.model import Mapping
 
-
 _COLUMNS = [f.name for f in fields(Mapping)]
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS mappings (

@@ -193,7 +193,7 @@ class Device:
         if self.igd_version >= 2:
             self._v1 = Device(self.uuid_root, self.uuid_wan, self.uuid_wcd, 1, self.friendly_name)
 
-    def view(self, user_agent: str) -> "Device":
+    def view(self, user_agent: str) -> Device:
         """The description a control point gets: IGD:1 for agents that break on IGD:2."""
         return self._v1 if self._v1 is not None and wants_igd1(user_agent) else self
 

@@ -257,7 +257,7 @@ class GenaServer:
             ok = status.split(b" ")[1:2] == [b"200"]
             log.info("event %s seq %d to %s: %s", sub.sid, sub.seq, sub.callback, status[:40].strip())
             return ok
-        except (OSError, asyncio.TimeoutError, ValueError) as exc:
+        except (TimeoutError, OSError, ValueError) as exc:
             log.info("event %s seq %d to %s failed: %s", sub.sid, sub.seq, sub.callback, exc)
             return False
         finally:

@@ -13,8 +13,8 @@ import asyncio
 import ipaddress
 import logging
 import re
-from urllib.parse import urlsplit
 from collections.abc import Callable
+from urllib.parse import urlsplit
 
 from controld.upnp import soap
 from controld.upnp.description import ROOT_PATH, Device, Service
@@ -129,7 +129,7 @@ class UpnpHttpServer:
         except HttpError as exc:
             log.info("http %s: %d %s", peer, exc.status, exc)
             status, headers, body = exc.status, {}, b""
-        except asyncio.TimeoutError:
+        except TimeoutError:
             status, headers, body = 408, {}, b""
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
             log.info("http %s: bad request: %s", peer, exc)
@@ -141,7 +141,7 @@ class UpnpHttpServer:
             writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + body)
             async with asyncio.timeout(REQUEST_DEADLINE):
                 await writer.drain()
-        except (ConnectionError, asyncio.TimeoutError):
+        except (TimeoutError, ConnectionError):
             pass
         finally:
             self._active -= 1
