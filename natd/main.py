@@ -29,6 +29,7 @@ from natd.nft import LAYOUTS, Change, FwNotReady, Layout, Nft, NftError, expecte
 from natd.relay import Answer, MatchKey, PcpRelay, match_key
 from shared import pcp, wire
 from shared.config import parse_args_with_config
+from shared.const import DISCARD_PORT
 from shared.daemon import (
     AUTHORIZED_DIR,
     bind_endpoint,
@@ -310,7 +311,7 @@ class Natd:
                 if tp.version != 4:
                     raise PolicyError("bad-pcp", "THIRD_PARTY must name an IPv4 LAN host")
                 self.table.check_lan(str(tp))
-            elif req.map.internal_port != 9:
+            elif req.map.internal_port != DISCARD_PORT:
                 raise PolicyError("no-binding", "unbound MAP must use THIRD_PARTY or the discard port")
         log.info("pcp -> %s: %s", msg.server, _describe_request(req, msg.mid, str(wan_ip), port))
         return pcp.rewrite_request(msg.packet, wan_ip, port), req  # in place, no re-encode
@@ -505,9 +506,9 @@ class Natd:
         tasks = [asyncio.create_task(c) for c in (
             self._serve(), self._heartbeat(), self._healer(), self._conntrack_worker(), self._on_hup(hup),
             wan.watch(self.args.wan_if, self.args.lan_if, self._on_ifs, self.ifs))]
-        waiter = asyncio.create_task(stop.wait())
+        waiter: asyncio.Task[Any] = asyncio.create_task(stop.wait())
         done, _ = await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
-        for t in tasks + [waiter]:
+        for t in [*tasks, waiter]:
             t.cancel()
         monitor.close()
         for t in done:

@@ -14,19 +14,22 @@ import struct
 from dataclasses import dataclass, field
 from enum import IntEnum
 
+from shared.const import ALL_HOSTS, PCP_CLIENT_PORT, PCP_MAX_PACKET, PCP_SERVER_PORT, TCP, UDP
+
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 VERSION = 2
-SERVER_PORT = 5351  # RFC 6887 §19.1
-ANNOUNCE_PORT = 5350  # RFC 6887 §14.1.1: where clients hear unsolicited ANNOUNCE
-ANNOUNCE_GROUP_V4 = "224.0.0.1"
-MAX_SIZE = 1100  # RFC 6887 §7
+# The codec's names for facts stated in shared/const.py.
+SERVER_PORT = PCP_SERVER_PORT
+ANNOUNCE_PORT = PCP_CLIENT_PORT
+ANNOUNCE_GROUP_V4 = ALL_HOSTS
+MAX_SIZE = PCP_MAX_PACKET
 HEADER_SIZE = 24
 MAP_SIZE = 36
-PROTO_TCP = 6
-PROTO_UDP = 17
+PROTO_TCP = TCP
+PROTO_UDP = UDP
 MAX_DESCRIPTION = 1016  # RFC 7220 §3: the room left in a PEER request
-MAX_LIFETIME = 0xFFFFFFFF  # the largest encodable lifetime (rfc6970-iwf §18 item 1)
+MAX_LIFETIME = 0xFFFFFFFF  # the largest encodable lifetime (RFC 6970 §4.1: an infinite IGD:1 lease)
 
 _V4_PREFIX = b"\x00" * 10 + b"\xff\xff"
 _HDR_REQ = struct.Struct("!BBHI16s")
@@ -181,6 +184,18 @@ def _encode_options(opts: Options) -> bytes:
     return bytes(out)
 
 
+def _decode_filter(body: bytes) -> Filter:
+    """One FILTER option's body (RFC 6887 §13.3)."""
+    if len(body) != 20:
+        raise PcpDecodeError(Result.MALFORMED_OPTION, "FILTER length != 20")
+    prefix, port = struct.unpack_from("!xBH", body)
+    peer = unpack_address(body[4:20])
+    # §13.3: 96-128 for IPv4 (mapped), 0-128 for IPv6; 0 alone clears the filters.
+    if prefix > 128 or (prefix and peer.version == 4 and prefix < 96):
+        raise PcpDecodeError(Result.MALFORMED_OPTION, f"FILTER prefix length {prefix} out of range")
+    return Filter(prefix, port, peer)
+
+
 def _decode_options(data: bytes, opcode: int) -> Options:
     """Parse the option TLVs; RFC 6887 §7.3 decides which faults are which."""
     third_party: IPAddress | None = None
@@ -212,14 +227,7 @@ def _decode_options(data: bytes, opcode: int) -> Options:
                 raise PcpDecodeError(Result.MALFORMED_OPTION, "PREFER_FAILURE length != 0")
             prefer_failure = True
         elif opcode == Opcode.MAP and code == OptionCode.FILTER:
-            if length != 20:
-                raise PcpDecodeError(Result.MALFORMED_OPTION, "FILTER length != 20")
-            prefix, port = struct.unpack_from("!xBH", body)
-            peer = unpack_address(body[4:20])
-            # §13.3: 96-128 for IPv4 (mapped), 0-128 for IPv6; 0 alone clears the filters.
-            if prefix > 128 or (prefix and peer.version == 4 and prefix < 96):
-                raise PcpDecodeError(Result.MALFORMED_OPTION, f"FILTER prefix length {prefix} out of range")
-            filters.append(Filter(prefix, port, peer))
+            filters.append(_decode_filter(body))
         elif code == OptionCode.DESCRIPTION:
             try:
                 description = body.decode("utf-8")
@@ -252,7 +260,7 @@ def encode_request(req: Request) -> bytes:
         out += _encode_map(req.map)
     out += _encode_options(req.options)
     if len(out) > MAX_SIZE:
-        raise ValueError("request larger than 1100 octets")
+        raise ValueError(f"request larger than {MAX_SIZE} octets")
     return out
 
 
@@ -268,11 +276,12 @@ def _check_frame(data: bytes) -> None:
     if len(data) < HEADER_SIZE:
         raise PcpDecodeError(Result.MALFORMED_REQUEST, "shorter than the 24-octet header")
     if len(data) > MAX_SIZE or len(data) % 4:
-        raise PcpDecodeError(Result.MALFORMED_REQUEST, "length over 1100 or not a multiple of 4")
+        raise PcpDecodeError(Result.MALFORMED_REQUEST, f"length over {MAX_SIZE} or not a multiple of 4")
 
 
 def _opcode_size(opcode: int) -> int:
-    return {Opcode.ANNOUNCE: 0, Opcode.MAP: MAP_SIZE, Opcode.PEER: 56}.get(opcode, -1)
+    sizes: dict[int, int] = {Opcode.ANNOUNCE: 0, Opcode.MAP: MAP_SIZE, Opcode.PEER: 56}
+    return sizes.get(opcode, -1)
 
 
 def decode_request(data: bytes) -> Request:

@@ -11,8 +11,9 @@ Versioning: ``SCHEMA_VERSION`` is what this side writes; ``ACCEPTED_VERSIONS`` w
 reads. Version 2 added the ``dl`` envelope field, the positive ``mid`` rule and the
 ``restored`` event; a v1 peer's requests are still served. Any other version is
 refused with a ``version`` error reply, and an ``error`` reply of any version is
-readable, so a mismatch is always a clear error on both sides, never a crash. :func:`decode` checks version, size, op and the
-type and range of every field before anything else sees the message, so a hostile or
+readable, so a mismatch is always a clear error on both sides, never a crash.
+:func:`decode` checks version, size, op and the type and range of every field before
+anything else sees the message, so a hostile or
 mistaken peer gets a :class:`WireError` (and a typed error reply), never a crash.
 """
 
@@ -27,12 +28,14 @@ from typing import Any, ClassVar
 
 import msgpack
 
+from shared.const import PCP_MAX_PACKET
+
 SCHEMA_VERSION = 2
 ACCEPTED_VERSIONS = (1, 2)
 MAX_MESSAGE = 8 * 1024 * 1024  # a full sync of 65k bindings fits; anything bigger is refused
 MAX_LIST = 70_000
 MAX_STR = 4096
-MAX_BYTES = 1100  # the largest PCP packet (RFC 6887 §7)
+MAX_BYTES = PCP_MAX_PACKET  # the largest PCP packet (RFC 6887 §7)
 MAX_WAIT_MS = 1_100_000  # one PCP transmission's wait: at most MRT (RFC 6887 §8.1.1) plus its jitter
 
 PROTOCOLS = (6, 17)  # TCP, UDP: all UPnP IGD can express
@@ -272,7 +275,8 @@ class Restored(Message):
 
 MESSAGES: dict[str, type[Message]] = {
     cls.OP: cls
-    for cls in (Hello, HelloReply, Bind, BindReply, Unbind, PcpExchange, PcpAnswer, Sync, SyncReply, GetCounters, CountersReply,
+    for cls in (Hello, HelloReply, Bind, BindReply, Unbind, PcpExchange, PcpAnswer, Sync, SyncReply, GetCounters,
+                CountersReply,
                 Ok, Error,
                 PcpReceived, WanChanged, Heartbeat, Restored)
 }

@@ -145,7 +145,7 @@ class Permissions:
             edges.update(e for e in (r.eport[0], r.eport[1] + 1) if lo < e < 65536)
         bounds = sorted(edges)
         best: int | None = None
-        for a, b in zip(bounds, bounds[1:]):  # segment [a, b): one decision for all its ports
+        for a, b in zip(bounds, bounds[1:], strict=False):  # segment [a, b): one decision for all its ports
             if not self.allowed(a, client, iport, description):
                 continue
             p = min(max(start, a), b - 1)  # the segment's port nearest to start

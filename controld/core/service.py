@@ -34,8 +34,9 @@ import logging
 import os
 import random
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Coroutine, Hashable
 from dataclasses import dataclass
+from typing import Any
 
 from controld.core.lifecycle import LISTED, Ev, State, next_state
 from controld.core.model import CoreError, CreateRequest, ErrorKind, Mapping, Origin
@@ -149,7 +150,7 @@ class Iwf:
             self._server_seen = addr
         return addr
 
-    def _spawn(self, coro) -> asyncio.Task:  # type: ignore[no-untyped-def]
+    def _spawn(self, coro: Coroutine[Any, Any, object]) -> asyncio.Task[object]:
         """A background task kept referenced until it ends (asyncio holds tasks weakly)."""
         task = asyncio.create_task(coro)
         self._bg.add(task)

@@ -51,7 +51,7 @@ class MappingTable:
         self._subscribers: list[Callable[[], None]] = []
         cur = self.db.execute(f"SELECT {', '.join(_COLUMNS)} FROM mappings ORDER BY id")
         for row in cur:
-            m = Mapping(**dict(zip(_COLUMNS, row)))
+            m = Mapping(**dict(zip(_COLUMNS, row, strict=True)))
             m.state = State(m.state)
             m.prefer_failure = bool(m.prefer_failure)
             self._index(m)

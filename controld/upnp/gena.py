@@ -36,7 +36,6 @@ MAX_TOTAL = 64
 NOTIFY_TIMEOUT = 3.0  # per delivery, as miniupnpd (miniupnpd.md §1.4)
 MAX_FAILURES = 3  # consecutive failed deliveries before a subscription is dropped
 COALESCE = 0.05  # seconds: a burst of changes becomes one event
-SERVER = "Linux UPnP/1.1 igdpcp/0.1"
 _CALLBACK = re.compile(r"<([^<>]{1,512})>")
 
 
@@ -171,7 +170,7 @@ class Subscriptions:
 
 def _current_task() -> asyncio.Task[None] | None:
     try:
-        return asyncio.current_task()  # type: ignore[return-value]
+        return asyncio.current_task()
     except RuntimeError:
         return None
 

@@ -22,6 +22,7 @@ from controld.upnp.errors import UPnPError
 from controld.upnp.gena import GenaServer
 from controld.upnp.igd import IgdActions
 from controld.upnp.parse import ascii_uint
+from shared.const import SERVER
 
 log = logging.getLogger("controld.upnp.http")
 
@@ -30,7 +31,6 @@ MAX_BODY = 65536
 READ_DEADLINE = 5.0  # to receive the whole request
 REQUEST_DEADLINE = 28.0  # to answer it; UPnP allows 30 s and actions bound their PCP wait below this
 MAX_CONNECTIONS = 64
-SERVER = "Linux UPnP/1.1 igdpcp/0.1"
 
 _HOST = re.compile(r"^(\d{1,3}(?:\.\d{1,3}){3}|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?$")
 _REASONS = {200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",

@@ -103,7 +103,7 @@ def parse_request(body: bytes, soapaction: str) -> SoapAction:
 
     p.StartDoctypeDeclHandler = refuse
     p.EntityDeclHandler = refuse
-    p.ExternalEntityRefHandler = refuse
+    p.ExternalEntityRefHandler = refuse  # type: ignore[assignment]  # raises, never returns a status
     p.StartElementHandler = start
     p.EndElementHandler = end
     p.CharacterDataHandler = chars
