@@ -158,7 +158,7 @@ class Natd:
         """Keep what an earlier natd left in the kernel until controld syncs (no traffic gap).
 
         The forward that owns a LAN endpoint's SNAT element in the kernel gets the lowest
-        id, so recomputing the SNAT map changes nothing (rfc6970-iwf item 48: one WAN port
+        id, so recomputing the SNAT map changes nothing (docs/requirements.md IWF-48: one WAN port
         per mapping, several mappings may share a LAN endpoint).
         """
         st = self.nft.state
@@ -173,7 +173,7 @@ class Natd:
 
     async def _on_hup(self, hup: asyncio.Event) -> None:
         """SIGHUP (procd reload, the WAN hotplug after fw4's reload): re-read the interfaces
-        and verify every nft object now, forwards kept (openwrt.md §4.5 item 3a)."""
+        and verify every nft object now, forwards kept (OpenWrt's procd reload and hotplug send SIGHUP)."""
         while True:
             await hup.wait()
             hup.clear()
@@ -305,7 +305,7 @@ class Natd:
             port = b.wan_port
         elif req.map is not None:
             # Without NAT1 (no-nat1 mode) the LAN host must be named by THIRD_PARTY;
-            # the only other unbound MAP is the discard-port probe (rfc6970-iwf item 25).
+            # the only other unbound MAP is the discard-port probe (docs/requirements.md IWF-25).
             tp = req.options.third_party
             if tp is not None:
                 if tp.version != 4:

@@ -1,9 +1,8 @@
 """PCP (RFC 6887) wire codec: bytes in, typed messages out, and back.
 
 Pure functions, no sockets and no clocks. Byte layouts follow RFC 6887 §7 (common
-header), §11.1 (MAP), §13 (options) and RFC 7220 (DESCRIPTION); the reference is
-../shared/reference/rfc6887-pcp.md §2-§7. Decoding never trusts its input: anything
-malformed raises :class:`PcpDecodeError` carrying the result code a server would
+header), §11.1 (MAP), §13 (options) and RFC 7220 (DESCRIPTION). Decoding never trusts
+its input: anything malformed raises :class:`PcpDecodeError` carrying the result code a server would
 answer with (RFC 6887 §8.2, §7.3).
 """
 
@@ -45,7 +44,7 @@ class Opcode(IntEnum):
 
 
 class Result(IntEnum):
-    """Result codes, RFC 6887 §7.4 (rfc6887-pcp §6)."""
+    """Result codes, RFC 6887 §7.4 ."""
 
     SUCCESS = 0
     UNSUPP_VERSION = 1
@@ -285,7 +284,7 @@ def _opcode_size(opcode: int) -> int:
 
 
 def decode_request(data: bytes) -> Request:
-    """Parse and check a request as a server does (RFC 6887 §8.2, rfc6887-pcp §9.1)."""
+    """Parse and check a request as a server does (RFC 6887 §8.2)."""
     if len(data) < 2:
         raise PcpDecodeError(Result.MALFORMED_REQUEST, "shorter than 2 octets")
     if data[1] & 0x80:
@@ -315,7 +314,7 @@ def decode_request(data: bytes) -> Request:
 
 
 def decode_response(data: bytes) -> Response:
-    """Parse a response as a client checks it (RFC 6887 §8.3, rfc6887-pcp §8.4).
+    """Parse a response as a client checks it (RFC 6887 §8.3).
 
     UNSUPP_VERSION is reported before length checks so version negotiation works
     even against an 8-octet NAT-PMP reply.

@@ -56,7 +56,7 @@ async def _until(cond, seconds: float = 3.0) -> None:  # type: ignore[no-untyped
 
 def test_recovery_keeps_the_promised_port(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """After a server restart a mapping keeps its port or keeps trying (RFC 6970 §5.10,
-    rfc6970-iwf item 82): a grant of another port is handed back, never stored, so ports
+    docs/requirements.md IWF-82): a grant of another port is handed back, never stored, so ports
     cannot shift from one application to the next."""
     link = Scripted()
     iwf = _iwf(tmp_path, link)
@@ -71,7 +71,7 @@ def test_recovery_keeps_the_promised_port(tmp_path) -> None:  # type: ignore[no-
         await _until(lambda: m.id in iwf.timers.due)
         # It retries within seconds (backing off to 5 min), not at the old grant's renewal times.
         assert iwf.timers.due[m.id][0] - iwf.wall() < 10
-        # After our own WAN address changed the port may move (item 81), asked without PREFER_FAILURE.
+        # After our own WAN address changed the port may move (IWF-81), asked without PREFER_FAILURE.
         iwf._recover_all(SERVER, 0.0, may_move=True)
         await _until(lambda: m.ext_port == 8090)
         assert m.ext_port == 8090 and m.state == State.ACTIVE

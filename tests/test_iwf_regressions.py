@@ -51,7 +51,7 @@ class FailingSync(ScriptedLink):
 
 
 def test_failed_resync_after_natd_restart_is_retried(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """ARCHITECTURE.md recovery: a natd restart re-syncs NAT1 until it succeeds."""
+    """docs/core.md recovery: a natd restart re-syncs NAT1 until it succeeds."""
     link = FailingSync()
     iwf = _iwf(tmp_path, link, mode="nat1-only")
 
@@ -84,7 +84,7 @@ class ShortGrant(ScriptedLink):
 
 
 def test_renewals_are_never_less_than_4s_apart(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """RFC 6887 §11.2.1 (rfc6887-pcp §8.5): a 1 s grant must not cause a renewal every second."""
+    """RFC 6887 §11.2.1 : a 1 s grant must not cause a renewal every second."""
     link = ShortGrant(1)
     iwf = _iwf(tmp_path, link)
 

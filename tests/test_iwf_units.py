@@ -86,14 +86,13 @@ def add(iwf: Iwf, ext: int, lease: int = 0, igd: int = 1, iport: int = 80, desc:
 
 
 def test_add_and_delete_are_byte_exact(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """AddPortMapping -> MAP + PREFER_FAILURE + suggested port + DESCRIPTION (rfc6970-iwf items 21,
-    23, 47, 49); delete -> lifetime 0, same nonce, port 0, ::ffff:0:0, no options (items 63, 67;
-    RFC 6887 erratum 3621); infinite IGD:1 lease -> 0xFFFFFFFF (item 69, §18 item 1)."""
+    """AddPortMapping -> MAP + PREFER_FAILURE + suggested port + DESCRIPTION (docs/requirements.md IWF-21, IWF-23, IWF-47, IWF-49); delete -> lifetime 0, same nonce, port 0, ::ffff:0:0, no options (IWF-63, IWF-67;
+    RFC 6887 erratum 3621); infinite IGD:1 lease -> 0xFFFFFFFF (IWF-69, docs/requirements.md §18 item 1)."""
     async def body(iwf: Iwf, link: ScriptedLink) -> None:
         m = await add(iwf, 8080)
         (req,) = link.maps(8080)
         assert req.lifetime == pcp.MAX_LIFETIME and req.options.prefer_failure
-        assert req.options.third_party is None  # cascaded: no THIRD_PARTY (item 39)
+        assert req.options.third_party is None  # cascaded: no THIRD_PARTY (IWF-39)
         assert req.options.description == "web " and req.map.internal_port == 80
         assert m.nonce == req.map.nonce and m.state == State.ACTIVE and m.ext_ip == "198.20.0.1"
         assert iwf.external_ip(LAN) == "198.20.0.1" and iwf.external_ip("192.168.1.9") == "198.20.0.1"
@@ -105,14 +104,14 @@ def test_add_and_delete_are_byte_exact(tmp_path) -> None:  # type: ignore[no-unt
         assert iwf.table.count() == 0 and link.unbound == [m.id]
         with pytest.raises(UPnPError) as exc:
             await upnp_igd.delete_port_mapping(iwf, LAN, 1, "", 8080, pcp.PROTO_TCP)
-        assert exc.value.code == 714  # nothing local: nothing sent (item 62)
+        assert exc.value.code == 714  # nothing local: nothing sent (IWF-62)
     run(tmp_path, body)
 
 
 def test_leases_refresh_and_what_the_cp_sees(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """IGD:2 lease 0 -> 604800 (item 71); a finite lease is the requested lifetime (item 70);
+    """IGD:2 lease 0 -> 604800 (IWF-71); a finite lease is the requested lifetime (IWF-70);
     the lease shown never exceeds NAT2's grant (120 s here); a re-add by the owner reuses
-    the nonce (item 54)."""
+    the nonce (IWF-54)."""
     async def body(iwf: Iwf, link: ScriptedLink) -> None:
         m2 = await add(iwf, 8081, lease=0, igd=2)
         assert m2.lease == IGD2_MAX_LEASE and link.maps(8081)[-1].lifetime <= IGD2_MAX_LEASE
@@ -136,7 +135,7 @@ def test_refusals_before_anything_is_sent(tmp_path) -> None:  # type: ignore[no-
     async def body(iwf: Iwf, link: ScriptedLink) -> None:
         cases = [
             (upnp_igd.add_port_mapping(iwf, LAN, 1, "", 8080, 6, 80, LAN, False, "", 0), 402),  # item 16
-            (upnp_igd.add_port_mapping(iwf, LAN, 1, "", 0, 6, 80, LAN, True, "", 0), 716),  # item 49, our choice
+            (upnp_igd.add_port_mapping(iwf, LAN, 1, "", 0, 6, 80, LAN, True, "", 0), 716),  # IWF-49, our choice
             (upnp_igd.add_port_mapping(iwf, LAN, 1, "", 5351, 17, 80, LAN, True, "", 0), 718),  # RFC 6887 §11.3
             (upnp_igd.add_port_mapping(iwf, LAN, 1, "", 8080, 6, 80, "192.168.1.9", True, "", 0), 606),  # item 88
             (upnp_igd.delete_port_mapping_range(iwf, LAN, 2, 1, 100, 6, False), 730),  # item 62
@@ -153,7 +152,7 @@ def test_refusals_before_anything_is_sent(tmp_path) -> None:  # type: ignore[no-
 
 
 def test_short_error_retry_is_off_by_default(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """rfc6970-iwf §18 item 4: the 30 s retry is configurable and off by default."""
+    """docs/requirements.md §18 item 4: the 30 s retry is configurable and off by default."""
     async def body(iwf: Iwf, link: ScriptedLink) -> None:
         with pytest.raises(UPnPError) as exc:
             await add(iwf, 22000)
@@ -163,7 +162,7 @@ def test_short_error_retry_is_off_by_default(tmp_path) -> None:  # type: ignore[
 
 
 def test_get_specific_probes_only_when_nothing_local(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """RFC 6970 §5.7 (items 56-60): the whole local table first; else a 60 s PREFER_FAILURE
+    """RFC 6970 §5.7 (IWF-56 to IWF-60): the whole local table first; else a 60 s PREFER_FAILURE
     probe from the discard port, deleted again; the CP gets 714 either way."""
     async def body(iwf: Iwf, link: ScriptedLink) -> None:
         m = await add(iwf, 8080)
@@ -179,15 +178,15 @@ def test_get_specific_probes_only_when_nothing_local(tmp_path) -> None:  # type:
 
 
 def test_no_nat1_sends_third_party_and_filter(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """No NAT in the IGD: THIRD_PARTY = InternalClient (items 22, 33), nothing bound in NAT1;
-    RemoteHost -> FILTER prefix 128, all ports (item 20)."""
+    """No NAT in the IGD: THIRD_PARTY = InternalClient (IWF-22, IWF-33), nothing bound in NAT1;
+    RemoteHost -> FILTER prefix 128, all ports (IWF-20)."""
     async def body(iwf: Iwf, link: ScriptedLink) -> None:
         m = await upnp_igd.add_port_mapping(iwf, LAN, 1, "198.20.0.10", 8080, 6, 80, LAN, True, "", 0)
         (req,) = link.maps(8080)
         assert req.options.third_party == ipaddress.IPv4Address(LAN) and m.nat1_port is None
         assert req.options.filters == (pcp.Filter(128, 0, ipaddress.IPv4Address("198.20.0.10")),)
         assert link.sent[-1][0].mid is None
-        assert await iwf.host_left(LAN) == 1 and iwf.table.count() == 0  # items 79, 80
+        assert await iwf.host_left(LAN) == 1 and iwf.table.count() == 0  # IWF-79, 80
         assert link.maps(0)[-1].options.third_party == ipaddress.IPv4Address(LAN)
     run(tmp_path, body, mode="no-nat1")
 
@@ -206,7 +205,7 @@ def _hook_158(tmp_path, hex_option: str) -> list[list[str]] | None:  # type: ign
 
 
 def test_server_discovery_order_and_option_158(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """RFC 6887 §8.1: configured, else DHCP, else the default router (rfc6970-iwf item 10);
+    """RFC 6887 §8.1: configured, else DHCP, else the default router (docs/requirements.md IWF-10);
     RFC 7291 §4: option 158 lists, multicast/loopback discarded, malformed ignored."""
     assert choose_server("100.64.0.9", [["100.64.0.3"]], SERVER) == ("100.64.0.9", "configured")
     assert choose_server(None, [["100.64.0.3", "100.64.0.4"]], SERVER) == ("100.64.0.3", "dhcp")
@@ -249,9 +248,9 @@ class SlowDeletes(ScriptedLink):
 
 
 def test_range_delete_is_paced_and_answers_in_time(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """DeletePortMappingRange: one MAP delete per mapping (rfc6970-iwf items 26, 66), never more
+    """DeletePortMappingRange: one MAP delete per mapping (docs/requirements.md IWF-26, IWF-66), never more
     than the recovery window at NAT2 at once, and the CP is answered within pcp_timeout even while
-    deletes continue (item 67 MAY)."""
+    deletes continue (IWF-67 MAY)."""
     link = SlowDeletes(delay=0.1)
 
     async def main() -> None:

@@ -1,4 +1,4 @@
-"""natd's ZeroMQ API under attack and its transport guards (issue #5, ARCHITECTURE.md Trust).
+"""natd's ZeroMQ API under attack and its transport guards (issue #5, docs/core.md Trust).
 
 Random and mutated messages at a running natd: each gets a typed error reply, nothing
 reaches the kernel, and natd keeps answering. ipc:// socket files are mode 0660 with

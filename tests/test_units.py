@@ -97,7 +97,7 @@ def test_soap_fault_shape() -> None:
     assert b"<errorCode>718</errorCode>" in f and b"UPnPError" in f
 
 
-# --- error table (RFC 6970 §4.3, rfc6970-iwf §16) ---------------------------------
+# --- error table (RFC 6970 §4.3, docs/requirements.md §16) ---------------------------------
 
 ROWS = [  # (PCP result, IGD:1, IGD:2) exactly as the reference gives them
     (1, 501, 501), (2, 718, 606), (3, 501, 501), (4, 501, 501), (5, 501, 501), (6, 501, 501),

@@ -76,11 +76,11 @@ class IwfConfig:
     mode: str = "auto"
     pcp_server: str | None = None  # None: DHCP option 158 file, else the WAN default router (RFC 6887 §8.1)
     pcp_server_file: str | None = None  # written by the DHCP client hook (packaging/hooks/)
-    pcp_timeout: float = 10.0  # bound on one exchange inside a SOAP action (rfc6970-iwf item 13)
-    service_wait: float = 2.0  # on start, re-assert after RAND(0, this) seconds (ARCHITECTURE.md)
+    pcp_timeout: float = 10.0  # bound on one exchange inside a SOAP action (docs/requirements.md IWF-13)
+    service_wait: float = 2.0  # on start, re-assert after RAND(0, this) seconds (docs/core.md)
     recovery_window: int = 32  # background renewals/re-creations in flight at once (pacing)
-    short_error_retry: float = 0.0  # rfc6970-iwf items 46/51, §18 item 4: seconds to wait, 0 = off
-    cpe_retries: int = 2  # CANNOT_PROVIDE_EXTERNAL retries when the above is on (item 51 default)
+    short_error_retry: float = 0.0  # docs/requirements.md IWF-46, IWF-51, §18 item 4: seconds to wait, 0 = off
+    cpe_retries: int = 2  # CANNOT_PROVIDE_EXTERNAL retries when the above is on (IWF-51 default)
     epoch_poll: float = 30.0  # solicited ANNOUNCE this often while mappings live upstream (RFC 6887 §14.1); 0 = off
 
 
@@ -89,7 +89,7 @@ class _Superseded(Exception):
 
 
 def _description(text: str) -> str:
-    """The DESCRIPTION text sent upstream (rfc6970-iwf item 23), blank-padded to a multiple of 4.
+    """The DESCRIPTION text sent upstream (docs/requirements.md IWF-23), blank-padded to a multiple of 4.
 
     miniupnpd 2.3.1 ignores option padding and answers MALFORMED_OPTION to any option
     whose length is not a multiple of 4 (measured on the test bed); blanks keep the text
@@ -122,14 +122,14 @@ class Iwf:
         self.gateway: str | None = None
         self.natd_boot: str | None = None
         self.server_ext_ip: str | None = None  # NAT2's external address, from any MAP response
-        self.ext_ip_by_cp: dict[str, str] = {}  # rfc6970-iwf item 14: per control point
+        self.ext_ip_by_cp: dict[str, str] = {}  # docs/requirements.md IWF-14: per control point
         self.server_file = ServerFile(cfg.pcp_server_file)
         self._server_seen: str | None = None
         self._waiters: dict[Hashable, asyncio.Future[pcp.Response | None]] = {}
         self._timer: asyncio.TimerHandle | None = None  # the one timer (see _arm)
         self._timer_at: float | None = None  # its loop time
         self._wan_task: asyncio.Task[None] | None = None
-        self._may_move: set[int] = set()  # mappings allowed a new external port (rfc6970-iwf item 81)
+        self._may_move: set[int] = set()  # mappings allowed a new external port (docs/requirements.md IWF-81)
         self.timers = UpstreamTimers()  # renewals, lease ends, redecide, epoch poll: one timer drives all
         self._probe_seq = 0
         self._epoch_seq = 0
@@ -182,7 +182,7 @@ class Iwf:
             log.info("cleaning up unfinished %s (%s)", m.describe(), m.state.value)
             self._spawn(self._finish_leftover(m))
         # Re-assert upstream with the stored nonces after RAND(PCP_SERVICE_WAIT), paced by the
-        # renewal window (ARCHITECTURE.md, recovery; rfc6970-iwf item 32, §18 item 6).
+        # renewal window (docs/core.md, recovery; docs/requirements.md IWF-32, §18 item 6).
         at = self.wall() + self.rng.uniform(0, self.cfg.service_wait)
         for m in self.table.listed():
             self._schedule(m, at)
@@ -197,7 +197,7 @@ class Iwf:
             t.cancel()
 
     async def _finish_leftover(self, m: Mapping) -> None:
-        """Delete upstream with the stored nonce (rfc6970-iwf item 32 notes), then the binding and row."""
+        """Delete upstream with the stored nonce (docs/requirements.md IWF-32 notes), then the binding and row."""
         if m.mode != "nat1-only" and m.nonce:
             await self._delete_upstream(m)
         await self._undo(m)
@@ -220,9 +220,9 @@ class Iwf:
     async def decide_mode(self) -> None:
         """``auto``: cascaded when the WAN address is private/shared and a PCP server answers.
 
-        rfc6970-iwf item 12: with no WAN address, or no way to tell whether to use a PCP
+        docs/requirements.md IWF-12: with no WAN address, or no way to tell whether to use a PCP
         server, the IWF is not invoked (classic IGD). A configured or DHCP-provided server
-        is such a way: the IWF then stays cascaded and answers 501 while it is silent (item 13).
+        is such a way: the IWF then stays cascaded and answers 501 while it is silent (IWF-13).
         """
         ok = await self._probe_external() if needs_probe(self.cfg.mode, self.wan_ip) else None
         told = bool(self.cfg.pcp_server or self.server_file.servers())
@@ -267,7 +267,7 @@ class Iwf:
             self._arm()
 
     async def _probe(self, proto: int, ext_port: int, prefer_failure: bool) -> pcp.Response | None:
-        """One short MAP from the WAN address for the discard port (rfc6970-iwf items 25, 57),
+        """One short MAP from the WAN address for the discard port (docs/requirements.md IWF-25, IWF-57),
         deleted again at once; the probes' internal tuple is shared, so they run one at a time."""
         if self.server is None or self.wan_ip is None:
             return None
@@ -282,7 +282,7 @@ class Iwf:
                 return None
             if resp is not None and resp.result == pcp.Result.SUCCESS and resp.map is not None:
                 self._learn_external(str(resp.map.external_ip))
-                # Leave nothing behind on NAT2 (rfc6970-iwf item 60 notes): delete it, same nonce.
+                # Leave nothing behind on NAT2 (docs/requirements.md IWF-60 notes): delete it, same nonce.
                 dreq = self._map_request(nonce, proto, DISCARD_PORT, 0, 0)
                 try:
                     await self._exchange(("probe-del", self._probe_seq), dreq, None, min(5.0, self.cfg.pcp_timeout))
@@ -291,7 +291,7 @@ class Iwf:
             return resp
 
     async def _probe_external(self) -> bool:
-        """Learn NAT2's external address with a short discard-port MAP (rfc6970-iwf item 25)."""
+        """Learn NAT2's external address with a short discard-port MAP (docs/requirements.md IWF-25)."""
         resp = await self._probe(TCP, 0, False)
         return resp is not None and resp.result != pcp.Result.UNSUPP_VERSION
 
@@ -329,7 +329,7 @@ class Iwf:
                 self._wan_task = asyncio.create_task(self._wan_changed())
 
     async def _wan_changed(self) -> None:
-        """rfc6970-iwf item 81: NAT2 keyed the old mappings on the old address; re-create them
+        """docs/requirements.md IWF-81: NAT2 keyed the old mappings on the old address; re-create them
         from the new one (the old ones expire there) and re-learn the external address."""
         self.server_ext_ip = None
         self.ext_ip_by_cp.clear()
@@ -348,15 +348,16 @@ class Iwf:
         eip = ipaddress.IPv4Address(ext_ip) if ext_ip and lifetime else pcp.any_address(4)
         filters: tuple[pcp.Filter, ...] = ()
         if remote_host and lifetime:
-            # RemoteHost -> FILTER, one host, all its ports (rfc6970-iwf item 20: prefix 96 + 32).
+            # RemoteHost -> FILTER, one host, all its ports (docs/requirements.md IWF-20: prefix 96 + 32).
             filters = (pcp.Filter(128, 0, ipaddress.IPv4Address(remote_host)),)
         opts = pcp.Options(
             third_party=ipaddress.IPv4Address(third_party) if third_party else None,
-            # Never with port 0 (MALFORMED_OPTION, RFC 6887 §13.2) nor on a delete (rfc6970-iwf item 49).
+            # Never with port 0 (MALFORMED_OPTION, RFC 6887 §13.2) nor on a delete (docs/requirements.md IWF-49).
             prefer_failure=prefer_failure and lifetime > 0 and eport > 0,
             filters=filters,
             description=_description(description) if lifetime and description else None)  # RFC 7220, item 23
-        # A delete carries port 0 and the all-zeros address of its family (erratum 3621, §18 item 2).
+        # A delete carries port 0 and the all-zeros address of its family
+        # (RFC 6887 erratum 3621, docs/requirements.md §18 item 2).
         data = pcp.MapData(nonce, proto, iport, eport if lifetime else 0, eip)
         return pcp.Request(pcp.Opcode.MAP, lifetime, ipaddress.IPv4Address(self.wan_ip or "0.0.0.0"), data, opts)
 
@@ -401,7 +402,7 @@ class Iwf:
                 if fut is not None and not fut.done():
                     fut.set_result(ev.response if isinstance(ev, pcpc.Answer) else None)
             elif isinstance(ev, pcpc.EpochLost):
-                # RFC 6887 §8.5, §14.1.3 (rfc6970-iwf items 82, 84): re-create everything there;
+                # RFC 6887 §8.5, §14.1.3 (docs/requirements.md IWF-82, IWF-84): re-create everything there;
                 # after an ANNOUNCE wait a random 0-5 s first.
                 delay = self.rng.uniform(0, pcpc.ANNOUNCE_MAX_DELAY) if ev.announce else 0.0
                 log.warning("PCP server %s lost its state (%s); re-creating every mapping in %.1f s",
@@ -438,7 +439,7 @@ class Iwf:
             self.client.cancel(pf_key)
             fut.set_result(resp)
             return
-        # A Mapping Update (RFC 6887 §14.2, rfc6970-iwf item 83): update the table quietly.
+        # A Mapping Update (RFC 6887 §14.2, docs/requirements.md IWF-83): update the table quietly.
         for m in self.table.listed():
             if (m.nonce, m.proto, m.int_port) != (resp.map.nonce, resp.map.protocol, resp.map.internal_port):
                 continue
@@ -506,8 +507,8 @@ class Iwf:
 
         ``may_move``: after our own WAN address changed, NAT2 still holds the old mappings
         for the old address, so the promised ports may be taken by ourselves: re-create
-        without PREFER_FAILURE and let the table follow (rfc6970-iwf item 81). Otherwise
-        (a server restart, item 82) a mapping keeps its port or keeps trying.
+        without PREFER_FAILURE and let the table follow (docs/requirements.md IWF-81). Otherwise
+        (a server restart, IWF-82) a mapping keeps its port or keeps trying.
         """
         at = self.wall() + delay
         for m in self.table.listed():
@@ -542,7 +543,7 @@ class Iwf:
             if m.state == State.ACTIVE:
                 m.state = next_state(m.state, Ev.RENEW_DUE)
             if self.server is not None and m.pcp_server != self.server:
-                # A different server (DHCP changed it): a nonce of its own (rfc6970-iwf item 7).
+                # A different server (DHCP changed it): a nonce of its own (docs/requirements.md IWF-7).
                 log.info("%s moves to PCP server %s", m.describe(), self.server)
                 m.pcp_server, m.nonce = self.server, os.urandom(12)
             lifetime = self._requested_lifetime(m)
@@ -566,7 +567,7 @@ class Iwf:
         if resp is not None and resp.result == pcp.Result.SUCCESS and resp.map is not None and resp.lifetime \
                 and strict and resp.map.external_port != m.ext_port:
             # The promised port is someone else's now and the server ignored PREFER_FAILURE
-            # (miniupnpd does): give the other port back and keep trying for ours (item 82).
+            # (miniupnpd does): give the other port back and keep trying for ours (IWF-82).
             log.warning("%s: NAT2 offered port %d instead; released, will retry", m.describe(),
                         resp.map.external_port)
             await self._delete_upstream(m)
@@ -577,7 +578,7 @@ class Iwf:
             self._granted(m, resp)
             m.state = next_state(m.state, Ev.UPSTREAM_OK)
             self.table.save(m)
-            # rfc6970-iwf item 75: renewal answers never reach the CP; a moved mapping is evented.
+            # docs/requirements.md IWF-75: renewal answers never reach the CP; a moved mapping is evented.
             log.info("renewed %s for %d s", m.describe(), resp.lifetime)
             if moved:
                 self.table.publish()
@@ -592,13 +593,13 @@ class Iwf:
             due = recovery_due(now, attempt, self.rng)
         else:
             due = pcpc.retry_time(granted, t0, attempt + 1, now, self.rng)
-        # Failed renewal (rfc6970-iwf item 76, our policy): keep the row, retry until the lease ends.
+        # Failed renewal (docs/requirements.md IWF-76, our policy): keep the row, retry until the lease ends.
         log.warning("renewal of %s failed (%s); retrying in %.0f s", m.describe(),
                     "no answer" if resp is None else _result_name(resp.result), due - now)
         self._schedule(m, due, attempt + 1)
 
     def _granted(self, m: Mapping, resp: pcp.Response) -> None:
-        """Store what NAT2 granted (rfc6970-iwf item 30) and schedule the first renewal."""
+        """Store what NAT2 granted (docs/requirements.md IWF-30) and schedule the first renewal."""
         assert resp.map is not None
         now = self.wall()
         life = min(resp.lifetime, pcpc.MAX_SANE_LIFETIME)  # absurd lifetimes count as a day (§15)
@@ -612,7 +613,7 @@ class Iwf:
         self._schedule(m, max(pcpc.renewal_time(life, now, 0, self.rng), now + pcpc.MIN_RENEW_GAP))
 
     def _note_cp_address(self, m: Mapping) -> None:
-        """rfc6970-iwf items 14, 78: the CP's ExternalIPAddress is its last PCP answer's address."""
+        """docs/requirements.md IWF-14, IWF-78: the CP's ExternalIPAddress is its last PCP answer's address."""
         if m.ext_ip is None:
             return
         if m.cp not in self.ext_ip_by_cp and len(self.ext_ip_by_cp) >= MAX_CP_ADDRESSES:
@@ -622,13 +623,13 @@ class Iwf:
             self.table.publish()
 
     def _requested_lifetime(self, m: Mapping) -> int:
-        """rfc6970-iwf items 69-71: infinite -> 0xFFFFFFFF; never past the UPnP lease."""
+        """docs/requirements.md IWF-69 to IWF-71: infinite -> 0xFFFFFFFF; never past the UPnP lease."""
         if m.lease_end is None:
             return pcp.MAX_LIFETIME
         return max(1, int(m.lease_end - self.wall()))
 
     def _third_party(self, m: Mapping) -> str | None:
-        """THIRD_PARTY only without NAT1 (rfc6970-iwf items 33, 39), never our own address (§13.1)."""
+        """THIRD_PARTY only without NAT1 (docs/requirements.md IWF-33, IWF-39), never our own address (§13.1)."""
         return m.int_client if m.mode == "no-nat1" and m.int_client != self.wan_ip else None
 
     # --- operations (every front end) ---------------------------------------------------
@@ -725,7 +726,7 @@ class Iwf:
         self.table.save(m)
 
     async def _refresh(self, m: Mapping, description: str, lease: int) -> Mapping:
-        """The owner re-adds its own mapping: new lease, same nonce (rfc6970-iwf item 54).
+        """The owner re-adds its own mapping: new lease, same nonce (docs/requirements.md IWF-54).
 
         The new lease and description take effect only once NAT2 agreed; a failed refresh
         leaves the mapping as it was.
@@ -755,8 +756,8 @@ class Iwf:
         carries the PCP result that RFC 6970 §4.3 maps).
 
         With ``short_error_retry`` set, a short-lifetime error is retried once after that
-        many seconds, CANNOT_PROVIDE_EXTERNAL up to ``cpe_retries`` times (rfc6970-iwf
-        items 46, 51; off by default per §18 item 4).
+        many seconds, CANNOT_PROVIDE_EXTERNAL up to ``cpe_retries`` times
+        (docs/requirements.md IWF-46, IWF-51; off by default per §18 item 4).
         """
         server = m.pcp_server or self.server
         hold = self._no_new_until.get(server or "")
@@ -819,7 +820,7 @@ class Iwf:
                 assert resp.map is not None
                 if m.prefer_failure and resp.map.external_port != m.ext_port:
                     # NAT2 gave another port although we asked for exactly this one: what
-                    # CANNOT_PROVIDE_EXTERNAL would have said (rfc6970-iwf item 51): undo it there.
+                    # CANNOT_PROVIDE_EXTERNAL would have said (docs/requirements.md IWF-51): undo it there.
                     await self._delete_upstream(m)
                     raise CoreError(ErrorKind.CONFLICT, f"port {m.ext_port} is not available upstream "
                                                         f"(NAT2 offered {resp.map.external_port})")
@@ -835,7 +836,7 @@ class Iwf:
             await self._undo(m)
             raise
         m.state = next_state(m.state, Ev.UPSTREAM_OK)
-        self.table.save(m)  # durable before the CP hears "yes" (rfc6970-iwf items 28-30)
+        self.table.save(m)  # durable before the CP hears "yes" (docs/requirements.md IWF-28 to IWF-30)
         log.info("added %s lease=%s", m.describe(), m.lease or "infinite")
         self.table.publish()
         return m
@@ -864,7 +865,7 @@ class Iwf:
             raise error  # (while recovering NAT2 had lost it anyway: gone everywhere is success)
 
     async def host_left(self, ip: str) -> int:
-        """A LAN host's DHCP lease ended: delete all its mappings (rfc6970-iwf items 79, 80)."""
+        """A LAN host's DHCP lease ended: delete all its mappings (docs/requirements.md IWF-79, IWF-80)."""
         victims = [m for m in self.table.listed() if m.int_client == ip]
         await self._remove_many(victims, f"host {ip} left (DHCP)")
         if victims:
@@ -874,7 +875,7 @@ class Iwf:
     async def _remove_many(self, victims: list[Mapping], why: str) -> None:
         """Remove many mappings with at most ``recovery_window`` PCP deletes in flight (no burst
         at NAT2). Returns after ``pcp_timeout`` at the latest: the rest carries on in the
-        background, as RFC 6970 §5.8 allows (rfc6970-iwf item 67), so an action always answers."""
+        background, as RFC 6970 §5.8 allows (docs/requirements.md IWF-67), so an action always answers."""
         gate = asyncio.Semaphore(max(1, self.cfg.recovery_window))
 
         async def one(m: Mapping) -> None:
@@ -963,7 +964,7 @@ class Iwf:
         """What the control point sees as the remaining lease (0 = infinite, IGD:1).
 
         Never more than NAT2 granted (the mapping lives upstream only that long unless
-        renewed); an infinite lease stays 0: it is kept alive by renewals (rfc6970-iwf item 69).
+        renewed); an infinite lease stays 0: it is kept alive by renewals (docs/requirements.md IWF-69).
         """
         if m.lease_end is None:
             return 0

@@ -10,10 +10,9 @@ server lost state: re-create everything there) and :class:`Unsolicited` (a Mappi
 Update or an ANNOUNCE nobody asked for). No sockets, no sleeping, no clock reads:
 retransmission, epoch and renewal are tested by passing numbers.
 
-References: retransmission RFC 6887 §8.1.1 (rfc6887-pcp §8.3); response checks §8.3
-(rfc6887-pcp §8.4); matching §11.4 (rfc6887-pcp §4.3); epoch §8.5 (rfc6887-pcp §8.6,
-with the 1-second-back resolution given there); renewal timing §11.2.1 (rfc6887-pcp
-§8.5); the IWF's use of all of it RFC 6970 §5.1, rfc6970-iwf items 7, 8, 13, 84.
+References: retransmission RFC 6887 §8.1.1; response checks §8.3; matching §11.4;
+epoch §8.5 (a server time up to 1 s back still counts as valid); renewal timing
+§11.2.1; the IWF's use of all of it RFC 6970 §5.1, docs/requirements.md IWF-7, IWF-8, IWF-13, IWF-84.
 """
 
 from __future__ import annotations
@@ -101,7 +100,7 @@ class PcpClient:
     rng: random.Random = field(default_factory=random.Random)
     exchanges: dict[Hashable, _Exchange] = field(default_factory=dict)
     epochs: dict[str, _Epoch] = field(default_factory=dict)
-    # server -> (until, its UNSUPP_VERSION answer): version negotiation failed (§9, rfc6887-pcp §8.9)
+    # server -> (until, its UNSUPP_VERSION answer): version negotiation failed (§9)
     refused: dict[str, tuple[float, pcp.Response]] = field(default_factory=dict)
 
     def _rand(self) -> float:
@@ -163,7 +162,7 @@ class PcpClient:
             return True
         if server_time + 1 < prev.server_time:
             return False
-        if server_time < prev.server_time:  # back by up to 1 s: valid (rfc6887-pcp §8.6 note)
+        if server_time < prev.server_time:  # back by up to 1 s: valid ( note)
             return True
         client_delta = int(now - prev.client_time)
         server_delta = server_time - prev.server_time
@@ -196,7 +195,7 @@ class PcpClient:
     def receive(self, server: str, data: bytes, now: float, lan_ip: str | None = None) -> list[Event]:
         """Process one packet from ``server``; malformed or unmatched packets yield nothing.
 
-        Order of checks as RFC 6887 §8.3 (rfc6887-pcp §8.4): size, R bit, version
+        Order of checks as RFC 6887 §8.3 : size, R bit, version
         (UNSUPP_VERSION before the length checks), frame, then matching, then epoch.
         """
         try:
@@ -262,11 +261,12 @@ def retry_time(granted: int, t0: float, attempt: int, now: float, rng: random.Ra
 
 # Short-lifetime errors (RFC 6887 §7.4): worth one more try later (RFC 6970 §5.6.1, §5.6.2).
 SHORT_RESULTS = frozenset({pcp.Result.NETWORK_FAILURE, pcp.Result.NO_RESOURCES, pcp.Result.USER_EX_QUOTA})
-SHORT_ERROR_MAX_LIFETIME = 60  # CANNOT_PROVIDE_EXTERNAL is short when its Lifetime is at most this (§18 item 9)
+# CANNOT_PROVIDE_EXTERNAL is short when its Lifetime is at most this (docs/requirements.md §18 item 9).
+SHORT_ERROR_MAX_LIFETIME = 60
 
 
 def is_short_error(resp: pcp.Response) -> bool:
-    """Whether an error answer is a short-lifetime one (rfc6970-iwf items 46, 51; §18 item 9)."""
+    """Whether an error answer is a short-lifetime one (docs/requirements.md IWF-46, IWF-51; §18 item 9)."""
     if resp.result == pcp.Result.CANNOT_PROVIDE_EXTERNAL:
         return resp.lifetime <= SHORT_ERROR_MAX_LIFETIME
     return resp.result in SHORT_RESULTS

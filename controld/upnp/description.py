@@ -14,7 +14,7 @@ from xml.sax.saxutils import escape
 ROOT_PATH = "/rootDesc.xml"
 
 # User agents known to break on IGD:2 descriptions get the IGD:1 view, as miniupnpd does
-# (Windows, Xbox, MS BITS: miniupnpd.md §1.2 and §4.4, miniupnp #277, #539). Lower case.
+# (Windows, Xbox, MS BITS: miniupnp issues #277, #539). Lower case.
 IGD1_ONLY_AGENTS = ("microsoft", "fdssdp")
 
 

@@ -5,7 +5,7 @@ subscription or a :class:`GenaError` (HTTP status) out. :class:`GenaServer` is t
 edge: it answers the HTTP layer and delivers NOTIFY requests with asyncio streams.
 
 Safety: a callback URL must point at the subscriber's own address, or the SUBSCRIBE
-is refused with 412 (CallStranger, CVE-2020-12695; miniupnpd.md §1.4); subscriptions
+is refused with 412 (CallStranger, CVE-2020-12695); subscriptions
 are bounded per host and in total; expired ones are dropped; each subscriber has at
 most one NOTIFY in flight and changes are coalesced, so no queue grows.
 """
@@ -33,7 +33,7 @@ MIN_TIMEOUT = 60
 MAX_TIMEOUT = 86400
 MAX_PER_HOST = 8
 MAX_TOTAL = 64
-NOTIFY_TIMEOUT = 3.0  # per delivery, as miniupnpd (miniupnpd.md §1.4)
+NOTIFY_TIMEOUT = 3.0  # per delivery, as miniupnpd (as miniupnpd does)
 MAX_FAILURES = 3  # consecutive failed deliveries before a subscription is dropped
 COALESCE = 0.05  # seconds: a burst of changes becomes one event
 _CALLBACK = re.compile(r"<([^<>]{1,512})>")

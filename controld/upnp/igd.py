@@ -28,7 +28,7 @@ log = logging.getLogger("controld.upnp.igd")
 
 Out = dict[str, str | int]
 UI4 = 2**32
-LIST_DEFAULT_MAX = 1000  # GetListOfPortMappings with NewNumberOfPorts=0 (miniupnpd.md §1.2)
+LIST_DEFAULT_MAX = 1000  # GetListOfPortMappings with NewNumberOfPorts=0 (as miniupnpd does)
 # Served but not in the SCPD: vendor actions real control points call (miniupnpc's
 # UPNP_GetPortMappingNumberOfEntries); strict clients never see them declared.
 UNDECLARED = {"WANIPConnection": frozenset({"GetPortMappingNumberOfEntries"})}
@@ -65,13 +65,13 @@ def _bool(a: SoapAction, name: str) -> bool:
 
 
 # Arguments some control points leave out, and the value miniupnpd assumes for them
-# (miniupnpd.md §1.2); every other in-argument stays required (402 when missing).
+# (as miniupnpd does); every other in-argument stays required (402 when missing).
 LENIENT_DEFAULTS = {"NewRemoteHost": "", "NewEnabled": "1", "NewLeaseDuration": "0",
                     "NewPortMappingDescription": ""}
 
 
 def _remote_host(a: SoapAction) -> str:
-    """Only a wildcard RemoteHost: PCP FILTER cannot key a mapping on it (rfc6970-iwf §18 item 12)."""
+    """Only a wildcard RemoteHost: PCP FILTER cannot key a mapping on it (docs/requirements.md §18 item 12)."""
     raw = _arg(a, "NewRemoteHost").strip()
     if raw not in ("", "*", "0.0.0.0"):  # 0.0.0.0: how some control points write the wildcard
         raise UPnPError(726, "only a wildcard RemoteHost is supported")
@@ -110,7 +110,7 @@ def port_listing(entries: list[tuple[Mapping, int]]) -> str:
     """The IGD:2 PortListing document (WANIPConnection:2 XSD) for GetListOfPortMappings.
 
     Sent inside CDATA (:class:`controld.upnp.soap.Cdata`) as miniupnpd does, because miniupnpc
-    does not decode entities; values are XML-escaped too, unlike miniupnpd's (miniupnpd.md §1.2).
+    does not decode entities; values are XML-escaped too, unlike miniupnpd's (as miniupnpd does).
     """
     rows = "".join(
         "<p:PortMappingEntry>"
@@ -247,7 +247,7 @@ class IgdActions:
         if service.name == "WANIPConnection":
             out = {"PossibleConnectionTypes": "IP_Routed",
                    "ConnectionStatus": "Connected" if self.iwf.connected() else "Disconnected",
-                   # per control point: rfc6970-iwf item 14
+                   # per control point: docs/requirements.md IWF-14
                    "ExternalIPAddress": self.iwf.external_ip(cp),
                    "PortMappingNumberOfEntries": str(self.iwf.table.count())}
             if service.version >= 2:
@@ -326,7 +326,7 @@ class IgdActions:
         return {"NewPortMappingNumberOfEntries": self.iwf.table.count()}
 
     async def get_list_of_port_mappings(self, a: SoapAction, cp: str) -> Out:
-        """Answered locally (RFC 6970 §5.7, rfc6970-iwf item 55); own mappings unless managing."""
+        """Answered locally (RFC 6970 §5.7, docs/requirements.md IWF-55); own mappings unless managing."""
         start, end, proto = self._range(a)
         manage = _bool(a, "NewManage")
         limit = _uint(a, "NewNumberOfPorts", 65535) or LIST_DEFAULT_MAX
