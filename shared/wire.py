@@ -190,6 +190,10 @@ class PcpAnswer(Message):
     packet: bytes | None = None
     lan_ip: str | None = None
 
+    def check(self) -> None:
+        if self.lan_ip is not None:
+            _ipv4(self.lan_ip)
+
 
 @dataclass(frozen=True)
 class Sync(Message):
