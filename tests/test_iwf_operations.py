@@ -63,18 +63,21 @@ def test_recovery_keeps_the_promised_port(tmp_path) -> None:  # type: ignore[no-
 
     async def body() -> None:
         m = await add(iwf, 8080)
+
+        def row():  # type: ignore[no-untyped-def]  # the row as stored now (rows are immutable)
+            return iwf.table.by_id[m.id]
         link.steal = True
         iwf._recover_all(SERVER, 0.0)
         await _until(lambda: any(r.lifetime == 0 for r in link.maps()))
-        assert m.ext_port == 8080 and m.state == State.RECOVERING
+        assert row().ext_port == 8080 and row().state == State.RECOVERING
         assert [r.map.nonce for r in link.maps() if r.lifetime == 0] == [m.nonce]  # the wrong grant, released
         await _until(lambda: m.id in iwf.timers.due)
         # It retries within seconds (backing off to 5 min), not at the old grant's renewal times.
         assert iwf.timers.due[m.id][0] - iwf.wall() < 10
         # After our own WAN address changed the port may move (IWF-81), asked without PREFER_FAILURE.
         iwf._recover_all(SERVER, 0.0, may_move=True)
-        await _until(lambda: m.ext_port == 8090)
-        assert m.ext_port == 8090 and m.state == State.ACTIVE
+        await _until(lambda: row().ext_port == 8090)
+        assert row().ext_port == 8090 and row().state == State.ACTIVE
         assert not link.maps()[-1].options.prefer_failure
     _drive(iwf, body)
 
@@ -101,7 +104,7 @@ def test_unfinished_rows_keep_their_binding_until_deleted_upstream(tmp_path) -> 
     t = MappingTable(str(tmp_path))
     now = time.time()
     for mid, st in ((1, State.DELETING), (2, State.PENDING)):
-        t.save(Mapping(id=mid, cp=LAN, igd=1, remote_host="", ext_port=8080 + mid, proto=6, int_client=LAN,
+        t.apply(Mapping(id=mid, cp=LAN, igd=1, remote_host="", ext_port=8080 + mid, proto=6, int_client=LAN,
                        int_port=80 + mid, description="x", lease=0, lease_end=None, state=st, created=now,
                        nat1_port=40000 + mid, nonce=bytes(range(mid, mid + 12)), pcp_server=SERVER,
                        ext_ip="198.20.0.1", pcp_lifetime=120, pcp_expiry=now + 120, mode="cascaded"))
@@ -129,7 +132,7 @@ def test_delete_while_recovering_succeeds_when_nat2_no_longer_has_it(tmp_path) -
 
     async def body() -> None:
         m = await add(iwf, 8080)
-        m.state = State.RECOVERING  # NAT2 restarted; not re-created yet
+        m = iwf.table.apply(m, durable=False, state=State.RECOVERING)  # NAT2 restarted; not re-created yet
         link.deletes_fail = True  # miniupnpd answers NO_RESOURCES for a mapping it does not have
         await upnp_igd.delete_port_mapping(iwf, LAN, 1, "", 8080, pcp.PROTO_TCP)
         assert iwf.table.count() == 0 and link.unbound == [m.id]

@@ -165,7 +165,8 @@ def test_failed_refresh_keeps_the_mapping_as_it_was(tmp_path) -> None:  # type: 
         link.silent = True
         with pytest.raises(UPnPError):
             await add(iwf, 8080, lease=60, igd=2, desc="changed")
-        assert (m.lease, m.lease_end, m.description) == before
+        now = iwf.table.by_id[m.id]  # the row as stored after the failed refresh
+        assert (now.lease, now.lease_end, now.description) == before
     _drive(iwf, body)
 
 

@@ -120,11 +120,14 @@ def test_leases_refresh_and_what_the_cp_sees(tmp_path) -> None:  # type: ignore[
         assert 110 <= iwf.lease_remaining(m) <= 120
         assert iwf.lease_remaining(await add(iwf, 8083)) == 0  # IGD:1 infinite: kept by renewals
         again = await add(iwf, 8082, lease=600, desc="new")
-        assert again is m and link.maps(8082)[-1].map.nonce == m.nonce and m.description == "new"
+        # The same mapping (rows are immutable: the same id, as stored now), same nonce upstream.
+        assert again.id == m.id and again == iwf.table.by_id[m.id] and iwf.table.count() == 3
+        assert link.maps(8082)[-1].map.nonce == m.nonce and again.description == "new"
         # The same client re-adding with another internal port overwrites (WANIPConnection, as
         # miniupnpd); only NAT1 changes, the nonce and the upstream mapping stay.
         moved = await upnp_igd.add_port_mapping(iwf, LAN, 1, "", 8082, pcp.PROTO_TCP, 81, LAN, True, "x", 0)
-        assert moved is m and m.int_port == 81 and link.maps(8082)[-1].map.nonce == m.nonce
+        assert moved.id == m.id and moved == iwf.table.by_id[m.id] and moved.int_port == 81
+        assert link.maps(8082)[-1].map.nonce == m.nonce and iwf.table.count() == 3
         with pytest.raises(UPnPError) as exc:
             await upnp_igd.add_port_mapping(iwf, "192.168.1.9", 1, "", 8082, pcp.PROTO_TCP, 81, "192.168.1.9", True, "x", 0)
         assert exc.value.code == 718  # another client on a port we hold: local conflict
@@ -166,7 +169,7 @@ def test_get_specific_probes_only_when_nothing_local(tmp_path) -> None:  # type:
     probe from the discard port, deleted again; the CP gets 714 either way."""
     async def body(iwf: Iwf, link: ScriptedLink) -> None:
         m = await add(iwf, 8080)
-        assert await upnp_igd.get_specific(iwf, "192.168.1.77", "", 8080, pcp.PROTO_TCP) is m
+        assert await upnp_igd.get_specific(iwf, "192.168.1.77", "", 8080, pcp.PROTO_TCP) == iwf.table.by_id[m.id]
         before = len(link.sent)
         with pytest.raises(UPnPError) as exc:
             await upnp_igd.get_specific(iwf, LAN, "", 9100, pcp.PROTO_TCP)

@@ -142,8 +142,8 @@ def test_table_persists_and_keeps_indices(tmp_path) -> None:  # type: ignore[no-
     t = MappingTable(str(tmp_path))
     a, b, c = _m(t, 1001), _m(t, 1002), _m(t, 1003)
     for m in (a, b, c):
-        t.save(m)
-    t.save(_m(t, 1004, State.PENDING))  # not listed until acknowledged
+        t.apply(m)
+    t.apply(_m(t, 1004, State.PENDING))  # not listed until acknowledged
     assert [m.ext_port for m in t.listed()] == [1001, 1002, 1003]
     t.delete(b)
     assert t.at_index(1).ext_port == 1003 and t.at_index(2) is None

@@ -89,12 +89,13 @@ class CoreError(Exception):
         self.detail = detail
 
 
-@dataclass
+@dataclass(frozen=True)
 class Mapping:
     """One port mapping, with both of its bindings (docs/requirements.md IWF-32).
 
     ``cp`` and ``igd`` are the requester and its protocol version (the Origin stored in
-    the row's columns); only :class:`controld.core.store.MappingTable` writes rows to disk.
+    the row's columns). Rows are immutable: a change is a new row made by
+    :meth:`controld.core.store.MappingTable.apply`, the one writer.
     """
 
     id: int

@@ -448,10 +448,8 @@ class Iwf:
                 continue
             if resp.lifetime == 0:
                 continue  # the answer to one of our own deletes arriving late
-            m.ext_ip = str(resp.map.external_ip)
-            m.ext_port = resp.map.external_port
-            m.pcp_expiry = self.wall() + min(resp.lifetime, pcpc.MAX_SANE_LIFETIME)
-            self.table.save(m)
+            m = self.table.apply(m, ext_ip=str(resp.map.external_ip), ext_port=resp.map.external_port,
+                                 pcp_expiry=self.wall() + min(resp.lifetime, pcpc.MAX_SANE_LIFETIME))
             self._note_cp_address(m)
             log.info("mapping update from %s: %s", ev.server, m.describe())
             self.table.publish()
@@ -515,8 +513,7 @@ class Iwf:
             if m.mode != "nat1-only" and (server is None or m.pcp_server in (None, server)):
                 if may_move:
                     self._may_move.add(m.id)
-                m.state = next_state(m.state, Ev.STATE_LOST)
-                self.table.save(m)
+                m = self.table.apply(m, state=next_state(m.state, Ev.STATE_LOST))
                 self._schedule(m, at)
 
     def _mapping_due(self, mid: int, attempt: int) -> None:
@@ -538,14 +535,16 @@ class Iwf:
     async def _renew(self, m: Mapping, attempt: int) -> None:
         """Renew (or re-create) ``m`` upstream: same nonce, assigned values suggested (RFC 6887 §11.2.1)."""
         async with self._slots:  # pacing: at most recovery_window background exchanges at once
-            if self.table.by_id.get(m.id) is not m or m.state not in LISTED:
+            cur = self.table.by_id.get(m.id)  # the row as it is now, after waiting for a slot
+            if cur is None or cur.state not in LISTED:
                 return
+            m = cur
             if m.state == State.ACTIVE:
-                m.state = next_state(m.state, Ev.RENEW_DUE)
+                m = self.table.apply(m, durable=False, state=next_state(m.state, Ev.RENEW_DUE))
             if self.server is not None and m.pcp_server != self.server:
                 # A different server (DHCP changed it): a nonce of its own (docs/requirements.md IWF-7).
                 log.info("%s moves to PCP server %s", m.describe(), self.server)
-                m.pcp_server, m.nonce = self.server, os.urandom(12)
+                m = self.table.apply(m, durable=False, pcp_server=self.server, nonce=os.urandom(12))
             lifetime = self._requested_lifetime(m)
             strict = m.prefer_failure and m.id not in self._may_move
             req = self._map_request(m.nonce or b"\0" * 12, m.proto, m.int_port, m.ext_port, lifetime,
@@ -560,9 +559,10 @@ class Iwf:
                 resp = await self._exchange(("map", m.id), req, m, bound)
             except _Superseded:
                 return  # a refresh or delete took over this mapping's exchange
-        if self.table.by_id.get(m.id) is not m or m.state not in LISTED:
+        cur = self.table.by_id.get(m.id)
+        if cur is None or cur.state not in LISTED:
             return
-        now = self.wall()
+        m, now = cur, self.wall()
         # A SUCCESS with lifetime 0 holds nothing upstream: a failed renewal, retried.
         if resp is not None and resp.result == pcp.Result.SUCCESS and resp.map is not None and resp.lifetime \
                 and strict and resp.map.external_port != m.ext_port:
@@ -575,17 +575,15 @@ class Iwf:
         if resp is not None and resp.result == pcp.Result.SUCCESS and resp.map is not None and resp.lifetime:
             self._may_move.discard(m.id)
             moved = (str(resp.map.external_ip), resp.map.external_port) != (m.ext_ip, m.ext_port)
-            self._granted(m, resp)
-            m.state = next_state(m.state, Ev.UPSTREAM_OK)
-            self.table.save(m)
+            m = self.table.apply(m, **self._grant(resp), state=next_state(m.state, Ev.UPSTREAM_OK))
+            self._granted(m)
             # docs/requirements.md IWF-75: renewal answers never reach the CP; a moved mapping is evented.
             log.info("renewed %s for %d s", m.describe(), resp.lifetime)
             if moved:
                 self.table.publish()
             return
         ev = Ev.TIMEOUT if resp is None else Ev.UPSTREAM_ERROR
-        m.state = next_state(m.state, ev)
-        self.table.save(m)
+        m = self.table.apply(m, state=next_state(m.state, ev))
         granted, t0 = m.pcp_lifetime or 0, (m.pcp_expiry or now) - (m.pcp_lifetime or 0)
         if m.state == State.RECOVERING:
             # Not in place upstream (server restart, port briefly taken): retry soon, backing off
@@ -598,19 +596,21 @@ class Iwf:
                     "no answer" if resp is None else _result_name(resp.result), due - now)
         self._schedule(m, due, attempt + 1)
 
-    def _granted(self, m: Mapping, resp: pcp.Response) -> None:
-        """Store what NAT2 granted (docs/requirements.md IWF-30) and schedule the first renewal."""
+    def _grant(self, resp: pcp.Response) -> dict[str, Any]:
+        """The row's changes for what NAT2 granted (docs/requirements.md IWF-30)."""
         assert resp.map is not None
-        now = self.wall()
         life = min(resp.lifetime, pcpc.MAX_SANE_LIFETIME)  # absurd lifetimes count as a day (§15)
-        m.ext_ip = str(resp.map.external_ip)
-        m.ext_port = resp.map.external_port
-        m.pcp_lifetime = life
-        m.pcp_expiry = now + life
+        return {"ext_ip": str(resp.map.external_ip), "ext_port": resp.map.external_port,
+                "pcp_lifetime": life, "pcp_expiry": self.wall() + life}
+
+    def _granted(self, m: Mapping) -> None:
+        """After a grant is stored: learn the addresses and schedule the first renewal."""
+        assert m.ext_ip is not None and m.pcp_lifetime is not None
+        now = self.wall()
         self._learn_external(m.ext_ip)
         self._note_cp_address(m)
         # RFC 6887 §11.2.1: renewals never less than 4 s apart, however short the grant.
-        self._schedule(m, max(pcpc.renewal_time(life, now, 0, self.rng), now + pcpc.MIN_RENEW_GAP))
+        self._schedule(m, max(pcpc.renewal_time(m.pcp_lifetime, now, 0, self.rng), now + pcpc.MIN_RENEW_GAP))
 
     def _note_cp_address(self, m: Mapping) -> None:
         """docs/requirements.md IWF-14, IWF-78: the CP's ExternalIPAddress is its last PCP answer's address."""
@@ -721,9 +721,8 @@ class Iwf:
                                            exact=True))
         except NatdError as exc:
             raise CoreError(ErrorKind.CONFLICT, f"cannot move {m.describe()} to port {int_port}: {exc}") from None
+        m = self.table.apply(m, int_port=int_port)
         log.info("%s now goes to LAN port %d", m.describe(), int_port)
-        m.int_port = int_port
-        self.table.save(m)
 
     async def _refresh(self, m: Mapping, description: str, lease: int) -> Mapping:
         """The owner re-adds its own mapping: new lease, same nonce (docs/requirements.md IWF-54).
@@ -731,23 +730,24 @@ class Iwf:
         The new lease and description take effect only once NAT2 agreed; a failed refresh
         leaves the mapping as it was.
         """
-        old = (m.description, m.lease, m.lease_end)
-        m.description, m.lease, m.lease_end = description, lease, self.wall() + lease if lease else None
+        wanted = dataclasses.replace(m, description=description, lease=lease,
+                                     lease_end=self.wall() + lease if lease else None)
+        changes: dict[str, Any] = {"description": description, "lease": lease, "lease_end": wanted.lease_end}
         if m.mode != "nat1-only":
             req = self._map_request(m.nonce or b"\0" * 12, m.proto, m.int_port, m.ext_port,
-                                    self._requested_lifetime(m), m.ext_ip, True, self._third_party(m),
+                                    self._requested_lifetime(wanted), m.ext_ip, True, self._third_party(m),
                                     description, m.remote_host)
-            try:
-                resp = await self._upstream(m, req)
-            except BaseException:
-                m.description, m.lease, m.lease_end = old
-                raise
-            self._granted(m, resp)
-            if m.state == State.RECOVERING:
-                m.state = next_state(m.state, Ev.UPSTREAM_OK)
-        elif m.lease_end is not None:
-            self._schedule(m, m.lease_end)
-        self.table.save(m)
+            resp = await self._upstream(m, req)  # on failure the row stays as it was
+            changes.update(self._grant(resp))
+            cur = self.table.by_id.get(m.id, m)
+            if cur.state == State.RECOVERING:
+                changes["state"] = next_state(cur.state, Ev.UPSTREAM_OK)
+            m = self.table.apply(m, **changes)
+            self._granted(m)
+        else:
+            m = self.table.apply(m, **changes)
+            if m.lease_end is not None:
+                self._schedule(m, m.lease_end)
         log.info("refreshed %s lease=%s", m.describe(), m.lease or "infinite")
         return m
 
@@ -793,7 +793,7 @@ class Iwf:
         # which could outlive a crash. With NAT1 that is the write after the bind below (a
         # binding orphaned by a crash before it is removed by the start-up sync); without
         # NAT1 (no-nat1) it is this one.
-        self.table.save(m, durable=m.mode == "no-nat1")
+        m = self.table.apply(m, durable=m.mode == "no-nat1")
         try:
             if m.mode in ("cascaded", "nat1-only"):
                 try:
@@ -802,16 +802,12 @@ class Iwf:
                 except NatdError as exc:
                     raise CoreError(NATD_ERRORS.get(exc.code, ErrorKind.UNAVAILABLE), str(exc)) from None
                 assert isinstance(reply, wire.BindReply)
-                m.nat1_port = reply.wan_port
-                if m.mode == "cascaded":
-                    # On disk before the MAP goes out: after a crash, the clean-up delete for this
-                    # row needs its NAT1 binding to be relayed (natd relays bound MAPs only).
-                    self.table.save(m)
+                # On disk before the MAP goes out (cascaded): after a crash, the clean-up delete for
+                # this row needs its NAT1 binding to be relayed (natd relays bound MAPs only).
+                m = self.table.apply(m, durable=m.mode == "cascaded", nat1_port=reply.wan_port)
+            granted: dict[str, Any] = {}
             if m.mode == "nat1-only":
-                m.ext_ip = self.wan_ip
-                m.ext_port = m.nat1_port or m.ext_port
-                if m.lease_end is not None:
-                    self._schedule(m, m.lease_end)
+                granted = {"ext_ip": self.wan_ip, "ext_port": m.nat1_port or m.ext_port}
             else:
                 req = self._map_request(m.nonce or b"", m.proto, m.int_port, m.ext_port,
                                         self._requested_lifetime(m), None, m.prefer_failure,
@@ -829,14 +825,19 @@ class Iwf:
                     raise CoreError(ErrorKind.UPSTREAM, "NAT2 assigned a PCP port (RFC 6887 §11.3)")
                 if resp.lifetime == 0:
                     raise CoreError(ErrorKind.UPSTREAM, "NAT2 answered SUCCESS with lifetime 0: it holds nothing")
-                self._granted(m, resp)
+                granted = self._grant(resp)
         except BaseException as exc:
-            m.state = next_state(m.state, Ev.TIMEOUT if isinstance(exc, CoreError)
-                                 and exc.kind == ErrorKind.UNAVAILABLE else Ev.UPSTREAM_ERROR)
+            next_state(m.state, Ev.TIMEOUT if isinstance(exc, CoreError)  # (checks the transition)
+                       and exc.kind == ErrorKind.UNAVAILABLE else Ev.UPSTREAM_ERROR)
             await self._undo(m)
             raise
-        m.state = next_state(m.state, Ev.UPSTREAM_OK)
-        self.table.save(m)  # durable before the CP hears "yes" (docs/requirements.md IWF-28 to IWF-30)
+        # Durable before the client hears "yes" (docs/requirements.md IWF-28 to IWF-30).
+        m = self.table.apply(m, **granted, state=next_state(m.state, Ev.UPSTREAM_OK))
+        if m.mode == "nat1-only":
+            if m.lease_end is not None:
+                self._schedule(m, m.lease_end)
+        else:
+            self._granted(m)
         log.info("added %s lease=%s", m.describe(), m.lease or "infinite")
         self.table.publish()
         return m
@@ -908,12 +909,12 @@ class Iwf:
 
     async def _remove(self, m: Mapping, why: str) -> CoreError | None:
         """Delete upstream (same nonce, port 0), unbind NAT1, drop the row; the row goes whatever NAT2 says."""
-        if m.state not in LISTED:
+        cur = self.table.by_id.get(m.id)  # the row as it is now (callers may have waited)
+        if cur is None or cur.state not in LISTED:
             return None  # already on its way out
-        m.state = next_state(m.state, Ev.DELETE)
-        self.table.save(m)
+        m = self.table.apply(cur, state=next_state(cur.state, Ev.DELETE))
         error = await self._delete_upstream(m)
-        m.state = next_state(m.state, Ev.DELETED)
+        next_state(m.state, Ev.DELETED)  # (checks the transition; the row goes now)
         await self._undo(m)
         log.info("removed %s: %s%s", m.describe(), why, f" (upstream: {error})" if error else "")
         self.table.publish()

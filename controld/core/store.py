@@ -11,10 +11,12 @@ subscriber (GENA, SSDP today) that mappings or addresses changed.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import os
 import sqlite3
 from collections.abc import Callable
 from dataclasses import fields
+from typing import Any
 
 from controld.core.lifecycle import LISTED, State
 from controld.core.model import Mapping
@@ -51,10 +53,9 @@ class MappingTable:
         self._subscribers: list[Callable[[], None]] = []
         cur = self.db.execute(f"SELECT {', '.join(_COLUMNS)} FROM mappings ORDER BY id")
         for row in cur:
-            m = Mapping(**dict(zip(_COLUMNS, row, strict=True)))
-            m.state = State(m.state)
-            m.prefer_failure = bool(m.prefer_failure)
-            self._index(m)
+            values = dict(zip(_COLUMNS, row, strict=True))
+            values["state"], values["prefer_failure"] = State(values["state"]), bool(values["prefer_failure"])
+            self._index(Mapping(**values))
         row = self.db.execute("SELECT MAX(id) FROM mappings").fetchone()
         self._next_id = (row[0] or 0) + 1
 
@@ -88,16 +89,19 @@ class MappingTable:
             self._owned.setdefault(m.cp, set()).add(m.id)
             self._owner_of[m.id] = m.cp
 
-    def save(self, m: Mapping, durable: bool = True) -> None:
-        """Insert or update ``m`` durably (unless not ``durable``), then in memory."""
-        if not durable:
-            self._index(m)
-            return
-        values = [getattr(m, c) for c in _COLUMNS]
-        values[_COLUMNS.index("state")] = m.state.value
-        self.db.execute(f"INSERT OR REPLACE INTO mappings ({', '.join(_COLUMNS)}) VALUES "
-                        f"({', '.join('?' * len(_COLUMNS))})", values)
+    def apply(self, row: Mapping, durable: bool = True, **changes: Any) -> Mapping:
+        """The one write. With ``changes``: the current row of ``row``'s id (``row`` when it is
+        new) with those changes; without: ``row`` as given (a new row, or a whole replacement).
+        On disk first (unless not ``durable``: then with the next durable write), then
+        re-indexed. Returns the row as stored; earlier copies are stale from then on."""
+        m = dataclasses.replace(self.by_id.get(row.id, row), **changes) if changes else row
+        if durable:
+            values = [getattr(m, c) for c in _COLUMNS]
+            values[_COLUMNS.index("state")] = m.state.value
+            self.db.execute(f"INSERT OR REPLACE INTO mappings ({', '.join(_COLUMNS)}) VALUES "
+                            f"({', '.join('?' * len(_COLUMNS))})", values)
         self._index(m)
+        return m
 
     def delete(self, m: Mapping) -> None:
         self.db.execute("DELETE FROM mappings WHERE id = ?", (m.id,))
