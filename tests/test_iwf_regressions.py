@@ -8,12 +8,12 @@ import random
 
 import pytest
 
-from controld.upnp.errors import UPnPError
-from controld.core.service import Iwf, IwfConfig
-from controld.upnp import igd as upnp_igd
-from controld.natd_link import NatdError
 from controld.core.policy import Permissions
+from controld.core.service import Iwf, IwfConfig
 from controld.core.store import MappingTable
+from controld.natd_link import NatdError
+from controld.upnp import igd as upnp_igd
+from controld.upnp.errors import UPnPError
 from shared import pcp, wire
 from tests.test_iwf_units import LAN, SERVER, ScriptedLink, add
 

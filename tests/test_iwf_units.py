@@ -17,14 +17,14 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from controld.admin import parse_command
-from controld.upnp.errors import UPnPError
-from controld.core.service import Iwf, IwfConfig, _description
-from controld.upnp import igd as upnp_igd
-from shared.const import IGD2_MAX_LEASE
 from controld.core.lifecycle import State
-from controld.pcp.discovery import choose_server, parse_server_file
+from controld.core.service import Iwf, IwfConfig, _description
 from controld.core.store import MappingTable
+from controld.pcp.discovery import choose_server, parse_server_file
+from controld.upnp import igd as upnp_igd
+from controld.upnp.errors import UPnPError
 from shared import pcp, wire
+from shared.const import IGD2_MAX_LEASE
 from tests.fake_pcp import FakePcp
 
 LAN = "192.168.1.2"
@@ -129,7 +129,8 @@ def test_leases_refresh_and_what_the_cp_sees(tmp_path) -> None:  # type: ignore[
         assert moved.id == m.id and moved == iwf.table.by_id[m.id] and moved.int_port == 81
         assert link.maps(8082)[-1].map.nonce == m.nonce and iwf.table.count() == 3
         with pytest.raises(UPnPError) as exc:
-            await upnp_igd.add_port_mapping(iwf, "192.168.1.9", 1, "", 8082, pcp.PROTO_TCP, 81, "192.168.1.9", True, "x", 0)
+            await upnp_igd.add_port_mapping(iwf, "192.168.1.9", 1, "", 8082, pcp.PROTO_TCP, 81, "192.168.1.9", True,
+                                            "x", 0)
         assert exc.value.code == 718  # another client on a port we hold: local conflict
     run(tmp_path, body)
 

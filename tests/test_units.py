@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-
 import msgpack
 import pytest
 
-from controld.upnp import soap
-from controld.upnp.errors import PCP_TO_UPNP, upnp_error_for_pcp
 from controld.core.lifecycle import TRANSITIONS, Ev, LifecycleError, State, next_state
 from controld.core.model import Mapping
 from controld.core.store import MappingTable
+from controld.upnp import soap
+from controld.upnp.errors import PCP_TO_UPNP, upnp_error_for_pcp
 from natd.bindings import BindingTable, PolicyError
 from shared import pcp, wire
 
@@ -153,3 +152,23 @@ def test_table_persists_and_keeps_indices(tmp_path) -> None:  # type: ignore[no-
     assert t2.find(1003, 6).nonce == b"n" * 12
     assert t2.new_id() > c.id
     assert pcp.MAX_LIFETIME == 2**32 - 1
+
+
+def test_store_apply_is_the_one_writer_and_never_resurrects(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Rows are frozen; apply() writes the current row with the changes, durably, and a row
+    deleted while its writer waited stays deleted (on disk too)."""
+    import dataclasses
+
+    t = MappingTable(str(tmp_path))
+    m = t.apply(_m(t, 2000, State.ACTIVE))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        m.ext_port = 1  # type: ignore[misc]
+    stale = m
+    m2 = t.apply(m, description="new")
+    m3 = t.apply(stale, int_port=81)  # a stale copy's change lands on the current row
+    assert (m3.description, m3.int_port) == ("new", 81) and t.find(2000, 6) == m3 and m2.int_port == 2000
+    t.delete(m3)
+    t.apply(stale, state=State.RECOVERING)
+    assert t.find(2000, 6) is None and t.count() == 0
+    t.close()
+    assert MappingTable(str(tmp_path)).by_id == {}

@@ -9,9 +9,9 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
+from controld.core.policy import Permissions, RuleError, parse_rule
 from controld.upnp import gena, soap, ssdp
 from controld.upnp.description import Device, scpd_xml, wants_igd1
-from controld.core.policy import Permissions, RuleError, parse_rule
 
 SCPD_NS = "{urn:schemas-upnp-org:service-1-0}"
 

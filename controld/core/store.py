@@ -90,11 +90,17 @@ class MappingTable:
             self._owner_of[m.id] = m.cp
 
     def apply(self, row: Mapping, durable: bool = True, **changes: Any) -> Mapping:
-        """The one write. With ``changes``: the current row of ``row``'s id (``row`` when it is
-        new) with those changes; without: ``row`` as given (a new row, or a whole replacement).
+        """The one write. With ``changes``: the current row of ``row``'s id with those changes
+        (nothing is written for a row deleted meanwhile); without: ``row`` as given (a new row).
         On disk first (unless not ``durable``: then with the next durable write), then
         re-indexed. Returns the row as stored; earlier copies are stale from then on."""
-        m = dataclasses.replace(self.by_id.get(row.id, row), **changes) if changes else row
+        if changes:
+            cur = self.by_id.get(row.id)
+            if cur is None:  # deleted while its writer waited: it stays deleted
+                return dataclasses.replace(row, **changes)
+            m = dataclasses.replace(cur, **changes)
+        else:
+            m = row
         if durable:
             values = [getattr(m, c) for c in _COLUMNS]
             values[_COLUMNS.index("state")] = m.state.value
