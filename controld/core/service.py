@@ -959,7 +959,30 @@ class Iwf:
         return self.ext_ip_by_cp.get(cp) or self.server_ext_ip or ""
 
     def connected(self) -> bool:
+        """Whether mappings can work now: a WAN address and, upstream, a known external address."""
         return self.wan_ip is not None and (self.mode == "nat1-only" or self.server_ext_ip is not None)
+
+    def link_up(self) -> bool:
+        """Whether the WAN interface has an address."""
+        return self.wan_ip is not None
+
+    def count(self) -> int:
+        """How many mappings are listed (active, renewing, recovering)."""
+        return self.table.count()
+
+    def snapshot(self) -> tuple[Mapping, ...]:
+        """Every listed mapping, in listing order (rows are immutable: safe to keep)."""
+        return tuple(self.table.listed())
+
+    async def counters(self) -> wire.CountersReply:
+        """The WAN interface's traffic counters (natd reads them); UNAVAILABLE when natd is away."""
+        try:
+            reply = await self.link.call(wire.GetCounters(), timeout=5)
+        except NatdError as exc:
+            raise CoreError(ErrorKind.UNAVAILABLE, f"counters unavailable: {exc}") from None
+        if not isinstance(reply, wire.CountersReply):
+            raise CoreError(ErrorKind.UNAVAILABLE, "counters unavailable")
+        return reply
 
     def lease_remaining(self, m: Mapping) -> int:
         """What the control point sees as the remaining lease (0 = infinite, IGD:1).

@@ -21,7 +21,6 @@ from controld.upnp.description import Device, Service
 from controld.upnp.errors import UPnPError, upnp_error
 from controld.upnp.parse import ascii_uint
 from controld.upnp.soap import Cdata, SoapAction
-from shared import wire
 from shared.const import IGD2_MAX_LEASE, PROTO_NUMBERS
 
 log = logging.getLogger("controld.upnp.igd")
@@ -249,12 +248,12 @@ class IgdActions:
                    "ConnectionStatus": "Connected" if self.iwf.connected() else "Disconnected",
                    # per control point: docs/requirements.md IWF-14
                    "ExternalIPAddress": self.iwf.external_ip(cp),
-                   "PortMappingNumberOfEntries": str(self.iwf.table.count())}
+                   "PortMappingNumberOfEntries": str(self.iwf.count())}
             if service.version >= 2:
                 out["SystemUpdateID"] = str(self.system_update_id)
             return out
         if service.name == "WANCommonInterfaceConfig":
-            return {"PhysicalLinkStatus": "Up" if self.iwf.wan_ip else "Down"}
+            return {"PhysicalLinkStatus": "Up" if self.iwf.link_up() else "Down"}
         return {"DefaultConnectionService": self._default_service()}
 
     # --- WANIPConnection -------------------------------------------------------------------
@@ -323,7 +322,7 @@ class IgdActions:
         return _entry(self.iwf, m, with_key=True)
 
     async def get_port_mapping_number_of_entries(self, a: SoapAction, cp: str) -> Out:
-        return {"NewPortMappingNumberOfEntries": self.iwf.table.count()}
+        return {"NewPortMappingNumberOfEntries": self.iwf.count()}
 
     async def get_list_of_port_mappings(self, a: SoapAction, cp: str) -> Out:
         """Answered locally (RFC 6970 §5.7, docs/requirements.md IWF-55); own mappings unless managing."""
@@ -342,16 +341,14 @@ class IgdActions:
     async def get_common_link_properties(self, a: SoapAction, cp: str) -> Out:
         return {"NewWANAccessType": "Ethernet", "NewLayer1UpstreamMaxBitRate": 0,
                 "NewLayer1DownstreamMaxBitRate": 0,
-                "NewPhysicalLinkStatus": "Up" if self.iwf.wan_ip else "Down"}
+                "NewPhysicalLinkStatus": "Up" if self.iwf.link_up() else "Down"}
 
     async def counter(self, a: SoapAction, cp: str) -> Out:
         """Real WAN counters from natd, wrapped to ui4 as the state variables are."""
         try:
-            reply = await self.iwf.link.call(wire.GetCounters(), timeout=5)
-        except Exception as exc:  # natd away: the action fails, the daemon does not
-            raise UPnPError(501, f"counters unavailable: {exc}") from None
-        if not isinstance(reply, wire.CountersReply):
-            raise UPnPError(501, "counters unavailable")
+            reply = await self.iwf.counters()
+        except CoreError as exc:  # natd away: the action fails, the daemon does not
+            raise upnp_error(exc, a.version, a.name) from None
         value = {"GetTotalBytesSent": reply.bytes_sent, "GetTotalBytesReceived": reply.bytes_received,
                  "GetTotalPacketsSent": reply.packets_sent,
                  "GetTotalPacketsReceived": reply.packets_received}[a.name]
