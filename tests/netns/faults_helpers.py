@@ -11,6 +11,7 @@ imports below are the only lines to change.
 
 from __future__ import annotations
 
+import html
 import ipaddress
 import json
 import os
@@ -46,7 +47,7 @@ PROBE_COUNTERS = "igdpcp_faults_probe"  # our own table in the provider namespac
 # ------------------------------------------------------------------ workloads in a namespace
 def agent(bed: tb.Testbed, ns: str, q: dict[str, Any], timeout: float = 60.0) -> dict[str, Any]:
     """Run one nsagent workload in namespace ``ns`` and return its JSON result."""
-    res = subprocess.run(["ip", "netns", "exec", bed.ns(ns), sys.executable, AGENT, json.dumps(q)],
+    res = subprocess.run(["ip", "netns", "exec", bed.ns(ns), sys.executable, AGENT], input=json.dumps(q) + "\n",
                          capture_output=True, text=True, timeout=timeout, check=False)
     lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
     if res.returncode != 0 or not lines:
@@ -58,8 +59,12 @@ class Background:
     """An nsagent workload running while the test does something else."""
 
     def __init__(self, bed: tb.Testbed, ns: str, q: dict[str, Any]) -> None:
-        self.proc = bed.popen(ns, [sys.executable, AGENT, json.dumps(q)], stdout=subprocess.PIPE,
+        self.proc = bed.popen(ns, [sys.executable, AGENT], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(q) + "\n")
+        self.proc.stdin.close()
+        self.proc.stdin = None  # communicate() must not touch it again
 
     def first_line(self, timeout: float = 30.0) -> dict[str, Any]:
         """The workload's first JSON line (e.g. slowloris' "ready"), bounded."""
@@ -71,7 +76,7 @@ class Background:
         return json.loads(self.proc.stdout.readline())
 
     def result(self, timeout: float = 60.0) -> dict[str, Any]:
-        out, err = self.proc.communicate(timeout=timeout)
+        out, err = self.proc.communicate(timeout=timeout)  # reads while waiting: results can exceed a pipe
         lines = [ln for ln in out.splitlines() if ln.startswith("{")]
         if not lines:
             raise AssertionError(f"workload gave no result: {err[-1500:]}")
@@ -166,8 +171,60 @@ class ControlPoint:
                         _value(body, "NewInternalClient") or "", int(_value(body, "NewInternalPort") or 0)))
         return out
 
+    def list_all(self) -> list[tuple[str, int, str, int]]:
+        """The whole listing in two requests (IGD:2 GetListOfPortMappings, TCP then UDP);
+        the controld must run with ``--igd-version 2``. Same tuples as :meth:`listing`."""
+        out = []
+        for proto in ("TCP", "UDP"):
+            status, body = self.soap("GetListOfPortMappings", {
+                "NewStartPort": "1", "NewEndPort": "65535", "NewProtocol": proto, "NewManage": "0",
+                "NewNumberOfPorts": "0"}, service=WANIP2)
+            if status != 200:
+                assert _code(body) == 730, body[:500]  # nothing in that range
+                continue
+            text = html.unescape(body.decode())
+            for e in re.finditer(r"<p:PortMappingEntry>(.*?)</p:PortMappingEntry>", text, re.S):
+                f = dict(re.findall(r"<p:(\w+)>([^<]*)</p:\1>", e[1]))
+                out.append((f["NewProtocol"].lower(), int(f["NewExternalPort"]), f["NewInternalClient"],
+                            int(f["NewInternalPort"])))
+        return out
+
     def close(self) -> None:
         self.client.close()
+
+
+def add_request(ext: int, internal: int, client: str = LAN, proto: str = "TCP") -> bytes:
+    """The raw HTTP request of one AddPortMapping (for workloads sent from a namespace)."""
+    headers = {"SOAPACTION": f'"{WANIP1}#AddPortMapping"', "Content-Type": 'text/xml; charset="utf-8"'}
+    return http_request("POST", "/ctl/WANIPCn", HOST, headers, soap_envelope("AddPortMapping", {
+        "NewRemoteHost": "", "NewExternalPort": str(ext), "NewProtocol": proto, "NewInternalPort": str(internal),
+        "NewInternalClient": client, "NewEnabled": "1", "NewPortMappingDescription": "faults",
+        "NewLeaseDuration": "0"}))
+
+
+def adds(bed: tb.Testbed, ports: list[int], offset: int = 1000, ns: str = "lan", interval: float = 0.0) -> Background:
+    """AddPortMapping for each external port (internal port + ``offset``), one after another,
+    from the LAN host, while the test does something else. ``.result()["results"][i][0]``
+    is the i-th answer's HTTP status (200: acknowledged; 0: no answer). ``interval``: at most
+    one add started per that many seconds."""
+    return Background(bed, ns, {"op": "requests", "host": tb.ROUTER_LAN_IP, "port": HTTP_PORT,
+                                "data": [add_request(p, p + offset).hex() for p in ports], "timeout": 15, "interval": interval,
+                                "limit": 600})
+
+
+def acknowledged(ports: list[int], res: dict[str, Any]) -> list[int]:
+    """The ports whose AddPortMapping was answered 200."""
+    return [p for p, (status, _, _) in zip(ports, res["results"]) if status == 200]
+
+
+def flow(bed: tb.Testbed, lan_port: int, ext_port: int, duration: float) -> tuple[Background, Background]:
+    """One TCP flow from the Internet host through NAT2 and NAT1 to the LAN host: a chunk
+    every 10 ms for ``duration`` s. Returns (sink, source); ``.result()`` each when done."""
+    sink = Background(bed, "lan", {"op": "sink", "port": lan_port, "duration": duration + 3})
+    sink.first_line(10)
+    src = Background(bed, "inet", {"op": "source", "host": tb.NAT2_PUBLIC_IP, "port": ext_port,
+                                   "duration": duration, "interval": 0.01, "chunk": 100})
+    return sink, src
 
 
 # ------------------------------------------------------------------ NAT1, NAT2, table
@@ -192,11 +249,13 @@ def table_rows(st: Stack) -> list[dict[str, Any]] | None:
         return None
 
 
-def agreement(st: Stack, cp: ControlPoint) -> tuple[list[tuple[str, int, str, int]], list[str]]:
+def agreement(st: Stack, cp: ControlPoint, wan: str = WAN,
+              fast: bool = False) -> tuple[list[tuple[str, int, str, int]], list[str]]:
     """(the listing, every disagreement between it, NAT1 and NAT2): a mapping listed for
     (proto, port) -> (host, port) must have NAT2 forward that port to (WAN, p) and NAT1
-    forward (proto, p) to (host, port); neither NAT may forward anything unlisted."""
-    listed = cp.listing()
+    forward (proto, p) to (host, port); neither NAT may forward anything unlisted. ``fast``
+    lists with IGD:2 GetListOfPortMappings (controld started with ``--igd-version 2``)."""
+    listed = cp.list_all() if fast else cp.listing()
     nat1, nat2 = st.nat1_forwards(), nat2_map(st.bed)
     problems = []
     if len(set((p, e) for p, e, _, _ in listed)) != len(listed):
@@ -207,13 +266,13 @@ def agreement(st: Stack, cp: ControlPoint) -> tuple[list[tuple[str, int, str, in
         if up is None:
             problems.append(f"{proto}/{ext} listed, not in NAT2")
             continue
-        if up[0] != WAN:
+        if up[0] != wan:
             problems.append(f"{proto}/{ext}: NAT2 forwards to {up}")
             continue
         used1.add((proto, up[1]))
         if nat1.get((proto, up[1])) != (ip, port):
             problems.append(f"{proto}/{ext}: NAT2 -> {up}, NAT1 has {nat1.get((proto, up[1]))}, listed {ip}:{port}")
-    extra2 = {k: v for k, v in nat2.items() if v[0] == WAN and (k[0], k[1]) not in {(p, e) for p, e, _, _ in listed}}
+    extra2 = {k: v for k, v in nat2.items() if v[0] == wan and (k[0], k[1]) not in {(p, e) for p, e, _, _ in listed}}
     if extra2:
         problems.append(f"in NAT2, not listed: {sorted(extra2)}")
     extra1 = {k: v for k, v in nat1.items() if k not in used1}
@@ -233,11 +292,12 @@ def wait_for(cond: Callable[[], Any], timeout: float, step: float = 0.2) -> Any:
     return cond()
 
 
-def wait_agree(st: Stack, cp: ControlPoint, timeout: float) -> tuple[list[tuple[str, int, str, int]], list[str]]:
+def wait_agree(st: Stack, cp: ControlPoint, timeout: float, wan: str = WAN,
+               fast: bool = False) -> tuple[list[tuple[str, int, str, int]], list[str]]:
     """The listing and remaining disagreements, once they agree or ``timeout`` s passed."""
     deadline = time.monotonic() + timeout
     while True:
-        listed, problems = agreement(st, cp)
+        listed, problems = agreement(st, cp, wan, fast)
         if not problems or time.monotonic() > deadline:
             return listed, problems
         time.sleep(0.5)

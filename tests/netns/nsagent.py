@@ -1,6 +1,6 @@
 """Workloads run inside one bed namespace for the fault, flood and fuzz tests (stdlib only).
 
-Run as ``python nsagent.py JSON`` in a namespace; prints one JSON line with the result. Every
+Run as ``python nsagent.py`` in a namespace with the workload as JSON on stdin; prints one JSON line with the result. Every
 workload is bounded in count and time (the JSON names both), so a daemon that hangs makes a
 workload end with its error recorded, never a test that waits forever.
 
@@ -14,6 +14,7 @@ Workloads (``op``):
 - ``udp_flood``: ``payloads`` (hex) in turn to ``host:port`` at ``rate`` per second for
   ``duration`` s (or ``count`` datagrams), from ``bind``; counts answers.
 - ``spray``: one datagram from a fresh source port to each port, ``per`` times (flows).
+- ``sink``/``source``: one long TCP flow, its bytes and largest gap between arrivals.
 - ``raw_udp``: datagrams with a forged source address and port (raw socket, IP_HDRINCL).
 - ``requests``: raw TCP requests (hex) in turn, one connection each; per request the answer's
   status line (or the error) and seconds taken; used by the fuzz targets.
@@ -113,8 +114,10 @@ async def burst(q: dict[str, Any]) -> dict[str, Any]:
 async def requests(q: dict[str, Any]) -> dict[str, Any]:
     out = []
     for hexdata in q["data"]:
+        t0 = time.monotonic()
         status, took, head = await _one_request(q["host"], q["port"], bytes.fromhex(hexdata), q.get("timeout", 5.0))
         out.append([status, round(took, 4), head.hex()])
+        await asyncio.sleep(max(0.0, q.get("interval", 0.0) - (time.monotonic() - t0)))
     return {"results": out}
 
 
@@ -159,6 +162,59 @@ def spray(q: dict[str, Any]) -> dict[str, Any]:
     return {"sent": sent}
 
 
+def sink(q: dict[str, Any]) -> dict[str, Any]:
+    """Accept one TCP connection on ``port`` and read it for ``duration`` s: bytes, largest
+    gap between arrivals, how it ended."""
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("0.0.0.0", q["port"]))
+    srv.listen(1)
+    print(json.dumps({"ready": True}), flush=True)
+    srv.settimeout(q["duration"])
+    out: dict[str, Any] = {"bytes": 0, "gap": 0.0, "end": "timeout"}
+    try:
+        conn, _ = srv.accept()
+    except OSError:
+        return {**out, "end": "no connection"}
+    end = time.monotonic() + q["duration"]
+    last = time.monotonic()
+    while (left := end - time.monotonic()) > 0:
+        if not select.select([conn], [], [], left)[0]:
+            break
+        try:
+            data = conn.recv(65536)
+        except OSError as e:
+            out["end"] = type(e).__name__
+            break
+        now = time.monotonic()
+        if not data:
+            out["end"] = "eof"
+            break
+        if out["bytes"]:
+            out["gap"] = max(out["gap"], round(now - last, 4))
+        out["bytes"] += len(data)
+        last = now
+    return out
+
+
+def source(q: dict[str, Any]) -> dict[str, Any]:
+    """Connect to ``host:port`` and send ``chunk`` bytes every ``interval`` s for ``duration`` s."""
+    sent = 0
+    err = ""
+    try:
+        s = socket.create_connection((q["host"], q["port"]), timeout=3)
+        end = time.monotonic() + q["duration"]
+        while time.monotonic() < end:
+            s.sendall(b"f" * q["chunk"])
+            sent += q["chunk"]
+            time.sleep(q["interval"])
+        s.shutdown(socket.SHUT_WR)
+        s.close()
+    except OSError as e:
+        err = f"{type(e).__name__}: {e}"
+    return {"sent": sent, "error": err}
+
+
 def _checksum(data: bytes) -> int:
     if len(data) % 2:
         data += b"\0"
@@ -191,7 +247,7 @@ def raw_udp(q: dict[str, Any]) -> dict[str, Any]:
 
 
 def main() -> None:
-    q = json.loads(sys.argv[1])
+    q = json.loads(sys.stdin.readline())
     op = q["op"]
     if op in ("probe", "slowloris", "burst", "requests"):
         out = asyncio.run(asyncio.wait_for(globals()[op](q), q.get("limit", 120)))
