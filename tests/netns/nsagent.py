@@ -247,6 +247,10 @@ def raw_udp(q: dict[str, Any]) -> dict[str, Any]:
 
 
 def main() -> None:
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(max(soft, 4096), hard), hard))  # slowloris holds 1,000
     q = json.loads(sys.stdin.readline())
     op = q["op"]
     if op in ("probe", "slowloris", "burst", "requests"):

@@ -45,11 +45,12 @@ def test_1_unknown_xml_encodings_do_not_end_upnp(igd, control_point) -> None:  #
 
 @pytest.mark.xfail(strict=True, reason="issue 14 item 2: one host's slow connections starve the others")
 def test_2_one_slow_host_does_not_starve_another(igd) -> None:  # type: ignore[no-untyped-def]
-    """A LAN host holds 200 connections sending one header byte a second (the bed's scale
-    for the issue's 1,000); another LAN host's every request is served within 1 s."""
+    """A LAN host holds 80 connections sending one header byte a second (the issue saw 64 end
+    service; tests/netns/test_floods.py holds 1,000); another LAN host's every request is
+    served within 1 s."""
     st = igd()
     slow = h.Background(st.bed, "lan", {"op": "slowloris", "host": h.tb.ROUTER_LAN_IP, "port": h.HTTP_PORT,
-                                        "n": 200, "drip": 1.0, "duration": 8.0, "limit": 30})
+                                        "n": 80, "drip": 1.0, "duration": 8.0, "limit": 30})
     try:
         assert slow.first_line()["ready"] >= 64
         res = h.probe(st.bed, "ctl", duration=4.0, interval=0.2, timeout=3.0).result()["results"]
