@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shared import pcp
-from shared.const import PCP_CLIENT_PORT as CLIENT_PORT
 from shared import testbed as tb  # the bed (moves to tests/bed/ with shared/stack.py)
+from shared.const import PCP_CLIENT_PORT as CLIENT_PORT
 from shared.stack import HTTP_PORT, Stack
 from tests.stack_fixtures import NsClient, http_request, soap_envelope
 
@@ -202,19 +202,27 @@ def add_request(ext: int, internal: int, client: str = LAN, proto: str = "TCP") 
         "NewLeaseDuration": "0"}))
 
 
+def encoded_soap(action: str, encoding: str) -> bytes:
+    """A raw SOAP request whose XML declaration names ``encoding`` (issue 14 item 1)."""
+    body = soap_envelope(action).replace(b'version="1.0"', f'version="1.0" encoding="{encoding}"'.encode("latin-1"))
+    headers = {"SOAPACTION": f'"{WANIP1}#{action}"', "Content-Type": "text/xml"}
+    return http_request("POST", "/ctl/WANIPCn", HOST, headers, body)
+
+
 def adds(bed: tb.Testbed, ports: list[int], offset: int = 1000, ns: str = "lan", interval: float = 0.0) -> Background:
     """AddPortMapping for each external port (internal port + ``offset``), one after another,
     from the LAN host, while the test does something else. ``.result()["results"][i][0]``
     is the i-th answer's HTTP status (200: acknowledged; 0: no answer). ``interval``: at most
     one add started per that many seconds."""
     return Background(bed, ns, {"op": "requests", "host": tb.ROUTER_LAN_IP, "port": HTTP_PORT,
-                                "data": [add_request(p, p + offset).hex() for p in ports], "timeout": 15, "interval": interval,
+                                "data": [add_request(p, p + offset).hex() for p in ports], "timeout": 15,
+                                "interval": interval,
                                 "limit": 600})
 
 
 def acknowledged(ports: list[int], res: dict[str, Any]) -> list[int]:
     """The ports whose AddPortMapping was answered 200."""
-    return [p for p, (status, _, _) in zip(ports, res["results"]) if status == 200]
+    return [p for p, (status, _, _) in zip(ports, res["results"], strict=True) if status == 200]
 
 
 def flow(bed: tb.Testbed, lan_port: int, ext_port: int, duration: float) -> tuple[Background, Background]:

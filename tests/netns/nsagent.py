@@ -1,8 +1,9 @@
 """Workloads run inside one bed namespace for the fault, flood and fuzz tests (stdlib only).
 
-Run as ``python nsagent.py`` in a namespace with the workload as JSON on stdin; prints one JSON line with the result. Every
-workload is bounded in count and time (the JSON names both), so a daemon that hangs makes a
-workload end with its error recorded, never a test that waits forever.
+Run as ``python nsagent.py`` in a namespace with the workload as JSON on stdin; prints one
+JSON line with the result. Every workload is bounded in count and time (the JSON names both),
+so a daemon that hangs makes a workload end with its error recorded, never a test that waits
+forever.
 
 Workloads (``op``):
 - ``probe``: one HTTP request every ``interval`` s for ``duration`` s, each on a new
@@ -15,6 +16,7 @@ Workloads (``op``):
   ``duration`` s (or ``count`` datagrams), from ``bind``; counts answers.
 - ``spray``: one datagram from a fresh source port to each port, ``per`` times (flows).
 - ``sink``/``source``: one long TCP flow, its bytes and largest gap between arrivals.
+- ``fuzz_tcp``/``fuzz_udp``: fuzz cases, each judged by its answer (TCP) or counted (UDP).
 - ``raw_udp``: datagrams with a forged source address and port (raw socket, IP_HDRINCL).
 - ``requests``: raw TCP requests (hex) in turn, one connection each; per request the answer's
   status line (or the error) and seconds taken; used by the fuzz targets.
@@ -57,7 +59,7 @@ async def _one_request(host: str, port: int, data: bytes, timeout: float,
 
 async def probe(q: dict[str, Any]) -> dict[str, Any]:
     data = bytes.fromhex(q["data"])
-    out = []
+    out: list[list[float]] = []
     end = time.monotonic() + q["duration"]
     while time.monotonic() < end and len(out) < 10000:
         t0 = time.monotonic()
@@ -119,6 +121,58 @@ async def requests(q: dict[str, Any]) -> dict[str, Any]:
         out.append([status, round(took, 4), head.hex()])
         await asyncio.sleep(max(0.0, q.get("interval", 0.0) - (time.monotonic() - t0)))
     return {"results": out}
+
+
+async def fuzz_tcp(q: dict[str, Any]) -> dict[str, Any]:
+    """Each case on its own connection, ``concurrency`` at a time, the write side closed after
+    the case (so a server never waits for more): per case [status (0: closed without an
+    answer, -1: no answer within ``timeout``), seconds]."""
+    sem = asyncio.Semaphore(q["concurrency"])
+
+    async def one(data: bytes) -> list[float]:
+        async with sem:
+            t0 = time.monotonic()
+            writer = None
+            try:
+                async with asyncio.timeout(q["timeout"]):
+                    reader, writer = await asyncio.open_connection(q["host"], q["port"])
+                    writer.write(data)
+                    writer.write_eof()
+                    await writer.drain()
+                    got = await reader.read(65536)
+                m = _STATUS.match(got)
+                return [int(m[1]) if m else 0, round(time.monotonic() - t0, 4)]
+            except TimeoutError:
+                return [-1, round(time.monotonic() - t0, 4)]
+            except OSError:
+                return [0, round(time.monotonic() - t0, 4)]
+            finally:
+                if writer is not None:
+                    writer.close()
+
+    res = await asyncio.gather(*(one(bytes.fromhex(c)) for c in q["data"]))
+    return {"results": res}
+
+
+def fuzz_udp(q: dict[str, Any]) -> dict[str, Any]:
+    """Each case once to ``host:port`` (``interval`` s apart), answers counted until ``linger`` after."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("0.0.0.0", 0))
+    s.setblocking(False)
+    answers = 0
+    for c in q["data"]:
+        try:
+            s.sendto(bytes.fromhex(c), (q["host"], q["port"]))
+        except OSError:
+            pass
+        while select.select([s], [], [], q.get("interval", 0.0))[0]:
+            s.recv(4096)
+            answers += 1
+    deadline = time.monotonic() + q.get("linger", 0.2)
+    while (left := deadline - time.monotonic()) > 0 and select.select([s], [], [], left)[0]:
+        s.recv(4096)
+        answers += 1
+    return {"sent": len(q["data"]), "answers": answers}
 
 
 def udp_flood(q: dict[str, Any]) -> dict[str, Any]:
@@ -253,7 +307,7 @@ def main() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(max(soft, 4096), hard), hard))  # slowloris holds 1,000
     q = json.loads(sys.stdin.readline())
     op = q["op"]
-    if op in ("probe", "slowloris", "burst", "requests"):
+    if op in ("probe", "slowloris", "burst", "requests", "fuzz_tcp"):
         out = asyncio.run(asyncio.wait_for(globals()[op](q), q.get("limit", 120)))
     else:
         out = globals()[op](q)

@@ -131,13 +131,13 @@ def test_full_disk_fails_adds_cleanly_and_recovers_without_restart(igd, control_
     cp = control_point(st.bed)
     assert cp.add(8100, 9100) == (200, None)
     pid = st.procs["controld"].pid
-    st.tmpfs.fill()  # type: ignore[attr-defined]
+    st.tmpfs.fill()
     for port in range(8200, 8210):
         status, code = cp.add(port, port + 1000)
         assert status == 500 and code is not None, (port, status, code)
     listed, problems = h.agreement(st, cp, fast=True)
     assert not problems and [e for _, e, _, _ in listed] == [8100], (listed, problems)
-    st.tmpfs.free()  # type: ignore[attr-defined]
+    st.tmpfs.free()
     assert cp.add(8200, 9200) == (200, None)
     assert st.procs["controld"].pid == pid and st.procs["controld"].poll() is None
     assert not h.agreement(st, cp, fast=True)[1]

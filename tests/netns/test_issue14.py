@@ -19,7 +19,7 @@ from tests.netns import faults_helpers as h
 pytestmark = pytest.mark.netns
 
 
-def _cp_stack(igd, control_point, n: int = 0, **kw):  # type: ignore[no-untyped-def]
+def _cp_stack(igd, control_point, n: int = 0, **kw):
     st = igd(**kw)
     cp = control_point(st.bed)
     for i in range(n):
@@ -28,15 +28,13 @@ def _cp_stack(igd, control_point, n: int = 0, **kw):  # type: ignore[no-untyped-
 
 
 @pytest.mark.xfail(strict=True, reason="issue 14 item 1: an unknown XML encoding leaks a connection slot")
-def test_1_unknown_xml_encodings_do_not_end_upnp(igd, control_point) -> None:  # type: ignore[no-untyped-def]
+def test_1_unknown_xml_encodings_do_not_end_upnp(igd, control_point) -> None:
     """70 requests whose XML declaration names an encoding Python cannot look up: each is
     refused, and the 71st, normal one is still served (the slots are freed)."""
     st, cp = _cp_stack(igd, control_point)
     for i, enc in enumerate(("x-unknown", "rot13", "no-such-codec") * 24):
-        body = h.soap_envelope("GetExternalIPAddress").replace(b'version="1.0"', f'version="1.0" encoding="{enc}"'.encode())
-        headers = {"SOAPACTION": f'"{h.WANIP1}#GetExternalIPAddress"', "Content-Type": "text/xml"}
-        resp = cp.client.tcp(h.tb.ROUTER_LAN_IP, h.HTTP_PORT, h.http_request("POST", "/ctl/WANIPCn", h.HOST,
-                                                                          headers, body), timeout=5)[0]
+        resp = cp.client.tcp(h.tb.ROUTER_LAN_IP, h.HTTP_PORT, h.encoded_soap("GetExternalIPAddress", enc),
+                             timeout=5)[0]
         assert h.status_of(resp) in (400, 500), (i, enc, resp[:200])
     status, body = cp.soap("GetExternalIPAddress")
     assert status == 200, body
@@ -44,7 +42,7 @@ def test_1_unknown_xml_encodings_do_not_end_upnp(igd, control_point) -> None:  #
 
 
 @pytest.mark.xfail(strict=True, reason="issue 14 item 2: one host's slow connections starve the others")
-def test_2_one_slow_host_does_not_starve_another(igd) -> None:  # type: ignore[no-untyped-def]
+def test_2_one_slow_host_does_not_starve_another(igd) -> None:
     """A LAN host holds 80 connections sending one header byte a second (the issue saw 64 end
     service; tests/netns/test_floods.py holds 1,000); another LAN host's every request is
     served within 1 s."""
@@ -61,17 +59,17 @@ def test_2_one_slow_host_does_not_starve_another(igd) -> None:  # type: ignore[n
 
 
 @pytest.mark.xfail(strict=True, reason="issue 14 item 3: disk full leaves NAT1 forwards without a row")
-def test_3_disk_full_leaves_nothing_half_made(igd, control_point) -> None:  # type: ignore[no-untyped-def]
+def test_3_disk_full_leaves_nothing_half_made(igd, control_point) -> None:
     """controld's state dir is full: adds fail with an error, nothing they half-made stays in
     NAT1, NAT2 or the table; once space returns the same ports can be added (no restart)."""
     st = igd(state_kib=1024)
     cp = control_point(st.bed)
     assert cp.add(8100, 9100) == (200, None)
-    st.tmpfs.fill(leave_kib=8)  # type: ignore[attr-defined]  # room for a first save, not a second
+    st.tmpfs.fill(leave_kib=8)  # room for a first save, not a second
     results = {port: cp.add(port, port + 1000) for port in range(8200, 8240)}
     failed = [p for p, (s, _) in results.items() if s != 200]
     assert failed, "the disk never got full"
-    st.tmpfs.free()  # type: ignore[attr-defined]
+    st.tmpfs.free()
     listed, problems = h.wait_agree(st, cp, 10)
     assert not problems, problems
     for port in failed:
@@ -82,7 +80,7 @@ def test_3_disk_full_leaves_nothing_half_made(igd, control_point) -> None:  # ty
 
 
 @pytest.mark.xfail(strict=True, reason="issue 14 item 4: a delete while NAT2 is unreachable is never retried")
-def test_4_delete_while_nat2_unreachable_is_retried(igd, control_point) -> None:  # type: ignore[no-untyped-def]
+def test_4_delete_while_nat2_unreachable_is_retried(igd, control_point) -> None:
     """NAT2 is away during DeletePortMapping; once it is back (with its leases) the mapping is
     deleted there too, without the control point asking again."""
     st, cp = _cp_stack(igd, control_point, n=2, controld_args=["--pcp-timeout", "3"])
@@ -95,9 +93,10 @@ def test_4_delete_while_nat2_unreachable_is_retried(igd, control_point) -> None:
 
 
 @pytest.mark.xfail(strict=True, reason="issue 14 item 5: an unmatched MAP response's epoch is processed")
-def test_5_forged_response_with_wrong_nonce_causes_no_recovery(igd, control_point) -> None:  # type: ignore[no-untyped-def]
-    """A MAP response for a real NAT1 binding with an unknown nonce and a lost-state Epoch, from the PCP server's address to natd's
-    PCP socket, is dropped before any epoch processing (RFC 6887 §8.4, §8.5): no MAP reaches NAT2."""
+def test_5_forged_response_with_wrong_nonce_causes_no_recovery(igd, control_point) -> None:
+    """A MAP response for a real NAT1 binding with an unknown nonce and a lost-state Epoch, from
+    the PCP server's address to natd's PCP socket, is dropped before any epoch processing
+    (RFC 6887 §8.4, §8.5): no MAP reaches NAT2."""
     st, cp = _cp_stack(igd, control_point, n=5)
     h.count_pcp_at_nat2(st.bed)
     port = h.natd_wan_port(st)
@@ -111,7 +110,7 @@ def test_5_forged_response_with_wrong_nonce_causes_no_recovery(igd, control_poin
 
 
 @pytest.mark.xfail(strict=True, reason="issue 14 item 6: one forged UNSUPP_VERSION turns PCP off")
-def test_6_forged_unsupp_version_does_not_turn_pcp_off(igd, control_point) -> None:  # type: ignore[no-untyped-def]
+def test_6_forged_unsupp_version_does_not_turn_pcp_off(igd, control_point) -> None:
     """UNSUPP_VERSION answers (they carry no nonce) forged while an AddPortMapping is in
     flight may spoil that one add, not PCP: once the forger stops, the next add succeeds."""
     st, cp = _cp_stack(igd, control_point, n=1)
@@ -126,7 +125,7 @@ def test_6_forged_unsupp_version_does_not_turn_pcp_off(igd, control_point) -> No
 
 
 @pytest.mark.xfail(strict=True, reason="issue 14 item 7: a LAN host can pose as the PCP server")
-def test_7_announce_from_a_lan_host_is_ignored(igd, control_point) -> None:  # type: ignore[no-untyped-def]
+def test_7_announce_from_a_lan_host_is_ignored(igd, control_point) -> None:
     """An ANNOUNCE forged by a LAN host with the PCP server's address and port, sent to the
     router's client port 5350 on either address, starts no recovery (it did not arrive on the WAN)."""
     st, _ = _cp_stack(igd, control_point, n=5)
@@ -139,7 +138,7 @@ def test_7_announce_from_a_lan_host_is_ignored(igd, control_point) -> None:  # t
 
 
 @pytest.mark.xfail(strict=True, reason="issue 14 item 8: a Mapping Update can move a port onto another mapping")
-def test_8_mapping_update_onto_another_mappings_port(igd, control_point) -> None:  # type: ignore[no-untyped-def]
+def test_8_mapping_update_onto_another_mappings_port(igd, control_point) -> None:
     """An on-path Mapping Update (right nonce, read here from the table) moving mapping A's
     external port onto mapping B's: no port is listed twice and deleting B removes B."""
     st, cp = _cp_stack(igd, control_point, n=2)
@@ -155,7 +154,7 @@ def test_8_mapping_update_onto_another_mappings_port(igd, control_point) -> None
 
 
 @pytest.mark.xfail(strict=True, reason="issue 14 item 9: natd's loop stalls on conntrack walks while deleting")
-def test_9_natd_answers_promptly_while_deleting_with_conntrack_entries(igd, control_point) -> None:  # type: ignore[no-untyped-def]
+def test_9_natd_answers_promptly_while_deleting_with_conntrack_entries(igd, control_point) -> None:
     """20 UDP mappings with 100 conntrack entries each are deleted while a second API client
     says Hello to natd every 10 ms: natd's p99 stays under 50 ms (the issue measured
     210-246 ms, max 1 s, with 2,000 entries)."""
@@ -172,7 +171,8 @@ def test_9_natd_answers_promptly_while_deleting_with_conntrack_entries(igd, cont
     lat: list[float] = []
     try:
         dels = h.Background(st.bed, "lan", {"op": "requests", "host": h.tb.ROUTER_LAN_IP, "port": h.HTTP_PORT,
-                                            "data": [_delete_req(8100 + i, "UDP").hex() for i in range(20)], "timeout": 10})
+                                            "data": [_delete_req(8100 + i, "UDP").hex() for i in range(20)],
+                                            "timeout": 10})
         end = time.monotonic() + 30
         while dels.proc.poll() is None and time.monotonic() < end:
             t0 = time.monotonic()
@@ -192,7 +192,7 @@ def _delete_req(port: int, proto: str = "TCP") -> bytes:
 
 
 @pytest.mark.xfail(strict=True, reason="issue 14 item 10: a bare LF in a request target forges a log line")
-def test_10a_bare_lf_in_request_target_forges_no_log_line(igd, control_point) -> None:  # type: ignore[no-untyped-def]
+def test_10a_bare_lf_in_request_target_forges_no_log_line(igd, control_point) -> None:
     st, cp = _cp_stack(igd, control_point)
     before = h.log_size(st, "controld")
     marker = "FORGED-BY-LAN:deleted-every-mapping"
@@ -205,14 +205,14 @@ def test_10a_bare_lf_in_request_target_forges_no_log_line(igd, control_point) ->
 
 
 @pytest.mark.xfail(strict=True, reason="issue 14 item 10: SSDP binds 0.0.0.0:1900, not the LAN address")
-def test_10b_ssdp_listens_on_the_lan_only(igd) -> None:  # type: ignore[no-untyped-def]
+def test_10b_ssdp_listens_on_the_lan_only(igd) -> None:
     st = igd()
     socks = h.udp_listeners(st.bed, st.controld_ns, 1900)
     assert socks and not any(a.startswith(("0.0.0.0:", "*:")) for a in socks), socks
 
 
 @pytest.mark.xfail(strict=True, reason="issue 14 item 10: natd logs every forged PCP packet, unlimited")
-def test_10c_forged_pcp_packets_do_not_flood_natds_log(igd, control_point) -> None:  # type: ignore[no-untyped-def]
+def test_10c_forged_pcp_packets_do_not_flood_natds_log(igd, control_point) -> None:
     """500 malformed and forged packets from the server's address at natd's PCP sockets leave
     at most a few dozen log lines."""
     st, _ = _cp_stack(igd, control_point, n=1)
@@ -227,7 +227,7 @@ def test_10c_forged_pcp_packets_do_not_flood_natds_log(igd, control_point) -> No
     assert st.procs["natd"].poll() is None
 
 
-def test_10d_announce_flood_is_coalesced(igd, control_point) -> None:  # type: ignore[no-untyped-def]
+def test_10d_announce_flood_is_coalesced(igd, control_point) -> None:
     """20 genuine-looking ANNOUNCEs in 2 s (allowed by RFC 6887 §14.1.3) make at least one and at
     most two recoveries of the 5 mappings (one, and at most one restart of it)."""
     st, _ = _cp_stack(igd, control_point, n=5)
