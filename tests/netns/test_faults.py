@@ -24,19 +24,19 @@ FAST = ["--pcp-service-wait", "0.5", "--pcp-timeout", "3", "--igd-version", "2",
 
 @pytest.mark.parametrize("victim", ["controld", "natd"])
 def test_kill9_during_adds_loses_no_acknowledged_mapping(igd, control_point, victim: str) -> None:
-    """Three kill -9s of ``victim`` while a control point adds 150 mappings one after another:
+    """Five kill -9s of ``victim`` while a control point adds 300 mappings one after another:
     every add answered 200 is listed, reachable and in both NATs; nothing else is."""
     st = igd(controld_args=FAST)
     cp = control_point(st.bed)
-    ports = list(range(10000, 10150))
+    ports = list(range(10000, 10300))
     work = h.adds(st.bed, ports, interval=0.03)
-    for _ in range(3):
+    for _ in range(5):
         time.sleep(0.7)
         st.kill(victim)
         (st.start_controld if victim == "controld" else st.start_natd)()
     res = work.result(120)
     acked = h.acknowledged(ports, res)
-    assert len(acked) >= 50, f"only {len(acked)} of {len(ports)} acknowledged"
+    assert len(acked) >= 100, f"only {len(acked)} of {len(ports)} acknowledged"
     listed, problems = h.wait_agree(st, cp, 15, fast=True)
     assert not problems, problems
     assert set(acked) <= {e for _, e, _, _ in listed}

@@ -155,10 +155,10 @@ HTTP = st.one_of(_http(["/rootDesc.xml", "/ctl/WANIPCn", "/ctl/WANCommonIFC1", "
                        ["GET", "POST", "HEAD", "PUT", "M-POST"], _HTTP_NAMES),
                  _mutated(_HTTP_VALID), st.binary(min_size=1, max_size=400))
 
-_GENA_VALID = [_request("SUBSCRIBE", "/evt/IPConn", [("Host", h.HOST), ("CALLBACK", f"<http://{h.LAN}:9/>"),
+_GENA_VALID = [_request("SUBSCRIBE", "/evt/WANIPCn", [("Host", h.HOST), ("CALLBACK", f"<http://{h.LAN}:9/>"),
                                                      ("NT", "upnp:event"), ("TIMEOUT", "Second-1800")], b"",
                         "HTTP/1.1"),
-               _request("UNSUBSCRIBE", "/evt/IPConn", [("Host", h.HOST), ("SID", "uuid:0")], b"", "HTTP/1.1")]
+               _request("UNSUBSCRIBE", "/evt/WANIPCn", [("Host", h.HOST), ("SID", "uuid:0")], b"", "HTTP/1.1")]
 GENA = st.one_of(_http(["/evt/IPConn", "/evt/WANIPCn", "/evt/CmnIfCfg", "/evt/L3F"], ["SUBSCRIBE", "UNSUBSCRIBE"],
                        _GENA_NAMES), _mutated(_GENA_VALID))
 

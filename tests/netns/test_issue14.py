@@ -155,9 +155,10 @@ def test_8_mapping_update_onto_another_mappings_port(igd, control_point) -> None
 
 @pytest.mark.xfail(strict=True, reason="issue 14 item 9: natd's loop stalls on conntrack walks while deleting")
 def test_9_natd_answers_promptly_while_deleting_with_conntrack_entries(igd, control_point) -> None:
-    """20 UDP mappings with 100 conntrack entries each are deleted while a second API client
-    says Hello to natd every 10 ms: natd's p99 stays under 50 ms (the issue measured
-    210-246 ms, max 1 s, with 2,000 entries)."""
+    """20 UDP mappings with ~1,000 conntrack entries each are deleted while a second API client
+    says Hello to natd every 10 ms: natd's p99 stays under 50 ms, as it would with no kernel
+    walk on natd's loop (the issue measured 210-246 ms with 2,000 entries; main's batched
+    dump hides that at 2,000, and 20,000 shows 0.66-0.96 s on the bed)."""
     from natd.client import NatdClient  # natd's public API client
     from shared import wire
 
@@ -165,8 +166,8 @@ def test_9_natd_answers_promptly_while_deleting_with_conntrack_entries(igd, cont
     for i in range(20):
         assert cp.add(8100 + i, 9100 + i, "UDP") == (200, None)
     wan_ports = [p for (proto, p) in st.nat1_forwards() if proto == "udp"]
-    h.agent(st.bed, "isp", {"op": "spray", "host": h.WAN, "ports": wan_ports, "per": 100}, timeout=60)
-    assert int(st.bed.run("cpe", ["conntrack", "-C"]).stdout.strip() or 0) >= 2000
+    h.agent(st.bed, "isp", {"op": "spray", "host": h.WAN, "ports": wan_ports, "per": 1000}, timeout=60)
+    assert int(st.bed.run("cpe", ["conntrack", "-C"]).stdout.strip() or 0) >= 15000
     c = NatdClient(st.rpc, timeout=5)
     lat: list[float] = []
     try:
@@ -237,3 +238,36 @@ def test_10d_announce_flood_is_coalesced(igd, control_point) -> None:
             [h.announce(epoch + 1000 * (i + 1)) for i in range(20)], count=20, interval=0.1)
     time.sleep(8)
     assert 5 <= h.pcp_seen(st.bed, "maps") <= 2 * 5, (h.pcp_seen(st.bed, "maps"), st.log("controld")[-3000:])
+
+
+# ------------------------------------------------------------------ held: keep them held
+CALLBACK_FORMS = [  # every form names a target other than the subscriber (192.168.1.2) itself
+    f"<http://{h.tb.INET_HOST_IP}/>", f"<http://{h.OTHER_LAN}:4000/>", f"<http://{h.tb.ROUTER_LAN_IP}:5000/>",
+    "<http://127.0.0.1:5000/>", "<http://0.0.0.0/>", "<http://192.168.1.255/>", "<http://attacker.example/>",
+    f"<http://{h.LAN}.nip.io/>", f"<http://{h.LAN}@{h.tb.INET_HOST_IP}/>", "<http://3323461642/>",
+    "<http://0xc6.0x14.0x0.0xa/>", "<http://0306.024.0.012/>", f"<http://[::ffff:{h.tb.INET_HOST_IP}]/>",
+    f"<https://{h.tb.INET_HOST_IP}/>", "<file:///etc/passwd>", f"<gopher://{h.tb.INET_HOST_IP}:25/>",
+    f"<http://{h.LAN}:4000/><http://{h.tb.INET_HOST_IP}/>",
+]
+
+
+def test_held_callstranger_every_callback_form_is_refused(igd) -> None:
+    """Held in issue 14: 17 CALLBACK forms aimed anywhere but the subscriber are refused
+    (412, or 400 for those that are not a callback at all); a list whose first URL is the
+    subscriber may be accepted, but no NOTIFY ever reaches the Internet host."""
+    st = igd()
+    inet = st.bed.tcp_listen("inet", 80, timeout=30)
+    c = h.NsClient(st.bed, "lan")
+    try:
+        for cb in CALLBACK_FORMS:
+            req = h.http_request("SUBSCRIBE", "/evt/WANIPCn", h.HOST, {"NT": "upnp:event", "CALLBACK": cb,
+                                                                       "TIMEOUT": "Second-300"})
+            resp = c.tcp(h.tb.ROUTER_LAN_IP, h.HTTP_PORT, req)[0]
+            if cb.startswith(f"<http://{h.LAN}:"):
+                assert h.status_of(resp) in (200, 400, 412), (cb, resp[:200])
+            else:
+                assert h.status_of(resp) in (400, 412) and b"SID:" not in resp.upper(), (cb, resp[:200])
+        time.sleep(2)  # the initial NOTIFY of an accepted subscription goes out at once
+    finally:
+        c.close()
+    assert inet.received(timeout=0.5) == b"" and inet.peer(timeout=0.5) is None
