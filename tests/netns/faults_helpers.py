@@ -25,13 +25,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from shared import pcp
+from natd.client import NatdClient  # natd's public ZeroMQ API client
+from shared import pcp, wire
 from shared import testbed as tb  # the bed (moves to tests/bed/ with shared/stack.py)
 from shared.const import PCP_CLIENT_PORT as CLIENT_PORT
 from shared.stack import HTTP_PORT, Stack
 from tests.stack_fixtures import NsClient, http_request, soap_envelope
 
-__all__ = ["CLIENT_PORT", "HTTP_PORT", "NsClient", "Stack", "http_request", "soap_envelope", "tb"]
+__all__ = ["CLIENT_PORT", "HTTP_PORT", "NatdClient", "NsClient", "Stack", "http_request", "soap_envelope", "tb"]
 
 AGENT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "nsagent.py")
 WANIP1 = "urn:schemas-upnp-org:service:WANIPConnection:1"
@@ -314,6 +315,18 @@ def wait_agree(st: Stack, cp: ControlPoint, timeout: float, wan: str = WAN,
 def reaches(bed: tb.Testbed, lan_port: int, ext_port: int) -> bool:
     """Bytes from the Internet host through NAT2 and NAT1 to a listener on the LAN host."""
     return bed.internet_reaches(lan_port, ext_port, b"issue 14: through both NATs")
+
+
+def natd_client(st: Stack) -> NatdClient:
+    """A second client of natd's RPC socket (controld keeps its own); close it when done."""
+    return NatdClient(st.rpc, timeout=5)
+
+
+def natd_hello(c: NatdClient) -> float:
+    """Seconds natd took to answer one Hello (raises if it did not within 5 s)."""
+    t0 = time.monotonic()
+    assert isinstance(c.call(wire.Hello(), timeout=5), wire.HelloReply)
+    return time.monotonic() - t0
 
 
 def daemon_pid(st: Stack, name: str) -> int:
