@@ -27,10 +27,10 @@ from typing import Any
 
 from natd.client import NatdClient  # natd's public ZeroMQ API client
 from shared import pcp, wire
-from shared import testbed as tb  # the bed (moves to tests/bed/ with shared/stack.py)
 from shared.const import PCP_CLIENT_PORT as CLIENT_PORT
-from shared.stack import HTTP_PORT, Stack
-from tests.stack_fixtures import NsClient, http_request, soap_envelope
+from tests.bed import testbed as tb
+from tests.bed.fixtures import NsClient, http_request, soap_envelope
+from tests.bed.stack import HTTP_PORT, Stack
 
 __all__ = ["CLIENT_PORT", "HTTP_PORT", "NatdClient", "NsClient", "Stack", "http_request", "soap_envelope", "tb"]
 
