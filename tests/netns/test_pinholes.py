@@ -280,3 +280,16 @@ def test_fw4_without_the_include_files_natd_inserts_its_jump(natd_only, tmp_path
     assert tcp_in(st.bed, 8800) is False
     c.call(pin(1, 8800))
     assert tcp_in(st.bed, 8800)
+
+
+def test_pinholes_close_when_their_lan_prefix_goes_away(own) -> None:
+    st, c = own
+    bed = st.bed
+    c.call(pin(1, 8900))
+    assert tcp_in(bed, 8900)
+    bed.run("cpe", ["ip", "-6", "addr", "del", f"{tb.ROUTER_LAN_IP6}/64", "dev", tb.ROUTER_LAN_IF])
+    assert wait_until(lambda: pinholes(bed, "ip6", "igdpcp") == set(), 3.0) is not None, st.log("natd")[-1500:]
+    assert "closed pinhole pid=1" in st.log("natd")
+    with pytest.raises(NatdCallError) as err:
+        c.call(pin(2, 8901))
+    assert err.value.code == "not-lan"
