@@ -712,14 +712,6 @@ class PinholeNft:
             return added, removed
         raise AssertionError("unreachable")
 
-    def teardown(self) -> None:
-        """Remove our rules and sets' elements (explicit uninstall / off)."""
-        pl = self.place
-        if pl.mode == "own":
-            self.nft.run(f"delete table {pl.where}")
-        else:
-            self.nft.run(f"flush chain {pl.where} {pl.chain}")
-
 
 def pinhole_fw4_includes() -> dict[str, str]:
     """fw4 include files for the pinholes: sets and chain (table-post), the jump (chain-post/forward).
