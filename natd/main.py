@@ -581,9 +581,30 @@ class Natd:
             return
         try:
             self.pin_nft.setup()
-            self.pin_nft.apply({})  # a new natd starts with none: controld re-syncs on the new boot id
         except FwNotReady as exc:
             log.warning("pinholes: %s; they are applied once fw4 is loaded", exc)
+            return
+        self._adopt_pinholes()
+
+    def _adopt_pinholes(self) -> None:
+        """Keep the pinholes an earlier natd left (a crash) with their remaining timeout, under
+        negative ids, until controld's PinholeSync or PinholeAdd claims them (no gap in between)."""
+        assert self.pin_nft is not None
+        now, gone = time.monotonic(), []
+        for i, key in enumerate(sorted(self.pin_nft.have, key=str)):
+            left = self.pin_nft.expires.get(key, 0)
+            try:
+                self.pins.check_lan(key[0])
+            except PolicyError as exc:
+                gone.append(key)
+                log.warning("not adopting pinhole %s: %s", describe(key), exc)
+                continue
+            lease = max(1, left - self.pins.limits.grace)
+            self.pins.put((wire.Pinhole(-1 - i, key[1], key[0], key[2], lease, key[3]), key, now + left))
+        if gone:
+            self._pin_write(dict.fromkeys(gone))
+        if self.pins.by_pid:
+            log.info("adopted %d pinholes left by an earlier natd", len(self.pins.by_pid))
 
     def _pin(self) -> PinholeNft:
         if self.pin_nft is None:
@@ -597,8 +618,17 @@ class Natd:
     def _pinhole_add(self, msg: wire.PinholeAdd) -> wire.Message:
         self._pin()
         p, now = msg.pinhole, time.monotonic()
+        owner = self.pins.by_key.get(self.pins.key(p))
+        adopted = self.pins.by_pid.get(owner) if owner is not None and owner < 0 else None
+        if adopted is not None:  # controld claims a pinhole natd adopted at start
+            self.pins.remove(adopted[0].pid)
         old = self.pins.by_pid.get(p.pid)
-        key, timeout = self.pins.add(p, now)
+        try:
+            key, timeout = self.pins.add(p, now)
+        except PolicyError:
+            if adopted is not None:
+                self.pins.put(adopted)
+            raise
         delta: dict[PinKey, int | None] = {key: timeout}
         if old is not None and old[1] != key:
             delta = {old[1]: None, **delta}
@@ -606,10 +636,12 @@ class Natd:
             self._pin_write(delta)
         except NftError:
             self.pins.remove(p.pid)
-            if old is not None:
-                self.pins.put(old)
+            for entry in (old, adopted):
+                if entry is not None:
+                    self.pins.put(entry)
             raise
-        log.info("pinhole %s pid=%d %s lease %d s", "renew" if old else "open", p.pid, describe(key), p.lease)
+        log.info("pinhole %s pid=%d %s lease %d s", "renew" if old or adopted else "open", p.pid, describe(key),
+                 p.lease)
         return wire.PinholeReply(p.pid, timeout)
 
     def _pinhole_delete(self, msg: wire.PinholeDelete) -> wire.Message:

@@ -607,6 +607,7 @@ class PinholeNft:
     def __init__(self, nft: Nft, place: PinholePlace, wan_if: str | None) -> None:
         self.nft, self.place, self.wan_if = nft, place, wan_if
         self.have: set[PinKey] = set()
+        self.expires: dict[PinKey, int] = {}  # seconds left of each element, as of the last snapshot
 
     def setup(self) -> None:
         """Declare sets and chain, (re)write our rules; one transaction; existing elements kept."""
@@ -642,6 +643,7 @@ class PinholeNft:
         jumped = pl.jump() is None
         wan_ok = False  # the WAN device set is part of the structure (a fw4 reload empties it)
         elems: dict[PinKey, int] = {}
+        self.expires = {}
         have_sets: set[str] = set()
         for item in items:
             r = item.get("rule")
@@ -670,6 +672,7 @@ class PinholeNft:
                 else:
                     key = (val[1], _proto(val[2]), int(val[3]), val[0])
                 elems[key] = int(inner.get("counter", {}).get("packets", 0))
+                self.expires[key] = int(inner.get("expires", inner.get("timeout", 0)))
         ok = jumped and wan_ok and len(have_sets) == 3 and tags == [t for t, _ in pl.rules()]
         return ok, elems
 

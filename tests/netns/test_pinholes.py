@@ -293,3 +293,19 @@ def test_pinholes_close_when_their_lan_prefix_goes_away(own) -> None:
     with pytest.raises(NatdCallError) as err:
         c.call(pin(2, 8901))
     assert err.value.code == "not-lan"
+
+
+def test_a_crashed_natds_pinholes_are_adopted_until_controld_claims_them(own) -> None:
+    st, c = own
+    bed = st.bed
+    c.call(pin(1, 9100, lease=900))
+    st.kill("natd")
+    st.start_natd()
+    assert "adopted 1 pinholes" in st.log("natd")
+    assert pinholes(bed, "ip6", "igdpcp") == {(LAN6, "tcp", 9100)}
+    assert tcp_in(bed, 9100)  # no gap while controld has not re-sent it yet
+    # controld (new pid after its own restart, say) claims it: no "duplicate"
+    assert c.call(pin(7, 9100, lease=900)) == wire.PinholeReply(7, 960)
+    assert c.call(wire.PinholeStatus()).pinholes == 1
+    assert c.call(wire.PinholeSync([])) == wire.SyncReply(0, 1, [])
+    assert pinholes(bed, "ip6", "igdpcp") == set()
