@@ -14,6 +14,7 @@ import ipaddress
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 import uuid
@@ -23,9 +24,20 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from natd import conntrack, nftmon, wan
+from natd import conntrack, netlink, nftmon, wan
 from natd.bindings import BindingTable, Limits, PolicyError, endpoint
-from natd.nft import LAYOUTS, Change, FwNotReady, Layout, Nft, NftError, PinholeNft, PinholePlace, PinKey
+from natd.nft import (
+    CT_MARK,
+    LAYOUTS,
+    Change,
+    FwNotReady,
+    Layout,
+    Nft,
+    NftError,
+    PinholeNft,
+    PinholePlace,
+    PinKey,
+)
 from natd.pinholes import PinholeLimits, PinholeTable, describe
 from natd.relay import Answer, MatchKey, PcpRelay, match_key
 from shared import config, pcp, wire
@@ -566,6 +578,7 @@ class Natd:
             raise SystemExit(f"natd: {exc}") from None
         self.pins = PinholeTable(limits=_pinhole_limits(args))
         self.pin_nft = PinholeNft(self.nft, place, args.wan_if) if place else None
+        self._pin_tasks: set[asyncio.Task[None]] = set()
         self.handlers.update({
             wire.PinholeAdd: self._pinhole_add, wire.PinholeDelete: self._pinhole_delete,
             wire.PinholeSync: self._pinhole_sync, wire.PinholeCounters: self._pinhole_counters,
@@ -614,6 +627,28 @@ class Natd:
     def _pin_write(self, delta: dict[PinKey, int | None]) -> None:
         self._pin().apply_delta(delta)
         self._gen = nftmon.generation()
+        self._forget_later([k for k, t in delta.items() if t is None])
+
+    def _forget_later(self, closed: list[PinKey]) -> None:
+        if closed:
+            task = asyncio.get_running_loop().create_task(self._forget_pinhole_flows(closed))
+            self._pin_tasks.add(task)
+            task.add_done_callback(self._pin_tasks.discard)
+
+    async def _forget_pinhole_flows(self, keys: list[PinKey]) -> None:
+        """A closed pinhole ends its flows too, as a deleted forward does (the pinhole rules mark
+        them with CT_MARK, so the kernel-filtered dump holds only flows through pinholes)."""
+        want = {(proto, lan, port): remote for lan, proto, port, remote in keys}
+        try:
+            entries = await netlink.ct_dump(CT_MARK, CT_MARK, socket.AF_INET6)
+            doomed = [e for e in entries if (e.orig.proto, e.orig.dst, e.orig.dport) in want
+                      and want[(e.orig.proto, e.orig.dst, e.orig.dport)] in (None, e.orig.src)]
+            await netlink.ct_delete(doomed)
+        except Exception as exc:  # conntrack trouble must not cost the daemon
+            log.warning("conntrack cleanup for %d closed pinholes failed: %s", len(keys), exc)
+            return
+        if doomed:
+            log.info("conntrack: removed %d flows of %d closed pinholes", len(doomed), len(keys))
 
     def _pinhole_add(self, msg: wire.PinholeAdd) -> wire.Message:
         self._pin()
@@ -665,6 +700,7 @@ class Natd:
             log.warning("pinhole sync: left out pid=%d [%s]:%d: %s", p.pid, p.lan_ip, p.lan_port, why)
         added, removed = pin.apply(trial.wanted(now), refresh=True)
         self._gen = nftmon.generation()
+        self._forget_later([k for k in self.pins.by_key if k not in trial.by_key])
         self.pins = trial
         log.info("pinhole sync: %d pinholes, +%d -%d", len(trial.by_pid), added, removed)
         return wire.SyncReply(added, removed, [p.pid for p, _ in skipped])

@@ -566,8 +566,10 @@ class PinholePlace:
         p = self.prefix
         v6 = "meta nfproto ipv6 " if self.family == "inet" else ""  # ip6 is IPv6 by itself
         wan = f"{v6}iifname @{p}pinif"
-        pins = [(f"{TAG} pinhole", f"{wan} ip6 daddr . meta l4proto . th dport @{p}pin6 accept"),
-                (f"{TAG} pinhole remote", f"{wan} ip6 saddr . ip6 daddr . meta l4proto . th dport @{p}pin6r accept")]
+        # Marked like the IPv4 forwards' flows: closing a pinhole forgets its flows (natd.main).
+        ok = f"ct mark set ct mark or {CT_MARK:#010x} accept"
+        pins = [(f"{TAG} pinhole", f"{wan} ip6 daddr . meta l4proto . th dport @{p}pin6 {ok}"),
+                (f"{TAG} pinhole remote", f"{wan} ip6 saddr . ip6 daddr . meta l4proto . th dport @{p}pin6r {ok}")]
         if self.mode != "own":
             return pins
         return [(f"{TAG} v6 established", "ct state established,related accept"),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 
 import pytest
 
@@ -18,7 +19,7 @@ from natd.client import NatdCallError
 from shared import wire
 from tests.bed import testbed as tb
 from tests.bed.fw4 import fw4_ruleset
-from tests.bed.natd import PAYLOAD, wait_until
+from tests.bed.natd import HOLD_SCRIPT, PAYLOAD, python, wait_until
 
 pytestmark = pytest.mark.netns
 
@@ -309,3 +310,31 @@ def test_a_crashed_natds_pinholes_are_adopted_until_controld_claims_them(own) ->
     assert c.call(wire.PinholeStatus()).pinholes == 1
     assert c.call(wire.PinholeSync([])) == wire.SyncReply(0, 1, [])
     assert pinholes(bed, "ip6", "igdpcp") == set()
+
+
+def test_closing_a_pinhole_ends_its_established_flows(own) -> None:
+    """As a deleted forward's flows are forgotten: without it, an established TCP flow (or a UDP
+    stream) would go on through a closed pinhole, conntrack's 'established' accepting it."""
+    st, c = own
+    bed = st.bed
+    c.call(pin(1, 9200))
+    c.call(pin(2, 9201))
+    listener = bed.tcp_listen("lan", 9200, host="::", timeout=20)
+    other = bed.tcp_listen("lan", 9201, host="::", timeout=20)
+    holds = [bed.popen("inet", [python(), "-c", HOLD_SCRIPT, LAN6, str(port)], stdin=subprocess.PIPE,
+                       stdout=subprocess.PIPE, text=True) for port in (9200, 9201)]
+    try:
+        for h in holds:
+            assert h.stdout is not None and h.stdout.readline().strip() == "connected"
+        assert c.call(wire.PinholeDelete(1)) == wire.Ok()
+        assert wait_until(lambda: "conntrack: removed 1 flows of 1 closed pinholes" in st.log("natd"), 3.0) \
+            is not None, st.log("natd")[-1500:]
+        for h in holds:
+            assert h.stdin is not None
+            h.stdin.write("go\n")
+            h.stdin.flush()
+        assert listener.received(3) == b"before|"  # the rest never arrived
+        assert other.received(5) == b"before|after"  # the other pinhole's flow is untouched
+    finally:
+        for h in holds:
+            h.kill()
