@@ -201,7 +201,7 @@ def test_admin_named_table_and_chain(natd_only) -> None:
     assert tcp_in(bed, 8500) is False  # the admin's policy drop
     c.call(pin(1, 8500))
     assert pinholes(bed, "inet", "filter", "igdpcp_") == {(LAN6, "tcp", 8500)}
-    assert "@igdpcp_pin6 accept" in chain_text(bed, "inet", "filter", "upnp6")
+    assert "@igdpcp_pin6 ct mark set ct mark | 0x00100000 accept" in chain_text(bed, "inet", "filter", "upnp6")
     assert tcp_in(bed, 8500)
     # The admin reloads their ruleset (chain emptied, sets gone): natd puts its part back.
     bed.nft("cpe", "delete table inet filter\n" + ADMIN_FW)
