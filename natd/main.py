@@ -536,7 +536,7 @@ class Natd:
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, hup.set)
         tasks = [asyncio.create_task(c) for c in (
             self._serve(), self._heartbeat(), self._healer(), self._conntrack_worker(), self._on_hup(hup),
-            self._pinhole_sweeper(),
+            self._pinhole_sweeper(), self._pinhole_ct_worker(),
             wan.watch(self.args.wan_if, self.args.lan_if, self._on_ifs, self.ifs))]
         waiter: asyncio.Task[Any] = asyncio.create_task(stop.wait())
         done, _ = await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
@@ -578,7 +578,8 @@ class Natd:
             raise SystemExit(f"natd: {exc}") from None
         self.pins = PinholeTable(limits=_pinhole_limits(args))
         self.pin_nft = PinholeNft(self.nft, place, args.wan_if) if place else None
-        self._pin_tasks: set[asyncio.Task[None]] = set()
+        self._pin_ct_pending: list[PinKey] = []
+        self._pin_ct_wake = asyncio.Event()
         self.handlers.update({
             wire.PinholeAdd: self._pinhole_add, wire.PinholeDelete: self._pinhole_delete,
             wire.PinholeSync: self._pinhole_sync, wire.PinholeCounters: self._pinhole_counters,
@@ -630,19 +631,30 @@ class Natd:
         self._forget_later([k for k, t in delta.items() if t is None])
 
     def _forget_later(self, closed: list[PinKey]) -> None:
-        if closed:
-            task = asyncio.get_running_loop().create_task(self._forget_pinhole_flows(closed))
-            self._pin_tasks.add(task)
-            task.add_done_callback(self._pin_tasks.discard)
+        if closed and len(self._pin_ct_pending) < MAX_CT_PENDING:
+            self._pin_ct_pending.extend(closed)
+            self._pin_ct_wake.set()
+
+    async def _pinhole_ct_worker(self) -> None:
+        """One conntrack dump per burst of closed pinholes (a dump per delete would cost each
+        delete a table walk)."""
+        while True:
+            await self._pin_ct_wake.wait()
+            await asyncio.sleep(CT_BATCH_S)
+            self._pin_ct_wake.clear()
+            keys, self._pin_ct_pending = self._pin_ct_pending, []
+            await self._forget_pinhole_flows(keys)
 
     async def _forget_pinhole_flows(self, keys: list[PinKey]) -> None:
         """A closed pinhole ends its flows too, as a deleted forward does (the pinhole rules mark
         them with CT_MARK, so the kernel-filtered dump holds only flows through pinholes)."""
-        want = {(proto, lan, port): remote for lan, proto, port, remote in keys}
+        want: dict[tuple[int, str, int], set[str | None]] = {}
+        for lan, proto, port, remote in keys:
+            want.setdefault((proto, lan, port), set()).add(remote)
         try:
             entries = await netlink.ct_dump(CT_MARK, CT_MARK, socket.AF_INET6)
-            doomed = [e for e in entries if (e.orig.proto, e.orig.dst, e.orig.dport) in want
-                      and want[(e.orig.proto, e.orig.dst, e.orig.dport)] in (None, e.orig.src)]
+            doomed = [e for e in entries
+                      if {None, e.orig.src} & want.get((e.orig.proto, e.orig.dst, e.orig.dport), set())]
             await netlink.ct_delete(doomed)
         except Exception as exc:  # conntrack trouble must not cost the daemon
             log.warning("conntrack cleanup for %d closed pinholes failed: %s", len(keys), exc)

@@ -690,12 +690,18 @@ class PinholeNft:
         a present key is deleted and re-added (its timeout restarts). Returns (+, -)."""
         for attempt in (1, 2):
             where, lines = self.place.where, []
+            dels: dict[str, list[str]] = {}
+            adds: dict[str, list[str]] = {}
             for k, t in delta.items():
                 name, text = pin_elem(k)
                 if k in self.have:
-                    lines.append(f"delete element {where} {self.place.obj(name)} {{ {text} }}")
+                    dels.setdefault(name, []).append(text)
                 if t is not None:
-                    lines.append(f"add element {where} {self.place.obj(name)} {{ {text} timeout {t}s }}")
+                    adds.setdefault(name, []).append(f"{text} timeout {t}s")
+            # One command per set and kind: a sync or restore of 10k parses as two lines, not 10k.
+            for verb, per_set in (("delete", dels), ("add", adds)):
+                lines += [f"{verb} element {where} {self.place.obj(n)} {{ {', '.join(e)} }}"
+                          for n, e in per_set.items()]
             if not lines:
                 return 0, 0
             try:
