@@ -48,7 +48,7 @@ class Config:
     @classmethod
     def quick_run(cls) -> Config:
         """The smoke run: under 3 minutes on 2 cores."""
-        return cls(ns=[100, 300], miniupnpd_max=300, conntrack_flows=30500, cascaded_n=100, pinned_n=0,
+        return cls(ns=[100, 200], miniupnpd_max=200, conntrack_flows=30500, cascaded_n=100, pinned_n=0,
                    natpmp_n=50, dataplane_secs=1.0, dataplane_runs=1, quick=True)
 
 
