@@ -45,7 +45,7 @@ GOALS: tuple[Goal, ...] = (
     Goal("delete-flat-ct", "delete p50 flat in conntrack load (loaded / quiet <= 1.2)", "each_n_ratio", 1.2, "le",
          "x", metric="delete.p50_ms", base="delete_quiet.p50_ms"),
     Goal("delete-vs-miniupnpd", "delete totals >= 10x faster than miniupnpd's", "vs_miniupnpd", 10.0, "ge", "x",
-         metric="delete.total_s", at=(1000, 3000)),
+         metric="delete_all_total_s", at=(1000, 3000)),
     Goal("list-vs-miniupnpd", "GetGeneric listing total at least as fast as miniupnpd's", "vs_miniupnpd", 1.0, "ge",
          "x", metric="list.total_s"),
     Goal("list-flat-n", "listing per-entry cost flat (largest N / 1k <= 1.2)", "growth", 1.2, "le", "x",
