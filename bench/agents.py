@@ -51,7 +51,7 @@ def client() -> None:
         op, first, count = cmd["op"], int(cmd.get("first", 0)), int(cmd.get("count", 0))
         lat: list[float] = []
         errors = 0
-        with Progress(f"{cmd.get('label', op)}", count if op != "list" else int(cmd.get("max", 1))) as bar:
+        with Progress(f"{cmd.get('label', op)}", count if op != "list" else int(cmd.get("max", 2)) - 1) as bar:
             if op == "add":
                 for i in range(count):
                     t = time.perf_counter()

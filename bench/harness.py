@@ -11,12 +11,14 @@ the daemons pinned to one core) and ``miniupnpd`` (the comparison columns).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import select
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -316,35 +318,58 @@ def natpmp_phase(cfg: Config) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------- the run
+PHASE_ERRORS = (StackError, RuntimeError, TimeoutError, OSError, subprocess.SubprocessError)
+
+
 def run(cfg: Config, argv: list[str]) -> dict[str, Any]:
-    """Every phase not skipped; returns the results document (goals included)."""
+    """Every phase not skipped; returns the results document (goals included). A phase that fails is
+    recorded under "errors" and the run goes on with the next one."""
     os.environ["PYTHONPATH"] = REPO + os.pathsep + os.environ.get("PYTHONPATH", "")
     doc: dict[str, Any] = {"schema": report.SCHEMA_VERSION, "meta": report.machine_facts(argv, cfg.quick),
                            "control": [], "memory": {}, "dataplane": [], "cascaded": None,
-                           "natpmp": {"available": False, "reason": "phase skipped"}, "restart": None}
+                           "natpmp": {"available": False, "reason": "phase skipped"}, "restart": None,
+                           "errors": []}
+
+    def phase(name: str, fn: Callable[[], None]) -> None:
+        try:
+            fn()
+        except PHASE_ERRORS as exc:
+            say(f"{name} failed: {exc}")
+            doc["errors"].append(f"{name}: {str(exc)[-500:]}")
+
     top = max(cfg.ns)
     if "control" not in cfg.skip:
         for n in cfg.ns:
-            with tb.Testbed() as bed:
-                systems: list[System] = [Igdpcp(bed)]
-                if "miniupnpd" not in cfg.skip and n <= cfg.miniupnpd_max:
-                    systems.append(Miniupnpd(bed))
-                for system in systems:
-                    row = control_plane(bed, system, n, cfg, dataplane="dataplane" not in cfg.skip and n == top,
-                                        restart="restart" not in cfg.skip and n == top)
-                    _fold_row(doc, row, n == cfg.ns[0], n == top)
+            phase(f"control N={n}", functools.partial(_control_at, doc, cfg, n, top))
         if "dataplane" not in cfg.skip and top > cfg.miniupnpd_max and "miniupnpd" not in cfg.skip:
-            _fold_miniupnpd_smaller_dataplane(doc, cfg)
+            phase("miniupnpd rule-shape data plane", lambda: _fold_miniupnpd_smaller_dataplane(doc, cfg))
     if "pinned" not in cfg.skip and cfg.pinned_n:
-        with tb.Testbed() as bed:
-            pinned: list[System] = [Igdpcp(bed), *([] if "miniupnpd" in cfg.skip else [Miniupnpd(bed)])]
-            for system in pinned:
-                doc["control"].append(control_plane(bed, system, cfg.pinned_n, cfg, pinned=True))
+        phase("pinned", lambda: _pinned(doc, cfg))
     if "cascaded" not in cfg.skip:
-        doc["cascaded"] = cascaded(cfg)
+        phase("cascaded", lambda: doc.update(cascaded=cascaded(cfg)))
     if "natpmp" not in cfg.skip:
-        doc["natpmp"] = natpmp_phase(cfg)
+        phase("natpmp", lambda: doc.update(natpmp=natpmp_phase(cfg)))
     return report.with_goals(doc)
+
+
+def _control_at(doc: dict[str, Any], cfg: Config, n: int, top: int) -> None:
+    """Both systems at one N, on a bed of their own."""
+    with tb.Testbed() as bed:
+        systems: list[System] = [Igdpcp(bed)]
+        if "miniupnpd" not in cfg.skip and n <= cfg.miniupnpd_max:
+            systems.append(Miniupnpd(bed))
+        for system in systems:
+            row = control_plane(bed, system, n, cfg, dataplane="dataplane" not in cfg.skip and n == top,
+                                restart="restart" not in cfg.skip and n == top)
+            _fold_row(doc, row, n == cfg.ns[0], n == top)
+
+
+def _pinned(doc: dict[str, Any], cfg: Config) -> None:
+    """The key control-plane figures with every daemon pinned to one core."""
+    with tb.Testbed() as bed:
+        systems: list[System] = [Igdpcp(bed), *([] if "miniupnpd" in cfg.skip else [Miniupnpd(bed)])]
+        for system in systems:
+            doc["control"].append(control_plane(bed, system, cfg.pinned_n, cfg, pinned=True))
 
 
 def _fold_row(doc: dict[str, Any], row: dict[str, Any], first: bool, top: bool) -> None:
@@ -445,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     try:
         doc = run(cfg, argv)
-    except (StackError, RuntimeError, TimeoutError, subprocess.SubprocessError) as exc:
+    except PHASE_ERRORS as exc:
         say(f"run failed: {exc}")
         return 1
     doc["meta"]["seconds"] = round(time.monotonic() - t0, 1)

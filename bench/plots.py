@@ -46,8 +46,10 @@ def draw(doc: dict[str, Any], base: str) -> list[str]:
         rows = _rows(doc, system)
         procs = sorted({p for r in rows for p, m in r["memory"].items() if isinstance(m, dict)})
         for proc in procs:
-            pts = [(r["n"], r["memory"][proc]["rss_mib"]) for r in rows if r["memory"].get(proc)]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], _STYLE[system], label=f"{system}: {proc} RSS")
+            for key, style in (("rss_mib", _STYLE[system]), ("pss_mib", ":")):
+                pts = [(r["n"], r["memory"][proc][key]) for r in rows if r["memory"].get(proc)]
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style,
+                        label=f"{system}: {proc} {key[:3].upper()}")
     ax.set_xscale("log")
     ax.set_xlabel("mappings N")
     ax.set_ylabel("MiB")

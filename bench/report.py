@@ -50,6 +50,8 @@ def validate(doc: Any) -> list[str]:
     for i, row in enumerate(doc["dataplane"]):
         if not isinstance(row, dict) or not {"system", "n", "conn_per_s"} <= row.keys():
             errs.append(f"dataplane[{i}]: needs system, n, conn_per_s")
+    if not isinstance(doc.get("errors", []), list):
+        errs.append("errors: not a list")
     if "available" not in doc["natpmp"]:
         errs.append("natpmp: missing available")
     return errs
@@ -167,6 +169,8 @@ def render_markdown(doc: dict[str, Any]) -> str:
                   f"- `nft flush ruleset`: all forwards back in {_f(r.get('nft_flush_s'), '.3f')} s"]
     lines += ["", "### Memory (from /proc/PID/smaps_rollup)", ""]
     lines += _memory_table(doc["memory"])
+    if doc.get("errors"):
+        lines += ["", "### Phases that failed", ""] + [f"- {e}" for e in doc["errors"]]
     lines += ["", "### Goals (issue 12)", ""]
     lines += _goals_table(doc["goals"])
     return "\n".join(lines) + "\n"

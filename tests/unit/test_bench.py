@@ -152,6 +152,7 @@ def test_schema_accepts_a_full_run_and_json_round_trip() -> None:
     (lambda d: d.update(dataplane=[{"n": 1}]), "dataplane[0]"),
     (lambda d: d.update(natpmp={}), "natpmp: missing available"),
     (lambda d: d.update(control={}), "control: wrong type"),
+    (lambda d: d.update(errors="x"), "errors: not a list"),
 ])
 def test_schema_names_what_is_wrong(breakage: Any, expected: str) -> None:
     doc = make_doc()
@@ -170,6 +171,9 @@ def test_markdown_has_every_section_and_goal() -> None:
     assert "no, skipped (no answer)" in md
     assert md.count("**met**") + md.count("**short**") + md.count("**n/a**") == len(make_doc()["goals"])
     assert "`nft flush ruleset`: all forwards back in – s" in md
+    assert "failed" not in md
+    failed = report.render_markdown({**make_doc(), "errors": ["cascaded: NAT2 did not start"]})
+    assert "### Phases that failed\n\n- cascaded: NAT2 did not start" in failed
 
 
 # ------------------------------------------------------------------ README block
