@@ -160,9 +160,10 @@ def control_plane(bed: tb.Testbed, system: System, n: int, cfg: Config, *, pinne
     try:
         cpu0 = procs.cpu_seconds(system.pids().values())
         first = client.ask({"op": "add", "first": FIRST_PORT, "count": 1, "label": f"{label} add"})
+        timed_adds = n
         if server is not None:
             extra["dataplane_1"] = conn_rate(bed, FIRST_PORT, cfg)
-            cpu0 = procs.cpu_seconds(system.pids().values())
+            cpu0, timed_adds = procs.cpu_seconds(system.pids().values()), n - 1  # the rate loop is not an add
         rest = client.ask({"op": "add", "first": FIRST_PORT + 1, "count": n - 1, "label": f"{label} add"})
         cpu1 = procs.cpu_seconds(system.pids().values())
         adds = first["lat"] + rest["lat"]
@@ -197,7 +198,7 @@ def control_plane(bed: tb.Testbed, system: System, n: int, cfg: Config, *, pinne
         "delete_all_total_s": sum(quiet["lat"]) + sum(loaded["lat"]),
         "delete_errors": quiet["errors"] + loaded["errors"],
         "conntrack": {"before": ct_before, "after": ct_after},
-        "cpu_s_per_1k": {"add": stats.cpu_per_1k(cpu1 - cpu0, n),
+        "cpu_s_per_1k": {"add": stats.cpu_per_1k(cpu1 - cpu0, timed_adds),
                          "list": stats.cpu_per_1k(cpu2 - cpu1, listing["entries"]),
                          "delete": stats.cpu_per_1k((cpu4 - cpu3) + (cpu6 - cpu5), n)},
         **extra})
