@@ -433,7 +433,10 @@ def write_outputs(doc: dict[str, Any], out_dir: str, plots: bool = True) -> str:
 
 
 def parse_args(argv: list[str]) -> tuple[Config, argparse.Namespace]:
-    ap = argparse.ArgumentParser(prog="bench/run", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="bench/run", description=__doc__.splitlines()[0],
+                                 epilog="bench/run readme RESULTS.json [--readme README.md]: write README's "
+                                        "performance block from one run; bench/run render RESULTS.json: its "
+                                        "Markdown (goals re-evaluated).")
     ap.add_argument("--quick", action="store_true", help="smoke run, under 3 minutes (smaller N, fewer phases)")
     ap.add_argument("-n", type=int, nargs="+", help="mapping counts (default 100 1000 3000 10000)")
     ap.add_argument("--miniupnpd-max", type=int, help="no miniupnpd control-plane run above this N (3000)")
