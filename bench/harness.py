@@ -497,7 +497,10 @@ def readme_main(argv: list[str]) -> int:
     doc = report.with_goals(report.load(a.results))
     with open(a.readme) as f:
         text = f.read()
-    new = report.update_readme(text, report.readme_block(doc, os.path.basename(a.results)))
+    stem = a.results.removesuffix(".json")
+    plots = [os.path.basename(f"{stem}-{kind}.png") for kind in ("latency", "memory")
+             if os.path.exists(f"{stem}-{kind}.png")]
+    new = report.update_readme(text, report.readme_block(doc, os.path.basename(a.results), plots))
     with open(a.readme, "w") as f:
         f.write(new)
     say(f"{a.readme}: performance block from {a.results}")

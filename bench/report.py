@@ -7,6 +7,7 @@ import os
 import platform
 import subprocess
 import sys
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from importlib import metadata
 from typing import Any
@@ -182,11 +183,15 @@ def with_goals(doc: dict[str, Any]) -> dict[str, Any]:
     return {**doc, "goals": [v.as_dict() for v in verdicts]}
 
 
-def readme_block(doc: dict[str, Any], results_name: str) -> str:
-    """The README performance section's body from one results document."""
-    cmd = "bench/run" + (" --quick" if doc["meta"]["quick"] else "")
+def readme_block(doc: dict[str, Any], results_name: str, plots: Sequence[str] = ()) -> str:
+    """The README performance section's body from one results document (``plots``: PNG names beside it)."""
+    argv = list(doc["meta"]["argv"])
+    if "--out" in argv:  # where this machine kept its results says nothing about the run
+        del argv[argv.index("--out"):argv.index("--out") + 2]
+    cmd = " ".join(["bench/run", *argv])
+    images = "".join(f"![{name}](bench/results/{name})\n" for name in plots)
     return (f"Generated from `bench/results/{results_name}` (`{cmd}`, run on {doc['meta']['date'][:10]}).\n\n"
-            + render_markdown(doc))
+            + render_markdown(doc) + ("\n" + images if images else ""))
 
 
 def update_readme(text: str, block: str) -> str:

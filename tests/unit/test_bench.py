@@ -204,6 +204,16 @@ def test_readme_command_writes_the_block_from_a_results_file(tmp_path: Any) -> N
     text = readme.read_text()
     assert "Generated from `bench/results/bench-x.json` (`bench/run`, run on 2026-12-04)" in text
     assert "### Goals (issue 12)" in text and text.endswith("## After\n")
+    assert "![" not in text  # no plots beside this results file
+    (tmp_path / "bench-x-latency.png").write_bytes(b"png")
+    doc = make_doc()
+    doc["meta"]["argv"] = ["-n", "1000", "--out", "/tmp/elsewhere"]
+    res.write_text(json.dumps(doc))
+    assert harness.main(["readme", str(res), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "(`bench/run -n 1000`, run on" in text
+    assert "![bench-x-latency.png](bench/results/bench-x-latency.png)" in text and "memory.png" not in text
+    assert text.count(report.README_BEGIN) == 1 and text.startswith("# x\n\nintro\n")
     bad = tmp_path / "bad.json"
     bad.write_text("{}")
     with pytest.raises(ValueError, match="missing"):
