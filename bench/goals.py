@@ -40,10 +40,11 @@ class Goal:
 GOALS: tuple[Goal, ...] = (
     Goal("delete-p50", "DeletePortMapping p50 <= 1 ms (>= 30k conntrack entries)", "each_n", 1.0, "le", "ms",
          metric="delete.p50_ms"),
-    Goal("delete-flat-n", "delete p50 flat in N (largest N / 1k <= 1.2)", "growth", 1.2, "le", "x",
-         metric="delete.p50_ms"),
-    Goal("delete-flat-ct", "delete p50 flat in conntrack load (loaded / quiet <= 1.2)", "each_n_ratio", 1.2, "le",
-         "x", metric="delete.p50_ms", base="delete_quiet.p50_ms"),
+    # "no growth" on the mean: a batched delete's p50 can hide a tail that grows (the mean carries it)
+    Goal("delete-flat-n", "delete mean flat in N (largest N / 1k <= 1.2)", "growth", 1.2, "le", "x",
+         metric="delete.mean_ms"),
+    Goal("delete-flat-ct", "delete mean flat in conntrack load (loaded / quiet <= 1.2)", "each_n_ratio", 1.2, "le",
+         "x", metric="delete.mean_ms", base="delete_quiet.mean_ms"),
     Goal("delete-vs-miniupnpd", "delete totals >= 10x faster than miniupnpd's", "vs_miniupnpd", 10.0, "ge", "x",
          metric="delete_all_total_s", at=(1000, 3000)),
     Goal("list-vs-miniupnpd", "GetGeneric listing total at least as fast as miniupnpd's", "vs_miniupnpd", 1.0, "ge",
