@@ -10,6 +10,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
 _STYLE = {"igdpcp": "-o", "miniupnpd": "--s"}
+_COLOR = {"igdpcp": "C0", "miniupnpd": "C1"}
 
 
 def _rows(doc: dict[str, Any], system: str) -> list[dict[str, Any]]:
@@ -22,13 +23,17 @@ def draw(doc: dict[str, Any], base: str) -> list[str]:
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
     for ax, (key, label) in zip(axes, (("add.p50_ms", "AddPortMapping p50 (ms)"),
                                        ("list.per_entry_ms", "GetGeneric per entry (ms)"),
-                                       ("delete.p50_ms", "DeletePortMapping p50 (ms), conntrack loaded")),
+                                       ("delete.p50_ms", "DeletePortMapping p50 and mean (ms), conntrack loaded")),
                                 strict=True):
         sec, field = key.split(".")
         for system in ("igdpcp", "miniupnpd"):
             rows = _rows(doc, system)
             if rows:
-                ax.plot([r["n"] for r in rows], [r[sec][field] for r in rows], _STYLE[system], label=system)
+                ax.plot([r["n"] for r in rows], [r[sec][field] for r in rows], _STYLE[system], color=_COLOR[system],
+                        label=system)
+                if sec == "delete":  # batched deletes: the mean shows the tail the p50 hides
+                    ax.plot([r["n"] for r in rows], [r[sec]["mean_ms"] for r in rows], _STYLE[system][:-1] + "^",
+                            color=_COLOR[system], alpha=0.5, label=f"{system} mean")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("mappings N")
