@@ -435,8 +435,8 @@ def write_outputs(doc: dict[str, Any], out_dir: str, plots: bool = True) -> str:
 def parse_args(argv: list[str]) -> tuple[Config, argparse.Namespace]:
     ap = argparse.ArgumentParser(prog="bench/run", description=__doc__.splitlines()[0],
                                  epilog="bench/run readme RESULTS.json [--readme README.md]: write README's "
-                                        "performance block from one run; bench/run render RESULTS.json: its "
-                                        "Markdown (goals re-evaluated).")
+                                        "performance block from one run; bench/run render RESULTS.json [--plots]: "
+                                        "its Markdown (goals re-evaluated) and plots again.")
     ap.add_argument("--quick", action="store_true", help="smoke run, under 3 minutes (smaller N, fewer phases)")
     ap.add_argument("-n", type=int, nargs="+", help="mapping counts (default 100 1000 3000 10000)")
     ap.add_argument("--miniupnpd-max", type=int, help="no miniupnpd control-plane run above this N (3000)")
@@ -462,9 +462,14 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["readme"]:
         return readme_main(argv[1:])
-    if argv[:1] == ["render"]:
+    if argv[:1] == ["render"]:  # render RESULTS.json [--plots]: Markdown (goals re-evaluated), PNGs redrawn
         doc = report.with_goals(report.load(argv[1]))
         sys.stdout.write(report.render_markdown(doc))
+        if "--plots" in argv:
+            from bench import plots as plotting
+
+            for path in plotting.draw(doc, argv[1].removesuffix(".json")):
+                say(f"wrote {path}")
         return 0
     cfg, a = parse_args(argv)
     reason = tb.netns_available()
