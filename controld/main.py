@@ -25,6 +25,7 @@ from controld.iwf import MODES, Iwf, IwfConfig
 from controld.natd_link import NatdError, NatdLink
 from controld.ssdp import SsdpServer
 from controld.table import MappingTable
+from shared import config
 from shared.config import parse_args_with_config
 from shared.daemon import install_stop_signals, reread_args, setup_logging
 from shared.netif import if_addrs
@@ -57,8 +58,7 @@ async def _lan_addresses(lan_if: str) -> tuple[str, list[str]]:
 
 
 # Options a running controld cannot take over on SIGHUP (sockets, storage, identity).
-RESTART_ONLY = ("lan_if", "rpc", "events", "curve_dir", "state_dir", "mode", "http_port", "igd_version",
-                "admin_socket", "pcp_server_file", "pcp_recovery_window")
+RESTART_ONLY = config.restart_only("controld")
 
 
 def _iwf_config(args: argparse.Namespace) -> IwfConfig:
@@ -198,47 +198,8 @@ def _policy(args: argparse.Namespace) -> Policy:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="igdpcp-controld", description=__doc__.splitlines()[0])
-    p.add_argument("--config", help="UCI config file (section 'controld'); flags win")
-    p.add_argument("--lan-if", required=True, help="LAN interface to serve UPnP on")
-    p.add_argument("--rpc", required=True, help="natd's request endpoint (ipc://PATH or tcp://HOST:PORT)")
-    p.add_argument("--events", required=True, help="natd's event endpoint")
-    p.add_argument("--curve-dir", default=None,
-                   help="CURVE keys for tcp:// (controld.key_secret, natd.key; made by igdpcp-natd --gen-keys)")
-    p.add_argument("--state-dir", required=True, help="where the mapping table (SQLite) lives")
-    p.add_argument("--mode", default="auto", choices=MODES, help="auto picks from the WAN address and PCP")
-    p.add_argument("--pcp-server", default=None, help="PCP server address (default: the WAN default router)")
-    p.add_argument("--pcp-timeout", type=float, default=10.0,
-                   help="seconds a UPnP action waits for NAT2 before answering 501")
-    p.add_argument("--pcp-server-file", default="/var/run/igdpcp/pcp-server",
-                   help="PCP servers from DHCP option 158, written by the DHCP client hook; "
-                        "used when --pcp-server is not given ('' to ignore)")
-    p.add_argument("--pcp-service-wait", type=float, default=2.0,
-                   help="on start, re-assert stored mappings upstream after RAND(0, this) seconds")
-    p.add_argument("--pcp-recovery-window", type=int, default=32,
-                   help="renewals/re-creations in flight at once (paces recovery after a NAT2 restart)")
-    p.add_argument("--pcp-short-error-retry", type=float, default=0.0,
-                   help="retry a short-lifetime PCP error once after this many seconds (RFC 6970 §5.6; "
-                        "0: off, the default, because UPnP answers within 30 s)")
-    p.add_argument("--pcp-cpe-retries", type=int, default=2,
-                   help="with --pcp-short-error-retry: retries of a short CANNOT_PROVIDE_EXTERNAL")
-    p.add_argument("--pcp-epoch-poll", type=float, default=30.0,
-                   help="send the PCP server an ANNOUNCE this often to notice a restart (0: off)")
-    p.add_argument("--admin-socket", default="/var/run/igdpcp/controld.sock",
-                   help="Unix socket for the DHCP-release hook (igdpcp host-left); '' for none")
-    p.add_argument("--http-port", type=int, default=0, help="UPnP HTTP port on the LAN address (0: any)")
-    p.add_argument("--igd-version", type=int, default=1, choices=(1, 2), help="IGD device version to describe")
-    p.add_argument("--secure-mode", action=argparse.BooleanOptionalAction, default=True,
-                   help="InternalClient must be the caller's own address")
-    p.add_argument("--permission", action="append", metavar="RULE",
-                   help="miniupnpd rule 'allow|deny EPORT[-EPORT] IP[/MASK] IPORT[-IPORT] [\"REGEX\"]', "
-                        "first match wins; with rules, no match is a deny (UCI: list permission)")
-    p.add_argument("--max-mappings-per-host", type=int, default=256, help="UPnP mappings per LAN host (0: no limit)")
-    p.add_argument("--max-mappings", type=int, default=4096, help="UPnP mappings in total (0: no limit)")
-    p.add_argument("--manage-host", action="append", metavar="IP[/LEN]",
-                   help="hosts whose NewManage=1 reaches other hosts' mappings (UCI: list manage_host)")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    return p
+    """controld's command line, from the option table in shared/config.py."""
+    return config.build_parser("controld", "igdpcp-controld", __doc__.splitlines()[0], choices={"mode": MODES})
 
 
 def main(argv: list[str] | None = None) -> None:

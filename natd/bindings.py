@@ -2,7 +2,7 @@
 
 Every binding is keyed by controld's mapping id (``mid``) and, for packets, by
 (protocol, WAN port). Each IGD mapping gets its own WAN port, so two mappings to the
-same LAN endpoint stay two distinct PCP internal tuples (rfc6970-iwf item 48).
+same LAN endpoint stay two distinct PCP internal tuples (docs/requirements.md IWF-48).
 """
 
 from __future__ import annotations
@@ -11,12 +11,14 @@ import ipaddress
 import random
 from dataclasses import dataclass, field
 
+from shared.config import default
+from shared.const import PCP_PORTS, PROTO_NAMES, UDP
 from shared.wire import Binding
 
 # Never hand out the PCP ports themselves (RFC 6887 §11.3) nor the well-known range
 # by chance; an explicitly requested low port is still honoured when free.
 ALLOC_RANGE = (1024, 65535)
-RESERVED_UDP = frozenset({5350, 5351})
+RESERVED_UDP = PCP_PORTS
 LAN_CACHE_MAX = 70_000  # addresses whose LAN check is remembered (bounded)
 
 
@@ -30,10 +32,10 @@ class PolicyError(ValueError):
 
 @dataclass
 class Limits:
-    """natd's own policy; it trusts nothing controld sends (ARCHITECTURE.md, Trust)."""
+    """natd's own policy; it trusts nothing controld sends (docs/architecture.md, Trust)."""
 
-    max_total: int = 65536
-    max_per_host: int = 4096
+    max_total: int = default("max-bindings")
+    max_per_host: int = default("max-per-host")
 
 
 @dataclass
@@ -70,14 +72,14 @@ class BindingTable:
             raise PolicyError("not-lan", f"{ip} is a network or broadcast address")
 
     def free(self, proto: int, port: int) -> bool:
-        return (proto, port) not in self.by_port and not (proto == 17 and port in RESERVED_UDP)
+        return (proto, port) not in self.by_port and not (proto == UDP and port in RESERVED_UDP)
 
     def allocate(self, proto: int, want: int, exact: bool, mid: int | None = None) -> int:
         """The wanted port if free (or already mapping ``mid``'s), else (unless ``exact``) a random free one."""
         if want and (self.free(proto, want) or (mid is not None and self.by_port.get((proto, want)) == mid)):
             return want
         if exact:
-            raise PolicyError("port-in-use", f"{'tcp' if proto == 6 else 'udp'}/{want} is taken")
+            raise PolicyError("port-in-use", f"{PROTO_NAMES.get(proto, str(proto)).lower()}/{want} is taken")
         lo, hi = ALLOC_RANGE
         start = self.rng.randint(lo, hi)
         for i in range(hi - lo + 1):  # bounded: one pass over the range
@@ -89,7 +91,7 @@ class BindingTable:
     def add(self, b: Binding) -> None:
         """Insert a checked binding; the caller has already chosen ``wan_port``."""
         self.check_lan(b.lan_ip)
-        if b.proto == 17 and b.wan_port in RESERVED_UDP:
+        if b.proto == UDP and b.wan_port in RESERVED_UDP:
             raise PolicyError("reserved-port", f"udp/{b.wan_port} is the PCP relay's own port (RFC 6887 §19.1)")
         old = self.by_mid.get(b.mid)  # a re-bind replaces it: it must not count against itself
         if old is None and len(self.by_mid) >= self.limits.max_total:

@@ -1,9 +1,11 @@
 """Forget the conntrack entries of deleted forwards (openwrt.md §4.5 item 5).
 
 Deleting a DNAT map element does not end flows already set up through it: the
-kernel keeps translating them from the conntrack entry. natd removes them over
-ctnetlink (pyroute2), matched precisely on both tuples so that a new forward that
-reuses the WAN port keeps its own flows:
+kernel keeps translating them from the conntrack entry. natd's DNAT and SNAT rules
+mark the flows they translate (natd.nft.CT_MARK), so one kernel-filtered dump
+(natd.netlink.ct_dump) yields only the flows through forwards, never the router's
+other traffic; those are matched precisely on both tuples, so that a new forward
+that reuses the WAN port keeps its own flows, and deleted by original tuple:
 
 - inbound (DNAT) flow:  original dst = WAN addr:WAN port, reply src = LAN addr:LAN port
 - outbound (SNAT) flow: original src = LAN addr:LAN port, reply dst = WAN addr:WAN port
@@ -11,16 +13,11 @@ reuses the WAN port keeps its own flows:
 
 from __future__ import annotations
 
-import logging
-import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from pyroute2 import AsyncConntrack
-
-log = logging.getLogger("natd.conntrack")
-
-MAX_SCAN = 1_000_000  # bound on entries looked at in one pass (nf_conntrack_max is far lower)
+from natd import netlink
+from natd.nft import CT_MARK
 
 
 @dataclass(frozen=True)
@@ -43,27 +40,22 @@ def matches(flows: Iterable[Flow]) -> tuple[set[tuple], set[tuple]]:
     return dnat, snat
 
 
+def doomed(entries: Iterable[netlink.CtEntry], flows: Iterable[Flow]) -> list[netlink.CtEntry]:
+    """The entries that belong to ``flows`` (pure: what :func:`forget` deletes)."""
+    dnat, snat = matches(flows)
+    out = []
+    for e in entries:
+        o, r = e.orig, e.reply
+        if (o.proto, o.dst, o.dport, r.src, r.sport) in dnat or (o.proto, o.src, o.sport, r.dst, r.dport) in snat:
+            out.append(e)
+    return out
+
+
 async def forget(flows: Iterable[Flow]) -> int:
     """Delete every conntrack entry that belongs to ``flows``; returns how many went."""
-    dnat, snat = matches(flows)
-    if not dnat:
+    flows = list(flows)
+    if not flows:
         return 0
-    doomed = []
-    async with AsyncConntrack() as ct:
-        n = 0
-        async for e in await ct.dump_entries():
-            n += 1
-            if n > MAX_SCAN:
-                break
-            o, r = e.tuple_orig, e.tuple_reply
-            if o.family != socket.AF_INET or o.proto not in (6, 17):
-                continue
-            if (o.proto, o.daddr, o.dport, r.saddr, r.sport) in dnat or \
-                    (o.proto, o.saddr, o.sport, r.daddr, r.dport) in snat:
-                doomed.append(e)
-        for e in doomed:
-            try:
-                await ct.delete(e)
-            except Exception as exc:  # already gone (timed out meanwhile): nothing to do
-                log.debug("conntrack delete %s: %s", e.tuple_orig, exc)
-    return len(doomed)
+    gone = doomed(await netlink.ct_dump(CT_MARK, CT_MARK), flows)
+    await netlink.ct_delete(gone)
+    return len(gone)

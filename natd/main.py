@@ -25,12 +25,21 @@ import zmq.asyncio
 
 from natd import conntrack, nftmon, wan
 from natd.bindings import BindingTable, Limits, PolicyError, endpoint
-from natd.nft import LAYOUTS, Change, FwNotReady, Layout, Nft, NftError, expected
+from natd.nft import LAYOUTS, Change, FwNotReady, Layout, Nft, NftError
 from natd.relay import PcpRelay
-from shared import pcp, wire
+from shared import config, pcp, wire
 from shared.config import parse_args_with_config
-from shared.daemon import (AUTHORIZED_DIR, reread_args, bind_endpoint, curve_server, gen_keys, install_stop_signals, needs_curve,
-                           setup_logging)
+from shared.const import PROTO_NAMES
+from shared.daemon import (
+    AUTHORIZED_DIR,
+    bind_endpoint,
+    curve_server,
+    gen_keys,
+    install_stop_signals,
+    needs_curve,
+    reread_args,
+    setup_logging,
+)
 
 log = logging.getLogger("natd")
 
@@ -38,11 +47,12 @@ HEARTBEAT_S = 1.0
 HEAL_DEBOUNCE_S = 0.05  # coalesce the burst of netlink events one foreign commit makes
 HEAL_RETRY_S = 1.0
 CT_BATCH_S = 0.25  # one conntrack dump (it blocks ~10 ms in the kernel) per burst of deletes
+STOP_CT_S = 2.0  # bound on the conntrack clean-up a stop waits for
 MAX_CT_PENDING = 1_000_000  # bound on queued conntrack work (a sync of 65k forgets 130k tuples)
 
 
 # Options a running natd cannot take over on SIGHUP (sockets, kernel object names).
-RESTART_ONLY = ("wan_if", "lan_if", "rpc", "events", "table", "layout", "ipc_group", "curve_dir")
+RESTART_ONLY = config.restart_only("natd")
 
 
 class Natd:
@@ -52,9 +62,9 @@ class Natd:
         self.reparse = reparse
         self.boot_id = uuid.uuid4().hex
         self.ctx = zmq.asyncio.Context()
-        self.nft = Nft(Layout.make(args.layout, args.table))
+        self.nft = Nft(Layout.make(args.layout, args.table), args.wan_if, args.lan_if)
         self.table = BindingTable(limits=Limits(args.max_bindings, args.max_per_host))
-        self.relay = PcpRelay(self._pcp_received)
+        self.relay = PcpRelay(self._pcp_received, self._pcp_servers)
         self.ifs = wan.IfState(None, None, (), ())
         self._gen: int | None = None  # ruleset generation last known to match our state
         self._dirty = asyncio.Event()
@@ -142,7 +152,7 @@ class Natd:
         """Keep what an earlier natd left in the kernel until controld syncs (no traffic gap).
 
         The forward that owns a LAN endpoint's SNAT element in the kernel gets the lowest
-        id, so recomputing the SNAT map changes nothing (rfc6970-iwf item 48: one WAN port
+        id, so recomputing the SNAT map changes nothing (docs/requirements.md IWF-48: one WAN port
         per mapping, several mappings may share a LAN endpoint).
         """
         st = self.nft.state
@@ -157,7 +167,7 @@ class Natd:
 
     async def _on_hup(self, hup: asyncio.Event) -> None:
         """SIGHUP (procd reload, the WAN hotplug after fw4's reload): re-read the interfaces
-        and verify every nft object now, forwards kept (openwrt.md §4.5 item 3a)."""
+        and verify every nft object now, forwards kept."""
         while True:
             await hup.wait()
             hup.clear()
@@ -206,7 +216,7 @@ class Natd:
     def _heal(self) -> None:
         gen = nftmon.generation()
         intact, have = self.nft.snapshot()
-        want = expected(self.table.by_mid.values(), self.ifs.wan_ip, self.ifs.lan_subnets)
+        want = self.nft.expected(self.table.by_mid.values(), self.ifs.wan_ip, self.ifs.lan_subnets)
         if intact and have == want:
             self.nft.state = have
             self._gen = gen
@@ -224,6 +234,17 @@ class Natd:
         _trim_heap()
 
     # --- PCP relay -----------------------------------------------------------------
+
+    def _pcp_servers(self, servers: list[str]) -> None:
+        """fw4: the input chain lets ANNOUNCE in from exactly the servers natd talks to."""
+        self.nft.pcp_servers = set(servers)
+        if self.nft.layout.own_table:
+            return
+        try:
+            self._program()
+        except NftError as exc:
+            log.warning("cannot update the PCP server set %s: %s", ",".join(servers), exc)
+            self._kick()
 
     def _pcp_received(self, server: str, data: bytes) -> None:
         try:
@@ -412,7 +433,7 @@ class Natd:
         return auth
 
     async def run(self) -> None:
-        """Start everything, serve until SIGTERM, then close sockets (forwards stay in the kernel)."""
+        """Start everything, serve until SIGTERM, then close every forward and the sockets."""
         self._apply_ifs(await wan.snapshot(self.args.wan_if, self.args.lan_if))
         try:
             self.nft.setup()
@@ -444,13 +465,27 @@ class Natd:
         for t in done:
             if t is not waiter and t.exception():
                 raise t.exception()  # type: ignore[misc]
+        await self._close_forwards()
         self.relay.close()
         if auth is not None:
             auth.stop()
         self.router.close()
         self.pub.close()
         self.ctx.term()
-        log.info("natd stopped; %d forwards left in place for the next start", len(self.table.by_mid))
+        log.info("natd stopped")
+
+    async def _close_forwards(self) -> None:
+        """A stop closes every port, as miniupnpd's does; a crash (no SIGTERM) leaves them for
+        the next natd to adopt. controld keeps the mappings: it re-syncs on the new boot id."""
+        n = len(self.table.by_mid)
+        self.table.replace_all([])
+        try:
+            self._program()
+            await asyncio.wait_for(conntrack.forget(self._ct_pending), STOP_CT_S)
+        except (TimeoutError, NftError, OSError) as exc:
+            log.error("stop: closing %d forwards failed: %s", n, exc)
+            return
+        log.info("stop: closed %d forwards (controld restores them at the next start)", n)
 
 
 def _trim_heap() -> None:
@@ -502,27 +537,12 @@ def _describe_response(resp: pcp.Response, mid: int | None) -> str:
 
 
 def _pname(proto: int) -> str:
-    return {6: "tcp", 17: "udp"}.get(proto, str(proto))
+    return PROTO_NAMES.get(proto, str(proto)).lower()
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="igdpcp-natd", description=__doc__.splitlines()[0])
-    p.add_argument("--config", help="UCI config file (section 'natd'); flags win")
-    p.add_argument("--wan-if", required=True, help="WAN interface (NAT1's outside)")
-    p.add_argument("--lan-if", required=True, help="LAN interface (NAT1's inside)")
-    p.add_argument("--rpc", required=True, help="ZeroMQ endpoint for requests (ipc://PATH or tcp://HOST:PORT)")
-    p.add_argument("--events", required=True, help="ZeroMQ endpoint for events")
-    p.add_argument("--layout", default="standalone", choices=LAYOUTS,
-                   help="standalone: own table 'ip TABLE'; fw4: chains and maps inside OpenWrt's 'inet fw4' "
-                        "(needs the packaging/fw4 include files)")
-    p.add_argument("--table", default="igdpcp", help="nftables table name in the standalone layout (family ip)")
-    p.add_argument("--curve-dir", default=None,
-                   help="CURVE keys for tcp:// endpoints (natd.key_secret, authorized/*.key); see --gen-keys")
-    p.add_argument("--ipc-group", default=None, help="group owning the ipc:// socket files (mode 0660)")
-    p.add_argument("--max-bindings", type=int, default=65536, help="total NAT1 forwards allowed")
-    p.add_argument("--max-per-host", type=int, default=4096, help="NAT1 forwards allowed per LAN host")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    return p
+    """natd's command line, from the option table in shared/config.py."""
+    return config.build_parser("natd", "igdpcp-natd", __doc__.splitlines()[0], choices={"layout": LAYOUTS})
 
 
 def main(argv: list[str] | None = None) -> None:

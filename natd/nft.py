@@ -4,16 +4,23 @@ One code path, two layouts (chosen by configuration, see :class:`Layout`):
 
 - ``standalone``: natd's own ``table ip igdpcp`` with four base chains
   (prerouting, output, postrouting, forward);
-- ``fw4``: regular chains ``igdpcp_dstnat``/``igdpcp_srcnat``/``igdpcp_forward`` inside
-  OpenWrt's ``table inet fw4``, reached by jumps the include files in packaging/fw4/
-  put into fw4's ``dstnat``/``srcnat``/``forward`` chains (openwrt.md §4.2, §4.5).
+- ``fw4``: regular chains ``igdpcp_dstnat``/``igdpcp_srcnat``/``igdpcp_forward``/``igdpcp_input``
+  inside OpenWrt's ``table inet fw4``, reached by jumps the include files in packaging/fw4/
+  put into fw4's chains: ``srcnat`` and ``input`` at their start (chain-pre: the mapped source
+  port must win over fw4's ``srcnat_wan`` masquerade, which ends NAT for the packet),
+  ``dstnat`` and ``forward`` at their end (chain-post: user redirects first).
 
 Objects (names carry the layout's prefix):
 - ``map fwd4``  proto . wan port -> lan addr . lan port    (DNAT: one O(1) lookup per packet)
 - ``map snat4`` lan addr . proto . lan port -> wan addr . wan port (endpoint-independent
   SNAT so traffic the LAN host starts from a mapped port leaves from the mapped port)
 - ``set wan4``  the WAN addresses the forwards answer on
-- ``set lan4``  the LAN subnets (hairpin masquerade; no SNAT towards the LAN)
+- ``set lan4``  the LAN subnets (hairpin masquerade)
+- ``set wanif`` the WAN device: SNAT only on WAN egress (no rewrite into a guest or VPN zone)
+- ``set inif``  the WAN and LAN devices: DNAT and the forward accept only on their ingress,
+  so a host in another zone (guest) cannot reach a LAN host through WANaddr:port
+- ``set pcp4``  (fw4) the PCP servers natd talks to: their ANNOUNCE (udp 5351 -> 5350) gets
+  through fw4's input policy (RFC 6887 §14.1.3), nobody else's
 Rules never change with the number of forwards. Every rule starts with an explicit IPv4
 selector (``meta nfproto ipv4`` in ``inet``, ``ip version 4`` in ``ip``) so no IPv6
 packet can match an IPv4 forward (miniupnpd.md §2.10). Every change is one libnftables transaction: whole or nothing.
@@ -29,6 +36,7 @@ from dataclasses import dataclass, field
 
 import nftables
 
+from shared.const import PCP_CLIENT_PORT, PCP_SERVER_PORT
 from shared.wire import Binding
 
 log = logging.getLogger("natd.nft")
@@ -37,6 +45,9 @@ PROTO_NAMES = {6: "tcp", 17: "udp"}
 PROTO_NUMBERS = {v: k for k, v in PROTO_NAMES.items()}
 LAYOUTS = ("standalone", "fw4")
 TAG = "igdpcp"  # rule comment prefix: how natd recognises its own rules
+# The conntrack mark bit natd's DNAT/SNAT rules OR into the flows they translate, so that
+# natd.conntrack asks the kernel for those flows only (other users' mark bits are kept).
+CT_MARK = 0x00100000
 
 FwdKey = tuple[int, int]  # proto, wan port
 FwdVal = tuple[str, int]  # lan ip, lan port
@@ -81,15 +92,32 @@ class Layout:
         """Our chains and their rules as (comment tag, rule text); order matters."""
         # family ip is IPv4 by itself (nft refuses nfproto there); inet needs the selector.
         p, v4 = self.prefix, ("meta nfproto ipv4" if self.family == "inet" else "ip version 4")
-        dnat = (f"{TAG} dnat", f"{v4} ip daddr @{p}wan4 dnat ip to meta l4proto . th dport map @{p}fwd4")
+        # Mark, then translate; a flow no forward matches falls through to the "-miss" rule,
+        # which takes the mark back (a map used as a set needs Linux 6.5, so no lookup first).
+        mark, unmark = (f"ct mark set ct mark or {CT_MARK:#010x}",
+                        f"ct mark set ct mark and {~CT_MARK & 0xFFFFFFFF:#010x}")
+        to_wan = f"{v4} ip daddr @{p}wan4"
+        to_lan = f"dnat ip to meta l4proto . th dport map @{p}fwd4"
+        # Only WAN ingress (and LAN for hairpin): a guest-zone host's packet to WANaddr:port
+        # stays addressed to the router, where the zone's input policy judges it.
+        ingress = f"{v4} iifname @{p}inif ip daddr @{p}wan4"
+        dnat = (f"{TAG} dnat", f"{ingress} {mark} {to_lan}")
+        dnat_miss = (f"{TAG} dnat-miss", f"{ingress} {unmark}")
         hairpin = (f"{TAG} hairpin",  # LAN -> WAN address -> LAN: the server must answer via us
                    f"{v4} ct status dnat ip saddr @{p}lan4 ct original ip daddr @{p}wan4 masquerade")
-        snat = (f"{TAG} snat", f"{v4} ip daddr != @{p}lan4 meta l4proto {{ tcp, udp }} "
-                               f"snat ip to ip saddr . meta l4proto . th sport map @{p}snat4")
-        fwd = (f"{TAG} forward", f"{v4} ct status dnat ct original ip daddr @{p}wan4 accept")
+        out = f"{v4} oifname @{p}wanif meta l4proto {{ tcp, udp }}"  # WAN egress only: not into a guest/VPN zone
+        snat = (f"{TAG} snat", f"{out} {mark} snat ip to ip saddr . meta l4proto . th sport map @{p}snat4")
+        snat_miss = (f"{TAG} snat-miss", f"{out} {unmark}")
+        fwd = (f"{TAG} forward", f"{v4} iifname @{p}inif ct status dnat ct original ip daddr @{p}wan4 accept")
         if self.own_table:
-            return {"prerouting": [dnat], "output": [dnat], "postrouting": [hairpin, snat], "forward": [fwd]}
-        return {f"{p}dstnat": [dnat], f"{p}srcnat": [hairpin, snat], f"{p}forward": [fwd]}
+            local = (f"{TAG} dnat local", f"{to_wan} {mark} {to_lan}")  # the router's own connections: no iif
+            local_miss = (f"{TAG} dnat-local-miss", f"{to_wan} {unmark}")
+            return {"prerouting": [dnat, dnat_miss], "output": [local, local_miss],
+                    "postrouting": [hairpin, snat, snat_miss], "forward": [fwd]}
+        announce = (f"{TAG} pcp announce", f"{v4} iifname @{p}wanif ip saddr @{p}pcp4 "
+                                           f"udp sport {PCP_SERVER_PORT} udp dport {PCP_CLIENT_PORT} accept")
+        return {f"{p}dstnat": [dnat, dnat_miss], f"{p}srcnat": [hairpin, snat, snat_miss], f"{p}forward": [fwd],
+                f"{p}input": [announce]}
 
     def chain_decl(self, chain: str) -> str:
         """The ``add chain`` body: base chains with hooks (standalone) or plain chains (fw4)."""
@@ -103,11 +131,17 @@ class Layout:
         return f"{{ {hooks[chain]} }}" if self.own_table else ""
 
     def jumps(self) -> dict[str, str]:
-        """fw4 only: fw4 base chain -> our chain (installed by the chain-post include files)."""
+        """fw4 only: fw4 base chain -> our chain (installed by the include files)."""
         if self.own_table:
             return {}
-        return {"dstnat": f"{self.prefix}dstnat", "srcnat": f"{self.prefix}srcnat",
-                "forward": f"{self.prefix}forward"}
+        return {b: f"{self.prefix}{b}" for b in ("dstnat", "srcnat", "forward", "input")}
+
+    @staticmethod
+    def include_position(base: str) -> str:
+        """fw4 include directory for the jump in ``base``: chain-pre or chain-post."""
+        # srcnat: before fw4's masquerade (a NAT verdict ends the chain); input: before the
+        # zone jumps end in reject. dstnat/forward: after fw4's own redirects and rules.
+        return "chain-pre" if base in ("srcnat", "input") else "chain-post"
 
 
 @dataclass
@@ -118,6 +152,9 @@ class KernelState:
     snat: dict[SnatKey, SnatVal] = field(default_factory=dict)
     wan: set[str] = field(default_factory=set)
     lan: set[str] = field(default_factory=set)
+    wanif: set[str] = field(default_factory=set)
+    inif: set[str] = field(default_factory=set)
+    pcp: set[str] = field(default_factory=set)
 
 
 @dataclass(frozen=True)
@@ -138,11 +175,21 @@ class FwNotReady(NftError):
 class Nft:
     """natd's nftables objects; the only code that writes them."""
 
-    def __init__(self, layout: Layout | None = None) -> None:
+    def __init__(self, layout: Layout | None = None, wan_if: str | None = None, lan_if: str | None = None) -> None:
         self.layout = layout or Layout.make("standalone")
         self._nft = nftables.Nftables()
         self._nft.set_json_output(False)
         self.state = KernelState()
+        self.wan_if, self.lan_if = wan_if, lan_if
+        self.pcp_servers: set[str] = set()  # fw4: whose ANNOUNCE the input chain lets in
+
+    def expected(self, bindings: Iterable[Binding], wan_ip: str | None, lan: Iterable[str] = ()) -> KernelState:
+        """:func:`expected` plus the device sets and (fw4) the PCP servers."""
+        st = expected(bindings, wan_ip, lan)
+        st.wanif = {self.wan_if} if self.wan_if else set()
+        st.inif = {d for d in (self.wan_if, self.lan_if) if d}
+        st.pcp = set() if self.layout.own_table else set(self.pcp_servers)
+        return st
 
     @property
     def table(self) -> str:
@@ -219,7 +266,11 @@ class Nft:
             f"ipv4_addr . inet_service; }}",
             f"add set {lay.where} {p}wan4 {{ type ipv4_addr; }}",
             f"add set {lay.where} {p}lan4 {{ type ipv4_addr; flags interval; }}",
+            f"add set {lay.where} {p}wanif {{ type ifname; }}",
+            f"add set {lay.where} {p}inif {{ type ifname; }}",
         ]
+        if not lay.own_table:
+            lines.append(f"add set {lay.where} {p}pcp4 {{ type ipv4_addr; }}")
         for chain, rules in lay.chains().items():
             lines.append(f"add chain {lay.where} {chain} {lay.chain_decl(chain)}")
             lines.append(f"flush chain {lay.where} {chain}")
@@ -258,9 +309,10 @@ class Nft:
             if not obj or not obj.get("name", "").startswith(p):
                 continue
             name = obj["name"][len(p):]
+            plain = {"wan4": st.wan, "wanif": st.wanif, "inif": st.inif, "pcp4": st.pcp}
             for elem in obj.get("elem", []):
-                if name == "wan4":
-                    st.wan.add(elem if isinstance(elem, str) else elem.get("elem", {}).get("val", ""))
+                if name in plain:
+                    plain[name].add(elem if isinstance(elem, str) else elem.get("elem", {}).get("val", ""))
                 elif name == "lan4":
                     st.lan.add(_prefix(elem))
                 elif name in ("fwd4", "snat4"):
@@ -279,7 +331,7 @@ class Nft:
         try once more.
         """
         bindings = list(bindings)
-        want = expected(bindings, wan_ip, lan)
+        want = self.expected(bindings, wan_ip, lan)
         for attempt in (1, 2):
             script, change = self._diff(want)
             if not script:
@@ -361,12 +413,17 @@ class Nft:
             if new:
                 elems = ", ".join(f"{key(k)} : {w[k][0]} . {w[k][1]}" for k in new)
                 lines.append(f"add element {lay.where} {p}{name} {{ {elems} }}")
-        for name, w_set, h_set in (("wan4", want.wan, have.wan), ("lan4", want.lan, have.lan)):
+        q = '"{}"'.format  # device names are strings in nft syntax
+        for name, w_set, h_set, fmt in (("wan4", want.wan, have.wan, str), ("lan4", want.lan, have.lan, str),
+                                        ("wanif", want.wanif, have.wanif, q), ("inif", want.inif, have.inif, q),
+                                        ("pcp4", want.pcp, have.pcp, str)):
             if w_set != h_set:
                 if h_set - w_set:
-                    lines.append(f"delete element {lay.where} {p}{name} {{ {', '.join(sorted(h_set - w_set))} }}")
+                    lines.append(f"delete element {lay.where} {p}{name} "
+                                 f"{{ {', '.join(fmt(e) for e in sorted(h_set - w_set))} }}")
                 if w_set - h_set:
-                    lines.append(f"add element {lay.where} {p}{name} {{ {', '.join(sorted(w_set - h_set))} }}")
+                    lines.append(f"add element {lay.where} {p}{name} "
+                                 f"{{ {', '.join(fmt(e) for e in sorted(w_set - h_set))} }}")
         change = Change(
             added=sum(1 for k in want.fwd if have.fwd.get(k) != want.fwd[k]),
             removed=sum(1 for k in have.fwd if k not in want.fwd),
@@ -425,9 +482,9 @@ def fw4_includes() -> dict[str, str]:
     """The /usr/share/nftables.d/ include files the fw4 layout expects, by relative path.
 
     Generated from :class:`Layout` so the rules natd verifies and the rules fw4 loads
-    are the same text; packaging/fw4/ holds this output (tests/test_natd_units.py checks).
+    are the same text; packaging/fw4/ holds this output (tests/unit/test_natd_units.py checks).
     Declaring rules here too means a fw4 reload brings them back at once; natd only
-    re-adds map elements (openwrt.md §4.2: include files land inside ``inet fw4``).
+    re-adds map elements (fw4 includes nftables.d files inside ``table inet fw4``).
     """
     lay = Layout.make("fw4")
     p = lay.prefix
@@ -438,12 +495,15 @@ def fw4_includes() -> dict[str, str]:
         f"map {p}snat4 {{\n\ttype ipv4_addr . inet_proto . inet_service : ipv4_addr . inet_service\n}}",
         f"set {p}wan4 {{\n\ttype ipv4_addr\n}}",
         f"set {p}lan4 {{\n\ttype ipv4_addr\n\tflags interval\n}}",
+        f"set {p}wanif {{\n\ttype ifname\n}}",
+        f"set {p}inif {{\n\ttype ifname\n}}",
+        f"set {p}pcp4 {{\n\ttype ipv4_addr\n}}",
     ]
     for chain, rules in lay.chains().items():
         lines = "".join(f'\t{text} comment "{tag}"\n' for tag, text in rules)
         body.append(f"chain {chain} {{\n{lines}}}")
     files = {f"table-post/{name}": head.format(f"table-post/{name}") + "\n\n".join(body) + "\n"}
     for base, target in lay.jumps().items():
-        path = f"chain-post/{base}/{name}"
+        path = f"{lay.include_position(base)}/{base}/{name}"
         files[path] = head.format(path) + f'jump {target} comment "{TAG} jump"\n'
     return files

@@ -38,8 +38,10 @@ class PcpRelay:
     rfc6887-pcp.md §8.8); the source check below keeps LAN senders out.
     """
 
-    def __init__(self, on_packet: Callable[[str, bytes], None]) -> None:
+    def __init__(self, on_packet: Callable[[str, bytes], None],
+                 on_servers: Callable[[list[str]], None] | None = None) -> None:
         self.on_packet = on_packet
+        self.on_servers = on_servers  # told when the trusted server list changes (fw4 input set)
         self.servers: dict[str, None] = {}  # ordered: oldest first (a bounded LRU)
         self.wan_ip: str | None = None
         self._unicast: asyncio.DatagramTransport | None = None
@@ -75,10 +77,13 @@ class PcpRelay:
         """Send one PCP request to ``server``:5351 from the WAN address."""
         if self._unicast is None:
             raise OSError("no WAN address")
+        before = set(self.servers)
         self.servers.pop(server, None)
         self.servers[server] = None
         while len(self.servers) > MAX_SERVERS:  # bounded; the oldest server stops being trusted
             del self.servers[next(iter(self.servers))]
+        if self.on_servers is not None and set(self.servers) != before:
+            self.on_servers(list(self.servers))
         self._unicast.sendto(data, (server, pcp.SERVER_PORT))
 
     def _received(self, data: bytes, addr: tuple[str, int]) -> None:

@@ -1,4 +1,4 @@
-"""Interface facts from netlink (pyroute2): WAN address and gateway, LAN addresses.
+"""Interface facts from rtnetlink: WAN address and gateway, LAN addresses.
 
 ``snapshot`` answers once; ``watch`` follows rtnetlink address, link and route
 events and calls back with a fresh snapshot when something that matters changed.
@@ -11,14 +11,10 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from pyroute2 import AsyncIPRoute
-
+from natd.netlink import RouteEvents
 from shared.netif import if_addrs
 
 log = logging.getLogger("natd.wan")
-
-# rtnetlink multicast groups: links, IPv4 addresses, IPv4 routes
-_GROUPS = 0x1 | 0x10 | 0x40
 
 
 @dataclass(frozen=True)
@@ -42,19 +38,22 @@ async def watch(wan_if: str, lan_if: str, on_change: Callable[[IfState], Awaitab
     """Call ``on_change`` whenever the interface facts differ from the last ones seen."""
     last = initial
     while True:
+        events = None
         try:
-            async with AsyncIPRoute() as mon:
-                await mon.bind(groups=_GROUPS)
-                while True:
-                    async for _msg in mon.get():
-                        # A burst of netlink messages accompanies one change: settle first.
-                        await asyncio.sleep(0.05)
-                        now = await snapshot(wan_if, lan_if)
-                        if now != last:
-                            last = now
-                            await on_change(now)
+            events = RouteEvents()
+            while True:
+                await events.wait()
+                # A burst of netlink messages accompanies one change: settle first.
+                await asyncio.sleep(0.05)
+                now = await snapshot(wan_if, lan_if)
+                if now != last:
+                    last = now
+                    await on_change(now)
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # netlink socket trouble: back off and reopen
+        except Exception as exc:  # netlink socket trouble (ENOBUFS after a flood): back off and reopen
             log.warning("netlink monitor failed (%s); reopening in 1 s", exc)
             await asyncio.sleep(1)
+        finally:
+            if events is not None:
+                events.close()

@@ -1,159 +1,144 @@
-"""OpenWrt UCI config files (``/etc/config/igdpcp``) as defaults for argparse.
+"""The daemons' options, declared once, and argparse with a UCI file as defaults.
 
-The parser follows libuci's own tokenizer (what ``uci import`` accepts), so a
-file that ``uci show`` reads is read the same way here; it needs only the
-standard library because most OpenWrt feeds ship no python3-uci.
+Every option is one row of :data:`OPTIONS` (flag, type, default, help, which daemon,
+whether SIGHUP can change it live); :func:`build_parser` makes each daemon's argparse
+parser from the table, the UCI section of the same name supplies defaults through
+:func:`parse_args_with_config`, and :func:`restart_only` tells the reload which options
+wait for the next start. The UCI syntax itself is :mod:`shared.uci`.
 """
 from __future__ import annotations
 
 import argparse
 import difflib
-import re
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["ConfigError", "Section", "parse_uci", "load_uci", "parse_args_with_config"]
+from shared.uci import ConfigError, Section, err, load_uci, parse_uci
 
-_NAME = re.compile(r"[A-Za-z0-9_]+")
-_TYPE = re.compile(r"[!-~]+")  # libuci lets types hold '-', e.g. wifi-device
-_BLANK = re.compile(r"(?:[ \t\r\f\v]|\\\n)+")  # backslash-newline joins lines
-_PIECE = re.compile(r"""'([^']*)'|"((?:[^"\\]|\\.)*)"|\\(.?)|([^\s'"\\#;]+)""", re.S)
-_ESCAPE = re.compile(r"\\(.)", re.S)
-# libuci also accepts each keyword's first letter on its own.
-_KEYWORDS = {w: k for k in ("package", "config", "option", "list") for w in (k, k[0])}
+__all__ = ["ConfigError", "Section", "parse_uci", "load_uci", "parse_args_with_config",
+           "Option", "OPTIONS", "build_parser", "default", "restart_only"]
+
 _BOOLS = {"1": True, "yes": True, "on": True, "true": True, "enabled": True,
           "0": False, "no": False, "off": False, "false": False, "disabled": False}
 
 
-class ConfigError(Exception):
-    """A config file that cannot be read or used; the message starts with ``FILE:LINE: ``."""
+NATD, CONTROLD = "natd", "controld"
+BOTH = (NATD, CONTROLD)
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
-@dataclass
-class Section:
-    """One ``config TYPE ['NAME']`` block; ``lines`` maps each key to the line(s) that set it."""
+@dataclass(frozen=True)
+class Option:
+    """One option: ``--NAME`` on the command line, ``option NAME_WITH_UNDERSCORES`` in UCI.
 
-    type: str
-    name: str | None
-    options: dict[str, str]
-    lists: dict[str, list[str]]
-    line: int
-    lines: dict[str, list[int]] = field(default_factory=dict, repr=False, compare=False)
-
-
-def _err(filename: str, line: int, reason: str) -> ConfigError:
-    return ConfigError(f"{filename}:{line}: {reason}")
-
-
-def _tokenize(text: str, filename: str) -> list[tuple[int, list[str]]]:
-    """Split text into statements (ended by newline or ';'), each as (line, words)."""
-    stmts: list[tuple[int, list[str]]] = []
-    words: list[str] = []
-    i, line, start = 0, 1, 1
-    while i < len(text):
-        if m := _BLANK.match(text, i):
-            line, i = line + m[0].count("\n"), m.end()
-        elif text[i] in "\n;":
-            if words:
-                stmts.append((start, words))
-                words = []
-            line, i = line + (text[i] == "\n"), i + 1
-        elif text[i] == "#":  # also ends a bare word mid-way, as in libuci
-            i = j if (j := text.find("\n", i)) >= 0 else len(text)
-        else:
-            start = start if words else line
-            buf: list[str] = []
-            while m := _PIECE.match(text, i):
-                single, double, escaped, bare = m.groups()
-                if double is not None:
-                    buf.append(_ESCAPE.sub(lambda e: "" if e[1] == "\n" else e[1], double))
-                elif escaped is not None:  # an escaped newline continues the line
-                    buf.append("" if escaped == "\n" else escaped)
-                else:
-                    buf.append(single if single is not None else bare)
-                line, i = line + m[0].count("\n"), m.end()
-            if i < len(text) and text[i] in "'\"":
-                kind = "single" if text[i] == "'" else "double"
-                raise _err(filename, line, f"unterminated {kind} quote")
-            words.append("".join(buf))
-    if words:
-        stmts.append((start, words))
-    return stmts
-
-
-def parse_uci(text: str, filename: str = "<config>") -> list[Section]:
-    """Parse UCI config text into its sections, in file order.
-
-    Named sections that repeat are merged into the first, as ``uci import``
-    does; ``option`` overrides, ``list`` appends.  Raises ConfigError.
+    ``kind`` is ``store`` (one value of ``type``), ``append`` (repeatable; a UCI ``list``)
+    or ``bool`` (``--NAME`` / ``--no-NAME``). ``live``: SIGHUP applies a new value at once;
+    otherwise a change waits for the next start.
     """
-    sections: list[Section] = []
-    by_name: dict[str, Section] = {}
-    cur: Section | None = None
-    for line, words in _tokenize(text, filename):
-        kw = _KEYWORDS.get(words[0])
-        args = words[1:]
-        if kw is None:
-            raise _err(filename, line, f"unknown keyword {words[0]!r} "
-                                       "(expected package, config, option or list)")
-        if kw == "package":
-            if len(args) != 1:
-                raise _err(filename, line, "'package' takes exactly one name")
-            continue
-        if kw == "config":
-            if not args:
-                raise _err(filename, line, "missing section type after 'config'")
-            if len(args) > 2:
-                raise _err(filename, line, f"extra word {args[2]!r} after section name")
-            stype, name = args[0], (args[1] if len(args) == 2 and args[1] else None)
-            if not _TYPE.fullmatch(stype):
-                raise _err(filename, line, f"invalid section type {stype!r}")
-            if name is None:
-                sections.append(cur := Section(stype, None, {}, {}, line))
-            elif not _NAME.fullmatch(name):
-                raise _err(filename, line, f"invalid section name {name!r} "
-                                           "(use letters, digits and _)")
-            elif (cur := by_name.get(name)) is None:
-                cur = by_name[name] = Section(stype, name, {}, {}, line)
-                sections.append(cur)
-            elif cur.type != stype:
-                raise _err(filename, line, f"section {name!r} redefined as {stype!r} "
-                                           f"(was {cur.type!r} at line {cur.line})")
-            continue
-        if not args:
-            raise _err(filename, line, f"missing name after '{kw}'")
-        key = args[0]
-        if not _NAME.fullmatch(key):
-            raise _err(filename, line, f"invalid {kw} name {key!r} (use letters, digits and _)")
-        if len(args) < 2:
-            raise _err(filename, line, f"missing value for {kw} {key!r}")
-        if len(args) > 2:
-            raise _err(filename, line, f"extra word {args[2]!r} after value of {kw} {key!r} "
-                                       "(quote values that contain spaces)")
-        if cur is None:
-            raise _err(filename, line, f"{kw} {key!r} before any 'config' section")
-        if kw == "option":
-            cur.lists.pop(key, None)
-            cur.options[key] = args[1]
-            cur.lines[key] = [line]
+
+    name: str
+    daemons: tuple[str, ...]
+    help: str
+    default: Any = None
+    type: type = str
+    kind: str = "store"
+    required: bool = False
+    choices: tuple[Any, ...] | None = None
+    metavar: str | None = None
+    live: bool = False
+
+    @property
+    def dest(self) -> str:
+        """The argparse attribute and the UCI key."""
+        return self.name.replace("-", "_")
+
+
+_O = Option
+OPTIONS: tuple[Option, ...] = (
+    # --- both daemons
+    _O("lan-if", BOTH, "LAN interface: NAT1's inside, where controld serves UPnP", required=True),
+    _O("rpc", BOTH, "ZeroMQ endpoint of natd's requests (ipc://PATH or tcp://HOST:PORT)", required=True),
+    _O("events", BOTH, "ZeroMQ endpoint of natd's events", required=True),
+    _O("curve-dir", BOTH, "CURVE keys for tcp:// endpoints (natd.key_secret and authorized/*.key, "
+                          "controld.key_secret and natd.key; made by igdpcp-natd --gen-keys)"),
+    _O("log-level", BOTH, "log level", default="info", choices=LOG_LEVELS, live=True),
+    # --- natd
+    _O("wan-if", (NATD,), "WAN interface (NAT1's outside)", required=True),
+    _O("layout", (NATD,), "standalone: own table 'ip TABLE'; fw4: chains and maps inside OpenWrt's "
+                          "'inet fw4' (needs the packaging/fw4 include files)", default="standalone"),
+    _O("table", (NATD,), "nftables table name in the standalone layout (family ip)", default="igdpcp"),
+    _O("ipc-group", (NATD,), "group owning the ipc:// socket files (mode 0660)"),
+    _O("max-bindings", (NATD,), "total NAT1 forwards allowed", default=65536, type=int, live=True),
+    _O("max-per-host", (NATD,), "NAT1 forwards allowed per LAN host", default=4096, type=int, live=True),
+    # --- controld
+    _O("state-dir", (CONTROLD,), "where the mapping table (SQLite) lives", required=True),
+    _O("mode", (CONTROLD,), "auto picks from the WAN address and PCP", default="auto"),
+    _O("pcp-server", (CONTROLD,), "PCP server address (default: the WAN default router)", live=True),
+    _O("pcp-timeout", (CONTROLD,), "seconds a UPnP action waits for NAT2 before answering 501",
+       default=10.0, type=float, live=True),
+    _O("pcp-server-file", (CONTROLD,), "PCP servers from DHCP option 158, written by the DHCP client hook; "
+                                       "used when --pcp-server is not given ('' to ignore)",
+       default="/var/run/igdpcp/pcp-server"),
+    _O("pcp-service-wait", (CONTROLD,), "on start, re-assert stored mappings upstream after RAND(0, this) "
+                                        "seconds", default=2.0, type=float, live=True),
+    _O("pcp-recovery-window", (CONTROLD,), "renewals/re-creations in flight at once (paces recovery after a "
+                                           "NAT2 restart)", default=32, type=int),
+    _O("pcp-short-error-retry", (CONTROLD,), "retry a short-lifetime PCP error once after this many seconds "
+                                             "(RFC 6970 §5.6; 0: off, the default, because UPnP answers "
+                                             "within 30 s)", default=0.0, type=float, live=True),
+    _O("pcp-cpe-retries", (CONTROLD,), "with --pcp-short-error-retry: retries of a short "
+                                       "CANNOT_PROVIDE_EXTERNAL", default=2, type=int, live=True),
+    _O("pcp-epoch-poll", (CONTROLD,), "send the PCP server an ANNOUNCE this often to notice a restart (0: off)",
+       default=30.0, type=float, live=True),
+    _O("admin-socket", (CONTROLD,), "Unix socket for the DHCP-release hook (igdpcp host-left); '' for none",
+       default="/var/run/igdpcp/controld.sock"),
+    _O("http-port", (CONTROLD,), "UPnP HTTP port on the LAN address (0: any)", default=0, type=int),
+    _O("igd-version", (CONTROLD,), "IGD device version to describe", default=1, type=int, choices=(1, 2)),
+    _O("secure-mode", (CONTROLD,), "InternalClient must be the caller's own address", default=True,
+       kind="bool", live=True),
+    _O("permission", (CONTROLD,), "miniupnpd rule 'allow|deny EPORT[-EPORT] IP[/MASK] IPORT[-IPORT] "
+                                  "[\"REGEX\"]', first match wins; with rules, no match is a deny "
+                                  "(UCI: list permission)", kind="append", metavar="RULE", live=True),
+    _O("max-mappings-per-host", (CONTROLD,), "UPnP mappings per LAN host (0: no limit)", default=256, type=int,
+       live=True),
+    _O("max-mappings", (CONTROLD,), "UPnP mappings in total (0: no limit)", default=4096, type=int, live=True),
+    _O("manage-host", (CONTROLD,), "hosts whose NewManage=1 reaches other hosts' mappings "
+                                   "(UCI: list manage_host)", kind="append", metavar="IP[/LEN]", live=True),
+)
+
+
+def options(daemon: str) -> list[Option]:
+    """The rows of one daemon, in table order."""
+    return [o for o in OPTIONS if daemon in o.daemons]
+
+
+def build_parser(daemon: str, prog: str, description: str,
+                 choices: Mapping[str, Sequence[Any]] | None = None) -> argparse.ArgumentParser:
+    """The daemon's argparse parser, made from :data:`OPTIONS`; ``choices`` supplies the
+    allowed values a daemon owns (e.g. natd's layouts), by option name."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--config", help=f"UCI config file (section '{daemon}'); flags win")
+    for o in options(daemon):
+        allowed = (choices or {}).get(o.name, o.choices)
+        if o.kind == "bool":
+            p.add_argument(f"--{o.name}", action=argparse.BooleanOptionalAction, default=o.default, help=o.help)
+        elif o.kind == "append":
+            p.add_argument(f"--{o.name}", action="append", metavar=o.metavar, help=o.help)
         else:
-            if key in cur.options:  # as in libuci, an option turns into the list's first entry
-                cur.lists[key] = [cur.options.pop(key)]
-            elif key not in cur.lists:
-                cur.lines[key] = []
-            cur.lists.setdefault(key, []).append(args[1])
-            cur.lines[key].append(line)
-    return sections
+            p.add_argument(f"--{o.name}", type=o.type, default=o.default, required=o.required,
+                           choices=allowed, metavar=o.metavar, help=o.help)
+    return p
 
 
-def load_uci(path: str) -> list[Section]:
-    """Read and parse the UCI file at ``path``; raises ConfigError if unreadable or invalid."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: cannot read config file: {getattr(e, 'strerror', None) or e}")
-    return parse_uci(text, path)
+def default(name: str) -> Any:
+    """The declared default of option ``name`` (for code that runs without a command line)."""
+    return next(o.default for o in OPTIONS if o.name == name)
+
+
+def restart_only(daemon: str) -> tuple[str, ...]:
+    """The options (argparse names) a running daemon cannot take over on SIGHUP."""
+    return tuple(o.dest for o in options(daemon) if not o.live)
 
 
 def _config_value(action: argparse.Action, key: str, raw: list[str], lines: list[int],
@@ -161,37 +146,37 @@ def _config_value(action: argparse.Action, key: str, raw: list[str], lines: list
     """Turn the file's raw strings for one key into the value the parser would store."""
     def conv(s: str, line: int) -> Any:
         try:
-            v = action.type(s) if action.type is not None else s
+            v = action.type(s) if callable(action.type) else s
         except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
-            raise _err(filename, line, f"invalid value {s!r} for {key!r}: {e}") from None
+            raise err(filename, line, f"invalid value {s!r} for {key!r}: {e}") from None
         if action.choices is not None and v not in action.choices:
             choices = ", ".join(map(repr, action.choices))
-            raise _err(filename, line, f"invalid value {s!r} for {key!r} (choose from {choices})")
+            raise err(filename, line, f"invalid value {s!r} for {key!r} (choose from {choices})")
         return v
 
     # argparse exposes no public way to ask an action what it does; these classes are stable.
     if isinstance(action, argparse._AppendAction):  # extend too: it subclasses append
-        return [conv(s, ln) for s, ln in zip(raw, lines)]
+        return [conv(s, ln) for s, ln in zip(raw, lines, strict=False)]
     if isinstance(action, argparse._AppendConstAction):
-        raise _err(filename, lines[0], f"{key!r} cannot be set from a config file")
+        raise err(filename, lines[0], f"{key!r} cannot be set from a config file")
     if isinstance(action, argparse._CountAction):
         if is_list:
-            raise _err(filename, lines[0], f"{key!r} takes one value; use 'option', not 'list'")
+            raise err(filename, lines[0], f"{key!r} takes one value; use 'option', not 'list'")
         try:
             return int(raw[0])
         except ValueError:
-            raise _err(filename, lines[0], f"invalid count {raw[0]!r} for {key!r}") from None
+            raise err(filename, lines[0], f"invalid count {raw[0]!r} for {key!r}") from None
     if action.nargs in ("*", "+") or isinstance(action.nargs, int) and action.nargs > 0:
-        values = [conv(s, ln) for s, ln in zip(raw, lines)]
+        values = [conv(s, ln) for s, ln in zip(raw, lines, strict=False)]
         if isinstance(action.nargs, int) and len(values) != action.nargs:
-            raise _err(filename, lines[0], f"{key!r} needs exactly {action.nargs} values")
+            raise err(filename, lines[0], f"{key!r} needs exactly {action.nargs} values")
         return values
     if is_list:
-        raise _err(filename, lines[0], f"{key!r} takes one value; use 'option', not 'list'")
+        raise err(filename, lines[0], f"{key!r} takes one value; use 'option', not 'list'")
     if action.nargs == 0:  # store_true/store_false/store_const and BooleanOptionalAction
         b = _BOOLS.get(raw[0].lower())
         if b is None:
-            raise _err(filename, lines[0], f"invalid boolean {raw[0]!r} for {key!r} "
+            raise err(filename, lines[0], f"invalid boolean {raw[0]!r} for {key!r} "
                                            "(use 1/0, yes/no, on/off, true/false, enabled/disabled)")
         if isinstance(action, argparse.BooleanOptionalAction):
             return b
@@ -235,31 +220,7 @@ def _parse_args_with_config(parser: argparse.ArgumentParser, argv: list[str] | N
     if not path:
         return parser.parse_args(argv)
 
-    section = next((s for s in load_uci(path) if s.type == section_type), None)
-    by_key: dict[str, argparse.Action] = {}
-    for a in parser._actions:
-        if a is cfg or not a.option_strings or isinstance(a, (argparse._HelpAction,
-                                                               argparse._VersionAction)):
-            continue
-        for s in a.option_strings:
-            if s.startswith("--") and not (isinstance(a, argparse.BooleanOptionalAction)
-                                           and s.startswith("--no-")):
-                by_key.setdefault(s[2:].replace("-", "_"), a)
-        if not any(s.startswith("--") for s in a.option_strings):  # short-only flags go by dest
-            by_key.setdefault(a.dest, a)
-
-    values: dict[str, Any] = {}
-    for key, raw in ([*section.options.items(), *section.lists.items()] if section else []):
-        lines = section.lines.get(key) or [section.line]
-        action = by_key.get(key)
-        if action is None:
-            hint = difflib.get_close_matches(key, by_key, n=1)
-            raise _err(path, lines[0], f"unknown option {key!r} in section {section_type}"
-                                       + (f" (did you mean {hint[0]!r}?)" if hint else ""))
-        is_list = isinstance(raw, list)
-        values[action.dest] = _config_value(action, key, raw if is_list else [raw], lines,
-                                            is_list, path)
-
+    values = _file_values(parser, cfg, path, section_type)
     # Accumulating actions build on the default, so they get None and the file's
     # list is filled in afterwards only if the command line gave none; the rest
     # get a marker, so a value typed on the command line is never overwritten.
@@ -283,3 +244,37 @@ def _parse_args_with_config(parser: argparse.ArgumentParser, argv: list[str] | N
         if getattr(ns, dest, marker) is marker:
             setattr(ns, dest, values[dest])
     return ns
+
+
+def _uci_keys(parser: argparse.ArgumentParser, cfg: argparse.Action) -> dict[str, argparse.Action]:
+    """UCI key -> the action it sets: ``wan_if`` for ``--wan-if`` (short-only flags by dest)."""
+    by_key: dict[str, argparse.Action] = {}
+    for a in parser._actions:
+        if a is cfg or not a.option_strings or isinstance(a, (argparse._HelpAction, argparse._VersionAction)):
+            continue
+        for s in a.option_strings:
+            if s.startswith("--") and not (isinstance(a, argparse.BooleanOptionalAction) and s.startswith("--no-")):
+                by_key.setdefault(s[2:].replace("-", "_"), a)
+        if not any(s.startswith("--") for s in a.option_strings):
+            by_key.setdefault(a.dest, a)
+    return by_key
+
+
+def _file_values(parser: argparse.ArgumentParser, cfg: argparse.Action, path: str,
+                 section_type: str) -> dict[str, Any]:
+    """The values the file's first ``section_type`` section gives, by argparse dest."""
+    section = next((s for s in load_uci(path) if s.type == section_type), None)
+    if section is None:
+        return {}
+    by_key = _uci_keys(parser, cfg)
+    values: dict[str, Any] = {}
+    given = [(k, [v], False) for k, v in section.options.items()] + [(k, v, True) for k, v in section.lists.items()]
+    for key, raw, is_list in given:
+        lines = section.lines.get(key) or [section.line]
+        action = by_key.get(key)
+        if action is None:
+            hint = difflib.get_close_matches(key, by_key, n=1)
+            raise err(path, lines[0], f"unknown option {key!r} in section {section_type}"
+                                      + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+        values[action.dest] = _config_value(action, key, raw, lines, is_list, path)
+    return values

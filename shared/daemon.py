@@ -7,8 +7,8 @@ import asyncio
 import logging
 import os
 import signal
-from collections.abc import Callable
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -78,11 +78,11 @@ def restrict_ipc(endpoint: str, group: str | None) -> None:
     os.chmod(path, 0o660)
 
 
-def bind_endpoint(sock: "zmq.Socket", endpoint: str, group: str | None) -> None:
+def bind_endpoint(sock: zmq.Socket, endpoint: str, group: str | None) -> None:
     """Bind ``sock``; an ipc:// socket file is born mode 0660 (umask) and handed to ``group``.
 
     Setting the umask before bind leaves no window in which another local user could
-    connect to a more open socket file (ARCHITECTURE.md, Trust).
+    connect to a more open socket file (docs/architecture.md, Trust).
     """
     prepare_ipc(endpoint)
     old = os.umask(0o117) if ipc_path(endpoint) else None
@@ -145,7 +145,7 @@ def _load(path: str, secret: bool) -> tuple[bytes, bytes | None]:
     return pub, sec
 
 
-def curve_server(sock: "zmq.Socket", key_dir: str) -> None:
+def curve_server(sock: zmq.Socket, key_dir: str) -> None:
     """Make ``sock`` a CURVE server with natd's key pair (before bind)."""
     pub, sec = _load(os.path.join(key_dir, f"{NATD_KEY}.key_secret"), True)
     sock.curve_secretkey = sec
@@ -153,7 +153,7 @@ def curve_server(sock: "zmq.Socket", key_dir: str) -> None:
     sock.curve_server = True
 
 
-def curve_client(sock: "zmq.Socket", key_dir: str) -> None:
+def curve_client(sock: zmq.Socket, key_dir: str) -> None:
     """Make ``sock`` a CURVE client with controld's key pair and natd's public key (before connect)."""
     pub, sec = _load(os.path.join(key_dir, f"{CONTROLD_KEY}.key_secret"), True)
     server, _ = _load(os.path.join(key_dir, f"{NATD_KEY}.key"), False)

@@ -1,0 +1,146 @@
+"""Operational scenarios found in review (real miniupnpd, kill -9, lowered limits), reduced to
+the IWF against a scripted natd and NAT2 so each is exact and fast."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+
+from controld.lifecycle import State
+from controld.table import Mapping, MappingTable
+from shared import pcp, wire
+from tests.unit.test_iwf_regressions import _drive, _iwf
+from tests.unit.test_iwf_units import LAN, SERVER, ScriptedLink, add
+
+
+class Scripted(ScriptedLink):
+    """natd + NAT2 stand-in with switches: NAT2 grants another port (ignoring PREFER_FAILURE,
+    as miniupnpd 2.3.1 does), answers deletes with NO_RESOURCES; natd refuses some syncs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.steal = False
+        self.deletes_fail = False
+        self.refuse: list[int] = []
+        self.syncs: list[wire.Sync] = []
+        orig = self.fake.answer
+
+        def answer(req, raw):  # type: ignore[no-untyped-def]
+            m = req.map
+            if m is not None and req.lifetime == 0 and self.deletes_fail:
+                return pcp.encode_response(pcp.Response(pcp.Opcode.MAP, pcp.Result.NO_RESOURCES, 30, 100, m))
+            out = orig(req, raw)
+            if out is not None and self.steal and m is not None and req.lifetime and m.internal_port != 9:
+                r = pcp.decode_response(out)
+                out = pcp.encode_response(dataclasses.replace(
+                    r, map=dataclasses.replace(r.map, external_port=m.external_port + 10)))
+            return out
+        self.fake.answer = answer
+
+    async def call(self, msg: wire.Message, timeout: float = 5.0) -> wire.Message:
+        if isinstance(msg, wire.Sync):
+            self.syncs.append(msg)
+            return wire.SyncReply(len(msg.bindings), 0, list(self.refuse))
+        return await super().call(msg, timeout)
+
+
+async def _until(cond, seconds: float = 3.0) -> None:  # type: ignore[no-untyped-def]
+    for _ in range(int(seconds / 0.02)):  # bounded wait
+        if cond():
+            return
+        await asyncio.sleep(0.02)
+
+
+def test_recovery_keeps_the_promised_port(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """After a server restart a mapping keeps its port or keeps trying (RFC 6970 §5.10,
+    rfc6970-iwf item 82): a grant of another port is handed back, never stored, so ports
+    cannot shift from one application to the next."""
+    link = Scripted()
+    iwf = _iwf(tmp_path, link)
+
+    async def body() -> None:
+        m = await add(iwf, 8080)
+        link.steal = True
+        iwf._recover_all(SERVER, 0.0)
+        await _until(lambda: any(r.lifetime == 0 for r in link.maps()))
+        assert m.ext_port == 8080 and m.state == State.RECOVERING
+        assert [r.map.nonce for r in link.maps() if r.lifetime == 0] == [m.nonce]  # the wrong grant, released
+        await _until(lambda: m.id in iwf._due)
+        # It retries within seconds (backing off to 5 min), not at the old grant's renewal times.
+        assert iwf._due[m.id][0] - iwf.wall() < 10
+        # After our own WAN address changed the port may move (item 81), asked without PREFER_FAILURE.
+        iwf._recover_all(SERVER, 0.0, may_move=True)
+        await _until(lambda: m.ext_port == 8090)
+        assert m.ext_port == 8090 and m.state == State.ACTIVE
+        assert not link.maps()[-1].options.prefer_failure
+    _drive(iwf, body)
+
+
+def test_natd_refusals_in_a_sync_remove_those_mappings(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A lowered natd limit must not wedge the sync: natd leaves out what is over it, and
+    controld removes exactly those, upstream too, so no view lists a dead mapping."""
+    link = Scripted()
+    iwf = _iwf(tmp_path, link)
+
+    async def body() -> None:
+        keep, drop = await add(iwf, 8080, iport=80), await add(iwf, 8081, iport=81)
+        link.refuse = [drop.id]
+        await iwf.on_natd_event(wire.Heartbeat("boot-2", 0))  # natd restarted with a lower limit
+        await _until(lambda: iwf.table.count() == 1)
+        assert [m.id for m in iwf.table.listed()] == [keep.id]
+        assert [r.map.nonce for r in link.maps() if r.lifetime == 0] == [drop.nonce]
+    _drive(iwf, body)
+
+
+def test_unfinished_rows_keep_their_binding_until_deleted_upstream(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Rows a crash left PENDING or DELETING are synced with their NAT1 binding (natd relays
+    a MAP only for a bound mapping), deleted upstream with their nonce, then dropped."""
+    t = MappingTable(str(tmp_path))
+    now = time.time()
+    for mid, st in ((1, State.DELETING), (2, State.PENDING)):
+        t.save(Mapping(id=mid, cp=LAN, igd=1, remote_host="", ext_port=8080 + mid, proto=6, int_client=LAN,
+                       int_port=80 + mid, description="x", lease=0, lease_end=None, state=st, created=now,
+                       nat1_port=40000 + mid, nonce=bytes(range(mid, mid + 12)), pcp_server=SERVER,
+                       ext_ip="198.20.0.1", pcp_lifetime=120, pcp_expiry=now + 120, mode="cascaded"))
+    t.close()
+    link = Scripted()
+
+    async def main() -> None:
+        iwf = _iwf(tmp_path, link)
+        await iwf.start()
+        try:
+            assert sorted(b.mid for b in link.syncs[0].bindings) == [1, 2]
+            await _until(lambda: not iwf.table.by_id)
+            deletes = [(s.mid, r.map.nonce) for s, r in link.sent if r.lifetime == 0 and r.map.internal_port != 9]
+            assert sorted(deletes) == [(1, bytes(range(1, 13))), (2, bytes(range(2, 14)))]  # relayed via the binding
+            assert sorted(link.unbound) == [1, 2] and not iwf.table.by_id
+        finally:
+            await iwf.stop()
+            iwf.table.close()
+    asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_delete_while_recovering_succeeds_when_nat2_no_longer_has_it(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    link = Scripted()
+    iwf = _iwf(tmp_path, link)
+
+    async def body() -> None:
+        m = await add(iwf, 8080)
+        m.state = State.RECOVERING  # NAT2 restarted; not re-created yet
+        link.deletes_fail = True  # miniupnpd answers NO_RESOURCES for a mapping it does not have
+        await iwf.delete_port_mapping(LAN, 1, "", 8080, pcp.PROTO_TCP)
+        assert iwf.table.count() == 0 and link.unbound == [m.id]
+    _drive(iwf, body)
+
+
+def test_natd_return_brings_failed_renewals_forward(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    link = Scripted()
+    iwf = _iwf(tmp_path, link)
+
+    async def body() -> None:
+        m = await add(iwf, 8080)
+        iwf._schedule(m, iwf.wall() + 1000, attempt=3)  # failed while natd was away, backing off
+        await iwf.on_natd_event(wire.Heartbeat("boot-2", 0))
+        assert iwf._due[m.id][0] <= iwf.wall() + 1
+    _drive(iwf, body)

@@ -1,0 +1,278 @@
+"""The interworking core in process: exact PCP requests for each UPnP action, leases, policy.
+
+natd is replaced by a scripted link that answers with tests/bed/fake_pcp.py's rules (the
+real path is covered by test_iwf_e2e.py); what is asserted is the bytes the IWF asks
+natd to send upstream, decoded, and what the control point gets back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import os
+import random
+import subprocess
+from collections.abc import Awaitable, Callable
+
+import pytest
+
+from controld.admin import parse_command
+from controld.errors import UPnPError
+from controld.iwf import IGD2_MAX_LEASE, Iwf, IwfConfig, _description
+from controld.lifecycle import State
+from controld.pcp.discovery import choose_server, parse_server_file
+from controld.table import MappingTable
+from shared import pcp, wire
+from tests.bed.fake_pcp import FakePcp
+
+LAN = "192.168.1.2"
+SERVER = "100.64.0.1"
+
+
+class ScriptedLink:
+    """Stands in for natd: binds succeed, PCP requests are answered by FakePcp's script."""
+
+    def __init__(self) -> None:
+        self.iwf: Iwf | None = None
+        self.fake = FakePcp(None)
+        self.sent: list[tuple[wire.PcpSend, pcp.Request]] = []
+        self.unbound: list[int] = []
+
+    async def call(self, msg: wire.Message, timeout: float = 5.0) -> wire.Message:
+        if isinstance(msg, wire.Hello):
+            return wire.HelloReply("boot", "100.64.0.2", SERVER, ["192.168.1.1"], ["192.168.1.0/24"])
+        if isinstance(msg, wire.Sync):
+            return wire.SyncReply(len(msg.bindings), 0)
+        if isinstance(msg, wire.Bind):
+            return wire.BindReply("100.64.0.2", msg.want_port or 40000)
+        if isinstance(msg, wire.Unbind):
+            self.unbound.append(msg.mid)
+            return wire.Ok()
+        assert isinstance(msg, wire.PcpSend)
+        req = pcp.decode_request(msg.packet)
+        self.sent.append((msg, req))
+        reply = self.fake.answer(req, msg.packet)
+        if reply is not None:
+            assert self.iwf is not None
+            evt = wire.PcpReceived(msg.server, reply, msg.mid, None)
+            asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self.iwf.on_natd_event(evt)))
+        return wire.Ok()
+
+    def maps(self, eport: int | None = None) -> list[pcp.Request]:
+        return [r for _, r in self.sent if r.opcode == pcp.Opcode.MAP and r.map is not None
+                and r.map.internal_port != 9 and (eport is None or r.map.external_port == eport)]
+
+
+def run(tmp_path, body: Callable[[Iwf, ScriptedLink], Awaitable[None]], **cfg) -> None:  # type: ignore[no-untyped-def]
+    async def main() -> None:
+        link = ScriptedLink()
+        conf = IwfConfig(**{"mode": "cascaded", "pcp_server": SERVER, "service_wait": 0.0, "epoch_poll": 0.0,
+                            "pcp_timeout": 2.0, **cfg})
+        iwf = Iwf(conf, MappingTable(str(tmp_path)), link, rng=random.Random(5))  # type: ignore[arg-type]
+        link.iwf = iwf
+        await iwf.start()
+        try:
+            await body(iwf, link)
+        finally:
+            await iwf.stop()
+            iwf.table.close()
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def add(iwf: Iwf, ext: int, lease: int = 0, igd: int = 1, iport: int = 80, desc: str = "web"):  # type: ignore[no-untyped-def]
+    return iwf.add_port_mapping(LAN, igd, "", ext, pcp.PROTO_TCP, iport, LAN, True, desc, lease)
+
+
+def test_add_and_delete_are_byte_exact(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """AddPortMapping -> MAP + PREFER_FAILURE + suggested port + DESCRIPTION (rfc6970-iwf items 21,
+    23, 47, 49); delete -> lifetime 0, same nonce, port 0, ::ffff:0:0, no options (items 63, 67;
+    RFC 6887 erratum 3621); infinite IGD:1 lease -> 0xFFFFFFFF (item 69, §18 item 1)."""
+    async def body(iwf: Iwf, link: ScriptedLink) -> None:
+        m = await add(iwf, 8080)
+        (req,) = link.maps(8080)
+        assert req.lifetime == pcp.MAX_LIFETIME and req.options.prefer_failure
+        assert req.options.third_party is None  # cascaded: no THIRD_PARTY (item 39)
+        assert req.options.description == "web " and req.map.internal_port == 80
+        assert m.nonce == req.map.nonce and m.state == State.ACTIVE and m.ext_ip == "198.20.0.1"
+        assert iwf.external_ip(LAN) == "198.20.0.1" and iwf.external_ip("192.168.1.9") == "198.20.0.1"
+        await iwf.delete_port_mapping(LAN, 1, "", 8080, pcp.PROTO_TCP)
+        dreq = link.maps(0)[-1]
+        assert dreq.lifetime == 0 and dreq.map.nonce == m.nonce and dreq.map.external_port == 0
+        assert dreq.map.external_ip == ipaddress.IPv4Address(0) and dreq.options == pcp.Options()
+        assert pcp.encode_request(dreq)[44:60] == b"\0" * 10 + b"\xff\xff" + b"\0" * 4
+        assert iwf.table.count() == 0 and link.unbound == [m.id]
+        with pytest.raises(UPnPError) as exc:
+            await iwf.delete_port_mapping(LAN, 1, "", 8080, pcp.PROTO_TCP)
+        assert exc.value.code == 714  # nothing local: nothing sent (item 62)
+    run(tmp_path, body)
+
+
+def test_leases_refresh_and_what_the_cp_sees(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """IGD:2 lease 0 -> 604800 (item 71); a finite lease is the requested lifetime (item 70);
+    the lease shown never exceeds NAT2's grant (120 s here); a re-add by the owner reuses
+    the nonce (item 54)."""
+    async def body(iwf: Iwf, link: ScriptedLink) -> None:
+        m2 = await add(iwf, 8081, lease=0, igd=2)
+        assert m2.lease == IGD2_MAX_LEASE and link.maps(8081)[-1].lifetime <= IGD2_MAX_LEASE
+        m = await add(iwf, 8082, lease=3600)
+        assert 3590 <= link.maps(8082)[-1].lifetime <= 3600
+        assert 110 <= iwf.lease_remaining(m) <= 120
+        assert iwf.lease_remaining(await add(iwf, 8083)) == 0  # IGD:1 infinite: kept by renewals
+        again = await add(iwf, 8082, lease=600, desc="new")
+        assert again is m and link.maps(8082)[-1].map.nonce == m.nonce and m.description == "new"
+        # The same client re-adding with another internal port overwrites (WANIPConnection, as
+        # miniupnpd); only NAT1 changes, the nonce and the upstream mapping stay.
+        moved = await iwf.add_port_mapping(LAN, 1, "", 8082, pcp.PROTO_TCP, 81, LAN, True, "x", 0)
+        assert moved is m and m.int_port == 81 and link.maps(8082)[-1].map.nonce == m.nonce
+        with pytest.raises(UPnPError) as exc:
+            await iwf.add_port_mapping("192.168.1.9", 1, "", 8082, pcp.PROTO_TCP, 81, "192.168.1.9", True, "x", 0)
+        assert exc.value.code == 718  # another client on a port we hold: local conflict
+    run(tmp_path, body)
+
+
+def test_refusals_before_anything_is_sent(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    async def body(iwf: Iwf, link: ScriptedLink) -> None:
+        cases = [
+            (iwf.add_port_mapping(LAN, 1, "", 8080, 6, 80, LAN, False, "", 0), 402),  # item 16
+            (iwf.add_port_mapping(LAN, 1, "", 0, 6, 80, LAN, True, "", 0), 716),  # item 49, our choice
+            (iwf.add_port_mapping(LAN, 1, "", 5351, 17, 80, LAN, True, "", 0), 718),  # RFC 6887 §11.3
+            (iwf.add_port_mapping(LAN, 1, "", 8080, 6, 80, "192.168.1.9", True, "", 0), 606),  # item 88
+            (iwf.delete_port_mapping_range(LAN, 2, 1, 100, 6, False), 730),  # item 62
+        ]
+        for coro, code in cases:
+            with pytest.raises(UPnPError) as exc:
+                await coro
+            assert exc.value.code == code
+        assert link.maps() == []
+        m = await iwf.add_any_port_mapping(LAN, 2, "", 5351, pcp.PROTO_UDP, 80, LAN, True, "", 0)
+        assert m.ext_port != 5351 and link.maps()[-1].map.external_port == 0  # never suggest PCP's port
+        assert not link.maps()[-1].options.prefer_failure  # item 42
+    run(tmp_path, body)
+
+
+def test_short_error_retry_is_off_by_default(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """rfc6970-iwf §18 item 4: the 30 s retry is configurable and off by default."""
+    async def body(iwf: Iwf, link: ScriptedLink) -> None:
+        with pytest.raises(UPnPError) as exc:
+            await add(iwf, 22000)
+        assert exc.value.code == 501 and len(link.maps(22000)) == 1
+        assert iwf.table.count() == 0
+    run(tmp_path, body)
+
+
+def test_get_specific_probes_only_when_nothing_local(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """RFC 6970 §5.7 (items 56-60): the whole local table first; else a 60 s PREFER_FAILURE
+    probe from the discard port, deleted again; the CP gets 714 either way."""
+    async def body(iwf: Iwf, link: ScriptedLink) -> None:
+        m = await add(iwf, 8080)
+        assert await iwf.get_specific("192.168.1.77", "", 8080, pcp.PROTO_TCP) is m
+        before = len(link.sent)
+        with pytest.raises(UPnPError) as exc:
+            await iwf.get_specific(LAN, "", 9100, pcp.PROTO_TCP)
+        assert exc.value.code == 714
+        probe, delete = (r for _, r in link.sent[before:])
+        assert probe.lifetime == 60 and probe.options.prefer_failure and probe.map.external_port == 9100
+        assert probe.map.internal_port == 9 and delete.lifetime == 0 and delete.map.nonce == probe.map.nonce
+    run(tmp_path, body)
+
+
+def test_no_nat1_sends_third_party_and_filter(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """No NAT in the IGD: THIRD_PARTY = InternalClient (items 22, 33), nothing bound in NAT1;
+    RemoteHost -> FILTER prefix 128, all ports (item 20)."""
+    async def body(iwf: Iwf, link: ScriptedLink) -> None:
+        m = await iwf.add_port_mapping(LAN, 1, "198.20.0.10", 8080, 6, 80, LAN, True, "", 0)
+        (req,) = link.maps(8080)
+        assert req.options.third_party == ipaddress.IPv4Address(LAN) and m.nat1_port is None
+        assert req.options.filters == (pcp.Filter(128, 0, ipaddress.IPv4Address("198.20.0.10")),)
+        assert link.sent[-1][0].mid is None
+        assert await iwf.host_left(LAN) == 1 and iwf.table.count() == 0  # items 79, 80
+        assert link.maps(0)[-1].options.third_party == ipaddress.IPv4Address(LAN)
+    run(tmp_path, body, mode="no-nat1")
+
+
+# --- discovery, admin, description -------------------------------------------------
+
+
+def _hook_158(tmp_path, hex_option: str) -> list[list[str]] | None:  # type: ignore[no-untyped-def]
+    """Run the shipped udhcpc hook on option 158 data; the servers it wrote, None for no file."""
+    out = tmp_path / "pcp-server"
+    out.unlink(missing_ok=True)
+    hook = os.path.join(os.path.dirname(__file__), "..", "..", "packaging", "hooks", "udhcpc-pcp-server")
+    env = dict(os.environ, opt158=hex_option, IGDPCP_PCP_SERVER_FILE=str(out))
+    subprocess.run(["sh", hook, "bound"], env=env, check=True, timeout=10)
+    return parse_server_file(out.read_text()) if out.exists() else None
+
+
+def test_server_discovery_order_and_option_158(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """RFC 6887 §8.1: configured, else DHCP, else the default router (rfc6970-iwf item 10);
+    RFC 7291 §4: option 158 lists, multicast/loopback discarded, malformed ignored."""
+    assert choose_server("100.64.0.9", [["100.64.0.3"]], SERVER) == ("100.64.0.9", "configured")
+    assert choose_server(None, [["100.64.0.3", "100.64.0.4"]], SERVER) == ("100.64.0.3", "dhcp")
+    assert choose_server(None, [], SERVER) == (SERVER, "default-router")
+    assert choose_server(None, [], None) == (None, "none")
+    # The shipped hook is the one parser of option 158 (what runs on the router).
+    assert _hook_158(tmp_path, "04644000030cc6140001c6140002e0000001047f000001") == [
+        ["100.64.0.3"], ["198.20.0.1", "198.20.0.2"]]
+    for bad in ("05644000030a", "00", "08c6140001"):
+        assert _hook_158(tmp_path, bad) is None  # malformed: ignored, no file
+    assert parse_server_file("100.64.0.3\n# x\n224.0.0.1 127.0.0.1\n::ffff:198.20.0.1, junk\n") == [
+        ["100.64.0.3"], ["198.20.0.1"]]
+
+
+def test_admin_command_and_description_padding() -> None:
+    assert parse_command(b"host-left 192.168.1.2\n") == ("host-left", LAN)
+    for bad in (b"", b"host-left", b"host-left 999.1.1.1", b"rm -rf /", b"host-left 1.2.3.4 x"):
+        with pytest.raises(ValueError):
+            parse_command(bad)
+    for text in ("x", "abcd", "\u00e9t\u00e9", "a" * 2000):
+        raw = _description(text).encode()
+        assert len(raw) % 4 == 0 and len(raw) <= pcp.MAX_DESCRIPTION and not raw.endswith(b"\0")
+    assert pcp.description_bytes("\u00e9" * 600).decode("utf-8") == "\u00e9" * 508  # cut on a character
+
+
+class SlowDeletes(ScriptedLink):
+    """natd stand-in whose PCP deletes are answered after ``delay``; counts deletes in flight."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__()
+        self.delay, self.in_flight, self.peak = delay, 0, 0
+
+    async def call(self, msg: wire.Message, timeout: float = 5.0) -> wire.Message:
+        if isinstance(msg, wire.PcpSend) and pcp.decode_request(msg.packet).lifetime == 0:
+            self.in_flight += 1
+            self.peak = max(self.peak, self.in_flight)
+            await asyncio.sleep(self.delay)
+            self.in_flight -= 1
+        return await super().call(msg, timeout)
+
+
+def test_range_delete_is_paced_and_answers_in_time(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """DeletePortMappingRange: one MAP delete per mapping (rfc6970-iwf items 26, 66), never more
+    than the recovery window at NAT2 at once, and the CP is answered within pcp_timeout even while
+    deletes continue (item 67 MAY)."""
+    link = SlowDeletes(delay=0.1)
+
+    async def main() -> None:
+        conf = IwfConfig(mode="cascaded", pcp_server=SERVER, service_wait=0.0, epoch_poll=0.0,
+                         pcp_timeout=0.5, recovery_window=4)
+        iwf = Iwf(conf, MappingTable(str(tmp_path)), link, rng=random.Random(5))  # type: ignore[arg-type]
+        link.iwf = iwf
+        await iwf.start()
+        try:
+            for port in range(9000, 9040):
+                await add(iwf, port, iport=port)
+            t0 = asyncio.get_running_loop().time()
+            assert await iwf.delete_port_mapping_range(LAN, 2, 9000, 9039, pcp.PROTO_TCP, False) == 40
+            assert asyncio.get_running_loop().time() - t0 < 0.9  # 40 deletes / 4 x 0.1 s = 1 s of work
+            for _ in range(100):  # bounded wait for the background rest
+                if iwf.table.count() == 0 and link.in_flight == 0:
+                    break
+                await asyncio.sleep(0.05)
+            assert iwf.table.count() == 0 and sorted(link.unbound) == sorted(range(1, 41))
+            assert len([r for r in link.maps(0) if r.lifetime == 0]) == 40 and link.peak == 4
+        finally:
+            await iwf.stop()
+            iwf.table.close()
+
+    asyncio.run(asyncio.wait_for(main(), 30))

@@ -1,0 +1,261 @@
+"""natd without a kernel: the wire schema's guards, the nft monitor parser, the fw4 files.
+
+Issue #5: "a version mismatch is a clear error, not a crash"; "natd validates every
+field before anything reaches the kernel"; fw4 include files.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import struct
+
+import msgpack
+import pytest
+
+from natd import nftmon
+from natd.bindings import BindingTable, PolicyError
+from natd.nft import Layout, expected, fw4_includes
+from shared import wire
+from tests.bed import fuzz
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _raw(**body: object) -> bytes:
+    return msgpack.packb(body, use_bin_type=True)
+
+
+def test_version_mismatch_is_a_clear_error_both_ways() -> None:
+    with pytest.raises(wire.WireError) as exc:
+        wire.decode(_raw(v=99, op="hello", id=7))
+    assert exc.value.code == "version" and exc.value.rid == 7 and "99" in str(exc.value)
+    # natd's error reply stays readable by a peer of another version.
+    err = _raw(v=99, op="error", id=7, code="version", message="x")
+    assert wire.decode(err) == (wire.Error("version", "x"), 7)
+    # A v1 peer (no deadline field) is still served.
+    assert wire.decode(_raw(v=1, op="unbind", id=3, mid=5)) == (wire.Unbind(5), 3)
+
+
+def test_envelope_carries_id_and_deadline() -> None:
+    env = wire.decode_envelope(wire.encode(wire.Unbind(9), 4, 1_700_000_000_000))
+    assert env == wire.Envelope(wire.Unbind(9), 4, 1_700_000_000_000)
+    for bad in ({"dl": -1}, {"dl": "soon"}, {"id": True}, {"id": -3}):
+        with pytest.raises(wire.WireError):
+            wire.decode(_raw(v=2, op="unbind", mid=1, **bad))
+
+
+@pytest.mark.parametrize("fields, code", [
+    ({"op": "bind", "mid": 0, "proto": 6, "lan_ip": "192.168.1.2", "lan_port": 1, "want_port": 1}, "bad-field"),
+    ({"op": "bind", "mid": 1, "proto": 1, "lan_ip": "192.168.1.2", "lan_port": 1, "want_port": 1}, "bad-field"),
+    ({"op": "bind", "mid": 1, "proto": 6, "lan_ip": "fe80::1", "lan_port": 1, "want_port": 1}, "bad-field"),
+    ({"op": "bind", "mid": 1, "proto": 6, "lan_ip": "192.168.1.2", "lan_port": 0, "want_port": 1}, "bad-field"),
+    ({"op": "bind", "mid": 1, "proto": 6, "lan_ip": "192.168.1.2", "lan_port": 1, "want_port": 65536}, "bad-field"),
+    ({"op": "bind", "mid": 1, "proto": "6", "lan_ip": "192.168.1.2", "lan_port": 1, "want_port": 1}, "bad-field"),
+    ({"op": "bind", "mid": 1, "proto": 6, "lan_ip": "192.168.1.2", "lan_port": 1}, "bad-field"),
+    ({"op": "bind", "mid": 1, "proto": 6, "lan_ip": "192.168.1.2", "lan_port": 1, "want_port": 1, "x": 1},
+     "bad-field"),
+    ({"op": "unbind", "mid": -1}, "bad-field"),
+    ({"op": "sync", "bindings": [{"mid": 1, "proto": 6, "lan_ip": "1.2.3.4", "lan_port": 1, "wan_port": 0}]},
+     "bad-field"),
+    ({"op": "sync", "bindings": "all"}, "bad-field"),
+    ({"op": "launch"}, "bad-op"),
+    ({"op": None}, "bad-op"),
+])
+def test_every_field_is_checked(fields: dict, code: str) -> None:
+    with pytest.raises(wire.WireError) as exc:
+        wire.decode(_raw(v=2, id=1, **fields))
+    assert exc.value.code == code
+
+
+def test_random_and_mutated_bytes_only_ever_raise_wire_error() -> None:
+    rng = random.Random(5)
+    good = [wire.encode(m, 1) for m in (wire.Hello(), wire.Bind(1, 6, "192.168.1.2", 80, 8080),
+                                        wire.Sync([wire.Binding(1, 17, "192.168.1.9", 53, 5353)]))]
+    for data in fuzz.cases(rng, good, 3000, max_random=200, truncate=True):  # decode or WireError, nothing else
+        try:
+            msg, _ = wire.decode(data)
+        except wire.WireError:
+            continue
+        msg.check()  # whatever got through is a valid message
+
+
+def test_policy_refuses_non_lan_and_reserved() -> None:
+    """docs/architecture.md, Trust: LAN subnets only, never the router, WAN, loopback; PCP ports reserved."""
+    import ipaddress
+
+    t = BindingTable([ipaddress.IPv4Network("192.168.1.0/24")], {"192.168.1.1", "100.64.0.2"})
+    for ip, code in [("192.168.1.1", "not-lan"), ("100.64.0.2", "not-lan"), ("127.0.0.1", "not-lan"),
+                     ("10.0.0.5", "not-lan"), ("192.168.1.255", "not-lan"), ("192.168.1.0", "not-lan")]:
+        with pytest.raises(PolicyError) as exc:
+            t.add(wire.Binding(1, 6, ip, 80, 8080))
+        assert exc.value.code == code, ip
+    with pytest.raises(PolicyError) as exc:
+        t.add(wire.Binding(1, 17, "192.168.1.2", 80, 5351))
+    assert exc.value.code == "reserved-port"
+
+
+def test_snat_owner_is_lowest_mid_and_state_is_one_function() -> None:
+    a = wire.Binding(2, 6, "192.168.1.2", 80, 20002)
+    b = wire.Binding(1, 6, "192.168.1.2", 80, 20001)
+    st = expected([a, b], "100.64.0.2", ["192.168.1.0/24"])
+    assert st.fwd == {(6, 20002): ("192.168.1.2", 80), (6, 20001): ("192.168.1.2", 80)}
+    assert st.snat == {("192.168.1.2", 6, 80): ("100.64.0.2", 20001)}
+    assert st.wan == {"100.64.0.2"} and st.lan == {"192.168.1.0/24"}
+
+
+def test_every_rule_has_an_explicit_ipv4_selector() -> None:
+    """Unlike miniupnpd's nftables backend, no IPv6 packet may match an IPv4 forward."""
+    for name in ("standalone", "fw4"):
+        lay = Layout.make(name)
+        for rules in lay.chains().values():
+            for _tag, text in rules:
+                assert text.startswith("meta nfproto ipv4" if lay.family == "inet" else "ip version 4"), text
+
+
+def test_packaged_fw4_includes_are_what_natd_expects() -> None:
+    for path, text in fw4_includes().items():
+        with open(os.path.join(ROOT, "packaging", "fw4", path)) as f:
+            assert f.read() == text, path
+        assert f"/usr/share/nftables.d/{path}" in text.splitlines()[0]
+
+
+def _nlmsg(msg: int, family: int, attrs: dict[int, bytes]) -> bytes:
+    body = struct.pack("=BBH", family, 0, 0)
+    for t, v in attrs.items():
+        body += struct.pack("=HH", 4 + len(v), t) + v + b"\0" * (-len(v) % 4)
+    return struct.pack("=IHHII", 16 + len(body), (10 << 8) | msg, 0, 0, 0) + body
+
+
+def test_monitor_parser_flags_foreign_changes_to_our_table_only() -> None:
+    p = nftmon.MonitorParser(family=2, table=b"igdpcp", own_pid=100)
+    gen = lambda pid: _nlmsg(15, 0, {1: struct.pack(">I", 5), 2: struct.pack(">I", pid)})  # noqa: E731
+    deltable = _nlmsg(2, 2, {1: b"igdpcp\0"})
+    other = _nlmsg(2, 2, {1: b"testbed_fw\0"})
+    assert p.feed(deltable + gen(100)) is False  # our own commit
+    assert p.feed(other + gen(200)) is False  # someone else's table
+    assert p.feed(deltable + gen(200)) is True  # nft flush ruleset, fw4 reload
+    assert p.feed(b"\x01\x00") is False and p.feed(b"\xff" * 20) is True  # garbage: verify to be safe
+
+
+def test_bind_unbind_deltas_keep_the_kernel_picture_equal_to_the_full_computation(monkeypatch) -> None:
+    """Bind/Unbind write O(1) keys; after any sequence the result equals what a full sync
+    of the same table would produce (natd.nft.expected, the one place it is decided)."""
+    import asyncio
+
+    from natd import conntrack, main, wan
+    from natd.nft import KernelState
+
+    scripts: list[str] = []
+
+    async def run() -> None:
+        args = main.build_parser().parse_args(["--wan-if", "w", "--lan-if", "l", "--rpc", "ipc:///x",
+                                               "--events", "ipc:///y"])
+        d = main.Natd(args)
+        def record(script: str) -> str:
+            scripts.append(script)
+            return ""
+
+        monkeypatch.setattr(d.nft, "run", record)
+
+        async def no_forget(flows):
+            return 0
+
+        monkeypatch.setattr(conntrack, "forget", no_forget)
+        d._apply_ifs(wan.IfState("100.64.0.2", "100.64.0.1", ("192.168.1.1",), ("192.168.1.0/24",)))
+        d.nft.state = KernelState(wan={"100.64.0.2"}, lan={"192.168.1.0/24"})
+        rng = random.Random(3)
+        for _ in range(400):
+            mid = rng.randrange(1, 40)
+            if rng.random() < 0.3:
+                d._handle(wire.Unbind(mid))
+            else:
+                try:
+                    d._handle(wire.Bind(mid, rng.choice((6, 17)), f"192.168.1.{rng.randrange(2, 5)}",
+                                        rng.randrange(80, 84), rng.randrange(20000, 20010), rng.random() < 0.5))
+                except PolicyError:
+                    pass
+            want = expected(d.table.by_mid.values(), "100.64.0.2", ["192.168.1.0/24"])
+            assert d.nft.state == want
+            assert all(len(s.splitlines()) <= 6 for s in scripts[-1:])  # O(1) lines per request
+        d.ctx.term()
+
+    asyncio.run(run())
+
+
+def test_gen_keys_command_writes_curve_keys_with_private_secrets(tmp_path, capsys) -> None:
+    """Keys are generated at install: `igdpcp-natd --gen-keys DIR` (README, natd section)."""
+    import stat
+
+    from natd import main
+
+    main.main(["--gen-keys", str(tmp_path / "curve")])
+    files = capsys.readouterr().out.split()
+    names = sorted(os.path.relpath(f, tmp_path / "curve") for f in files)
+    assert names == ["authorized/controld.key", "controld.key", "controld.key_secret", "natd.key",
+                     "natd.key_secret"]
+    for f in files:
+        mode = stat.S_IMODE(os.stat(f).st_mode)
+        assert mode == (0o600 if f.endswith("_secret") else 0o644), (f, oct(mode))
+
+
+# --- review regressions ------------------------------------------------------------
+
+
+def test_overlapping_lan_subnets_become_one_interval() -> None:
+    """An alias inside the LAN (/32 in the /24) must not make the lan4 interval set conflict."""
+    st = expected([], "100.64.0.2", ["192.168.1.0/24", "192.168.1.250/32", "10.0.0.0/8"])
+    assert st.lan == {"192.168.1.0/24", "10.0.0.0/8"}
+
+
+def _lan_table(**kw) -> BindingTable:
+    import ipaddress
+
+    return BindingTable([ipaddress.IPv4Network("192.168.1.0/24")], {"192.168.1.1"}, **kw)
+
+
+def test_sync_leaves_out_hosts_no_longer_on_the_lan_instead_of_failing() -> None:
+    t = _lan_table()
+    skipped = t.replace_all([wire.Binding(1, 6, "192.168.1.2", 80, 8080), wire.Binding(2, 6, "10.9.0.5", 80, 8081)])
+    assert [b.mid for b, _ in skipped] == [2] and set(t.by_mid) == {1}
+    with pytest.raises(PolicyError):  # a malformed set is still refused whole
+        t.replace_all([wire.Binding(1, 6, "192.168.1.2", 80, 8080), wire.Binding(1, 6, "192.168.1.3", 80, 8081)])
+
+
+def test_rebinding_a_mapping_is_not_refused_by_itself() -> None:
+    from natd.bindings import Limits
+
+    t = _lan_table(limits=Limits(max_total=10, max_per_host=1))
+    t.add(wire.Binding(1, 6, "192.168.1.2", 80, 8080))
+    assert t.allocate(6, 8080, exact=True, mid=1) == 8080  # its own port is free to it
+    t.add(wire.Binding(1, 6, "192.168.1.2", 81, 8080))  # same host, quota 1: replaces, not adds
+    assert t.by_mid[1].lan_port == 81 and t.per_host == {"192.168.1.2": 1}
+    with pytest.raises(PolicyError):
+        t.allocate(6, 8080, exact=True, mid=2)
+
+
+def test_relay_trusts_a_bounded_set_of_servers() -> None:
+    from natd.relay import MAX_SERVERS, PcpRelay
+
+    class Sink:
+        def sendto(self, data: bytes, addr: tuple[str, int]) -> None:
+            pass
+
+    got: list[str] = []
+    relay = PcpRelay(lambda server, data: got.append(server))
+    relay._unicast = Sink()  # type: ignore[assignment]
+    for i in range(1000):
+        relay.send(f"10.0.{i // 256}.{i % 256}", b"x")
+    assert len(relay.servers) == MAX_SERVERS
+    relay._received(b"r", ("10.0.3.231", 5351))  # the most recent one is still trusted
+    relay._received(b"r", ("10.0.0.0", 5351))  # the oldest was forgotten
+    assert got == ["10.0.3.231"]
+
+
+def test_sync_leaves_out_bindings_over_a_lowered_limit() -> None:
+    from natd.bindings import Limits
+
+    t = _lan_table(limits=Limits(max_total=10, max_per_host=1))
+    skipped = t.replace_all([wire.Binding(1, 6, "192.168.1.2", 80, 8080), wire.Binding(2, 6, "192.168.1.2", 81, 8081),
+                             wire.Binding(3, 6, "192.168.1.3", 80, 8082)])
+    assert [b.mid for b, _ in skipped] == [2] and set(t.by_mid) == {1, 3}
