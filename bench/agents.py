@@ -25,9 +25,9 @@ import time
 from typing import Any
 
 from bench.progress import Progress
+from shared.const import PCP_SERVER_PORT as NATPMP_PORT  # PCP and NAT-PMP share it
 
 SOAP_NS = "urn:schemas-upnp-org:service:WANIPConnection:1"
-NATPMP_PORT = 5351  # same port as PCP (RFC 6887 §19.1, RFC 6886 §3)
 
 
 def _say(obj: Any) -> None:

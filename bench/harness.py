@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bench import procs, report, stats
-from bench._bed import HTTP_PORT, StackError, tb
+from bench._bed import HTTP_PORT, StackError, ct_count, tb
 from bench.systems import Igdpcp, Miniupnpd, System, pin_all
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -114,12 +114,6 @@ class Agent:
 
 
 # --------------------------------------------------------------------- conntrack load
-def conntrack_count(bed: tb.Testbed) -> int:
-    """Entries in the router namespace's conntrack table."""
-    out = bed.run("cpe", ["cat", "/proc/sys/net/netfilter/nf_conntrack_count"], check=False).stdout.strip()
-    return int(out) if out.isdigit() else -1
-
-
 def load_conntrack(bed: tb.Testbed, flows: int) -> int:
     """A bounded UDP burst from the LAN host to the Internet host through both NATs: ``flows`` unrelated
     conntrack entries in the router (kept for 15 min so they outlive the deletes). Returns the count."""
@@ -127,7 +121,7 @@ def load_conntrack(bed: tb.Testbed, flows: int) -> int:
         bed.run(ns, ["sysctl", "-qw", "net.netfilter.nf_conntrack_udp_timeout=900"], check=False)
     agent_run(bed, "lan", "burst", tb.INET_HOST_IP, flows, timeout=300)
     time.sleep(0.3)
-    return conntrack_count(bed)
+    return ct_count(bed)
 
 
 # --------------------------------------------------------------------- data plane
@@ -184,7 +178,7 @@ def control_plane(bed: tb.Testbed, system: System, n: int, cfg: Config, *, pinne
         loaded = client.ask({"op": "delete", "first": FIRST_PORT + quiet_n, "count": n - quiet_n,
                              "label": f"{label} del loaded"})
         cpu6 = procs.cpu_seconds(system.pids().values())
-        ct_after = conntrack_count(bed)
+        ct_after = ct_count(bed)
     finally:
         client.close()
         if server is not None:
