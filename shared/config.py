@@ -14,7 +14,7 @@ import ipaddress
 import os
 import re
 import uuid as uuidlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,7 +45,7 @@ class Option:
     daemons: tuple[str, ...]
     help: str
     default: Any = None
-    type: type = str
+    type: Callable[[str], Any] = str
     kind: str = "store"
     required: bool = False
     choices: tuple[Any, ...] | None = None
@@ -133,8 +133,8 @@ OPTIONS: tuple[Option, ...] = (
        kind="bool", live=True),
     _O("permission", (CONTROLD,), "miniupnpd rule 'allow|deny EPORT[-EPORT] IP[/MASK] IPORT[-IPORT] "
                                   "[\"REGEX\"]', first match wins; with rules, no match is a deny "
-                                  "(UCI: list permission, then each 'config perm_rule' section)", kind="append", metavar="RULE",
-       live=True),
+                                  "(UCI: list permission, then each 'config perm_rule' section)", kind="append",
+       metavar="RULE", live=True),
     _O("max-mappings-per-host", (CONTROLD,), "UPnP mappings per LAN host (0: no limit)", default=256, type=int,
        live=True),
     _O("max-mappings", (CONTROLD,), "UPnP mappings in total (0: no limit)", default=4096, type=int, live=True),

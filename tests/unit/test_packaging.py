@@ -360,10 +360,11 @@ def test_procd_controld_instance(tmp_path: Path) -> None:
     # no UUID in the shipped config: one is made, written to UCI and passed on (as miniupnpd's init)
     (made,) = [c.split("=", 1)[1] for c in calls if c.startswith("uci -q set igdpcp.controld.uuid=")]
     assert "uci -q commit igdpcp" in calls and ns.uuid == str(uuid.UUID(made))
+    fixed = "b7e7a701-bc34-4686-8a87-dfaeb7e7a701"
     kept = run_init(tmp_path, "igdpcp-controld", enabled_config().replace(
-        "config controld 'controld'", "config controld 'controld'\n\toption uuid 'b7e7a701-bc34-4686-8a87-dfaeb7e7a701'"))
+        "config controld 'controld'", f"config controld 'controld'\n\toption uuid '{fixed}'"))
     assert not [c for c in kept if c.startswith("uci")]
-    assert init_command(kept)[-2:] == ["--uuid", "b7e7a701-bc34-4686-8a87-dfaeb7e7a701"]
+    assert init_command(kept)[-2:] == ["--uuid", fixed]
 
 
 def test_procd_shipped_disabled_starts_nothing(tmp_path: Path) -> None:
@@ -796,7 +797,8 @@ def test_postinst_restarts_dnsmasq_once_for_the_new_dhcp_handler(tmp_path: Path,
     if conf is not None:
         (tmp_path / "dnsmasq.conf.cfg01411c").write_text(conf)
     script = (PKG / "control" / "postinst-pkg").read_text()
-    for real, fake in (("/etc/init.d/dnsmasq", bin_ / "dnsmasq"), ("/etc/hotplug.d/dhcp/90-igdpcp", tmp_path / "90-igdpcp"),
+    for real, fake in (("/etc/init.d/dnsmasq", bin_ / "dnsmasq"),
+                       ("/etc/hotplug.d/dhcp/90-igdpcp", tmp_path / "90-igdpcp"),
                        ("/var/etc/dnsmasq.conf", tmp_path / "dnsmasq.conf")):
         assert real in script
         script = script.replace(real, str(fake))
