@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from shared import stun
 from shared.uci import ConfigError, Section, err, load_uci, parse_uci
 
 __all__ = ["ConfigError", "Section", "parse_uci", "load_uci", "parse_args_with_config",
@@ -102,7 +103,7 @@ OPTIONS: tuple[Option, ...] = (
     _O("stun-server", (NATD,), "STUN server (host name or IPv4 address) natd asks, from the WAN address, "
                                "for the external address the Internet sees (RFC 8489; a double NAT without "
                                "PCP); empty: no STUN", live=True),
-    _O("stun-port", (NATD,), "UDP port of the STUN server", default=3478, type=int, live=True),
+    _O("stun-port", (NATD,), "UDP port of the STUN server", default=stun.DEFAULT_PORT, type=int, live=True),
     _O("stun-interval", (NATD,), "seconds between STUN probes (one also at start and on every WAN address "
                                  "change)", default=300, type=seconds, live=True),
     # --- controld
