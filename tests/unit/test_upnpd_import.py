@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -27,7 +28,7 @@ def _import(src: str, conf: Path, *extra: str) -> int:
     return run(["import-upnpd", "--from", str(DATA / src), "--to", str(conf), *extra])
 
 
-def _daemons(conf: Path):  # type: ignore[no-untyped-def]
+def _daemons(conf: Path) -> tuple[Any, Any, dict[str, str]]:
     from controld.main import build_parser as controld_parser
     from natd.main import build_parser as natd_parser
 
