@@ -2,7 +2,7 @@
 
 One request line, one answer line (both bounded), then the connection closes:
 
-    host-left 192.168.1.2    ->  ok 3          (mappings removed; rfc6970-iwf items 79, 80)
+    host-left 192.168.1.2    ->  ok 3          (mappings removed; docs/requirements.md IWF-79, IWF-80)
     anything else            ->  error <why>
 
 The DHCP-release hook (packaging/hooks/) sends ``host-left`` through ``igdpcp
@@ -63,7 +63,7 @@ class AdminServer:
                 answer = f"ok {n}"
             writer.write(answer.encode()[:MAX_LINE] + b"\n")
             await writer.drain()
-        except (asyncio.TimeoutError, asyncio.LimitOverrunError, ValueError, ConnectionError) as exc:
+        except (TimeoutError, asyncio.LimitOverrunError, ValueError, ConnectionError) as exc:
             log.info("admin: dropped a request: %s", type(exc).__name__)
         finally:
             writer.close()

@@ -14,18 +14,19 @@ import logging
 import signal
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 
-from controld.description import ROOT_PATH, Device
-from controld.gena import GenaServer
-from controld.http import UpnpHttpServer
-from controld.igd import IgdActions, Policy
-from controld.permissions import Permissions, RuleError
 from controld.admin import AdminServer
-from controld.iwf import MODES, Iwf, IwfConfig
+from controld.core.policy import Permissions, Policy, RuleError
+from controld.core.service import MODES, Iwf, IwfConfig
+from controld.core.store import MappingTable
 from controld.natd_link import NatdError, NatdLink
-from controld.ssdp import SsdpServer
-from controld.table import MappingTable
-from shared import config
+from controld.upnp.description import ROOT_PATH, Device
+from controld.upnp.gena import GenaServer
+from controld.upnp.http import UpnpHttpServer
+from controld.upnp.igd import IgdActions
+from controld.upnp.ssdp import SsdpServer
+from shared import config, wire
 from shared.config import parse_args_with_config
 from shared.daemon import install_stop_signals, reread_args, setup_logging
 from shared.netif import if_addrs
@@ -63,10 +64,101 @@ RESTART_ONLY = config.restart_only("controld")
 
 def _iwf_config(args: argparse.Namespace) -> IwfConfig:
     return IwfConfig(mode=args.mode, pcp_server=args.pcp_server, pcp_timeout=args.pcp_timeout,
-                     secure_mode=args.secure_mode, pcp_server_file=args.pcp_server_file or None,
+                     pcp_server_file=args.pcp_server_file or None,
                      service_wait=args.pcp_service_wait, recovery_window=args.pcp_recovery_window,
                      short_error_retry=args.pcp_short_error_retry, cpe_retries=args.pcp_cpe_retries,
                      epoch_poll=args.pcp_epoch_poll)
+
+
+@dataclass
+class _Lan:
+    """Where UPnP is served now; the LAN watch moves it (HTTP, SSDP and the subnets follow)."""
+
+    if_name: str
+    ip: str
+    subnets: list[str]
+    port: int = 0
+
+
+async def _start_iwf(args: argparse.Namespace, table: MappingTable) -> tuple[Iwf, NatdLink, asyncio.Task[None]]:
+    """The core with its natd link, once natd answered (waits up to NATD_WAIT_S)."""
+    holder: list[Iwf] = []
+
+    async def on_event(msg: wire.Message) -> None:
+        if holder:
+            await holder[0].on_natd_event(msg)
+
+    link = NatdLink(args.rpc, args.events, on_event, curve_dir=args.curve_dir)
+    link_task = asyncio.create_task(link.run())
+    iwf = Iwf(_iwf_config(args), table, link, policy=_policy(args))
+    holder.append(iwf)
+    deadline = asyncio.get_running_loop().time() + NATD_WAIT_S
+    while True:
+        try:
+            await iwf.start()
+            return iwf, link, link_task
+        except NatdError as exc:
+            if asyncio.get_running_loop().time() > deadline:
+                raise SystemExit(f"controld: natd at {args.rpc} does not answer: {exc}") from None
+            log.info("waiting for natd at %s", args.rpc)
+
+
+async def _watch_lan(lan: _Lan, http: UpnpHttpServer, ssdp: SsdpServer) -> None:
+    """LAN address change: listen on the new address, then ssdp:update + alive there.
+
+    The old listener closes only once the new one is up; a failed bind is retried at
+    the next poll instead of leaving UPnP without a server."""
+    while True:
+        await asyncio.sleep(LAN_POLL_S)
+        try:
+            a = await if_addrs(lan.if_name)
+        except Exception as exc:  # netlink trouble: try again at the next poll
+            log.warning("reading %s failed: %s", lan.if_name, exc)
+            continue
+        if not a.addresses or a.addresses[0] == lan.ip:
+            continue
+        old = http.server
+        try:
+            new_port = await http.start(a.addresses[0], lan.port)
+        except OSError as exc:
+            http.server = old
+            log.warning("cannot listen on the new LAN address %s:%d yet (%s); retrying",
+                        a.addresses[0], lan.port, exc)
+            continue
+        if old is not None:
+            old.close()
+        lan.subnets, lan.port, lan.ip = list(a.subnets), new_port, a.addresses[0]
+        ssdp.relocate(lan.ip, f"http://{lan.ip}:{lan.port}{ROOT_PATH}")
+
+
+async def _start_admin(args: argparse.Namespace, iwf: Iwf) -> AdminServer | None:
+    """The admin socket for the DHCP-release hook, if configured and possible."""
+    if not args.admin_socket:
+        return None
+    admin = AdminServer(args.admin_socket, iwf.host_left)
+    try:
+        await admin.start()
+    except OSError as exc:  # the hooks then cannot reach us; UPnP still works
+        log.warning("no admin socket at %s: %s", args.admin_socket, exc)
+        return None
+    return admin
+
+
+def _reload(args: argparse.Namespace, reparse: Callable[[], argparse.Namespace], iwf: Iwf) -> argparse.Namespace:
+    """SIGHUP: the re-read arguments in force afterwards (the old ones if nothing could change)."""
+    new = reread_args(reparse, args, RESTART_ONLY, log)
+    if new is None:
+        return args
+    try:
+        policy = _policy(new)
+    except SystemExit as exc:  # a bad rule: keep the running policy
+        log.warning("reload: %s; keeping the running rules", exc)
+        return args
+    iwf.policy = policy
+    iwf.cfg = dataclasses.replace(_iwf_config(new), mode=iwf.cfg.mode)
+    log.info("reload: configuration re-read; %d rules, quotas %d/host %d total; %d mappings kept",
+             len(policy.permissions.rules), policy.max_per_host, policy.max_total, iwf.table.count())
+    return new
 
 
 async def run(args: argparse.Namespace, reparse: Callable[[], argparse.Namespace] | None = None) -> None:
@@ -76,104 +168,37 @@ async def run(args: argparse.Namespace, reparse: Callable[[], argparse.Namespace
     permission rules, quotas, managers, PCP settings, log level; no mapping is touched.
     """
     lan_ip, subnets = await _lan_addresses(args.lan_if)
+    lan = _Lan(args.lan_if, lan_ip, subnets)
     table = MappingTable(args.state_dir)
-    cfg = _iwf_config(args)
-    iwf: Iwf | None = None
-
-    async def on_event(msg):  # type: ignore[no-untyped-def]
-        if iwf is not None:
-            await iwf.on_natd_event(msg)
-
-    link = NatdLink(args.rpc, args.events, on_event, curve_dir=args.curve_dir)
-    link_task = asyncio.create_task(link.run())
-    iwf = Iwf(cfg, table, link)
-    deadline = asyncio.get_running_loop().time() + NATD_WAIT_S
-    while True:
-        try:
-            await iwf.start()
-            break
-        except NatdError as exc:
-            if asyncio.get_running_loop().time() > deadline:
-                raise SystemExit(f"controld: natd at {args.rpc} does not answer: {exc}") from None
-            log.info("waiting for natd at %s", args.rpc)
+    iwf, link, link_task = await _start_iwf(args, table)
     device = Device(_stable_uuid(table, "uuid_root"), _stable_uuid(table, "uuid_wan"),
                     _stable_uuid(table, "uuid_wcd"), igd_version=args.igd_version)
-    actions = IgdActions(iwf, device, _policy(args))
+    actions = IgdActions(iwf, device)
     gena = GenaServer(device, actions.evented)
-
-    def on_change() -> None:  # the IWF's hook: SystemUpdateID, then one coalesced GENA round
-        actions.changed()
-        gena.changed()
-
-    iwf.on_change = on_change
-    http = UpnpHttpServer(device, actions, lambda: subnets, gena)
-    port = await http.start(lan_ip, args.http_port)
-    location = f"http://{lan_ip}:{port}{ROOT_PATH}"
-    ssdp = SsdpServer(device, lan_ip, location, lambda: subnets)
+    table.subscribe(actions.changed)  # SystemUpdateID first, then one coalesced GENA round
+    table.subscribe(gena.changed)
+    http = UpnpHttpServer(device, actions, lambda: lan.subnets, gena)
+    lan.port = await http.start(lan.ip, args.http_port)
+    location = f"http://{lan.ip}:{lan.port}{ROOT_PATH}"
+    ssdp = SsdpServer(device, lan.ip, location, lambda: lan.subnets)
     await ssdp.start()
-    notify_task = asyncio.create_task(ssdp.run_notify())
-    expiry_task = asyncio.create_task(gena.run_expiry())
-
-    async def watch_lan() -> None:
-        """LAN address change: listen on the new address, then ssdp:update + alive there.
-
-        The old listener closes only once the new one is up; a failed bind is retried at
-        the next poll instead of leaving UPnP without a server."""
-        nonlocal lan_ip, subnets, port
-        while True:
-            await asyncio.sleep(LAN_POLL_S)
-            try:
-                a = await if_addrs(args.lan_if)
-            except Exception as exc:  # netlink trouble: try again at the next poll
-                log.warning("reading %s failed: %s", args.lan_if, exc)
-                continue
-            if not a.addresses or a.addresses[0] == lan_ip:
-                continue
-            old = http.server
-            try:
-                new_port = await http.start(a.addresses[0], port)
-            except OSError as exc:
-                http.server = old
-                log.warning("cannot listen on the new LAN address %s:%d yet (%s); retrying",
-                            a.addresses[0], port, exc)
-                continue
-            if old is not None:
-                old.close()
-            subnets, port, lan_ip = list(a.subnets), new_port, a.addresses[0]
-            ssdp.relocate(lan_ip, f"http://{lan_ip}:{port}{ROOT_PATH}")
-
-    watch_task = asyncio.create_task(watch_lan())
-    admin = AdminServer(args.admin_socket, iwf.host_left) if args.admin_socket else None
-    if admin is not None:
-        try:
-            await admin.start()
-        except OSError as exc:  # the hooks then cannot reach us; UPnP still works
-            log.warning("no admin socket at %s: %s", args.admin_socket, exc)
-            admin = None
-    log.info("controld up: %s on %s, IGD:%d at %s, state in %s", lan_ip, args.lan_if,
+    tasks = [asyncio.create_task(ssdp.run_notify()), asyncio.create_task(gena.run_expiry()),
+             asyncio.create_task(_watch_lan(lan, http, ssdp))]
+    admin = await _start_admin(args, iwf)
+    log.info("controld up: %s on %s, IGD:%d at %s, state in %s", lan.ip, args.lan_if,
              args.igd_version, location, args.state_dir)
+
     def reload() -> None:
         nonlocal args
-        new = reread_args(reparse, args, RESTART_ONLY, log) if reparse else None
-        if new is None:
-            return
-        try:
-            policy = _policy(new)
-        except SystemExit as exc:  # a bad rule: keep the running policy
-            log.warning("reload: %s; keeping the running rules", exc)
-            return
-        args = new
-        actions.policy = policy
-        iwf.cfg = dataclasses.replace(_iwf_config(new), mode=iwf.cfg.mode)
-        log.info("reload: configuration re-read; %d rules, quotas %d/host %d total; %d mappings kept",
-                 len(policy.permissions.rules), policy.max_per_host, policy.max_total, table.count())
+        if reparse is not None:
+            args = _reload(args, reparse, iwf)
 
     stop = asyncio.Event()
     install_stop_signals(stop)
     asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload)
     await stop.wait()
     log.info("controld stopping")
-    for t in (notify_task, expiry_task, watch_task):
+    for t in tasks:
         t.cancel()
     if admin is not None:
         admin.close()
@@ -188,13 +213,13 @@ async def run(args: argparse.Namespace, reparse: Callable[[], argparse.Namespace
 
 
 def _policy(args: argparse.Namespace) -> Policy:
-    """The UPnP layer's permission rules, quotas and managers from flags/config; bad ones stop the start."""
+    """The core's permission rules, quotas, secure mode and managers from flags/config; bad ones stop the start."""
     try:
         perms = Permissions.parse(args.permission or [])
         managers = tuple(ipaddress.IPv4Network(n, strict=False) for n in args.manage_host or [])
     except (RuleError, ValueError) as exc:
         raise SystemExit(f"controld: {exc}") from None
-    return Policy(perms, args.max_mappings_per_host, args.max_mappings, managers)
+    return Policy(perms, args.max_mappings_per_host, args.max_mappings, managers, args.secure_mode)
 
 
 def build_parser() -> argparse.ArgumentParser:

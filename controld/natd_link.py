@@ -70,7 +70,7 @@ class NatdLink:
             async with asyncio.timeout(timeout):  # no task per call, unlike wait_for
                 await self.dealer.send(wire.encode(msg, rid, int((time.time() + timeout) * 1000)))
                 reply = await fut
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise NatdError("timeout", f"natd did not answer {msg.OP} within {timeout} s") from None
         finally:
             self._pending.pop(rid, None)

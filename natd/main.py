@@ -17,7 +17,7 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import zmq
@@ -26,10 +26,10 @@ import zmq.asyncio
 from natd import conntrack, nftmon, stun, wan
 from natd.bindings import BindingTable, Limits, PolicyError, endpoint
 from natd.nft import LAYOUTS, Change, FwNotReady, Layout, Nft, NftError
-from natd.relay import PcpRelay
+from natd.relay import Answer, MatchKey, PcpRelay, match_key
 from shared import config, pcp, wire
 from shared.config import parse_args_with_config
-from shared.const import PROTO_NAMES
+from shared.const import DISCARD_PORT, PROTO_NAMES
 from shared.daemon import (
     AUTHORIZED_DIR,
     bind_endpoint,
@@ -44,6 +44,7 @@ from shared.daemon import (
 log = logging.getLogger("natd")
 
 HEARTBEAT_S = 1.0
+MAX_WAITS = 70_000  # PCP exchanges waiting for their answer at once (one per mapping or probe)
 HEAL_DEBOUNCE_S = 0.05  # coalesce the burst of netlink events one foreign commit makes
 HEAL_RETRY_S = 1.0
 CT_BATCH_S = 0.25  # one conntrack dump (it blocks ~10 ms in the kernel) per burst of deletes
@@ -67,6 +68,12 @@ class Natd:
         self.relay = PcpRelay(self._pcp_received, self._pcp_servers)
         self.stun = stun.StunProbe(lambda: (self.args.stun_server, self.args.stun_port, self.args.stun_interval),
                                    lambda: self.ifs.wan_ip, self._publish)
+        # One handler per request type (controld -> natd); a reply or, for a PCP exchange that
+        # waits for its answer, a coroutine the server finishes in a task of its own.
+        self.handlers: dict[type[wire.Message], Callable[[Any], wire.Message | Coroutine[Any, Any, wire.Message]]] = {
+            wire.Hello: self._hello, wire.Bind: self._bind, wire.Unbind: self._unbind,
+            wire.PcpExchange: self._pcp_exchange, wire.GetCounters: self._counters, wire.Sync: self._sync}
+        self._waits: set[asyncio.Task[None]] = set()  # PCP exchanges waiting for their answer
         self.ifs = wan.IfState(None, None, (), ())
         self._gen: int | None = None  # ruleset generation last known to match our state
         self._dirty = asyncio.Event()
@@ -251,8 +258,9 @@ class Natd:
             self._kick()
 
     def _pcp_received(self, server: str, data: bytes) -> None:
+        """A packet from a known server: the answer to a waiting request, else an event."""
         try:
-            resp = pcp.decode_response(data)
+            resp = pcp.decode_response(data)  # the one decode on this hop
         except pcp.PcpDecodeError as exc:
             log.info("dropped malformed PCP packet from %s: %s", server, exc)
             return
@@ -261,15 +269,43 @@ class Natd:
             b = self.table.by_wan_port(resp.map.protocol, resp.map.internal_port)
             if b is not None:
                 mid, lan_ip = b.mid, b.lan_ip
-                data = pcp.rewrite_response_port(data, b.lan_port)
+                data = pcp.rewrite_response_port(data, b.lan_port)  # in place, no re-encode
         log.info("pcp <- %s: %s", server, _describe_response(resp, mid))
-        self._publish(wire.PcpReceived(server, data, mid, lan_ip))
+        key = match_key(server, resp.opcode, resp.map.nonce if resp.map is not None else None)
+        if not self.relay.settle(key, (data, lan_ip)):
+            self._publish(wire.PcpReceived(server, data, mid, lan_ip))
 
-    def _pcp_send(self, msg: wire.PcpSend) -> wire.Message:
+    def _pcp_exchange(self, msg: wire.PcpExchange) -> wire.Message | Coroutine[Any, Any, wire.Message]:
+        """Check, rewrite and send one PCP request; the reply (now, or once the answer came or
+        ``wait_ms`` passed) carries the matching response."""
+        packet, req = self._pcp_outgoing(msg)
+        key = match_key(msg.server, req.opcode, req.map.nonce if req.map is not None else None)
+        fut = self.relay.expect(key) if msg.wait_ms else None
+        try:
+            self.relay.send(msg.server, packet)
+        except OSError:
+            if fut is not None:
+                self.relay.forget(key, fut)
+            raise
+        if fut is None:
+            return wire.PcpAnswer()
+        return self._pcp_wait(key, fut, msg.wait_ms / 1000)
+
+    async def _pcp_wait(self, key: MatchKey, fut: asyncio.Future[Answer], wait: float) -> wire.Message:
+        """The answer, or none once ``wait`` passed or a newer request for the same key took over."""
+        done, _ = await asyncio.wait({fut}, timeout=wait)
+        self.relay.forget(key, fut)
+        if not done or fut.cancelled():
+            return wire.PcpAnswer()
+        data, lan_ip = fut.result()
+        return wire.PcpAnswer(data, lan_ip)
+
+    def _pcp_outgoing(self, msg: wire.PcpExchange) -> tuple[bytes, pcp.Request]:
+        """The request as it leaves the WAN (client address, NAT1 port), after natd's checks."""
         if self.ifs.wan_ip is None:
             raise PolicyError("no-wan", "the WAN interface has no IPv4 address")
         try:
-            req = pcp.decode_request(msg.packet)
+            req = pcp.decode_request(msg.packet)  # the one decode on this hop
         except pcp.PcpDecodeError as exc:
             raise PolicyError("bad-pcp", f"not a valid PCP request: {exc}") from None
         if req.opcode not in (pcp.Opcode.MAP, pcp.Opcode.ANNOUNCE):
@@ -285,78 +321,86 @@ class Natd:
             port = b.wan_port
         elif req.map is not None:
             # Without NAT1 (no-nat1 mode) the LAN host must be named by THIRD_PARTY;
-            # the only other unbound MAP is the discard-port probe (rfc6970-iwf item 25).
+            # the only other unbound MAP is the discard-port probe (docs/requirements.md IWF-25).
             tp = req.options.third_party
             if tp is not None:
                 if tp.version != 4:
                     raise PolicyError("bad-pcp", "THIRD_PARTY must name an IPv4 LAN host")
                 self.table.check_lan(str(tp))
-            elif req.map.internal_port != 9:
+            elif req.map.internal_port != DISCARD_PORT:
                 raise PolicyError("no-binding", "unbound MAP must use THIRD_PARTY or the discard port")
-        self.relay.send(msg.server, pcp.rewrite_request(msg.packet, wan_ip, port))
         log.info("pcp -> %s: %s", msg.server, _describe_request(req, msg.mid, str(wan_ip), port))
-        return wire.Ok()
+        return pcp.rewrite_request(msg.packet, wan_ip, port), req  # in place, no re-encode
 
     # --- RPC ---------------------------------------------------------------------
 
-    def _handle(self, msg: wire.Message) -> wire.Message:
+    def _handle(self, msg: wire.Message) -> wire.Message | Coroutine[Any, Any, wire.Message]:
+        """Run one request by its type (the table in :attr:`handlers`); PolicyError for the rest."""
+        handler = self.handlers.get(type(msg))
+        if handler is None:
+            raise PolicyError("bad-op", f"{msg.OP} is not a request")
+        return handler(msg)
+
+    def _hello(self, msg: wire.Hello) -> wire.Message:
+        i = self.ifs
+        return wire.HelloReply(self.boot_id, i.wan_ip, i.gateway, list(i.lan_ips), list(i.lan_subnets))
+
+    def _bind(self, msg: wire.Bind) -> wire.Message:
         t = self.table
-        if isinstance(msg, wire.Hello):
-            i = self.ifs
-            return wire.HelloReply(self.boot_id, i.wan_ip, i.gateway, list(i.lan_ips), list(i.lan_subnets))
-        if isinstance(msg, wire.Bind):
-            t.check_lan(msg.lan_ip)
-            cur = t.by_mid.get(msg.mid)
-            if cur and (cur.proto, cur.lan_ip, cur.lan_port) == (msg.proto, msg.lan_ip, msg.lan_port):
-                return wire.BindReply(self.ifs.wan_ip or "", cur.wan_port)
-            owner = t.by_wan_port(msg.proto, msg.want_port)
-            adopted = None
-            if owner is not None and owner.mid < 0 and (owner.lan_ip, owner.lan_port) == (msg.lan_ip, msg.lan_port):
-                adopted = t.remove(owner.mid)  # controld claims a forward natd adopted at start
-            try:
-                port = t.allocate(msg.proto, msg.want_port, msg.exact, mid=msg.mid)
-                b = wire.Binding(msg.mid, msg.proto, msg.lan_ip, msg.lan_port, port)
-                t.add(b)
-            except PolicyError:
-                if adopted is not None:
-                    t.add(adopted)
-                raise
+        t.check_lan(msg.lan_ip)
+        cur = t.by_mid.get(msg.mid)
+        if cur and (cur.proto, cur.lan_ip, cur.lan_port) == (msg.proto, msg.lan_ip, msg.lan_port):
+            return wire.BindReply(self.ifs.wan_ip or "", cur.wan_port)
+        owner = t.by_wan_port(msg.proto, msg.want_port)
+        adopted = None
+        if owner is not None and owner.mid < 0 and (owner.lan_ip, owner.lan_port) == (msg.lan_ip, msg.lan_port):
+            adopted = t.remove(owner.mid)  # controld claims a forward natd adopted at start
+        try:
+            port = t.allocate(msg.proto, msg.want_port, msg.exact, mid=msg.mid)
+            b = wire.Binding(msg.mid, msg.proto, msg.lan_ip, msg.lan_port, port)
+            t.add(b)
+        except PolicyError:
+            if adopted is not None:
+                t.add(adopted)
+            raise
 
-            def undo() -> None:
-                t.remove(b.mid)
-                for old in (cur, adopted):
-                    if old is not None:
-                        t.add(old)
+        def undo() -> None:
+            t.remove(b.mid)
+            for old in (cur, adopted):
+                if old is not None:
+                    t.add(old)
 
-            self._delta_or_undo(undo, cur, adopted, b)
-            log.info("bind mid=%d %s/%d -> %s:%d", b.mid, _pname(b.proto), port, b.lan_ip, b.lan_port)
-            return wire.BindReply(self.ifs.wan_ip or "", port)
-        if isinstance(msg, wire.Unbind):
-            b = t.remove(msg.mid)
-            if b is not None:
-                self._delta_or_undo(lambda: t.add(b), b)
-                log.info("unbind mid=%d %s/%d -> %s:%d", b.mid, _pname(b.proto), b.wan_port, b.lan_ip, b.lan_port)
-            return wire.Ok()
-        if isinstance(msg, wire.PcpSend):
-            return self._pcp_send(msg)
-        if isinstance(msg, wire.GetCounters):
-            return _counters(self.args.wan_if)
-        if isinstance(msg, wire.Sync):
-            before = list(t.by_mid.values())
-            skipped = t.replace_all(msg.bindings)
-            for b, why in skipped:
-                log.warning("sync: left out mapping %d %s/%d -> %s:%d: %s", b.mid, _pname(b.proto), b.wan_port,
-                            b.lan_ip, b.lan_port, why)
-            try:
-                ch = self._program()
-            except NftError:
-                t.replace_all(before)
-                raise
-            if len(msg.bindings) > 1000:
-                _trim_heap()
-            log.info("sync: %d bindings, +%d -%d forwards", len(t.by_mid), ch.added, ch.removed)
-            return wire.SyncReply(ch.added, ch.removed, [b.mid for b, _ in skipped])
-        raise PolicyError("bad-op", f"{msg.OP} is not a request")
+        self._delta_or_undo(undo, cur, adopted, b)
+        log.info("bind mid=%d %s/%d -> %s:%d", b.mid, _pname(b.proto), port, b.lan_ip, b.lan_port)
+        return wire.BindReply(self.ifs.wan_ip or "", port)
+
+    def _unbind(self, msg: wire.Unbind) -> wire.Message:
+        t = self.table
+        b = t.remove(msg.mid)
+        if b is not None:
+            self._delta_or_undo(lambda: t.add(b), b)
+            log.info("unbind mid=%d %s/%d -> %s:%d", b.mid, _pname(b.proto), b.wan_port, b.lan_ip, b.lan_port)
+        return wire.Ok()
+
+    def _counters(self, msg: wire.GetCounters) -> wire.Message:
+        return _counters(self.args.wan_if)
+
+    def _sync(self, msg: wire.Sync) -> wire.Message:
+        t = self.table
+        before = list(t.by_mid.values())
+        skipped = t.replace_all(msg.bindings)
+        for b, why in skipped:
+            log.warning("sync: left out mapping %d %s/%d -> %s:%d: %s", b.mid, _pname(b.proto), b.wan_port,
+                        b.lan_ip, b.lan_port, why)
+        try:
+            ch = self._program()
+        except NftError:
+            t.replace_all(before)
+            raise
+        if len(msg.bindings) > 1000:
+            _trim_heap()
+        log.info("sync: %d bindings, +%d -%d forwards", len(t.by_mid), ch.added, ch.removed)
+        return wire.SyncReply(ch.added, ch.removed, [b.mid for b, _ in skipped])
 
     def _delta_or_undo(self, undo: Callable[[], object], *changed: wire.Binding | None) -> None:
         try:
@@ -369,8 +413,8 @@ class Natd:
         topic = msg.OP.encode()
         self.pub.send_multipart([topic, wire.encode(msg)])
 
-    def _answer(self, payload: bytes) -> tuple[wire.Message, int | None]:
-        """One request in, one reply out; every failure becomes a typed Error reply."""
+    def _answer(self, payload: bytes) -> tuple[wire.Message | Coroutine[Any, Any, wire.Message], int | None]:
+        """One request in, one reply out (or a coroutine making it); every failure becomes a typed Error reply."""
         rid = None
         name = "message"
         try:
@@ -404,7 +448,24 @@ class Natd:
                 continue
             ident, payload = frames
             reply, rid = self._answer(payload)
-            await self.router.send_multipart([ident, wire.encode(reply, rid)])
+            if isinstance(reply, wire.Message):
+                await self.router.send_multipart([ident, wire.encode(reply, rid)])
+            elif len(self._waits) >= MAX_WAITS:  # bounded: shed load rather than queue without end
+                reply.close()
+                await self.router.send_multipart([ident, wire.encode(wire.Error("busy", "too many PCP waits"), rid)])
+            else:
+                task = asyncio.create_task(self._reply_later(ident, reply, rid))
+                self._waits.add(task)
+                task.add_done_callback(self._waits.discard)
+
+    async def _reply_later(self, ident: bytes, work: Coroutine[Any, Any, wire.Message], rid: int | None) -> None:
+        """Finish a request that waits (a PCP exchange), then send its reply."""
+        try:
+            reply = await work
+        except Exception as exc:  # a bug must cost one request, never the daemon
+            log.exception("internal error on request id=%s", rid)
+            reply = wire.Error("internal", type(exc).__name__)
+        await self.router.send_multipart([ident, wire.encode(reply, rid)])
 
     async def _heartbeat(self) -> None:
         """Heartbeat with the boot id every second; also the periodic safety-net check."""
@@ -461,9 +522,9 @@ class Natd:
         tasks = [asyncio.create_task(c) for c in (
             self._serve(), self._heartbeat(), self._healer(), self._conntrack_worker(), self._on_hup(hup),
             self.stun.run(), wan.watch(self.args.wan_if, self.args.lan_if, self._on_ifs, self.ifs))]
-        waiter = asyncio.create_task(stop.wait())
+        waiter: asyncio.Task[Any] = asyncio.create_task(stop.wait())
         done, _ = await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
-        for t in tasks + [waiter]:
+        for t in [*tasks, waiter]:
             t.cancel()
         monitor.close()
         for t in done:

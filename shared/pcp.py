@@ -1,9 +1,8 @@
 """PCP (RFC 6887) wire codec: bytes in, typed messages out, and back.
 
 Pure functions, no sockets and no clocks. Byte layouts follow RFC 6887 §7 (common
-header), §11.1 (MAP), §13 (options) and RFC 7220 (DESCRIPTION); the reference is
-../shared/reference/rfc6887-pcp.md §2-§7. Decoding never trusts its input: anything
-malformed raises :class:`PcpDecodeError` carrying the result code a server would
+header), §11.1 (MAP), §13 (options) and RFC 7220 (DESCRIPTION). Decoding never trusts
+its input: anything malformed raises :class:`PcpDecodeError` carrying the result code a server would
 answer with (RFC 6887 §8.2, §7.3).
 """
 
@@ -11,22 +10,25 @@ from __future__ import annotations
 
 import ipaddress
 import struct
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from enum import IntEnum
+
+from shared.const import ALL_HOSTS, PCP_CLIENT_PORT, PCP_MAX_PACKET, PCP_SERVER_PORT, TCP, UDP
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 VERSION = 2
-SERVER_PORT = 5351  # RFC 6887 §19.1
-ANNOUNCE_PORT = 5350  # RFC 6887 §14.1.1: where clients hear unsolicited ANNOUNCE
-ANNOUNCE_GROUP_V4 = "224.0.0.1"
-MAX_SIZE = 1100  # RFC 6887 §7
+# The codec's names for facts stated in shared/const.py.
+SERVER_PORT = PCP_SERVER_PORT
+ANNOUNCE_PORT = PCP_CLIENT_PORT
+ANNOUNCE_GROUP_V4 = ALL_HOSTS
+MAX_SIZE = PCP_MAX_PACKET
 HEADER_SIZE = 24
 MAP_SIZE = 36
-PROTO_TCP = 6
-PROTO_UDP = 17
+PROTO_TCP = TCP
+PROTO_UDP = UDP
 MAX_DESCRIPTION = 1016  # RFC 7220 §3: the room left in a PEER request
-MAX_LIFETIME = 0xFFFFFFFF  # the largest encodable lifetime (rfc6970-iwf §18 item 1)
+MAX_LIFETIME = 0xFFFFFFFF  # the largest encodable lifetime (RFC 6970 §4.1: an infinite IGD:1 lease)
 
 _V4_PREFIX = b"\x00" * 10 + b"\xff\xff"
 _HDR_REQ = struct.Struct("!BBHI16s")
@@ -42,7 +44,7 @@ class Opcode(IntEnum):
 
 
 class Result(IntEnum):
-    """Result codes, RFC 6887 §7.4 (rfc6887-pcp §6)."""
+    """Result codes, RFC 6887 §7.4 ."""
 
     SUCCESS = 0
     UNSUPP_VERSION = 1
@@ -181,6 +183,18 @@ def _encode_options(opts: Options) -> bytes:
     return bytes(out)
 
 
+def _decode_filter(body: bytes) -> Filter:
+    """One FILTER option's body (RFC 6887 §13.3)."""
+    if len(body) != 20:
+        raise PcpDecodeError(Result.MALFORMED_OPTION, "FILTER length != 20")
+    prefix, port = struct.unpack_from("!xBH", body)
+    peer = unpack_address(body[4:20])
+    # §13.3: 96-128 for IPv4 (mapped), 0-128 for IPv6; 0 alone clears the filters.
+    if prefix > 128 or (prefix and peer.version == 4 and prefix < 96):
+        raise PcpDecodeError(Result.MALFORMED_OPTION, f"FILTER prefix length {prefix} out of range")
+    return Filter(prefix, port, peer)
+
+
 def _decode_options(data: bytes, opcode: int) -> Options:
     """Parse the option TLVs; RFC 6887 §7.3 decides which faults are which."""
     third_party: IPAddress | None = None
@@ -212,14 +226,7 @@ def _decode_options(data: bytes, opcode: int) -> Options:
                 raise PcpDecodeError(Result.MALFORMED_OPTION, "PREFER_FAILURE length != 0")
             prefer_failure = True
         elif opcode == Opcode.MAP and code == OptionCode.FILTER:
-            if length != 20:
-                raise PcpDecodeError(Result.MALFORMED_OPTION, "FILTER length != 20")
-            prefix, port = struct.unpack_from("!xBH", body)
-            peer = unpack_address(body[4:20])
-            # §13.3: 96-128 for IPv4 (mapped), 0-128 for IPv6; 0 alone clears the filters.
-            if prefix > 128 or (prefix and peer.version == 4 and prefix < 96):
-                raise PcpDecodeError(Result.MALFORMED_OPTION, f"FILTER prefix length {prefix} out of range")
-            filters.append(Filter(prefix, port, peer))
+            filters.append(_decode_filter(body))
         elif code == OptionCode.DESCRIPTION:
             try:
                 description = body.decode("utf-8")
@@ -252,7 +259,7 @@ def encode_request(req: Request) -> bytes:
         out += _encode_map(req.map)
     out += _encode_options(req.options)
     if len(out) > MAX_SIZE:
-        raise ValueError("request larger than 1100 octets")
+        raise ValueError(f"request larger than {MAX_SIZE} octets")
     return out
 
 
@@ -268,15 +275,16 @@ def _check_frame(data: bytes) -> None:
     if len(data) < HEADER_SIZE:
         raise PcpDecodeError(Result.MALFORMED_REQUEST, "shorter than the 24-octet header")
     if len(data) > MAX_SIZE or len(data) % 4:
-        raise PcpDecodeError(Result.MALFORMED_REQUEST, "length over 1100 or not a multiple of 4")
+        raise PcpDecodeError(Result.MALFORMED_REQUEST, f"length over {MAX_SIZE} or not a multiple of 4")
 
 
 def _opcode_size(opcode: int) -> int:
-    return {Opcode.ANNOUNCE: 0, Opcode.MAP: MAP_SIZE, Opcode.PEER: 56}.get(opcode, -1)
+    sizes: dict[int, int] = {Opcode.ANNOUNCE: 0, Opcode.MAP: MAP_SIZE, Opcode.PEER: 56}
+    return sizes.get(opcode, -1)
 
 
 def decode_request(data: bytes) -> Request:
-    """Parse and check a request as a server does (RFC 6887 §8.2, rfc6887-pcp §9.1)."""
+    """Parse and check a request as a server does (RFC 6887 §8.2)."""
     if len(data) < 2:
         raise PcpDecodeError(Result.MALFORMED_REQUEST, "shorter than 2 octets")
     if data[1] & 0x80:
@@ -306,7 +314,7 @@ def decode_request(data: bytes) -> Request:
 
 
 def decode_response(data: bytes) -> Response:
-    """Parse a response as a client checks it (RFC 6887 §8.3, rfc6887-pcp §8.4).
+    """Parse a response as a client checks it (RFC 6887 §8.3).
 
     UNSUPP_VERSION is reported before length checks so version negotiation works
     even against an 8-octet NAT-PMP reply.
@@ -336,18 +344,30 @@ def decode_response(data: bytes) -> Response:
     return Response(opcode, result, lifetime, epoch, m, opts, version)
 
 
+_CLIENT_IP = slice(8, 24)  # RFC 6887 §7.1: the request header's client address
+_INTERNAL_PORT = HEADER_SIZE + 16  # RFC 6887 §11.1: a MAP's internal port, after nonce, protocol, reserved
+
+
 def rewrite_request(data: bytes, client_ip: IPAddress, internal_port: int | None) -> bytes:
-    """Rewrite the client address (and a MAP's internal port) as a PCP proxy does (RFC 7648 §5.3.1)."""
-    req = decode_request(data)
-    m = req.map
-    if m is not None and internal_port is not None:
-        m = replace(m, internal_port=internal_port)
-    return encode_request(replace(req, client_ip=client_ip, map=m))
+    """Rewrite the client address (and a MAP's internal port) as a PCP proxy does (RFC 7648 §5.3.1).
+
+    In place at the fields' fixed offsets, no second decode or encode: ``data`` must be a
+    request :func:`decode_request` accepted.
+    """
+    out = bytearray(data)
+    out[_CLIENT_IP] = pack_address(client_ip)
+    if internal_port is not None and out[1] & 0x7F == Opcode.MAP and len(out) >= HEADER_SIZE + MAP_SIZE:
+        struct.pack_into("!H", out, _INTERNAL_PORT, internal_port)
+    return bytes(out)
 
 
 def rewrite_response_port(data: bytes, internal_port: int) -> bytes:
-    """Restore a MAP response's internal port to the LAN value (RFC 6970 §5.5, rfc6970-iwf item 37)."""
-    resp = decode_response(data)
-    if resp.map is None:
+    """Restore a MAP response's internal port to the LAN value (RFC 6970 §5.5, docs/requirements.md IWF-37).
+
+    In place, no second decode or encode: ``data`` must be a response :func:`decode_response` accepted.
+    """
+    if len(data) < HEADER_SIZE + MAP_SIZE or data[1] & 0x7F != Opcode.MAP:
         return data
-    return encode_response(replace(resp, map=replace(resp.map, internal_port=internal_port)))
+    out = bytearray(data)
+    struct.pack_into("!H", out, _INTERNAL_PORT, internal_port)
+    return bytes(out)

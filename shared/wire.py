@@ -11,8 +11,9 @@ Versioning: ``SCHEMA_VERSION`` is what this side writes; ``ACCEPTED_VERSIONS`` w
 reads. Version 2 added the ``dl`` envelope field, the positive ``mid`` rule and the
 ``restored`` event; a v1 peer's requests are still served. Any other version is
 refused with a ``version`` error reply, and an ``error`` reply of any version is
-readable, so a mismatch is always a clear error on both sides, never a crash. :func:`decode` checks version, size, op and the
-type and range of every field before anything else sees the message, so a hostile or
+readable, so a mismatch is always a clear error on both sides, never a crash.
+:func:`decode` checks version, size, op and the type and range of every field before
+anything else sees the message, so a hostile or
 mistaken peer gets a :class:`WireError` (and a typed error reply), never a crash.
 """
 
@@ -27,12 +28,15 @@ from typing import Any, ClassVar
 
 import msgpack
 
+from shared.const import PCP_MAX_PACKET
+
 SCHEMA_VERSION = 2
 ACCEPTED_VERSIONS = (1, 2)
 MAX_MESSAGE = 8 * 1024 * 1024  # a full sync of 65k bindings fits; anything bigger is refused
 MAX_LIST = 70_000
 MAX_STR = 4096
-MAX_BYTES = 1100  # the largest PCP packet (RFC 6887 §7)
+MAX_BYTES = PCP_MAX_PACKET  # the largest PCP packet (RFC 6887 §7)
+MAX_WAIT_MS = 1_100_000  # one PCP transmission's wait: at most MRT (RFC 6887 §8.1.1) plus its jitter
 
 PROTOCOLS = (6, 17)  # TCP, UDP: all UPnP IGD can express
 
@@ -156,17 +160,39 @@ class Unbind(Message):
 
 
 @dataclass(frozen=True)
-class PcpSend(Message):
-    """Relay a PCP request to ``server``; with ``mid`` natd rewrites it to that binding first."""
+class PcpExchange(Message):
+    """Relay one PCP request to ``server`` and wait up to ``wait_ms`` for its response.
 
-    OP: ClassVar[str] = "pcp.send"
+    With ``mid`` natd rewrites the request to that NAT1 binding first. The reply is a
+    :class:`PcpAnswer`: the matching response (RFC 6887 §8.3: same server, opcode and,
+    for MAP, nonce), or none within ``wait_ms`` (0: do not wait). One request = one
+    transmission; retransmission timing stays with controld's PCP client.
+    """
+
+    OP: ClassVar[str] = "pcp.exchange"
     server: str
     packet: bytes
     mid: int | None = None
+    wait_ms: int = 0
 
     def check(self) -> None:
         _ipv4(self.server)
         _mid(self.mid)
+        if not 0 <= self.wait_ms <= MAX_WAIT_MS:
+            raise WireError("bad-field", f"wait_ms must be 0..{MAX_WAIT_MS}")
+
+
+@dataclass(frozen=True)
+class PcpAnswer(Message):
+    """The response to a :class:`PcpExchange` (internal port mapped back), or None: no answer in time."""
+
+    OP: ClassVar[str] = "pcp.answer"
+    packet: bytes | None = None
+    lan_ip: str | None = None
+
+    def check(self) -> None:
+        if self.lan_ip is not None:
+            _ipv4(self.lan_ip)
 
 
 @dataclass(frozen=True)
@@ -218,7 +244,7 @@ class Error(Message):
 
 @dataclass(frozen=True)
 class PcpReceived(Message):
-    """A PCP packet from a server, internal port already mapped back to the LAN value."""
+    """An unsolicited PCP packet (ANNOUNCE, Mapping Update, late answer), internal port mapped back."""
 
     OP: ClassVar[str] = "pcp.rx"
     server: str
@@ -278,7 +304,8 @@ class StunResult(Message):
 
 MESSAGES: dict[str, type[Message]] = {
     cls.OP: cls
-    for cls in (Hello, HelloReply, Bind, BindReply, Unbind, PcpSend, Sync, SyncReply, GetCounters, CountersReply,
+    for cls in (Hello, HelloReply, Bind, BindReply, Unbind, PcpExchange, PcpAnswer, Sync, SyncReply, GetCounters,
+                CountersReply,
                 Ok, Error,
                 PcpReceived, WanChanged, Heartbeat, Restored)
 }

@@ -10,10 +10,9 @@ server lost state: re-create everything there) and :class:`Unsolicited` (a Mappi
 Update or an ANNOUNCE nobody asked for). No sockets, no sleeping, no clock reads:
 retransmission, epoch and renewal are tested by passing numbers.
 
-References: retransmission RFC 6887 §8.1.1 (rfc6887-pcp §8.3); response checks §8.3
-(rfc6887-pcp §8.4); matching §11.4 (rfc6887-pcp §4.3); epoch §8.5 (rfc6887-pcp §8.6,
-with the 1-second-back resolution given there); renewal timing §11.2.1 (rfc6887-pcp
-§8.5); the IWF's use of all of it RFC 6970 §5.1, rfc6970-iwf items 7, 8, 13, 84.
+References: retransmission RFC 6887 §8.1.1; response checks §8.3; matching §11.4;
+epoch §8.5 (a server time up to 1 s back still counts as valid); renewal timing
+§11.2.1; the IWF's use of all of it RFC 6970 §5.1, docs/requirements.md IWF-7, IWF-8, IWF-13, IWF-84.
 """
 
 from __future__ import annotations
@@ -35,9 +34,14 @@ MAX_EXCHANGES = 70_000  # every outstanding request is a mapping or a probe: bou
 
 @dataclass(frozen=True)
 class Transmit:
+    """Send ``packet`` to ``server`` once and listen ``wait`` seconds for the answer (then
+    the next retransmission or the give-up is due); ``via``: the owner's relay hint."""
+
     key: Hashable
     server: str
     packet: bytes
+    wait: float = IRT
+    via: int | None = None
 
 
 @dataclass(frozen=True)
@@ -80,6 +84,7 @@ class _Exchange:
     next_send: float
     rt: float
     sent: int = 0
+    via: int | None = None  # passed through in Transmit (controld: the NAT1 binding natd rewrites to)
 
 
 @dataclass
@@ -95,14 +100,15 @@ class PcpClient:
     rng: random.Random = field(default_factory=random.Random)
     exchanges: dict[Hashable, _Exchange] = field(default_factory=dict)
     epochs: dict[str, _Epoch] = field(default_factory=dict)
-    # server -> (until, its UNSUPP_VERSION answer): version negotiation failed (§9, rfc6887-pcp §8.9)
+    # server -> (until, its UNSUPP_VERSION answer): version negotiation failed (§9)
     refused: dict[str, tuple[float, pcp.Response]] = field(default_factory=dict)
 
     def _rand(self) -> float:
         return self.rng.uniform(-0.1, 0.1)
 
     def request(self, key: Hashable, server: str, req: pcp.Request, now: float,
-                max_duration: float | None = None, internal_ip: str | None = None) -> list[Event]:
+                max_duration: float | None = None, internal_ip: str | None = None,
+                via: int | None = None) -> list[Event]:
         """Start (or restart) an exchange; returns the first transmission.
 
         A server that answered UNSUPP_VERSION is not asked again before its retry time:
@@ -118,7 +124,7 @@ class PcpClient:
             return [GaveUp(key)]
         packet = pcp.encode_request(req)
         deadline = None if max_duration is None else now + max_duration
-        ex = _Exchange(key, server, req, packet, internal_ip, deadline, now, IRT)
+        ex = _Exchange(key, server, req, packet, internal_ip, deadline, now, IRT, via=via)
         self.exchanges[key] = ex
         return self._send(ex, now, first=True)
 
@@ -129,7 +135,8 @@ class PcpClient:
         ex.rt = (1 + self._rand()) * (IRT if first else min(2 * ex.rt, MRT))
         ex.next_send = now + ex.rt
         ex.sent += 1
-        return [Transmit(ex.key, ex.server, ex.packet)]
+        until = ex.next_send if ex.deadline is None else min(ex.next_send, ex.deadline)
+        return [Transmit(ex.key, ex.server, ex.packet, max(0.0, until - now), ex.via)]
 
     def next_timer(self) -> float | None:
         """When :meth:`poll` must next be called (None: nothing outstanding)."""
@@ -155,7 +162,7 @@ class PcpClient:
             return True
         if server_time + 1 < prev.server_time:
             return False
-        if server_time < prev.server_time:  # back by up to 1 s: valid (rfc6887-pcp §8.6 note)
+        if server_time < prev.server_time:  # back by up to 1 s: valid ( note)
             return True
         client_delta = int(now - prev.client_time)
         server_delta = server_time - prev.server_time
@@ -188,7 +195,7 @@ class PcpClient:
     def receive(self, server: str, data: bytes, now: float, lan_ip: str | None = None) -> list[Event]:
         """Process one packet from ``server``; malformed or unmatched packets yield nothing.
 
-        Order of checks as RFC 6887 §8.3 (rfc6887-pcp §8.4): size, R bit, version
+        Order of checks as RFC 6887 §8.3 : size, R bit, version
         (UNSUPP_VERSION before the length checks), frame, then matching, then epoch.
         """
         try:
@@ -254,11 +261,12 @@ def retry_time(granted: int, t0: float, attempt: int, now: float, rng: random.Ra
 
 # Short-lifetime errors (RFC 6887 §7.4): worth one more try later (RFC 6970 §5.6.1, §5.6.2).
 SHORT_RESULTS = frozenset({pcp.Result.NETWORK_FAILURE, pcp.Result.NO_RESOURCES, pcp.Result.USER_EX_QUOTA})
-SHORT_ERROR_MAX_LIFETIME = 60  # CANNOT_PROVIDE_EXTERNAL is short when its Lifetime is at most this (§18 item 9)
+# CANNOT_PROVIDE_EXTERNAL is short when its Lifetime is at most this (docs/requirements.md §18 item 9).
+SHORT_ERROR_MAX_LIFETIME = 60
 
 
 def is_short_error(resp: pcp.Response) -> bool:
-    """Whether an error answer is a short-lifetime one (rfc6970-iwf items 46, 51; §18 item 9)."""
+    """Whether an error answer is a short-lifetime one (docs/requirements.md IWF-46, IWF-51; §18 item 9)."""
     if resp.result == pcp.Result.CANNOT_PROVIDE_EXTERNAL:
         return resp.lifetime <= SHORT_ERROR_MAX_LIFETIME
     return resp.result in SHORT_RESULTS

@@ -1,4 +1,4 @@
-"""Which PCP server to ask (RFC 6887 §8.1, RFC 7291, RFC 7488; rfc6887-pcp §8.1, rfc6970-iwf item 10).
+"""Which PCP server to ask (RFC 6887 §8.1, RFC 7291, RFC 7488;, docs/requirements.md IWF-10).
 
 Order: the configured address (``--pcp-server``), else the first server a DHCP client
 hook wrote to the server file (DHCPv4 option 158, see packaging/hooks/), else the WAN

@@ -11,8 +11,8 @@ import time
 import pytest
 
 from tests.bed import testbed as tb
-from tests.bed.stack import Stack
 from tests.bed.fixtures import soap_call
+from tests.bed.stack import Stack
 
 pytestmark = pytest.mark.netns
 

@@ -1,14 +1,14 @@
 """GetSpecificPortMappingEntry and ownership: the caller's own entry is answered from the table;
 another control point's entry is refused with 606 under IGD:2 access control and shown under
-IGD:1, and never probed upstream (RFC 6970 §5.7, rfc6970-iwf items 56, 60 and its notes)."""
+IGD:1, and never probed upstream (RFC 6970 §5.7, docs/requirements.md IWF-56, IWF-60 and its notes)."""
 
 from __future__ import annotations
 
 import pytest
 
 from tests.bed import testbed as tb
-from tests.bed.stack import Stack
 from tests.bed.fixtures import soap_call
+from tests.bed.stack import Stack
 
 pytestmark = pytest.mark.netns
 

@@ -15,8 +15,8 @@ import pytest
 
 from shared import pcp
 from tests.bed import testbed as tb
-from tests.bed.stack import Stack
 from tests.bed.fixtures import soap_call
+from tests.bed.stack import Stack
 from tests.bed.upnp import HOOKS, WANIP2, add, wait_for
 from tests.bed.upnp import error_code as _code
 from tests.bed.upnp import out_value as _value
@@ -24,7 +24,7 @@ from tests.bed.upnp import out_value as _value
 pytestmark = pytest.mark.netns
 
 PAYLOAD = b"igdpcp iwf: through NAT2 and NAT1"
-OTHER_SUBSCRIBER = "100.64.0.7"  # a second CGN customer on NAT2's inside (rfc6970-iwf item 51)
+OTHER_SUBSCRIBER = "100.64.0.7"  # a second CGN customer on NAT2's inside (docs/requirements.md IWF-51)
 
 def nat2_ports(bed: tb.Testbed) -> dict[int, tuple[str, int]]:
     """NAT2's (miniupnpd's) TCP DNAT rules: {external port: (internal ip, internal port)}."""
@@ -60,7 +60,7 @@ def other_subscriber_maps(bed: tb.Testbed, ext_port: int) -> None:
 
 
 def test_renewal_keeps_infinite_lease_and_expiry_removes_everywhere(make_stack) -> None:
-    """NAT2 grants 6 s: an IGD:1 lease 0 lives on by renewals (rfc6970-iwf items 68, 69, 74);
+    """NAT2 grants 6 s: an IGD:1 lease 0 lives on by renewals (docs/requirements.md IWF-68, IWF-69, IWF-74);
     a 5 s lease ends and is removed from NAT1, NAT2 and the table (§12 notes); the lease the
     CP sees never exceeds what NAT2 granted."""
     from tests.bed.upnp import Sink
@@ -107,9 +107,9 @@ def test_renewal_keeps_infinite_lease_and_expiry_removes_everywhere(make_stack) 
 
 def test_conflicts_probe_range_delete_and_host_release(make_stack) -> None:
     """Port held by another subscriber: 718 for AddPortMapping, another port for AddAny
-    (rfc6970-iwf items 42-51); GetSpecific probes NAT2 and leaves nothing (items 56-60);
-    DeletePortMappingRange deletes one by one (items 62, 66); the DHCP-release hook
-    removes a host's mappings (items 79, 80)."""
+    (docs/requirements.md IWF-42 to IWF-51); GetSpecific probes NAT2 and leaves nothing (IWF-56 to IWF-60);
+    DeletePortMappingRange deletes one by one (IWF-62, IWF-66); the DHCP-release hook
+    removes a host's mappings (IWF-79, IWF-80)."""
     st: Stack = make_stack(controld_args=["--igd-version", "2"])
     bed = st.bed
     other_subscriber_maps(bed, 8080)
@@ -162,7 +162,7 @@ def test_conflicts_probe_range_delete_and_host_release(make_stack) -> None:
 
 def test_nat2_restart_recovers_within_10s(make_stack) -> None:
     """NAT2 loses all state (new epoch, ANNOUNCE): the mapping is back with its port and
-    reachable from the Internet within 10 s (RFC 6887 §8.5, §14.1; rfc6970-iwf items 82, 84).
+    reachable from the Internet within 10 s (RFC 6887 §8.5, §14.1; docs/requirements.md IWF-82, IWF-84).
     miniupnpd announces its restart to port 5351, where natd does not listen: the solicited
     ANNOUNCE (epoch poll) finds it."""
     st: Stack = make_stack(controld_args=["--pcp-epoch-poll", "2"])
@@ -184,7 +184,7 @@ def test_nat2_restart_recovers_within_10s(make_stack) -> None:
 
 
 def test_nat2_unreachable_gives_501_then_retry_succeeds(make_stack) -> None:
-    """rfc6970-iwf item 13: 501 well before the 30 s UPnP deadline, UPnP keeps answering,
+    """docs/requirements.md IWF-13: 501 well before the 30 s UPnP deadline, UPnP keeps answering,
     and the control point's retry completes once NAT2 is back."""
     st: Stack = make_stack(controld_args=["--pcp-timeout", "3"])
     bed = st.bed
@@ -205,7 +205,7 @@ def test_controld_kill9_keeps_table_and_upstream_ownership(make_stack) -> None:
     """controld crashes twice, once mid-request: the table survives, every mapping is
     re-asserted with its stored nonce (NAT2 would refuse another nonce: NOT_AUTHORIZED),
     deletes still work upstream, and no NAT1 binding is left without a mapping
-    (rfc6970-iwf items 29, 32; §18 item 6)."""
+    (docs/requirements.md IWF-29, IWF-32; §18 item 6)."""
     st: Stack = make_stack(controld_args=["--pcp-service-wait", "0.5", "--pcp-timeout", "8"])
     bed = st.bed
     assert add(st, 8080, 8000)[0] == 200
@@ -239,7 +239,7 @@ def test_controld_kill9_keeps_table_and_upstream_ownership(make_stack) -> None:
 
 
 def test_no_nat1_mode_maps_with_third_party(make_testbed) -> None:
-    """A routed LAN behind the provider NAT (rfc6970-iwf items 2a, 33, 39): MAP with
+    """A routed LAN behind the provider NAT (docs/requirements.md IWF-2a, 33, 39): MAP with
     THIRD_PARTY naming the LAN host, no NAT1 binding; miniupnpd allows it with
     pcp_allow_thirdparty and a permission line for the LAN."""
     bed = make_testbed()

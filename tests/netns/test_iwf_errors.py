@@ -3,7 +3,7 @@
 Real natd and controld in the namespace bed; upstream a scripted PCP server
 (tests/bed/fake_pcp.py) for the result codes real miniupnpd never produces. controld finds
 that server the way a router would: the shipped udhcpc hook turns DHCP option 158 into
-the server file (RFC 6887 §8.1, RFC 7291; rfc6970-iwf item 10).
+the server file (RFC 6887 §8.1, RFC 7291; docs/requirements.md IWF-10).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from tests.bed.upnp import out_value as _value
 pytestmark = pytest.mark.netns
 
 FAKE_IP = "100.64.0.3"
-# (PCP result, UPnP error under IGD:1, under IGD:2): rfc6970-iwf §16, exactly as the reference gives it.
+# (PCP result, UPnP error under IGD:1, under IGD:2): docs/requirements.md §16, exactly as the reference gives it.
 ROWS = [(1, 501, 501), (2, 718, 606), (3, 501, 501), (4, 501, 501), (5, 501, 501), (6, 501, 501),
         (7, 501, 501), (8, 501, 728), (9, 501, 501), (10, 501, 728), (11, 718, 718), (12, 501, 501),
         (13, 501, 501), (24, 501, 501)]  # 24: a later code (RFC 7843) -> 501 (§16 impl. note)
@@ -68,8 +68,8 @@ def test_error_table_retries_version_and_announce(fake_stack) -> None:  # type: 
             status, body = add(st, 20000 + result, 1000 + result, service=service)
             assert (status, _code(body)) == (500, want), (result, service, body)
     assert st.nat1_forwards() == {}  # every refused mapping left nothing in NAT1
-    # AddPortMapping always carried PREFER_FAILURE (rfc6970-iwf item 49); short-lifetime errors were
-    # retried once, CANNOT_PROVIDE_EXTERNAL twice (items 46, 51), the others never.
+    # AddPortMapping always carried PREFER_FAILURE (docs/requirements.md IWF-49); short-lifetime errors were
+    # retried once, CANNOT_PROVIDE_EXTERNAL twice (IWF-46, IWF-51), the others never.
     assert all(r["prefer_failure"] for r in _requests(log_path) if 20000 < (r.get("eport") or 0) < 20100)
     counts = {result: len(_requests(log_path, 20000 + result)) for result, _, _ in ROWS}
     assert counts == {r: 2 * (3 if r == 11 else 2 if r in (7, 8, 10) else 1) for r, _, _ in ROWS}
@@ -79,24 +79,24 @@ def test_error_table_retries_version_and_announce(fake_stack) -> None:  # type: 
     assert status == 200, body
     assert [r["result"] for r in _requests(log_path, 22000)] == [7, 0]
 
-    # AddAnyPortMapping: no PREFER_FAILURE; the answer names the port (rfc6970-iwf items 42, 44).
+    # AddAnyPortMapping: no PREFER_FAILURE; the answer names the port (docs/requirements.md IWF-42, IWF-44).
     status, body = add(st, 30000, 3000, any_port=True)
     assert status == 200 and _value(body, "NewReservedPort") == "30000"
     (req,) = _requests(log_path, 30000)
     assert not req["prefer_failure"] and req["third_party"] is None and req["description"].strip() == "iwf"
 
-    # No answer at all: 501 within the configured bound, far below UPnP's 30 s (item 13).
+    # No answer at all: 501 within the configured bound, far below UPnP's 30 s (IWF-13).
     t0 = time.monotonic()
     status, body = add(st, 23000, 2300)
     assert (status, _code(body)) == (500, 501) and time.monotonic() - t0 < 6
 
-    # GetSpecificPortMappingEntry probe answered with an error: mapped through the table (item 58).
+    # GetSpecificPortMappingEntry probe answered with an error: mapped through the table (IWF-58).
     status, body = st_call(st, "GetSpecificPortMappingEntry", 20012)
     assert (status, _code(body)) == (500, 501)
     assert _requests(log_path, 20012)[-1]["iport"] == 9 and _requests(log_path, 20012)[-1]["prefer_failure"]
 
     # An unsolicited ANNOUNCE with an epoch that went back: every mapping is re-created at that
-    # server with its stored nonce after a random 0-5 s (RFC 6887 §14.1.3; rfc6970-iwf item 82).
+    # server with its stored nonce after a random 0-5 s (RFC 6887 §14.1.3; docs/requirements.md IWF-82).
     assert add(st, 25000, 2500)[0] == 200
     nonce = _requests(log_path, 22000)[-1]["nonce"]
     assert wait_for(lambda: len(_requests(log_path, 22000)) >= 3, 8), st.log("controld")[-1500:]
@@ -112,7 +112,7 @@ def test_error_table_retries_version_and_announce(fake_stack) -> None:  # type: 
 
 def test_unsupported_version_is_501_and_holds_off(fake_stack) -> None:  # type: ignore[no-untyped-def]
     """UNSUPP_VERSION proposing NAT-PMP (version 0): 501, and the server is left alone for
-    min(30 min, Lifetime) (RFC 6887 §9; rfc6887-pcp §8.9)."""
+    min(30 min, Lifetime) (RFC 6887 §9;)."""
     st, log_path = fake_stack
     status, body = add(st, 21000, 2100)
     assert (status, _code(body)) == (500, 501)

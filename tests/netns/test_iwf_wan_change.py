@@ -1,4 +1,4 @@
-"""WAN address change in cascaded mode (RFC 6970 §5.10, rfc6970-iwf item 81): natd moves NAT1
+"""WAN address change in cascaded mode (RFC 6970 §5.10, docs/requirements.md IWF-81): natd moves NAT1
 to the new address, controld stays cascaded and re-creates every mapping upstream from the
 new address within seconds; the old NAT2 mapping (keyed on the old address) can only expire,
 so the mapping may come back on another external port, and the table says which."""

@@ -1,4 +1,4 @@
-"""natd's ZeroMQ API under attack and its transport guards (issue #5, ARCHITECTURE.md Trust).
+"""natd's ZeroMQ API under attack and its transport guards (issue #5, docs/core.md Trust).
 
 Random and mutated messages at a running natd: each gets a typed error reply, nothing
 reaches the kernel, and natd keeps answering. ipc:// socket files are mode 0660 with
@@ -15,11 +15,10 @@ import time
 import msgpack
 import pytest
 
-
 from natd.client import NatdCallError
-from tests.bed import testbed as tb
 from shared import wire
 from tests.bed import fuzz
+from tests.bed import testbed as tb
 from tests.bed.natd import elements, python
 
 pytestmark = pytest.mark.netns
@@ -93,7 +92,7 @@ def test_hostile_messages_get_typed_errors_and_natd_keeps_answering(natd_only) -
     assert st.procs["natd"].poll() is None
     assert c.call(wire.Hello()).wan_ip == tb.ROUTER_WAN_IP
     # Mutations may form valid requests; whatever the kernel holds obeys the policy.
-    for (proto, port), (ip, _lport) in elements(bed, "fwd4").items():
+    for (_proto, _port), (ip, _lport) in elements(bed, "fwd4").items():
         assert ip.startswith("192.168.1.") and ip not in (tb.ROUTER_LAN_IP, "192.168.1.0", "192.168.1.255")
     assert "Traceback" not in st.log("natd")
 

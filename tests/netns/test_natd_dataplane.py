@@ -168,7 +168,7 @@ def test_unsolicited_announce_and_mapping_update_become_events(natd_only) -> Non
     bed = st.bed
     c.call(wire.Bind(1, 6, LAN, 8006, 20006))
     ann = pcp.encode_request(pcp.Request(pcp.Opcode.ANNOUNCE, 0, ipaddress.IPv4Address("0.0.0.0")))
-    c.call(wire.PcpSend(tb.ISP_INT_IP, ann))  # natd now knows 100.64.0.1 as its PCP server
+    c.call(wire.PcpExchange(tb.ISP_INT_IP, ann))  # natd now knows 100.64.0.1 as its PCP server
     time.sleep(0.2)
     announce = pcp.encode_response(pcp.Response(pcp.Opcode.ANNOUNCE, pcp.Result.SUCCESS, 0, 5))
     bed.udp_send("isp", WAN, PCP_CLIENT_PORT, announce, bind=(tb.ISP_INT_IP, PCP_SERVER_PORT))

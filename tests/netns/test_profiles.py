@@ -4,7 +4,7 @@ subscriber (a PCP MAP from NAT2's own inside address, 100.64.0.1).
 
 Each profile is the control point's real call sequence, scripted: it gets the answers
 RFC 6970 prescribes (718 on conflict, 714 from GetSpecificPortMappingEntry when the CP
-has no entry: rfc6970-iwf items 51, 59, 60) and ends with a working mapping or the right
+has no entry: docs/requirements.md IWF-51, IWF-59, IWF-60) and ends with a working mapping or the right
 error. "Without flooding NAT2" is measured: an nft counter in NAT2's namespace counts the
 PCP requests that reach it from the router.
 """
@@ -20,8 +20,8 @@ import pytest
 
 from shared import pcp
 from tests.bed import testbed as tb
-from tests.bed.stack import Stack
 from tests.bed.fixtures import soap_call
+from tests.bed.stack import Stack
 
 pytestmark = pytest.mark.netns
 
@@ -74,9 +74,9 @@ def test_field_profiles_azureus_emule_utorrent(make_stack) -> None:
     answers = [_add(st, HELD, desc="Azureus UPnP TCP") for _ in range(6)]
     assert [(s, _code(b)) for s, b in answers] == [(500, 718)] * 6
     # NAT2 (miniupnpd 2.3.1) ignores PREFER_FAILURE and grants the next port, which controld
-    # deletes at once: two requests per attempt, no retry storm (rfc6970-iwf item 51, default no 30 s retry)
+    # deletes at once: two requests per attempt, no retry storm (docs/requirements.md IWF-51, default no 30 s retry)
     assert _pcp_requests(bed) <= 2 * 6
-    assert st.nat1_forwards() == {}  # nothing left behind (ARCHITECTURE.md)
+    assert st.nat1_forwards() == {}  # nothing left behind (docs/core.md)
 
     # eMule: one AddPortMapping, error on conflict.
     before = _pcp_requests(bed)
@@ -91,12 +91,12 @@ def test_field_profiles_azureus_emule_utorrent(make_stack) -> None:
     for port in range(HELD, HELD + 4):
         status, body = soap_call(st, "GetSpecificPortMappingEntry",
                                  {"NewRemoteHost": "", "NewExternalPort": str(port), "NewProtocol": "TCP"})
-        assert (status, _code(body)) == (500, 714)  # the CP has no entry there (rfc6970-iwf items 59, 60)
+        assert (status, _code(body)) == (500, 714)  # the CP has no entry there (docs/requirements.md IWF-59, IWF-60)
         status, body = _add(st, port, desc="uTorrent")
         if status == 200:
             mapped = port
             break
-        assert _code(body) == 718  # held at NAT2: ConflictInMappingEntry (rfc6970-iwf item 51)
+        assert _code(body) == 718  # held at NAT2: ConflictInMappingEntry (docs/requirements.md IWF-51)
     assert mapped == HELD + 1
     assert _pcp_requests(bed) - before <= 10  # two candidates: a probe (+ delete) and a MAP (+ delete) each
     assert bed.internet_reaches(8000, mapped, b"profile")

@@ -1,5 +1,5 @@
 """SIGHUP = reload (procd's reload_signal, systemd's ExecReload): the config file is read
-again and applied live, and no mapping or forward is dropped (issue #6, openwrt.md §2)."""
+again and applied live, and no mapping or forward is dropped (issue #6)."""
 
 from __future__ import annotations
 

@@ -1,9 +1,10 @@
 """IGD:2 actions and the UPnP layer's policy, end to end with two control points
 (the LAN host 192.168.1.2 and the ctl namespace 192.168.1.3 on the same bridge):
 ownership of DeletePortMappingRange / GetListOfPortMappings (NewManage only for manage
-hosts; RFC 6970 §5.8, rfc6970-iwf item 66), per-host and total quotas (728; rfc6970-iwf
-item 90), miniupnpd-syntax permission rules (606 under IGD:2), the UPnP error codes of
-rfc6970-iwf §19 where they apply, stable GetGeneric indices, and real WAN counters."""
+hosts; RFC 6970 §5.8, docs/requirements.md IWF-66), per-host and total quotas
+(728; docs/requirements.md IWF-90), miniupnpd-syntax permission
+rules (606 under IGD:2), the UPnP error codes of
+docs/requirements.md §19 where they apply, stable GetGeneric indices, and real WAN counters."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ import re
 import pytest
 
 from tests.bed import testbed as tb
-from tests.bed.stack import HTTP_PORT, Stack
 from tests.bed.fixtures import NsClient, http_request, soap_envelope
+from tests.bed.stack import HTTP_PORT, Stack
 
 pytestmark = pytest.mark.netns
 
@@ -98,7 +99,7 @@ def test_igd2_ownership_quotas_permissions_and_codes(make_stack) -> None:
                                                     "NewProtocol": "TCP"})) == 0
         assert [generic(i) for i in range(5)] == ["7001", "7003", "7101", "7102", None]
 
-        # another CP's mapping: 606 under IGD:2 (secure mode, RFC 6970 §5.8 item 61)
+        # another CP's mapping: 606 under IGD:2 (secure mode, RFC 6970 §5.8 IWF-61)
         assert code(call(lan, "DeletePortMapping", {"NewRemoteHost": "", "NewExternalPort": "7101",
                                                     "NewProtocol": "TCP"})) == 606
         # range delete by lan with NewManage=1 (not a manager): only its own go
@@ -116,7 +117,7 @@ def test_igd2_ownership_quotas_permissions_and_codes(make_stack) -> None:
         r = add(lan, L, 6005, 6005, action="AddAnyPortMapping")  # steered to an allowed port
         assert r[0] == 200 and not 6000 <= int(out(r, "NewReservedPort")) <= 6010
 
-        # argument errors (rfc6970-iwf §19)
+        # argument errors (docs/requirements.md §19)
         assert code(add(lan, L, 0, 7020)) == 716
         assert code(add(lan, L, 7020, NewRemoteHost="198.20.0.10")) == 726
         assert code(add(lan, L, 7020, 0)) == 732
@@ -142,8 +143,9 @@ def test_igd2_ownership_quotas_permissions_and_codes(make_stack) -> None:
 
 
 def test_igd1_permission_denied_is_718_and_no_v2_actions(make_stack) -> None:
-    """IGD:1: a permission refusal is 718 as miniupnpd answers (miniupnpd.md §1.2); v2 actions 401."""
-    st: Stack = make_stack(mode="nat1-only", controld_args=["--permission", "allow 1024-65535 192.168.1.0/24 1024-65535"])
+    """IGD:1: a permission refusal is 718 as miniupnpd answers (as miniupnpd does); v2 actions 401."""
+    st: Stack = make_stack(mode="nat1-only",
+            controld_args=["--permission", "allow 1024-65535 192.168.1.0/24 1024-65535"])
     lan = NsClient(st.bed, "lan")
     try:
         v1 = "urn:schemas-upnp-org:service:WANIPConnection:1"

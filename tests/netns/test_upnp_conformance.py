@@ -8,8 +8,8 @@ import re
 import pytest
 
 from tests.bed import testbed as tb
-from tests.bed.stack import Stack
 from tests.bed.fixtures import NsClient, http_request, soap_envelope
+from tests.bed.stack import Stack
 
 pytestmark = pytest.mark.netns
 

@@ -1,5 +1,5 @@
-"""UPnP hardening, end to end against a running controld (ARCHITECTURE.md "Trust";
-miniupnpd.md §1.2 HTTP layer and §4.5): Host must be an IP literal (DNS rebinding),
+"""UPnP hardening, end to end against a running controld (miniupnpd's HTTP layer
+hardening): Host must be an IP literal (DNS rebinding),
 bounded headers/bodies, request deadline, connection cap, XML without DTDs/entities and
 with a depth limit, LAN sources only; and a property-based test that throws random and
 mutated SOAP envelopes and checks every answer is a SOAP fault or a 4xx, and that the
@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as hs
 
 from tests.bed import testbed as tb
-from tests.bed.stack import HTTP_PORT, Stack
 from tests.bed.fixtures import NsClient, http_request, soap_envelope
+from tests.bed.stack import HTTP_PORT, Stack
 
 pytestmark = pytest.mark.netns
 
@@ -117,7 +117,7 @@ print(repr(over), repr(y.recv(15)))
 
 def test_sources_outside_the_lan_are_ignored(make_stack) -> None:
     """A host on another subnet (routable to the router, not a configured LAN) gets neither
-    HTTP nor SSDP answers; a LAN host does (miniupnpd.md §0 item 5)."""
+    HTTP nor SSDP answers; a LAN host does (as miniupnpd does with its listening_ip list)."""
     st: Stack = make_stack()
     st.bed.run("lan", ["ip", "addr", "add", "192.168.2.2/24", "dev", tb.LAN_HOST_IF])
     st.bed.run("cpe", ["ip", "addr", "add", "192.168.2.1/24", "dev", tb.ROUTER_LAN_IF])

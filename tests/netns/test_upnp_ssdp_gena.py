@@ -1,5 +1,5 @@
-"""SSDP discovery and GENA eventing on the wire (UDA 1.1 §1 and §4; miniupnpd.md §1.3, §1.4,
-§5.2 "checks that miniupnpc does not cover"), from the LAN host's namespace."""
+"""SSDP discovery and GENA eventing on the wire (UDA 1.1 §1 and §4; the checks that
+miniupnpc does not cover), from the LAN host's namespace."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import time
 import pytest
 
 from tests.bed import testbed as tb
-from tests.bed.stack import HTTP_PORT, Stack
 from tests.bed.fixtures import NsClient, http_request, soap_envelope
+from tests.bed.stack import HTTP_PORT, Stack
 from tests.bed.upnp import Sink
 from tests.bed.upnp import props as _props
 

@@ -7,8 +7,10 @@ import asyncio
 import dataclasses
 import time
 
-from controld.lifecycle import State
-from controld.table import Mapping, MappingTable
+from controld.core.lifecycle import State
+from controld.core.model import Mapping
+from controld.core.store import MappingTable
+from controld.upnp import igd as upnp_igd
 from shared import pcp, wire
 from tests.unit.test_iwf_regressions import _drive, _iwf
 from tests.unit.test_iwf_units import LAN, SERVER, ScriptedLink, add
@@ -54,25 +56,28 @@ async def _until(cond, seconds: float = 3.0) -> None:  # type: ignore[no-untyped
 
 def test_recovery_keeps_the_promised_port(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """After a server restart a mapping keeps its port or keeps trying (RFC 6970 §5.10,
-    rfc6970-iwf item 82): a grant of another port is handed back, never stored, so ports
+    docs/requirements.md IWF-82): a grant of another port is handed back, never stored, so ports
     cannot shift from one application to the next."""
     link = Scripted()
     iwf = _iwf(tmp_path, link)
 
     async def body() -> None:
         m = await add(iwf, 8080)
+
+        def row():  # type: ignore[no-untyped-def]  # the row as stored now (rows are immutable)
+            return iwf.table.by_id[m.id]
         link.steal = True
         iwf._recover_all(SERVER, 0.0)
         await _until(lambda: any(r.lifetime == 0 for r in link.maps()))
-        assert m.ext_port == 8080 and m.state == State.RECOVERING
+        assert row().ext_port == 8080 and row().state == State.RECOVERING
         assert [r.map.nonce for r in link.maps() if r.lifetime == 0] == [m.nonce]  # the wrong grant, released
-        await _until(lambda: m.id in iwf._due)
+        await _until(lambda: m.id in iwf.timers.due)
         # It retries within seconds (backing off to 5 min), not at the old grant's renewal times.
-        assert iwf._due[m.id][0] - iwf.wall() < 10
-        # After our own WAN address changed the port may move (item 81), asked without PREFER_FAILURE.
+        assert iwf.timers.due[m.id][0] - iwf.wall() < 10
+        # After our own WAN address changed the port may move (IWF-81), asked without PREFER_FAILURE.
         iwf._recover_all(SERVER, 0.0, may_move=True)
-        await _until(lambda: m.ext_port == 8090)
-        assert m.ext_port == 8090 and m.state == State.ACTIVE
+        await _until(lambda: row().ext_port == 8090)
+        assert row().ext_port == 8090 and row().state == State.ACTIVE
         assert not link.maps()[-1].options.prefer_failure
     _drive(iwf, body)
 
@@ -99,7 +104,7 @@ def test_unfinished_rows_keep_their_binding_until_deleted_upstream(tmp_path) -> 
     t = MappingTable(str(tmp_path))
     now = time.time()
     for mid, st in ((1, State.DELETING), (2, State.PENDING)):
-        t.save(Mapping(id=mid, cp=LAN, igd=1, remote_host="", ext_port=8080 + mid, proto=6, int_client=LAN,
+        t.apply(Mapping(id=mid, cp=LAN, igd=1, remote_host="", ext_port=8080 + mid, proto=6, int_client=LAN,
                        int_port=80 + mid, description="x", lease=0, lease_end=None, state=st, created=now,
                        nat1_port=40000 + mid, nonce=bytes(range(mid, mid + 12)), pcp_server=SERVER,
                        ext_ip="198.20.0.1", pcp_lifetime=120, pcp_expiry=now + 120, mode="cascaded"))
@@ -127,9 +132,9 @@ def test_delete_while_recovering_succeeds_when_nat2_no_longer_has_it(tmp_path) -
 
     async def body() -> None:
         m = await add(iwf, 8080)
-        m.state = State.RECOVERING  # NAT2 restarted; not re-created yet
+        m = iwf.table.apply(m, durable=False, state=State.RECOVERING)  # NAT2 restarted; not re-created yet
         link.deletes_fail = True  # miniupnpd answers NO_RESOURCES for a mapping it does not have
-        await iwf.delete_port_mapping(LAN, 1, "", 8080, pcp.PROTO_TCP)
+        await upnp_igd.delete_port_mapping(iwf, LAN, 1, "", 8080, pcp.PROTO_TCP)
         assert iwf.table.count() == 0 and link.unbound == [m.id]
     _drive(iwf, body)
 
@@ -142,5 +147,5 @@ def test_natd_return_brings_failed_renewals_forward(tmp_path) -> None:  # type: 
         m = await add(iwf, 8080)
         iwf._schedule(m, iwf.wall() + 1000, attempt=3)  # failed while natd was away, backing off
         await iwf.on_natd_event(wire.Heartbeat("boot-2", 0))
-        assert iwf._due[m.id][0] <= iwf.wall() + 1
+        assert iwf.timers.due[m.id][0] <= iwf.wall() + 1
     _drive(iwf, body)

@@ -8,11 +8,12 @@ import random
 
 import pytest
 
-from controld.errors import UPnPError
-from controld.iwf import Iwf, IwfConfig
+from controld.core.policy import Permissions
+from controld.core.service import Iwf, IwfConfig
+from controld.core.store import MappingTable
 from controld.natd_link import NatdError
-from controld.permissions import Permissions
-from controld.table import MappingTable
+from controld.upnp import igd as upnp_igd
+from controld.upnp.errors import UPnPError
 from shared import pcp, wire
 from tests.unit.test_iwf_units import LAN, SERVER, ScriptedLink, add
 
@@ -50,7 +51,7 @@ class FailingSync(ScriptedLink):
 
 
 def test_failed_resync_after_natd_restart_is_retried(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """ARCHITECTURE.md recovery: a natd restart re-syncs NAT1 until it succeeds."""
+    """docs/core.md recovery: a natd restart re-syncs NAT1 until it succeeds."""
     link = FailingSync()
     iwf = _iwf(tmp_path, link, mode="nat1-only")
 
@@ -83,7 +84,7 @@ class ShortGrant(ScriptedLink):
 
 
 def test_renewals_are_never_less_than_4s_apart(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """RFC 6887 §11.2.1 (rfc6887-pcp §8.5): a 1 s grant must not cause a renewal every second."""
+    """RFC 6887 §11.2.1 : a 1 s grant must not cause a renewal every second."""
     link = ShortGrant(1)
     iwf = _iwf(tmp_path, link)
 
@@ -114,8 +115,8 @@ def test_renewal_heap_stays_bounded(tmp_path) -> None:  # type: ignore[no-untype
             await add(iwf, 8080, lease=604800, igd=2)
         for _ in range(300):
             await add(iwf, 9000, lease=604800, igd=2)
-            await iwf.delete_port_mapping(LAN, 2, "", 9000, pcp.PROTO_TCP)
-        assert len(iwf._renewals) <= 2 * len(iwf._due) + 65
+            await upnp_igd.delete_port_mapping(iwf, LAN, 2, "", 9000, pcp.PROTO_TCP)
+        assert len(iwf.timers.heap) <= 2 * len(iwf.timers.due) + 65
     _drive(iwf, body)
 
 
@@ -140,7 +141,7 @@ def test_pcp_port_grant_is_deleted_upstream(tmp_path) -> None:  # type: ignore[n
 
     async def body() -> None:
         with pytest.raises(UPnPError) as exc:
-            await iwf.add_any_port_mapping(LAN, 2, "", 7000, pcp.PROTO_UDP, 7000, LAN, True, "x", 3600)
+            await upnp_igd.add_any_port_mapping(iwf, LAN, 2, "", 7000, pcp.PROTO_UDP, 7000, LAN, True, "x", 3600)
         assert exc.value.code == 501
         assert len([r for r in link.maps() if r.lifetime == 0]) == 1 and iwf.table.count() == 0
     _drive(iwf, body)
@@ -164,7 +165,8 @@ def test_failed_refresh_keeps_the_mapping_as_it_was(tmp_path) -> None:  # type: 
         link.silent = True
         with pytest.raises(UPnPError):
             await add(iwf, 8080, lease=60, igd=2, desc="changed")
-        assert (m.lease, m.lease_end, m.description) == before
+        now = iwf.table.by_id[m.id]  # the row as stored after the failed refresh
+        assert (now.lease, now.lease_end, now.description) == before
     _drive(iwf, body)
 
 

@@ -17,12 +17,14 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from controld.admin import parse_command
-from controld.errors import UPnPError
-from controld.iwf import IGD2_MAX_LEASE, Iwf, IwfConfig, _description
-from controld.lifecycle import State
+from controld.core.lifecycle import State
+from controld.core.service import Iwf, IwfConfig, _description
+from controld.core.store import MappingTable
 from controld.pcp.discovery import choose_server, parse_server_file
-from controld.table import MappingTable
+from controld.upnp import igd as upnp_igd
+from controld.upnp.errors import UPnPError
 from shared import pcp, wire
+from shared.const import IGD2_MAX_LEASE
 from tests.bed.fake_pcp import FakePcp
 
 LAN = "192.168.1.2"
@@ -35,7 +37,7 @@ class ScriptedLink:
     def __init__(self) -> None:
         self.iwf: Iwf | None = None
         self.fake = FakePcp(None)
-        self.sent: list[tuple[wire.PcpSend, pcp.Request]] = []
+        self.sent: list[tuple[wire.PcpExchange, pcp.Request]] = []
         self.unbound: list[int] = []
 
     async def call(self, msg: wire.Message, timeout: float = 5.0) -> wire.Message:
@@ -48,15 +50,14 @@ class ScriptedLink:
         if isinstance(msg, wire.Unbind):
             self.unbound.append(msg.mid)
             return wire.Ok()
-        assert isinstance(msg, wire.PcpSend)
+        assert isinstance(msg, wire.PcpExchange)
         req = pcp.decode_request(msg.packet)
         self.sent.append((msg, req))
         reply = self.fake.answer(req, msg.packet)
-        if reply is not None:
-            assert self.iwf is not None
-            evt = wire.PcpReceived(msg.server, reply, msg.mid, None)
-            asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self.iwf.on_natd_event(evt)))
-        return wire.Ok()
+        if reply is None:  # no answer: natd replies once the wait is over
+            await asyncio.sleep(msg.wait_ms / 1000)
+            return wire.PcpAnswer()
+        return wire.PcpAnswer(reply, None)
 
     def maps(self, eport: int | None = None) -> list[pcp.Request]:
         return [r for _, r in self.sent if r.opcode == pcp.Opcode.MAP and r.map is not None
@@ -81,37 +82,37 @@ def run(tmp_path, body: Callable[[Iwf, ScriptedLink], Awaitable[None]], **cfg) -
 
 
 def add(iwf: Iwf, ext: int, lease: int = 0, igd: int = 1, iport: int = 80, desc: str = "web"):  # type: ignore[no-untyped-def]
-    return iwf.add_port_mapping(LAN, igd, "", ext, pcp.PROTO_TCP, iport, LAN, True, desc, lease)
+    return upnp_igd.add_port_mapping(iwf, LAN, igd, "", ext, pcp.PROTO_TCP, iport, LAN, True, desc, lease)
 
 
 def test_add_and_delete_are_byte_exact(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """AddPortMapping -> MAP + PREFER_FAILURE + suggested port + DESCRIPTION (rfc6970-iwf items 21,
-    23, 47, 49); delete -> lifetime 0, same nonce, port 0, ::ffff:0:0, no options (items 63, 67;
-    RFC 6887 erratum 3621); infinite IGD:1 lease -> 0xFFFFFFFF (item 69, §18 item 1)."""
+    """AddPortMapping -> MAP + PREFER_FAILURE + suggested port + DESCRIPTION (docs/requirements.md IWF-21, IWF-23,
+    IWF-47, IWF-49); delete -> lifetime 0, same nonce, port 0, ::ffff:0:0, no options (IWF-63, IWF-67;
+    RFC 6887 erratum 3621); infinite IGD:1 lease -> 0xFFFFFFFF (IWF-69, docs/requirements.md §18 item 1)."""
     async def body(iwf: Iwf, link: ScriptedLink) -> None:
         m = await add(iwf, 8080)
         (req,) = link.maps(8080)
         assert req.lifetime == pcp.MAX_LIFETIME and req.options.prefer_failure
-        assert req.options.third_party is None  # cascaded: no THIRD_PARTY (item 39)
+        assert req.options.third_party is None  # cascaded: no THIRD_PARTY (IWF-39)
         assert req.options.description == "web " and req.map.internal_port == 80
         assert m.nonce == req.map.nonce and m.state == State.ACTIVE and m.ext_ip == "198.20.0.1"
         assert iwf.external_ip(LAN) == "198.20.0.1" and iwf.external_ip("192.168.1.9") == "198.20.0.1"
-        await iwf.delete_port_mapping(LAN, 1, "", 8080, pcp.PROTO_TCP)
+        await upnp_igd.delete_port_mapping(iwf, LAN, 1, "", 8080, pcp.PROTO_TCP)
         dreq = link.maps(0)[-1]
         assert dreq.lifetime == 0 and dreq.map.nonce == m.nonce and dreq.map.external_port == 0
         assert dreq.map.external_ip == ipaddress.IPv4Address(0) and dreq.options == pcp.Options()
         assert pcp.encode_request(dreq)[44:60] == b"\0" * 10 + b"\xff\xff" + b"\0" * 4
         assert iwf.table.count() == 0 and link.unbound == [m.id]
         with pytest.raises(UPnPError) as exc:
-            await iwf.delete_port_mapping(LAN, 1, "", 8080, pcp.PROTO_TCP)
-        assert exc.value.code == 714  # nothing local: nothing sent (item 62)
+            await upnp_igd.delete_port_mapping(iwf, LAN, 1, "", 8080, pcp.PROTO_TCP)
+        assert exc.value.code == 714  # nothing local: nothing sent (IWF-62)
     run(tmp_path, body)
 
 
 def test_leases_refresh_and_what_the_cp_sees(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """IGD:2 lease 0 -> 604800 (item 71); a finite lease is the requested lifetime (item 70);
+    """IGD:2 lease 0 -> 604800 (IWF-71); a finite lease is the requested lifetime (IWF-70);
     the lease shown never exceeds NAT2's grant (120 s here); a re-add by the owner reuses
-    the nonce (item 54)."""
+    the nonce (IWF-54)."""
     async def body(iwf: Iwf, link: ScriptedLink) -> None:
         m2 = await add(iwf, 8081, lease=0, igd=2)
         assert m2.lease == IGD2_MAX_LEASE and link.maps(8081)[-1].lifetime <= IGD2_MAX_LEASE
@@ -120,13 +121,17 @@ def test_leases_refresh_and_what_the_cp_sees(tmp_path) -> None:  # type: ignore[
         assert 110 <= iwf.lease_remaining(m) <= 120
         assert iwf.lease_remaining(await add(iwf, 8083)) == 0  # IGD:1 infinite: kept by renewals
         again = await add(iwf, 8082, lease=600, desc="new")
-        assert again is m and link.maps(8082)[-1].map.nonce == m.nonce and m.description == "new"
+        # The same mapping (rows are immutable: the same id, as stored now), same nonce upstream.
+        assert again.id == m.id and again == iwf.table.by_id[m.id] and iwf.table.count() == 3
+        assert link.maps(8082)[-1].map.nonce == m.nonce and again.description == "new"
         # The same client re-adding with another internal port overwrites (WANIPConnection, as
         # miniupnpd); only NAT1 changes, the nonce and the upstream mapping stay.
-        moved = await iwf.add_port_mapping(LAN, 1, "", 8082, pcp.PROTO_TCP, 81, LAN, True, "x", 0)
-        assert moved is m and m.int_port == 81 and link.maps(8082)[-1].map.nonce == m.nonce
+        moved = await upnp_igd.add_port_mapping(iwf, LAN, 1, "", 8082, pcp.PROTO_TCP, 81, LAN, True, "x", 0)
+        assert moved.id == m.id and moved == iwf.table.by_id[m.id] and moved.int_port == 81
+        assert link.maps(8082)[-1].map.nonce == m.nonce and iwf.table.count() == 3
         with pytest.raises(UPnPError) as exc:
-            await iwf.add_port_mapping("192.168.1.9", 1, "", 8082, pcp.PROTO_TCP, 81, "192.168.1.9", True, "x", 0)
+            await upnp_igd.add_port_mapping(iwf, "192.168.1.9", 1, "", 8082, pcp.PROTO_TCP, 81, "192.168.1.9", True,
+                                            "x", 0)
         assert exc.value.code == 718  # another client on a port we hold: local conflict
     run(tmp_path, body)
 
@@ -134,25 +139,25 @@ def test_leases_refresh_and_what_the_cp_sees(tmp_path) -> None:  # type: ignore[
 def test_refusals_before_anything_is_sent(tmp_path) -> None:  # type: ignore[no-untyped-def]
     async def body(iwf: Iwf, link: ScriptedLink) -> None:
         cases = [
-            (iwf.add_port_mapping(LAN, 1, "", 8080, 6, 80, LAN, False, "", 0), 402),  # item 16
-            (iwf.add_port_mapping(LAN, 1, "", 0, 6, 80, LAN, True, "", 0), 716),  # item 49, our choice
-            (iwf.add_port_mapping(LAN, 1, "", 5351, 17, 80, LAN, True, "", 0), 718),  # RFC 6887 §11.3
-            (iwf.add_port_mapping(LAN, 1, "", 8080, 6, 80, "192.168.1.9", True, "", 0), 606),  # item 88
-            (iwf.delete_port_mapping_range(LAN, 2, 1, 100, 6, False), 730),  # item 62
+            (upnp_igd.add_port_mapping(iwf, LAN, 1, "", 8080, 6, 80, LAN, False, "", 0), 402),  # item 16
+            (upnp_igd.add_port_mapping(iwf, LAN, 1, "", 0, 6, 80, LAN, True, "", 0), 716),  # IWF-49, our choice
+            (upnp_igd.add_port_mapping(iwf, LAN, 1, "", 5351, 17, 80, LAN, True, "", 0), 718),  # RFC 6887 §11.3
+            (upnp_igd.add_port_mapping(iwf, LAN, 1, "", 8080, 6, 80, "192.168.1.9", True, "", 0), 606),  # item 88
+            (upnp_igd.delete_port_mapping_range(iwf, LAN, 2, 1, 100, 6, False), 730),  # item 62
         ]
         for coro, code in cases:
             with pytest.raises(UPnPError) as exc:
                 await coro
             assert exc.value.code == code
         assert link.maps() == []
-        m = await iwf.add_any_port_mapping(LAN, 2, "", 5351, pcp.PROTO_UDP, 80, LAN, True, "", 0)
+        m = await upnp_igd.add_any_port_mapping(iwf, LAN, 2, "", 5351, pcp.PROTO_UDP, 80, LAN, True, "", 0)
         assert m.ext_port != 5351 and link.maps()[-1].map.external_port == 0  # never suggest PCP's port
         assert not link.maps()[-1].options.prefer_failure  # item 42
     run(tmp_path, body)
 
 
 def test_short_error_retry_is_off_by_default(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """rfc6970-iwf §18 item 4: the 30 s retry is configurable and off by default."""
+    """docs/requirements.md §18 item 4: the 30 s retry is configurable and off by default."""
     async def body(iwf: Iwf, link: ScriptedLink) -> None:
         with pytest.raises(UPnPError) as exc:
             await add(iwf, 22000)
@@ -162,14 +167,14 @@ def test_short_error_retry_is_off_by_default(tmp_path) -> None:  # type: ignore[
 
 
 def test_get_specific_probes_only_when_nothing_local(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """RFC 6970 §5.7 (items 56-60): the whole local table first; else a 60 s PREFER_FAILURE
+    """RFC 6970 §5.7 (IWF-56 to IWF-60): the whole local table first; else a 60 s PREFER_FAILURE
     probe from the discard port, deleted again; the CP gets 714 either way."""
     async def body(iwf: Iwf, link: ScriptedLink) -> None:
         m = await add(iwf, 8080)
-        assert await iwf.get_specific("192.168.1.77", "", 8080, pcp.PROTO_TCP) is m
+        assert await upnp_igd.get_specific(iwf, "192.168.1.77", "", 8080, pcp.PROTO_TCP) == iwf.table.by_id[m.id]
         before = len(link.sent)
         with pytest.raises(UPnPError) as exc:
-            await iwf.get_specific(LAN, "", 9100, pcp.PROTO_TCP)
+            await upnp_igd.get_specific(iwf, LAN, "", 9100, pcp.PROTO_TCP)
         assert exc.value.code == 714
         probe, delete = (r for _, r in link.sent[before:])
         assert probe.lifetime == 60 and probe.options.prefer_failure and probe.map.external_port == 9100
@@ -178,15 +183,15 @@ def test_get_specific_probes_only_when_nothing_local(tmp_path) -> None:  # type:
 
 
 def test_no_nat1_sends_third_party_and_filter(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """No NAT in the IGD: THIRD_PARTY = InternalClient (items 22, 33), nothing bound in NAT1;
-    RemoteHost -> FILTER prefix 128, all ports (item 20)."""
+    """No NAT in the IGD: THIRD_PARTY = InternalClient (IWF-22, IWF-33), nothing bound in NAT1;
+    RemoteHost -> FILTER prefix 128, all ports (IWF-20)."""
     async def body(iwf: Iwf, link: ScriptedLink) -> None:
-        m = await iwf.add_port_mapping(LAN, 1, "198.20.0.10", 8080, 6, 80, LAN, True, "", 0)
+        m = await upnp_igd.add_port_mapping(iwf, LAN, 1, "198.20.0.10", 8080, 6, 80, LAN, True, "", 0)
         (req,) = link.maps(8080)
         assert req.options.third_party == ipaddress.IPv4Address(LAN) and m.nat1_port is None
         assert req.options.filters == (pcp.Filter(128, 0, ipaddress.IPv4Address("198.20.0.10")),)
         assert link.sent[-1][0].mid is None
-        assert await iwf.host_left(LAN) == 1 and iwf.table.count() == 0  # items 79, 80
+        assert await iwf.host_left(LAN) == 1 and iwf.table.count() == 0  # IWF-79, 80
         assert link.maps(0)[-1].options.third_party == ipaddress.IPv4Address(LAN)
     run(tmp_path, body, mode="no-nat1")
 
@@ -205,7 +210,7 @@ def _hook_158(tmp_path, hex_option: str) -> list[list[str]] | None:  # type: ign
 
 
 def test_server_discovery_order_and_option_158(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """RFC 6887 §8.1: configured, else DHCP, else the default router (rfc6970-iwf item 10);
+    """RFC 6887 §8.1: configured, else DHCP, else the default router (docs/requirements.md IWF-10);
     RFC 7291 §4: option 158 lists, multicast/loopback discarded, malformed ignored."""
     assert choose_server("100.64.0.9", [["100.64.0.3"]], SERVER) == ("100.64.0.9", "configured")
     assert choose_server(None, [["100.64.0.3", "100.64.0.4"]], SERVER) == ("100.64.0.3", "dhcp")
@@ -239,7 +244,7 @@ class SlowDeletes(ScriptedLink):
         self.delay, self.in_flight, self.peak = delay, 0, 0
 
     async def call(self, msg: wire.Message, timeout: float = 5.0) -> wire.Message:
-        if isinstance(msg, wire.PcpSend) and pcp.decode_request(msg.packet).lifetime == 0:
+        if isinstance(msg, wire.PcpExchange) and pcp.decode_request(msg.packet).lifetime == 0:
             self.in_flight += 1
             self.peak = max(self.peak, self.in_flight)
             await asyncio.sleep(self.delay)
@@ -248,9 +253,9 @@ class SlowDeletes(ScriptedLink):
 
 
 def test_range_delete_is_paced_and_answers_in_time(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """DeletePortMappingRange: one MAP delete per mapping (rfc6970-iwf items 26, 66), never more
+    """DeletePortMappingRange: one MAP delete per mapping (docs/requirements.md IWF-26, IWF-66), never more
     than the recovery window at NAT2 at once, and the CP is answered within pcp_timeout even while
-    deletes continue (item 67 MAY)."""
+    deletes continue (IWF-67 MAY)."""
     link = SlowDeletes(delay=0.1)
 
     async def main() -> None:
@@ -263,7 +268,7 @@ def test_range_delete_is_paced_and_answers_in_time(tmp_path) -> None:  # type: i
             for port in range(9000, 9040):
                 await add(iwf, port, iport=port)
             t0 = asyncio.get_running_loop().time()
-            assert await iwf.delete_port_mapping_range(LAN, 2, 9000, 9039, pcp.PROTO_TCP, False) == 40
+            assert await upnp_igd.delete_port_mapping_range(iwf, LAN, 2, 9000, 9039, pcp.PROTO_TCP, False) == 40
             assert asyncio.get_running_loop().time() - t0 < 0.9  # 40 deletes / 4 x 0.1 s = 1 s of work
             for _ in range(100):  # bounded wait for the background rest
                 if iwf.table.count() == 0 and link.in_flight == 0:

@@ -382,8 +382,8 @@ def test_procd_shipped_disabled_starts_nothing(tmp_path: Path) -> None:
 def test_default_acl_allows_1024_up_to_lan_hosts_and_denies_the_rest(tmp_path: Path) -> None:
     """miniupnpd's shipped perm_rule sections, with its option names, reach controld's
     --permission (after any 'list permission') and are active in the shipped config."""
+    from controld.core.policy import Permissions
     from controld.main import build_parser
-    from controld.permissions import Permissions
 
     for flavour in ("openwrt", "debian"):
         rules = [x for x in parse_uci(sample_config(flavour), "sample") if x.type == "perm_rule"]

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-
 import msgpack
 import pytest
 
-from controld import soap
-from controld.errors import PCP_TO_UPNP, upnp_error_for_pcp
-from controld.lifecycle import TRANSITIONS, Ev, LifecycleError, State, next_state
-from controld.table import Mapping, MappingTable
+from controld.core.lifecycle import TRANSITIONS, Ev, LifecycleError, State, next_state
+from controld.core.model import Mapping
+from controld.core.store import MappingTable
+from controld.upnp import soap
+from controld.upnp.errors import PCP_TO_UPNP, upnp_error_for_pcp
 from natd.bindings import BindingTable, PolicyError
 from shared import pcp, wire
 
@@ -33,8 +33,9 @@ def test_wire_round_trip() -> None:
                     "want_port": 1}), "bad-field"),
     (msgpack.packb({"v": 1, "op": "bind", "mid": 1, "proto": 6, "lan_ip": "1.2.3.4", "lan_port": 70000,
                     "want_port": 1}), "bad-field"),
-    (msgpack.packb({"v": 1, "op": "pcp.send", "server": "x", "packet": b""}), "bad-field"),
-    (msgpack.packb({"v": 1, "op": "pcp.send", "server": "1.1.1.1", "packet": b"x" * 5000}), "bad-msgpack"),
+    (msgpack.packb({"v": 1, "op": "pcp.exchange", "server": "x", "packet": b""}), "bad-field"),
+    (msgpack.packb({"v": 1, "op": "pcp.exchange", "server": "1.1.1.1", "packet": b"x" * 5000}), "bad-msgpack"),
+    (msgpack.packb({"v": 1, "op": "pcp.exchange", "server": "1.1.1.1", "packet": b"", "wait_ms": -1}), "bad-field"),
     (msgpack.packb({"v": 1, "op": "hello", "extra": 1}), "bad-field"),
     (b"\x00" * (wire.MAX_MESSAGE + 1), "too-big"),
 ])
@@ -95,7 +96,7 @@ def test_soap_fault_shape() -> None:
     assert b"<errorCode>718</errorCode>" in f and b"UPnPError" in f
 
 
-# --- error table (RFC 6970 §4.3, rfc6970-iwf §16) ---------------------------------
+# --- error table (RFC 6970 §4.3, docs/requirements.md §16) ---------------------------------
 
 ROWS = [  # (PCP result, IGD:1, IGD:2) exactly as the reference gives them
     (1, 501, 501), (2, 718, 606), (3, 501, 501), (4, 501, 501), (5, 501, 501), (6, 501, 501),
@@ -140,8 +141,8 @@ def test_table_persists_and_keeps_indices(tmp_path) -> None:  # type: ignore[no-
     t = MappingTable(str(tmp_path))
     a, b, c = _m(t, 1001), _m(t, 1002), _m(t, 1003)
     for m in (a, b, c):
-        t.save(m)
-    t.save(_m(t, 1004, State.PENDING))  # not listed until acknowledged
+        t.apply(m)
+    t.apply(_m(t, 1004, State.PENDING))  # not listed until acknowledged
     assert [m.ext_port for m in t.listed()] == [1001, 1002, 1003]
     t.delete(b)
     assert t.at_index(1).ext_port == 1003 and t.at_index(2) is None
@@ -151,3 +152,23 @@ def test_table_persists_and_keeps_indices(tmp_path) -> None:  # type: ignore[no-
     assert t2.find(1003, 6).nonce == b"n" * 12
     assert t2.new_id() > c.id
     assert pcp.MAX_LIFETIME == 2**32 - 1
+
+
+def test_store_apply_is_the_one_writer_and_never_resurrects(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Rows are frozen; apply() writes the current row with the changes, durably, and a row
+    deleted while its writer waited stays deleted (on disk too)."""
+    import dataclasses
+
+    t = MappingTable(str(tmp_path))
+    m = t.apply(_m(t, 2000, State.ACTIVE))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        m.ext_port = 1  # type: ignore[misc]
+    stale = m
+    m2 = t.apply(m, description="new")
+    m3 = t.apply(stale, int_port=81)  # a stale copy's change lands on the current row
+    assert (m3.description, m3.int_port) == ("new", 81) and t.find(2000, 6) == m3 and m2.int_port == 2000
+    t.delete(m3)
+    t.apply(stale, state=State.RECOVERING)
+    assert t.find(2000, 6) is None and t.count() == 0
+    t.close()
+    assert MappingTable(str(tmp_path)).by_id == {}

@@ -9,14 +9,14 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from controld import gena, soap, ssdp
-from controld.description import Device, scpd_xml, wants_igd1
-from controld.permissions import Permissions, RuleError, parse_rule
+from controld.core.policy import Permissions, RuleError, parse_rule
+from controld.upnp import gena, soap, ssdp
+from controld.upnp.description import Device, scpd_xml, wants_igd1
 
 SCPD_NS = "{urn:schemas-upnp-org:service-1-0}"
 
 
-# --- permissions (miniupnpd.md §1.7) --------------------------------------------------------
+# --- permissions (as miniupnpd does) --------------------------------------------------------
 
 def test_rule_syntax_as_miniupnpd_writes_it() -> None:
     r = parse_rule("allow 1024-65535 192.168.1.0/24 1024-65535")
@@ -59,7 +59,7 @@ def test_nearest_allowed_port_for_add_any() -> None:
     assert p.nearest_allowed(5003, "10.1.1.1", 80) is None
 
 
-# --- GENA core (UDA 1.1 §4, miniupnpd.md §1.4) -----------------------------------------------
+# --- GENA core (UDA 1.1 §4) -----------------------------------------------
 
 PEER = "192.168.1.2"
 

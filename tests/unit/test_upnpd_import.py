@@ -39,7 +39,7 @@ def _daemons(conf: Path) -> tuple[Any, Any, dict[str, str]]:
 
 
 def test_luci_edited_config_carries_over(target: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from controld.permissions import Permissions
+    from controld.core.policy import Permissions
 
     assert _import("upnpd-luci-custom.conf", target) == 0
     natd, ctl, service = _daemons(target)

@@ -1,13 +1,17 @@
-"""UPnP errors and the PCP result -> UPnP error table (RFC 6970 §4.3, rfc6970-iwf §16).
+"""UPnP error codes: the PCP result table (RFC 6970 §4.3) and the core's neutral kinds, as data.
 
-The table is data, in one place; :func:`upnp_error_for_pcp` is the only reader.
+The core (controld/core/) answers with :class:`~controld.core.model.CoreError` (a kind,
+plus the PCP result where there is one); :func:`upnp_error` is the one place that turns
+it into the code a control point sees, per action and IGD version, as miniupnpd's
+upnpsoap.c maps upnpredirect's neutral return values.
 """
 
 from __future__ import annotations
 
+from controld.core.model import CoreError, ErrorKind
 from shared.pcp import Result
 
-# UPnP error code -> description (WANIPConnection service templates, rfc6970-iwf §19).
+# UPnP error code -> description (WANIPConnection service templates).
 UPNP_ERRORS: dict[int, str] = {
     401: "Invalid Action",
     402: "Invalid Args",
@@ -40,7 +44,7 @@ class UPnPError(Exception):
         self.detail = detail
 
 
-# PCP result -> (error under IGD:1, error under IGD:2). RFC 6970 §4.3, rfc6970-iwf §16.
+# PCP result -> (error under IGD:1, error under IGD:2). RFC 6970 §4.3.
 # CANNOT_PROVIDE_EXTERNAL depends on the action; see _CANNOT_PROVIDE below.
 PCP_TO_UPNP: dict[int, tuple[int, int]] = {
     Result.UNSUPP_VERSION: (501, 501),
@@ -58,7 +62,7 @@ PCP_TO_UPNP: dict[int, tuple[int, int]] = {
 }
 
 # CANNOT_PROVIDE_EXTERNAL: 718 for AddPortMapping (§5.6.2); 714 for the
-# GetSpecificPortMappingEntry probe (§5.7; rfc6970-iwf §18 item 3).
+# GetSpecificPortMappingEntry probe (§5.7).
 _CANNOT_PROVIDE: dict[str, int] = {"GetSpecificPortMappingEntry": 714}
 
 
@@ -71,3 +75,33 @@ def upnp_error_for_pcp(result: int, igd_version: int, action: str) -> UPnPError:
         return UPnPError(501, f"PCP result {result}")
     name = Result(result).name
     return UPnPError(codes[1] if igd_version >= 2 else codes[0], f"PCP {name}")
+
+
+# Neutral kind -> (error under IGD:1, error under IGD:2), the same for every action ...
+KIND_TO_UPNP: dict[ErrorKind, tuple[int, int]] = {
+    ErrorKind.NOT_AUTHORIZED: (606, 606),  # secure mode (docs/requirements.md IWF-88)
+    ErrorKind.DENIED: (718, 606),  # permission rules: 718 under IGD:1, as miniupnpd answers
+    ErrorKind.CONFLICT: (718, 718),
+    ErrorKind.QUOTA: (728, 728),
+    ErrorKind.UNAVAILABLE: (501, 501),  # upstream silent (IWF-13)
+    ErrorKind.UPSTREAM: (501, 501),  # an unusable answer; a PCP result goes through PCP_TO_UPNP
+    ErrorKind.NOT_FOUND: (714, 714),
+    ErrorKind.INVALID: (402, 402),
+    ErrorKind.UNSUPPORTED: (402, 402),
+}
+# ... except where an action names its own code.
+ACTION_KIND_TO_UPNP: dict[tuple[str, ErrorKind], tuple[int, int]] = {
+    ("DeletePortMapping", ErrorKind.NOT_AUTHORIZED): (714, 606),  # another CP's mapping
+    ("DeletePortMappingRange", ErrorKind.NOT_FOUND): (730, 730),
+    ("DeletePortMappingRange", ErrorKind.INVALID): (733, 733),
+    ("GetListOfPortMappings", ErrorKind.NOT_FOUND): (730, 730),
+    ("GetGenericPortMappingEntry", ErrorKind.NOT_FOUND): (713, 713),
+}
+
+
+def upnp_error(exc: CoreError, igd_version: int, action: str) -> UPnPError:
+    """The UPnP error a control point gets for the core's ``exc`` during ``action``."""
+    if exc.kind == ErrorKind.UPSTREAM and exc.pcp_result is not None:
+        return upnp_error_for_pcp(exc.pcp_result, igd_version, action)
+    codes = ACTION_KIND_TO_UPNP.get((action, exc.kind)) or KIND_TO_UPNP[exc.kind]
+    return UPnPError(codes[1] if igd_version >= 2 else codes[0], exc.detail)

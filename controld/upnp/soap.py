@@ -20,7 +20,7 @@ MAX_ELEMENTS = 256
 MAX_TEXT = 8192
 
 # Quotes (double, or single as some stacks send), blanks inside them; the UDA 1.0 control URN
-# (QueryStateVariable) as well as service types. miniupnpd is as lenient (miniupnpd.md §1.2).
+# (QueryStateVariable) as well as service types. miniupnpd is as lenient (as miniupnpd does).
 _SOAPACTION = re.compile(r"^[\"']?\s*(urn:[A-Za-z0-9.-]+:(?:service:[A-Za-z0-9]+:(\d+)|control-1-0))"
                          r"#([A-Za-z0-9_]+)\s*[\"']?$")
 CONTROL_URN = "urn:schemas-upnp-org:control-1-0"
@@ -103,7 +103,7 @@ def parse_request(body: bytes, soapaction: str) -> SoapAction:
 
     p.StartDoctypeDeclHandler = refuse
     p.EntityDeclHandler = refuse
-    p.ExternalEntityRefHandler = refuse
+    p.ExternalEntityRefHandler = refuse  # type: ignore[assignment]  # raises, never returns a status
     p.StartElementHandler = start
     p.EndElementHandler = end
     p.CharacterDataHandler = chars

@@ -5,7 +5,7 @@ subscription or a :class:`GenaError` (HTTP status) out. :class:`GenaServer` is t
 edge: it answers the HTTP layer and delivers NOTIFY requests with asyncio streams.
 
 Safety: a callback URL must point at the subscriber's own address, or the SUBSCRIBE
-is refused with 412 (CallStranger, CVE-2020-12695; miniupnpd.md §1.4); subscriptions
+is refused with 412 (CallStranger, CVE-2020-12695); subscriptions
 are bounded per host and in total; expired ones are dropped; each subscriber has at
 most one NOTIFY in flight and changes are coalesced, so no queue grows.
 """
@@ -23,20 +23,19 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 from xml.sax.saxutils import escape
 
-from controld.description import Device, Service, wants_igd1
-from controld.parse import ascii_uint
+from controld.upnp.description import Device, Service, wants_igd1
+from controld.upnp.parse import ascii_uint
 
-log = logging.getLogger("controld.gena")
+log = logging.getLogger("controld.upnp.gena")
 
 DEFAULT_TIMEOUT = 1800
 MIN_TIMEOUT = 60
 MAX_TIMEOUT = 86400
 MAX_PER_HOST = 8
 MAX_TOTAL = 64
-NOTIFY_TIMEOUT = 3.0  # per delivery, as miniupnpd (miniupnpd.md §1.4)
+NOTIFY_TIMEOUT = 3.0  # per delivery, as miniupnpd (as miniupnpd does)
 MAX_FAILURES = 3  # consecutive failed deliveries before a subscription is dropped
 COALESCE = 0.05  # seconds: a burst of changes becomes one event
-SERVER = "Linux UPnP/1.1 igdpcp/0.1"
 _CALLBACK = re.compile(r"<([^<>]{1,512})>")
 
 
@@ -171,7 +170,7 @@ class Subscriptions:
 
 def _current_task() -> asyncio.Task[None] | None:
     try:
-        return asyncio.current_task()  # type: ignore[return-value]
+        return asyncio.current_task()
     except RuntimeError:
         return None
 
@@ -257,7 +256,7 @@ class GenaServer:
             ok = status.split(b" ")[1:2] == [b"200"]
             log.info("event %s seq %d to %s: %s", sub.sid, sub.seq, sub.callback, status[:40].strip())
             return ok
-        except (OSError, asyncio.TimeoutError, ValueError) as exc:
+        except (TimeoutError, OSError, ValueError) as exc:
             log.info("event %s seq %d to %s failed: %s", sub.sid, sub.seq, sub.callback, exc)
             return False
         finally:

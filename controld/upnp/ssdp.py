@@ -21,18 +21,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from controld.description import Device
-from controld.parse import ascii_uint
+from controld.upnp.description import Device
+from controld.upnp.parse import ascii_uint
+from shared.const import SERVER, SSDP_GROUP, SSDP_PORT
 
-log = logging.getLogger("controld.ssdp")
+log = logging.getLogger("controld.upnp.ssdp")
 
-GROUP = "239.255.255.250"
-PORT = 1900
 MAX_AGE = 1800
 NOTIFY_INTERVAL = 600  # well within max-age, so control points never time us out
 NOTIFY_JITTER = 60.0  # subtracted at random from each interval, so routers do not sync up
 MAX_DATAGRAM = 2048
-SERVER = "Linux/1 UPnP/1.1 igdpcp/0.1"
 RATE_BURST = 10.0  # M-SEARCHes one source may send at once
 RATE_PER_S = 2.0  # and then per second
 RATE_SOURCES = 1024  # sources remembered (bounded)
@@ -119,7 +117,7 @@ def notify(t: Target, nts: str, location: str, boot_id: int, config_id: int,
     """ssdp:alive, ssdp:byebye, or ssdp:update (UDA 1.1 §1.2.4: carries NEXTBOOTID)."""
     alive = nts == "ssdp:alive"
     return ("NOTIFY * HTTP/1.1\r\n"
-            f"HOST: {GROUP}:{PORT}\r\n"
+            f"HOST: {SSDP_GROUP}:{SSDP_PORT}\r\n"
             + (f"CACHE-CONTROL: max-age={MAX_AGE}\r\nSERVER: {SERVER}\r\n" if alive else "")
             + (f"LOCATION: {location}\r\n" if nts != "ssdp:byebye" else "")
             + f"NT: {t.st}\r\nNTS: {nts}\r\nUSN: {t.usn}\r\n"
@@ -129,7 +127,7 @@ def notify(t: Target, nts: str, location: str, boot_id: int, config_id: int,
 
 
 class SsdpServer(asyncio.DatagramProtocol):
-    """Listens on 239.255.255.250:1900 on the LAN interface; answers M-SEARCH, sends NOTIFY."""
+    """Listens on the SSDP group (UDA 2.0 §1.1.2) on the LAN interface; answers M-SEARCH, sends NOTIFY."""
 
     def __init__(self, device: Device, lan_ip: str, location: str, lan_subnets: Callable[[], list[str]]) -> None:
         self.device = device
@@ -148,8 +146,8 @@ class SsdpServer(asyncio.DatagramProtocol):
     async def start(self) -> None:
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_UDP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("", PORT))
-        mreq = struct.pack("4s4s", socket.inet_aton(GROUP), socket.inet_aton(self.lan_ip))
+        sock.bind(("", SSDP_PORT))
+        mreq = struct.pack("4s4s", socket.inet_aton(SSDP_GROUP), socket.inet_aton(self.lan_ip))
         sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, mreq)
         sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(self.lan_ip))
         sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 2)
@@ -166,11 +164,11 @@ class SsdpServer(asyncio.DatagramProtocol):
                  self.lan_ip, lan_ip, self.boot_id, next_boot, location)
         if self._sock is not None:
             try:
-                old = struct.pack("4s4s", socket.inet_aton(GROUP), socket.inet_aton(self.lan_ip))
+                old = struct.pack("4s4s", socket.inet_aton(SSDP_GROUP), socket.inet_aton(self.lan_ip))
                 self._sock.setsockopt(socket.IPPROTO_IP, socket.IP_DROP_MEMBERSHIP, old)
             except OSError:
                 pass  # the old address is already gone with its membership
-            new = struct.pack("4s4s", socket.inet_aton(GROUP), socket.inet_aton(lan_ip))
+            new = struct.pack("4s4s", socket.inet_aton(SSDP_GROUP), socket.inet_aton(lan_ip))
             self._sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, new)
             self._sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(lan_ip))
         self.lan_ip, self.location = lan_ip, location
@@ -184,7 +182,7 @@ class SsdpServer(asyncio.DatagramProtocol):
             return
         for t in self.targets:
             self.transport.sendto(notify(t, nts, self.location, self.boot_id, self.config_id, next_boot_id),
-                                  (GROUP, PORT))
+                                  (SSDP_GROUP, SSDP_PORT))
 
     async def run_notify(self) -> None:
         """ssdp:alive at start (twice, as UDP may drop one) and then periodically."""

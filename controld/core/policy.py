@@ -1,4 +1,12 @@
-"""Permission rules in miniupnpd's allow/deny syntax (miniupnpd.md §1.7), sans-I/O.
+"""Who may map what: permission rules, quotas, secure mode and manage rights, sans-I/O.
+
+Checked once, inside the core (controld/core/service.py), for every front end; a
+refusal is a :class:`controld.core.model.CoreError` that each front end maps to its
+own code. Secure mode: a client maps only to itself (docs/requirements.md IWF-88).
+Quotas: per requester and in total (IWF-90). Manage rights (``--manage-host``): who may
+list and delete other clients' mappings.
+
+Permission rules use miniupnpd's allow/deny syntax.
 
 One rule a line::
 
@@ -15,7 +23,9 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from controld.core.model import CoreError, ErrorKind
 
 MAX_RULES = 256
 MAX_REGEX = 256
@@ -103,7 +113,7 @@ class Permissions:
     rules: tuple[Rule, ...] = ()
 
     @classmethod
-    def parse(cls, lines: list[str]) -> "Permissions":
+    def parse(cls, lines: list[str]) -> Permissions:
         """Rules from config lines (blank lines and '#' comments skipped); raises RuleError."""
         rules = [parse_rule(x) for x in lines if x.strip() and not x.strip().startswith("#")]
         if len(rules) > MAX_RULES:
@@ -135,10 +145,58 @@ class Permissions:
             edges.update(e for e in (r.eport[0], r.eport[1] + 1) if lo < e < 65536)
         bounds = sorted(edges)
         best: int | None = None
-        for a, b in zip(bounds, bounds[1:]):  # segment [a, b): one decision for all its ports
+        for a, b in zip(bounds, bounds[1:], strict=False):  # segment [a, b): one decision for all its ports
             if not self.allowed(a, client, iport, description):
                 continue
             p = min(max(start, a), b - 1)  # the segment's port nearest to start
             if best is None or (abs(p - start), p < start) < (abs(best - start), best < start):
                 best = p
         return best
+
+
+@dataclass
+class Policy:
+    """Every limit a request meets before anything is sent, from the config (controld/main.py)."""
+
+    permissions: Permissions = field(default_factory=Permissions)
+    max_per_host: int = 256  # 0: unlimited
+    max_total: int = 4096  # 0: unlimited
+    manage_hosts: tuple[ipaddress.IPv4Network, ...] = ()  # may act on others' mappings
+    secure_mode: bool = True  # the internal client must be the requester (IWF-88)
+
+    def may_manage(self, client: str) -> bool:
+        """Is ``client`` allowed to manage (list/delete) other clients' mappings?"""
+        try:
+            a = ipaddress.IPv4Address(client)
+        except ValueError:
+            return False
+        return any(a in n for n in self.manage_hosts)
+
+    def check_client(self, requester: str, int_client: str) -> None:
+        """Secure mode: one maps only to oneself (IWF-88)."""
+        if self.secure_mode and int_client != requester:
+            raise CoreError(ErrorKind.NOT_AUTHORIZED, "the internal client must be the requester's own "
+                                                      "address (docs/requirements.md IWF-88)")
+
+    def may_touch(self, requester: str, owner: str, int_client: str) -> bool:
+        """May ``requester`` act on a mapping of ``owner`` for ``int_client``? Always without secure mode."""
+        return not self.secure_mode or requester in (owner, int_client)
+
+    def check_rules(self, eport: int, client: str, iport: int, description: str) -> None:
+        """DENIED unless the permission rules allow exactly this mapping."""
+        if not self.permissions.allowed(eport, client, iport, description):
+            raise CoreError(ErrorKind.DENIED, f"permission rules refuse {eport} -> {client}:{iport}")
+
+    def nearest_port(self, eport: int, client: str, iport: int, description: str) -> int:
+        """The allowed external port nearest ``eport`` for an any-port request; DENIED if none."""
+        wanted = self.permissions.nearest_allowed(eport, client, iport, description)
+        if wanted is None:
+            raise CoreError(ErrorKind.DENIED, f"permission rules allow no external port for {client}:{iport}")
+        return wanted
+
+    def check_quota(self, requester: str, total: int, mine: int) -> None:
+        """QUOTA when the requester (holding ``mine``) or the router (``total``) is at its limit (IWF-90)."""
+        if self.max_total and total >= self.max_total:
+            raise CoreError(ErrorKind.QUOTA, f"the router holds its maximum of {self.max_total} mappings")
+        if self.max_per_host and mine >= self.max_per_host:
+            raise CoreError(ErrorKind.QUOTA, f"{requester} holds its maximum of {self.max_per_host} mappings")

@@ -6,14 +6,14 @@ Rules
   a PCP SUCCESS (or, in nat1-only mode, the NAT1 binding alone). Only ACTIVE,
   RENEWING and RECOVERING mappings are listed to control points.
 - A mapping that fails before ACTIVE is GONE and leaves nothing behind: its NAT1
-  binding is removed (ARCHITECTURE.md, "one request, end to end").
+  binding is removed (docs/core.md, "one request, end to end").
 - An ACTIVE mapping is renewed in the background (RFC 6887 §11.2.1); renewal answers
-  never reach the control point (RFC 6970 §5.9, rfc6970-iwf item 75). A failed renewal
-  keeps the mapping and retries until the lease ends (rfc6970-iwf §12, our policy).
+  never reach the control point (RFC 6970 §5.9, docs/requirements.md IWF-75). A failed renewal
+  keeps the mapping and retries until the lease ends (docs/requirements.md §12, our policy).
 - When the server lost state (epoch, ANNOUNCE: RFC 6887 §8.5, §14.1) the mapping is
   RECOVERING until re-created with its stored nonce.
 - A delete (control point, lease end, host gone) goes through DELETING to GONE; the
-  local entry is dropped whatever the server answers (rfc6970-iwf §11 notes).
+  local entry is dropped whatever the server answers (docs/requirements.md §11 notes).
 
 Theory of operation: the interworking core feeds :func:`next_state` with the
 mapping's state and an :class:`Ev`; the table says where it goes, and any pair not in

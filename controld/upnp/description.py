@@ -10,11 +10,11 @@ import zlib
 from dataclasses import dataclass
 from xml.sax.saxutils import escape
 
-# Control and event URLs, one per service (served by controld.http).
+# Control and event URLs, one per service (served by controld.upnp.http).
 ROOT_PATH = "/rootDesc.xml"
 
 # User agents known to break on IGD:2 descriptions get the IGD:1 view, as miniupnpd does
-# (Windows, Xbox, MS BITS: miniupnpd.md §1.2 and §4.4, miniupnp #277, #539). Lower case.
+# (Windows, Xbox, MS BITS: miniupnp issues #277, #539). Lower case.
 IGD1_ONLY_AGENTS = ("microsoft", "fdssdp")
 
 
@@ -193,7 +193,7 @@ class Device:
         if self.igd_version >= 2:
             self._v1 = Device(self.uuid_root, self.uuid_wan, self.uuid_wcd, 1, self.friendly_name)
 
-    def view(self, user_agent: str) -> "Device":
+    def view(self, user_agent: str) -> Device:
         """The description a control point gets: IGD:1 for agents that break on IGD:2."""
         return self._v1 if self._v1 is not None and wants_igd1(user_agent) else self
 

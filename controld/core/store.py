@@ -1,55 +1,25 @@
 """The one mapping table behind every front end: in memory for speed, SQLite (WAL) for truth.
 
-Every write goes to SQLite before the caller answers a control point (rfc6970-iwf
-items 28-30, 32: persist the nonce with the entry). Listing order is creation order:
-a mapping keeps its index until something before it is removed.
+The store is the only writer of rows. Every write goes to SQLite before the caller
+answers a client (docs/requirements.md IWF-28 to IWF-30, IWF-32: persist the nonce with
+the entry). Listing order is creation order: a mapping keeps its index until something
+before it is removed. Indexes: by external (port, proto), by owner, by listing index
+(O(1) for GetGenericPortMappingEntry). :meth:`MappingTable.publish` tells every
+subscriber (GENA, SSDP today) that mappings or addresses changed.
 """
 
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import os
 import sqlite3
-from dataclasses import dataclass, fields
+from collections.abc import Callable
+from dataclasses import fields
+from typing import Any
 
-from controld.lifecycle import LISTED, State
-
-
-@dataclass
-class Mapping:
-    """One port mapping, with both of its bindings (rfc6970-iwf item 32)."""
-
-    id: int
-    cp: str  # control point (source address) that owns it
-    igd: int  # IGD version the CP used: 1 or 2
-    remote_host: str
-    ext_port: int  # the external port the CP sees (NAT2's in cascaded mode)
-    proto: int
-    int_client: str
-    int_port: int
-    description: str
-    lease: int  # requested lease in seconds; 0 = infinite (IGD:1)
-    lease_end: float | None  # wall-clock end of the UPnP lease; None = infinite
-    state: State
-    created: float
-    nat1_port: int | None = None  # NAT1 WAN port (cascaded, nat1-only)
-    nonce: bytes | None = None
-    pcp_server: str | None = None
-    ext_ip: str | None = None  # external address the CP was given
-    pcp_lifetime: int | None = None
-    pcp_expiry: float | None = None  # wall clock
-    prefer_failure: bool = False
-    mode: str = "cascaded"
-
-    @property
-    def proto_name(self) -> str:
-        return {6: "TCP", 17: "UDP"}.get(self.proto, str(self.proto))
-
-    def describe(self) -> str:
-        """Short text naming the mapping, for log lines."""
-        return (f"mapping {self.id} {self.proto_name} ext {self.ext_ip or '?'}:{self.ext_port}"
-                f" -> {self.int_client}:{self.int_port} (nat1 {self.nat1_port}, cp {self.cp})")
-
+from controld.core.lifecycle import LISTED, State
+from controld.core.model import Mapping
 
 _COLUMNS = [f.name for f in fields(Mapping)]
 _SCHEMA = """
@@ -78,12 +48,14 @@ class MappingTable:
         self.by_key: dict[tuple[int, int], int] = {}
         self._key_of: dict[int, tuple[int, int]] = {}  # the key each mapping is indexed under
         self._listed: list[int] = []  # ids of listed mappings, ascending
+        self._owned: dict[str, set[int]] = {}  # listed ids by owner (quota checks in O(1))
+        self._owner_of: dict[int, str] = {}
+        self._subscribers: list[Callable[[], None]] = []
         cur = self.db.execute(f"SELECT {', '.join(_COLUMNS)} FROM mappings ORDER BY id")
         for row in cur:
-            m = Mapping(**dict(zip(_COLUMNS, row)))
-            m.state = State(m.state)
-            m.prefer_failure = bool(m.prefer_failure)
-            self._index(m)
+            values = dict(zip(_COLUMNS, row, strict=True))
+            values["state"], values["prefer_failure"] = State(values["state"]), bool(values["prefer_failure"])
+            self._index(Mapping(**values))
         row = self.db.execute("SELECT MAX(id) FROM mappings").fetchone()
         self._next_id = (row[0] or 0) + 1
 
@@ -112,17 +84,30 @@ class MappingTable:
             self._listed.insert(pos, m.id)
         elif m.state not in LISTED and present:
             del self._listed[pos]
+        self._unown(m.id)
+        if m.state in LISTED:
+            self._owned.setdefault(m.cp, set()).add(m.id)
+            self._owner_of[m.id] = m.cp
 
-    def save(self, m: Mapping, durable: bool = True) -> None:
-        """Insert or update ``m`` durably (unless not ``durable``), then in memory."""
-        if not durable:
-            self._index(m)
-            return
-        values = [getattr(m, c) for c in _COLUMNS]
-        values[_COLUMNS.index("state")] = m.state.value
-        self.db.execute(f"INSERT OR REPLACE INTO mappings ({', '.join(_COLUMNS)}) VALUES "
-                        f"({', '.join('?' * len(_COLUMNS))})", values)
+    def apply(self, row: Mapping, durable: bool = True, **changes: Any) -> Mapping:
+        """The one write. With ``changes``: the current row of ``row``'s id with those changes
+        (nothing is written for a row deleted meanwhile); without: ``row`` as given (a new row).
+        On disk first (unless not ``durable``: then with the next durable write), then
+        re-indexed. Returns the row as stored; earlier copies are stale from then on."""
+        if changes:
+            cur = self.by_id.get(row.id)
+            if cur is None:  # deleted while its writer waited: it stays deleted
+                return dataclasses.replace(row, **changes)
+            m = dataclasses.replace(cur, **changes)
+        else:
+            m = row
+        if durable:
+            values = [getattr(m, c) for c in _COLUMNS]
+            values[_COLUMNS.index("state")] = m.state.value
+            self.db.execute(f"INSERT OR REPLACE INTO mappings ({', '.join(_COLUMNS)}) VALUES "
+                            f"({', '.join('?' * len(_COLUMNS))})", values)
         self._index(m)
+        return m
 
     def delete(self, m: Mapping) -> None:
         self.db.execute("DELETE FROM mappings WHERE id = ?", (m.id,))
@@ -133,6 +118,28 @@ class MappingTable:
         pos = bisect.bisect_left(self._listed, m.id)
         if pos < len(self._listed) and self._listed[pos] == m.id:
             del self._listed[pos]
+        self._unown(m.id)
+
+    def _unown(self, mid: int) -> None:
+        owner = self._owner_of.pop(mid, None)
+        ids = self._owned.get(owner) if owner is not None else None
+        if ids is not None:
+            ids.discard(mid)
+            if not ids:
+                del self._owned[owner]  # type: ignore[arg-type]
+
+    def subscribe(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` after every published change (mappings or addresses)."""
+        self._subscribers.append(callback)
+
+    def publish(self) -> None:
+        """Tell every subscriber that something they show changed."""
+        for callback in self._subscribers:
+            callback()
+
+    def owned_by(self, owner: str) -> int:
+        """How many listed mappings ``owner`` holds."""
+        return len(self._owned.get(owner, ()))
 
     def find(self, ext_port: int, proto: int) -> Mapping | None:
         mid = self.by_key.get((ext_port, proto))

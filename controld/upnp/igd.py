@@ -1,10 +1,10 @@
 """WANIPConnection (IGD:1 and IGD:2), WANCommonInterfaceConfig and Layer3Forwarding actions.
 
 Arguments are checked here (a missing or malformed one is 402 Invalid Args), and so
-are the UPnP layer's own policies, before the IWF is called: permission rules
-(miniupnpd syntax, :mod:`controld.permissions`), per-host and total mapping quotas
-(728), and who may manage other control points' mappings (NewManage). What an action
-means for the mapping table and upstream is the IWF's business (RFC 6970 §4, §5).
+are UPnP's own quirks (PortMappingEnabled, the IGD:2 lease cap, wildcard ports). Policy
+(permission rules, quotas, secure mode, manage rights) and what an action means for the
+mapping table and upstream are the core's business (controld/core/, RFC 6970 §4, §5);
+the core's neutral errors become UPnP codes in :mod:`controld.upnp.errors`.
 """
 
 from __future__ import annotations
@@ -13,44 +13,24 @@ import ipaddress
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from xml.sax.saxutils import escape
 
-from controld.description import Device, Service
-from controld.errors import UPnPError
-from controld.iwf import Iwf
-from controld.permissions import Permissions
-from controld.soap import Cdata, SoapAction
-from controld.table import Mapping
-from controld.parse import ascii_uint
-from shared import wire
+from controld.core.model import CoreError, CreateRequest, Mapping, upnp
+from controld.core.service import Iwf
+from controld.upnp.description import Device, Service
+from controld.upnp.errors import UPnPError, upnp_error
+from controld.upnp.parse import ascii_uint
+from controld.upnp.soap import Cdata, SoapAction
+from shared.const import IGD2_MAX_LEASE, PROTO_NUMBERS
 
-log = logging.getLogger("controld.igd")
+log = logging.getLogger("controld.upnp.igd")
 
 Out = dict[str, str | int]
 UI4 = 2**32
-LIST_DEFAULT_MAX = 1000  # GetListOfPortMappings with NewNumberOfPorts=0 (miniupnpd.md §1.2)
+LIST_DEFAULT_MAX = 1000  # GetListOfPortMappings with NewNumberOfPorts=0 (as miniupnpd does)
 # Served but not in the SCPD: vendor actions real control points call (miniupnpc's
 # UPNP_GetPortMappingNumberOfEntries); strict clients never see them declared.
 UNDECLARED = {"WANIPConnection": frozenset({"GetPortMappingNumberOfEntries"})}
-
-
-@dataclass
-class Policy:
-    """The UPnP layer's own limits, from the config (controld/main.py)."""
-
-    permissions: Permissions = field(default_factory=Permissions)
-    max_per_host: int = 256  # 0: unlimited
-    max_total: int = 4096  # 0: unlimited
-    manage_hosts: tuple[ipaddress.IPv4Network, ...] = ()  # may act on others' mappings (NewManage=1)
-
-    def may_manage(self, cp: str) -> bool:
-        """Is ``cp`` allowed to manage (list/delete) other control points' mappings?"""
-        try:
-            a = ipaddress.IPv4Address(cp)
-        except ValueError:
-            return False
-        return any(a in n for n in self.manage_hosts)
 
 
 def _arg(a: SoapAction, name: str) -> str:
@@ -71,9 +51,9 @@ def _uint(a: SoapAction, name: str, hi: int, lo: int = 0) -> int:
 
 def _proto(a: SoapAction) -> int:
     raw = _arg(a, "NewProtocol").upper()
-    if raw not in ("TCP", "UDP"):
+    if raw not in PROTO_NUMBERS:
         raise UPnPError(402, "NewProtocol must be TCP or UDP")
-    return 6 if raw == "TCP" else 17
+    return PROTO_NUMBERS[raw]
 
 
 def _bool(a: SoapAction, name: str) -> bool:
@@ -84,13 +64,13 @@ def _bool(a: SoapAction, name: str) -> bool:
 
 
 # Arguments some control points leave out, and the value miniupnpd assumes for them
-# (miniupnpd.md §1.2); every other in-argument stays required (402 when missing).
+# (as miniupnpd does); every other in-argument stays required (402 when missing).
 LENIENT_DEFAULTS = {"NewRemoteHost": "", "NewEnabled": "1", "NewLeaseDuration": "0",
                     "NewPortMappingDescription": ""}
 
 
 def _remote_host(a: SoapAction) -> str:
-    """Only a wildcard RemoteHost: PCP FILTER cannot key a mapping on it (rfc6970-iwf §18 item 12)."""
+    """Only a wildcard RemoteHost: PCP FILTER cannot key a mapping on it (docs/requirements.md §18 item 12)."""
     raw = _arg(a, "NewRemoteHost").strip()
     if raw not in ("", "*", "0.0.0.0"):  # 0.0.0.0: how some control points write the wildcard
         raise UPnPError(726, "only a wildcard RemoteHost is supported")
@@ -128,8 +108,8 @@ def _entry(iwf: Iwf, m: Mapping, with_key: bool) -> Out:
 def port_listing(entries: list[tuple[Mapping, int]]) -> str:
     """The IGD:2 PortListing document (WANIPConnection:2 XSD) for GetListOfPortMappings.
 
-    Sent inside CDATA (:class:`controld.soap.Cdata`) as miniupnpd does, because miniupnpc
-    does not decode entities; values are XML-escaped too, unlike miniupnpd's (miniupnpd.md §1.2).
+    Sent inside CDATA (:class:`controld.upnp.soap.Cdata`) as miniupnpd does, because miniupnpc
+    does not decode entities; values are XML-escaped too, unlike miniupnpd's (as miniupnpd does).
     """
     rows = "".join(
         "<p:PortMappingEntry>"
@@ -146,13 +126,81 @@ def port_listing(entries: list[tuple[Mapping, int]]) -> str:
             'http://www.upnp.org/schemas/gw/WANIPConnection-v2.xsd">' + rows + "</p:PortMappingList>")
 
 
+# --- the UPnP actions over the neutral core: UPnP quirks in, neutral errors out as codes -----
+
+async def add_port_mapping(core: Iwf, cp: str, igd: int, remote_host: str, ext_port: int, proto: int,
+                           int_port: int, int_client: str, enabled: bool, description: str,
+                           lease: int) -> Mapping:
+    """AddPortMapping (RFC 6970 §5.6.2): exactly ``ext_port``; raises UPnPError."""
+    if not enabled:
+        # docs/requirements.md IWF-16: PCP cannot disable a mapping; our choice of code is 402.
+        raise UPnPError(402, "PortMappingEnabled must be 1: PCP cannot disable a mapping")
+    if ext_port == 0:
+        # IWF-49: PREFER_FAILURE cannot carry port 0; our choice is 716.
+        raise UPnPError(716, "use AddAnyPortMapping for a wildcard external port")
+    if igd >= 2 and (lease == 0 or lease > IGD2_MAX_LEASE):
+        lease = IGD2_MAX_LEASE  # RFC 6970 §4.1 (IWF-71)
+    req = CreateRequest(proto, ext_port, int_client, int_port, lease, description, True, remote_host)
+    try:
+        return await core.create(upnp(cp, igd), req)
+    except CoreError as exc:
+        raise upnp_error(exc, igd, "AddPortMapping") from None
+
+
+async def add_any_port_mapping(core: Iwf, cp: str, igd: int, remote_host: str, ext_port: int, proto: int,
+                               int_port: int, int_client: str, enabled: bool, description: str,
+                               lease: int) -> Mapping:
+    """AddAnyPortMapping (RFC 6970 §5.6.1): ``ext_port`` is a suggestion; raises UPnPError."""
+    if not enabled:
+        raise UPnPError(402, "PortMappingEnabled must be 1: PCP cannot disable a mapping")
+    if lease == 0 or lease > IGD2_MAX_LEASE:
+        lease = IGD2_MAX_LEASE  # an IGD:2 action: RFC 6970 §4.1 (IWF-71)
+    req = CreateRequest(proto, ext_port, int_client, int_port, lease, description, False, remote_host)
+    try:
+        return await core.create(upnp(cp, igd), req)
+    except CoreError as exc:
+        raise upnp_error(exc, igd, "AddAnyPortMapping") from None
+
+
+async def delete_port_mapping(core: Iwf, cp: str, igd: int, remote_host: str, ext_port: int, proto: int) -> None:
+    """DeletePortMapping (RFC 6970 §5.8); raises UPnPError."""
+    try:
+        await core.delete(upnp(cp, igd), proto, ext_port)
+    except CoreError as exc:
+        raise upnp_error(exc, igd, "DeletePortMapping") from None
+
+
+async def delete_port_mapping_range(core: Iwf, cp: str, igd: int, start: int, end: int, proto: int,
+                                    manage: bool) -> int:
+    """DeletePortMappingRange (RFC 6970 §5.8): the number removed; raises UPnPError."""
+    try:
+        return await core.delete_range(upnp(cp, igd), proto, start, end, manage)
+    except CoreError as exc:
+        raise upnp_error(exc, igd, "DeletePortMappingRange") from None
+
+
+async def get_specific(core: Iwf, cp: str, remote_host: str, ext_port: int, proto: int, igd: int = 1) -> Mapping:
+    """GetSpecificPortMappingEntry (RFC 6970 §5.7): under IGD:2 another CP's entry is 606."""
+    try:
+        return await core.find(upnp(cp, igd), proto, ext_port, owner_only=igd >= 2)
+    except CoreError as exc:
+        raise upnp_error(exc, igd, "GetSpecificPortMappingEntry") from None
+
+
+def get_generic(core: Iwf, index: int) -> Mapping:
+    """GetGenericPortMappingEntry: answered locally (IWF-55); 713 past the end."""
+    try:
+        return core.at_index(index)
+    except CoreError as exc:
+        raise upnp_error(exc, 1, "GetGenericPortMappingEntry") from None
+
+
 class IgdActions:
     """Dispatch of SOAP actions to handlers, per service; owner of SystemUpdateID."""
 
-    def __init__(self, iwf: Iwf, device: Device, policy: Policy | None = None) -> None:
+    def __init__(self, iwf: Iwf, device: Device) -> None:
         self.iwf = iwf
         self.device = device
-        self.policy = policy or Policy()
         self.started = time.monotonic()
         self.system_update_id = 1  # IGD:2: bumped on every mapping change (miniupnpd keeps it at 1)
         self.handlers: dict[str, Callable[[SoapAction, str], Awaitable[Out]]] = {
@@ -198,36 +246,15 @@ class IgdActions:
         if service.name == "WANIPConnection":
             out = {"PossibleConnectionTypes": "IP_Routed",
                    "ConnectionStatus": "Connected" if self.iwf.connected() else "Disconnected",
-                   # per control point: rfc6970-iwf item 14
+                   # per control point: docs/requirements.md IWF-14
                    "ExternalIPAddress": self.iwf.external_ip(cp),
-                   "PortMappingNumberOfEntries": str(self.iwf.table.count())}
+                   "PortMappingNumberOfEntries": str(self.iwf.count())}
             if service.version >= 2:
                 out["SystemUpdateID"] = str(self.system_update_id)
             return out
         if service.name == "WANCommonInterfaceConfig":
-            return {"PhysicalLinkStatus": "Up" if self.iwf.wan_ip else "Down"}
+            return {"PhysicalLinkStatus": "Up" if self.iwf.link_up() else "Down"}
         return {"DefaultConnectionService": self._default_service()}
-
-    # --- policy ----------------------------------------------------------------------------
-
-    def _check_quota(self, cp: str) -> None:
-        """728 when the caller or the router is at its mapping limit (rfc6970-iwf item 90)."""
-        total = self.iwf.table.count()
-        if self.policy.max_total and total >= self.policy.max_total:
-            raise UPnPError(728, f"the router holds its maximum of {self.policy.max_total} mappings")
-        limit = self.policy.max_per_host
-        if limit and total >= limit:  # below the per-host limit in total, no host can be over it
-            mine = sum(1 for m in self.iwf.table.listed() if m.cp == cp)
-            if mine >= limit:
-                raise UPnPError(728, f"{cp} holds its maximum of {limit} mappings")
-
-    def _denied(self, a: SoapAction, why: str) -> UPnPError:
-        # miniupnpd.md §1.2: permission denied is 606 under IGD:2 and 718 under IGD:1
-        return UPnPError(606 if a.version >= 2 else 718, why)
-
-    def _manage(self, a: SoapAction, cp: str) -> bool:
-        """NewManage=1 counts only for hosts allowed to manage; others act on their own mappings."""
-        return _bool(a, "NewManage") and self.policy.may_manage(cp)
 
     # --- WANIPConnection -------------------------------------------------------------------
 
@@ -258,29 +285,18 @@ class IgdActions:
 
     async def add_port_mapping(self, a: SoapAction, cp: str) -> Out:
         remote, eport, proto, iport, client, enabled, desc, lease = self._mapping_args(a, cp)
-        if eport == 0:
-            raise UPnPError(716, "use AddAnyPortMapping for a wildcard external port (rfc6970-iwf item 49)")
-        if not self.policy.permissions.allowed(eport, client, iport, desc):
-            raise self._denied(a, f"permission rules refuse {eport} -> {client}:{iport}")
-        existing = self.iwf.table.find(eport, proto)
-        if existing is None:  # a refresh of one's own mapping never counts against the quota
-            self._check_quota(cp)
-        await self.iwf.add_port_mapping(cp, a.version, remote, eport, proto, iport, client, enabled, desc, lease)
+        await add_port_mapping(self.iwf, cp, a.version, remote, eport, proto, iport, client, enabled, desc, lease)
         return {}
 
     async def add_any_port_mapping(self, a: SoapAction, cp: str) -> Out:
         remote, eport, proto, iport, client, enabled, desc, lease = self._mapping_args(a, cp)
-        wanted = self.policy.permissions.nearest_allowed(eport, client, iport, desc)
-        if wanted is None:
-            raise self._denied(a, f"permission rules allow no external port for {client}:{iport}")
-        self._check_quota(cp)
-        m = await self.iwf.add_any_port_mapping(cp, a.version, remote, wanted, proto, iport, client,
-                                                enabled, desc, lease)
+        m = await add_any_port_mapping(self.iwf, cp, a.version, remote, eport, proto, iport, client,
+                                       enabled, desc, lease)
         return {"NewReservedPort": m.ext_port}
 
     async def delete_port_mapping(self, a: SoapAction, cp: str) -> Out:
         _remote_host(a)
-        await self.iwf.delete_port_mapping(cp, a.version, "", _uint(a, "NewExternalPort", 65535), _proto(a))
+        await delete_port_mapping(self.iwf, cp, a.version, "", _uint(a, "NewExternalPort", 65535), _proto(a))
         return {}
 
     def _range(self, a: SoapAction) -> tuple[int, int, int]:
@@ -291,31 +307,30 @@ class IgdActions:
 
     async def delete_port_mapping_range(self, a: SoapAction, cp: str) -> Out:
         start, end, proto = self._range(a)
-        n = await self.iwf.delete_port_mapping_range(cp, a.version, start, end, proto, self._manage(a, cp))
+        n = await delete_port_mapping_range(self.iwf, cp, a.version, start, end, proto, _bool(a, "NewManage"))
         log.info("range delete %d-%d by %s removed %d mappings", start, end, cp, n)
         return {}
 
     async def get_specific_port_mapping_entry(self, a: SoapAction, cp: str) -> Out:
         _remote_host(a)
-        m = await self.iwf.get_specific(cp, "", _uint(a, "NewExternalPort", 65535), _proto(a), igd=a.version)
+        m = await get_specific(self.iwf, cp, "", _uint(a, "NewExternalPort", 65535), _proto(a), igd=a.version)
         return _entry(self.iwf, m, with_key=False)
 
     async def get_generic_port_mapping_entry(self, a: SoapAction, cp: str) -> Out:
         # O(1) by index; an index is stable until a mapping before it goes (controld/table.py)
-        m = self.iwf.get_generic(_uint(a, "NewPortMappingIndex", 65535))
+        m = get_generic(self.iwf, _uint(a, "NewPortMappingIndex", 65535))
         return _entry(self.iwf, m, with_key=True)
 
     async def get_port_mapping_number_of_entries(self, a: SoapAction, cp: str) -> Out:
-        return {"NewPortMappingNumberOfEntries": self.iwf.table.count()}
+        return {"NewPortMappingNumberOfEntries": self.iwf.count()}
 
     async def get_list_of_port_mappings(self, a: SoapAction, cp: str) -> Out:
-        """Answered locally (RFC 6970 §5.7, rfc6970-iwf item 55); own mappings unless managing."""
+        """Answered locally (RFC 6970 §5.7, docs/requirements.md IWF-55); own mappings unless managing."""
         start, end, proto = self._range(a)
-        manage = self._manage(a, cp)
+        manage = _bool(a, "NewManage")
         limit = _uint(a, "NewNumberOfPorts", 65535) or LIST_DEFAULT_MAX
         # In port order before the cut, so a client paging by NewStartPort misses nothing.
-        ours = sorted((m for m in self.iwf.table.listed() if m.proto == proto and start <= m.ext_port <= end
-                       and (manage or cp in (m.cp, m.int_client))), key=lambda m: m.ext_port)
+        ours = self.iwf.list_range(upnp(cp, a.version), proto, start, end, manage)
         found = [(m, self.iwf.lease_remaining(m)) for m in ours[:limit]]
         if not found:
             raise UPnPError(730, f"no mapping in {start}-{end}")
@@ -326,16 +341,14 @@ class IgdActions:
     async def get_common_link_properties(self, a: SoapAction, cp: str) -> Out:
         return {"NewWANAccessType": "Ethernet", "NewLayer1UpstreamMaxBitRate": 0,
                 "NewLayer1DownstreamMaxBitRate": 0,
-                "NewPhysicalLinkStatus": "Up" if self.iwf.wan_ip else "Down"}
+                "NewPhysicalLinkStatus": "Up" if self.iwf.link_up() else "Down"}
 
     async def counter(self, a: SoapAction, cp: str) -> Out:
         """Real WAN counters from natd, wrapped to ui4 as the state variables are."""
         try:
-            reply = await self.iwf.link.call(wire.GetCounters(), timeout=5)
-        except Exception as exc:  # natd away: the action fails, the daemon does not
-            raise UPnPError(501, f"counters unavailable: {exc}") from None
-        if not isinstance(reply, wire.CountersReply):
-            raise UPnPError(501, "counters unavailable")
+            reply = await self.iwf.counters()
+        except CoreError as exc:  # natd away: the action fails, the daemon does not
+            raise upnp_error(exc, a.version, a.name) from None
         value = {"GetTotalBytesSent": reply.bytes_sent, "GetTotalBytesReceived": reply.bytes_received,
                  "GetTotalPacketsSent": reply.packets_sent,
                  "GetTotalPacketsReceived": reply.packets_received}[a.name]

@@ -13,24 +13,24 @@ import asyncio
 import ipaddress
 import logging
 import re
-from urllib.parse import urlsplit
 from collections.abc import Callable
+from urllib.parse import urlsplit
 
-from controld import soap
-from controld.description import ROOT_PATH, Device, Service
-from controld.errors import UPnPError
-from controld.gena import GenaServer
-from controld.igd import IgdActions
-from controld.parse import ascii_uint
+from controld.upnp import soap
+from controld.upnp.description import ROOT_PATH, Device, Service
+from controld.upnp.errors import UPnPError
+from controld.upnp.gena import GenaServer
+from controld.upnp.igd import IgdActions
+from controld.upnp.parse import ascii_uint
+from shared.const import SERVER
 
-log = logging.getLogger("controld.http")
+log = logging.getLogger("controld.upnp.http")
 
 MAX_HEADER = 8192
 MAX_BODY = 65536
 READ_DEADLINE = 5.0  # to receive the whole request
 REQUEST_DEADLINE = 28.0  # to answer it; UPnP allows 30 s and actions bound their PCP wait below this
 MAX_CONNECTIONS = 64
-SERVER = "Linux UPnP/1.1 igdpcp/0.1"
 
 _HOST = re.compile(r"^(\d{1,3}(?:\.\d{1,3}){3}|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?$")
 _REASONS = {200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
@@ -129,7 +129,7 @@ class UpnpHttpServer:
         except HttpError as exc:
             log.info("http %s: %d %s", peer, exc.status, exc)
             status, headers, body = exc.status, {}, b""
-        except asyncio.TimeoutError:
+        except TimeoutError:
             status, headers, body = 408, {}, b""
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
             log.info("http %s: bad request: %s", peer, exc)
@@ -141,7 +141,7 @@ class UpnpHttpServer:
             writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + body)
             async with asyncio.timeout(REQUEST_DEADLINE):
                 await writer.drain()
-        except (ConnectionError, asyncio.TimeoutError):
+        except (TimeoutError, ConnectionError):
             pass
         finally:
             self._active -= 1
@@ -201,7 +201,7 @@ class UpnpHttpServer:
         return 200, headers, soap.response(soap.CONTROL_URN, "QueryStateVariable", {"return": values[var]})
 
     def _get(self, path: str, user_agent: str) -> tuple[int, dict[str, str], bytes]:
-        # IGD:1 view for agents that break on IGD:2 (controld.description.IGD1_ONLY_AGENTS)
+        # IGD:1 view for agents that break on IGD:2 (controld.upnp.description.IGD1_ONLY_AGENTS)
         view = self.device.view(user_agent)
         xml = view.root_xml() if path == ROOT_PATH else view.scpd_by_path(path)
         if xml is None:

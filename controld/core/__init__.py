@@ -1,0 +1,1 @@
+"""The protocol-neutral mapping core: model, lifecycle, store, policy, service (docs/core.md)."""
