@@ -391,6 +391,8 @@ def ensure_uuid(path: str, section_name: str, key: str = "uuid") -> str:
     new = str(uuidlib.uuid4())
     with open(path, encoding="utf-8") as f:
         lines = f.read().splitlines(keepends=True)
+    if lines and not lines[-1].endswith("\n"):
+        lines[-1] += "\n"
     entry = f"\toption {key} '{new}'\n"
     if key in section.options:  # an empty 'option uuid' line: replace it
         lines[section.lines[key][0] - 1] = entry

@@ -601,6 +601,15 @@ def test_ensure_uuid_fills_an_empty_option_once(tmp_path: Path) -> None:
     assert _controld_ns(conf).uuid == made
 
 
+def test_ensure_uuid_after_a_last_line_without_newline(tmp_path: Path) -> None:
+    from shared.config import ensure_uuid
+
+    conf = tmp_path / "igdpcp"
+    conf.write_text("config controld 'controld'")
+    made = ensure_uuid(str(conf), "controld")
+    assert conf.read_text() == f"config controld 'controld'\n\toption uuid '{made}'\n"
+
+
 def test_ensure_uuid_refuses_a_bad_uuid_and_a_missing_section(tmp_path: Path) -> None:
     from shared.config import ensure_uuid
 
