@@ -24,7 +24,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from natd import conntrack, netlink, nftmon, wan
+from natd import conntrack, netlink, nftmon, stun, wan
 from natd.bindings import BindingTable, Limits, PolicyError, endpoint
 from natd.nft import (
     CT_MARK,
@@ -79,6 +79,8 @@ class Natd:
         self.nft = Nft(Layout.make(args.layout, args.table), args.wan_if, args.lan_if)
         self.table = BindingTable(limits=Limits(args.max_bindings, args.max_per_host))
         self.relay = PcpRelay(self._pcp_received, self._pcp_servers)
+        self.stun = stun.StunProbe(lambda: (self.args.stun_server, self.args.stun_port, self.args.stun_interval),
+                                   lambda: self.ifs.wan_ip, self._publish)
         # One handler per request type (controld -> natd); a reply or, for a PCP exchange that
         # waits for its answer, a coroutine the server finishes in a task of its own.
         self.handlers: dict[type[wire.Message], Callable[[Any], wire.Message | Coroutine[Any, Any, wire.Message]]] = {
@@ -106,6 +108,7 @@ class Natd:
         log.info("interfaces changed: wan=%s gateway=%s lan=%s", ifs.wan_ip, ifs.gateway, ",".join(ifs.lan_ips))
         if ifs.wan_ip != old:
             await self.relay.open(ifs.wan_ip)
+            self.stun.kick()
         for b in list(self.table.by_mid.values()):  # policy holds for what is already in place too
             try:
                 self.table.check_lan(b.lan_ip)
@@ -198,6 +201,7 @@ class Natd:
             new = reread_args(self.reparse, self.args, RESTART_ONLY, log) if self.reparse else None
             if new is not None:
                 self.args = new
+                self.stun.kick()
                 self.table.limits = Limits(new.max_bindings, new.max_per_host)
                 self.pins.limits = _pinhole_limits(new)
             try:
@@ -537,7 +541,7 @@ class Natd:
         tasks = [asyncio.create_task(c) for c in (
             self._serve(), self._heartbeat(), self._healer(), self._conntrack_worker(), self._on_hup(hup),
             self._pinhole_sweeper(), self._pinhole_ct_worker(),
-            wan.watch(self.args.wan_if, self.args.lan_if, self._on_ifs, self.ifs))]
+            self.stun.run(), wan.watch(self.args.wan_if, self.args.lan_if, self._on_ifs, self.ifs))]
         waiter: asyncio.Task[Any] = asyncio.create_task(stop.wait())
         done, _ = await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
         for t in [*tasks, waiter]:
