@@ -24,7 +24,8 @@ class FrontEnd(str, Enum):
     UPNP = "upnp"
     PCP = "pcp"
     NATPMP = "natpmp"
-    OPERATOR = "operator"
+    OPERATOR = "operator"  # the admin socket (CLI, rpcd/LuCI) and the page's admin
+    WEB = "web"  # a LAN host on the page, for itself
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,7 @@ class Mapping:
     pcp_expiry: float | None = None  # wall clock
     prefer_failure: bool = False
     mode: str = "cascaded"
+    origin: str = FrontEnd.UPNP.value  # the front end that made it (FrontEnd value), shown by `igdpcp list`
 
     @property
     def proto_name(self) -> str:
