@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from typing import Any
 
 import pytest
 
@@ -30,7 +31,7 @@ def igdpcp(st: Stack, *args: str, timeout: float = 30) -> subprocess.CompletedPr
                           capture_output=True, text=True, timeout=timeout, check=False)
 
 
-def js(st: Stack, *args: str) -> object:
+def js(st: Stack, *args: str) -> Any:
     res = igdpcp(st, *args, "--json")
     assert res.returncode == 0, res.stderr
     return json.loads(res.stdout)
@@ -50,7 +51,7 @@ def test_operator_cli_end_to_end(make_stack) -> None:
     assert status == 200, body
 
     # list: the UPnP mapping with its origin, owner and both bindings
-    [m] = js(st, "list")  # type: ignore[misc]
+    [m] = js(st, "list")
     assert (m["proto"], m["ext_ip"], m["ext_port"], m["int_ip"], m["int_port"], m["origin"], m["owner"],
             m["state"], m["remaining"]) == ("TCP", tb.NAT2_PUBLIC_IP, 8080, tb.LAN_HOST_IP, 8000, "upnp",
                                             tb.LAN_HOST_IP, "active", None)

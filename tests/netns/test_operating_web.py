@@ -19,6 +19,7 @@ import sys
 import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -85,7 +86,7 @@ def nat2_tcp(bed: tb.Testbed) -> dict[int, tuple[str, int]]:
     return {r.ext_port: (r.int_ip, r.int_port) for r in bed.nat2_dnat_rules() if r.proto == "tcp"}
 
 
-def admin_call(st: Stack, cmd: str, **args: object) -> object:
+def admin_call(st: Stack, cmd: str, **args: object) -> Any:
     res = subprocess.run([sys.executable, "-m", "shared.cli", cmd, "--json", "--socket", st.admin_socket,
                           *(str(v) for v in args.values())], capture_output=True, text=True, timeout=30)
     assert res.returncode == 0, res.stderr
@@ -155,7 +156,7 @@ def test_the_page_on_the_real_controld(make_stack, tmp_path: Path) -> None:
     in_lan(bed, look_and_add)
     keep(tmp_path / "web-status.png")
     keep(tmp_path / "web-mappings.png")
-    [web] = [m for m in admin_call(st, "list") if m["ext_port"] == 7070]  # type: ignore[union-attr]
+    [web] = [m for m in admin_call(st, "list") if m["ext_port"] == 7070]
     assert (web["origin"], web["owner"], str(web["id"])) == ("web", tb.LAN_HOST_IP, added["id"])
     assert nat2_tcp(bed)[7070] == (tb.ROUTER_WAN_IP, web["nat1_port"])
     assert st.nat1_forwards()[("tcp", web["nat1_port"])] == (tb.LAN_HOST_IP, 7000)
@@ -210,7 +211,7 @@ def test_the_page_on_the_real_controld(make_stack, tmp_path: Path) -> None:
             srv.shutdown()
             srv.server_close()
     assert 7070 not in nat2_tcp(bed) and ("tcp", web["nat1_port"]) not in st.nat1_forwards()
-    assert sorted(m["ext_port"] for m in admin_call(st, "list")) == [8080, 9090]  # type: ignore[union-attr]
+    assert sorted(m["ext_port"] for m in admin_call(st, "list")) == [8080, 9090]
     assert not bed.internet_reaches(7000, 7070, PAYLOAD, timeout=1.5)
 
     async def admin(page: Page) -> None:

@@ -1,7 +1,8 @@
 """The LAN page in Debian's headless Chromium (DevTools protocol): what a person sees and does.
 
 Screenshots land in the test's tmp dir, and in $IGDPCP_SCREENSHOTS when set (docs/img/ holds
-the ones tests/netns/test_operating_web.py took of the real controld on the bed). Skipped when chromium is not installed; scripts/setup installs it.
+the ones tests/netns/test_operating_web.py took of the real controld on the bed). Skipped when
+chromium is not installed; scripts/setup installs it.
 """
 
 from __future__ import annotations
