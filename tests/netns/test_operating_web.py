@@ -27,7 +27,7 @@ from controld.web import auth
 from tests.bed import testbed as tb
 from tests.bed.stack import HTTP_PORT, Stack
 from tests.bed.upnp import add
-from tests.unit.cdp import Browser, Page, chromium_path
+from tests.unit.cdp import Browser, Page, chromium_path, in_page, other_site
 
 CHROMIUM = chromium_path()
 pytestmark = [pytest.mark.netns,
@@ -54,15 +54,8 @@ def in_lan(bed: tb.Testbed, fn: Callable[[Page], Awaitable[None]], shots: Path |
                 os.close(fd)
             assert CHROMIUM is not None
             browser = Browser(CHROMIUM)
-
-            async def run() -> None:
-                page = await Page.open(browser)
-                try:
-                    await fn(page)
-                finally:
-                    await page.close()
             try:
-                asyncio.run(asyncio.wait_for(run(), 120))
+                in_page(browser, fn)
             finally:
                 browser.close()
         except BaseException as exc:  # re-raised in the test's thread
@@ -91,25 +84,6 @@ def admin_call(st: Stack, cmd: str, **args: object) -> Any:
                           *(str(v) for v in args.values())], capture_output=True, text=True, timeout=30)
     assert res.returncode == 0, res.stderr
     return json.loads(res.stdout)
-
-
-class _OtherSite(http.server.BaseHTTPRequestHandler):
-    """Another site on the LAN host whose page posts a delete to the router's page."""
-
-    target = ""
-
-    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
-        page = (f'<form id="f" method="post" action="{self.target}/igdpcp/delete">'
-                '<input name="id" value="1"><input name="csrf" value="0123456789abcdef0123456789abcdef"></form>'
-                "<script>document.getElementById('f').submit()</script>").encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "text/html")
-        self.send_header("Content-Length", str(len(page)))
-        self.end_headers()
-        self.wfile.write(page)
-
-    def log_message(self, *args: object) -> None:
-        pass
 
 
 async def flash(page: Page) -> str:
@@ -162,8 +136,7 @@ def test_the_page_on_the_real_controld(make_stack, tmp_path: Path) -> None:
     assert st.nat1_forwards()[("tcp", web["nat1_port"])] == (tb.LAN_HOST_IP, 7000)
     assert bed.internet_reaches(7000, 7070, PAYLOAD)
 
-    evil = http.server.HTTPServer  # made inside the LAN namespace, in the browser's thread
-    servers: list[http.server.HTTPServer] = []
+    servers: list[http.server.HTTPServer] = []  # made inside the LAN namespace, in the browser's thread
 
     async def refusals_and_delete(page: Page) -> None:
         await page.goto(base + "/igdpcp/mappings")
@@ -185,10 +158,8 @@ def test_the_page_on_the_real_controld(make_stack, tmp_path: Path) -> None:
         await page.click_and_wait("#add button")
         assert "security token" in await flash(page)
         # another site's auto-submitting form (cross-site POST)
-        _OtherSite.target = base
-        srv = evil(("127.0.0.1", 0), _OtherSite)
+        srv = other_site(base)
         servers.append(srv)
-        threading.Thread(target=srv.serve_forever, daemon=True).start()
         await page.goto(f"http://127.0.0.1:{srv.server_address[1]}/")
         for _ in range(100):  # bounded wait for the router's answer to the posted form
             if await page.eval("location.pathname + (document.querySelector('#refused') ? '!' : '')") == \
