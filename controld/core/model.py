@@ -129,4 +129,4 @@ class Mapping:
     def describe(self) -> str:
         """Short text naming the mapping, for log lines."""
         return (f"mapping {self.id} {self.proto_name} ext {self.ext_ip or '?'}:{self.ext_port}"
-                f" -> {self.int_client}:{self.int_port} (nat1 {self.nat1_port}, cp {self.cp})")
+                f" -> {self.int_client}:{self.int_port} (nat1 {self.nat1_port}, cp {self.cp}, origin {self.origin})")

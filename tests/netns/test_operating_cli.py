@@ -120,6 +120,9 @@ def test_operator_cli_end_to_end(make_stack) -> None:
         ["operator"]
     log = st.log("controld")
     assert "admin: add" in log and f"removed mapping {added['id']} TCP" in log
+    assert "origin operator" in log and "origin upnp" in log  # each log line names the mapping's origin
+    assert js(st, "reload") == {}  # as SIGHUP: re-read, mappings kept
+    assert wait_for(lambda: "reload: configuration re-read" in st.log("controld"), 5)
 
     # an old DHCP hook's one-line protocol still answers
     add(st, 8081, 8001)
