@@ -138,8 +138,10 @@ OPTIONS: tuple[Option, ...] = (
                                        "CANNOT_PROVIDE_EXTERNAL", default=2, type=int, live=True),
     _O("pcp-epoch-poll", (CONTROLD,), "send the PCP server an ANNOUNCE this often to notice a restart (0: off)",
        default=30.0, type=float, live=True),
-    _O("admin-socket", (CONTROLD,), "Unix socket for the DHCP-release hook (igdpcp host-left); '' for none",
-       default="/var/run/igdpcp/controld.sock"),
+    _O("admin-socket", (CONTROLD,), "Unix socket of the admin API (igdpcp, rpcd, the DHCP-release hook); "
+                                    "'' for none", default="/var/run/igdpcp/controld.sock"),
+    _O("web-password-hash", (CONTROLD,), "the LAN page's admin password, hashed (igdpcp hash-password); "
+                                         "empty: admin login off", default="", live=True),
     _O("http-port", (CONTROLD,), "UPnP HTTP port on the LAN address (0: any)", default=0, type=int),
     _O("igd-version", (CONTROLD,), "IGD device version to describe", default=1, type=int, choices=(1, 2)),
     _O("secure-mode", (CONTROLD,), "InternalClient must be the caller's own address", default=True,
