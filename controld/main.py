@@ -21,7 +21,7 @@ from controld.core.policy import Permissions, Policy, RuleError
 from controld.core.service import MODES, Iwf, IwfConfig
 from controld.core.store import MappingTable
 from controld.natd_link import NatdError, NatdLink
-from controld.upnp.description import ROOT_PATH, Device
+from controld.upnp.description import ROOT_PATH, gateway
 from controld.upnp.gena import GenaServer
 from controld.upnp.http import UpnpHttpServer
 from controld.upnp.igd import IgdActions
@@ -171,8 +171,7 @@ async def run(args: argparse.Namespace, reparse: Callable[[], argparse.Namespace
     lan = _Lan(args.lan_if, lan_ip, subnets)
     table = MappingTable(args.state_dir)
     iwf, link, link_task = await _start_iwf(args, table)
-    device = Device(_stable_uuid(table, "uuid_root"), _stable_uuid(table, "uuid_wan"),
-                    _stable_uuid(table, "uuid_wcd"), igd_version=args.igd_version)
+    device = gateway(args.igd_version, lambda key: _stable_uuid(table, key))
     actions = IgdActions(iwf, device)
     gena = GenaServer(device, actions.evented)
     table.subscribe(actions.changed)  # SystemUpdateID first, then one coalesced GENA round
@@ -185,7 +184,7 @@ async def run(args: argparse.Namespace, reparse: Callable[[], argparse.Namespace
     tasks = [asyncio.create_task(ssdp.run_notify()), asyncio.create_task(gena.run_expiry()),
              asyncio.create_task(_watch_lan(lan, http, ssdp))]
     admin = await _start_admin(args, iwf)
-    log.info("controld up: %s on %s, IGD:%d at %s, state in %s", lan.ip, args.lan_if,
+    log.info("controld up: %s on %s, IGD version %s at %s, state in %s", lan.ip, args.lan_if,
              args.igd_version, location, args.state_dir)
 
     def reload() -> None:

@@ -94,7 +94,9 @@ OPTIONS: tuple[Option, ...] = (
     _O("admin-socket", (CONTROLD,), "Unix socket for the DHCP-release hook (igdpcp host-left); '' for none",
        default="/var/run/igdpcp/controld.sock"),
     _O("http-port", (CONTROLD,), "UPnP HTTP port on the LAN address (0: any)", default=0, type=int),
-    _O("igd-version", (CONTROLD,), "IGD device version to describe", default=1, type=int, choices=(1, 2)),
+    _O("igd-version", (CONTROLD,), "IGD root devices to serve: both (an IGD:1 and an IGD:2 one over the same "
+                                   "table, so either kind of control point finds a gateway), 1 or 2",
+       default="both", choices=("both", "1", "2")),
     _O("secure-mode", (CONTROLD,), "InternalClient must be the caller's own address", default=True,
        kind="bool", live=True),
     _O("permission", (CONTROLD,), "miniupnpd rule 'allow|deny EPORT[-EPORT] IP[/MASK] IPORT[-IPORT] "

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from urllib.parse import urlsplit
 
 from controld.upnp import soap
-from controld.upnp.description import ROOT_PATH, Device, Service
+from controld.upnp.description import Device, Gateway, Service
 from controld.upnp.errors import UPnPError
 from controld.upnp.gena import GenaServer
 from controld.upnp.igd import IgdActions
@@ -86,7 +86,7 @@ class HttpError(Exception):
 
 
 class UpnpHttpServer:
-    def __init__(self, device: Device, actions: IgdActions, lan_subnets: Callable[[], list[str]],
+    def __init__(self, device: Device | Gateway, actions: IgdActions, lan_subnets: Callable[[], list[str]],
                  gena: GenaServer | None = None) -> None:
         self.device = device
         self.actions = actions
@@ -202,8 +202,7 @@ class UpnpHttpServer:
 
     def _get(self, path: str, user_agent: str) -> tuple[int, dict[str, str], bytes]:
         # IGD:1 view for agents that break on IGD:2 (controld.upnp.description.IGD1_ONLY_AGENTS)
-        view = self.device.view(user_agent)
-        xml = view.root_xml() if path == ROOT_PATH else view.scpd_by_path(path)
+        xml = self.device.description(path, user_agent)
         if xml is None:
             if path in self.device.services:
                 return 405, {"Allow": "POST"}, b""

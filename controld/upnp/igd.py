@@ -17,7 +17,7 @@ from xml.sax.saxutils import escape
 
 from controld.core.model import CoreError, CreateRequest, Mapping, upnp
 from controld.core.service import Iwf
-from controld.upnp.description import Device, Service
+from controld.upnp.description import Device, Gateway, Service
 from controld.upnp.errors import UPnPError, upnp_error
 from controld.upnp.parse import ascii_uint
 from controld.upnp.soap import Cdata, SoapAction
@@ -198,7 +198,7 @@ def get_generic(core: Iwf, index: int) -> Mapping:
 class IgdActions:
     """Dispatch of SOAP actions to handlers, per service; owner of SystemUpdateID."""
 
-    def __init__(self, iwf: Iwf, device: Device) -> None:
+    def __init__(self, iwf: Iwf, device: Device | Gateway) -> None:
         self.iwf = iwf
         self.device = device
         self.started = time.monotonic()
@@ -224,7 +224,7 @@ class IgdActions:
             "GetTotalBytesReceived": self.counter,
             "GetTotalPacketsSent": self.counter,
             "GetTotalPacketsReceived": self.counter,
-            "GetDefaultConnectionService": self.get_default_connection_service,
+            "GetDefaultConnectionService": self.read_only,  # answered in handle(): needs the service
             "SetDefaultConnectionService": self.set_default_connection_service,
         }
 
@@ -237,6 +237,8 @@ class IgdActions:
         known = action.name in service.actions or action.name in UNDECLARED.get(service.name, ())
         if not known or action.name not in self.handlers:
             raise UPnPError(401, f"{action.name} is not an action of {service.name}:{service.version}")
+        if action.name == "GetDefaultConnectionService":  # names the device it was asked on
+            return {"NewDefaultConnectionService": self._default_service(service)}
         return await self.handlers[action.name](action, cp)
 
     # --- evented state (GENA reads it here: one place for each fact) ---------------------
@@ -252,9 +254,11 @@ class IgdActions:
             if service.version >= 2:
                 out["SystemUpdateID"] = str(self.system_update_id)
             return out
+        if service.name == "WANIPv6FirewallControl":
+            return {"FirewallEnabled": "0", "InboundPinholeAllowed": "0"}
         if service.name == "WANCommonInterfaceConfig":
             return {"PhysicalLinkStatus": "Up" if self.iwf.link_up() else "Down"}
-        return {"DefaultConnectionService": self._default_service()}
+        return {"DefaultConnectionService": self._default_service(service)}
 
     # --- WANIPConnection -------------------------------------------------------------------
 
@@ -356,11 +360,9 @@ class IgdActions:
 
     # --- Layer3Forwarding ------------------------------------------------------------------
 
-    def _default_service(self) -> str:
-        return f"uuid:{self.device.uuid_wcd}:WANConnectionDevice:1,urn:upnp-org:serviceId:WANIPConn1"
-
-    async def get_default_connection_service(self, a: SoapAction, cp: str) -> Out:
-        return {"NewDefaultConnectionService": self._default_service()}
+    def _default_service(self, service: Service) -> str:
+        dev = self.device.device_of(service)
+        return f"uuid:{dev.uuid_wcd}:WANConnectionDevice:{dev.igd_version},urn:upnp-org:serviceId:WANIPConn1"
 
     async def set_default_connection_service(self, a: SoapAction, cp: str) -> Out:
         _arg(a, "NewDefaultConnectionService")
