@@ -79,6 +79,10 @@ def _hex(raw: bytes) -> int | None:
     return int(raw, 16)
 
 
+class _NoRequest(Exception):
+    """The peer closed the connection before sending a byte of a request."""
+
+
 class HttpError(Exception):
     def __init__(self, status: int, why: str) -> None:
         super().__init__(why)
@@ -126,6 +130,11 @@ class UpnpHttpServer:
         try:
             async with asyncio.timeout(REQUEST_DEADLINE):  # no extra task per request, unlike wait_for
                 status, headers, body, after = await self._request(reader, writer, peer)
+        except _NoRequest:  # a port scan or a liveness probe (docs/upnp.md "Tolerances")
+            log.debug("http %s: closed without a request", peer)
+            self._active -= 1
+            writer.close()
+            return
         except HttpError as exc:
             log.info("http %s: %d %s", peer, exc.status, exc)
             status, headers, body = exc.status, {}, b""
@@ -156,6 +165,12 @@ class UpnpHttpServer:
                 raw = await reader.readuntil(b"\r\n\r\n")
         except asyncio.LimitOverrunError:
             raise HttpError(431, "headers too large") from None
+        except asyncio.IncompleteReadError as exc:
+            if not exc.partial.strip():  # connected and closed without a request: nothing to answer
+                raise _NoRequest from None
+            raise
+        except ConnectionError:  # reset before the request was complete: nobody left to answer
+            raise _NoRequest from None
         lines = raw.decode("latin-1").split("\r\n")
         parts = lines[0].split(" ")
         if len(parts) != 3 or not parts[2].startswith("HTTP/1."):

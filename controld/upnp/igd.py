@@ -21,7 +21,7 @@ from controld.upnp.description import Device, Gateway, Service
 from controld.upnp.errors import UPnPError, upnp_error
 from controld.upnp.parse import ascii_uint
 from controld.upnp.soap import Cdata, SoapAction
-from shared.const import IGD2_MAX_LEASE, PROTO_NUMBERS
+from shared.const import IGD2_MAX_LEASE, PROTO_NAMES, PROTO_NUMBERS
 
 log = logging.getLogger("controld.upnp.igd")
 
@@ -300,8 +300,21 @@ class IgdActions:
 
     async def delete_port_mapping(self, a: SoapAction, cp: str) -> Out:
         _remote_host(a)
-        await delete_port_mapping(self.iwf, cp, a.version, "", _uint(a, "NewExternalPort", 65535), _proto(a))
+        port = _uint(a, "NewExternalPort", 65535)
+        proto = self._caller_proto(a, cp, port) if not _arg(a, "NewProtocol").strip() else _proto(a)
+        await delete_port_mapping(self.iwf, cp, a.version, "", port, proto)
         return {}
+
+    def _caller_proto(self, a: SoapAction, cp: str, port: int) -> int:
+        """An empty NewProtocol (a P2P port mapper's unmap): the protocol of the caller's one
+        mapping at ``port``; 402 when it has both or neither (docs/upnp.md "Tolerances")."""
+        owner = upnp(cp, a.version)
+        held = [p for p in PROTO_NUMBERS.values() if self.iwf.list_range(owner, p, port, port, False)]
+        if len(held) != 1:
+            raise UPnPError(402, f"empty NewProtocol: {len(held)} of the caller's mappings at {port}, need exactly 1")
+        log.info("DeletePortMapping by %s: empty NewProtocol taken as %s, its one mapping at %d",
+                 cp, PROTO_NAMES[held[0]], port)
+        return held[0]
 
     def _range(self, a: SoapAction) -> tuple[int, int, int]:
         start, end = _uint(a, "NewStartPort", 65535), _uint(a, "NewEndPort", 65535)

@@ -123,7 +123,7 @@ def test_igd2_only_client_and_igd1_client_share_one_table(make_stack) -> None:
     assert "8400->192.168.1.2:8000" in found.stdout.replace(" ", ""), found.stdout
     gone = st.bed.run("lan", ["upnpc", "-d", "8400", "TCP"], check=False, timeout=30)
     assert gone.returncode == 0, gone.stdout
-    assert ("TCP", 8400) not in st.nat1_forwards()
+    assert ("tcp", 8400) not in st.nat1_forwards()
     assert not st.bed.internet_reaches(8000, 8400, b"closed")
 
     # upnpc pointed at the IGD:2 description uses the IGD:2 actions (AddAnyPortMapping, -L)
