@@ -72,6 +72,21 @@ async def _read_body(reader: asyncio.StreamReader, headers: dict[str, str]) -> b
     return await reader.readexactly(length)
 
 
+async def _read_head(reader: asyncio.StreamReader) -> bytes:
+    """The request line and headers; :class:`_NoRequest` when the peer sent nothing at all."""
+    try:
+        async with asyncio.timeout(READ_DEADLINE):
+            return await reader.readuntil(b"\r\n\r\n")
+    except asyncio.LimitOverrunError:
+        raise HttpError(431, "headers too large") from None
+    except asyncio.IncompleteReadError as exc:
+        if not exc.partial.strip():  # connected and closed without a request: nothing to answer
+            raise _NoRequest from None
+        raise
+    except ConnectionError:  # reset before the request was complete: nobody left to answer
+        raise _NoRequest from None
+
+
 def _hex(raw: bytes) -> int | None:
     """A chunk size: 1-8 ASCII hex digits."""
     if not 0 < len(raw) <= 8 or not all(c in b"0123456789abcdefABCDEF" for c in raw):
@@ -160,18 +175,7 @@ class UpnpHttpServer:
 
     async def _request(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                        peer: str) -> tuple[int, dict[str, str], bytes, Callable[[], None] | None]:
-        try:
-            async with asyncio.timeout(READ_DEADLINE):
-                raw = await reader.readuntil(b"\r\n\r\n")
-        except asyncio.LimitOverrunError:
-            raise HttpError(431, "headers too large") from None
-        except asyncio.IncompleteReadError as exc:
-            if not exc.partial.strip():  # connected and closed without a request: nothing to answer
-                raise _NoRequest from None
-            raise
-        except ConnectionError:  # reset before the request was complete: nobody left to answer
-            raise _NoRequest from None
-        lines = raw.decode("latin-1").split("\r\n")
+        lines = (await _read_head(reader)).decode("latin-1").split("\r\n")
         parts = lines[0].split(" ")
         if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
             raise HttpError(400, "bad request line")

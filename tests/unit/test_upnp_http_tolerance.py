@@ -15,7 +15,8 @@ from controld.upnp.igd import IgdActions
 
 
 async def _exchange(data: bytes) -> bytes:
-    server = UpnpHttpServer(gateway("both", lambda k: k), actions=cast(IgdActions, None), lan_subnets=lambda: ["127.0.0.0/8"])
+    server = UpnpHttpServer(gateway("both", lambda k: k), actions=cast(IgdActions, None),
+                            lan_subnets=lambda: ["127.0.0.0/8"])
     port = await server.start("127.0.0.1", 0)
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
