@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from controld.admin import AdminServer
+from controld.core.pinhole import NoFirewall, PinholePolicy, Pinholes
 from controld.core.policy import Permissions, Policy, RuleError
 from controld.core.service import MODES, Iwf, IwfConfig
 from controld.core.store import MappingTable
@@ -172,7 +173,9 @@ async def run(args: argparse.Namespace, reparse: Callable[[], argparse.Namespace
     table = MappingTable(args.state_dir)
     iwf, link, link_task = await _start_iwf(args, table)
     device = gateway(args.igd_version, lambda key: _stable_uuid(table, key))
-    actions = IgdActions(iwf, device)
+    pinholes = Pinholes(NoFirewall(), _pinhole_policy(args, iwf.policy), table.owned_by, table.count)
+    await pinholes.refresh()  # natd's pinhole support arrives with the natd wiring (docs/upnp.md)
+    actions = IgdActions(iwf, device, pinholes)
     gena = GenaServer(device, actions.evented)
     table.subscribe(actions.changed)  # SystemUpdateID first, then one coalesced GENA round
     table.subscribe(gena.changed)
@@ -191,6 +194,7 @@ async def run(args: argparse.Namespace, reparse: Callable[[], argparse.Namespace
         nonlocal args
         if reparse is not None:
             args = _reload(args, reparse, iwf)
+            pinholes.policy = _pinhole_policy(args, iwf.policy)
 
     stop = asyncio.Event()
     install_stop_signals(stop)
@@ -219,6 +223,11 @@ def _policy(args: argparse.Namespace) -> Policy:
     except (RuleError, ValueError) as exc:
         raise SystemExit(f"controld: {exc}") from None
     return Policy(perms, args.max_mappings_per_host, args.max_mappings, managers, args.secure_mode)
+
+
+def _pinhole_policy(args: argparse.Namespace, policy: Policy) -> PinholePolicy:
+    """Pinholes share secure mode and the mapping quotas (docs/upnp.md "IPv6 pinholes")."""
+    return PinholePolicy(args.inbound_pinholes, args.secure_mode, policy.max_per_host, policy.max_total)
 
 
 def build_parser() -> argparse.ArgumentParser:

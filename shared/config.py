@@ -97,6 +97,9 @@ OPTIONS: tuple[Option, ...] = (
     _O("igd-version", (CONTROLD,), "IGD root devices to serve: both (an IGD:1 and an IGD:2 one over the same "
                                    "table, so either kind of control point finds a gateway), 1 or 2",
        default="both", choices=("both", "1", "2")),
+    _O("inbound-pinholes", (CONTROLD,), "let LAN hosts open IPv6 pinholes (WANIPv6FirewallControl "
+                                        "InboundPinholeAllowed; needs natd's IPv6 firewall)", default=True,
+       kind="bool", live=True),
     _O("secure-mode", (CONTROLD,), "InternalClient must be the caller's own address", default=True,
        kind="bool", live=True),
     _O("permission", (CONTROLD,), "miniupnpd rule 'allow|deny EPORT[-EPORT] IP[/MASK] IPORT[-IPORT] "

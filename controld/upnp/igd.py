@@ -16,10 +16,12 @@ from collections.abc import Awaitable, Callable
 from xml.sax.saxutils import escape
 
 from controld.core.model import CoreError, CreateRequest, Mapping, upnp
+from controld.core.pinhole import NoFirewall, Pinholes
 from controld.core.service import Iwf
 from controld.upnp.description import Device, Gateway, Service
 from controld.upnp.errors import UPnPError, upnp_error
 from controld.upnp.parse import ascii_uint
+from controld.upnp.pinholes import PinholeActions
 from controld.upnp.soap import Cdata, SoapAction
 from shared.const import IGD2_MAX_LEASE, PROTO_NAMES, PROTO_NUMBERS
 
@@ -198,9 +200,10 @@ def get_generic(core: Iwf, index: int) -> Mapping:
 class IgdActions:
     """Dispatch of SOAP actions to handlers, per service; owner of SystemUpdateID."""
 
-    def __init__(self, iwf: Iwf, device: Device | Gateway) -> None:
+    def __init__(self, iwf: Iwf, device: Device | Gateway, pinholes: Pinholes | None = None) -> None:
         self.iwf = iwf
         self.device = device
+        self.pinholes = PinholeActions(pinholes or Pinholes(NoFirewall()))
         self.started = time.monotonic()
         self.system_update_id = 1  # IGD:2: bumped on every mapping change (miniupnpd keeps it at 1)
         self.handlers: dict[str, Callable[[SoapAction, str], Awaitable[Out]]] = {
@@ -226,6 +229,7 @@ class IgdActions:
             "GetTotalPacketsReceived": self.counter,
             "GetDefaultConnectionService": self.read_only,  # answered in handle(): needs the service
             "SetDefaultConnectionService": self.set_default_connection_service,
+            **self.pinholes.handlers,  # WANIPv6FirewallControl:1 (controld/upnp/pinholes.py)
         }
 
     def changed(self) -> None:
@@ -255,7 +259,7 @@ class IgdActions:
                 out["SystemUpdateID"] = str(self.system_update_id)
             return out
         if service.name == "WANIPv6FirewallControl":
-            return {"FirewallEnabled": "0", "InboundPinholeAllowed": "0"}
+            return self.pinholes.evented()
         if service.name == "WANCommonInterfaceConfig":
             return {"PhysicalLinkStatus": "Up" if self.iwf.link_up() else "Down"}
         return {"DefaultConnectionService": self._default_service(service)}
