@@ -15,8 +15,9 @@ import sys
 import pytest
 
 from tests.bed import testbed as tb
-from tests.bed.fixtures import NsClient, http_request
+from tests.bed.fixtures import NsClient, http_request, soap_call
 from tests.bed.stack import HTTP_PORT, Stack
+from tests.bed.upnp import Sink, error_code, out_value, props
 
 pytestmark = pytest.mark.netns
 
@@ -132,3 +133,35 @@ def test_igd2_only_client_and_igd1_client_share_one_table(make_stack) -> None:
     assert v2.returncode == 0 and "8500" in v2.stdout, v2.stdout
     listing = st.bed.run("lan", ["upnpc", "-u", f"{BASE}/igd2/rootDesc.xml", "-L"], check=False, timeout=30)
     assert "8500" in listing.stdout, listing.stdout
+
+
+def test_pinhole_service_in_the_bed_before_natd_has_pinholes(make_stack) -> None:
+    """WANIPv6FirewallControl:1 on the IGD:2 device of the default configuration: while natd has
+    no IPv6 firewall (docs/upnp.md "IPv6 pinholes"), upnpc -A gets 702 FirewallDisabled, the
+    status says so, and a GENA subscriber is told FirewallEnabled=0, InboundPinholeAllowed=0."""
+    st: Stack = make_stack()
+    fw = "urn:schemas-upnp-org:service:WANIPv6FirewallControl:1"
+    added = st.bed.run("lan", ["upnpc", "-u", f"{BASE}/igd2/rootDesc.xml", "-A", "empty", "0",
+                               "2001:db8:1::2", "8080", "TCP", "600"], check=False, timeout=30)
+    assert "702" in added.stdout, added.stdout
+    status, body = soap_call(st, "GetFirewallStatus", {}, service=fw, path="/igd2/ctl/IP6FCtl")
+    assert status == 200 and out_value(body, "FirewallEnabled") == "0", body
+    assert out_value(body, "InboundPinholeAllowed") == "0"
+    status, body = soap_call(st, "DeletePinhole", {"UniqueID": "1"}, service=fw, path="/igd2/ctl/IP6FCtl")
+    assert status == 500 and error_code(body) == 704
+    # an IGD:1 control URL does not serve it (a service type not served at a path: 402, as before)
+    status, body = soap_call(st, "GetFirewallStatus", {}, service=fw, path="/ctl/WANIPCn")
+    assert status == 500 and error_code(body) == 402
+
+    c = NsClient(st.bed)
+    sink = Sink(st.bed, 4000)
+    try:
+        raw = http_request("SUBSCRIBE", "/igd2/evt/IP6FCtl", f"{tb.ROUTER_LAN_IP}:{HTTP_PORT}",
+                           {"NT": "upnp:event", "CALLBACK": f"<http://{tb.LAN_HOST_IP}:4000/e>"})
+        assert c.tcp(tb.ROUTER_LAN_IP, HTTP_PORT, raw)[0].startswith(b"HTTP/1.1 200")
+        ev = sink.event()
+        assert ev is not None and props(ev["body"]) == {"FirewallEnabled": "0", "InboundPinholeAllowed": "0"}
+    finally:
+        c.close()
+        sink.proc.kill()
+        sink.proc.wait()
