@@ -195,20 +195,12 @@ def wanipv6firewallcontrol() -> Service:
         "GetPinholePackets": _a(uid + " out:PinholePackets:A_ARG_TYPE_PinholePackets"),
         "CheckPinholeWorking": _a(uid + " out:IsWorking:A_ARG_TYPE_Boolean"),
     }
-    variables = (
-        Var("FirewallEnabled", "boolean", True),
-        Var("InboundPinholeAllowed", "boolean", True),
-        Var("A_ARG_TYPE_OutboundPinholeTimeout", "ui4"),
-        Var("A_ARG_TYPE_RemoteHost", "string"),
-        Var("A_ARG_TYPE_RemotePort", "ui2"),
-        Var("A_ARG_TYPE_InternalClient", "string"),
-        Var("A_ARG_TYPE_InternalPort", "ui2"),
-        Var("A_ARG_TYPE_Protocol", "ui2"),
-        Var("A_ARG_TYPE_LeaseTime", "ui4"),
-        Var("A_ARG_TYPE_UniqueID", "ui2"),
-        Var("A_ARG_TYPE_PinholePackets", "ui4"),
-        Var("A_ARG_TYPE_Boolean", "boolean"),
-    )
+    # name:type, ":e" when evented (one spec string, as the arguments above)
+    variables = tuple(Var(n, t, bool(e)) for n, t, *e in (v.split(":") for v in (
+        "FirewallEnabled:boolean:e InboundPinholeAllowed:boolean:e A_ARG_TYPE_OutboundPinholeTimeout:ui4 "
+        "A_ARG_TYPE_RemoteHost:string A_ARG_TYPE_RemotePort:ui2 A_ARG_TYPE_InternalClient:string "
+        "A_ARG_TYPE_InternalPort:ui2 A_ARG_TYPE_Protocol:ui2 A_ARG_TYPE_LeaseTime:ui4 A_ARG_TYPE_UniqueID:ui2 "
+        "A_ARG_TYPE_PinholePackets:ui4 A_ARG_TYPE_Boolean:boolean").split()))
     return Service("WANIPv6FirewallControl", 1, "urn:upnp-org:serviceId:WANIPv6Firewall1", "IP6FCtl",
                    actions, variables)
 
