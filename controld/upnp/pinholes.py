@@ -32,9 +32,9 @@ def _uint(a: SoapAction, name: str, hi: int) -> int:
 
 
 def _remote(a: SoapAction) -> str:
-    # miniupnpc's upnpc writes the wildcard as the word "empty"
+    # upnpc writes the wildcard as the word "empty", async-upnp-client as "::" (docs/upnp.md "Tolerances")
     raw = _arg(a, "RemoteHost").strip()
-    return "" if raw.lower() in ("", "*", "empty") else raw
+    return "" if raw.lower() in ("", "*", "empty", "::") else raw
 
 
 def _client(a: SoapAction) -> str:

@@ -39,7 +39,8 @@ def headers(datagram: bytes) -> dict[str, str]:
 ASYNC_IGD2_ONLY = r"""
 import asyncio, json, sys
 from datetime import timedelta
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
+from async_upnp_client.exceptions import UpnpActionResponseError
 from async_upnp_client.aiohttp import AiohttpRequester
 from async_upnp_client.client_factory import UpnpFactory
 from async_upnp_client.profiles.igd import IgdDevice
@@ -65,6 +66,14 @@ async def main():
     await igd.async_add_port_mapping(IPv4Address("0.0.0.0"), 8400, "TCP", 8000, IPv4Address(LAN), True,
                                      "p2p", timedelta(seconds=600))
     out["entry"] = [str(x) for x in (await igd.async_get_generic_port_mapping_entry(0))]
+    fw = await igd.async_get_firewall_status()
+    out["firewall"] = [fw.firewall_enabled, fw.inbound_pinhole_allowed]
+    try:
+        await igd.async_add_pinhole(IPv6Address("::"), 0, IPv6Address("2001:db8:1::2"), 8080, 6,
+                                    timedelta(seconds=600))
+        out["pinhole"] = "added"
+    except UpnpActionResponseError as exc:
+        out["pinhole"] = exc.error_code
     print(json.dumps(out))
 
 asyncio.run(main())
@@ -117,6 +126,8 @@ def test_igd2_only_client_and_igd1_client_share_one_table(make_stack) -> None:
     assert out["external"] == tb.NAT2_PUBLIC_IP
     assert out["entry"][1:5] == ["8400", "TCP", "8000", tb.LAN_HOST_IP]
     assert st.bed.internet_reaches(8000, 8400, b"igd2-only client")
+    # its pinhole calls reach WANIPv6FirewallControl: no IPv6 firewall under natd yet -> 702
+    assert out["firewall"] == [False, False] and out["pinhole"] == 702
 
     # upnpc with its own discovery (IGD:1 first) finds the IGD:1 device and sees the same row
     found = st.bed.run("lan", ["upnpc", "-l"], check=False, timeout=30)

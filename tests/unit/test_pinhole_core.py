@@ -215,6 +215,8 @@ def test_soap_actions_and_error_codes() -> None:
             "errorCode"] == "704"
         timeout = await _post(port, "GetOutboundPinholeTimeout", {**ADD, "Protocol": "17"})
         assert timeout[0] == 200 and int(timeout[1]["OutboundPinholeTimeout"]) > 0
+        # async-upnp-client writes the wildcard remote host as "::": the same pinhole
+        assert (await _post(port, "AddPinhole", {**ADD, "RemoteHost": "::"}))[1]["UniqueID"] == "1"
         assert (await _post(port, "DeletePinhole", {"UniqueID": "1"}))[0] == 200
         assert (await _post(port, "DeletePinhole", {"UniqueID": "1"}))[1]["errorCode"] == "704"
 
