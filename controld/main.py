@@ -179,6 +179,7 @@ async def run(args: argparse.Namespace, reparse: Callable[[], argparse.Namespace
     gena = GenaServer(device, actions.evented)
     table.subscribe(actions.changed)  # SystemUpdateID first, then one coalesced GENA round
     table.subscribe(gena.changed)
+    pinholes.on_change = gena.changed  # FirewallEnabled, InboundPinholeAllowed
     http = UpnpHttpServer(device, actions, lambda: lan.subnets, gena)
     lan.port = await http.start(lan.ip, args.http_port)
     location = f"http://{lan.ip}:{lan.port}{ROOT_PATH}"
@@ -194,7 +195,7 @@ async def run(args: argparse.Namespace, reparse: Callable[[], argparse.Namespace
         nonlocal args
         if reparse is not None:
             args = _reload(args, reparse, iwf)
-            pinholes.policy = _pinhole_policy(args, iwf.policy)
+            pinholes.set_policy(_pinhole_policy(args, iwf.policy))
 
     stop = asyncio.Event()
     install_stop_signals(stop)

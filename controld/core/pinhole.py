@@ -194,16 +194,28 @@ class Pinholes:
         self.clock = clock
         self.rows: dict[int, Pinhole] = {}
         self.status = FirewallStatus(False)
+        self.on_change: Callable[[], None] = lambda: None  # evented FirewallEnabled/InboundPinholeAllowed
         self._next_uid = 1
 
     async def refresh(self) -> FirewallStatus:
         """Ask natd for the firewall status again (start, GetFirewallStatus, natd events)."""
+        before = self.status
         try:
             self.status = await self.backend.status()
         except PinholeError as exc:
             log.info("pinhole status unavailable: %s", exc)
             self.status = FirewallStatus(False)
+        if self.status.enabled != before.enabled:
+            log.info("IPv6 firewall %s", "enabled" if self.status.enabled else "disabled")
+            self.on_change()
         return self.status
+
+    def set_policy(self, policy: PinholePolicy) -> None:
+        """A reload's new policy; subscribers hear of a changed InboundPinholeAllowed."""
+        changed = policy.allowed != self.policy.allowed
+        self.policy = policy
+        if changed:
+            self.on_change()
 
     def firewall_enabled(self) -> bool:
         return self.status.enabled

@@ -146,6 +146,18 @@ def test_switched_off_disabled_quota_shared_with_ipv4() -> None:
     assert _kind(core.add(HOST, HOST, 8080, 6, "", 0, 60)) == K.QUOTA
 
 
+def test_status_and_policy_changes_are_evented() -> None:
+    b = FakeBackend(enabled=False)
+    core, _, _ = _core(b)
+    seen: list[tuple[bool, bool]] = []
+    core.on_change = lambda: seen.append((core.firewall_enabled(), core.inbound_allowed()))
+    b.enabled = True
+    asyncio.run(core.refresh())
+    asyncio.run(core.refresh())  # no change, no event
+    core.set_policy(PinholePolicy(allowed=False))
+    assert seen == [(True, True), (True, False)]
+
+
 def test_outbound_timeout_from_conntrack_or_its_default() -> None:
     assert outbound_timeout(17, lambda path: "180\n") == 180
     assert outbound_timeout(6, lambda path: "x") == 432000
