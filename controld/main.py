@@ -174,6 +174,7 @@ async def run(args: argparse.Namespace, reparse: Callable[[], argparse.Namespace
     iwf, link, link_task = await _start_iwf(args, table)
     device = gateway(args.igd_version, lambda key: _stable_uuid(table, key))
     pinholes = Pinholes(NoFirewall(), _pinhole_policy(args, iwf.policy), table.owned_by, table.count)
+    _share_quotas(iwf.policy, pinholes)
     await pinholes.refresh()  # natd's pinhole support arrives with the natd wiring (docs/upnp.md)
     actions = IgdActions(iwf, device, pinholes)
     gena = GenaServer(device, actions.evented)
@@ -196,6 +197,7 @@ async def run(args: argparse.Namespace, reparse: Callable[[], argparse.Namespace
         if reparse is not None:
             args = _reload(args, reparse, iwf)
             pinholes.set_policy(_pinhole_policy(args, iwf.policy))
+            _share_quotas(iwf.policy, pinholes)
 
     stop = asyncio.Event()
     install_stop_signals(stop)
@@ -229,6 +231,11 @@ def _policy(args: argparse.Namespace) -> Policy:
 def _pinhole_policy(args: argparse.Namespace, policy: Policy) -> PinholePolicy:
     """Pinholes share secure mode and the mapping quotas (docs/upnp.md "IPv6 pinholes")."""
     return PinholePolicy(args.inbound_pinholes, args.secure_mode, policy.max_per_host, policy.max_total)
+
+
+def _share_quotas(policy: Policy, pinholes: Pinholes) -> None:
+    """A host's pinholes count against its IPv4 mapping quota too (and the other way round)."""
+    policy.pinholes_of, policy.pinholes_total = pinholes.count_of, lambda: len(pinholes.rows)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from controld.core.model import CoreError, ErrorKind
@@ -163,6 +164,9 @@ class Policy:
     max_total: int = 4096  # 0: unlimited
     manage_hosts: tuple[ipaddress.IPv4Network, ...] = ()  # may act on others' mappings
     secure_mode: bool = True  # the internal client must be the requester (IWF-88)
+    # IPv6 pinholes count against the same quotas (controld/core/pinhole.py; docs/upnp.md)
+    pinholes_of: Callable[[str], int] = lambda client: 0
+    pinholes_total: Callable[[], int] = lambda: 0
 
     def may_manage(self, client: str) -> bool:
         """Is ``client`` allowed to manage (list/delete) other clients' mappings?"""
@@ -196,6 +200,7 @@ class Policy:
 
     def check_quota(self, requester: str, total: int, mine: int) -> None:
         """QUOTA when the requester (holding ``mine``) or the router (``total``) is at its limit (IWF-90)."""
+        total, mine = total + self.pinholes_total(), mine + self.pinholes_of(requester)
         if self.max_total and total >= self.max_total:
             raise CoreError(ErrorKind.QUOTA, f"the router holds its maximum of {self.max_total} mappings")
         if self.max_per_host and mine >= self.max_per_host:

@@ -271,3 +271,16 @@ def test_upnpc_add_and_delete_pinhole() -> None:
         assert "606" in refused, refused
 
     asyncio.run(_serve(b, test))
+
+
+def test_ipv4_mapping_quota_counts_the_hosts_pinholes() -> None:
+    from controld.core.model import CoreError
+    from controld.core.policy import Policy
+
+    core, _, _ = _core()
+    asyncio.run(core.add(HOST4, HOST, 8080, 6, "", 0, 60))  # opened over IPv4 by the host
+    policy = Policy(max_per_host=2, max_total=0, pinholes_of=core.count_of, pinholes_total=lambda: len(core.rows))
+    policy.check_quota(HOST4, 0, 0)  # one pinhole + no mapping: room for one more
+    with pytest.raises(CoreError):
+        policy.check_quota(HOST4, 1, 1)  # one pinhole + one mapping: full
+    policy.check_quota("192.168.1.50", 1, 1)  # another host's quota is its own
