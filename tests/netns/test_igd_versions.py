@@ -176,3 +176,30 @@ def test_pinhole_service_in_the_bed_before_natd_has_pinholes(make_stack) -> None
         c.close()
         sink.proc.kill()
         sink.proc.wait()
+
+
+BINDING = r"""
+import json, sys, miniupnpc
+v2 = miniupnpc.UPnP()
+out = {"igd2": v2.selectigd(sys.argv[1])}
+out["any"] = v2.addanyportmapping(8600, "UDP", "192.168.1.2", 8000, "binding v2", "")
+v1 = miniupnpc.UPnP()
+v1.discoverdelay = 1000
+v1.discover()
+out["igd1"] = v1.selectigd()
+out["seen_by_v1"] = list(v1.getspecificportmapping(out["any"], "UDP") or [])
+out["deleted_by_v1"] = v1.deleteportmapping(out["any"], "UDP")
+print(json.dumps(out))
+"""
+
+
+def test_miniupnpc_binding_on_either_device(make_stack) -> None:
+    """The miniupnpc binding on the IGD:2 device (AddAnyPortMapping, an IGD:2 action) and on the
+    IGD:1 device its own discovery finds: one table, so v1 reads and deletes what v2 made."""
+    st: Stack = make_stack()
+    res = st.bed.run("lan", [sys.executable, "-c", BINDING, f"{BASE}/igd2/rootDesc.xml"], check=False, timeout=60)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = json.loads(res.stdout)
+    assert out["igd2"].startswith(f"{BASE}/igd2/ctl/WANIPCn") and out["igd1"].startswith(f"{BASE}/ctl/WANIPCn")
+    assert out["any"] == 8600 and out["seen_by_v1"][:3] == [tb.LAN_HOST_IP, 8000, "binding v2"]
+    assert out["deleted_by_v1"] is True and ("udp", 8600) not in st.nat1_forwards()
