@@ -227,7 +227,6 @@ class IgdActions:
             "GetTotalBytesReceived": self.counter,
             "GetTotalPacketsSent": self.counter,
             "GetTotalPacketsReceived": self.counter,
-            "GetDefaultConnectionService": self.read_only,  # answered in handle(): needs the service
             "SetDefaultConnectionService": self.set_default_connection_service,
             **self.pinholes.handlers,  # WANIPv6FirewallControl:1 (controld/upnp/pinholes.py)
         }
@@ -239,10 +238,10 @@ class IgdActions:
     async def handle(self, service: Service, action: SoapAction, cp: str) -> Out:
         """Run ``action`` invoked on ``service`` by control point ``cp``; raises UPnPError."""
         known = action.name in service.actions or action.name in UNDECLARED.get(service.name, ())
+        if known and action.name == "GetDefaultConnectionService":  # names the device it was asked on
+            return {"NewDefaultConnectionService": self._default_service(service)}
         if not known or action.name not in self.handlers:
             raise UPnPError(401, f"{action.name} is not an action of {service.name}:{service.version}")
-        if action.name == "GetDefaultConnectionService":  # names the device it was asked on
-            return {"NewDefaultConnectionService": self._default_service(service)}
         return await self.handlers[action.name](action, cp)
 
     # --- evented state (GENA reads it here: one place for each fact) ---------------------

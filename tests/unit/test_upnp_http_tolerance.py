@@ -1,5 +1,6 @@
-"""The UPnP HTTP server's tolerance of a connection closed without a request (docs/upnp.md
-"Tolerances"): nothing is sent back and the event is logged at debug only, on loopback."""
+"""The UPnP HTTP server on loopback: its tolerance of a connection closed without a request
+(docs/upnp.md "Tolerances": nothing is sent back, a debug line only), and the two root
+devices' URLs (docs/upnp.md "Both IGD versions by default")."""
 
 from __future__ import annotations
 
@@ -9,14 +10,15 @@ from typing import cast
 
 import pytest
 
+from controld.core.service import Iwf
 from controld.upnp.description import gateway
 from controld.upnp.http import UpnpHttpServer
 from controld.upnp.igd import IgdActions
 
 
 async def _exchange(data: bytes) -> bytes:
-    server = UpnpHttpServer(gateway("both", lambda k: k), actions=cast(IgdActions, None),
-                            lan_subnets=lambda: ["127.0.0.0/8"])
+    gw = gateway("both", lambda k: k)
+    server = UpnpHttpServer(gw, actions=IgdActions(cast(Iwf, None), gw), lan_subnets=lambda: ["127.0.0.0/8"])
     port = await server.start("127.0.0.1", 0)
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -47,3 +49,17 @@ def test_a_half_request_is_still_a_bad_request(caplog: pytest.LogCaptureFixture)
 def test_both_descriptions_are_served_over_http() -> None:
     got = asyncio.run(_exchange(b"GET /igd2/rootDesc.xml HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"))
     assert got.startswith(b"HTTP/1.1 200 ") and b"InternetGatewayDevice:2" in got
+
+
+def test_each_device_names_its_own_connection_service() -> None:
+    l3f = "urn:schemas-upnp-org:service:Layer3Forwarding:1"
+    body = (f'<?xml version="1.0"?><s:Envelope xmlns:s="http://schemas.xmlsoap.org/soap/envelope/"><s:Body>'
+            f'<u:GetDefaultConnectionService xmlns:u="{l3f}"/></s:Body></s:Envelope>').encode()
+
+    def ask(path: str) -> bytes:
+        head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nSOAPACTION: \"{l3f}#GetDefaultConnectionService\"\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode()
+        return asyncio.run(_exchange(head + body))
+
+    assert b"uuid:uuid_wcd:WANConnectionDevice:1,urn:upnp-org:serviceId:WANIPConn1" in ask("/ctl/L3F")
+    assert b"uuid:uuid_wcd2:WANConnectionDevice:2,urn:upnp-org:serviceId:WANIPConn1" in ask("/igd2/ctl/L3F")
