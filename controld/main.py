@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from controld.admin import AdminServer
 from controld.core.pinhole import NoFirewall, PinholePolicy, Pinholes
+from controld.core.pinhole_store import PinholeStore
 from controld.core.policy import Permissions, Policy, RuleError
 from controld.core.service import MODES, Iwf, IwfConfig
 from controld.core.store import MappingTable
@@ -173,7 +174,8 @@ async def run(args: argparse.Namespace, reparse: Callable[[], argparse.Namespace
     table = MappingTable(args.state_dir)
     iwf, link, link_task = await _start_iwf(args, table)
     device = gateway(args.igd_version, lambda key: _stable_uuid(table, key))
-    pinholes = Pinholes(NoFirewall(), _pinhole_policy(args, iwf.policy), table.owned_by, table.count)
+    pinholes = Pinholes(NoFirewall(), _pinhole_policy(args, iwf.policy), table.owned_by, table.count,
+                        store=PinholeStore(table.db))
     _share_quotas(iwf.policy, pinholes)
     await pinholes.refresh()  # natd's pinhole support arrives with the natd wiring (docs/upnp.md)
     actions = IgdActions(iwf, device, pinholes)

@@ -122,6 +122,16 @@ class PinholeBackend(Protocol):
         ...
 
 
+class PinholeRows(Protocol):
+    """Where rows persist (controld/core/pinhole_store.py); the core works without one too."""
+
+    def load(self) -> list[Pinhole]: ...
+
+    def save(self, p: Pinhole) -> None: ...
+
+    def delete(self, uid: int) -> None: ...
+
+
 class NoFirewall:
     """The backend while natd has no pinhole support: nothing can be opened (FirewallDisabled)."""
 
@@ -186,13 +196,14 @@ class Pinholes:
 
     def __init__(self, backend: PinholeBackend, policy: PinholePolicy | None = None,
                  ipv4_count: Callable[[str], int] = lambda ip: 0, ipv4_total: Callable[[], int] = lambda: 0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, store: PinholeRows | None = None) -> None:
         self.backend = backend
+        self.store = store
         self.policy = policy or PinholePolicy()
         self.ipv4_count = ipv4_count  # the IPv4 mappings of one LAN address (quotas are shared)
         self.ipv4_total = ipv4_total
         self.clock = clock
-        self.rows: dict[int, Pinhole] = {}
+        self.rows: dict[int, Pinhole] = {p.uid: p for p in (store.load() if store is not None else [])}
         self.status = FirewallStatus(False)
         self.on_change: Callable[[], None] = lambda: None  # evented FirewallEnabled/InboundPinholeAllowed
         self._next_uid = 1
@@ -229,6 +240,7 @@ class Pinholes:
         gone = [uid for uid, p in self.rows.items() if p.expires <= now]
         for uid in gone:
             log.info("%s expired", self.rows.pop(uid))
+            self._forget(uid)
         return len(gone)
 
     def remaining(self, p: Pinhole) -> int:
@@ -279,7 +291,7 @@ class Pinholes:
         p = Pinhole(self._new_uid(), cp, client, int_port, proto, remote, remote_port, lease,
                     self.clock() + lease)
         await self.backend.open(p, lease)
-        self.rows[p.uid] = p
+        self._keep(p)
         log.info("%s opened by %s for %d s", p, cp, lease)
         return p
 
@@ -291,6 +303,15 @@ class Pinholes:
             own = [p for p in self.rows.values() if p.owner == cp or await self.backend.same_host(cp, p.owner)]
             if len(own) + self.ipv4_count(cp) >= pol.max_per_host:
                 raise PinholeError(PinholeErrorKind.QUOTA, f"{cp} holds {pol.max_per_host} pinholes and mappings")
+
+    def _keep(self, p: Pinhole) -> None:
+        self.rows[p.uid] = p
+        if self.store is not None:
+            self.store.save(p)
+
+    def _forget(self, uid: int) -> None:
+        if self.store is not None:
+            self.store.delete(uid)
 
     def _new_uid(self) -> int:
         if len(self.rows) >= MAX_UID:
@@ -304,7 +325,7 @@ class Pinholes:
     async def _lease(self, p: Pinhole, lease: int, what: str) -> Pinhole:
         new = replace(p, lease=lease, expires=self.clock() + lease)
         await self.backend.open(new, lease)
-        self.rows[p.uid] = new
+        self._keep(new)
         log.info("%s %s for %d s", new, what, lease)
         return new
 
@@ -330,6 +351,7 @@ class Pinholes:
         p = await self.owned(cp, uid)
         await self.backend.close(uid)
         self.rows.pop(uid, None)
+        self._forget(uid)
         log.info("%s closed by %s", p, cp)
 
     async def packets(self, cp: str, uid: int) -> int:

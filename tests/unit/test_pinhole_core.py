@@ -284,3 +284,30 @@ def test_ipv4_mapping_quota_counts_the_hosts_pinholes() -> None:
     with pytest.raises(CoreError):
         policy.check_quota(HOST4, 1, 1)  # one pinhole + one mapping: full
     policy.check_quota("192.168.1.50", 1, 1)  # another host's quota is its own
+
+
+def test_rows_survive_a_restart_in_sqlite_with_their_remaining_lease(tmp_path) -> None:
+    import sqlite3
+
+    from controld.core.pinhole_store import PinholeStore
+
+    db = sqlite3.connect(tmp_path / "m.sqlite3", isolation_level=None)
+    clock, wall = Clock(), [5000.0]
+    b = FakeBackend()
+    core = Pinholes(b, clock=clock, store=PinholeStore(db, clock, lambda: wall[0]))
+    asyncio.run(core.refresh())
+    keep = asyncio.run(core.add(HOST, HOST, 8080, 6, "", 0, 600))
+    gone = asyncio.run(core.add(HOST, HOST, 8081, 6, "", 0, 60))
+    short = asyncio.run(core.add(HOST, HOST, 8082, 6, "", 0, 100))
+    asyncio.run(core.delete(HOST, gone.uid))
+    # a restart 50 s later, on a new monotonic clock: the same rows, their remaining leases
+    clock2, wall[0] = Clock(), 5050.0
+    clock2.now = 7.0
+    again = Pinholes(b, clock=clock2, store=PinholeStore(db, clock2, lambda: wall[0]))
+    assert sorted(again.rows) == [keep.uid, short.uid]
+    assert again.remaining(again.rows[keep.uid]) == 550 and again.rows[keep.uid].owner == HOST
+    # a later restart past the short lease: that row is gone from disk too
+    wall[0] = 5200.0
+    third = Pinholes(b, clock=clock2, store=PinholeStore(db, clock2, lambda: wall[0]))
+    assert sorted(third.rows) == [keep.uid]
+    assert db.execute("SELECT COUNT(*) FROM pinholes").fetchone()[0] == 1
