@@ -232,7 +232,8 @@ def _policy(args: argparse.Namespace) -> Policy:
 
 def _pinhole_policy(args: argparse.Namespace, policy: Policy) -> PinholePolicy:
     """Pinholes share secure mode and the mapping quotas (docs/upnp.md "IPv6 pinholes")."""
-    return PinholePolicy(args.inbound_pinholes, args.secure_mode, policy.max_per_host, policy.max_total)
+    return PinholePolicy(args.inbound_pinholes, args.secure_mode, policy.max_per_host, policy.max_total,
+                         permissions=policy.permissions)
 
 
 def _share_quotas(policy: Policy, pinholes: Pinholes) -> None:

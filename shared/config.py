@@ -103,8 +103,9 @@ OPTIONS: tuple[Option, ...] = (
     _O("secure-mode", (CONTROLD,), "InternalClient must be the caller's own address", default=True,
        kind="bool", live=True),
     _O("permission", (CONTROLD,), "miniupnpd rule 'allow|deny EPORT[-EPORT] IP[/MASK] IPORT[-IPORT] "
-                                  "[\"REGEX\"]', first match wins; with rules, no match is a deny "
-                                  "(UCI: list permission)", kind="append", metavar="RULE", live=True),
+                                  "[\"REGEX\"]', first match wins; with rules, no match is a deny; "
+                                  "an IPv6 prefix makes a pinhole rule (each family decided by its own "
+                                  "rules) (UCI: list permission)", kind="append", metavar="RULE", live=True),
     _O("max-mappings-per-host", (CONTROLD,), "UPnP mappings per LAN host (0: no limit)", default=256, type=int,
        live=True),
     _O("max-mappings", (CONTROLD,), "UPnP mappings in total (0: no limit)", default=4096, type=int, live=True),

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Protocol
 
+from controld.core.policy import Permissions
 from shared.const import PROTO_NAMES
 
 log = logging.getLogger("controld.core.pinhole")
@@ -160,6 +161,7 @@ class PinholePolicy:
     max_per_host: int = 256  # pinholes plus the host's IPv4 mappings
     max_total: int = 4096  # pinholes plus every IPv4 mapping
     min_port: int = MIN_PORT
+    permissions: Permissions = Permissions()  # only its IPv6 rules apply (internal port as both ports)
 
 
 def _ipv6(raw: str, what: str) -> str:
@@ -281,6 +283,8 @@ class Pinholes:
             raise PinholeError(PinholeErrorKind.NOT_AUTHORIZED, f"{cp} may open pinholes to itself only")
         if int_port < self.policy.min_port:
             raise PinholeError(PinholeErrorKind.NOT_AUTHORIZED, f"port {int_port} < {self.policy.min_port}")
+        if not self.policy.permissions.allowed(int_port, client, int_port):
+            raise PinholeError(PinholeErrorKind.NOT_AUTHORIZED, f"permission rules refuse [{client}]:{int_port}")
         key = (client, int_port, proto, remote, remote_port)
         same = next((p for p in self.rows.values() if p.key() == key), None)
         if same is not None:

@@ -40,7 +40,7 @@ class RuleError(ValueError):
 class Rule:
     allow: bool
     eport: tuple[int, int]
-    net: ipaddress.IPv4Network
+    net: ipaddress.IPv4Network | ipaddress.IPv6Network  # an IPv6 prefix: a pinhole rule
     iport: tuple[int, int]
     regex: re.Pattern[str] | None = None
 
@@ -49,7 +49,7 @@ class Rule:
         if not (self.eport[0] <= eport <= self.eport[1] and self.iport[0] <= iport <= self.iport[1]):
             return False
         try:
-            if ipaddress.IPv4Address(client) not in self.net:
+            if ipaddress.ip_address(client) not in self.net:  # another family is never in it
                 return False
         except ValueError:
             return False
@@ -72,9 +72,13 @@ def _ports(text: str, line: str) -> tuple[int, int]:
     return a, b
 
 
-def _network(text: str, line: str) -> ipaddress.IPv4Network:
+def _network(text: str, line: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     addr, sep, mask = text.partition("/")
     try:
+        if ":" in addr:  # an IPv6 prefix: rules for pinholes (docs/upnp.md "IPv6 pinholes")
+            if sep and not mask.isdigit():
+                raise ValueError(mask)
+            return ipaddress.IPv6Network(f"{addr}/{mask if sep else 128}", strict=False)
         if not sep:
             return ipaddress.IPv4Network(f"{addr}/32")
         bits = mask if mask.isdigit() else str(ipaddress.IPv4Network(f"0.0.0.0/{mask}").prefixlen)
@@ -122,10 +126,18 @@ class Permissions:
         return cls(tuple(rules))
 
     def allowed(self, eport: int, client: str, iport: int, description: str = "") -> bool:
-        """True when the first matching rule allows; no rules: True; rules but no match: False."""
-        if not self.rules:
+        """True when the first matching rule allows; no rules: True; rules but no match: False.
+
+        Only the rules of ``client``'s address family count: IPv4 rules never decide a pinhole,
+        IPv6 rules never an IPv4 mapping (as miniupnpd keeps its rules to IPv4)."""
+        try:
+            version = ipaddress.ip_address(client).version
+            rules = [r for r in self.rules if r.net.version == version]
+        except ValueError:
+            rules = list(self.rules)
+        if not rules:
             return True
-        for r in self.rules:
+        for r in rules:
             if r.matches(eport, client, iport, description):
                 return r.allow
         return False

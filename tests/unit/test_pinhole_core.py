@@ -311,3 +311,23 @@ def test_rows_survive_a_restart_in_sqlite_with_their_remaining_lease(tmp_path) -
     third = Pinholes(b, clock=clock2, store=PinholeStore(db, clock2, lambda: wall[0]))
     assert sorted(third.rows) == [keep.uid]
     assert db.execute("SELECT COUNT(*) FROM pinholes").fetchone()[0] == 1
+
+
+def test_permission_rules_apply_per_address_family() -> None:
+    from controld.core.policy import Permissions, RuleError, parse_rule
+
+    assert str(parse_rule("allow 1024-65535 2001:db8:1::5/64 1024-65535")) == \
+        "allow 1024-65535 2001:db8:1::/64 1024-65535"
+    with pytest.raises(RuleError):
+        parse_rule("allow 1 2001:db8::/129 1")
+    ipv4_only = Permissions.parse(["allow 1024-65535 192.168.1.0/24 1024-65535", "deny 0-65535 0.0.0.0/0 0-65535"])
+    core, _, _ = _core(permissions=ipv4_only)  # miniupnpd's shipped IPv4 rules do not decide pinholes
+    assert asyncio.run(core.add(HOST, HOST, 8080, 6, "", 0, 60)).uid == 1
+    both = Permissions.parse(["allow 8000-8999 2001:db8:1::/64 8000-8999", "deny 0-65535 ::/0 0-65535",
+                              "allow 1024-65535 192.168.1.0/24 1024-65535"])
+    core, _, _ = _core(permissions=both)
+    assert asyncio.run(core.add(HOST, HOST, 8080, 6, "", 0, 60)).uid == 1
+    assert _kind(core.add(HOST, HOST, 9090, 6, "", 0, 60)) == K.NOT_AUTHORIZED
+    # IPv6 rules never decide an IPv4 mapping
+    assert both.allowed(9090, "192.168.1.2", 9090) and not both.allowed(80, "192.168.1.2", 80)
+    assert Permissions.parse(["deny 0-65535 ::/0 0-65535"]).allowed(9090, "192.168.1.2", 9090)
