@@ -18,11 +18,13 @@ from dataclasses import dataclass
 
 from controld.adminapi.core_backend import CoreBackend
 from controld.adminapi.server import AdminServer, SocketInUse
+from controld.core.pinhole import NoFirewall, PinholePolicy, Pinholes
+from controld.core.pinhole_store import PinholeStore
 from controld.core.policy import Permissions, Policy, RuleError
 from controld.core.service import MODES, Iwf, IwfConfig
 from controld.core.store import MappingTable
 from controld.natd_link import NatdError, NatdLink
-from controld.upnp.description import ROOT_PATH, Device
+from controld.upnp.description import ROOT_PATH, Gateway, gateway
 from controld.upnp.gena import GenaServer
 from controld.upnp.http import UpnpHttpServer
 from controld.upnp.igd import IgdActions
@@ -111,7 +113,7 @@ async def _start_iwf(args: argparse.Namespace, iwf: Iwf, link: NatdLink) -> asyn
             log.info("waiting for natd at %s", args.rpc)
 
 
-async def _watch_lan(lan: _Lan, http: UpnpHttpServer, ssdp: SsdpServer, device: Device) -> None:
+async def _watch_lan(lan: _Lan, http: UpnpHttpServer, ssdp: SsdpServer, device: Gateway) -> None:
     """LAN address change: listen on the new address, then ssdp:update + alive there.
 
     The old listener closes only once the new one is up; a failed bind is retried at
@@ -193,6 +195,8 @@ async def run(args: argparse.Namespace, reparse: Callable[[], argparse.Namespace
         nonlocal args
         if reparse is not None:
             args = _reload(args, reparse, iwf, web)
+            pinholes.set_policy(_pinhole_policy(args, iwf.policy))
+            _share_quotas(iwf.policy, pinholes)
 
     backend = CoreBackend(iwf, reload)
     web = WebApp(backend, _web_config(args))
@@ -202,12 +206,16 @@ async def run(args: argparse.Namespace, reparse: Callable[[], argparse.Namespace
         table.close()
         raise
     link_task = await _start_iwf(args, iwf, link)
-    device = Device(_stable_uuid(table, "uuid_root"), _stable_uuid(table, "uuid_wan"),
-                    _stable_uuid(table, "uuid_wcd"), igd_version=args.igd_version)
-    actions = IgdActions(iwf, device)
+    device = gateway(args.igd_version, lambda key: _stable_uuid(table, key))
+    pinholes = Pinholes(NoFirewall(), _pinhole_policy(args, iwf.policy), table.owned_by, table.count,
+                        store=PinholeStore(table.db))
+    _share_quotas(iwf.policy, pinholes)
+    await pinholes.refresh()  # natd's pinhole support arrives with the natd wiring (docs/upnp.md)
+    actions = IgdActions(iwf, device, pinholes)
     gena = GenaServer(device, actions.evented)
     table.subscribe(actions.changed)  # SystemUpdateID first, then one coalesced GENA round
     table.subscribe(gena.changed)
+    pinholes.on_change = gena.changed  # FirewallEnabled, InboundPinholeAllowed
     http = UpnpHttpServer(device, actions, lambda: lan.subnets, gena, web=(WEB_PREFIX, web.handle))
     lan.port = await http.start(lan.ip, args.http_port)
     device.present_at(f"http://{lan.ip}:{lan.port}{WEB_PREFIX}/")
@@ -216,7 +224,7 @@ async def run(args: argparse.Namespace, reparse: Callable[[], argparse.Namespace
     await ssdp.start()
     tasks = [asyncio.create_task(ssdp.run_notify()), asyncio.create_task(gena.run_expiry()),
              asyncio.create_task(_watch_lan(lan, http, ssdp, device))]
-    log.info("controld up: %s on %s, IGD:%d at %s, state in %s", lan.ip, args.lan_if,
+    log.info("controld up: %s on %s, IGD version %s at %s, state in %s", lan.ip, args.lan_if,
              args.igd_version, location, args.state_dir)
 
     stop = asyncio.Event()
@@ -251,6 +259,17 @@ def _policy(args: argparse.Namespace) -> Policy:
     except (RuleError, ValueError) as exc:
         raise SystemExit(f"controld: {exc}") from None
     return Policy(perms, args.max_mappings_per_host, args.max_mappings, managers, args.secure_mode)
+
+
+def _pinhole_policy(args: argparse.Namespace, policy: Policy) -> PinholePolicy:
+    """Pinholes share secure mode and the mapping quotas (docs/upnp.md "IPv6 pinholes")."""
+    return PinholePolicy(args.inbound_pinholes, args.secure_mode, policy.max_per_host, policy.max_total,
+                         permissions=policy.permissions)
+
+
+def _share_quotas(policy: Policy, pinholes: Pinholes) -> None:
+    """A host's pinholes count against its IPv4 mapping quota too (and the other way round)."""
+    policy.pinholes_of, policy.pinholes_total = pinholes.count_of, lambda: len(pinholes.rows)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -143,11 +143,17 @@ OPTIONS: tuple[Option, ...] = (
     _O("web-password-hash", (CONTROLD,), "the LAN page's admin password, hashed (igdpcp hash-password); "
                                          "empty: admin login off", default="", live=True),
     _O("http-port", (CONTROLD,), "UPnP HTTP port on the LAN address (0: any)", default=0, type=int),
-    _O("igd-version", (CONTROLD,), "IGD device version to describe", default=1, type=int, choices=(1, 2)),
+    _O("igd-version", (CONTROLD,), "IGD root devices to serve: both (an IGD:1 and an IGD:2 one over the same "
+                                   "table, so either kind of control point finds a gateway), 1 or 2",
+       default="both", choices=("both", "1", "2")),
+    _O("inbound-pinholes", (CONTROLD,), "let LAN hosts open IPv6 pinholes (WANIPv6FirewallControl "
+                                        "InboundPinholeAllowed; needs natd's IPv6 firewall)", default=True,
+       kind="bool", live=True),
     _O("secure-mode", (CONTROLD,), "InternalClient must be the caller's own address", default=True,
        kind="bool", live=True),
     _O("permission", (CONTROLD,), "miniupnpd rule 'allow|deny EPORT[-EPORT] IP[/MASK] IPORT[-IPORT] "
-                                  "[\"REGEX\"]', first match wins; with rules, no match is a deny "
+                                  "[\"REGEX\"]', first match wins; with rules, no match is a deny; "
+                                  "an IPv6 prefix makes a pinhole rule (each family decided by its own rules) "
                                   "(UCI: list permission, then each 'config perm_rule' section)", kind="append",
        metavar="RULE", live=True),
     _O("max-mappings-per-host", (CONTROLD,), "UPnP mappings per LAN host (0: no limit)", default=256, type=int,

@@ -31,7 +31,7 @@ import contextlib
 import contextvars
 import ipaddress
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from controld.core.model import CoreError, ErrorKind
@@ -65,7 +65,7 @@ class RuleError(ValueError):
 class Rule:
     allow: bool
     eport: tuple[int, int]
-    net: ipaddress.IPv4Network
+    net: ipaddress.IPv4Network | ipaddress.IPv6Network  # an IPv6 prefix: a pinhole rule
     iport: tuple[int, int]
     regex: re.Pattern[str] | None = None
 
@@ -74,7 +74,7 @@ class Rule:
         if not (self.eport[0] <= eport <= self.eport[1] and self.iport[0] <= iport <= self.iport[1]):
             return False
         try:
-            if ipaddress.IPv4Address(client) not in self.net:
+            if ipaddress.ip_address(client) not in self.net:  # another family is never in it
                 return False
         except ValueError:
             return False
@@ -97,9 +97,13 @@ def _ports(text: str, line: str) -> tuple[int, int]:
     return a, b
 
 
-def _network(text: str, line: str) -> ipaddress.IPv4Network:
+def _network(text: str, line: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     addr, sep, mask = text.partition("/")
     try:
+        if ":" in addr:  # an IPv6 prefix: rules for pinholes (docs/upnp.md "IPv6 pinholes")
+            if sep and not mask.isdigit():
+                raise ValueError(mask)
+            return ipaddress.IPv6Network(f"{addr}/{mask if sep else 128}", strict=False)
         if not sep:
             return ipaddress.IPv4Network(f"{addr}/32")
         bits = mask if mask.isdigit() else str(ipaddress.IPv4Network(f"0.0.0.0/{mask}").prefixlen)
@@ -147,10 +151,18 @@ class Permissions:
         return cls(tuple(rules))
 
     def allowed(self, eport: int, client: str, iport: int, description: str = "") -> bool:
-        """True when the first matching rule allows; no rules: True; rules but no match: False."""
-        if not self.rules:
+        """True when the first matching rule allows; no rules: True; rules but no match: False.
+
+        Only the rules of ``client``'s address family count: IPv4 rules never decide a pinhole,
+        IPv6 rules never an IPv4 mapping (as miniupnpd keeps its rules to IPv4)."""
+        try:
+            version = ipaddress.ip_address(client).version
+            rules = [r for r in self.rules if r.net.version == version]
+        except ValueError:
+            rules = list(self.rules)
+        if not rules:
             return True
-        for r in self.rules:
+        for r in rules:
             if r.matches(eport, client, iport, description):
                 return r.allow
         return False
@@ -189,6 +201,9 @@ class Policy:
     max_total: int = 4096  # 0: unlimited
     manage_hosts: tuple[ipaddress.IPv4Network, ...] = ()  # may act on others' mappings
     secure_mode: bool = True  # the internal client must be the requester (IWF-88)
+    # IPv6 pinholes count against the same quotas (controld/core/pinhole.py; docs/upnp.md)
+    pinholes_of: Callable[[str], int] = lambda client: 0
+    pinholes_total: Callable[[], int] = lambda: 0
 
     def may_manage(self, client: str) -> bool:
         """Is ``client`` allowed to manage (list/delete) other clients' mappings?"""
@@ -222,6 +237,7 @@ class Policy:
 
     def check_quota(self, requester: str, total: int, mine: int) -> None:
         """QUOTA when the requester (holding ``mine``) or the router (``total``) is at its limit (IWF-90)."""
+        total, mine = total + self.pinholes_total(), mine + self.pinholes_of(requester)
         if self.max_total and total >= self.max_total:
             raise CoreError(ErrorKind.QUOTA, f"the router holds its maximum of {self.max_total} mappings")
         if self.max_per_host and mine >= self.max_per_host and not is_admin():

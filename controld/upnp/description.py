@@ -7,11 +7,16 @@ the XML is generated from them, so the SCPD always declares exactly what is serv
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from xml.sax.saxutils import escape
 
 # Control and event URLs, one per service (served by controld.upnp.http).
 ROOT_PATH = "/rootDesc.xml"
+# With --igd-version both, the IGD:2 root device lives under this prefix beside the IGD:1
+# one at the plain paths (docs/upnp.md "Both IGD versions by default").
+IGD2_PREFIX = "/igd2"
+IGD_VERSIONS = ("both", "1", "2")
 
 # User agents known to break on IGD:2 descriptions get the IGD:1 view, as miniupnpd does
 # (Windows, Xbox, MS BITS: miniupnp issues #277, #539). Lower case.
@@ -47,6 +52,7 @@ class Service:
     short: str  # path stem
     actions: dict[str, tuple[Arg, ...]]
     variables: tuple[Var, ...]
+    prefix: str = ""  # URL prefix of the root device serving it ("" or IGD2_PREFIX)
 
     @property
     def type(self) -> str:
@@ -54,15 +60,15 @@ class Service:
 
     @property
     def scpd_url(self) -> str:
-        return f"/{self.short}.xml"
+        return f"{self.prefix}/{self.short}.xml"
 
     @property
     def control_url(self) -> str:
-        return f"/ctl/{self.short}"
+        return f"{self.prefix}/ctl/{self.short}"
 
     @property
     def event_url(self) -> str:
-        return f"/evt/{self.short}"
+        return f"{self.prefix}/evt/{self.short}"
 
 
 def _a(spec: str) -> tuple[Arg, ...]:
@@ -173,26 +179,72 @@ def layer3forwarding() -> Service:
                    (Var("DefaultConnectionService", "string", True),))
 
 
+def wanipv6firewallcontrol() -> Service:
+    """WANIPv6FirewallControl:1 (IGD:2): IPv6 pinholes, served by :mod:`controld.upnp.pinholes`."""
+    ip6 = "in:RemoteHost:A_ARG_TYPE_RemoteHost in:RemotePort:A_ARG_TYPE_RemotePort " \
+          "in:InternalClient:A_ARG_TYPE_InternalClient in:InternalPort:A_ARG_TYPE_InternalPort " \
+          "in:Protocol:A_ARG_TYPE_Protocol"
+    uid = "in:UniqueID:A_ARG_TYPE_UniqueID"
+    actions = {
+        "GetFirewallStatus": _a("out:FirewallEnabled:FirewallEnabled "
+                                "out:InboundPinholeAllowed:InboundPinholeAllowed"),
+        "GetOutboundPinholeTimeout": _a(ip6 + " out:OutboundPinholeTimeout:A_ARG_TYPE_OutboundPinholeTimeout"),
+        "AddPinhole": _a(ip6 + " in:LeaseTime:A_ARG_TYPE_LeaseTime out:UniqueID:A_ARG_TYPE_UniqueID"),
+        "UpdatePinhole": _a(uid + " in:NewLeaseTime:A_ARG_TYPE_LeaseTime"),
+        "DeletePinhole": _a(uid),
+        "GetPinholePackets": _a(uid + " out:PinholePackets:A_ARG_TYPE_PinholePackets"),
+        "CheckPinholeWorking": _a(uid + " out:IsWorking:A_ARG_TYPE_Boolean"),
+    }
+    # name:type, ":e" when evented (one spec string, as the arguments above)
+    variables = tuple(Var(n, t, bool(e)) for n, t, *e in (v.split(":") for v in (
+        "FirewallEnabled:boolean:e InboundPinholeAllowed:boolean:e A_ARG_TYPE_OutboundPinholeTimeout:ui4 "
+        "A_ARG_TYPE_RemoteHost:string A_ARG_TYPE_RemotePort:ui2 A_ARG_TYPE_InternalClient:string "
+        "A_ARG_TYPE_InternalPort:ui2 A_ARG_TYPE_Protocol:ui2 A_ARG_TYPE_LeaseTime:ui4 A_ARG_TYPE_UniqueID:ui2 "
+        "A_ARG_TYPE_PinholePackets:ui4 A_ARG_TYPE_Boolean:boolean").split()))
+    return Service("WANIPv6FirewallControl", 1, "urn:upnp-org:serviceId:WANIPv6Firewall1", "IP6FCtl",
+                   actions, variables)
+
+
 @dataclass
 class Device:
-    """The IGD tree, with the UUIDs fixed at start (they appear in SSDP too)."""
+    """One IGD root device tree, with the UUIDs fixed at start (they appear in SSDP too).
+
+    ``prefix`` puts its URLs under a path of their own (two root devices on one server);
+    ``lower``: it answers searches for lower versions of its types (UDA 1.1 §1.3.2), off
+    for the IGD:2 device when an IGD:1 device beside it answers those.
+    """
 
     uuid_root: str
     uuid_wan: str
     uuid_wcd: str
     igd_version: int = 1
     friendly_name: str = "igdpcp router"
+    prefix: str = ""
+    lower: bool = True
     presentation_url: str = ""  # the LAN page (controld/web), http://LAN:PORT/igdpcp/; set once HTTP listens
 
     def __post_init__(self) -> None:
-        self.wanip = wanipconnection(self.igd_version)
-        self.wancfg = wancommonifc()
-        self.l3f = layer3forwarding()
-        self.services = {s.control_url: s for s in (self.wanip, self.wancfg, self.l3f)}
-        self.events = {s.event_url: s for s in (self.wanip, self.wancfg, self.l3f)}
+        self.wanip = replace(wanipconnection(self.igd_version), prefix=self.prefix)
+        self.wancfg = replace(wancommonifc(), prefix=self.prefix)
+        self.l3f = replace(layer3forwarding(), prefix=self.prefix)
+        # IPv6 pinholes are an IGD:2 service (WANConnectionDevice:2)
+        self.fw6 = replace(wanipv6firewallcontrol(), prefix=self.prefix) if self.igd_version >= 2 else None
+        wcd = (self.wanip,) if self.fw6 is None else (self.wanip, self.fw6)
+        self.wcd_services = wcd
+        every = (*wcd, self.wancfg, self.l3f)
+        self.services = {s.control_url: s for s in every}
+        self.events = {s.event_url: s for s in every}
         self._v1: Device | None = None
         if self.igd_version >= 2:
-            self._v1 = Device(self.uuid_root, self.uuid_wan, self.uuid_wcd, 1, self.friendly_name)
+            self._v1 = Device(self.uuid_root, self.uuid_wan, self.uuid_wcd, 1, self.friendly_name, self.prefix)
+
+    @property
+    def root_path(self) -> str:
+        return self.prefix + ROOT_PATH
+
+    @property
+    def devices(self) -> tuple[Device, ...]:
+        return (self,)
 
     def present_at(self, url: str) -> None:
         """The presentationURL (UDA 1.1 §2.3) from now on, in every view."""
@@ -203,6 +255,15 @@ class Device:
     def view(self, user_agent: str) -> Device:
         """The description a control point gets: IGD:1 for agents that break on IGD:2."""
         return self._v1 if self._v1 is not None and wants_igd1(user_agent) else self
+
+    def description(self, path: str, user_agent: str) -> bytes | None:
+        """The root or service description at ``path`` as ``user_agent`` gets it; None if none."""
+        view = self.view(user_agent)
+        return view.root_xml() if path == self.root_path else view.scpd_by_path(path)
+
+    def device_of(self, service: Service) -> Device:
+        """The root device serving ``service``."""
+        return self
 
     @property
     def config_id(self) -> int:
@@ -233,7 +294,7 @@ class Device:
                     f"{f'<presentationURL>{escape(page)}</presentationURL>' if page else ''}</device>")
 
         (ur, tr), (uw, tw), (uc, tc) = self.device_types()
-        wcd = dev(uc, tc, "WANConnectionDevice", svc(self.wanip), "")
+        wcd = dev(uc, tc, "WANConnectionDevice", "".join(svc(s) for s in self.wcd_services), "")
         wan = dev(uw, tw, "WANDevice", svc(self.wancfg), wcd)
         root = dev(ur, tr, self.friendly_name, svc(self.l3f), wan, self.presentation_url)
         return ('<?xml version="1.0"?>\r\n<root xmlns="urn:schemas-upnp-org:device-1-0">'
@@ -265,3 +326,50 @@ def scpd_xml(s: Service) -> bytes:
     return ('<?xml version="1.0"?>\r\n<scpd xmlns="urn:schemas-upnp-org:service-1-0">'
             "<specVersion><major>1</major><minor>0</minor></specVersion>"
             f"<actionList>{acts}</actionList><serviceStateTable>{vs}</serviceStateTable></scpd>\r\n").encode()
+
+
+class Gateway:
+    """The root devices served over one mapping table (UDA 1.1 §1: a host may have several).
+
+    ``--igd-version both`` (the default) serves an IGD:1 root device at the plain paths and an
+    IGD:2 one under :data:`IGD2_PREFIX`, so IGD:1-only and IGD:2-only control points both find
+    a gateway of the version they search for (docs/upnp.md "Both IGD versions by default").
+    """
+
+    def __init__(self, devices: tuple[Device, ...]) -> None:
+        self.devices = devices
+        self.services = {k: v for d in devices for k, v in d.services.items()}
+        self.events = {k: v for d in devices for k, v in d.events.items()}
+        self._owner = {s.control_url: d for d in devices for s in d.services.values()}
+
+    def description(self, path: str, user_agent: str) -> bytes | None:
+        """The root or service description at ``path``; None if no device has it."""
+        return next((x for d in self.devices if (x := d.description(path, user_agent)) is not None), None)
+
+    def device_of(self, service: Service) -> Device:
+        """The root device serving ``service``."""
+        return self._owner.get(service.control_url, self.devices[0])
+
+    def present_at(self, url: str) -> None:
+        """The presentationURL (the LAN page) of every root device from now on."""
+        for d in self.devices:
+            d.present_at(url)
+
+    def view(self, user_agent: str) -> Device:
+        """The first device's view (callers that predate several root devices)."""
+        return self.devices[0].view(user_agent)
+
+
+def gateway(igd_version: str, uuid: Callable[[str], str], friendly_name: str = "igdpcp router") -> Gateway:
+    """The root devices for ``--igd-version`` (both, 1 or 2); ``uuid(key)`` gives a stable UUID per key."""
+    if igd_version not in IGD_VERSIONS:
+        raise ValueError(f"igd version {igd_version!r} is not one of {', '.join(IGD_VERSIONS)}")
+    v1 = Device(uuid("uuid_root"), uuid("uuid_wan"), uuid("uuid_wcd"), 1, friendly_name)
+    if igd_version == "1":
+        return Gateway((v1,))
+    if igd_version == "2":
+        return Gateway((Device(v1.uuid_root, v1.uuid_wan, v1.uuid_wcd, 2, friendly_name),))
+    # Its own UUIDs: one UDN, one description (UDA 1.1 §2); lower-version searches go to v1.
+    v2 = Device(uuid("uuid_root2"), uuid("uuid_wan2"), uuid("uuid_wcd2"), 2, friendly_name,
+                IGD2_PREFIX, lower=False)
+    return Gateway((v1, v2))

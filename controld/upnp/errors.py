@@ -9,6 +9,7 @@ upnpsoap.c maps upnpredirect's neutral return values.
 from __future__ import annotations
 
 from controld.core.model import CoreError, ErrorKind
+from controld.core.pinhole import PinholeError, PinholeErrorKind
 from shared.pcp import Result
 
 # UPnP error code -> description (WANIPConnection service templates).
@@ -17,6 +18,16 @@ UPNP_ERRORS: dict[int, str] = {
     402: "Invalid Args",
     501: "Action Failed",
     606: "Action not authorized",
+    # WANIPv6FirewallControl:1
+    701: "PinholeSpaceExhausted",
+    702: "FirewallDisabled",
+    703: "InboundPinholeNotAllowed",
+    704: "NoSuchEntry",
+    705: "ProtocolNotSupported",
+    706: "InternalPortWildcardingNotAllowed",
+    707: "ProtocolWildcardingNotAllowed",
+    708: "WildCardNotPermittedInSrcIP",
+    709: "NoPacketSent",
     713: "SpecifiedArrayIndexInvalid",
     714: "NoSuchEntryInArray",
     715: "WildCardNotPermittedInSrcIP",
@@ -105,3 +116,25 @@ def upnp_error(exc: CoreError, igd_version: int, action: str) -> UPnPError:
         return upnp_error_for_pcp(exc.pcp_result, igd_version, action)
     codes = ACTION_KIND_TO_UPNP.get((action, exc.kind)) or KIND_TO_UPNP[exc.kind]
     return UPnPError(codes[1] if igd_version >= 2 else codes[0], exc.detail)
+
+
+# The pinhole core's kinds -> WANIPv6FirewallControl:1 codes.
+PINHOLE_TO_UPNP: dict[PinholeErrorKind, int] = {
+    PinholeErrorKind.FIREWALL_DISABLED: 702,
+    PinholeErrorKind.NOT_ALLOWED: 703,
+    PinholeErrorKind.NOT_AUTHORIZED: 606,
+    PinholeErrorKind.NO_SUCH_ENTRY: 704,
+    PinholeErrorKind.QUOTA: 701,
+    PinholeErrorKind.PROTOCOL: 705,
+    PinholeErrorKind.PROTOCOL_WILDCARD: 707,
+    PinholeErrorKind.PORT_WILDCARD: 706,
+    PinholeErrorKind.CLIENT_WILDCARD: 708,
+    PinholeErrorKind.INVALID: 402,
+    PinholeErrorKind.NO_TRAFFIC: 709,
+    PinholeErrorKind.UNAVAILABLE: 501,
+}
+
+
+def pinhole_error(exc: PinholeError) -> UPnPError:
+    """The WANIPv6FirewallControl:1 error a control point gets for the pinhole core's ``exc``."""
+    return UPnPError(PINHOLE_TO_UPNP[exc.kind], exc.detail)

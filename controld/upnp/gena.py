@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 from xml.sax.saxutils import escape
 
-from controld.upnp.description import Device, Service, wants_igd1
+from controld.upnp.description import Device, Gateway, Service, wants_igd1
 from controld.upnp.parse import ascii_uint
 
 log = logging.getLogger("controld.upnp.gena")
@@ -178,7 +178,7 @@ def _current_task() -> asyncio.Task[None] | None:
 class GenaServer:
     """The edge: answers (UN)SUBSCRIBE for the HTTP server and delivers events."""
 
-    def __init__(self, device: Device, evented: Callable[[Service, str], dict[str, str]],
+    def __init__(self, device: Device | Gateway, evented: Callable[[Service, str], dict[str, str]],
                  subs: Subscriptions | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.device = device
         self.evented = evented  # (service, subscriber address) -> current values

@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
 
 from controld.upnp import soap
-from controld.upnp.description import ROOT_PATH, Device, Service
+from controld.upnp.description import Device, Gateway, Service
 from controld.upnp.errors import UPnPError
 from controld.upnp.gena import GenaServer
 from controld.upnp.igd import IgdActions
@@ -76,11 +76,30 @@ async def _read_body(reader: asyncio.StreamReader, headers: dict[str, str]) -> b
     return await reader.readexactly(length)
 
 
+async def _read_head(reader: asyncio.StreamReader) -> bytes:
+    """The request line and headers; :class:`_NoRequest` when the peer sent nothing at all."""
+    try:
+        async with asyncio.timeout(READ_DEADLINE):
+            return await reader.readuntil(b"\r\n\r\n")
+    except asyncio.LimitOverrunError:
+        raise HttpError(431, "headers too large") from None
+    except asyncio.IncompleteReadError as exc:
+        if not exc.partial.strip():  # connected and closed without a request: nothing to answer
+            raise _NoRequest from None
+        raise
+    except ConnectionError:  # reset before the request was complete: nobody left to answer
+        raise _NoRequest from None
+
+
 def _hex(raw: bytes) -> int | None:
     """A chunk size: 1-8 ASCII hex digits."""
     if not 0 < len(raw) <= 8 or not all(c in b"0123456789abcdefABCDEF" for c in raw):
         return None
     return int(raw, 16)
+
+
+class _NoRequest(Exception):
+    """The peer closed the connection before sending a byte of a request."""
 
 
 class HttpError(Exception):
@@ -90,7 +109,7 @@ class HttpError(Exception):
 
 
 class UpnpHttpServer:
-    def __init__(self, device: Device, actions: IgdActions, lan_subnets: Callable[[], list[str]],
+    def __init__(self, device: Device | Gateway, actions: IgdActions, lan_subnets: Callable[[], list[str]],
                  gena: GenaServer | None = None,
                  web: tuple[str, Callable[[HttpRequest], Awaitable[HttpResponse]]] | None = None) -> None:
         """``web``: (path prefix, handler) of the LAN page, served after the LAN and Host checks."""
@@ -133,6 +152,11 @@ class UpnpHttpServer:
         try:
             async with asyncio.timeout(REQUEST_DEADLINE):  # no extra task per request, unlike wait_for
                 status, headers, body, after = await self._request(reader, writer, peer)
+        except _NoRequest:  # a port scan or a liveness probe (docs/upnp.md "Tolerances")
+            log.debug("http %s: closed without a request", peer)
+            self._active -= 1
+            writer.close()
+            return
         except HttpError as exc:
             log.info("http %s: %d %s", peer, exc.status, exc)
             status, headers, body = exc.status, {}, b""
@@ -158,12 +182,7 @@ class UpnpHttpServer:
 
     async def _request(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                        peer: str) -> tuple[int, dict[str, str], bytes, Callable[[], None] | None]:
-        try:
-            async with asyncio.timeout(READ_DEADLINE):
-                raw = await reader.readuntil(b"\r\n\r\n")
-        except asyncio.LimitOverrunError:
-            raise HttpError(431, "headers too large") from None
-        lines = raw.decode("latin-1").split("\r\n")
+        lines = (await _read_head(reader)).decode("latin-1").split("\r\n")
         parts = lines[0].split(" ")
         if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
             raise HttpError(400, "bad request line")
@@ -225,8 +244,7 @@ class UpnpHttpServer:
 
     def _get(self, path: str, user_agent: str) -> tuple[int, dict[str, str], bytes]:
         # IGD:1 view for agents that break on IGD:2 (controld.upnp.description.IGD1_ONLY_AGENTS)
-        view = self.device.view(user_agent)
-        xml = view.root_xml() if path == ROOT_PATH else view.scpd_by_path(path)
+        xml = self.device.description(path, user_agent)
         if xml is None:
             if path in self.device.services:
                 return 405, {"Allow": "POST"}, b""

@@ -16,12 +16,14 @@ from collections.abc import Awaitable, Callable
 from xml.sax.saxutils import escape
 
 from controld.core.model import CoreError, CreateRequest, Mapping, upnp
+from controld.core.pinhole import NoFirewall, Pinholes
 from controld.core.service import Iwf
-from controld.upnp.description import Device, Service
+from controld.upnp.description import Device, Gateway, Service
 from controld.upnp.errors import UPnPError, upnp_error
 from controld.upnp.parse import ascii_uint
+from controld.upnp.pinholes import PinholeActions
 from controld.upnp.soap import Cdata, SoapAction
-from shared.const import IGD2_MAX_LEASE, PROTO_NUMBERS
+from shared.const import IGD2_MAX_LEASE, PROTO_NAMES, PROTO_NUMBERS
 
 log = logging.getLogger("controld.upnp.igd")
 
@@ -198,9 +200,10 @@ def get_generic(core: Iwf, index: int) -> Mapping:
 class IgdActions:
     """Dispatch of SOAP actions to handlers, per service; owner of SystemUpdateID."""
 
-    def __init__(self, iwf: Iwf, device: Device) -> None:
+    def __init__(self, iwf: Iwf, device: Device | Gateway, pinholes: Pinholes | None = None) -> None:
         self.iwf = iwf
         self.device = device
+        self.pinholes = PinholeActions(pinholes or Pinholes(NoFirewall()))
         self.started = time.monotonic()
         self.system_update_id = 1  # IGD:2: bumped on every mapping change (miniupnpd keeps it at 1)
         self.handlers: dict[str, Callable[[SoapAction, str], Awaitable[Out]]] = {
@@ -224,8 +227,8 @@ class IgdActions:
             "GetTotalBytesReceived": self.counter,
             "GetTotalPacketsSent": self.counter,
             "GetTotalPacketsReceived": self.counter,
-            "GetDefaultConnectionService": self.get_default_connection_service,
             "SetDefaultConnectionService": self.set_default_connection_service,
+            **self.pinholes.handlers,  # WANIPv6FirewallControl:1 (controld/upnp/pinholes.py)
         }
 
     def changed(self) -> None:
@@ -237,6 +240,8 @@ class IgdActions:
         self.iwf.stats.request("upnp")  # operators' counters (docs/operating.md)
         try:
             known = action.name in service.actions or action.name in UNDECLARED.get(service.name, ())
+            if known and action.name == "GetDefaultConnectionService":  # names the device it was asked on
+                return {"NewDefaultConnectionService": self._default_service(service)}
             if not known or action.name not in self.handlers:
                 raise UPnPError(401, f"{action.name} is not an action of {service.name}:{service.version}")
             return await self.handlers[action.name](action, cp)
@@ -257,9 +262,11 @@ class IgdActions:
             if service.version >= 2:
                 out["SystemUpdateID"] = str(self.system_update_id)
             return out
+        if service.name == "WANIPv6FirewallControl":
+            return self.pinholes.evented()
         if service.name == "WANCommonInterfaceConfig":
             return {"PhysicalLinkStatus": "Up" if self.iwf.link_up() else "Down"}
-        return {"DefaultConnectionService": self._default_service()}
+        return {"DefaultConnectionService": self._default_service(service)}
 
     # --- WANIPConnection -------------------------------------------------------------------
 
@@ -301,8 +308,21 @@ class IgdActions:
 
     async def delete_port_mapping(self, a: SoapAction, cp: str) -> Out:
         _remote_host(a)
-        await delete_port_mapping(self.iwf, cp, a.version, "", _uint(a, "NewExternalPort", 65535), _proto(a))
+        port = _uint(a, "NewExternalPort", 65535)
+        proto = self._caller_proto(a, cp, port) if not _arg(a, "NewProtocol").strip() else _proto(a)
+        await delete_port_mapping(self.iwf, cp, a.version, "", port, proto)
         return {}
+
+    def _caller_proto(self, a: SoapAction, cp: str, port: int) -> int:
+        """An empty NewProtocol (a P2P port mapper's unmap): the protocol of the caller's one
+        mapping at ``port``; 402 when it has both or neither (docs/upnp.md "Tolerances")."""
+        owner = upnp(cp, a.version)
+        held = [p for p in PROTO_NUMBERS.values() if self.iwf.list_range(owner, p, port, port, False)]
+        if len(held) != 1:
+            raise UPnPError(402, f"empty NewProtocol: {len(held)} of the caller's mappings at {port}, need exactly 1")
+        log.info("DeletePortMapping by %s: empty NewProtocol taken as %s, its one mapping at %d",
+                 cp, PROTO_NAMES[held[0]], port)
+        return held[0]
 
     def _range(self, a: SoapAction) -> tuple[int, int, int]:
         start, end = _uint(a, "NewStartPort", 65535), _uint(a, "NewEndPort", 65535)
@@ -361,11 +381,9 @@ class IgdActions:
 
     # --- Layer3Forwarding ------------------------------------------------------------------
 
-    def _default_service(self) -> str:
-        return f"uuid:{self.device.uuid_wcd}:WANConnectionDevice:1,urn:upnp-org:serviceId:WANIPConn1"
-
-    async def get_default_connection_service(self, a: SoapAction, cp: str) -> Out:
-        return {"NewDefaultConnectionService": self._default_service()}
+    def _default_service(self, service: Service) -> str:
+        dev = self.device.device_of(service)
+        return f"uuid:{dev.uuid_wcd}:WANConnectionDevice:{dev.igd_version},urn:upnp-org:serviceId:WANIPConn1"
 
     async def set_default_connection_service(self, a: SoapAction, cp: str) -> Out:
         _arg(a, "NewDefaultConnectionService")

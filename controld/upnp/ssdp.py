@@ -20,8 +20,9 @@ import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from urllib.parse import urljoin
 
-from controld.upnp.description import Device
+from controld.upnp.description import ROOT_PATH, Device, Gateway
 from controld.upnp.parse import ascii_uint
 from shared.const import SERVER, SSDP_GROUP, SSDP_PORT
 
@@ -58,17 +59,25 @@ class RateLimit:
 class Target:
     st: str  # what is searched for / announced (ST or NT)
     usn: str
+    root_path: str = ROOT_PATH  # the root device's description, relative to the server
+    config_id: int = 0  # CONFIGID.UPNP.ORG of that root device
+    lower: bool = True  # also answers a search for a lower version of st (UDA 1.1 §1.3.2)
 
 
-def search_targets(dev: Device) -> list[Target]:
-    """Every type the device answers for, with its USN."""
-    out = [Target("upnp:rootdevice", f"uuid:{dev.uuid_root}::upnp:rootdevice")]
-    for uuid, dtype in dev.device_types():
-        out.append(Target(f"uuid:{uuid}", f"uuid:{uuid}"))
-        out.append(Target(dtype, f"uuid:{uuid}::{dtype}"))
-    owners = {dev.l3f.type: dev.uuid_root, dev.wancfg.type: dev.uuid_wan, dev.wanip.type: dev.uuid_wcd}
-    for stype, uuid in owners.items():
-        out.append(Target(stype, f"uuid:{uuid}::{stype}"))
+def search_targets(gw: Device | Gateway) -> list[Target]:
+    """Every type each root device answers for, with its USN."""
+    out = []
+    for dev in gw.devices:
+        def t(st: str, usn: str, d: Device = dev) -> Target:
+            return Target(st, usn, d.root_path, d.config_id, d.lower)
+        out.append(t("upnp:rootdevice", f"uuid:{dev.uuid_root}::upnp:rootdevice"))
+        for uuid, dtype in dev.device_types():
+            out.append(t(f"uuid:{uuid}", f"uuid:{uuid}"))
+            out.append(t(dtype, f"uuid:{uuid}::{dtype}"))
+        owners = {dev.l3f.type: dev.uuid_root, dev.wancfg.type: dev.uuid_wan}
+        owners.update({s.type: dev.uuid_wcd for s in dev.wcd_services})
+        for stype, uuid in owners.items():
+            out.append(t(stype, f"uuid:{uuid}::{stype}"))
     return out
 
 
@@ -99,9 +108,9 @@ def matches(targets: list[Target], st: str) -> list[Target]:
         elif (wanted := ascii_uint(ver, 4)) is not None and t.st.startswith("urn:") \
                 and t.st.rpartition(":")[0] == base:
             served = int(t.st.rpartition(":")[2])
-            if wanted <= served:
+            if wanted < served and t.lower:
                 # UDA 1.1 §1.3.3: answer with the version that was asked for
-                out.append(Target(st, t.usn.replace(t.st, st)))
+                out.append(Target(st, t.usn.replace(t.st, st), t.root_path, t.config_id, t.lower))
     return out
 
 
@@ -129,14 +138,14 @@ def notify(t: Target, nts: str, location: str, boot_id: int, config_id: int,
 class SsdpServer(asyncio.DatagramProtocol):
     """Listens on the SSDP group (UDA 2.0 §1.1.2) on the LAN interface; answers M-SEARCH, sends NOTIFY."""
 
-    def __init__(self, device: Device, lan_ip: str, location: str, lan_subnets: Callable[[], list[str]]) -> None:
+    def __init__(self, device: Device | Gateway, lan_ip: str, location: str,
+                 lan_subnets: Callable[[], list[str]]) -> None:
         self.device = device
         self.lan_ip = lan_ip
-        self.location = location
+        self.location = location  # the first root device's; the others' are relative to it
         self.lan_subnets = lan_subnets
         self.targets = search_targets(device)
         self.boot_id = int(time.time()) & 0x7FFFFFFF  # UDA 1.1: 0..2^31-1
-        self.config_id = device.config_id
         self.rng = random.Random()
         self.limit = RateLimit()
         self.transport: asyncio.DatagramTransport | None = None
@@ -181,8 +190,12 @@ class SsdpServer(asyncio.DatagramProtocol):
         if self.transport is None:
             return
         for t in self.targets:
-            self.transport.sendto(notify(t, nts, self.location, self.boot_id, self.config_id, next_boot_id),
+            self.transport.sendto(notify(t, nts, self.location_of(t), self.boot_id, t.config_id, next_boot_id),
                                   (SSDP_GROUP, SSDP_PORT))
+
+    def location_of(self, t: Target) -> str:
+        """LOCATION of ``t``'s root device description."""
+        return urljoin(self.location, t.root_path)
 
     async def run_notify(self) -> None:
         """ssdp:alive at start (twice, as UDP may drop one) and then periodically."""
@@ -223,7 +236,7 @@ class SsdpServer(asyncio.DatagramProtocol):
         if self.transport is None:
             return
         for t in found:
-            self.transport.sendto(response(t, self.location, self.boot_id, self.config_id), addr)
+            self.transport.sendto(response(t, self.location_of(t), self.boot_id, t.config_id), addr)
 
     def close(self) -> None:
         if self.transport is not None:

@@ -42,11 +42,11 @@ def test_ssdp_answers_and_notify(make_testbed) -> None:
         assert h["CACHE-CONTROL"] == "max-age=1800" and h["LOCATION"] == LOCATION
         assert h["BOOTID.UPNP.ORG"].isdigit() and h["CONFIGID.UPNP.ORG"].isdigit() and "UPnP/1.1" in h["SERVER"]
 
-        # ssdp:all: one answer per type (10 for IGD:2), within MX, all naming the same LOCATION
+        # ssdp:all: one answer per type (11 for IGD:2 with WANIPv6FirewallControl), within MX, one LOCATION
         t0 = time.monotonic()
         answers = c.udp(tb.SSDP_GROUP, 1900, msearch("ssdp:all", mx=1), listen=0.8)
         sts = [headers(d)["ST"] for _, d in answers]
-        assert len(sts) == len(set(sts)) == 10, sts
+        assert len(sts) == len(set(sts)) == 11, sts
         assert {"upnp:rootdevice", "urn:schemas-upnp-org:device:InternetGatewayDevice:2",
                 "urn:schemas-upnp-org:service:WANIPConnection:2", "urn:schemas-upnp-org:service:Layer3Forwarding:1",
                 "urn:schemas-upnp-org:service:WANCommonInterfaceConfig:1"} <= set(sts)

@@ -11,7 +11,7 @@ import pytest
 
 from controld.core.policy import Permissions, RuleError, parse_rule
 from controld.upnp import gena, soap, ssdp
-from controld.upnp.description import Device, scpd_xml, wants_igd1
+from controld.upnp.description import IGD2_PREFIX, Device, gateway, scpd_xml, wants_igd1
 
 SCPD_NS = "{urn:schemas-upnp-org:service-1-0}"
 
@@ -137,8 +137,8 @@ def test_propertyset_escapes_values() -> None:
 def test_ssdp_targets_and_version_echo() -> None:
     dev = Device("r", "w", "c", igd_version=2)
     targets = ssdp.search_targets(dev)
-    assert len(ssdp.matches(targets, "ssdp:all")) == len(targets) == 10
-    assert len({t.st for t in targets}) == 10  # one answer per type
+    assert len(ssdp.matches(targets, "ssdp:all")) == len(targets) == 11  # WANIPv6FirewallControl too
+    assert len({t.st for t in targets}) == 11  # one answer per type
     got = ssdp.matches(targets, "urn:schemas-upnp-org:device:InternetGatewayDevice:1")
     assert [t.st for t in got] == ["urn:schemas-upnp-org:device:InternetGatewayDevice:1"]
     assert got[0].usn == "uuid:r::urn:schemas-upnp-org:device:InternetGatewayDevice:1"
@@ -146,6 +146,57 @@ def test_ssdp_targets_and_version_echo() -> None:
     assert [t.usn for t in ssdp.matches(targets, "uuid:w")] == ["uuid:w"]
     v1 = ssdp.search_targets(Device("r", "w", "c", igd_version=1))
     assert ssdp.matches(v1, "urn:schemas-upnp-org:service:WANIPConnection:2") == []
+
+
+IGD = "urn:schemas-upnp-org:device:InternetGatewayDevice:"
+WANIP = "urn:schemas-upnp-org:service:WANIPConnection:"
+
+
+def _uuids(key: str) -> str:
+    return key.replace("uuid_", "")
+
+
+def test_both_serves_an_igd1_and_an_igd2_root_device_each_searched_by_its_own_version() -> None:
+    gw = gateway("both", _uuids)
+    v1, v2 = gw.devices
+    assert (v1.igd_version, v2.igd_version) == (1, 2)
+    assert {v1.uuid_root, v1.uuid_wan, v1.uuid_wcd}.isdisjoint({v2.uuid_root, v2.uuid_wan, v2.uuid_wcd})
+    targets = ssdp.search_targets(gw)
+
+    def where(st: str) -> list[tuple[str, str]]:
+        return [(t.usn, t.root_path) for t in ssdp.matches(targets, st)]
+
+    # an IGD:2-only control point finds the IGD:2 device, and only it
+    assert where(IGD + "2") == [(f"uuid:root2::{IGD}2", f"{IGD2_PREFIX}/rootDesc.xml")]
+    assert where(WANIP + "2") == [(f"uuid:wcd2::{WANIP}2", f"{IGD2_PREFIX}/rootDesc.xml")]
+    # an IGD:1-only one finds the IGD:1 device, and is not handed the IGD:2 description
+    assert where(IGD + "1") == [(f"uuid:root::{IGD}1", "/rootDesc.xml")]
+    assert where(WANIP + "1") == [(f"uuid:wcd::{WANIP}1", "/rootDesc.xml")]
+    assert len(where("upnp:rootdevice")) == 2 and len(where("ssdp:all")) == len(targets)
+    assert {t.config_id for t in targets} == {v1.config_id, v2.config_id} and v1.config_id != v2.config_id
+    # the descriptions at each path, and the Windows downgrade on the IGD:2 device's paths
+    assert IGD.encode() + b"1" in (gw.description("/rootDesc.xml", "upnpc") or b"")
+    assert IGD.encode() + b"2" in (gw.description(f"{IGD2_PREFIX}/rootDesc.xml", "upnpc") or b"")
+    ms = gw.description(f"{IGD2_PREFIX}/rootDesc.xml", "Microsoft-Windows/10.0 UPnP/1.0") or b""
+    assert IGD.encode() + b"1" in ms and b"WANIPv6FirewallControl" not in ms
+    assert b"AddAnyPortMapping" in (gw.description(f"{IGD2_PREFIX}/WANIPCn.xml", "x") or b"")
+    assert b"AddAnyPortMapping" not in (gw.description("/WANIPCn.xml", "x") or b"")
+    assert b"AddPinhole" in (gw.description(f"{IGD2_PREFIX}/IP6FCtl.xml", "x") or b"")
+    assert gw.description("/IP6FCtl.xml", "x") is None
+    assert gw.device_of(gw.services[f"{IGD2_PREFIX}/ctl/L3F"]) is v2
+    assert gw.device_of(gw.services["/ctl/L3F"]) is v1
+    server = ssdp.SsdpServer(gw, "192.168.1.1", "http://192.168.1.1:5000/rootDesc.xml", lambda: [])
+    assert {server.location_of(t) for t in targets} == {"http://192.168.1.1:5000/rootDesc.xml",
+                                                        f"http://192.168.1.1:5000{IGD2_PREFIX}/rootDesc.xml"}
+
+
+def test_igd_version_1_and_2_serve_one_root_device() -> None:
+    one = ssdp.search_targets(gateway("1", _uuids))
+    assert ssdp.matches(one, IGD + "2") == [] and len(ssdp.matches(one, "upnp:rootdevice")) == 1
+    two = ssdp.search_targets(gateway("2", _uuids))
+    assert [t.root_path for t in ssdp.matches(two, IGD + "1")] == ["/rootDesc.xml"]  # lower version echoed
+    with pytest.raises(ValueError):
+        gateway("3", _uuids)
 
 
 def test_ssdp_messages_carry_the_uda11_headers() -> None:

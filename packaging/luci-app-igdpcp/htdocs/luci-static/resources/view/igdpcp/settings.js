@@ -38,10 +38,12 @@ return view.extend({
 		o.optional = true;
 		o = s.option(form.Flag, 'secure_mode', _('Secure mode'), _('A LAN host may only map ports to itself.'));
 		o.default = '1';
-		o = s.option(form.ListValue, 'igd_version', _('IGD version'));
+		o = s.option(form.ListValue, 'igd_version', _('IGD version'),
+			_('Both: an IGD:1 and an IGD:2 gateway over the same mappings, so every client finds one.'));
+		o.value('both', _('Both'));
 		o.value('1', 'IGD:1');
 		o.value('2', 'IGD:2');
-		o.default = '1';
+		o.default = 'both';
 		o = s.option(form.Value, 'max_mappings_per_host', _('Mappings per LAN host'), _('0: no limit'));
 		o.datatype = 'uinteger';
 		o.placeholder = '256';

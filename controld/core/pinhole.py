@@ -1,0 +1,374 @@
+"""IPv6 pinholes: their own model beside the port mappings (docs/upnp.md "IPv6 pinholes").
+
+A pinhole lets inbound IPv6 from any host (or one remote host) reach one LAN address,
+protocol and port; there is no address translation, so no external port and no upstream
+PCP. The front ends (UPnP WANIPv6FirewallControl:1 now, PCP IPv6 MAP later) ask
+:class:`Pinholes`; it checks the policy (LAN prefixes only, secure mode, the privileged-port
+rule, quotas shared with the host's IPv4 mappings), keeps the rows with their UniqueIDs,
+owners and leases, and asks a :class:`PinholeBackend` (natd's nftables sets, wired at merge)
+to open and close them. Failures are :class:`PinholeError` with a neutral kind; the front
+end turns each into its own code. Time is passed in (``clock``), so the logic is testable.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+from controld.core.policy import Permissions
+from shared.const import PROTO_NAMES
+
+log = logging.getLogger("controld.core.pinhole")
+
+MAX_LEASE = 86400  # WANIPv6FirewallControl:1 A_ARG_TYPE_LeaseTime: 1..86400 s
+MAX_UID = 65535  # UniqueID is a ui2; 0 is never handed out
+MIN_PORT = 1024  # as miniupnpd: no pinhole to a privileged port of a LAN host
+# Linux conntrack defaults for the idle timeout of an outbound flow (GetOutboundPinholeTimeout)
+OUTBOUND_SYSCTL = {6: "/proc/sys/net/netfilter/nf_conntrack_tcp_timeout_established",
+                   17: "/proc/sys/net/netfilter/nf_conntrack_udp_timeout_stream"}
+OUTBOUND_DEFAULT = {6: 432000, 17: 120}
+
+
+class PinholeErrorKind(enum.Enum):
+    """Why a pinhole request failed, neutral of the front end (UPnP codes: controld/upnp/errors.py)."""
+
+    FIREWALL_DISABLED = "firewall-disabled"  # no IPv6 firewall under natd's control
+    NOT_ALLOWED = "not-allowed"  # inbound pinholes switched off by the admin
+    NOT_AUTHORIZED = "not-authorized"  # another host's address or pinhole; privileged port; not LAN
+    NO_SUCH_ENTRY = "no-such-entry"
+    QUOTA = "quota"
+    PROTOCOL = "protocol"  # not TCP or UDP
+    PROTOCOL_WILDCARD = "protocol-wildcard"
+    PORT_WILDCARD = "port-wildcard"
+    CLIENT_WILDCARD = "client-wildcard"
+    INVALID = "invalid"
+    NO_TRAFFIC = "no-traffic"  # CheckPinholeWorking: nothing came through yet
+    UNAVAILABLE = "unavailable"  # natd did not answer or failed
+
+
+class PinholeError(Exception):
+    """A pinhole request the core refuses, with a neutral ``kind``."""
+
+    def __init__(self, kind: PinholeErrorKind, detail: str) -> None:
+        super().__init__(f"{kind.value}: {detail}")
+        self.kind = kind
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class Pinhole:
+    """One pinhole row. ``remote_host`` "" and ``remote_port`` 0 are wildcards."""
+
+    uid: int
+    owner: str  # the address of the control point that opened it
+    int_client: str  # IPv6 literal, compressed
+    int_port: int
+    proto: int
+    remote_host: str
+    remote_port: int
+    lease: int  # as last asked, seconds
+    expires: float  # on the core's clock
+
+    @property
+    def proto_name(self) -> str:
+        return PROTO_NAMES.get(self.proto, str(self.proto))
+
+    def key(self) -> tuple[str, int, int, str, int]:
+        """What makes two pinholes the same hole in the firewall."""
+        return self.int_client, self.int_port, self.proto, self.remote_host, self.remote_port
+
+    def __str__(self) -> str:
+        remote = f"[{self.remote_host or '*'}]:{self.remote_port or '*'}"
+        return f"pinhole {self.uid} {self.proto_name} {remote} -> [{self.int_client}]:{self.int_port}"
+
+
+@dataclass(frozen=True)
+class FirewallStatus:
+    """What natd reports: is there an IPv6 firewall it controls, and the LAN's IPv6 prefixes."""
+
+    enabled: bool
+    lan_prefixes: tuple[str, ...] = ()
+
+
+class PinholeBackend(Protocol):
+    """What the core needs from natd for pinholes (wire: pinhole.status/add/delete/counters).
+
+    Every call raises :class:`PinholeError` (FIREWALL_DISABLED, QUOTA, NOT_AUTHORIZED for an
+    address outside the LAN prefixes, UNAVAILABLE when natd is away or nft failed).
+    """
+
+    async def status(self) -> FirewallStatus:
+        """Whether pinholes can be opened at all, and the LAN prefixes they may point into."""
+        ...
+
+    async def open(self, p: Pinhole, lease: int) -> None:
+        """Open ``p`` for ``lease`` seconds from now, or re-lease it (same uid: replace)."""
+        ...
+
+    async def close(self, uid: int) -> None:
+        """Close pinhole ``uid``; closing one natd does not hold is not an error."""
+        ...
+
+    async def packets(self, uid: int) -> int:
+        """Packets pinhole ``uid`` has let in."""
+        ...
+
+    async def same_host(self, a: str, b: str) -> bool:
+        """Are addresses ``a`` and ``b`` (either family) the same LAN host (neighbour table: one MAC)?"""
+        ...
+
+
+class PinholeRows(Protocol):
+    """Where rows persist (controld/core/pinhole_store.py); the core works without one too."""
+
+    def load(self) -> list[Pinhole]: ...
+
+    def save(self, p: Pinhole) -> None: ...
+
+    def delete(self, uid: int) -> None: ...
+
+
+class NoFirewall:
+    """The backend while natd has no pinhole support: nothing can be opened (FirewallDisabled)."""
+
+    async def status(self) -> FirewallStatus:
+        return FirewallStatus(False)
+
+    async def open(self, p: Pinhole, lease: int) -> None:
+        raise PinholeError(PinholeErrorKind.FIREWALL_DISABLED, "natd manages no IPv6 firewall")
+
+    async def close(self, uid: int) -> None:
+        return None
+
+    async def packets(self, uid: int) -> int:
+        return 0
+
+    async def same_host(self, a: str, b: str) -> bool:
+        return a == b
+
+
+@dataclass(frozen=True)
+class PinholePolicy:
+    """The admin's rules for pinholes: switched on, secure mode, quotas (0: no limit)."""
+
+    allowed: bool = True  # InboundPinholeAllowed
+    secure_mode: bool = True  # a host opens pinholes to its own addresses only
+    max_per_host: int = 256  # pinholes plus the host's IPv4 mappings
+    max_total: int = 4096  # pinholes plus every IPv4 mapping
+    min_port: int = MIN_PORT
+    permissions: Permissions = Permissions()  # only its IPv6 rules apply (internal port as both ports)
+
+
+def _ipv6(raw: str, what: str) -> str:
+    try:
+        return str(ipaddress.IPv6Address(raw.strip()))
+    except ValueError:
+        raise PinholeError(PinholeErrorKind.INVALID, f"{what} {raw[:64]!r} is not an IPv6 address") from None
+
+
+def _lease(lease: int) -> int:
+    if not 1 <= lease <= MAX_LEASE:
+        raise PinholeError(PinholeErrorKind.INVALID, f"LeaseTime must be 1..{MAX_LEASE}, got {lease}")
+    return lease
+
+
+def outbound_timeout(proto: int, read: Callable[[str], str] | None = None) -> int:
+    """Idle seconds before the firewall forgets an outbound flow of ``proto`` (conntrack's)."""
+    if proto not in OUTBOUND_DEFAULT:
+        raise PinholeError(PinholeErrorKind.PROTOCOL, f"protocol {proto} is not TCP or UDP")
+    try:
+        raw = (read or _read_text)(OUTBOUND_SYSCTL[proto]).strip()
+        return int(raw) if raw.isdigit() else OUTBOUND_DEFAULT[proto]
+    except OSError:
+        return OUTBOUND_DEFAULT[proto]
+
+
+def _read_text(path: str) -> str:
+    with open(path, encoding="ascii") as f:
+        return f.read(32)
+
+
+class Pinholes:
+    """The pinhole table and its rules; one instance per controld, shared by the front ends."""
+
+    def __init__(self, backend: PinholeBackend, policy: PinholePolicy | None = None,
+                 ipv4_count: Callable[[str], int] = lambda ip: 0, ipv4_total: Callable[[], int] = lambda: 0,
+                 clock: Callable[[], float] = time.monotonic, store: PinholeRows | None = None) -> None:
+        self.backend = backend
+        self.store = store
+        self.policy = policy or PinholePolicy()
+        self.ipv4_count = ipv4_count  # the IPv4 mappings of one LAN address (quotas are shared)
+        self.ipv4_total = ipv4_total
+        self.clock = clock
+        self.rows: dict[int, Pinhole] = {p.uid: p for p in (store.load() if store is not None else [])}
+        self.status = FirewallStatus(False)
+        self.on_change: Callable[[], None] = lambda: None  # evented FirewallEnabled/InboundPinholeAllowed
+        self._next_uid = 1
+
+    async def refresh(self) -> FirewallStatus:
+        """Ask natd for the firewall status again (start, GetFirewallStatus, natd events)."""
+        before = self.status
+        try:
+            self.status = await self.backend.status()
+        except PinholeError as exc:
+            log.info("pinhole status unavailable: %s", exc)
+            self.status = FirewallStatus(False)
+        if self.status.enabled != before.enabled:
+            log.info("IPv6 firewall %s", "enabled" if self.status.enabled else "disabled")
+            self.on_change()
+        return self.status
+
+    def set_policy(self, policy: PinholePolicy) -> None:
+        """A reload's new policy; subscribers hear of a changed InboundPinholeAllowed."""
+        changed = policy.allowed != self.policy.allowed
+        self.policy = policy
+        if changed:
+            self.on_change()
+
+    def firewall_enabled(self) -> bool:
+        return self.status.enabled
+
+    def inbound_allowed(self) -> bool:
+        return self.status.enabled and self.policy.allowed
+
+    def expire(self) -> int:
+        """Forget rows past their lease (natd's element timeouts close them in the kernel)."""
+        now = self.clock()
+        gone = [uid for uid, p in self.rows.items() if p.expires <= now]
+        for uid in gone:
+            log.info("%s expired", self.rows.pop(uid))
+            self._forget(uid)
+        return len(gone)
+
+    def remaining(self, p: Pinhole) -> int:
+        return max(0, int(p.expires - self.clock()))
+
+    def _check_on(self) -> None:
+        if not self.status.enabled:
+            raise PinholeError(PinholeErrorKind.FIREWALL_DISABLED, "no IPv6 firewall under igdpcp's control")
+        if not self.policy.allowed:
+            raise PinholeError(PinholeErrorKind.NOT_ALLOWED, "inbound pinholes are switched off")
+
+    async def _mine(self, cp: str, addr: str) -> bool:
+        return cp == addr or await self.backend.same_host(cp, addr)
+
+    def _in_lan(self, addr: str) -> bool:
+        ip = ipaddress.IPv6Address(addr)
+        return any(ip in ipaddress.IPv6Network(n, strict=False) for n in self.status.lan_prefixes)
+
+    async def add(self, cp: str, int_client: str, int_port: int, proto: int, remote_host: str,
+                  remote_port: int, lease: int) -> Pinhole:
+        """AddPinhole: a new pinhole, or the caller's identical one re-leased (same UniqueID)."""
+        self.expire()
+        self._check_on()
+        if proto == 65535:
+            raise PinholeError(PinholeErrorKind.PROTOCOL_WILDCARD, "a pinhole for every protocol")
+        if proto not in PROTO_NAMES:
+            raise PinholeError(PinholeErrorKind.PROTOCOL, f"protocol {proto}: only TCP (6) and UDP (17)")
+        if int_port == 0:
+            raise PinholeError(PinholeErrorKind.PORT_WILDCARD, "a pinhole for every internal port")
+        if int_client.strip() in ("", "*"):
+            raise PinholeError(PinholeErrorKind.CLIENT_WILDCARD, "InternalClient must name one address")
+        lease = _lease(lease)
+        client = _ipv6(int_client, "InternalClient")
+        remote = "" if remote_host.strip() in ("", "*") else _ipv6(remote_host, "RemoteHost")
+        if not self._in_lan(client):
+            raise PinholeError(PinholeErrorKind.NOT_AUTHORIZED, f"{client} is in no LAN prefix")
+        if self.policy.secure_mode and not await self._mine(cp, client):
+            raise PinholeError(PinholeErrorKind.NOT_AUTHORIZED, f"{cp} may open pinholes to itself only")
+        if int_port < self.policy.min_port:
+            raise PinholeError(PinholeErrorKind.NOT_AUTHORIZED, f"port {int_port} < {self.policy.min_port}")
+        if not self.policy.permissions.allowed(int_port, client, int_port):
+            raise PinholeError(PinholeErrorKind.NOT_AUTHORIZED, f"permission rules refuse [{client}]:{int_port}")
+        key = (client, int_port, proto, remote, remote_port)
+        same = next((p for p in self.rows.values() if p.key() == key), None)
+        if same is not None:
+            if not await self._mine(cp, same.owner):
+                raise PinholeError(PinholeErrorKind.NOT_AUTHORIZED, f"{same} belongs to {same.owner}")
+            return await self._lease(same, lease, "re-leased")
+        await self._check_quota(cp)
+        p = Pinhole(self._new_uid(), cp, client, int_port, proto, remote, remote_port, lease,
+                    self.clock() + lease)
+        await self.backend.open(p, lease)
+        self._keep(p)
+        log.info("%s opened by %s for %d s", p, cp, lease)
+        return p
+
+    async def _check_quota(self, cp: str) -> None:
+        pol = self.policy
+        if pol.max_total and len(self.rows) + self.ipv4_total() >= pol.max_total:
+            raise PinholeError(PinholeErrorKind.QUOTA, f"{pol.max_total} pinholes and mappings in total")
+        if pol.max_per_host:
+            own = [p for p in self.rows.values() if p.owner == cp or await self.backend.same_host(cp, p.owner)]
+            if len(own) + self.ipv4_count(cp) >= pol.max_per_host:
+                raise PinholeError(PinholeErrorKind.QUOTA, f"{cp} holds {pol.max_per_host} pinholes and mappings")
+
+    def _keep(self, p: Pinhole) -> None:
+        self.rows[p.uid] = p
+        if self.store is not None:
+            self.store.save(p)
+
+    def _forget(self, uid: int) -> None:
+        if self.store is not None:
+            self.store.delete(uid)
+
+    def _new_uid(self) -> int:
+        if len(self.rows) >= MAX_UID:
+            raise PinholeError(PinholeErrorKind.QUOTA, "every UniqueID is in use")
+        for _ in range(MAX_UID):  # bounded: at least one id is free
+            uid, self._next_uid = self._next_uid, self._next_uid % MAX_UID + 1
+            if uid not in self.rows:
+                return uid
+        raise PinholeError(PinholeErrorKind.QUOTA, "every UniqueID is in use")  # pragma: no cover
+
+    async def _lease(self, p: Pinhole, lease: int, what: str) -> Pinhole:
+        new = replace(p, lease=lease, expires=self.clock() + lease)
+        await self.backend.open(new, lease)
+        self._keep(new)
+        log.info("%s %s for %d s", new, what, lease)
+        return new
+
+    async def owned(self, cp: str, uid: int) -> Pinhole:
+        """Pinhole ``uid`` if ``cp`` may act on it (its owner, or the same host); raises otherwise."""
+        self.expire()
+        p = self.rows.get(uid)
+        if p is None:
+            raise PinholeError(PinholeErrorKind.NO_SUCH_ENTRY, f"no pinhole {uid}")
+        if not await self._mine(cp, p.owner) and not await self._mine(cp, p.int_client):
+            raise PinholeError(PinholeErrorKind.NOT_AUTHORIZED, f"{p} belongs to {p.owner}")
+        return p
+
+    async def update(self, cp: str, uid: int, lease: int) -> Pinhole:
+        """UpdatePinhole: a new lease from now."""
+        lease = _lease(lease)
+        p = await self.owned(cp, uid)
+        self._check_on()
+        return await self._lease(p, lease, f"re-leased by {cp}")
+
+    async def delete(self, cp: str, uid: int) -> None:
+        """DeletePinhole: closed in natd first, then the row goes."""
+        p = await self.owned(cp, uid)
+        await self.backend.close(uid)
+        self.rows.pop(uid, None)
+        self._forget(uid)
+        log.info("%s closed by %s", p, cp)
+
+    async def packets(self, cp: str, uid: int) -> int:
+        """GetPinholePackets."""
+        await self.owned(cp, uid)
+        return await self.backend.packets(uid)
+
+    async def working(self, cp: str, uid: int) -> bool:
+        """CheckPinholeWorking: True once a packet came through; NO_TRAFFIC before."""
+        if await self.packets(cp, uid) == 0:
+            raise PinholeError(PinholeErrorKind.NO_TRAFFIC, f"no packet through pinhole {uid} yet")
+        return True
+
+    def count_of(self, cp: str) -> int:
+        """Pinholes opened by ``cp`` (for the IPv4 side's shared quota)."""
+        return sum(1 for p in self.rows.values() if p.owner == cp)
