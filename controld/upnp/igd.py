@@ -237,7 +237,9 @@ class IgdActions:
 
     async def handle(self, service: Service, action: SoapAction, cp: str) -> Out:
         """Run ``action`` invoked on ``service`` by control point ``cp``; raises UPnPError."""
-        self.iwf.stats.request("upnp")  # operators' counters (docs/operating.md)
+        stats = getattr(self.iwf, "stats", None)  # operators' counters (docs/operating.md)
+        if stats is not None:
+            stats.request("upnp")
         try:
             known = action.name in service.actions or action.name in UNDECLARED.get(service.name, ())
             if known and action.name == "GetDefaultConnectionService":  # names the device it was asked on
@@ -246,7 +248,8 @@ class IgdActions:
                 raise UPnPError(401, f"{action.name} is not an action of {service.name}:{service.version}")
             return await self.handlers[action.name](action, cp)
         except UPnPError as exc:
-            self.iwf.stats.error("upnp", exc.code)
+            if stats is not None:
+                stats.error("upnp", exc.code)
             raise
 
     # --- evented state (GENA reads it here: one place for each fact) ---------------------

@@ -46,7 +46,7 @@ def test_luci_edited_config_carries_over(target: Path, capsys: pytest.CaptureFix
     assert (service["enabled"], service["wan_network"], service["lan_network"]) == ("1", "wan", "lan")
     assert (natd.stun_server, natd.stun_port) == ("stun.l.google.com", 19302)
     assert (ctl.secure_mode, ctl.notify_interval, ctl.uuid, ctl.http_port, ctl.igd_version) == \
-        (False, 900, "e9d1bc39-6a5e-4c73-a2a4-6e1b3a9f1c20", 5000, 2)
+        (False, 900, "e9d1bc39-6a5e-4c73-a2a4-6e1b3a9f1c20", 5000, "2")
     assert ctl.presentation_url == "http://192.168.7.1/cgi-bin/luci/admin/services/upnp"
     assert ctl.permission[:2] == ["allow 3074 192.168.7.20 3074", "allow 27015-27030 192.168.7.0/24 27015-27030"]
     perms = Permissions.parse(ctl.permission)
@@ -62,7 +62,7 @@ def test_stock_config_keeps_igdpcp_disabled_and_the_same_acl(target: Path) -> No
     assert _import("upnpd-stock.conf", target) == 0
     natd, ctl, service = _daemons(target)
     assert service["enabled"] == "0" and "wan_network" not in service  # upnpd looks the WAN up too
-    assert ctl.permission == before and ctl.igd_version == 1 and ctl.http_port == 5000
+    assert ctl.permission == before and ctl.igd_version == "1" and ctl.http_port == 5000
     assert natd.stun_server is None
 
 
