@@ -11,6 +11,17 @@ import pytest
 
 from tests.netns import faults_helpers as h
 
+# The black-box robustness suites: run once by CI's main run, not again in the
+# Debian-packages run (.ci/run), which re-checks the runtime dependencies.
+ROBUSTNESS = ("test_faults.py", "test_floods.py", "test_fuzz_live.py", "test_issue14.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark the robustness suites so ``-m "not robustness"`` can leave them out."""
+    for item in items:
+        if item.path.name in ROBUSTNESS:
+            item.add_marker(pytest.mark.robustness)
+
 
 @pytest.fixture
 def igd(make_testbed: Callable[..., Any]) -> Iterator[Callable[..., h.Stack]]:
