@@ -50,6 +50,21 @@ def _stable_uuid(table: MappingTable, key: str) -> str:
     return value
 
 
+def _device_uuids(configured: str | None, table: MappingTable) -> tuple[str, str, str]:
+    """Root, WANDevice and WANConnectionDevice UUIDs: from ``option uuid`` when set (the embedded
+    devices' derived from it, uuid5, so the config alone fixes every UDN), else kept in the table."""
+    if configured is None:
+        return _stable_uuid(table, "uuid_root"), _stable_uuid(table, "uuid_wan"), _stable_uuid(table, "uuid_wcd")
+    root = uuid.UUID(configured)
+    return str(root), str(uuid.uuid5(root, "WANDevice")), str(uuid.uuid5(root, "WANConnectionDevice"))
+
+
+def _device(args: argparse.Namespace, table: MappingTable) -> Device:
+    """The IGD description from the options (UUID, friendly name, presentation URL)."""
+    return Device(*_device_uuids(args.uuid, table), igd_version=args.igd_version,
+                  friendly_name=args.friendly_name, presentation_override=args.presentation_url or "")
+
+
 async def _lan_addresses(lan_if: str) -> tuple[str, list[str]]:
     deadline = asyncio.get_running_loop().time() + LAN_WAIT_S
     while True:
@@ -70,7 +85,7 @@ def _iwf_config(args: argparse.Namespace) -> IwfConfig:
                      pcp_server_file=args.pcp_server_file or None,
                      service_wait=args.pcp_service_wait, recovery_window=args.pcp_recovery_window,
                      short_error_retry=args.pcp_short_error_retry, cpe_retries=args.pcp_cpe_retries,
-                     epoch_poll=args.pcp_epoch_poll)
+                     epoch_poll=args.pcp_epoch_poll, external_ip=args.external_ip)
 
 
 @dataclass
@@ -171,7 +186,7 @@ def _reload(args: argparse.Namespace, reparse: Callable[[], argparse.Namespace],
         log.warning("reload: %s; keeping the running rules", exc)
         return args
     iwf.policy = policy
-    iwf.cfg = dataclasses.replace(_iwf_config(new), mode=iwf.cfg.mode)
+    iwf.set_config(dataclasses.replace(_iwf_config(new), mode=iwf.cfg.mode))
     web.config = _web_config(new)  # sessions stay: a changed password applies to the next login
     log.info("reload: configuration re-read; %d rules, quotas %d/host %d total; %d mappings kept",
              len(policy.permissions.rules), policy.max_per_host, policy.max_total, iwf.table.count())
@@ -202,8 +217,7 @@ async def run(args: argparse.Namespace, reparse: Callable[[], argparse.Namespace
         table.close()
         raise
     link_task = await _start_iwf(args, iwf, link)
-    device = Device(_stable_uuid(table, "uuid_root"), _stable_uuid(table, "uuid_wan"),
-                    _stable_uuid(table, "uuid_wcd"), igd_version=args.igd_version)
+    device = _device(args, table)
     actions = IgdActions(iwf, device)
     gena = GenaServer(device, actions.evented)
     table.subscribe(actions.changed)  # SystemUpdateID first, then one coalesced GENA round
@@ -212,7 +226,7 @@ async def run(args: argparse.Namespace, reparse: Callable[[], argparse.Namespace
     lan.port = await http.start(lan.ip, args.http_port)
     device.present_at(f"http://{lan.ip}:{lan.port}{WEB_PREFIX}/")
     location = f"http://{lan.ip}:{lan.port}{ROOT_PATH}"
-    ssdp = SsdpServer(device, lan.ip, location, lambda: lan.subnets)
+    ssdp = SsdpServer(device, lan.ip, location, lambda: lan.subnets, args.notify_interval)
     await ssdp.start()
     tasks = [asyncio.create_task(ssdp.run_notify()), asyncio.create_task(gena.run_expiry()),
              asyncio.create_task(_watch_lan(lan, http, ssdp, device))]

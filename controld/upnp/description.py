@@ -10,6 +10,8 @@ import zlib
 from dataclasses import dataclass
 from xml.sax.saxutils import escape
 
+from shared import config
+
 # Control and event URLs, one per service (served by controld.upnp.http).
 ROOT_PATH = "/rootDesc.xml"
 
@@ -181,8 +183,9 @@ class Device:
     uuid_wan: str
     uuid_wcd: str
     igd_version: int = 1
-    friendly_name: str = "igdpcp router"
+    friendly_name: str = config.default("friendly-name")
     presentation_url: str = ""  # the LAN page (controld/web), http://LAN:PORT/igdpcp/; set once HTTP listens
+    presentation_override: str = ""  # option presentation_url: wins over the LAN page
 
     def __post_init__(self) -> None:
         self.wanip = wanipconnection(self.igd_version)
@@ -192,7 +195,8 @@ class Device:
         self.events = {s.event_url: s for s in (self.wanip, self.wancfg, self.l3f)}
         self._v1: Device | None = None
         if self.igd_version >= 2:
-            self._v1 = Device(self.uuid_root, self.uuid_wan, self.uuid_wcd, 1, self.friendly_name)
+            self._v1 = Device(self.uuid_root, self.uuid_wan, self.uuid_wcd, 1, self.friendly_name,
+                              self.presentation_url, self.presentation_override)
 
     def present_at(self, url: str) -> None:
         """The presentationURL (UDA 1.1 §2.3) from now on, in every view."""
@@ -235,7 +239,7 @@ class Device:
         (ur, tr), (uw, tw), (uc, tc) = self.device_types()
         wcd = dev(uc, tc, "WANConnectionDevice", svc(self.wanip), "")
         wan = dev(uw, tw, "WANDevice", svc(self.wancfg), wcd)
-        root = dev(ur, tr, self.friendly_name, svc(self.l3f), wan, self.presentation_url)
+        root = dev(ur, tr, self.friendly_name, svc(self.l3f), wan, self.presentation_override or self.presentation_url)
         return ('<?xml version="1.0"?>\r\n<root xmlns="urn:schemas-upnp-org:device-1-0">'
                 "<specVersion><major>1</major><minor>1</minor></specVersion>"
                 f"{root}</root>\r\n").encode()
