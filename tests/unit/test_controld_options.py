@@ -135,7 +135,8 @@ def test_external_address_precedence_without_pcp(tmp_path: Path) -> None:
 
         async def seen() -> tuple[str, str]:
             out = await actions.get_external_ip_address(None, LAN)  # type: ignore[arg-type]
-            return str(out["NewExternalIPAddress"]), actions.evented(Device("r", "w", "c").wanip, LAN)["ExternalIPAddress"]
+            evented = actions.evented(Device("r", "w", "c").wanip, LAN)
+            return str(out["NewExternalIPAddress"]), evented["ExternalIPAddress"]
 
         try:
             assert await seen() == ("", "")  # private WAN address, nothing else known
