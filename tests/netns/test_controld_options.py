@@ -94,7 +94,7 @@ def test_external_address_without_pcp_from_option_and_stun(make_testbed) -> None
         with open(conf, "w") as f:
             f.write("config controld 'controld'\n")
         st.procs["controld"].send_signal(signal.SIGHUP)
-        values = []  # "" first if natd's (repeated, every 10 s) STUN answer has not come in yet
+        values: list[str | None] = []  # "" first if natd's (repeated, every 10 s) STUN answer has not come in yet
         while (ev := sink.event(timeout=25)) is not None and len(values) < 4:
             values.append(props(ev["body"]).get("ExternalIPAddress"))
             if values[-1] == tb.NAT2_PUBLIC_IP:

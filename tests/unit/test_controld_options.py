@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from controld import main as controld_main
+from controld.adminapi.core_backend import CoreBackend
 from controld.core.service import Iwf, IwfConfig
 from controld.core.store import MappingTable
 from controld.upnp import ssdp
@@ -61,13 +62,17 @@ def test_friendly_name_and_presentation_url_reach_the_description(tmp_path: Path
     try:
         dev = controld_main._device(_args("--friendly-name", "Den <router>", "--presentation-url",
                                           "http://192.168.1.1/cgi-bin/luci?a=1&b=2", "--igd-version", "2"), t)
+        dev.present_at("http://192.168.1.1:5000/igdpcp/")  # the LAN page: the configured URL wins
         for view in (dev, dev.view("Microsoft-Windows/10.0 UPnP/1.0")):  # the IGD:1 view too
             root = ET.fromstring(view.root_xml()).find(f"{NS}device")
             assert root is not None
             assert root.findtext(f"{NS}friendlyName") == "Den <router>"
             assert root.findtext(f"{NS}presentationURL") == "http://192.168.1.1/cgi-bin/luci?a=1&b=2"
-        plain = ET.fromstring(controld_main._device(_args(), t).root_xml()).find(f"{NS}device")
+        default = controld_main._device(_args(), t)
+        default.present_at("http://192.168.1.1:5000/igdpcp/")
+        plain = ET.fromstring(default.root_xml()).find(f"{NS}device")
         assert plain is not None and plain.findtext(f"{NS}friendlyName") == config.default("friendly-name")
+        assert plain.findtext(f"{NS}presentationURL") == "http://192.168.1.1:5000/igdpcp/"  # no option: the page
         assert Device("r", "w", "c").friendly_name == config.default("friendly-name")  # one default
     finally:
         t.close()
@@ -142,6 +147,7 @@ def test_external_address_precedence_without_pcp(tmp_path: Path) -> None:
             assert await seen() == ("", "")  # private WAN address, nothing else known
             await iwf.on_natd_event(wire.StunResult("198.51.100.1", WAN_IP, "198.20.0.1", 40000, 3478))
             assert await seen() == ("198.20.0.1", "198.20.0.1") and len(rounds) == 1
+            assert (await CoreBackend(iwf).status()).ext_ip == "198.20.0.1"  # igdpcp status
             await iwf.on_natd_event(wire.StunResult("198.51.100.1", WAN_IP, "198.20.0.1", 40000, 3478))
             assert len(rounds) == 1  # natd's repeats change nothing
             await iwf.on_natd_event(wire.StunResult("198.51.100.1", "100.64.0.9", "198.20.0.7"))
