@@ -52,6 +52,30 @@ def _stable_uuid(table: MappingTable, key: str) -> str:
     return value
 
 
+def _device_uuids(configured: str | None, table: MappingTable) -> tuple[str, str, str]:
+    """Root, WANDevice and WANConnectionDevice UUIDs: from ``option uuid`` when set (the embedded
+    devices' derived from it, uuid5, so the config alone fixes every UDN), else kept in the table."""
+    if configured is None:
+        return _stable_uuid(table, "uuid_root"), _stable_uuid(table, "uuid_wan"), _stable_uuid(table, "uuid_wcd")
+    root = uuid.UUID(configured)
+    return str(root), str(uuid.uuid5(root, "WANDevice")), str(uuid.uuid5(root, "WANConnectionDevice"))
+
+
+def _device(args: argparse.Namespace, table: MappingTable) -> Gateway:
+    """The IGD root devices from the options (versions, UUID, friendly name, presentation URL)."""
+    root, wan, wcd = _device_uuids(args.uuid, table)
+    fixed = {"uuid_root": root, "uuid_wan": wan, "uuid_wcd": wcd}
+
+    def uuid_of(key: str) -> str:  # the IGD:2 root of --igd-version both: derived the same way
+        if key in fixed:
+            return fixed[key]
+        return str(uuid.uuid5(uuid.UUID(root), key)) if args.uuid else _stable_uuid(table, key)
+
+    gw = gateway(args.igd_version, uuid_of, args.friendly_name)
+    gw.override_presentation(args.presentation_url or "")
+    return gw
+
+
 async def _lan_addresses(lan_if: str) -> tuple[str, list[str]]:
     deadline = asyncio.get_running_loop().time() + LAN_WAIT_S
     while True:
@@ -72,7 +96,7 @@ def _iwf_config(args: argparse.Namespace) -> IwfConfig:
                      pcp_server_file=args.pcp_server_file or None,
                      service_wait=args.pcp_service_wait, recovery_window=args.pcp_recovery_window,
                      short_error_retry=args.pcp_short_error_retry, cpe_retries=args.pcp_cpe_retries,
-                     epoch_poll=args.pcp_epoch_poll)
+                     epoch_poll=args.pcp_epoch_poll, external_ip=args.external_ip)
 
 
 @dataclass
@@ -173,7 +197,7 @@ def _reload(args: argparse.Namespace, reparse: Callable[[], argparse.Namespace],
         log.warning("reload: %s; keeping the running rules", exc)
         return args
     iwf.policy = policy
-    iwf.cfg = dataclasses.replace(_iwf_config(new), mode=iwf.cfg.mode)
+    iwf.set_config(dataclasses.replace(_iwf_config(new), mode=iwf.cfg.mode))
     web.config = _web_config(new)  # sessions stay: a changed password applies to the next login
     log.info("reload: configuration re-read; %d rules, quotas %d/host %d total; %d mappings kept",
              len(policy.permissions.rules), policy.max_per_host, policy.max_total, iwf.table.count())
@@ -206,7 +230,7 @@ async def run(args: argparse.Namespace, reparse: Callable[[], argparse.Namespace
         table.close()
         raise
     link_task = await _start_iwf(args, iwf, link)
-    device = gateway(args.igd_version, lambda key: _stable_uuid(table, key))
+    device = _device(args, table)
     pinholes = Pinholes(NoFirewall(), _pinhole_policy(args, iwf.policy), table.owned_by, table.count,
                         store=PinholeStore(table.db))
     _share_quotas(iwf.policy, pinholes)
@@ -220,7 +244,7 @@ async def run(args: argparse.Namespace, reparse: Callable[[], argparse.Namespace
     lan.port = await http.start(lan.ip, args.http_port)
     device.present_at(f"http://{lan.ip}:{lan.port}{WEB_PREFIX}/")
     location = f"http://{lan.ip}:{lan.port}{ROOT_PATH}"
-    ssdp = SsdpServer(device, lan.ip, location, lambda: lan.subnets)
+    ssdp = SsdpServer(device, lan.ip, location, lambda: lan.subnets, args.notify_interval)
     await ssdp.start()
     tasks = [asyncio.create_task(ssdp.run_notify()), asyncio.create_task(gena.run_expiry()),
              asyncio.create_task(_watch_lan(lan, http, ssdp, device))]

@@ -102,7 +102,8 @@ class CoreBackend:
         counters = Counters(requests=dict(s.requests), errors={k: dict(v) for k, v in s.errors.items()},
                             pcp_rtt_p50_ms=s.rtt_p50_ms(), renewals=s.renewals, resyncs=s.resyncs,
                             natd_restarts=s.natd_restarts)
-        ext = iwf.wan_ip if iwf.mode == "nat1-only" else iwf.server_ext_ip
+        # nat1-only: external_ip, else STUN, else a public WAN address (docs/stun.md); else the WAN address
+        ext = (iwf.external_ip("") or iwf.wan_ip) if iwf.mode == "nat1-only" else iwf.server_ext_ip
         return Status(version=VERSION, mode=iwf.mode, wan_ip=iwf.wan_ip, ext_ip=ext,
                       pcp_server=None if iwf.mode == "nat1-only" else iwf.server,
                       pcp_epoch=epoch[0] if epoch else None, pcp_last_answer=epoch[1] if epoch else None,

@@ -83,6 +83,7 @@ class IwfConfig:
     short_error_retry: float = 0.0  # docs/requirements.md IWF-46, IWF-51, §18 item 4: seconds to wait, 0 = off
     cpe_retries: int = 2  # CANNOT_PROVIDE_EXTERNAL retries when the above is on (IWF-51 default)
     epoch_poll: float = 30.0  # solicited ANNOUNCE this often while mappings live upstream (RFC 6887 §14.1); 0 = off
+    external_ip: str | None = None  # configured external address (an outer NAT forwarded by hand)
 
 
 class _Superseded(Exception):
@@ -124,6 +125,7 @@ class Iwf:
         self.natd_boot: str | None = None
         self.server_ext_ip: str | None = None  # NAT2's external address, from any MAP response
         self.ext_ip_by_cp: dict[str, str] = {}  # docs/requirements.md IWF-14: per control point
+        self.stun: wire.StunResult | None = None  # natd's last STUN answer (docs/stun.md)
         self.server_file = ServerFile(cfg.pcp_server_file)
         self._server_seen: str | None = None
         self._waiters: dict[Hashable, asyncio.Future[pcp.Response | None]] = {}
@@ -326,6 +328,8 @@ class Iwf:
                     if attempt > 0 and m is not None:  # renewals that failed while natd was away
                         self._schedule(m, now)
             self.natd_boot = msg.boot_id
+        elif isinstance(msg, wire.StunResult):
+            self._on_stun(msg)
         elif isinstance(msg, wire.WanChanged):
             old = self.wan_ip
             self.wan_ip, self.gateway = msg.wan_ip, msg.gateway
@@ -334,6 +338,33 @@ class Iwf:
                 if self._wan_task is not None:
                     self._wan_task.cancel()  # a newer address supersedes a reaction still running
                 self._wan_task = asyncio.create_task(self._wan_changed())
+
+    def _on_stun(self, msg: wire.StunResult) -> None:
+        """natd's STUN answer (repeated every few seconds): a changed address re-events ExternalIPAddress."""
+        if msg.wan_ip != self.wan_ip:  # asked from an address we no longer have: stale
+            return
+        before = self._fallback_external()
+        self.stun = msg
+        if self._fallback_external() != before:
+            log.info("external address without PCP is now %r (STUN %s: %s)", self._fallback_external(),
+                     msg.server, msg.external_ip or msg.error)
+            self.table.publish()
+
+    def set_config(self, cfg: IwfConfig) -> None:
+        """Reload: take over ``cfg``; a changed external address override is evented at once."""
+        before = self._fallback_external()
+        self.cfg = cfg
+        if self._fallback_external() != before:
+            self.table.publish()
+
+    def _fallback_external(self) -> str:
+        """The external address when PCP gave none: configured, else STUN's answer from the current WAN
+        address (an error clears it), else the WAN address when it is public."""
+        if self.cfg.external_ip:
+            return self.cfg.external_ip
+        if self.stun is not None and self.stun.external_ip and self.stun.wan_ip == self.wan_ip:
+            return self.stun.external_ip
+        return self.wan_ip if self.wan_ip and not is_private(self.wan_ip) else ""
 
     async def _wan_changed(self) -> None:
         """docs/requirements.md IWF-81: NAT2 keyed the old mappings on the old address; re-create them
@@ -977,9 +1008,10 @@ class Iwf:
         return m
 
     def external_ip(self, cp: str) -> str:
-        """The external address for ``cp``: its last PCP answer, else NAT2's address (IWF-14, IWF-77)."""
+        """The external address for ``cp``: its last PCP answer, else NAT2's address (IWF-14, IWF-77);
+        without PCP (nat1-only) the configured one, else STUN's, else a public WAN address."""
         if self.mode == "nat1-only":
-            return self.wan_ip if self.wan_ip and not is_private(self.wan_ip) else ""
+            return self._fallback_external()
         return self.ext_ip_by_cp.get(cp) or self.server_ext_ip or ""
 
     def connected(self) -> bool:

@@ -11,6 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from xml.sax.saxutils import escape
 
+from shared import config
+
 # Control and event URLs, one per service (served by controld.upnp.http).
 ROOT_PATH = "/rootDesc.xml"
 # With --igd-version both, the IGD:2 root device lives under this prefix beside the IGD:1
@@ -218,10 +220,11 @@ class Device:
     uuid_wan: str
     uuid_wcd: str
     igd_version: int = 1
-    friendly_name: str = "igdpcp router"
+    friendly_name: str = config.default("friendly-name")
     prefix: str = ""
     lower: bool = True
     presentation_url: str = ""  # the LAN page (controld/web), http://LAN:PORT/igdpcp/; set once HTTP listens
+    presentation_override: str = ""  # option presentation_url: wins over the LAN page
 
     def __post_init__(self) -> None:
         self.wanip = replace(wanipconnection(self.igd_version), prefix=self.prefix)
@@ -236,7 +239,9 @@ class Device:
         self.events = {s.event_url: s for s in every}
         self._v1: Device | None = None
         if self.igd_version >= 2:
-            self._v1 = Device(self.uuid_root, self.uuid_wan, self.uuid_wcd, 1, self.friendly_name, self.prefix)
+            self._v1 = Device(self.uuid_root, self.uuid_wan, self.uuid_wcd, 1, self.friendly_name, self.prefix,
+                              presentation_url=self.presentation_url,
+                              presentation_override=self.presentation_override)
 
     @property
     def root_path(self) -> str:
@@ -296,7 +301,7 @@ class Device:
         (ur, tr), (uw, tw), (uc, tc) = self.device_types()
         wcd = dev(uc, tc, "WANConnectionDevice", "".join(svc(s) for s in self.wcd_services), "")
         wan = dev(uw, tw, "WANDevice", svc(self.wancfg), wcd)
-        root = dev(ur, tr, self.friendly_name, svc(self.l3f), wan, self.presentation_url)
+        root = dev(ur, tr, self.friendly_name, svc(self.l3f), wan, self.presentation_override or self.presentation_url)
         return ('<?xml version="1.0"?>\r\n<root xmlns="urn:schemas-upnp-org:device-1-0">'
                 "<specVersion><major>1</major><minor>1</minor></specVersion>"
                 f"{root}</root>\r\n").encode()
@@ -354,6 +359,13 @@ class Gateway:
         """The presentationURL (the LAN page) of every root device from now on."""
         for d in self.devices:
             d.present_at(url)
+
+    def override_presentation(self, url: str) -> None:
+        """``option presentation_url``: wins over the LAN page in every view ('' keeps the page)."""
+        for d in self.devices:
+            for view in (d, d._v1):
+                if view is not None:
+                    view.presentation_override = url
 
     def view(self, user_agent: str) -> Device:
         """The first device's view (callers that predate several root devices)."""

@@ -24,12 +24,14 @@ from urllib.parse import urljoin
 
 from controld.upnp.description import ROOT_PATH, Device, Gateway
 from controld.upnp.parse import ascii_uint
+from shared import config
 from shared.const import SERVER, SSDP_GROUP, SSDP_PORT
 
 log = logging.getLogger("controld.upnp.ssdp")
 
-MAX_AGE = 1800
-NOTIFY_INTERVAL = 600  # well within max-age, so control points never time us out
+NOTIFY_INTERVAL = config.default("notify-interval")
+MAX_AGE_FACTOR = 3  # max-age is this many intervals, so control points never time us out
+MAX_AGE = MAX_AGE_FACTOR * NOTIFY_INTERVAL
 NOTIFY_JITTER = 60.0  # subtracted at random from each interval, so routers do not sync up
 MAX_DATAGRAM = 2048
 RATE_BURST = 10.0  # M-SEARCHes one source may send at once
@@ -114,20 +116,20 @@ def matches(targets: list[Target], st: str) -> list[Target]:
     return out
 
 
-def response(t: Target, location: str, boot_id: int, config_id: int) -> bytes:
+def response(t: Target, location: str, boot_id: int, config_id: int, max_age: int = MAX_AGE) -> bytes:
     return ("HTTP/1.1 200 OK\r\n"
-            f"CACHE-CONTROL: max-age={MAX_AGE}\r\nDATE: {time.strftime('%a, %d %b %Y %H:%M:%S GMT', time.gmtime())}\r\n"
+            f"CACHE-CONTROL: max-age={max_age}\r\nDATE: {time.strftime('%a, %d %b %Y %H:%M:%S GMT', time.gmtime())}\r\n"
             f"EXT:\r\nLOCATION: {location}\r\nSERVER: {SERVER}\r\nST: {t.st}\r\nUSN: {t.usn}\r\n"
             f"BOOTID.UPNP.ORG: {boot_id}\r\nCONFIGID.UPNP.ORG: {config_id}\r\n\r\n").encode()
 
 
 def notify(t: Target, nts: str, location: str, boot_id: int, config_id: int,
-           next_boot_id: int | None = None) -> bytes:
+           next_boot_id: int | None = None, max_age: int = MAX_AGE) -> bytes:
     """ssdp:alive, ssdp:byebye, or ssdp:update (UDA 1.1 §1.2.4: carries NEXTBOOTID)."""
     alive = nts == "ssdp:alive"
     return ("NOTIFY * HTTP/1.1\r\n"
             f"HOST: {SSDP_GROUP}:{SSDP_PORT}\r\n"
-            + (f"CACHE-CONTROL: max-age={MAX_AGE}\r\nSERVER: {SERVER}\r\n" if alive else "")
+            + (f"CACHE-CONTROL: max-age={max_age}\r\nSERVER: {SERVER}\r\n" if alive else "")
             + (f"LOCATION: {location}\r\n" if nts != "ssdp:byebye" else "")
             + f"NT: {t.st}\r\nNTS: {nts}\r\nUSN: {t.usn}\r\n"
             f"BOOTID.UPNP.ORG: {boot_id}\r\nCONFIGID.UPNP.ORG: {config_id}\r\n"
@@ -139,8 +141,10 @@ class SsdpServer(asyncio.DatagramProtocol):
     """Listens on the SSDP group (UDA 2.0 §1.1.2) on the LAN interface; answers M-SEARCH, sends NOTIFY."""
 
     def __init__(self, device: Device | Gateway, lan_ip: str, location: str,
-                 lan_subnets: Callable[[], list[str]]) -> None:
+                 lan_subnets: Callable[[], list[str]], notify_interval: int = NOTIFY_INTERVAL) -> None:
         self.device = device
+        self.notify_interval = notify_interval
+        self.max_age = MAX_AGE_FACTOR * notify_interval
         self.lan_ip = lan_ip
         self.location = location  # the first root device's; the others' are relative to it
         self.lan_subnets = lan_subnets
@@ -190,7 +194,8 @@ class SsdpServer(asyncio.DatagramProtocol):
         if self.transport is None:
             return
         for t in self.targets:
-            self.transport.sendto(notify(t, nts, self.location_of(t), self.boot_id, t.config_id, next_boot_id),
+            self.transport.sendto(notify(t, nts, self.location_of(t), self.boot_id, t.config_id, next_boot_id,
+                                         self.max_age),
                                   (SSDP_GROUP, SSDP_PORT))
 
     def location_of(self, t: Target) -> str:
@@ -203,7 +208,8 @@ class SsdpServer(asyncio.DatagramProtocol):
             self.announce("ssdp:alive")
             await asyncio.sleep(0.25)
             self.announce("ssdp:alive")
-            await asyncio.sleep(NOTIFY_INTERVAL - 0.25 - self.rng.uniform(0, NOTIFY_JITTER))
+            await asyncio.sleep(max(1.0, self.notify_interval - 0.25
+                                    - self.rng.uniform(0, min(NOTIFY_JITTER, self.notify_interval / 10))))
 
     def _in_lan(self, ip: str) -> bool:
         try:
@@ -236,7 +242,7 @@ class SsdpServer(asyncio.DatagramProtocol):
         if self.transport is None:
             return
         for t in found:
-            self.transport.sendto(response(t, self.location_of(t), self.boot_id, t.config_id), addr)
+            self.transport.sendto(response(t, self.location_of(t), self.boot_id, t.config_id, self.max_age), addr)
 
     def close(self) -> None:
         if self.transport is not None:
