@@ -37,6 +37,7 @@ from typing import TypeVar
 
 import nftables
 
+from shared.config import default
 from shared.const import PCP_CLIENT_PORT, PCP_SERVER_PORT
 from shared.wire import Binding
 
@@ -88,7 +89,7 @@ class Layout:
     prefix: str
 
     @classmethod
-    def make(cls, name: str, table: str = "igdpcp") -> Layout:
+    def make(cls, name: str, table: str = default("table")) -> Layout:
         """``standalone`` (own table ``ip <table>``) or ``fw4`` (inside ``inet fw4``)."""
         if name == "standalone":
             return cls("standalone", "ip", table, "")
@@ -195,7 +196,7 @@ class Nft:
     """natd's nftables objects; the only code that writes them."""
 
     def __init__(self, layout: Layout | None = None, wan_if: str | None = None, lan_if: str | None = None) -> None:
-        self.layout = layout or Layout.make("standalone")
+        self.layout = layout or Layout.make(default("layout"))
         self._nft = nftables.Nftables()
         self._nft.set_json_output(False)
         self.state = KernelState()

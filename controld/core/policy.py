@@ -26,6 +26,7 @@ import re
 from dataclasses import dataclass, field
 
 from controld.core.model import CoreError, ErrorKind
+from shared.config import default
 
 MAX_RULES = 256
 MAX_REGEX = 256
@@ -159,10 +160,10 @@ class Policy:
     """Every limit a request meets before anything is sent, from the config (controld/main.py)."""
 
     permissions: Permissions = field(default_factory=Permissions)
-    max_per_host: int = 256  # 0: unlimited
-    max_total: int = 4096  # 0: unlimited
+    max_per_host: int = default("max-mappings-per-host")  # 0: unlimited
+    max_total: int = default("max-mappings")  # 0: unlimited
     manage_hosts: tuple[ipaddress.IPv4Network, ...] = ()  # may act on others' mappings
-    secure_mode: bool = True  # the internal client must be the requester (IWF-88)
+    secure_mode: bool = default("secure-mode")  # the internal client must be the requester (IWF-88)
 
     def may_manage(self, client: str) -> bool:
         """Is ``client`` allowed to manage (list/delete) other clients' mappings?"""

@@ -59,6 +59,7 @@ from controld.natd_link import NatdError, NatdLink
 from controld.pcp import client as pcpc
 from controld.pcp.discovery import ServerFile, choose_server
 from shared import pcp, wire
+from shared.config import default
 from shared.const import DISCARD_PORT, PCP_PORTS, PROBE_LIFETIME, PROTOCOLS, TCP, UDP
 
 log = logging.getLogger("controld.core.service")
@@ -73,15 +74,26 @@ NATD_ERRORS: dict[str, ErrorKind] = {"port-in-use": ErrorKind.CONFLICT, "quota":
 
 @dataclass
 class IwfConfig:
-    mode: str = "auto"
+    """The core's settings; every default is the option table's (shared/config.py OPTIONS)."""
+
+    mode: str = default("mode")
     pcp_server: str | None = None  # None: DHCP option 158 file, else the WAN default router (RFC 6887 §8.1)
-    pcp_server_file: str | None = None  # written by the DHCP client hook (packaging/hooks/)
-    pcp_timeout: float = 10.0  # bound on one exchange inside a SOAP action (docs/requirements.md IWF-13)
-    service_wait: float = 2.0  # on start, re-assert after RAND(0, this) seconds (docs/core.md)
-    recovery_window: int = 32  # background renewals/re-creations in flight at once (pacing)
-    short_error_retry: float = 0.0  # docs/requirements.md IWF-46, IWF-51, §18 item 4: seconds to wait, 0 = off
-    cpe_retries: int = 2  # CANNOT_PROVIDE_EXTERNAL retries when the above is on (IWF-51 default)
-    epoch_poll: float = 30.0  # solicited ANNOUNCE this often while mappings live upstream (RFC 6887 §14.1); 0 = off
+    pcp_server_file: str | None = None  # written by the DHCP client hook (packaging/hooks/); None: not read
+    pcp_timeout: float = default("pcp-timeout")  # bound on one exchange inside a SOAP action (IWF-13)
+    service_wait: float = default("pcp-service-wait")  # on start, re-assert after RAND(0, this) s (docs/core.md)
+    recovery_window: int = default("pcp-recovery-window")  # background renewals/re-creations in flight at once
+    short_error_retry: float = default("pcp-short-error-retry")  # IWF-46, IWF-51, §18 item 4: seconds, 0 = off
+    cpe_retries: int = default("pcp-cpe-retries")  # CANNOT_PROVIDE_EXTERNAL retries when the above is on
+    epoch_poll: float = default("pcp-epoch-poll")  # solicited ANNOUNCE period upstream (RFC 6887 §14.1); 0 = off
+
+    @classmethod
+    def from_args(cls, args: Any) -> IwfConfig:
+        """The settings from controld's parsed command line (argparse names per shared/config.py)."""
+        return cls(mode=args.mode, pcp_server=args.pcp_server, pcp_timeout=args.pcp_timeout,
+                   pcp_server_file=args.pcp_server_file or None,
+                   service_wait=args.pcp_service_wait, recovery_window=args.pcp_recovery_window,
+                   short_error_retry=args.pcp_short_error_retry, cpe_retries=args.pcp_cpe_retries,
+                   epoch_poll=args.pcp_epoch_poll)
 
 
 class _Superseded(Exception):

@@ -21,11 +21,11 @@ from controld.core.service import Iwf, IwfConfig
 from controld.core.store import MappingTable
 from controld.upnp import igd as upnp_igd
 from shared import pcp, wire
+from shared.const import DISCARD_PORT
 from tests.bed.fake_pcp import FakePcp
 
 LAN = "192.168.1.2"
 SERVER = "100.64.0.1"
-DISCARD_PORT = 9  # the internal port of the core's GetSpecific probes (RFC 6970 §5.7)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,8 @@ from controld.core.model import Mapping
 from controld.core.store import MappingTable
 from controld.upnp import igd as upnp_igd
 from shared import pcp, wire
-from tests.bed.iwf import DISCARD_PORT, LAN, SERVER, ScriptedLink, add, drive, make_iwf, regrant, until
+from shared.const import DISCARD_PORT
+from tests.bed.iwf import LAN, SERVER, ScriptedLink, add, drive, make_iwf, regrant, until
 
 
 class Scripted(ScriptedLink):

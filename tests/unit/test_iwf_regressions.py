@@ -12,7 +12,8 @@ from controld.natd_link import NatdError
 from controld.upnp import igd as upnp_igd
 from controld.upnp.errors import UPnPError
 from shared import pcp, wire
-from tests.bed.iwf import DISCARD_PORT, LAN, ScriptedLink, add, drive, make_iwf, regrant
+from shared.const import DISCARD_PORT
+from tests.bed.iwf import LAN, ScriptedLink, add, drive, make_iwf, regrant
 
 
 class FailingSync(ScriptedLink):
