@@ -250,7 +250,7 @@ class Iwf:
                 await self.decide_mode()
                 if self.mode != "nat1-only":
                     log.info("PCP server %s found: new mappings go upstream (mode %s)", self.server, self.mode)
-                    self.table.publish()
+                    self.table.publish("mode")
         finally:
             self.timers.redecide_at = self.wall() + REDECIDE_S
             self._arm()
@@ -311,7 +311,7 @@ class Iwf:
         if ip != self.server_ext_ip:
             log.info("external address (NAT2) is %s", ip)
             self.server_ext_ip = ip
-            self.table.publish()
+            self.table.publish("external address")
 
     async def on_natd_event(self, msg: wire.Message) -> None:
         """Events from natd: unsolicited PCP packets, WAN changes, heartbeats (restart detection).
@@ -348,7 +348,7 @@ class Iwf:
         self.client.epochs.clear()
         await self.decide_mode()
         self._recover_all(None, 0.0, may_move=True)
-        self.table.publish()
+        self.table.publish("WAN address")
 
     # --- the PCP edge ------------------------------------------------------------------
 
@@ -464,7 +464,6 @@ class Iwf:
                                  pcp_expiry=self.wall() + min(resp.lifetime, pcpc.MAX_SANE_LIFETIME))
             self._note_cp_address(m)
             log.info("mapping update from %s: %s", ev.server, m.describe())
-            self.table.publish()
 
     def _arm(self) -> None:
         """(Re)arm the one timer at the earliest deadline: the PCP client's next retransmission
@@ -590,9 +589,7 @@ class Iwf:
             m = self.table.apply(m, **self._grant(resp), state=next_state(m.state, Ev.UPSTREAM_OK))
             self._granted(m)
             # docs/requirements.md IWF-75: renewal answers never reach the CP; a moved mapping is evented.
-            log.info("renewed %s for %d s", m.describe(), resp.lifetime)
-            if moved:
-                self.table.publish()
+            log.info("renewed %s for %d s%s", m.describe(), resp.lifetime, " (moved)" if moved else "")
             return
         ev = Ev.TIMEOUT if resp is None else Ev.UPSTREAM_ERROR
         m = self.table.apply(m, state=next_state(m.state, ev))
@@ -632,7 +629,7 @@ class Iwf:
             self.ext_ip_by_cp.pop(next(iter(self.ext_ip_by_cp)))
         if self.ext_ip_by_cp.get(m.cp) != m.ext_ip:
             self.ext_ip_by_cp[m.cp] = m.ext_ip
-            self.table.publish()
+            self.table.publish("client's external address")
 
     def _requested_lifetime(self, m: Mapping) -> int:
         """docs/requirements.md IWF-69 to IWF-71: infinite -> 0xFFFFFFFF; never past the UPnP lease."""
@@ -851,12 +848,11 @@ class Iwf:
         else:
             self._granted(m)
         log.info("added %s lease=%s", m.describe(), m.lease or "infinite")
-        self.table.publish()
         return m
 
-    async def _undo(self, m: Mapping) -> None:
-        """Leave nothing behind for a mapping that never became active."""
-        self.table.delete(m)
+    async def _undo(self, m: Mapping, why: str = "never became active") -> None:
+        """Leave nothing behind for a mapping that never became active (or is being removed: ``why``)."""
+        self.table.delete(m, why)
         self.timers.drop(m.id)
         if m.nat1_port is not None:
             try:
@@ -927,9 +923,8 @@ class Iwf:
         m = self.table.apply(cur, state=next_state(cur.state, Ev.DELETE))
         error = await self._delete_upstream(m)
         next_state(m.state, Ev.DELETED)  # (checks the transition; the row goes now)
-        await self._undo(m)
+        await self._undo(m, why)
         log.info("removed %s: %s%s", m.describe(), why, f" (upstream: {error})" if error else "")
-        self.table.publish()
         return error
 
     async def find(self, origin: Origin, proto: int, ext_port: int, owner_only: bool = False) -> Mapping:
