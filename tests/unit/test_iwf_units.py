@@ -16,7 +16,8 @@ import pytest
 
 from controld.admin import parse_command
 from controld.core.lifecycle import State
-from controld.core.service import Iwf, _description
+from controld.core.service import Iwf
+from controld.core.upstream_io import _description
 from controld.pcp.discovery import choose_server, parse_server_file
 from controld.upnp import igd as upnp_igd
 from controld.upnp.errors import UPnPError
