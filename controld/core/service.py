@@ -205,9 +205,7 @@ class Iwf(UpstreamIO):
                                      lease_end=self.wall() + lease if lease else None)
         changes: dict[str, Any] = {"description": description, "lease": lease, "lease_end": wanted.lease_end}
         if m.mode != "nat1-only":
-            req = self._map_request(m.nonce or b"\0" * 12, m.proto, m.int_port, m.ext_port,
-                                    self._requested_lifetime(wanted), m.ext_ip, True, self._third_party(m),
-                                    description, m.remote_host)
+            req = self._request_for(m, self._requested_lifetime(wanted), True, description)
             resp = await self._upstream(m, req)  # on failure the row stays as it was
             changes.update(self._grant(resp))
             cur = self.table.by_id.get(m.id, m)
@@ -243,9 +241,7 @@ class Iwf(UpstreamIO):
             if m.mode == "nat1-only":
                 granted = {"ext_ip": self.wan_ip, "ext_port": m.nat1_port or m.ext_port}
             else:
-                req = self._map_request(m.nonce or b"", m.proto, m.int_port, m.ext_port,
-                                        self._requested_lifetime(m), None, m.prefer_failure,
-                                        self._third_party(m), m.description, m.remote_host)
+                req = self._request_for(m, self._requested_lifetime(m), m.prefer_failure, m.description)
                 resp = await self._upstream(m, req)
                 assert resp.map is not None
                 if m.prefer_failure and resp.map.external_port != m.ext_port:

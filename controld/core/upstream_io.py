@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from controld.core.lifecycle import LISTED, Ev, State, next_state
-from controld.core.model import CoreError, ErrorKind, Mapping
+from controld.core.model import Address, CoreError, Endpoint, ErrorKind, Mapping
 from controld.core.store import MappingTable
 from controld.core.upstream import (
     REDECIDE_S,
@@ -306,17 +306,17 @@ class UpstreamIO:
     # --- the PCP edge ------------------------------------------------------------------
 
     def _map_request(self, nonce: bytes, proto: int, iport: int, eport: int, lifetime: int,
-                     ext_ip: str | None = None, prefer_failure: bool = False,
-                     third_party: str | None = None, description: str | None = None,
-                     remote_host: str = "") -> pcp.Request:
+                     ext_ip: Address | None = None, prefer_failure: bool = False,
+                     third_party: Address | None = None, description: str | None = None,
+                     remote: Address | None = None) -> pcp.Request:
         """A MAP request; natd fills in the client address (and the NAT1 port) on the way out."""
-        eip = ipaddress.IPv4Address(ext_ip) if ext_ip and lifetime else pcp.any_address(4)
+        eip = ext_ip if ext_ip is not None and lifetime else pcp.any_address(4)
         filters: tuple[pcp.Filter, ...] = ()
-        if remote_host and lifetime:
+        if remote is not None and lifetime:
             # RemoteHost -> FILTER, one host, all its ports (docs/requirements.md IWF-20: prefix 96 + 32).
-            filters = (pcp.Filter(128, 0, ipaddress.IPv4Address(remote_host)),)
+            filters = (pcp.Filter(128, 0, remote),)
         opts = pcp.Options(
-            third_party=ipaddress.IPv4Address(third_party) if third_party else None,
+            third_party=third_party,
             # Never with port 0 (MALFORMED_OPTION, RFC 6887 §13.2) nor on a delete (docs/requirements.md IWF-49).
             prefer_failure=prefer_failure and lifetime > 0 and eport > 0,
             filters=filters,
@@ -511,9 +511,7 @@ class UpstreamIO:
                 m = self.table.apply(m, durable=False, pcp_server=self.server, nonce=os.urandom(12))
             lifetime = self._requested_lifetime(m)
             strict = m.prefer_failure and m.id not in self._may_move
-            req = self._map_request(m.nonce or b"\0" * 12, m.proto, m.int_port, m.ext_port, lifetime,
-                                    m.ext_ip, strict, self._third_party(m), m.description,
-                                    m.remote_host)
+            req = self._request_for(m, lifetime, strict, m.description)
             now = self.wall()
             if m.state == State.RENEWING and m.pcp_expiry:
                 bound = max(pcpc.MIN_RENEW_GAP, m.pcp_expiry - now)
@@ -538,7 +536,7 @@ class UpstreamIO:
             resp = dataclasses.replace(resp, result=pcp.Result.CANNOT_PROVIDE_EXTERNAL)
         if resp is not None and resp.result == pcp.Result.SUCCESS and resp.map is not None and resp.lifetime:
             self._may_move.discard(m.id)
-            moved = (str(resp.map.external_ip), resp.map.external_port) != (m.ext_ip, m.ext_port)
+            moved = Endpoint(resp.map.external_ip, resp.map.external_port) != m.external
             m = self.table.apply(m, **self._grant(resp), state=next_state(m.state, Ev.UPSTREAM_OK))
             self._granted(m)
             # docs/requirements.md IWF-75: renewal answers never reach the CP; a moved mapping is evented.
@@ -590,9 +588,20 @@ class UpstreamIO:
             return pcp.MAX_LIFETIME
         return max(1, int(m.lease_end - self.wall()))
 
-    def _third_party(self, m: Mapping) -> str | None:
+    def _third_party(self, m: Mapping) -> Address | None:
         """THIRD_PARTY only without NAT1 (docs/requirements.md IWF-33, IWF-39), never our own address (§13.1)."""
-        return m.int_client if m.mode == "no-nat1" and m.int_client != self.wan_ip else None
+        client = m.internal.ip
+        wan = ipaddress.ip_address(self.wan_ip) if self.wan_ip else None
+        return client if m.mode == "no-nat1" and client != wan else None
+
+    def _request_for(self, m: Mapping, lifetime: int, prefer_failure: bool = False,
+                     description: str | None = None) -> pcp.Request:
+        """The MAP for ``m``: its nonce and internal side, suggesting the external side it holds
+        (or asks for), its remote host as a FILTER; lifetime 0 makes it the delete."""
+        ext = m.external
+        return self._map_request(m.nonce or b"\0" * 12, m.proto, m.internal.port, m.ext_port, lifetime,
+                                 ext.ip if ext is not None else None, prefer_failure, self._third_party(m),
+                                 description, m.remote)
 
     # --- exchanges on behalf of the operations ---------------------------------------
 
@@ -637,7 +646,7 @@ class UpstreamIO:
         """MAP lifetime 0 with the stored nonce, port 0, all-zeros address (RFC 6887 §15.1, erratum 3621)."""
         if m.mode == "nat1-only" or not m.nonce:
             return None
-        req = self._map_request(m.nonce, m.proto, m.int_port, 0, 0, third_party=self._third_party(m))
+        req = self._request_for(m, 0)
         try:
             resp = await self._exchange(("map", m.id), req, m, self.cfg.pcp_timeout)
         except _Superseded:
