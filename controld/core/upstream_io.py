@@ -53,7 +53,7 @@ from shared import pcp, wire
 from shared.config import default
 from shared.const import DISCARD_PORT, PROBE_LIFETIME, TCP
 
-log = logging.getLogger("controld.core.service")  # one logger for the core's lines, as before the split
+log = logging.getLogger("controld.core.upstream")
 
 MAX_CP_ADDRESSES = 4096  # per-CP ExternalIPAddress entries kept (bounded)
 NATD_MARGIN_S = 5.0  # a PCP exchange's natd request may take this much longer than its wait
