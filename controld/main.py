@@ -17,7 +17,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from controld.admin import AdminServer
-from controld.core.model import ChangeEvent
 from controld.core.policy import Permissions, Policy, RuleError
 from controld.core.service import MODES, Iwf, IwfConfig
 from controld.core.store import MappingTable
@@ -172,12 +171,8 @@ async def run(args: argparse.Namespace, reparse: Callable[[], argparse.Namespace
                     _stable_uuid(table, "uuid_wcd"), igd_version=args.igd_version)
     actions = IgdActions(iwf, device)
     gena = GenaServer(device, actions.evented)
-
-    def upnp_news(ev: ChangeEvent) -> None:
-        if ev.shown:  # SystemUpdateID first, then one coalesced GENA round
-            actions.changed()
-            gena.changed()
-    table.subscribe(upnp_news)
+    table.subscribe(actions.changed)  # SystemUpdateID first, then one coalesced GENA round
+    table.subscribe(gena.changed)
     http = UpnpHttpServer(device, actions, lambda: lan.subnets, gena)
     lan.port = await http.start(lan.ip, args.http_port)
     location = f"http://{lan.ip}:{lan.port}{ROOT_PATH}"

@@ -416,6 +416,19 @@ class Nft:
                 lines.append(f"add element {lay.where} {p}{name} {{ {fmt(k)} : {v[0]} . {v[1]} }}")
         return gone
 
+    def _diff_lines(self, lines: list[str], name: str, w: dict[_K, tuple[str, int]], h: dict[_K, tuple[str, int]],
+                    fmt: Callable[[_K], str]) -> list[_K]:
+        """Append the nft lines that turn map `h` into `w`; return the keys whose element went away."""
+        lay, p = self.layout, self.layout.prefix
+        gone = [k for k in h if w.get(k) != h[k]]
+        new = [k for k in w if h.get(k) != w[k]]
+        if gone:
+            lines.append(f"delete element {lay.where} {p}{name} {{ {', '.join(fmt(k) for k in gone)} }}")
+        if new:
+            elems = ", ".join(f"{fmt(k)} : {w[k][0]} . {w[k][1]}" for k in new)
+            lines.append(f"add element {lay.where} {p}{name} {{ {elems} }}")
+        return gone
+
     def _diff(self, want: KernelState) -> tuple[str, Change]:
         have, lay, p = self.state, self.layout, self.layout.prefix
         lines: list[str] = []
@@ -441,19 +454,6 @@ class Nft:
             old_wan=tuple(sorted(have.wan)),
         )
         return "\n".join(lines), change
-
-    def _diff_lines(self, lines: list[str], name: str, w: dict[_K, tuple[str, int]], h: dict[_K, tuple[str, int]],
-                    fmt: Callable[[_K], str]) -> list[_K]:
-        """Append the nft lines that turn map `h` into `w`; return the keys whose element went away."""
-        lay, p = self.layout, self.layout.prefix
-        gone = [k for k in h if w.get(k) != h[k]]
-        new = [k for k in w if h.get(k) != w[k]]
-        if gone:
-            lines.append(f"delete element {lay.where} {p}{name} {{ {', '.join(fmt(k) for k in gone)} }}")
-        if new:
-            elems = ", ".join(f"{fmt(k)} : {w[k][0]} . {w[k][1]}" for k in new)
-            lines.append(f"add element {lay.where} {p}{name} {{ {elems} }}")
-        return gone
 
     def teardown(self) -> None:
         """Remove natd's objects (explicit uninstall only, never on restart)."""

@@ -21,8 +21,9 @@ from collections.abc import Callable
 from dataclasses import fields
 from typing import Any
 
+from controld.core.events import ChangeEvent, ChangeKind
 from controld.core.lifecycle import LISTED, State
-from controld.core.model import ChangeEvent, ChangeKind, Mapping
+from controld.core.model import Mapping
 
 log = logging.getLogger("controld.core.store")
 Subscriber = Callable[[ChangeEvent], object]

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from controld.core.events import ChangeEvent, ChangeKind
 from controld.core.lifecycle import State
-from controld.core.model import ChangeEvent, ChangeKind, Mapping
+from controld.core.model import Mapping
 from controld.core.service import Iwf
 from controld.core.store import MappingTable
 from controld.upnp import igd as upnp_igd
