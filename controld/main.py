@@ -92,11 +92,7 @@ RESTART_ONLY = config.restart_only("controld")
 
 
 def _iwf_config(args: argparse.Namespace) -> IwfConfig:
-    return IwfConfig(mode=args.mode, pcp_server=args.pcp_server, pcp_timeout=args.pcp_timeout,
-                     pcp_server_file=args.pcp_server_file or None,
-                     service_wait=args.pcp_service_wait, recovery_window=args.pcp_recovery_window,
-                     short_error_retry=args.pcp_short_error_retry, cpe_retries=args.pcp_cpe_retries,
-                     epoch_poll=args.pcp_epoch_poll, external_ip=args.external_ip)
+    return IwfConfig.from_args(args)
 
 
 @dataclass

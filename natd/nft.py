@@ -31,11 +31,13 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import nftables
 
+from shared.config import default
 from shared.const import PCP_CLIENT_PORT, PCP_SERVER_PORT
 from shared.wire import Binding
 
@@ -53,6 +55,24 @@ FwdKey = tuple[int, int]  # proto, wan port
 FwdVal = tuple[str, int]  # lan ip, lan port
 SnatKey = tuple[str, int, int]  # lan ip, proto, lan port
 SnatVal = tuple[str, int]  # wan ip, wan port
+_K = TypeVar("_K", FwdKey, SnatKey)
+
+
+def _merge(have: dict[_K, tuple[str, int]], changes: dict[_K, tuple[str, int] | None]) -> None:
+    """Apply a delta to the cached map: None removes the element."""
+    for k, v in changes.items():
+        if v is None:
+            have.pop(k, None)
+        else:
+            have[k] = v
+
+
+def _fwd_elem(k: FwdKey) -> str:
+    return f"{PROTO_NAMES[k[0]]} . {k[1]}"
+
+
+def _snat_elem(k: SnatKey) -> str:
+    return f"{k[0]} . {PROTO_NAMES[k[1]]} . {k[2]}"
 
 
 class NftError(RuntimeError):
@@ -69,7 +89,7 @@ class Layout:
     prefix: str
 
     @classmethod
-    def make(cls, name: str, table: str = "igdpcp") -> Layout:
+    def make(cls, name: str, table: str = default("table")) -> Layout:
         """``standalone`` (own table ``ip <table>``) or ``fw4`` (inside ``inet fw4``)."""
         if name == "standalone":
             return cls("standalone", "ip", table, "")
@@ -176,7 +196,7 @@ class Nft:
     """natd's nftables objects; the only code that writes them."""
 
     def __init__(self, layout: Layout | None = None, wan_if: str | None = None, lan_if: str | None = None) -> None:
-        self.layout = layout or Layout.make("standalone")
+        self.layout = layout or Layout.make(default("layout"))
         self._nft = nftables.Nftables()
         self._nft.set_json_output(False)
         self.state = KernelState()
@@ -365,54 +385,56 @@ class Nft:
                     self.setup()
                 self.state = self.read()
                 continue
-            for (k, v), d in ((kv, self.state.fwd) for kv in fwd.items()):
-                d.pop(k, None) if v is None else d.__setitem__(k, v)
-            for (k, v), d in ((kv, self.state.snat) for kv in snat.items()):
-                d.pop(k, None) if v is None else d.__setitem__(k, v)
+            _merge(self.state.fwd, fwd)
+            _merge(self.state.snat, snat)
             return change
         raise AssertionError("unreachable")
 
     def _delta(self, fwd: dict[FwdKey, FwdVal | None], snat: dict[SnatKey, SnatVal | None]) -> tuple[str, Change]:
-        have, lay, p = self.state, self.layout, self.layout.prefix
+        have = self.state
         lines: list[str] = []
-        gone_fwd: list = []
-        gone_snat: list = []
-        maps = (("fwd4", fwd, have.fwd, gone_fwd, lambda k: f"{PROTO_NAMES[k[0]]} . {k[1]}"),
-                ("snat4", snat, have.snat, gone_snat, lambda k: f"{k[0]} . {PROTO_NAMES[k[1]]} . {k[2]}"))
-        for name, changes, current, gone, fmt in maps:
-            for k, v in changes.items():
-                h = current.get(k)
-                if h == v:
-                    continue
-                if h is not None:
-                    lines.append(f"delete element {lay.where} {p}{name} {{ {fmt(k)} }}")
-                    gone.append((k, h))
-                if v is not None:
-                    lines.append(f"add element {lay.where} {p}{name} {{ {fmt(k)} : {v[0]} . {v[1]} }}")
+        gone_fwd = self._delta_lines(lines, "fwd4", fwd, have.fwd, _fwd_elem)
+        gone_snat = self._delta_lines(lines, "snat4", snat, have.snat, _snat_elem)
         added = sum(1 for k, v in fwd.items() if v is not None and have.fwd.get(k) != v)
         removed = sum(1 for k, v in fwd.items() if v is None and have.fwd.get(k) is not None)
         change = Change(added, removed, tuple(gone_fwd), tuple(gone_snat), tuple(sorted(have.wan)))
         return "\n".join(lines), change
 
+    def _delta_lines(self, lines: list[str], name: str, changes: dict[_K, tuple[str, int] | None],
+                     current: dict[_K, tuple[str, int]], fmt: Callable[[_K], str]) -> list[tuple[_K, tuple[str, int]]]:
+        """Append the nft lines that move one map from `current` by `changes`; return the replaced elements."""
+        lay, p = self.layout, self.layout.prefix
+        gone: list[tuple[_K, tuple[str, int]]] = []
+        for k, v in changes.items():
+            h = current.get(k)
+            if h == v:
+                continue
+            if h is not None:
+                lines.append(f"delete element {lay.where} {p}{name} {{ {fmt(k)} }}")
+                gone.append((k, h))
+            if v is not None:
+                lines.append(f"add element {lay.where} {p}{name} {{ {fmt(k)} : {v[0]} . {v[1]} }}")
+        return gone
+
+    def _diff_lines(self, lines: list[str], name: str, w: dict[_K, tuple[str, int]], h: dict[_K, tuple[str, int]],
+                    fmt: Callable[[_K], str]) -> list[_K]:
+        """Append the nft lines that turn map `h` into `w`; return the keys whose element went away."""
+        lay, p = self.layout, self.layout.prefix
+        gone = [k for k in h if w.get(k) != h[k]]
+        new = [k for k in w if h.get(k) != w[k]]
+        if gone:
+            lines.append(f"delete element {lay.where} {p}{name} {{ {', '.join(fmt(k) for k in gone)} }}")
+        if new:
+            elems = ", ".join(f"{fmt(k)} : {w[k][0]} . {w[k][1]}" for k in new)
+            lines.append(f"add element {lay.where} {p}{name} {{ {elems} }}")
+        return gone
+
     def _diff(self, want: KernelState) -> tuple[str, Change]:
         have, lay, p = self.state, self.layout, self.layout.prefix
         lines: list[str] = []
 
-        def fk(k: FwdKey) -> str:
-            return f"{PROTO_NAMES[k[0]]} . {k[1]}"
-
-        def sk(k: SnatKey) -> str:
-            return f"{k[0]} . {PROTO_NAMES[k[1]]} . {k[2]}"
-
-        gone: dict[str, list] = {}
-        for name, w, h, key in (("fwd4", want.fwd, have.fwd, fk), ("snat4", want.snat, have.snat, sk)):
-            gone[name] = [k for k in h if w.get(k) != h[k]]
-            new = [k for k in w if h.get(k) != w[k]]
-            if gone[name]:
-                lines.append(f"delete element {lay.where} {p}{name} {{ {', '.join(key(k) for k in gone[name])} }}")
-            if new:
-                elems = ", ".join(f"{key(k)} : {w[k][0]} . {w[k][1]}" for k in new)
-                lines.append(f"add element {lay.where} {p}{name} {{ {elems} }}")
+        gone_fwd = self._diff_lines(lines, "fwd4", want.fwd, have.fwd, _fwd_elem)
+        gone_snat = self._diff_lines(lines, "snat4", want.snat, have.snat, _snat_elem)
         q = '"{}"'.format  # device names are strings in nft syntax
         for name, w_set, h_set, fmt in (("wan4", want.wan, have.wan, str), ("lan4", want.lan, have.lan, str),
                                         ("wanif", want.wanif, have.wanif, q), ("inif", want.inif, have.inif, q),
@@ -427,8 +449,8 @@ class Nft:
         change = Change(
             added=sum(1 for k in want.fwd if have.fwd.get(k) != want.fwd[k]),
             removed=sum(1 for k in have.fwd if k not in want.fwd),
-            gone_fwd=tuple((k, have.fwd[k]) for k in gone["fwd4"]),
-            gone_snat=tuple((k, have.snat[k]) for k in gone["snat4"]),
+            gone_fwd=tuple((k, have.fwd[k]) for k in gone_fwd),
+            gone_snat=tuple((k, have.snat[k]) for k in gone_snat),
             old_wan=tuple(sorted(have.wan)),
         )
         return "\n".join(lines), change

@@ -220,7 +220,7 @@ class CoreBackend:
 
         return stop
 
-    def _published(self) -> None:
+    def _published(self, _ev: object = None) -> None:
         """The store published a change: tell the watchers what differs from what they saw.
 
         (The store's publish carries no event yet: diffing the listed rows keeps this adapter

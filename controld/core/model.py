@@ -18,6 +18,17 @@ from shared.const import PROTO_NAMES
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
+@dataclass(frozen=True)
+class Endpoint:
+    """An address of either family and a port: one side of a mapping, typed."""
+
+    ip: Address
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.ip}]:{self.port}" if self.ip.version == 6 else f"{self.ip}:{self.port}"
+
+
 class FrontEnd(str, Enum):
     """The protocol a request came in by."""
 
@@ -125,6 +136,28 @@ class Mapping:
     @property
     def proto_name(self) -> str:
         return PROTO_NAMES.get(self.proto, str(self.proto))
+
+    # Typed views of the string columns (the columns stay: front ends and the table use them).
+
+    @property
+    def internal(self) -> Endpoint:
+        """The LAN side: internal client and port."""
+        return Endpoint(ipaddress.ip_address(self.int_client), self.int_port)
+
+    @property
+    def external(self) -> Endpoint | None:
+        """The outermost side the client was given (NAT2's in cascaded mode); None before a grant."""
+        return None if self.ext_ip is None else Endpoint(ipaddress.ip_address(self.ext_ip), self.ext_port)
+
+    @property
+    def remote(self) -> Address | None:
+        """The one remote host allowed in (a PCP FILTER), None for any."""
+        return ipaddress.ip_address(self.remote_host) if self.remote_host else None
+
+    @property
+    def requester(self) -> Address:
+        """The address of the client that asked for the mapping (its owner)."""
+        return ipaddress.ip_address(self.cp)
 
     def describe(self) -> str:
         """Short text naming the mapping, for log lines."""

@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from controld.core.model import CoreError, ErrorKind
+from shared.config import default
 
 MAX_RULES = 256
 MAX_REGEX = 256
@@ -197,10 +198,10 @@ class Policy:
     """Every limit a request meets before anything is sent, from the config (controld/main.py)."""
 
     permissions: Permissions = field(default_factory=Permissions)
-    max_per_host: int = 256  # 0: unlimited
-    max_total: int = 4096  # 0: unlimited
+    max_per_host: int = default("max-mappings-per-host")  # 0: unlimited
+    max_total: int = default("max-mappings")  # 0: unlimited
     manage_hosts: tuple[ipaddress.IPv4Network, ...] = ()  # may act on others' mappings
-    secure_mode: bool = True  # the internal client must be the requester (IWF-88)
+    secure_mode: bool = default("secure-mode")  # the internal client must be the requester (IWF-88)
     # IPv6 pinholes count against the same quotas (controld/core/pinhole.py; docs/upnp.md)
     pinholes_of: Callable[[str], int] = lambda client: 0
     pinholes_total: Callable[[], int] = lambda: 0

@@ -4,23 +4,29 @@ The store is the only writer of rows. Every write goes to SQLite before the call
 answers a client (docs/requirements.md IWF-28 to IWF-30, IWF-32: persist the nonce with
 the entry). Listing order is creation order: a mapping keeps its index until something
 before it is removed. Indexes: by external (port, proto), by owner, by listing index
-(O(1) for GetGenericPortMappingEntry). :meth:`MappingTable.publish` tells every
-subscriber (GENA, SSDP today) that mappings or addresses changed.
+(O(1) for GetGenericPortMappingEntry). Every write is told to every subscriber as a
+:class:`~controld.core.model.ChangeEvent` (row before and after, a sequence number):
+GENA and SystemUpdateID today, the admin ``watch`` and LAN PCP ANNOUNCE next;
+:meth:`MappingTable.publish` tells them of changes that are not a row (addresses, mode).
 """
 
 from __future__ import annotations
 
 import bisect
 import dataclasses
+import logging
 import os
 import sqlite3
 from collections.abc import Callable
 from dataclasses import fields
 from typing import Any
 
+from controld.core.events import ChangeEvent, ChangeKind
 from controld.core.lifecycle import LISTED, State
 from controld.core.model import Mapping
 
+log = logging.getLogger("controld.core.store")
+Subscriber = Callable[[ChangeEvent], object]
 _COLUMNS = [f.name for f in fields(Mapping)]
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS mappings (
@@ -53,7 +59,8 @@ class MappingTable:
         self._listed: list[int] = []  # ids of listed mappings, ascending
         self._owned: dict[str, set[int]] = {}  # listed ids by owner (quota checks in O(1))
         self._owner_of: dict[int, str] = {}
-        self._subscribers: list[Callable[[], None]] = []
+        self._subscribers: list[Subscriber] = []
+        self.seq = 0  # the last ChangeEvent's sequence number
         cur = self.db.execute(f"SELECT {', '.join(_COLUMNS)} FROM mappings ORDER BY id")
         for row in cur:
             values = dict(zip(_COLUMNS, row, strict=True))
@@ -97,11 +104,11 @@ class MappingTable:
         (nothing is written for a row deleted meanwhile); without: ``row`` as given (a new row).
         On disk first (unless not ``durable``: then with the next durable write), then
         re-indexed. Returns the row as stored; earlier copies are stale from then on."""
+        before = self.by_id.get(row.id)
         if changes:
-            cur = self.by_id.get(row.id)
-            if cur is None:  # deleted while its writer waited: it stays deleted
+            if before is None:  # deleted while its writer waited: it stays deleted
                 return dataclasses.replace(row, **changes)
-            m = dataclasses.replace(cur, **changes)
+            m = dataclasses.replace(before, **changes)
         else:
             m = row
         if durable:
@@ -110,11 +117,14 @@ class MappingTable:
             self.db.execute(f"INSERT OR REPLACE INTO mappings ({', '.join(_COLUMNS)}) VALUES "
                             f"({', '.join('?' * len(_COLUMNS))})", values)
         self._index(m)
+        if m != before:
+            self._emit(ChangeKind.ADDED if before is None else ChangeKind.CHANGED, before, m)
         return m
 
-    def delete(self, m: Mapping) -> None:
+    def delete(self, m: Mapping, why: str = "") -> None:
+        """Remove ``m``'s row (on disk first); subscribers hear it with ``why``."""
         self.db.execute("DELETE FROM mappings WHERE id = ?", (m.id,))
-        self.by_id.pop(m.id, None)
+        before = self.by_id.pop(m.id, None)
         key = self._key_of.pop(m.id, None)
         if key is not None and self.by_key.get(key) == m.id:
             del self.by_key[key]
@@ -122,6 +132,8 @@ class MappingTable:
         if pos < len(self._listed) and self._listed[pos] == m.id:
             del self._listed[pos]
         self._unown(m.id)
+        if before is not None:
+            self._emit(ChangeKind.REMOVED, before, None, why)
 
     def _unown(self, mid: int) -> None:
         owner = self._owner_of.pop(mid, None)
@@ -131,14 +143,28 @@ class MappingTable:
             if not ids:
                 del self._owned[owner]  # type: ignore[arg-type]
 
-    def subscribe(self, callback: Callable[[], None]) -> None:
-        """Call ``callback`` after every published change (mappings or addresses)."""
+    def subscribe(self, callback: Subscriber) -> Callable[[], None]:
+        """Call ``callback`` with every :class:`ChangeEvent` from now on (synchronously, after
+        the write, so it must not block); returns the function that stops it."""
         self._subscribers.append(callback)
 
-    def publish(self) -> None:
-        """Tell every subscriber that something they show changed."""
-        for callback in self._subscribers:
-            callback()
+        def unsubscribe() -> None:
+            if callback in self._subscribers:
+                self._subscribers.remove(callback)
+        return unsubscribe
+
+    def publish(self, reason: str = "") -> None:
+        """Tell every subscriber that something they show changed that is no row (addresses, mode)."""
+        self._emit(ChangeKind.ADDRESSES, None, None, reason)
+
+    def _emit(self, kind: ChangeKind, before: Mapping | None, after: Mapping | None, reason: str = "") -> None:
+        self.seq += 1
+        ev = ChangeEvent(self.seq, kind, before, after, reason)
+        for callback in list(self._subscribers):
+            try:
+                callback(ev)
+            except Exception:  # one broken subscriber must not fail the write nor starve the others
+                log.exception("change subscriber %r failed on event %d", callback, ev.seq)
 
     def owned_by(self, owner: str) -> int:
         """How many listed mappings ``owner`` holds."""

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 from xml.sax.saxutils import escape
 
+from controld.core.events import ChangeEvent
 from controld.upnp.description import Device, Gateway, Service, wants_igd1
 from controld.upnp.parse import ascii_uint
 
@@ -203,8 +204,10 @@ class GenaServer:
         initial = not sub.sent and sub.seq == 0 and sub.task is None
         return 200, out, (lambda: self._kick(sub)) if initial else None
 
-    def changed(self) -> None:
-        """Mappings or addresses changed (the IWF's on_change): one coalesced event round."""
+    def changed(self, ev: ChangeEvent | None = None) -> None:
+        """Mappings or addresses changed: one coalesced event round (a store event only if a CP sees it)."""
+        if ev is not None and not ev.shown:
+            return
         if self._flush is None and self.subs.by_sid:
             self._flush = asyncio.get_running_loop().call_later(COALESCE, self._flush_now)
 

@@ -15,6 +15,7 @@ import time
 from collections.abc import Awaitable, Callable
 from xml.sax.saxutils import escape
 
+from controld.core.events import ChangeEvent
 from controld.core.model import CoreError, CreateRequest, Mapping, upnp
 from controld.core.pinhole import NoFirewall, Pinholes
 from controld.core.service import Iwf
@@ -231,9 +232,10 @@ class IgdActions:
             **self.pinholes.handlers,  # WANIPv6FirewallControl:1 (controld/upnp/pinholes.py)
         }
 
-    def changed(self) -> None:
-        """The IWF's on_change fired: mappings or addresses changed (SystemUpdateID, IGD:2)."""
-        self.system_update_id = (self.system_update_id + 1) % UI4 or 1
+    def changed(self, ev: ChangeEvent | None = None) -> None:
+        """Mappings or addresses changed (SystemUpdateID, IGD:2); a store event only if a CP sees it."""
+        if ev is None or ev.shown:
+            self.system_update_id = (self.system_update_id + 1) % UI4 or 1
 
     async def handle(self, service: Service, action: SoapAction, cp: str) -> Out:
         """Run ``action`` invoked on ``service`` by control point ``cp``; raises UPnPError."""

@@ -33,7 +33,7 @@ def nat2_ports(bed: tb.Testbed) -> dict[int, tuple[str, int]]:
 
 def listing(st: Stack) -> list[tuple[int, str, int]]:
     """The mappings a control point lists (GetGenericPortMappingEntry until 713)."""
-    out = []
+    out: list[tuple[int, str, int]] = []
     for i in range(100):  # bounded
         status, body = soap_call(st, "GetGenericPortMappingEntry", {"NewPortMappingIndex": str(i)})
         if status != 200:

@@ -33,7 +33,7 @@ ROWS = [(1, 501, 501), (2, 718, 606), (3, 501, 501), (4, 501, 501), (5, 501, 501
 
 
 @pytest.fixture
-def fake_stack(make_testbed):  # type: ignore[no-untyped-def]
+def fake_stack(make_testbed):
     bed = make_testbed()
     bed.run("isp", ["ip", "addr", "add", f"{FAKE_IP}/24", "dev", tb.ISP_INT_IF])
     log_path = bed.path("fake-pcp.jsonl")
@@ -58,7 +58,7 @@ def _requests(log_path: str, eport: int | None = None) -> list[dict]:
     return [r for r in reqs if eport is None or r.get("eport") == eport]
 
 
-def test_error_table_retries_version_and_announce(fake_stack) -> None:  # type: ignore[no-untyped-def]
+def test_error_table_retries_version_and_announce(fake_stack) -> None:
     st, log_path = fake_stack
     assert "PCP server is 100.64.0.3 (dhcp)" in st.log("controld")
 
@@ -110,7 +110,7 @@ def test_error_table_retries_version_and_announce(fake_stack) -> None:  # type: 
     assert (status, _code(body)) == (500, 728) and _requests(log_path, 30500) == []
 
 
-def test_unsupported_version_is_501_and_holds_off(fake_stack) -> None:  # type: ignore[no-untyped-def]
+def test_unsupported_version_is_501_and_holds_off(fake_stack) -> None:
     """UNSUPP_VERSION proposing NAT-PMP (version 0): 501, and the server is left alone for
     min(30 min, Lifetime) (RFC 6887 §9;)."""
     st, log_path = fake_stack

@@ -26,8 +26,8 @@ PAYLOAD = b"igdpcp operator forward: through NAT2 and NAT1"
 
 
 def igdpcp(st: Stack, *args: str, timeout: float = 30) -> subprocess.CompletedProcess:
-    """The real CLI (shared/cli.py) on the router's admin socket."""
-    return subprocess.run([sys.executable, "-m", "shared.cli", *args, "--socket", st.admin_socket],
+    """The real CLI (controld/cli.py) on the router's admin socket."""
+    return subprocess.run([sys.executable, "-m", "controld.cli", *args, "--socket", st.admin_socket],
                           capture_output=True, text=True, timeout=timeout, check=False)
 
 
@@ -76,7 +76,7 @@ def test_operator_cli_end_to_end(make_stack) -> None:
     assert "mode cascaded" in shown and tb.NAT2_PUBLIC_IP in shown and "PCP RTT p50" in shown
 
     # watch, running while the operator adds and deletes
-    watch = subprocess.Popen([sys.executable, "-m", "shared.cli", "watch", "--json", "--socket", st.admin_socket],
+    watch = subprocess.Popen([sys.executable, "-m", "controld.cli", "watch", "--json", "--socket", st.admin_socket],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         time.sleep(0.5)  # subscribed

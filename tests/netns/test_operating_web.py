@@ -80,7 +80,7 @@ def nat2_tcp(bed: tb.Testbed) -> dict[int, tuple[str, int]]:
 
 
 def admin_call(st: Stack, cmd: str, **args: object) -> Any:
-    res = subprocess.run([sys.executable, "-m", "shared.cli", cmd, "--json", "--socket", st.admin_socket,
+    res = subprocess.run([sys.executable, "-m", "controld.cli", cmd, "--json", "--socket", st.admin_socket,
                           *(str(v) for v in args.values())], capture_output=True, text=True, timeout=30)
     assert res.returncode == 0, res.stderr
     return json.loads(res.stdout)

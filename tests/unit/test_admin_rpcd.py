@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from controld import cli
 from controld.adminapi.backend import Origin
 from controld.web.auth import verify
-from shared import cli
 from tests.unit.admin_fake import Served
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from controld import cli
 from controld.adminapi.backend import OPERATOR, Origin
-from shared import cli
 from tests.unit.admin_fake import Served
 
 ROOT = Path(__file__).resolve().parents[2]

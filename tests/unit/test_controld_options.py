@@ -135,7 +135,7 @@ def test_external_address_precedence_without_pcp(tmp_path: Path) -> None:
                   rng=random.Random(1))
         actions = IgdActions(iwf, Device("r", "w", "c"))
         rounds: list[int] = []
-        table.subscribe(lambda: rounds.append(1))
+        table.subscribe(lambda _ev: rounds.append(1))
         await iwf.start()
 
         async def seen() -> tuple[str, str]:

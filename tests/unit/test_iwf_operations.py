@@ -4,7 +4,6 @@ the IWF against a scripted natd and NAT2 so each is exact and fast."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
 
 from controld.core.lifecycle import State
@@ -12,8 +11,8 @@ from controld.core.model import Mapping
 from controld.core.store import MappingTable
 from controld.upnp import igd as upnp_igd
 from shared import pcp, wire
-from tests.unit.test_iwf_regressions import _drive, _iwf
-from tests.unit.test_iwf_units import LAN, SERVER, ScriptedLink, add
+from shared.const import DISCARD_PORT
+from tests.bed.iwf import LAN, SERVER, ScriptedLink, add, drive, make_iwf, regrant, until
 
 
 class Scripted(ScriptedLink):
@@ -26,19 +25,15 @@ class Scripted(ScriptedLink):
         self.deletes_fail = False
         self.refuse: list[int] = []
         self.syncs: list[wire.Sync] = []
-        orig = self.fake.answer
 
-        def answer(req, raw):  # type: ignore[no-untyped-def]
-            m = req.map
-            if m is not None and req.lifetime == 0 and self.deletes_fail:
-                return pcp.encode_response(pcp.Response(pcp.Opcode.MAP, pcp.Result.NO_RESOURCES, 30, 100, m))
-            out = orig(req, raw)
-            if out is not None and self.steal and m is not None and req.lifetime and m.internal_port != 9:
-                r = pcp.decode_response(out)
-                out = pcp.encode_response(dataclasses.replace(
-                    r, map=dataclasses.replace(r.map, external_port=m.external_port + 10)))
-            return out
-        self.fake.answer = answer
+    def answer(self, req: pcp.Request, raw: bytes) -> bytes | None:
+        m = req.map
+        if m is not None and req.lifetime == 0 and self.deletes_fail:
+            return pcp.encode_response(pcp.Response(pcp.Opcode.MAP, pcp.Result.NO_RESOURCES, 30, 100, m))
+        out = super().answer(req, raw)
+        if out is not None and self.steal and m is not None and req.lifetime and m.internal_port != DISCARD_PORT:
+            out = regrant(out, external_port=m.external_port + 10)
+        return out
 
     async def call(self, msg: wire.Message, timeout: float = 5.0) -> wire.Message:
         if isinstance(msg, wire.Sync):
@@ -47,58 +42,51 @@ class Scripted(ScriptedLink):
         return await super().call(msg, timeout)
 
 
-async def _until(cond, seconds: float = 3.0) -> None:  # type: ignore[no-untyped-def]
-    for _ in range(int(seconds / 0.02)):  # bounded wait
-        if cond():
-            return
-        await asyncio.sleep(0.02)
-
-
-def test_recovery_keeps_the_promised_port(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_recovery_keeps_the_promised_port(tmp_path) -> None:
     """After a server restart a mapping keeps its port or keeps trying (RFC 6970 §5.10,
     docs/requirements.md IWF-82): a grant of another port is handed back, never stored, so ports
     cannot shift from one application to the next."""
     link = Scripted()
-    iwf = _iwf(tmp_path, link)
+    iwf = make_iwf(tmp_path, link)
 
     async def body() -> None:
         m = await add(iwf, 8080)
 
-        def row():  # type: ignore[no-untyped-def]  # the row as stored now (rows are immutable)
+        def row():  # the row as stored now (rows are immutable)
             return iwf.table.by_id[m.id]
         link.steal = True
         iwf._recover_all(SERVER, 0.0)
-        await _until(lambda: any(r.lifetime == 0 for r in link.maps()))
+        await until(lambda: any(r.lifetime == 0 for r in link.maps()))
         assert row().ext_port == 8080 and row().state == State.RECOVERING
         assert [r.map.nonce for r in link.maps() if r.lifetime == 0] == [m.nonce]  # the wrong grant, released
-        await _until(lambda: m.id in iwf.timers.due)
+        await until(lambda: m.id in iwf.timers.due)
         # It retries within seconds (backing off to 5 min), not at the old grant's renewal times.
         assert iwf.timers.due[m.id][0] - iwf.wall() < 10
         # After our own WAN address changed the port may move (IWF-81), asked without PREFER_FAILURE.
         iwf._recover_all(SERVER, 0.0, may_move=True)
-        await _until(lambda: row().ext_port == 8090)
+        await until(lambda: row().ext_port == 8090)
         assert row().ext_port == 8090 and row().state == State.ACTIVE
         assert not link.maps()[-1].options.prefer_failure
-    _drive(iwf, body)
+    drive(iwf, body)
 
 
-def test_natd_refusals_in_a_sync_remove_those_mappings(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_natd_refusals_in_a_sync_remove_those_mappings(tmp_path) -> None:
     """A lowered natd limit must not wedge the sync: natd leaves out what is over it, and
     controld removes exactly those, upstream too, so no view lists a dead mapping."""
     link = Scripted()
-    iwf = _iwf(tmp_path, link)
+    iwf = make_iwf(tmp_path, link)
 
     async def body() -> None:
         keep, drop = await add(iwf, 8080, iport=80), await add(iwf, 8081, iport=81)
         link.refuse = [drop.id]
         await iwf.on_natd_event(wire.Heartbeat("boot-2", 0))  # natd restarted with a lower limit
-        await _until(lambda: iwf.table.count() == 1)
+        await until(lambda: iwf.table.count() == 1)
         assert [m.id for m in iwf.table.listed()] == [keep.id]
         assert [r.map.nonce for r in link.maps() if r.lifetime == 0] == [drop.nonce]
-    _drive(iwf, body)
+    drive(iwf, body)
 
 
-def test_unfinished_rows_keep_their_binding_until_deleted_upstream(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_unfinished_rows_keep_their_binding_until_deleted_upstream(tmp_path) -> None:
     """Rows a crash left PENDING or DELETING are synced with their NAT1 binding (natd relays
     a MAP only for a bound mapping), deleted upstream with their nonce, then dropped."""
     t = MappingTable(str(tmp_path))
@@ -112,11 +100,11 @@ def test_unfinished_rows_keep_their_binding_until_deleted_upstream(tmp_path) -> 
     link = Scripted()
 
     async def main() -> None:
-        iwf = _iwf(tmp_path, link)
+        iwf = make_iwf(tmp_path, link)
         await iwf.start()
         try:
             assert sorted(b.mid for b in link.syncs[0].bindings) == [1, 2]
-            await _until(lambda: not iwf.table.by_id)
+            await until(lambda: not iwf.table.by_id)
             deletes = [(s.mid, r.map.nonce) for s, r in link.sent if r.lifetime == 0 and r.map.internal_port != 9]
             assert sorted(deletes) == [(1, bytes(range(1, 13))), (2, bytes(range(2, 14)))]  # relayed via the binding
             assert sorted(link.unbound) == [1, 2] and not iwf.table.by_id
@@ -126,9 +114,9 @@ def test_unfinished_rows_keep_their_binding_until_deleted_upstream(tmp_path) -> 
     asyncio.run(asyncio.wait_for(main(), 30))
 
 
-def test_delete_while_recovering_succeeds_when_nat2_no_longer_has_it(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_delete_while_recovering_succeeds_when_nat2_no_longer_has_it(tmp_path) -> None:
     link = Scripted()
-    iwf = _iwf(tmp_path, link)
+    iwf = make_iwf(tmp_path, link)
 
     async def body() -> None:
         m = await add(iwf, 8080)
@@ -136,16 +124,16 @@ def test_delete_while_recovering_succeeds_when_nat2_no_longer_has_it(tmp_path) -
         link.deletes_fail = True  # miniupnpd answers NO_RESOURCES for a mapping it does not have
         await upnp_igd.delete_port_mapping(iwf, LAN, 1, "", 8080, pcp.PROTO_TCP)
         assert iwf.table.count() == 0 and link.unbound == [m.id]
-    _drive(iwf, body)
+    drive(iwf, body)
 
 
-def test_natd_return_brings_failed_renewals_forward(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_natd_return_brings_failed_renewals_forward(tmp_path) -> None:
     link = Scripted()
-    iwf = _iwf(tmp_path, link)
+    iwf = make_iwf(tmp_path, link)
 
     async def body() -> None:
         m = await add(iwf, 8080)
         iwf._schedule(m, iwf.wall() + 1000, attempt=3)  # failed while natd was away, backing off
         await iwf.on_natd_event(wire.Heartbeat("boot-2", 0))
         assert iwf.timers.due[m.id][0] <= iwf.wall() + 1
-    _drive(iwf, body)
+    drive(iwf, body)

@@ -10,81 +10,22 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import os
-import random
 import subprocess
-from collections.abc import Awaitable, Callable
 
 import pytest
 
 from controld.core.lifecycle import State
-from controld.core.service import Iwf, IwfConfig, _description
-from controld.core.store import MappingTable
+from controld.core.service import Iwf
+from controld.core.upstream_io import _description
 from controld.pcp.discovery import choose_server, parse_server_file
 from controld.upnp import igd as upnp_igd
 from controld.upnp.errors import UPnPError
 from shared import pcp, wire
 from shared.const import IGD2_MAX_LEASE
-from tests.bed.fake_pcp import FakePcp
-
-LAN = "192.168.1.2"
-SERVER = "100.64.0.1"
+from tests.bed.iwf import LAN, SERVER, ScriptedLink, add, make_iwf, run
 
 
-class ScriptedLink:
-    """Stands in for natd: binds succeed, PCP requests are answered by FakePcp's script."""
-
-    def __init__(self) -> None:
-        self.iwf: Iwf | None = None
-        self.fake = FakePcp(None)
-        self.sent: list[tuple[wire.PcpExchange, pcp.Request]] = []
-        self.unbound: list[int] = []
-
-    async def call(self, msg: wire.Message, timeout: float = 5.0) -> wire.Message:
-        if isinstance(msg, wire.Hello):
-            return wire.HelloReply("boot", "100.64.0.2", SERVER, ["192.168.1.1"], ["192.168.1.0/24"])
-        if isinstance(msg, wire.Sync):
-            return wire.SyncReply(len(msg.bindings), 0)
-        if isinstance(msg, wire.Bind):
-            return wire.BindReply("100.64.0.2", msg.want_port or 40000)
-        if isinstance(msg, wire.Unbind):
-            self.unbound.append(msg.mid)
-            return wire.Ok()
-        assert isinstance(msg, wire.PcpExchange)
-        req = pcp.decode_request(msg.packet)
-        self.sent.append((msg, req))
-        reply = self.fake.answer(req, msg.packet)
-        if reply is None:  # no answer: natd replies once the wait is over
-            await asyncio.sleep(msg.wait_ms / 1000)
-            return wire.PcpAnswer()
-        return wire.PcpAnswer(reply, None)
-
-    def maps(self, eport: int | None = None) -> list[pcp.Request]:
-        return [r for _, r in self.sent if r.opcode == pcp.Opcode.MAP and r.map is not None
-                and r.map.internal_port != 9 and (eport is None or r.map.external_port == eport)]
-
-
-def run(tmp_path, body: Callable[[Iwf, ScriptedLink], Awaitable[None]], **cfg) -> None:  # type: ignore[no-untyped-def]
-    async def main() -> None:
-        link = ScriptedLink()
-        conf = IwfConfig(**{"mode": "cascaded", "pcp_server": SERVER, "service_wait": 0.0, "epoch_poll": 0.0,
-                            "pcp_timeout": 2.0, **cfg})
-        iwf = Iwf(conf, MappingTable(str(tmp_path)), link, rng=random.Random(5))  # type: ignore[arg-type]
-        link.iwf = iwf
-        await iwf.start()
-        try:
-            await body(iwf, link)
-        finally:
-            await iwf.stop()
-            iwf.table.close()
-
-    asyncio.run(asyncio.wait_for(main(), 30))
-
-
-def add(iwf: Iwf, ext: int, lease: int = 0, igd: int = 1, iport: int = 80, desc: str = "web"):  # type: ignore[no-untyped-def]
-    return upnp_igd.add_port_mapping(iwf, LAN, igd, "", ext, pcp.PROTO_TCP, iport, LAN, True, desc, lease)
-
-
-def test_add_and_delete_are_byte_exact(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_add_and_delete_are_byte_exact(tmp_path) -> None:
     """AddPortMapping -> MAP + PREFER_FAILURE + suggested port + DESCRIPTION (docs/requirements.md IWF-21, IWF-23,
     IWF-47, IWF-49); delete -> lifetime 0, same nonce, port 0, ::ffff:0:0, no options (IWF-63, IWF-67;
     RFC 6887 erratum 3621); infinite IGD:1 lease -> 0xFFFFFFFF (IWF-69, docs/requirements.md §18 item 1)."""
@@ -100,7 +41,7 @@ def test_add_and_delete_are_byte_exact(tmp_path) -> None:  # type: ignore[no-unt
         dreq = link.maps(0)[-1]
         assert dreq.lifetime == 0 and dreq.map.nonce == m.nonce and dreq.map.external_port == 0
         assert dreq.map.external_ip == ipaddress.IPv4Address(0) and dreq.options == pcp.Options()
-        assert pcp.encode_request(dreq)[44:60] == b"\0" * 10 + b"\xff\xff" + b"\0" * 4
+        assert pcp.encode_request(dreq.request)[44:60] == b"\0" * 10 + b"\xff\xff" + b"\0" * 4
         assert iwf.table.count() == 0 and link.unbound == [m.id]
         with pytest.raises(UPnPError) as exc:
             await upnp_igd.delete_port_mapping(iwf, LAN, 1, "", 8080, pcp.PROTO_TCP)
@@ -108,7 +49,7 @@ def test_add_and_delete_are_byte_exact(tmp_path) -> None:  # type: ignore[no-unt
     run(tmp_path, body)
 
 
-def test_leases_refresh_and_what_the_cp_sees(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_leases_refresh_and_what_the_cp_sees(tmp_path) -> None:
     """IGD:2 lease 0 -> 604800 (IWF-71); a finite lease is the requested lifetime (IWF-70);
     the lease shown never exceeds NAT2's grant (120 s here); a re-add by the owner reuses
     the nonce (IWF-54)."""
@@ -135,7 +76,7 @@ def test_leases_refresh_and_what_the_cp_sees(tmp_path) -> None:  # type: ignore[
     run(tmp_path, body)
 
 
-def test_refusals_before_anything_is_sent(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_refusals_before_anything_is_sent(tmp_path) -> None:
     async def body(iwf: Iwf, link: ScriptedLink) -> None:
         cases = [
             (upnp_igd.add_port_mapping(iwf, LAN, 1, "", 8080, 6, 80, LAN, False, "", 0), 402),  # item 16
@@ -155,7 +96,7 @@ def test_refusals_before_anything_is_sent(tmp_path) -> None:  # type: ignore[no-
     run(tmp_path, body)
 
 
-def test_short_error_retry_is_off_by_default(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_short_error_retry_is_off_by_default(tmp_path) -> None:
     """docs/requirements.md §18 item 4: the 30 s retry is configurable and off by default."""
     async def body(iwf: Iwf, link: ScriptedLink) -> None:
         with pytest.raises(UPnPError) as exc:
@@ -165,7 +106,7 @@ def test_short_error_retry_is_off_by_default(tmp_path) -> None:  # type: ignore[
     run(tmp_path, body)
 
 
-def test_get_specific_probes_only_when_nothing_local(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_get_specific_probes_only_when_nothing_local(tmp_path) -> None:
     """RFC 6970 §5.7 (IWF-56 to IWF-60): the whole local table first; else a 60 s PREFER_FAILURE
     probe from the discard port, deleted again; the CP gets 714 either way."""
     async def body(iwf: Iwf, link: ScriptedLink) -> None:
@@ -181,7 +122,7 @@ def test_get_specific_probes_only_when_nothing_local(tmp_path) -> None:  # type:
     run(tmp_path, body)
 
 
-def test_no_nat1_sends_third_party_and_filter(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_no_nat1_sends_third_party_and_filter(tmp_path) -> None:
     """No NAT in the IGD: THIRD_PARTY = InternalClient (IWF-22, IWF-33), nothing bound in NAT1;
     RemoteHost -> FILTER prefix 128, all ports (IWF-20)."""
     async def body(iwf: Iwf, link: ScriptedLink) -> None:
@@ -198,7 +139,7 @@ def test_no_nat1_sends_third_party_and_filter(tmp_path) -> None:  # type: ignore
 # --- discovery, admin, description -------------------------------------------------
 
 
-def _hook_158(tmp_path, hex_option: str) -> list[list[str]] | None:  # type: ignore[no-untyped-def]
+def _hook_158(tmp_path, hex_option: str) -> list[list[str]] | None:
     """Run the shipped udhcpc hook on option 158 data; the servers it wrote, None for no file."""
     out = tmp_path / "pcp-server"
     out.unlink(missing_ok=True)
@@ -208,7 +149,7 @@ def _hook_158(tmp_path, hex_option: str) -> list[list[str]] | None:  # type: ign
     return parse_server_file(out.read_text()) if out.exists() else None
 
 
-def test_server_discovery_order_and_option_158(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_server_discovery_order_and_option_158(tmp_path) -> None:
     """RFC 6887 §8.1: configured, else DHCP, else the default router (docs/requirements.md IWF-10);
     RFC 7291 §4: option 158 lists, multicast/loopback discarded, malformed ignored."""
     assert choose_server("100.64.0.9", [["100.64.0.3"]], SERVER) == ("100.64.0.9", "configured")
@@ -247,17 +188,14 @@ class SlowDeletes(ScriptedLink):
         return await super().call(msg, timeout)
 
 
-def test_range_delete_is_paced_and_answers_in_time(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_range_delete_is_paced_and_answers_in_time(tmp_path) -> None:
     """DeletePortMappingRange: one MAP delete per mapping (docs/requirements.md IWF-26, IWF-66), never more
     than the recovery window at NAT2 at once, and the CP is answered within pcp_timeout even while
     deletes continue (IWF-67 MAY)."""
     link = SlowDeletes(delay=0.1)
 
     async def main() -> None:
-        conf = IwfConfig(mode="cascaded", pcp_server=SERVER, service_wait=0.0, epoch_poll=0.0,
-                         pcp_timeout=0.5, recovery_window=4)
-        iwf = Iwf(conf, MappingTable(str(tmp_path)), link, rng=random.Random(5))  # type: ignore[arg-type]
-        link.iwf = iwf
+        iwf = make_iwf(tmp_path, link, pcp_timeout=0.5, recovery_window=4)
         await iwf.start()
         try:
             for port in range(9000, 9040):

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from natd import relay
 from natd.relay import PcpRelay, match_key
 from shared import pcp, wire
@@ -25,7 +27,7 @@ def test_a_response_settles_only_its_own_request() -> None:
     asyncio.run(main())
 
 
-def test_a_newer_request_takes_over_and_waiters_are_bounded(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_a_newer_request_takes_over_and_waiters_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     async def main() -> None:
         r = PcpRelay(lambda server, data: None)
         key = match_key("100.64.0.1", pcp.Opcode.MAP, b"n" * 12)

@@ -184,7 +184,7 @@ def test_data_ships_only_runtime_code(ipk: Path) -> None:
     for m in data.getmembers():
         if m.name.endswith(".py"):
             text = data.extractfile(m).read().decode()  # type: ignore[union-attr]
-            # module level: shared/cli.py guards its old demo import until it becomes admin-only
+            # module level: controld/cli.py guards its old demo import until it becomes admin-only
             assert not re.search(r"^(from|import) tests\b", text, re.M), m.name
 
 

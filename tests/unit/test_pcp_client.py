@@ -32,7 +32,8 @@ def test_retransmission_follows_rfc6887_8_1_1() -> None:
     for _ in range(5):
         now = cl.next_timer()  # type: ignore[assignment]
         evs = cl.poll(now)
-        assert [type(e) for e in evs] == [c.Transmit] and evs[0].packet == first[0].packet
+        assert [type(e) for e in evs] == [c.Transmit]
+        assert isinstance(evs[0], c.Transmit) and evs[0].packet == first[0].packet
         sends.append(now)
     gaps = [b - a for a, b in zip(sends, sends[1:], strict=False)]
     assert 2.7 <= gaps[0] <= 3.3
@@ -127,7 +128,8 @@ def test_unsupported_version_ends_exchanges_and_holds_off() -> None:
     assert cl.receive("10.9.9.9", nat_pmp, 1.0) == []  # nothing asked there: ignored
     evs = cl.receive(SERVER, nat_pmp, 1.0)
     assert {e.key for e in evs if isinstance(e, c.Answer)} == {"a", "b"}
-    assert all(e.response.result == pcp.Result.UNSUPP_VERSION and e.response.version == 0 for e in evs)
+    assert all(isinstance(e, c.Answer) and e.response.result == pcp.Result.UNSUPP_VERSION
+               and e.response.version == 0 for e in evs)
     again = cl.request("c", SERVER, _req(), now=2.0)
     assert [type(e) for e in again] == [c.Answer]  # held off: nothing transmitted
     later = c.PcpClient()

@@ -137,7 +137,7 @@ def _m(t: MappingTable, port: int, state: State = State.ACTIVE) -> Mapping:
                    nonce=b"n" * 12)
 
 
-def test_table_persists_and_keeps_indices(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_table_persists_and_keeps_indices(tmp_path) -> None:
     t = MappingTable(str(tmp_path))
     a, b, c = _m(t, 1001), _m(t, 1002), _m(t, 1003)
     for m in (a, b, c):
@@ -145,16 +145,18 @@ def test_table_persists_and_keeps_indices(tmp_path) -> None:  # type: ignore[no-
     t.apply(_m(t, 1004, State.PENDING))  # not listed until acknowledged
     assert [m.ext_port for m in t.listed()] == [1001, 1002, 1003]
     t.delete(b)
-    assert t.at_index(1).ext_port == 1003 and t.at_index(2) is None
+    second = t.at_index(1)
+    assert second is not None and second.ext_port == 1003 and t.at_index(2) is None
     t.close()
     t2 = MappingTable(str(tmp_path))
     assert [m.ext_port for m in t2.listed()] == [1001, 1003]
-    assert t2.find(1003, 6).nonce == b"n" * 12
+    kept = t2.find(1003, 6)
+    assert kept is not None and kept.nonce == b"n" * 12
     assert t2.new_id() > c.id
     assert pcp.MAX_LIFETIME == 2**32 - 1
 
 
-def test_store_apply_is_the_one_writer_and_never_resurrects(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_store_apply_is_the_one_writer_and_never_resurrects(tmp_path) -> None:
     """Rows are frozen; apply() writes the current row with the changes, durably, and a row
     deleted while its writer waited stays deleted (on disk too)."""
     import dataclasses

@@ -226,7 +226,7 @@ def test_ssdp_rate_limit_per_source_is_bounded() -> None:
 # --- descriptions -----------------------------------------------------------------------------
 
 def _actions(xml: bytes) -> set[str]:
-    return {a.findtext(f"{SCPD_NS}name") for a in ET.fromstring(xml).iter(f"{SCPD_NS}action")}
+    return {a.findtext(f"{SCPD_NS}name") or "" for a in ET.fromstring(xml).iter(f"{SCPD_NS}action")}
 
 
 def test_every_argument_names_a_declared_state_variable() -> None:

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from shared.cli import run
+from controld.cli import run
 from shared.config import parse_args_with_config, parse_uci
 from tests.bed.ipk import load_builder
 

@@ -6,7 +6,7 @@ for cmd in igdpcp-natd igdpcp-controld igdpcp; do
 	"$cmd" --version | grep -qF "$2" || { echo "$cmd --version does not say $2"; exit 1; }
 done
 # every module the daemons import is installed (Depends are right), from the bytecode
-PYTHONPATH=/usr/lib/igdpcp python3 -B -P -c 'import natd.main, controld.main, shared.cli' || exit 1
+PYTHONPATH=/usr/lib/igdpcp python3 -B -P -c 'import natd.main, controld.main, controld.cli' || exit 1
 ls /usr/lib/igdpcp/natd/__pycache__/main.*.pyc >/dev/null || { echo "no bytecode"; exit 1; }
 # off until enabled, as miniupnpd: installing starts nothing
 [ "$(uci -q get igdpcp.service.enabled)" = 0 ] || { echo "enabled after install"; exit 1; }
