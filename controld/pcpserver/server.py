@@ -17,6 +17,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 from controld.core.model import CoreError, CreateRequest, FrontEnd, NotOwner, Origin
 from controld.core.service import Iwf
@@ -103,13 +104,15 @@ class LanPcpServer(asyncio.DatagramProtocol):
         sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(address))
         sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 1)
         sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 0)
-        transport, _ = await loop.create_datagram_endpoint(lambda: self, sock=sock)
-        assert isinstance(transport, asyncio.DatagramTransport)
-        self.transport = transport
+        await loop.create_datagram_endpoint(lambda: self, sock=sock)  # connection_made keeps the transport
         self.core.watch_state_loss(self.state_lost)
         if self.restarted:
             self.state_lost("our restart did not keep every mapping")
         return int(sock.getsockname()[1])
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """asyncio hands over the socket's transport."""
+        self.transport = cast(asyncio.DatagramTransport, transport)  # (3.11's is not a subclass)
 
     def close(self) -> None:
         """Stop serving; the epoch is kept for the next start (RFC 6887 §8.5)."""
