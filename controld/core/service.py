@@ -1022,10 +1022,7 @@ class Iwf:
 
     def find_internal(self, proto: int, int_client: str, int_port: int) -> Mapping | None:
         """The listed mapping of an internal tuple (PCP and NAT-PMP key mappings on it, RFC 6887 §11.3)."""
-        for m in self.table.listed():  # O(n): bounded by max_mappings
-            if (m.proto, m.int_port, m.int_client) == (proto, int_port, int_client):
-                return m
-        return None
+        return self.table.find_internal(proto, int_client, int_port)
 
     def lan_owns(self, origin: Origin, m: Mapping) -> bool:
         """A PCP mapping is its client's and nonce's (RFC 6887 §11.3); anything else is its

@@ -181,3 +181,15 @@ def test_socket_edge_answers_natpmp_and_pcp_and_rate_limits(tmp_path) -> None:
             server.close()
         assert iwf.table.get_meta("lan_epoch")  # kept for the next start (RFC 6887 §8.5)
     run(tmp_path, body, mode="nat1-only")
+
+
+def test_internal_index_survives_two_external_ports_on_one_tuple(tmp_path) -> None:
+    async def body(iwf: Iwf, link: Natd) -> None:
+        a = await iwf.create(upnp(LAN), CreateRequest(6, 8001, LAN, 80, 0, "a", True))
+        b = await iwf.create(upnp(LAN), CreateRequest(6, 8002, LAN, 80, 0, "b", True))
+        assert iwf.find_internal(6, LAN, 80) == a
+        await iwf.delete(upnp(LAN), 6, 8001)
+        assert iwf.find_internal(6, LAN, 80) == iwf.table.by_id[b.id]
+        await iwf.delete(upnp(LAN), 6, 8002)
+        assert iwf.find_internal(6, LAN, 80) is None
+    run(tmp_path, body, mode="nat1-only")
