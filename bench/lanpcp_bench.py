@@ -18,12 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench import router_miniupnpd  # noqa: E402
 from tests.bed import testbed as tb  # noqa: E402
 from tests.bed.stack import Stack  # noqa: E402
 
@@ -95,45 +94,12 @@ def igdpcp(bed: tb.Testbed, n: int) -> dict:
 
 
 def miniupnpd(bed: tb.Testbed, n: int) -> dict:
-    """Debian's miniupnpd as the router (NAT1) with NAT-PMP/PCP on, chains as nft_init.sh makes them."""
-    bed.nft("cpe", """
-table inet mupnp {
-    chain forward { type filter hook forward priority filter; policy accept; jump mupnp_fwd; }
-    chain mupnp_fwd { }
-    chain prerouting { type nat hook prerouting priority dstnat; policy accept; jump mupnp_dnat; }
-    chain mupnp_dnat { }
-    chain postrouting { type nat hook postrouting priority srcnat; policy accept; jump mupnp_snat; }
-    chain mupnp_snat { }
-}
-""")
-    conf = bed.path("nat1-miniupnpd.conf")
-    with open(conf, "w") as f:
-        f.write("\n".join([
-            f"ext_ifname={tb.ROUTER_WAN_IF}", f"listening_ip={tb.ROUTER_LAN_IF}", "http_port=5001",
-            # the bed's WAN is 100.64/10, which miniupnpd refuses; assert a public address instead
-            "ext_ip=198.20.0.2", "enable_natpmp=yes", "enable_upnp=no", "secure_mode=yes",
-            "system_uptime=no", "ipv6_disable=yes", "uuid=3f1e3d3c-0000-4000-8000-000000000002",
-            "upnp_table_name=mupnp", "upnp_nat_table_name=mupnp", "upnp_forward_chain=mupnp_fwd",
-            "upnp_nat_chain=mupnp_dnat", "upnp_nat_postrouting_chain=mupnp_snat",
-            f"allow 1024-65535 {tb.LAN_SUBNET} 1024-65535", "deny 0-65535 0.0.0.0/0 0-65535", ""]))
-    pidfile = bed.path("nat1-miniupnpd.pid")
-    wrapper = bed._script("reaper", tb._REAPER_SCRIPT)
-    bed.popen("cpe", [sys.executable, wrapper, tb.MINIUPNPD, "-f", conf, "-P", pidfile],
-              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while not os.path.exists(pidfile) and time.monotonic() < deadline:  # bounded
-        time.sleep(0.05)
-    time.sleep(0.5)
+    """Debian's miniupnpd as the router (NAT1) with NAT-PMP/PCP on (enable_natpmp)."""
+    stop = router_miniupnpd.start(bed, 5001, upnp=False, natpmp=True, uuid="3f1e3d3c-0000-4000-8000-000000000002")
     try:
         return run_client(bed, n)
     finally:
-        try:
-            with open(pidfile) as f:
-                os.kill(int(f.read().strip()), 15)
-        except (OSError, ValueError):
-            pass
-        time.sleep(0.5)
-        bed.run("cpe", ["nft", "delete", "table", "inet", "mupnp"], check=False)
+        stop()
 
 
 def row(n: int, name: str, r: dict) -> str:

@@ -242,7 +242,7 @@ class LanPcpServer(asyncio.DatagramProtocol):
         grant = await self.core.lan_map(origin, req)
         if not grant.ext_ip:
             return Refused(Result.NETWORK_FAILURE)  # no external address known yet
-        log.info("%s %s -> %s:%d for %d s", origin.front_end.value, grant.mapping.describe(), grant.ext_ip,
+        log.debug("%s %s -> %s:%d for %d s", origin.front_end.value, grant.mapping.describe(), grant.ext_ip,
                  grant.ext_port, grant.lifetime)
         return Granted(ipaddress.ip_address(grant.ext_ip), grant.ext_port, grant.lifetime, grant.mapping.description)
 

@@ -19,8 +19,7 @@ from tests.bed import pcp_client as pc
 from tests.bed import testbed as tb
 from tests.bed.fixtures import soap_call
 from tests.bed.stack import Stack
-from tests.bed.upnp import error_code as _code
-from tests.bed.upnp import out_value as _value
+from tests.bed.upnp import listing
 
 pytestmark = pytest.mark.netns
 
@@ -36,19 +35,6 @@ def natpmpc(st: Stack, *args: str) -> str:
 
 def nat2_tcp(bed: tb.Testbed) -> dict[int, tuple[str, int]]:
     return {r.ext_port: (r.int_ip, r.int_port) for r in bed.nat2_dnat_rules() if r.proto == "tcp"}
-
-
-def listing(st: Stack) -> list[tuple[int, str, int]]:
-    """What a UPnP control point lists (GetGenericPortMappingEntry until 713)."""
-    out = []
-    for i in range(50):  # bounded
-        status, body = soap_call(st, "GetGenericPortMappingEntry", {"NewPortMappingIndex": str(i)})
-        if status != 200:
-            assert _code(body) == 713, body
-            return out
-        out.append((int(_value(body, "NewExternalPort") or 0), _value(body, "NewInternalClient") or "",
-                    int(_value(body, "NewInternalPort") or 0)))
-    return out
 
 
 @pytest.mark.parametrize("layout", ["router", "split"])
