@@ -22,7 +22,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench import router_miniupnpd  # noqa: E402
+from tests.bed import nat1_miniupnpd  # noqa: E402
 from tests.bed import testbed as tb  # noqa: E402
 from tests.bed.stack import Stack  # noqa: E402
 
@@ -95,7 +95,7 @@ def igdpcp(bed: tb.Testbed, n: int) -> dict:
 
 def miniupnpd(bed: tb.Testbed, n: int) -> dict:
     """Debian's miniupnpd as the router (NAT1) with NAT-PMP/PCP on (enable_natpmp)."""
-    stop = router_miniupnpd.start(bed, 5001, upnp=False, natpmp=True, uuid="3f1e3d3c-0000-4000-8000-000000000002")
+    stop = nat1_miniupnpd.start(bed, 5001, upnp=False, natpmp=True, uuid="3f1e3d3c-0000-4000-8000-000000000002")
     try:
         return run_client(bed, n)
     finally:

@@ -23,7 +23,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench import router_miniupnpd  # noqa: E402
+from tests.bed import nat1_miniupnpd  # noqa: E402
 from tests.bed import testbed as tb  # noqa: E402
 from tests.bed.stack import Stack  # noqa: E402
 
@@ -85,7 +85,7 @@ def igdpcp(bed: tb.Testbed, n: int) -> dict:
 
 def miniupnpd(bed: tb.Testbed, n: int) -> dict:
     """Debian's miniupnpd (nftables build) as the router's IGD (NAT1)."""
-    stop = router_miniupnpd.start(bed, MINIUPNPD_PORT, upnp=True, natpmp=False,
+    stop = nat1_miniupnpd.start(bed, MINIUPNPD_PORT, upnp=True, natpmp=False,
                                   uuid="3f1e3d3c-0000-4000-8000-000000000001")
     try:
         return run_client(bed, n)

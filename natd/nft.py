@@ -447,7 +447,10 @@ class Nft:
         if not lay.own_table:
             log.warning("fw4 layout: LAN PCP steering to %s is not installed (use a dstnat redirect in fw4)", target)
             return
-        ipaddress.IPv4Address(target)  # refuse anything but an address before nft sees it
+        try:
+            ipaddress.IPv4Address(target)  # nothing but an address reaches nft
+        except ValueError:
+            raise NftError(f"pcp-steer-to {target!r} is not an IPv4 address") from None
         lan = f'iifname "{self.lan_if}" ' if self.lan_if else ""
         self.run("\n".join([
             f"add chain {lay.where} {LAN_PCP_CHAIN} {{ type nat hook prerouting priority dstnat - 1; policy accept; }}",

@@ -1026,11 +1026,11 @@ class Iwf:
 
     def lan_owns(self, origin: Origin, m: Mapping) -> bool:
         """A PCP mapping is its client's and nonce's (RFC 6887 §11.3); anything else is its
-        client address's, within secure mode's rules (docs/lan-pcp.md, Ownership)."""
+        client address's (docs/lan-pcp.md, Ownership), whatever secure mode says."""
         if origin.front_end == FrontEnd.PCP or m.front_end == FrontEnd.PCP.value:
             return m.front_end == origin.front_end.value and m.nonce == origin.client_id \
                 and origin.client in (m.cp, m.int_client)
-        return self.policy.may_touch(origin.client, m.cp, m.int_client) and origin.client in (m.cp, m.int_client)
+        return origin.client in (m.cp, m.int_client)
 
     def _check_owner(self, origin: Origin, m: Mapping) -> None:
         if not self.lan_owns(origin, m):

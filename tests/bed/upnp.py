@@ -50,7 +50,7 @@ def add(st: Stack, ext: int, internal: int, proto: str = "TCP", lease: int = 0, 
 def listing(st: Stack, limit: int = 100) -> list[tuple[int, str, int]]:
     """The mappings a control point lists: (external port, internal client, internal port)
     from GetGenericPortMappingEntry, index 0 up until 713 (at most ``limit``)."""
-    out = []
+    out: list[tuple[int, str, int]] = []
     for i in range(limit):  # bounded
         status, body = soap_call(st, "GetGenericPortMappingEntry", {"NewPortMappingIndex": str(i)})
         if status != 200:

@@ -1,4 +1,4 @@
-"""Debian's miniupnpd run as the bed's router (NAT1), for benchmarks that compare with it.
+"""Debian's miniupnpd run as the bed's router (NAT1), for the benchmarks in bench/ that compare with it.
 
 Its nftables chains are made the way its nft_init.sh would; the bed's WAN is 100.64/10,
 which miniupnpd refuses, so a public ext_ip is asserted instead.
@@ -12,9 +12,7 @@ import sys
 import time
 from collections.abc import Callable
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from tests.bed import testbed as tb  # noqa: E402
+from tests.bed import testbed as tb
 
 CHAINS = """
 table inet mupnp {
