@@ -298,7 +298,7 @@ def test_pcp_announce_gets_in_from_the_pcp_server_only(fw4_natd) -> None:
 
     assert not arrives(tb.ISP_INT_IP)  # natd has not talked to it yet: dropped like anyone's
     req = pcp.encode_request(pcp.Request(pcp.Opcode.ANNOUNCE, 0, ipaddress.IPv4Address("0.0.0.0")))
-    assert c.call(wire.PcpSend(tb.ISP_INT_IP, req)) == wire.Ok()
+    assert isinstance(c.call(wire.PcpExchange(tb.ISP_INT_IP, req)), wire.PcpAnswer)
     assert wait_until(lambda: list(elements(bed, "pcp4", "fw4")) == [f'"{tb.ISP_INT_IP}"'], 2.0) is not None
     assert arrives(tb.ISP_INT_IP)
     assert not arrives(OTHER_ISP_IP)

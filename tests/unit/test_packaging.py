@@ -371,7 +371,7 @@ def test_procd_shipped_disabled_starts_nothing(tmp_path: Path) -> None:
 
 def test_default_acl_allows_1024_up_to_lan_hosts_and_denies_the_rest() -> None:
     """miniupnpd's shipped perm_rules, in our syntax, active in the shipped config."""
-    from controld.permissions import Permissions
+    from controld.core.policy import Permissions
 
     for flavour in ("openwrt", "debian"):
         (ctl,) = [x for x in parse_uci(sample_config(flavour), "sample") if x.type == "controld"]

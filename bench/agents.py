@@ -1,0 +1,295 @@
+"""Small programs the benchmark runs inside the bed's namespaces: ``python -m bench.agents NAME ARGS``.
+
+- ``client``: the miniupnpc Python binding on the LAN host, driven by JSON lines on stdin
+  (one discovery, then add / list / delete commands; one JSON answer line each);
+- ``burst``: a bounded burst of UDP flows through the router (unrelated conntrack entries);
+- ``accept`` / ``connect``: a TCP accept loop and a new-connection rate loop (data plane);
+- ``sniff``: PCP MAP request/response times at an interface (NAT2's own round trip, seen at natd's WAN side);
+- ``soap-probe``: the first moment an IGD answers a SOAP call; ``fwd-count``: the first moment natd's
+  DNAT map holds N forwards; ``natpmp``: NAT-PMP mapping round trips (or a probe of UDP 5351).
+
+Every loop is bounded by a count or a deadline; results go to stdout as one JSON line.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import select
+import signal
+import socket
+import struct
+import sys
+import time
+from typing import Any
+
+from bench.progress import Progress
+from shared.const import PCP_SERVER_PORT as NATPMP_PORT  # PCP and NAT-PMP share it
+
+SOAP_NS = "urn:schemas-upnp-org:service:WANIPConnection:1"
+
+
+def _say(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+# --------------------------------------------------------------------- UPnP client
+def client() -> None:
+    """Discover the IGD, then serve commands: add/list/delete (one TCP connection per call, as miniupnpc does)."""
+    import miniupnpc  # the client both systems are measured with
+
+    u = miniupnpc.UPnP()
+    u.discoverdelay = 1000
+    u.discover()
+    url = u.selectigd()
+    me = u.lanaddr
+    _say({"url": url, "lanaddr": me})
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        op, first, count = cmd["op"], int(cmd.get("first", 0)), int(cmd.get("count", 0))
+        lat: list[float] = []
+        errors = 0
+        with Progress(f"{cmd.get('label', op)}", count if op != "list" else int(cmd.get("max", 2)) - 1) as bar:
+            if op == "add":
+                for i in range(count):
+                    t = time.perf_counter()
+                    try:
+                        u.addportmapping(first + i, "TCP", me, first + i, "bench", "", 0)
+                    except Exception:  # a refusal is counted, the run goes on
+                        errors += 1
+                    lat.append(time.perf_counter() - t)
+                    bar.step()
+                _say({"lat": lat, "errors": errors})
+            elif op == "delete":
+                for i in range(count):
+                    t = time.perf_counter()
+                    try:
+                        u.deleteportmapping(first + i, "TCP")
+                    except Exception:
+                        errors += 1
+                    lat.append(time.perf_counter() - t)
+                    bar.step()
+                _say({"lat": lat, "errors": errors})
+            elif op == "list":  # index 0, 1, ... until the IGD says 713 (SpecifiedArrayIndexInvalid)
+                limit = int(cmd["max"])
+                t0 = time.perf_counter()
+                i = 0
+                while i <= limit and u.getgenericportmapping(i) is not None:
+                    i += 1
+                    bar.step()
+                _say({"total": time.perf_counter() - t0, "entries": i})
+            else:
+                _say({"error": f"unknown op {op}"})
+
+
+# --------------------------------------------------------------------- conntrack load
+def burst(dest: str, flows: int, first_port: int = 1024) -> None:
+    """``flows`` UDP flows to ``dest`` (distinct destination ports from 8 sockets), one datagram each."""
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(8)]
+    sent = 0
+    for k in range(flows):
+        port = first_port + k // len(socks)
+        try:
+            socks[k % len(socks)].sendto(b"x", (dest, port))
+            sent += 1
+        except OSError:  # ICMP errors surface on later sends: ignore, the flow exists
+            pass
+    _say({"sent": sent})
+
+
+# --------------------------------------------------------------------- data plane
+def accept(ports: list[int], seconds: float) -> None:
+    """Accept and close TCP connections on ``ports`` for at most ``seconds``."""
+    socks = []
+    for p in ports:
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("0.0.0.0", p))
+        s.listen(4096)
+        socks.append(s)
+    _say("ready")
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        ready, _, _ = select.select(socks, [], [], 0.5)
+        for s in ready:
+            c, _ = s.accept()
+            c.close()
+
+
+def connect(host: str, port: int, seconds: float) -> None:
+    """New TCP connections to ``host:port`` for ``seconds``; prints connections per second and failures."""
+    n = fails = 0
+    linger = struct.pack("ii", 1, 0)  # RST on close: no TIME_WAIT, no port exhaustion
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        s = socket.socket()
+        s.settimeout(1)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+        try:
+            s.connect((host, port))
+            n += 1
+        except OSError:
+            fails += 1
+        s.close()
+    _say({"rate": n / seconds, "fails": fails})
+
+
+# --------------------------------------------------------------------- PCP at the WAN side
+def _pcp_of(frame: bytes) -> tuple[str, bytes] | None:
+    """("req"|"resp", nonce) for a PCP MAP packet in an IPv4 frame, else None."""
+    if len(frame) < 28 or frame[0] >> 4 != 4 or frame[9] != 17:
+        return None
+    ihl = (frame[0] & 0x0F) * 4
+    sport, dport = struct.unpack_from("!HH", frame, ihl)
+    pcp = frame[ihl + 8:]
+    if len(pcp) < 36 or pcp[0] != 2:
+        return None
+    if dport == NATPMP_PORT and pcp[1] == 1:
+        return "req", pcp[24:36]
+    if sport == NATPMP_PORT and pcp[1] == 0x81:
+        return "resp", pcp[24:36]
+    return None
+
+
+def sniff(ifname: str, out: str, seconds: float) -> None:
+    """Kernel timestamps of PCP MAP requests and responses on ``ifname`` until SIGTERM or ``seconds``;
+    writes the round trips (first request to its response, in request order) to ``out``."""
+    so_timestampns = 35
+    # ETH_P_ALL: a socket bound to ETH_P_IP sees only incoming packets, not the requests natd sends
+    s = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(0x0003))
+    s.bind((ifname, 0))
+    s.setsockopt(socket.SOL_SOCKET, so_timestampns, 1)
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    sent: dict[bytes, float] = {}
+    order: list[bytes] = []
+    rtt: dict[bytes, float] = {}
+    _say("ready")
+    end = time.monotonic() + seconds
+    while not stop and time.monotonic() < end:
+        if not select.select([s], [], [], 0.2)[0]:
+            continue
+        data, anc, _, addr = s.recvmsg(2048, 64)
+        if addr[1] != 0x0800:  # IPv4 only
+            continue
+        ts = next((struct.unpack("qq", d[:16]) for lvl, typ, d in anc
+                   if lvl == socket.SOL_SOCKET and typ == so_timestampns), None)
+        t = ts[0] + ts[1] / 1e9 if ts else time.time()
+        pkt = _pcp_of(data)
+        if pkt is None:
+            continue
+        kind, nonce = pkt
+        if kind == "req" and nonce not in sent:
+            sent[nonce] = t
+            order.append(nonce)
+        elif kind == "resp" and nonce in sent and nonce not in rtt:
+            rtt[nonce] = t - sent[nonce]
+    with open(out + ".tmp", "w") as f:
+        json.dump([rtt[n] for n in order if n in rtt], f)
+    os.rename(out + ".tmp", out)
+
+
+# --------------------------------------------------------------------- restart probes
+def soap_probe(host: str, port: int, path: str, seconds: float) -> None:
+    """Call GetGenericPortMappingEntry(0) every 10 ms until an HTTP answer; prints its CLOCK_MONOTONIC time."""
+    body = ('<?xml version="1.0"?><s:Envelope xmlns:s="http://schemas.xmlsoap.org/soap/envelope/" '
+            's:encodingStyle="http://schemas.xmlsoap.org/soap/encoding/"><s:Body>'
+            f'<u:GetGenericPortMappingEntry xmlns:u="{SOAP_NS}"><NewPortMappingIndex>0</NewPortMappingIndex>'
+            '</u:GetGenericPortMappingEntry></s:Body></s:Envelope>').encode()
+    _say("ready")
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        try:
+            c = http.client.HTTPConnection(host, port, timeout=2)
+            c.request("POST", path, body=body, headers={"SOAPACTION": f'"{SOAP_NS}#GetGenericPortMappingEntry"',
+                                                         "Content-Type": 'text/xml; charset="utf-8"'})
+            status = c.getresponse().status
+            c.close()
+            _say({"t": time.monotonic(), "status": status})
+            return
+        except OSError:
+            time.sleep(0.01)
+    _say({"t": None})
+
+
+def _fwd_count(nft: Any) -> int:
+    rc, out, _ = nft.cmd("list map ip igdpcp fwd4")
+    if rc != 0:
+        return 0
+    return sum(len(o["map"].get("elem", [])) for o in json.loads(out)["nftables"] if "map" in o)
+
+
+def fwd_count(want: int, seconds: float) -> None:
+    """Poll natd's DNAT map until it holds ``want`` elements; prints the CLOCK_MONOTONIC time it did."""
+    import nftables  # Debian's libnftables binding (the venv sees system site-packages)
+
+    nft = nftables.Nftables()
+    nft.set_json_output(True)
+    _say("ready")
+    end = time.monotonic() + seconds
+    polls = 0
+    while time.monotonic() < end:
+        polls += 1
+        if _fwd_count(nft) >= want:
+            _say({"t": time.monotonic(), "polls": polls})
+            return
+        time.sleep(0.005)
+    _say({"t": None, "polls": polls, "have": _fwd_count(nft)})
+
+
+# --------------------------------------------------------------------- NAT-PMP
+def natpmp(gateway: str, count: int, first: int) -> None:
+    """``count`` NAT-PMP TCP mappings (RFC 6886 §3.3) one by one; count 0 only probes (public address request)."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.connect((gateway, NATPMP_PORT))
+    s.settimeout(1.0)
+    if count == 0:
+        s.send(b"\x00\x00")
+        try:
+            _say({"available": len(s.recv(64)) >= 8})
+        except OSError as exc:
+            _say({"available": False, "reason": f"no answer on UDP {NATPMP_PORT} ({exc.__class__.__name__})"})
+        return
+    lat, errors = [], 0
+    with Progress("NAT-PMP maps", count) as bar:
+        for i in range(count):
+            req = struct.pack("!BBHHHI", 0, 2, 0, first + i, first + i, 3600)
+            t = time.perf_counter()
+            s.send(req)
+            try:
+                resp = s.recv(64)
+                errors += int(len(resp) < 16 or struct.unpack_from("!H", resp, 2)[0] != 0)
+            except OSError:
+                errors += 1
+            lat.append(time.perf_counter() - t)
+            bar.step()
+    _say({"lat": lat, "errors": errors})
+
+
+def main(argv: list[str]) -> None:
+    """Dispatch ``argv[0]`` to the agent of that name."""
+    name, args = argv[0], argv[1:]
+    if name == "client":
+        client()
+    elif name == "burst":
+        burst(args[0], int(args[1]))
+    elif name == "accept":
+        accept([int(p) for p in args[1:]], float(args[0]))
+    elif name == "connect":
+        connect(args[0], int(args[1]), float(args[2]))
+    elif name == "sniff":
+        sniff(args[0], args[1], float(args[2]))
+    elif name == "soap-probe":
+        soap_probe(args[0], int(args[1]), args[2], float(args[3]))
+    elif name == "fwd-count":
+        fwd_count(int(args[0]), float(args[1]))
+    elif name == "natpmp":
+        natpmp(args[0], int(args[1]), int(args[2]) if len(args) > 2 else 0)
+    else:
+        raise SystemExit(f"unknown agent {name}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,119 @@
+"""The two systems under test as the router's IGD in one bed: igdpcp (natd + controld) and Debian's miniupnpd."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from bench import procs
+from bench._bed import Stack, tb
+
+MINIUPNPD_HTTP_PORT = 5001
+LIMITS_CONTROLD = ["--max-mappings", "0", "--max-mappings-per-host", "0"]  # the bench maps N ports from one host
+LIMITS_NATD = ["--max-bindings", "65535", "--max-per-host", "65535"]
+
+
+class Igdpcp:
+    """natd + controld in the router namespace (nat1-only unless ``mode`` says otherwise)."""
+
+    name = "igdpcp"
+
+    def __init__(self, bed: tb.Testbed, mode: str = "nat1-only", extra_controld: list[str] | None = None) -> None:
+        self.bed = bed
+        self.stack = Stack(bed, mode=mode, controld_args=[*LIMITS_CONTROLD, *(extra_controld or [])],
+                           natd_args=LIMITS_NATD)
+
+    def start(self) -> None:
+        """Start both daemons and wait for their "up" lines."""
+        self.stack.start()
+
+    def pids(self) -> dict[str, int]:
+        """The daemons' pids by name."""
+        return {name: p.pid for name, p in self.stack.procs.items()}
+
+    def stop(self) -> None:
+        """Stop both and remove their kernel objects and table, so the next system starts clean."""
+        self.stack.close()
+        self.bed.run("cpe", ["nft", "delete", "table", "ip", "igdpcp"], check=False)
+        for name in ("mappings.sqlite3", "mappings.sqlite3-wal", "mappings.sqlite3-shm"):
+            try:
+                os.unlink(os.path.join(self.bed.path("state"), name))
+            except OSError:
+                pass
+
+
+class Miniupnpd:
+    """Debian's miniupnpd as the router's IGD (NAT1), its chains made the way nft_init.sh would."""
+
+    name = "miniupnpd"
+
+    def __init__(self, bed: tb.Testbed) -> None:
+        self.bed = bed
+        self.pidfile = bed.path("nat1-miniupnpd.pid")
+        self.pid: int | None = None
+
+    def start(self) -> None:
+        """Make its chains, write its config, start it and wait for its pid file."""
+        self.bed.nft("cpe", """
+table inet mupnp {
+    chain forward { type filter hook forward priority filter; policy accept; jump mupnp_fwd; }
+    chain mupnp_fwd { }
+    chain prerouting { type nat hook prerouting priority dstnat; policy accept; jump mupnp_dnat; }
+    chain mupnp_dnat { }
+    chain postrouting { type nat hook postrouting priority srcnat; policy accept; jump mupnp_snat; }
+    chain mupnp_snat { }
+}
+""")
+        conf = self.bed.path("nat1-miniupnpd.conf")
+        with open(conf, "w") as f:
+            f.write("\n".join([
+                f"ext_ifname={tb.ROUTER_WAN_IF}", f"listening_ip={tb.ROUTER_LAN_IF}",
+                f"http_port={MINIUPNPD_HTTP_PORT}",
+                # the bed's WAN is 100.64/10, which miniupnpd refuses; assert a public address instead
+                "ext_ip=198.20.0.2", "enable_natpmp=yes", "enable_upnp=yes", "secure_mode=yes",
+                "system_uptime=no", "ipv6_disable=yes", "uuid=3f1e3d3c-0000-4000-8000-000000000001",
+                "upnp_table_name=mupnp", "upnp_nat_table_name=mupnp", "upnp_forward_chain=mupnp_fwd",
+                "upnp_nat_chain=mupnp_dnat", "upnp_nat_postrouting_chain=mupnp_snat",
+                f"allow 1024-65535 {tb.LAN_SUBNET} 1024-65535", "deny 0-65535 0.0.0.0/0 0-65535", ""]))
+        wrapper = self.bed._script("reaper", tb._REAPER_SCRIPT)
+        self.bed.popen("cpe", [sys.executable, wrapper, tb.MINIUPNPD, "-f", conf, "-P", self.pidfile],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # bounded wait for its pid file
+            try:
+                with open(self.pidfile) as f:
+                    self.pid = int(f.read().strip())
+                break
+            except (OSError, ValueError):
+                time.sleep(0.05)
+        if self.pid is None:
+            raise RuntimeError("miniupnpd wrote no pid file in 10 s")
+        time.sleep(0.5)  # its HTTP socket comes up after the pid file
+
+    def pids(self) -> dict[str, int]:
+        """Its pid by name."""
+        return {"miniupnpd": self.pid} if self.pid else {}
+
+    def stop(self) -> None:
+        """SIGTERM it and remove its chains."""
+        if self.pid is not None:
+            try:
+                os.kill(self.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            deadline = time.monotonic() + 5
+            while tb.pid_alive(self.pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            self.pid = None
+        self.bed.run("cpe", ["nft", "delete", "table", "inet", "mupnp"], check=False)
+
+
+System = Igdpcp | Miniupnpd
+
+
+def pin_all(system: System) -> None:
+    """Pin the system's daemons to core 0."""
+    procs.pin(system.pids().values())

@@ -1,0 +1,253 @@
+"""Unit tests of the benchmark harness's pure parts: statistics, goals, schema, Markdown, README block.
+
+No timing is asserted here: the benchmark itself runs only by hand (bench/run), never in CI.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+from typing import Any
+
+import pytest
+
+from bench import agents, goals, harness, report, stats
+from bench.progress import Progress
+
+
+def stat(p50: float, total: float, n: int = 100) -> dict[str, float]:
+    return {"n": n, "p50_ms": p50, "p99_ms": p50 * 2, "mean_ms": p50, "max_ms": p50 * 3, "total_s": total}
+
+
+def row(system: str, n: int, add: float, delete: float, quiet: float, list_total: float,
+        del_total: float, pinned: bool = False) -> dict[str, Any]:
+    return {"system": system, "n": n, "pinned": pinned, "add": stat(add, add * n / 1e3, n),
+            "list": {"total_s": list_total, "entries": n, "per_entry_ms": 1e3 * list_total / n},
+            "delete": stat(delete, del_total, n), "delete_quiet": stat(quiet, 0.1, 20),
+            "delete_all_total_s": del_total, "conntrack": {"before": 31000, "after": 31000},
+            "cpu_s_per_1k": {"add": 1.0, "list": 0.5, "delete": 2.0},
+            "memory": {"natd": {"rss_mib": 30.0, "pss_mib": 20.0}}}
+
+
+def make_doc() -> dict[str, Any]:
+    """A complete results document as a full run writes it."""
+    doc: dict[str, Any] = {
+        "schema": report.SCHEMA_VERSION,
+        "meta": {"date": "2026-12-04T16:00:00+00:00", "machine": {"cpu": "test", "arch": "x86_64"},
+                 "kernel": "6.1", "python": "3.11.2", "cpus": 2, "quick": False, "argv": [],
+                 "packages": {"miniupnpc": "2.3.3", "deb:miniupnpd-nftables": "2.3.1-1"}, "commit": "abc"},
+        "control": [row("igdpcp", 1000, 0.8, 0.9, 0.8, 0.2, 1.0), row("miniupnpd", 1000, 10.0, 7.0, 7.0, 0.3, 15.0),
+                    row("igdpcp", 3000, 0.9, 1.5, 1.0, 0.9, 5.0), row("miniupnpd", 3000, 30.0, 20.0, 20.0, 1.3, 40.0),
+                    row("igdpcp", 10000, 0.95, 1.0, 0.9, 3.0, 10.0),
+                    row("igdpcp", 1000, 0.5, 0.5, 0.5, 0.1, 0.5, pinned=True)],
+        "memory": {"igdpcp": {"idle": {"natd": {"rss_mib": 30.0, "pss_mib": 20.0},
+                                       "controld": {"rss_mib": 25.0, "pss_mib": 15.0}},
+                              "loaded": {"n": 10000, "total": {"rss_mib": 59.0, "pss_mib": 40.0}}}},
+        "dataplane": [{"system": "igdpcp", "n": 1, "conn_per_s": 12000.0}],
+        "cascaded": {"n": 1000, "add": stat(5.0, 5.0), "nat2": stat(4.5, 4.5), "ours": stat(0.5, 0.5)},
+        "natpmp": {"available": False, "reason": "no answer"},
+        "restart": {"n": 10000, "controld_first_soap_s": 1.5, "natd_restart_s": 1.2, "nft_flush_s": None},
+        "goals": [],
+    }
+    return report.with_goals(doc)
+
+
+def by_id(verdicts: list[goals.Verdict], gid: str) -> list[goals.Verdict]:
+    return [v for v in verdicts if v.gid == gid]
+
+
+# ------------------------------------------------------------------ statistics
+def test_quantile_nearest_rank() -> None:
+    values = [float(i) for i in range(100, 0, -1)]  # 1..100, unsorted
+    assert stats.quantile(values, 0.5) == 50.0
+    assert stats.quantile(values, 0.99) == 99.0
+    assert stats.quantile(values, 1.0) == 100.0
+    assert stats.quantile(values, 0.0) == 1.0
+    assert stats.quantile([7.0], 0.99) == 7.0
+    assert stats.quantile([], 0.5) == 0.0
+    with pytest.raises(ValueError):
+        stats.quantile(values, 1.5)
+
+
+def test_summarize_units_and_totals() -> None:
+    s = stats.summarize([0.001, 0.002, 0.003, 0.010])
+    assert s["n"] == 4
+    assert s["p50_ms"] == pytest.approx(2.0)
+    assert s["p99_ms"] == pytest.approx(10.0)
+    assert s["max_ms"] == pytest.approx(10.0)
+    assert s["mean_ms"] == pytest.approx(4.0)
+    assert s["total_s"] == pytest.approx(0.016)
+    assert stats.summarize([])["n"] == 0
+
+
+def test_minus_and_cpu_per_1k() -> None:
+    assert stats.minus([5.0, 6.0, 7.0], [4.0, 4.5]) == [1.0, 1.5]
+    assert stats.cpu_per_1k(2.0, 500) == pytest.approx(4.0)
+    assert stats.cpu_per_1k(1.0, 0) is None
+
+
+# ------------------------------------------------------------------ goals
+def test_goal_table_is_well_formed() -> None:
+    ids = [g.gid for g in goals.GOALS]
+    assert len(ids) == len(set(ids))
+    for g in goals.GOALS:
+        assert g.cmp in ("le", "ge"), g.gid
+        assert g.kind in ("each_n", "growth", "each_n_ratio", "vs_miniupnpd", "scalar"), g.gid
+        assert (g.path if g.kind == "scalar" else g.metric), g.gid
+
+
+def test_every_goal_is_na_on_an_empty_run() -> None:
+    verdicts = goals.evaluate({"control": []})
+    assert {v.gid for v in verdicts} == {g.gid for g in goals.GOALS}
+    assert all(v.status == "n/a" and v.ratio is None for v in verdicts)
+
+
+def test_goals_met_and_short_with_ratio() -> None:
+    verdicts = goals.evaluate(make_doc())
+    delete = {v.where: v for v in by_id(verdicts, "delete-p50")}
+    assert set(delete) == {"N=1000", "N=3000", "N=10000"}  # unpinned rows only
+    assert delete["N=1000"].status == "met" and delete["N=1000"].ratio == pytest.approx(0.9)
+    assert delete["N=3000"].status == "short" and delete["N=3000"].ratio == pytest.approx(1.5)
+    flat = by_id(verdicts, "delete-flat-n")[0]
+    assert flat.where == "N=10000 vs 1000" and flat.value == pytest.approx(1.0 / 0.9)
+    vs = {v.where: v for v in by_id(verdicts, "delete-vs-miniupnpd")}
+    assert vs["N=1000"].value == pytest.approx(15.0) and vs["N=1000"].status == "met"
+    assert vs["N=3000"].value == pytest.approx(8.0) and vs["N=3000"].status == "short"
+    listing = {v.where: v.status for v in by_id(verdicts, "list-vs-miniupnpd")}
+    assert listing == {"N=1000": "met", "N=3000": "met"}
+    ct = {v.where: v.value for v in by_id(verdicts, "delete-flat-ct")}
+    assert ct["N=3000"] == pytest.approx(1.5)
+
+
+def test_scalar_goals_name_their_n_and_handle_missing() -> None:
+    verdicts = goals.evaluate(make_doc())
+    start = by_id(verdicts, "start-controld")[0]
+    assert (start.where, start.status) == ("N=10000", "met")
+    assert by_id(verdicts, "start-natd")[0].status == "short"
+    assert by_id(verdicts, "start-flush")[0].status == "n/a"
+    mem = by_id(verdicts, "mem-loaded")[0]
+    assert (mem.where, mem.status) == ("N=10000", "met")
+    assert by_id(verdicts, "mem-controld-idle")[0].status == "short"
+    assert by_id(verdicts, "cascaded-ours")[0].value == pytest.approx(0.5)
+
+
+def test_ge_goal_ratio_direction() -> None:
+    v = goals.Verdict("x", "x", "", 5.0, 10.0, "ge", "x")
+    assert (v.status, v.ratio) == ("short", 0.5)
+    assert goals.Verdict("x", "x", "", 0.5, 1.0, "le", "ms").status == "met"
+
+
+# ------------------------------------------------------------------ schema and rendering
+def test_schema_accepts_a_full_run_and_json_round_trip() -> None:
+    doc = json.loads(json.dumps(make_doc()))
+    assert report.validate(doc) == []
+
+
+@pytest.mark.parametrize("breakage, expected", [
+    (lambda d: d.pop("meta"), "missing meta"),
+    (lambda d: d.update(schema=99), "schema 99"),
+    (lambda d: d["control"][0].pop("delete"), "control[0]: missing delete"),
+    (lambda d: d["control"][0]["add"].pop("p50_ms"), "control[0].add: missing p50_ms"),
+    (lambda d: d.update(dataplane=[{"n": 1}]), "dataplane[0]"),
+    (lambda d: d.update(natpmp={}), "natpmp: missing available"),
+    (lambda d: d.update(control={}), "control: wrong type"),
+    (lambda d: d.update(errors="x"), "errors: not a list"),
+])
+def test_schema_names_what_is_wrong(breakage: Any, expected: str) -> None:
+    doc = make_doc()
+    breakage(doc)
+    assert any(expected in e for e in report.validate(doc)), report.validate(doc)
+    assert report.validate([]) == ["not an object"]
+
+
+def test_markdown_has_every_section_and_goal() -> None:
+    md = report.render_markdown(make_doc())
+    for heading in ("### Control plane", "### Cascaded", "### NAT-PMP", "### Data plane", "### Restart",
+                    "### Memory", "### Goals"):
+        assert heading in md
+    assert "| 1000 | igdpcp (pinned) |" in md
+    assert "| 10000 | igdpcp | 0.95 / 1.90 ms |" in md
+    assert "no, skipped (no answer)" in md
+    assert md.count("**met**") + md.count("**short**") + md.count("**n/a**") == len(make_doc()["goals"])
+    assert "`nft flush ruleset`: all forwards back in – s" in md
+    assert "failed" not in md
+    failed = report.render_markdown({**make_doc(), "errors": ["cascaded: NAT2 did not start"]})
+    assert "### Phases that failed\n\n- cascaded: NAT2 did not start" in failed
+
+
+# ------------------------------------------------------------------ README block
+README = f"# x\n\nintro\n\n## Performance\n\n{report.README_BEGIN}\nold figures\n{report.README_END}\n\n## After\n"
+
+
+def test_update_readme_replaces_only_the_block() -> None:
+    new = report.update_readme(README, "new figures\n")
+    assert new.startswith("# x\n\nintro\n\n## Performance\n\n")
+    assert new.endswith(f"{report.README_END}\n\n## After\n")
+    assert "new figures" in new and "old figures" not in new
+    assert report.update_readme(new, "new figures\n") == new  # idempotent
+
+
+@pytest.mark.parametrize("text", ["no markers", README + report.README_BEGIN,
+                                  f"{report.README_END}\n{report.README_BEGIN}\n"])
+def test_update_readme_refuses_bad_markers(text: str) -> None:
+    with pytest.raises(ValueError):
+        report.update_readme(text, "x")
+
+
+def test_readme_command_writes_the_block_from_a_results_file(tmp_path: Any) -> None:
+    res = tmp_path / "bench-x.json"
+    res.write_text(json.dumps(make_doc()))
+    readme = tmp_path / "README.md"
+    readme.write_text(README)
+    assert harness.main(["readme", str(res), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "Generated from `bench/results/bench-x.json` (`bench/run`, run on 2026-12-04)" in text
+    assert "### Goals (issue 12)" in text and text.endswith("## After\n")
+    assert "![" not in text  # no plots beside this results file
+    (tmp_path / "bench-x-latency.png").write_bytes(b"png")
+    doc = make_doc()
+    doc["meta"]["argv"] = ["-n", "1000", "--out", "/tmp/elsewhere"]
+    res.write_text(json.dumps(doc))
+    assert harness.main(["readme", str(res), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "(`bench/run -n 1000`, run on" in text
+    assert "![bench-x-latency.png](bench/results/bench-x-latency.png)" in text and "memory.png" not in text
+    assert text.count(report.README_BEGIN) == 1 and text.startswith("# x\n\nintro\n")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    with pytest.raises(ValueError, match="missing"):
+        harness.main(["readme", str(bad), "--readme", str(readme)])
+
+
+# ------------------------------------------------------------------ small pure helpers
+def test_progress_bar_renders_without_a_tty() -> None:
+    out = io.StringIO()
+    with Progress("adds", 4, stream=out) as bar:
+        for _ in range(4):
+            bar.step()
+    assert out.getvalue().count("\n") == 1  # one line per phase in a log
+    assert "[" + "#" * 30 + "] 4/4" in out.getvalue()
+
+
+def _pcp_frame(sport: int, dport: int, opcode: int, nonce: bytes) -> bytes:
+    pcp = bytes([2, opcode]) + bytes(22) + nonce + bytes(24)
+    udp = struct.pack("!HHHH", sport, dport, 8 + len(pcp), 0)
+    ip = bytes([0x45, 0]) + struct.pack("!H", 20 + len(udp) + len(pcp)) + bytes(5) + bytes([17]) + bytes(10)
+    return ip + udp + pcp
+
+
+def test_pcp_sniffer_parses_map_requests_and_responses() -> None:
+    nonce = bytes(range(12))
+    assert agents._pcp_of(_pcp_frame(40000, 5351, 1, nonce)) == ("req", nonce)
+    assert agents._pcp_of(_pcp_frame(5351, 40000, 0x81, nonce)) == ("resp", nonce)
+    assert agents._pcp_of(_pcp_frame(40000, 5351, 0, nonce)) is None  # ANNOUNCE, not MAP
+    assert agents._pcp_of(_pcp_frame(40000, 53, 1, nonce)) is None
+    assert agents._pcp_of(b"\x60" + bytes(60)) is None  # IPv6
+
+
+def test_quick_config_and_overrides() -> None:
+    cfg, _ = harness.parse_args(["--quick", "--conntrack-flows", "30000", "--skip", "pinned"])
+    assert cfg.quick and max(cfg.ns) < 1000 and cfg.conntrack_flows == 30000 and cfg.skip == ("pinned",)
+    full, _ = harness.parse_args(["-n", "3000", "1000"])
+    assert full.ns == [1000, 3000] and not full.quick and full.conntrack_flows >= 30000
