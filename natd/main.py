@@ -23,7 +23,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from natd import conntrack, nftmon, wan
+from natd import conntrack, nftmon, stun, wan
 from natd.bindings import BindingTable, Limits, PolicyError, endpoint
 from natd.nft import LAYOUTS, Change, FwNotReady, Layout, Nft, NftError
 from natd.relay import Answer, MatchKey, PcpRelay, match_key
@@ -66,6 +66,8 @@ class Natd:
         self.nft = Nft(Layout.make(args.layout, args.table), args.wan_if, args.lan_if)
         self.table = BindingTable(limits=Limits(args.max_bindings, args.max_per_host))
         self.relay = PcpRelay(self._pcp_received, self._pcp_servers)
+        self.stun = stun.StunProbe(lambda: (self.args.stun_server, self.args.stun_port, self.args.stun_interval),
+                                   lambda: self.ifs.wan_ip, self._publish)
         # One handler per request type (controld -> natd); a reply or, for a PCP exchange that
         # waits for its answer, a coroutine the server finishes in a task of its own.
         self.handlers: dict[type[wire.Message], Callable[[Any], wire.Message | Coroutine[Any, Any, wire.Message]]] = {
@@ -91,6 +93,7 @@ class Natd:
         log.info("interfaces changed: wan=%s gateway=%s lan=%s", ifs.wan_ip, ifs.gateway, ",".join(ifs.lan_ips))
         if ifs.wan_ip != old:
             await self.relay.open(ifs.wan_ip)
+            self.stun.kick()
         for b in list(self.table.by_mid.values()):  # policy holds for what is already in place too
             try:
                 self.table.check_lan(b.lan_ip)
@@ -182,6 +185,7 @@ class Natd:
             new = reread_args(self.reparse, self.args, RESTART_ONLY, log) if self.reparse else None
             if new is not None:
                 self.args = new
+                self.stun.kick()
                 self.table.limits = Limits(new.max_bindings, new.max_per_host)
             try:
                 ifs = await wan.snapshot(self.args.wan_if, self.args.lan_if)
@@ -521,7 +525,7 @@ class Natd:
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, hup.set)
         tasks = [asyncio.create_task(c) for c in (
             self._serve(), self._heartbeat(), self._healer(), self._conntrack_worker(), self._on_hup(hup),
-            wan.watch(self.args.wan_if, self.args.lan_if, self._on_ifs, self.ifs))]
+            self.stun.run(), wan.watch(self.args.wan_if, self.args.lan_if, self._on_ifs, self.ifs))]
         waiter: asyncio.Task[Any] = asyncio.create_task(stop.wait())
         done, _ = await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
         for t in [*tasks, waiter]:

@@ -3,6 +3,7 @@
     igdpcp status | list | get ID | add PROTO EXT_PORT INT_IP INT_PORT | delete ID | delete PROTO EXT_PORT
     igdpcp flush [--host IP] | host-left IP | reload | watch        (each takes --json and --socket)
     igdpcp hash-password                                             (the page's admin password, for UCI)
+    igdpcp import-upnpd [--from FILE] [--to FILE] [--dry-run]      (miniupnpd's UCI config into igdpcp's)
 
 Exit status: 0 done, 1 refused by controld (the reason on stderr), 2 bad usage,
 3 controld not reachable (one line on stderr). docs/operating.md has the details.
@@ -231,6 +232,10 @@ def _parser() -> argparse.ArgumentParser:
     w = sub.add_parser("watch", parents=[common], help="print each mapping change as it happens")
     w.add_argument("--count", type=int, help=argparse.SUPPRESS)  # stop after N events (tests)
     sub.add_parser("hash-password", help="read a password, print its hash for UCI web_password_hash")
+    i = sub.add_parser("import-upnpd", help="carry /etc/config/upnpd (miniupnpd, luci-app-upnp) over into igdpcp's")
+    i.add_argument("--from", dest="src", default="/etc/config/upnpd", help="miniupnpd's UCI file")
+    i.add_argument("--to", dest="dst", default="/etc/config/igdpcp", help="igdpcp's UCI file, edited in place")
+    i.add_argument("--dry-run", action="store_true", help="print the result, change nothing")
     r = sub.add_parser("rpcd", parents=[common], help=argparse.SUPPRESS)  # the rpcd plugin's back end
     r.add_argument("rpcd_args", nargs="*")
     return p
@@ -262,6 +267,8 @@ def run(argv: list[str] | None = None, out: TextIO = sys.stdout) -> int:
         return _hash_password(out)
     if args.cmd == "rpcd":
         return rpcd(args.socket, args.rpcd_args, out)
+    if args.cmd == "import-upnpd":
+        return _import_upnpd(args, out)
     try:
         if args.cmd == "watch":
             return _watch(args.socket, args.json, out, args.count)
@@ -277,6 +284,25 @@ def run(argv: list[str] | None = None, out: TextIO = sys.stdout) -> int:
         return EXIT_REFUSED
     except KeyboardInterrupt:
         return 0
+    return 0
+
+
+def _import_upnpd(args: argparse.Namespace, out: TextIO) -> int:
+    """The converter (shared/upnpd_import.py); the report goes to stderr, --dry-run's file to stdout."""
+    from shared.config import ConfigError
+    from shared.upnpd_import import run as import_upnpd
+
+    try:
+        text, report = import_upnpd(args.src, args.dst, args.dry_run)
+    except (ConfigError, OSError) as exc:
+        print(f"igdpcp import-upnpd: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
+    for line in report:
+        print(f"igdpcp import-upnpd: {line}", file=sys.stderr)
+    if args.dry_run:
+        print(text, end="", file=out)
+    else:
+        print(f"igdpcp import-upnpd: wrote {args.dst}; apply it with the service's reload", file=sys.stderr)
     return 0
 
 

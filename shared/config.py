@@ -10,14 +10,19 @@ from __future__ import annotations
 
 import argparse
 import difflib
-from collections.abc import Mapping, Sequence
+import ipaddress
+import os
+import re
+import uuid as uuidlib
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from shared import stun
 from shared.uci import ConfigError, Section, err, load_uci, parse_uci
 
 __all__ = ["ConfigError", "Section", "parse_uci", "load_uci", "parse_args_with_config",
-           "Option", "OPTIONS", "build_parser", "default", "restart_only"]
+           "Option", "OPTIONS", "build_parser", "default", "restart_only", "perm_rule_line", "ensure_uuid"]
 
 _BOOLS = {"1": True, "yes": True, "on": True, "true": True, "enabled": True,
           "0": False, "no": False, "off": False, "false": False, "disabled": False}
@@ -41,7 +46,7 @@ class Option:
     daemons: tuple[str, ...]
     help: str
     default: Any = None
-    type: type = str
+    type: Callable[[str], Any] = str
     kind: str = "store"
     required: bool = False
     choices: tuple[Any, ...] | None = None
@@ -52,6 +57,30 @@ class Option:
     def dest(self) -> str:
         """The argparse attribute and the UCI key."""
         return self.name.replace("-", "_")
+
+
+def ipv4(text: str) -> str:
+    """argparse type: one IPv4 address, normalised."""
+    try:
+        return str(ipaddress.IPv4Address(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an IPv4 address: {text!r}") from None
+
+
+def device_uuid(text: str) -> str:
+    """argparse type: a UUID (with or without a 'uuid:' prefix), normalised to 8-4-4-4-12."""
+    try:
+        return str(uuidlib.UUID(text.removeprefix("uuid:")))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a UUID: {text!r}") from None
+
+
+def seconds(text: str) -> int:
+    """argparse type: a whole number of seconds, at least 1."""
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 s: {text!r}")
+    return n
 
 
 _O = Option
@@ -73,6 +102,12 @@ OPTIONS: tuple[Option, ...] = (
     _O("max-per-host", (NATD,), "NAT1 forwards allowed per LAN host", default=4096, type=int, live=True),
     _O("pcp-steer-to", (NATD,), "split layout: steer LAN PCP/NAT-PMP (gateway UDP 5351) to controld at this "
                                 "address, keeping the client's source ('': controld shares the router)", default=""),
+    _O("stun-server", (NATD,), "STUN server (host name or IPv4 address) natd asks, from the WAN address, "
+                               "for the external address the Internet sees (RFC 8489; a double NAT without "
+                               "PCP); empty: no STUN", live=True),
+    _O("stun-port", (NATD,), "UDP port of the STUN server", default=stun.DEFAULT_PORT, type=int, live=True),
+    _O("stun-interval", (NATD,), "seconds between STUN probes (one also at start and on every WAN address "
+                                 "change)", default=300, type=seconds, live=True),
     # --- controld
     _O("state-dir", (CONTROLD,), "where the mapping table (SQLite) lives", required=True),
     _O("mode", (CONTROLD,), "auto picks from the WAN address and PCP", default="auto"),
@@ -101,10 +136,20 @@ OPTIONS: tuple[Option, ...] = (
        kind="bool", live=True),
     _O("permission", (CONTROLD,), "miniupnpd rule 'allow|deny EPORT[-EPORT] IP[/MASK] IPORT[-IPORT] "
                                   "[\"REGEX\"]', first match wins; with rules, no match is a deny "
-                                  "(UCI: list permission)", kind="append", metavar="RULE", live=True),
+                                  "(UCI: list permission, then each 'config perm_rule' section)", kind="append",
+       metavar="RULE", live=True),
     _O("max-mappings-per-host", (CONTROLD,), "UPnP mappings per LAN host (0: no limit)", default=256, type=int,
        live=True),
     _O("max-mappings", (CONTROLD,), "UPnP mappings in total (0: no limit)", default=4096, type=int, live=True),
+    _O("uuid", (CONTROLD,), "the IGD's device UUID, kept across restarts and reboots (the init script or "
+                            "unit writes a generated one into the config when empty)", type=device_uuid),
+    _O("friendly-name", (CONTROLD,), "friendlyName in the device description", default="igdpcp router"),
+    _O("presentation-url", (CONTROLD,), "presentationURL in the device description (default: none)"),
+    _O("notify-interval", (CONTROLD,), "seconds between SSDP NOTIFY rounds (max-age is three times this)",
+       default=600, type=seconds),
+    _O("external-ip", (CONTROLD,), "IPv4 address to report as the external one when no PCP server maps "
+                                   "upstream (an outer NAT forwarded by hand; wins over STUN)", type=ipv4,
+       live=True),
     _O("manage-host", (CONTROLD,), "hosts whose NewManage=1 reaches other hosts' mappings "
                                    "(UCI: list manage_host)", kind="append", metavar="IP[/LEN]", live=True),
     _O("enable-pcp", (CONTROLD,), "serve PCP (RFC 6887) to LAN hosts on UDP 5351, proxied upstream",
@@ -277,10 +322,12 @@ def _uci_keys(parser: argparse.ArgumentParser, cfg: argparse.Action) -> dict[str
 def _file_values(parser: argparse.ArgumentParser, cfg: argparse.Action, path: str,
                  section_type: str) -> dict[str, Any]:
     """The values the file's first ``section_type`` section gives, by argparse dest."""
-    section = next((s for s in load_uci(path) if s.type == section_type), None)
-    if section is None:
-        return {}
+    sections = load_uci(path)
+    section = next((s for s in sections if s.type == section_type), None)
     by_key = _uci_keys(parser, cfg)
+    rules = [perm_rule_line(s, path) for s in sections if s.type == PERM_RULE] if "permission" in by_key else []
+    if section is None:
+        return {by_key["permission"].dest: rules} if rules else {}
     values: dict[str, Any] = {}
     given = [(k, [v], False) for k, v in section.options.items()] + [(k, v, True) for k, v in section.lists.items()]
     for key, raw, is_list in given:
@@ -291,4 +338,87 @@ def _file_values(parser: argparse.ArgumentParser, cfg: argparse.Action, path: st
             raise err(path, lines[0], f"unknown option {key!r} in section {section_type}"
                                       + (f" (did you mean {hint[0]!r}?)" if hint else ""))
         values[action.dest] = _config_value(action, key, raw, lines, is_list, path)
+    if rules:  # miniupnpd's sections come after the list: first match wins across both
+        dest = by_key["permission"].dest
+        values[dest] = list(values.get(dest) or []) + rules
     return values
+
+
+# --- miniupnpd's permission sections ------------------------------------------------
+
+PERM_RULE = "perm_rule"
+# miniupnpd's init script fills in what a perm_rule leaves out (openwrt/packages net/miniupnpd).
+PERM_RULE_DEFAULTS = {"action": "deny", "ext_ports": "0-65535", "int_addr": "0.0.0.0/0", "int_ports": "0-65535"}
+_PORTS = re.compile(r"(\d{1,5})(?:[-:](\d{1,5}))?")
+_ADDR = re.compile(r"[0-9.]+(?:/[0-9.]+)?")
+
+
+def perm_rule_line(section: Section, filename: str) -> str:
+    """A ``config perm_rule`` section (miniupnpd's UCI names: action, ext_ports, int_addr,
+    int_ports, comment) as the rule line ``--permission`` takes: ``allow 1024-65535
+    0.0.0.0/0 1024-65535``. Ports may be ``x``, ``x-y`` or ``x:y``; ``comment`` is only
+    a comment. Raises ConfigError naming the file and line."""
+    if section.lists:
+        key = next(iter(section.lists))
+        raise err(filename, section.lines[key][0], f"perm_rule takes 'option {key}', not 'list'")
+    for key in section.options:
+        if key not in PERM_RULE_DEFAULTS and key != "comment":
+            hint = difflib.get_close_matches(key, [*PERM_RULE_DEFAULTS, "comment"], n=1)
+            raise err(filename, section.lines[key][0], f"unknown option {key!r} in section perm_rule"
+                      + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+    v = {**PERM_RULE_DEFAULTS, **{k: x.strip() for k, x in section.options.items() if x.strip()}}
+
+    def line(key: str) -> int:
+        return section.lines.get(key, [section.line])[0]
+
+    action = v["action"].lower()
+    if action not in ("allow", "deny"):
+        raise err(filename, line("action"), f"perm_rule action must be allow or deny, not {v['action']!r}")
+    ports = {}
+    for key in ("ext_ports", "int_ports"):
+        m = _PORTS.fullmatch(v[key])
+        if not m or int(m[1]) > 65535 or (m[2] and not int(m[1]) <= int(m[2]) <= 65535):
+            raise err(filename, line(key), f"perm_rule {key} must be PORT, PORT-PORT or PORT:PORT "
+                                            f"within 0-65535, not {v[key]!r}")
+        ports[key] = m[1] if m[2] is None else f"{m[1]}-{m[2]}"
+    if not _ADDR.fullmatch(v["int_addr"]):
+        raise err(filename, line("int_addr"), f"perm_rule int_addr must be IP[/BITS|/MASK], not {v['int_addr']!r}")
+    return f"{action} {ports['ext_ports']} {v['int_addr']} {ports['int_ports']}"
+
+
+# --- the persistent device UUID -------------------------------------------------------
+
+
+def ensure_uuid(path: str, section_name: str, key: str = "uuid") -> str:
+    """The UUID in option ``key`` of the named section; when empty, write a new one into the
+    file first (atomically, the rest of the file untouched), as miniupnpd's init script does
+    with ``uci set``. Raises ConfigError when the file or section is unusable."""
+    sections = load_uci(path)
+    section = next((s for s in sections if s.name == section_name), None)
+    if section is None:
+        raise ConfigError(f"{path}: no section named {section_name!r}")
+    if current := section.options.get(key, "").strip():
+        try:
+            return device_uuid(current)
+        except argparse.ArgumentTypeError as e:
+            raise err(path, section.lines[key][0], str(e)) from None
+    new = str(uuidlib.uuid4())
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines(keepends=True)
+    if lines and not lines[-1].endswith("\n"):
+        lines[-1] += "\n"
+    entry = f"\toption {key} '{new}'\n"
+    if key in section.options:  # an empty 'option uuid' line: replace it
+        lines[section.lines[key][0] - 1] = entry
+    else:  # right after the section's 'config' line
+        lines.insert(section.line, entry)
+    text = "".join(lines)
+    check = next((s for s in parse_uci(text, path) if s.name == section_name), None)
+    if check is None or check.options.get(key) != new:
+        raise ConfigError(f"{path}: cannot add option {key} to section {section_name!r} safely; set it by hand")
+    tmp = f"{path}.igdpcp-new"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.chmod(tmp, os.stat(path).st_mode & 0o7777)
+    os.replace(tmp, path)
+    return new

@@ -277,6 +277,31 @@ class Restored(Message):
     forwards: int
 
 
+# --- STUN (natd PUB): the external address seen from the Internet (docs/stun.md) -----
+
+
+@dataclass(frozen=True)
+class StunResult(Message):
+    """natd's latest STUN Binding answer (RFC 8489): what a server saw as the source of a
+    datagram from ``wan_ip``. ``external_ip`` is None when no answer came (``error`` says
+    why); published on each probe and repeated so a late subscriber learns it too."""
+
+    OP: ClassVar[str] = "stun"
+    server: str
+    wan_ip: str | None
+    external_ip: str | None
+    external_port: int = 0
+    local_port: int = 0
+    error: str = ""
+
+    def check(self) -> None:
+        for ip in (self.wan_ip, self.external_ip):
+            if ip is not None:
+                _ipv4(ip)
+        _port(self.external_port, zero_ok=True)
+        _port(self.local_port, zero_ok=True)
+
+
 MESSAGES: dict[str, type[Message]] = {
     cls.OP: cls
     for cls in (Hello, HelloReply, Bind, BindReply, Unbind, PcpExchange, PcpAnswer, Sync, SyncReply, GetCounters,
@@ -284,6 +309,7 @@ MESSAGES: dict[str, type[Message]] = {
                 Ok, Error,
                 PcpReceived, WanChanged, Heartbeat, Restored)
 }
+MESSAGES[StunResult.OP] = StunResult
 
 
 # --- codec -----------------------------------------------------------------------

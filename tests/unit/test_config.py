@@ -524,3 +524,120 @@ def test_uci_sample_shows_the_table_defaults() -> None:
                 assert o.type(commented[o.dest]) == o.default, (stype, o.dest)
                 shown += 1
     assert shown >= 10
+
+
+# --- miniupnpd's perm_rule sections and the persistent UUID ---------------------------------
+
+REQUIRED = ("--lan-if", "l", "--rpc", "ipc:///r", "--events", "ipc:///e", "--state-dir", "/s")
+
+
+def _controld_ns(path: Path, *argv: str) -> argparse.Namespace:
+    from controld.main import build_parser
+
+    return parse_args_with_config(build_parser(), ["--config", str(path), *REQUIRED, *argv], "controld")
+
+
+def test_perm_rule_sections_follow_the_permission_list(tmp_path: Path) -> None:
+    conf = tmp_path / "igdpcp"
+    conf.write_text("config controld 'controld'\n\tlist permission 'allow 8080 192.168.1.5 80'\n\n" + UPNPD
+                    + "config perm_rule\n\toption action 'allow'\n\toption ext_ports '27015:27030'\n"
+                      "\toption int_addr '192.168.1.0/255.255.255.0'\n\toption int_ports 27015:27030\n")
+    ns = _controld_ns(conf)
+    assert ns.permission == ["allow 8080 192.168.1.5 80",
+                             "allow 1024-65535 0.0.0.0/0 1024-65535",
+                             "deny 0-65535 0.0.0.0/0 0-65535",  # miniupnpd's init fills what is left out
+                             "allow 27015-27030 192.168.1.0/255.255.255.0 27015-27030"]
+    assert _controld_ns(conf, "--permission", "deny 0-65535 0.0.0.0/0 0-65535").permission == \
+        ["deny 0-65535 0.0.0.0/0 0-65535"]  # the command line replaces the file's rules, as for any list
+
+
+def test_perm_rules_without_a_controld_section(tmp_path: Path) -> None:
+    conf = tmp_path / "igdpcp"
+    conf.write_text(UPNPD)
+    assert _controld_ns(conf).permission == ["allow 1024-65535 0.0.0.0/0 1024-65535", "deny 0-65535 0.0.0.0/0 0-65535"]
+
+
+@pytest.mark.parametrize("body, line, reason", [
+    ("\toption action 'permit'\n", 2, "allow or deny"),
+    ("\toption ext_ports '80-70000'\n", 2, "ext_ports must be"),
+    ("\toption int_ports '90-80'\n", 2, "int_ports must be"),
+    ("\toption int_addr '192.168.1.0/24 evil'\n", 2, "int_addr must be"),
+    ("\toption int_adr '192.168.1.0/24'\n", 2, "did you mean 'int_addr'"),
+    ("\tlist ext_ports '80'\n", 2, "not 'list'"),
+])
+def test_bad_perm_rule_names_file_and_line(tmp_path: Path, body: str, line: int, reason: str) -> None:
+    conf = tmp_path / "igdpcp"
+    conf.write_text("config perm_rule\n" + body)
+    from controld.main import build_parser
+
+    p = build_parser()
+    p.exit_on_error = False
+    with pytest.raises(ConfigError, match=f"{conf}:{line}: .*{reason}"):
+        parse_args_with_config(p, ["--config", str(conf), *REQUIRED], "controld")
+
+
+def test_natd_ignores_perm_rules(tmp_path: Path) -> None:
+    from natd.main import build_parser
+
+    conf = tmp_path / "igdpcp"
+    conf.write_text("config perm_rule\n\toption action 'bogus'\n")  # controld's business, not natd's
+    ns = parse_args_with_config(build_parser(), ["--config", str(conf), "--wan-if", "w", *REQUIRED[:6]], "natd")
+    assert ns.stun_server is None and (ns.stun_port, ns.stun_interval) == (3478, 300)
+
+
+def test_ensure_uuid_fills_an_empty_option_once(tmp_path: Path) -> None:
+    import uuid
+
+    from shared.config import ensure_uuid
+
+    conf = tmp_path / "igdpcp"
+    conf.write_text("config natd 'natd'\n\toption uuid ''\n\nconfig controld 'controld'\n\toption uuid ''\n"
+                    "\toption state_dir '/x'\n")
+    made = ensure_uuid(str(conf), "controld")
+    assert str(uuid.UUID(made)) == made
+    assert conf.read_text() == ("config natd 'natd'\n\toption uuid ''\n\nconfig controld 'controld'\n"
+                                f"\toption uuid '{made}'\n\toption state_dir '/x'\n")
+    assert ensure_uuid(str(conf), "controld") == made
+    assert _controld_ns(conf).uuid == made
+
+
+def test_ensure_uuid_after_a_last_line_without_newline(tmp_path: Path) -> None:
+    from shared.config import ensure_uuid
+
+    conf = tmp_path / "igdpcp"
+    conf.write_text("config controld 'controld'")
+    made = ensure_uuid(str(conf), "controld")
+    assert conf.read_text() == f"config controld 'controld'\n\toption uuid '{made}'\n"
+
+
+def test_ensure_uuid_refuses_a_bad_uuid_and_a_missing_section(tmp_path: Path) -> None:
+    from shared.config import ensure_uuid
+
+    conf = tmp_path / "igdpcp"
+    conf.write_text("config controld 'controld'\n\toption uuid 'nope'\n")
+    with pytest.raises(ConfigError, match=":2: not a UUID"):
+        ensure_uuid(str(conf), "controld")
+    with pytest.raises(ConfigError, match="no section named 'other'"):
+        ensure_uuid(str(conf), "other")
+
+
+@pytest.mark.parametrize("key, value, ok", [
+    ("uuid", "uuid:E9D1BC39-6A5E-4C73-A2A4-6E1B3A9F1C20", "e9d1bc39-6a5e-4c73-a2a4-6e1b3a9f1c20"),
+    ("uuid", "xyz", None),
+    ("external_ip", "203.0.113.7", "203.0.113.7"),
+    ("external_ip", "2001:db8::1", None),
+    ("notify_interval", "900", 900),
+    ("notify_interval", "0", None),
+])
+def test_new_controld_options_are_checked(tmp_path: Path, key: str, value: str, ok: object) -> None:
+    conf = tmp_path / "igdpcp"
+    conf.write_text(f"config controld 'controld'\n\toption {key} '{value}'\n")
+    if ok is None:
+        from controld.main import build_parser
+
+        p = build_parser()
+        p.exit_on_error = False
+        with pytest.raises(ConfigError, match=f":2: invalid value .* for '{key}'"):
+            parse_args_with_config(p, ["--config", str(conf), *REQUIRED], "controld")
+    else:
+        assert getattr(_controld_ns(conf), key) == ok

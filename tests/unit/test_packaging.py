@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import uuid
 from pathlib import Path
 
 import pytest
@@ -297,6 +298,7 @@ print(s.options.get(sys.argv[3], "") if s else "")' "$UCI_FILE" "$2" "$3") || ex
 	eval "$1=\${v:-\$4}"
 }
 config_get_bool() { config_get "$@"; eval "case \$$1 in 1|yes|on|true|enabled) $1=1;; *) $1=0;; esac"; }
+uci() { echo "uci $*"; }
 network_find_wan() { eval "$1=wan"; }
 network_get_device() { case "$2" in wan) eval "$1=eth1";; lan) eval "$1=br-lan";; *) eval "$1=";; esac; }
 """
@@ -355,6 +357,14 @@ def test_procd_controld_instance(tmp_path: Path) -> None:
     assert "chown igdpcp:igdpcp /var/lib/igdpcp" in calls
     assert "set reload_signal HUP" in calls and "reload_trigger igdpcp" in calls
     assert "interface_trigger lan" in calls
+    # no UUID in the shipped config: one is made, written to UCI and passed on (as miniupnpd's init)
+    (made,) = [c.split("=", 1)[1] for c in calls if c.startswith("uci -q set igdpcp.controld.uuid=")]
+    assert "uci -q commit igdpcp" in calls and ns.uuid == str(uuid.UUID(made))
+    fixed = "b7e7a701-bc34-4686-8a87-dfaeb7e7a701"
+    kept = run_init(tmp_path, "igdpcp-controld", enabled_config().replace(
+        "config controld 'controld'", f"config controld 'controld'\n\toption uuid '{fixed}'"))
+    assert not [c for c in kept if c.startswith("uci")]
+    assert init_command(kept)[-2:] == ["--uuid", fixed]
 
 
 def test_procd_shipped_disabled_starts_nothing(tmp_path: Path) -> None:
@@ -369,13 +379,20 @@ def test_procd_shipped_disabled_starts_nothing(tmp_path: Path) -> None:
             assert "logger -t igdpcp not started: set igdpcp.service.enabled=1" in calls
 
 
-def test_default_acl_allows_1024_up_to_lan_hosts_and_denies_the_rest() -> None:
-    """miniupnpd's shipped perm_rules, in our syntax, active in the shipped config."""
+def test_default_acl_allows_1024_up_to_lan_hosts_and_denies_the_rest(tmp_path: Path) -> None:
+    """miniupnpd's shipped perm_rule sections, with its option names, reach controld's
+    --permission (after any 'list permission') and are active in the shipped config."""
     from controld.core.policy import Permissions
+    from controld.main import build_parser
 
     for flavour in ("openwrt", "debian"):
-        (ctl,) = [x for x in parse_uci(sample_config(flavour), "sample") if x.type == "controld"]
-        perms = Permissions.parse(ctl.lists["permission"])
+        rules = [x for x in parse_uci(sample_config(flavour), "sample") if x.type == "perm_rule"]
+        assert [r.options["action"] for r in rules] == ["allow", "deny"]
+        (tmp_path / "igdpcp").write_text(sample_config(flavour))
+        ns = parse_args_with_config(build_parser(), ["--config", str(tmp_path / "igdpcp"), "--lan-if", "x",
+                                                     "--state-dir", "/tmp"], "controld")
+        assert ns.permission == ["allow 1024-65535 0.0.0.0/0 1024-65535", "deny 0-65535 0.0.0.0/0 0-65535"]
+        perms = Permissions.parse(ns.permission)
         assert perms.allowed(1024, "192.168.1.20", 1024) and perms.allowed(65535, "192.168.1.20", 8080)
         assert not perms.allowed(1023, "192.168.1.20", 8080) and not perms.allowed(8080, "192.168.1.20", 80)
         assert not perms.allowed(22, "192.168.1.20", 22)
@@ -756,3 +773,62 @@ def test_dnsmasq_dhcp_script_reports_host_leave(debian_root: Path, tmp_path: Pat
     assert res.returncode == 0, res.stderr
     called = tmp_path / "called"
     assert (called.read_text().strip() if called.exists() else None) == expect
+
+
+# ---------------------------------------------------------------- postinst: dnsmasq's DHCP handler
+
+@pytest.mark.parametrize("conf, instroot, restarts", [
+    ("port=53\n", "", True),  # dnsmasq runs without dhcp-script: ours is its first handler
+    ("port=53\ndhcp-script=/usr/lib/dnsmasq/dhcp-script.sh\n", "", False),  # it already runs handlers
+    (None, "", False),  # dnsmasq not running: its next start sees our handler
+    ("port=53\n", "/tmp/rootfs", False),  # image build: nothing runs
+])
+def test_postinst_restarts_dnsmasq_once_for_the_new_dhcp_handler(tmp_path: Path, conf: str | None,
+                                                                  instroot: str, restarts: bool) -> None:
+    """OpenWrt's dnsmasq init adds dhcp-script only when a /etc/hotplug.d/dhcp handler exists
+    at its start; without a restart our host-leave handler would never run."""
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    calls = tmp_path / "calls"
+    for name in ("dnsmasq", "logger"):
+        (bin_ / name).write_text(f'#!/bin/sh\necho "{name} $*" >> "{calls}"\n')
+        (bin_ / name).chmod(0o755)
+    (tmp_path / "90-igdpcp").write_text("#!/bin/sh\n")
+    if conf is not None:
+        (tmp_path / "dnsmasq.conf.cfg01411c").write_text(conf)
+    script = (PKG / "control" / "postinst-pkg").read_text()
+    for real, fake in (("/etc/init.d/dnsmasq", bin_ / "dnsmasq"),
+                       ("/etc/hotplug.d/dhcp/90-igdpcp", tmp_path / "90-igdpcp"),
+                       ("/var/etc/dnsmasq.conf", tmp_path / "dnsmasq.conf")):
+        assert real in script
+        script = script.replace(real, str(fake))
+    res = subprocess.run(["dash", "-c", script], env={"PATH": f"{bin_}:/usr/bin:/bin", "IPKG_INSTROOT": instroot},
+                         capture_output=True, text=True, timeout=30)
+    assert res.returncode == 0, res.stderr
+    got = calls.read_text().splitlines() if calls.exists() else []
+    assert ("dnsmasq restart" in got) == restarts, got
+
+
+def test_debian_unit_writes_a_persistent_uuid_once(debian_root: Path, tmp_path: Path) -> None:
+    """ExecStartPre=+ensure-uuid: an empty uuid gets one, written into the config; the next
+    start keeps it; controld's parser reads it from the file."""
+    from controld.main import build_parser
+
+    units = (debian_root / "lib/systemd/system/igdpcp-controld.service").read_text()
+    assert "ExecStartPre=+/usr/lib/igdpcp/ensure-uuid /etc/igdpcp/igdpcp controld" in units
+    conf = tmp_path / "igdpcp"
+    conf.write_text(sample_config("debian"))
+    conf.chmod(0o640)
+    before = conf.read_text()
+    tool = str(debian_root / "usr/lib/igdpcp/ensure-uuid")
+    first = subprocess.run([tool, str(conf), "controld"], capture_output=True, text=True, timeout=30, check=True)
+    made = first.stdout.strip()
+    assert str(uuid.UUID(made)) == made and oct(conf.stat().st_mode & 0o777) == "0o640"
+    after = conf.read_text()
+    assert after.replace(f"\toption uuid '{made}'\n", "", 1) == before  # nothing else changed
+    again = subprocess.run([tool, str(conf), "controld"], capture_output=True, text=True, timeout=30, check=True)
+    assert again.stdout.strip() == made and conf.read_text() == after
+    ns = parse_args_with_config(build_parser(), ["--config", str(conf), "--lan-if", "br-lan"], "controld")
+    assert ns.uuid == made
+    broken = subprocess.run([tool, str(tmp_path / "missing"), "controld"], capture_output=True, text=True, timeout=30)
+    assert broken.returncode == 0 and "no persistent UUID" in broken.stderr

@@ -51,6 +51,51 @@ return view.extend({
 		o = s.option(form.ListValue, 'log_level', _('Log level'));
 		[ 'debug', 'info', 'warning', 'error' ].forEach(function(l) { o.value(l); });
 		o.default = 'info';
+		o = s.option(form.Value, 'friendly_name', _('Device name'), _('friendlyName in the UPnP description.'));
+		o.placeholder = 'igdpcp router';
+		o.optional = true;
+		o = s.option(form.Value, 'presentation_url', _('Presentation URL'), _('presentationURL in the UPnP description.'));
+		o.datatype = 'string';
+		o.optional = true;
+		o = s.option(form.Value, 'notify_interval', _('SSDP notify interval'), _('Seconds between SSDP NOTIFY rounds.'));
+		o.datatype = 'min(1)';
+		o.placeholder = '600';
+		o.optional = true;
+		o = s.option(form.Value, 'external_ip', _('External address'),
+			_('Reported when no PCP server maps upstream (an outer NAT forwarded by hand); wins over STUN.'));
+		o.datatype = 'ip4addr';
+		o.optional = true;
+
+		s = m.section(form.NamedSection, 'natd', 'natd', _('STUN'),
+			_('For a double NAT without PCP: the router asks a STUN server which address the Internet sees.'));
+		o = s.option(form.Value, 'stun_server', _('STUN server'), _('Host name or IPv4 address; empty: no STUN.'));
+		o.datatype = 'host';
+		o.optional = true;
+		o = s.option(form.Value, 'stun_port', _('STUN port'));
+		o.datatype = 'port';
+		o.placeholder = '3478';
+		o.optional = true;
+		o = s.option(form.Value, 'stun_interval', _('STUN interval'), _('Seconds between STUN queries.'));
+		o.datatype = 'min(1)';
+		o.placeholder = '300';
+		o.optional = true;
+
+		s = m.section(form.GridSection, 'perm_rule', _('Permission rules'),
+			_('As miniupnpd\'s: first match wins; with rules, no match is a deny. Ports: PORT or PORT-PORT.'));
+		s.anonymous = true;
+		s.addremove = true;
+		s.sortable = true;
+		o = s.option(form.ListValue, 'action', _('Action'));
+		o.value('allow', _('allow'));
+		o.value('deny', _('deny'));
+		o = s.option(form.Value, 'ext_ports', _('External ports'));
+		o.placeholder = '0-65535';
+		o = s.option(form.Value, 'int_addr', _('Internal addresses'));
+		o.datatype = 'ip4addr';
+		o.placeholder = '0.0.0.0/0';
+		o = s.option(form.Value, 'int_ports', _('Internal ports'));
+		o.placeholder = '0-65535';
+		o = s.option(form.Value, 'comment', _('Comment'));
 
 		s = m.section(form.NamedSection, 'controld', 'controld', _('LAN web page'),
 			_('LAN hosts manage their own forwards on the router\'s page; with a password the admin manages all.'));
