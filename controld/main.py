@@ -30,6 +30,7 @@ from controld.upnp.igd import IgdActions
 from controld.upnp.ssdp import SsdpServer
 from shared import config, wire
 from shared.config import parse_args_with_config
+from shared.const import PCP_SERVER_PORT
 from shared.daemon import install_stop_signals, reread_args, setup_logging
 from shared.netif import if_addrs
 
@@ -150,8 +151,8 @@ async def _start_lan_pcp(args: argparse.Namespace, iwf: Iwf, lan_ip: str) -> Lan
     except OSError as exc:  # UPnP still works without it
         log.warning("no PCP/NAT-PMP server on %s: %s", address, exc)
         return None
-    log.info("PCP %s, NAT-PMP %s on %s:5351", "on" if args.enable_pcp else "off",
-             "on" if args.enable_natpmp else "off", address)
+    log.info("PCP %s, NAT-PMP %s on %s:%d", "on" if args.enable_pcp else "off",
+             "on" if args.enable_natpmp else "off", address, PCP_SERVER_PORT)
     return server
 
 
