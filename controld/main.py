@@ -16,7 +16,8 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from controld.admin import AdminServer
+from controld.adminapi.core_backend import CoreBackend
+from controld.adminapi.server import AdminServer, SocketInUse
 from controld.core.policy import Permissions, Policy, RuleError
 from controld.core.service import MODES, Iwf, IwfConfig
 from controld.core.store import MappingTable
@@ -28,6 +29,7 @@ from controld.upnp.gena import GenaServer
 from controld.upnp.http import UpnpHttpServer
 from controld.upnp.igd import IgdActions
 from controld.upnp.ssdp import SsdpServer
+from controld.web.handler import WebApp, WebConfig
 from shared import config, wire
 from shared.config import parse_args_with_config
 from shared.const import PCP_SERVER_PORT
@@ -39,6 +41,7 @@ log = logging.getLogger("controld")
 LAN_WAIT_S = 30.0
 LAN_POLL_S = 5.0  # how often the LAN address is checked for a change
 NATD_WAIT_S = 60.0
+WEB_PREFIX = "/igdpcp"  # the LAN page's path: presentationURL http://LAN:PORT/igdpcp/
 
 
 def _stable_uuid(table: MappingTable, key: str) -> str:
@@ -83,8 +86,8 @@ class _Lan:
     port: int = 0
 
 
-async def _start_iwf(args: argparse.Namespace, table: MappingTable) -> tuple[Iwf, NatdLink, asyncio.Task[None]]:
-    """The core with its natd link, once natd answered (waits up to NATD_WAIT_S)."""
+def _make_iwf(args: argparse.Namespace, table: MappingTable) -> tuple[Iwf, NatdLink]:
+    """The core and its natd link, not started yet."""
     holder: list[Iwf] = []
 
     async def on_event(msg: wire.Message) -> None:
@@ -92,21 +95,26 @@ async def _start_iwf(args: argparse.Namespace, table: MappingTable) -> tuple[Iwf
             await holder[0].on_natd_event(msg)
 
     link = NatdLink(args.rpc, args.events, on_event, curve_dir=args.curve_dir)
-    link_task = asyncio.create_task(link.run())
     iwf = Iwf(_iwf_config(args), table, link, policy=_policy(args))
     holder.append(iwf)
+    return iwf, link
+
+
+async def _start_iwf(args: argparse.Namespace, iwf: Iwf, link: NatdLink) -> asyncio.Task[None]:
+    """Run the natd link and start the core once natd answered (waits up to NATD_WAIT_S)."""
+    link_task = asyncio.create_task(link.run())
     deadline = asyncio.get_running_loop().time() + NATD_WAIT_S
     while True:
         try:
             await iwf.start()
-            return iwf, link, link_task
+            return link_task
         except NatdError as exc:
             if asyncio.get_running_loop().time() > deadline:
                 raise SystemExit(f"controld: natd at {args.rpc} does not answer: {exc}") from None
             log.info("waiting for natd at %s", args.rpc)
 
 
-async def _watch_lan(lan: _Lan, http: UpnpHttpServer, ssdp: SsdpServer) -> None:
+async def _watch_lan(lan: _Lan, http: UpnpHttpServer, ssdp: SsdpServer, device: Device) -> None:
     """LAN address change: listen on the new address, then ssdp:update + alive there.
 
     The old listener closes only once the new one is up; a failed bind is retried at
@@ -131,6 +139,7 @@ async def _watch_lan(lan: _Lan, http: UpnpHttpServer, ssdp: SsdpServer) -> None:
         if old is not None:
             old.close()
         lan.subnets, lan.port, lan.ip = list(a.subnets), new_port, a.addresses[0]
+        device.present_at(f"http://{lan.ip}:{lan.port}{WEB_PREFIX}/")
         ssdp.relocate(lan.ip, f"http://{lan.ip}:{lan.port}{ROOT_PATH}")
 
 
@@ -156,20 +165,27 @@ async def _start_lan_pcp(args: argparse.Namespace, iwf: Iwf, lan_ip: str) -> Lan
     return server
 
 
-async def _start_admin(args: argparse.Namespace, iwf: Iwf) -> AdminServer | None:
-    """The admin socket for the DHCP-release hook, if configured and possible."""
+async def _start_admin(args: argparse.Namespace, backend: CoreBackend) -> AdminServer | None:
+    """The admin API's socket (igdpcp, rpcd, the DHCP-release hook), if configured.
+
+    Bound before anything else starts: a second controld finds the first one's socket
+    answering and stops here with one line, before it touches natd or the table."""
     if not args.admin_socket:
         return None
-    admin = AdminServer(args.admin_socket, iwf.host_left)
+    admin = AdminServer(args.admin_socket, backend)
     try:
         await admin.start()
-    except OSError as exc:  # the hooks then cannot reach us; UPnP still works
+    except SocketInUse:
+        raise SystemExit(f"controld: another controld is running (its admin socket {args.admin_socket} "
+                         "answers); not starting") from None
+    except OSError as exc:  # the CLI and hooks then cannot reach us; UPnP still works
         log.warning("no admin socket at %s: %s", args.admin_socket, exc)
         return None
     return admin
 
 
-def _reload(args: argparse.Namespace, reparse: Callable[[], argparse.Namespace], iwf: Iwf) -> argparse.Namespace:
+def _reload(args: argparse.Namespace, reparse: Callable[[], argparse.Namespace], iwf: Iwf,
+            web: WebApp) -> argparse.Namespace:
     """SIGHUP: the re-read arguments in force afterwards (the old ones if nothing could change)."""
     new = reread_args(reparse, args, RESTART_ONLY, log)
     if new is None:
@@ -181,6 +197,7 @@ def _reload(args: argparse.Namespace, reparse: Callable[[], argparse.Namespace],
         return args
     iwf.policy = policy
     iwf.cfg = dataclasses.replace(_iwf_config(new), mode=iwf.cfg.mode)
+    web.config = _web_config(new)  # sessions stay: a changed password applies to the next login
     log.info("reload: configuration re-read; %d rules, quotas %d/host %d total; %d mappings kept",
              len(policy.permissions.rules), policy.max_per_host, policy.max_total, iwf.table.count())
     return new
@@ -195,29 +212,38 @@ async def run(args: argparse.Namespace, reparse: Callable[[], argparse.Namespace
     lan_ip, subnets = await _lan_addresses(args.lan_if)
     lan = _Lan(args.lan_if, lan_ip, subnets)
     table = MappingTable(args.state_dir)
-    iwf, link, link_task = await _start_iwf(args, table)
+    iwf, link = _make_iwf(args, table)
+
+    def reload() -> None:
+        nonlocal args
+        if reparse is not None:
+            args = _reload(args, reparse, iwf, web)
+
+    backend = CoreBackend(iwf, reload)
+    web = WebApp(backend, _web_config(args))
+    try:
+        admin = await _start_admin(args, backend)
+    except SystemExit:
+        table.close()
+        raise
+    link_task = await _start_iwf(args, iwf, link)
     device = Device(_stable_uuid(table, "uuid_root"), _stable_uuid(table, "uuid_wan"),
                     _stable_uuid(table, "uuid_wcd"), igd_version=args.igd_version)
     actions = IgdActions(iwf, device)
     gena = GenaServer(device, actions.evented)
     table.subscribe(actions.changed)  # SystemUpdateID first, then one coalesced GENA round
     table.subscribe(gena.changed)
-    http = UpnpHttpServer(device, actions, lambda: lan.subnets, gena)
+    http = UpnpHttpServer(device, actions, lambda: lan.subnets, gena, web=(WEB_PREFIX, web.handle))
     lan.port = await http.start(lan.ip, args.http_port)
+    device.present_at(f"http://{lan.ip}:{lan.port}{WEB_PREFIX}/")
     location = f"http://{lan.ip}:{lan.port}{ROOT_PATH}"
     ssdp = SsdpServer(device, lan.ip, location, lambda: lan.subnets)
     await ssdp.start()
     tasks = [asyncio.create_task(ssdp.run_notify()), asyncio.create_task(gena.run_expiry()),
-             asyncio.create_task(_watch_lan(lan, http, ssdp))]
-    admin = await _start_admin(args, iwf)
+             asyncio.create_task(_watch_lan(lan, http, ssdp, device))]
     lan_pcp = await _start_lan_pcp(args, iwf, lan.ip)
     log.info("controld up: %s on %s, IGD:%d at %s, state in %s", lan.ip, args.lan_if,
              args.igd_version, location, args.state_dir)
-
-    def reload() -> None:
-        nonlocal args
-        if reparse is not None:
-            args = _reload(args, reparse, iwf)
 
     stop = asyncio.Event()
     install_stop_signals(stop)
@@ -227,7 +253,7 @@ async def run(args: argparse.Namespace, reparse: Callable[[], argparse.Namespace
     for t in tasks:
         t.cancel()
     if admin is not None:
-        admin.close()
+        await admin.close()
     if lan_pcp is not None:
         lan_pcp.close()
     gena.close()
@@ -238,6 +264,11 @@ async def run(args: argparse.Namespace, reparse: Callable[[], argparse.Namespace
     link.close()
     table.close()
     log.info("controld stopped; %d mappings kept for the next start", table.count())
+
+
+def _web_config(args: argparse.Namespace) -> WebConfig:
+    """The LAN page's settings: its path and the admin password's hash (empty: admin login off)."""
+    return WebConfig(prefix=WEB_PREFIX, password_hash=args.web_password_hash or "")
 
 
 def _policy(args: argparse.Namespace) -> Policy:

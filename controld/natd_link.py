@@ -80,7 +80,8 @@ class NatdLink:
 
     async def _replies(self) -> None:
         while True:
-            data = await self.dealer.recv()
+            raw = await self.dealer.recv()
+            data = raw if isinstance(raw, bytes) else raw.bytes  # pyzmq 24's stubs (Debian 12) say bytes | Frame
             try:
                 msg, rid = wire.decode(data)
             except wire.WireError as exc:

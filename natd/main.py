@@ -14,6 +14,7 @@ import ipaddress
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 import uuid
@@ -23,9 +24,21 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from natd import conntrack, nftmon, stun, wan
+from natd import conntrack, netlink, nftmon, stun, wan
 from natd.bindings import BindingTable, Limits, PolicyError, endpoint
-from natd.nft import LAYOUTS, Change, FwNotReady, Layout, Nft, NftError
+from natd.nft import (
+    CT_MARK,
+    LAYOUTS,
+    Change,
+    FwNotReady,
+    Layout,
+    Nft,
+    NftError,
+    PinholeNft,
+    PinholePlace,
+    PinKey,
+)
+from natd.pinholes import PinholeLimits, PinholeTable, describe
 from natd.relay import Answer, MatchKey, PcpRelay, match_key
 from shared import config, pcp, wire
 from shared.config import parse_args_with_config
@@ -79,6 +92,7 @@ class Natd:
         self._dirty = asyncio.Event()
         self._ct_pending: list[conntrack.Flow] = []
         self._ct_wake = asyncio.Event()
+        self._init_pinholes(args)
 
     # --- interface facts ---------------------------------------------------------
 
@@ -86,6 +100,7 @@ class Natd:
         self.ifs = ifs
         self.table.lan_subnets = [ipaddress.IPv4Network(n, strict=False) for n in ifs.lan_subnets]
         self.table.router_ips = set(ifs.lan_ips) | ({ifs.wan_ip} if ifs.wan_ip else set())
+        self._apply_ifs6(ifs)
 
     async def _on_ifs(self, ifs: wan.IfState) -> None:
         old = self.ifs.wan_ip
@@ -106,6 +121,7 @@ class Natd:
         except NftError as exc:
             log.error("cannot move %d forwards to WAN %s: %s", len(self.table.by_mid), ifs.wan_ip, exc)
             self._kick()
+        self._pinholes_follow_lan()
         self._publish(wire.WanChanged(ifs.wan_ip, ifs.gateway))
 
     # --- kernel ------------------------------------------------------------------
@@ -187,6 +203,7 @@ class Natd:
                 self.args = new
                 self.stun.kick()
                 self.table.limits = Limits(new.max_bindings, new.max_per_host)
+                self.pins.limits = _pinhole_limits(new)
             try:
                 ifs = await wan.snapshot(self.args.wan_if, self.args.lan_if)
                 if ifs != self.ifs:
@@ -225,6 +242,7 @@ class Natd:
                 await asyncio.sleep(HEAL_RETRY_S)
 
     def _heal(self) -> None:
+        self._heal_pinholes()
         gen = nftmon.generation()
         intact, have = self.nft.snapshot()
         want = self.nft.expected(self.table.by_mid.values(), self.ifs.wan_ip, self.ifs.lan_subnets)
@@ -510,6 +528,7 @@ class Natd:
             self._program()
         except FwNotReady as exc:
             log.warning("fw4 layout: %s; forwards are applied once fw4 is loaded", exc)
+        self._setup_pinholes()
         monitor = nftmon.NftMonitor(self.nft.layout.family, self.nft.layout.table, self._kick, self._check_generation)
         monitor.start()
         await self.relay.open(self.ifs.wan_ip)
@@ -525,6 +544,7 @@ class Natd:
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, hup.set)
         tasks = [asyncio.create_task(c) for c in (
             self._serve(), self._heartbeat(), self._healer(), self._conntrack_worker(), self._on_hup(hup),
+            self._pinhole_sweeper(), self._pinhole_ct_worker(),
             self.stun.run(), wan.watch(self.args.wan_if, self.args.lan_if, self._on_ifs, self.ifs))]
         waiter: asyncio.Task[Any] = asyncio.create_task(stop.wait())
         done, _ = await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
@@ -535,6 +555,7 @@ class Natd:
             if t is not waiter and t.exception():
                 raise t.exception()  # type: ignore[misc]
         await self._close_forwards()
+        self._close_pinholes()
         self.relay.close()
         if auth is not None:
             auth.stop()
@@ -555,6 +576,239 @@ class Natd:
             log.error("stop: closing %d forwards failed: %s", n, exc)
             return
         log.info("stop: closed %d forwards (controld restores them at the next start)", n)
+
+    # --- IPv6 pinholes (docs/pinholes.md) ------------------------------------------
+
+    def _init_pinholes(self, args: argparse.Namespace) -> None:
+        try:
+            place = PinholePlace.make(args.ipv6_firewall, self.nft.layout)
+        except ValueError as exc:
+            raise SystemExit(f"natd: {exc}") from None
+        self.pins = PinholeTable(limits=_pinhole_limits(args))
+        self.pin_nft = PinholeNft(self.nft, place, args.wan_if) if place else None
+        self._pin_ct_pending: list[PinKey] = []
+        self._pin_ct_wake = asyncio.Event()
+        self.handlers.update({
+            wire.PinholeAdd: self._pinhole_add, wire.PinholeDelete: self._pinhole_delete,
+            wire.PinholeSync: self._pinhole_sync, wire.PinholeCounters: self._pinhole_counters,
+            wire.PinholeStatus: self._pinhole_status,
+        })
+
+    def _apply_ifs6(self, ifs: wan.IfState) -> None:
+        self.pins.lan_prefixes = [ipaddress.IPv6Network(n, strict=False) for n in ifs.lan6_prefixes]
+        self.pins.router_ips = {ipaddress.IPv6Address(a) for a in ifs.lan6_ips}
+
+    def _setup_pinholes(self) -> None:
+        if self.pin_nft is None:
+            return
+        try:
+            self.pin_nft.setup()
+        except FwNotReady as exc:
+            log.warning("pinholes: %s; they are applied once fw4 is loaded", exc)
+            return
+        self._adopt_pinholes()
+
+    def _adopt_pinholes(self) -> None:
+        """Keep the pinholes an earlier natd left (a crash) with their remaining timeout, under
+        negative ids, until controld's PinholeSync or PinholeAdd claims them (no gap in between)."""
+        assert self.pin_nft is not None
+        now, gone = time.monotonic(), []
+        for i, key in enumerate(sorted(self.pin_nft.have, key=str)):
+            left = self.pin_nft.expires.get(key, 0)
+            try:
+                self.pins.check_lan(key[0])
+            except PolicyError as exc:
+                gone.append(key)
+                log.warning("not adopting pinhole %s: %s", describe(key), exc)
+                continue
+            lease = max(1, left - self.pins.limits.grace)
+            self.pins.put((wire.Pinhole(-1 - i, key[1], key[0], key[2], lease, key[3]), key, now + left))
+        if gone:
+            self._pin_write(dict.fromkeys(gone))
+        if self.pins.by_pid:
+            log.info("adopted %d pinholes left by an earlier natd", len(self.pins.by_pid))
+
+    def _pin(self) -> PinholeNft:
+        if self.pin_nft is None:
+            raise PolicyError("pinholes-off", "IPv6 pinholes are off (--ipv6-firewall off)")
+        return self.pin_nft
+
+    def _pin_write(self, delta: dict[PinKey, int | None]) -> None:
+        self._pin().apply_delta(delta)
+        self._gen = nftmon.generation()
+        self._forget_later([k for k, t in delta.items() if t is None])
+
+    def _forget_later(self, closed: list[PinKey]) -> None:
+        if closed and len(self._pin_ct_pending) < MAX_CT_PENDING:
+            self._pin_ct_pending.extend(closed)
+            self._pin_ct_wake.set()
+
+    async def _pinhole_ct_worker(self) -> None:
+        """One conntrack dump per burst of closed pinholes (a dump per delete would cost each
+        delete a table walk)."""
+        while True:
+            await self._pin_ct_wake.wait()
+            await asyncio.sleep(CT_BATCH_S)
+            self._pin_ct_wake.clear()
+            keys, self._pin_ct_pending = self._pin_ct_pending, []
+            await self._forget_pinhole_flows(keys)
+
+    async def _forget_pinhole_flows(self, keys: list[PinKey]) -> None:
+        """A closed pinhole ends its flows too, as a deleted forward does (the pinhole rules mark
+        them with CT_MARK, so the kernel-filtered dump holds only flows through pinholes)."""
+        want: dict[tuple[int, str, int], set[str | None]] = {}
+        for lan, proto, port, remote in keys:
+            want.setdefault((proto, lan, port), set()).add(remote)
+        try:
+            entries = await netlink.ct_dump(CT_MARK, CT_MARK, socket.AF_INET6)
+            doomed = [e for e in entries
+                      if {None, e.orig.src} & want.get((e.orig.proto, e.orig.dst, e.orig.dport), set())]
+            await netlink.ct_delete(doomed)
+        except Exception as exc:  # conntrack trouble must not cost the daemon
+            log.warning("conntrack cleanup for %d closed pinholes failed: %s", len(keys), exc)
+            return
+        if doomed:
+            log.info("conntrack: removed %d flows of %d closed pinholes", len(doomed), len(keys))
+
+    def _pinhole_add(self, msg: wire.PinholeAdd) -> wire.Message:
+        self._pin()
+        p, now = msg.pinhole, time.monotonic()
+        owner = self.pins.by_key.get(self.pins.key(p))
+        adopted = self.pins.by_pid.get(owner) if owner is not None and owner < 0 else None
+        if adopted is not None:  # controld claims a pinhole natd adopted at start
+            self.pins.remove(adopted[0].pid)
+        old = self.pins.by_pid.get(p.pid)
+        try:
+            key, timeout = self.pins.add(p, now)
+        except PolicyError:
+            if adopted is not None:
+                self.pins.put(adopted)
+            raise
+        delta: dict[PinKey, int | None] = {key: timeout}
+        if old is not None and old[1] != key:
+            delta = {old[1]: None, **delta}
+        try:
+            self._pin_write(delta)
+        except NftError:
+            self.pins.remove(p.pid)
+            for entry in (old, adopted):
+                if entry is not None:
+                    self.pins.put(entry)
+            raise
+        log.info("pinhole %s pid=%d %s lease %d s", "renew" if old or adopted else "open", p.pid, describe(key),
+                 p.lease)
+        return wire.PinholeReply(p.pid, timeout)
+
+    def _pinhole_delete(self, msg: wire.PinholeDelete) -> wire.Message:
+        self._pin()
+        old = self.pins.by_pid.get(msg.pid)
+        if old is None:
+            return wire.Ok()
+        self.pins.remove(msg.pid)
+        try:
+            self._pin_write({old[1]: None})
+        except NftError:
+            self.pins.put(old)
+            raise
+        log.info("pinhole close pid=%d %s", msg.pid, describe(old[1]))
+        return wire.Ok()
+
+    def _pinhole_sync(self, msg: wire.PinholeSync) -> wire.Message:
+        pin, now = self._pin(), time.monotonic()
+        trial, skipped = self.pins.replace_all(msg.pinholes, now)
+        for p, why in skipped:
+            log.warning("pinhole sync: left out pid=%d [%s]:%d: %s", p.pid, p.lan_ip, p.lan_port, why)
+        added, removed = pin.apply(trial.wanted(now), refresh=True)
+        self._gen = nftmon.generation()
+        self._forget_later([k for k in self.pins.by_key if k not in trial.by_key])
+        self.pins = trial
+        log.info("pinhole sync: %d pinholes, +%d -%d", len(trial.by_pid), added, removed)
+        return wire.SyncReply(added, removed, [p.pid for p, _ in skipped])
+
+    def _pinhole_counters(self, msg: wire.PinholeCounters) -> wire.Message:
+        _intact, have = self._pin().snapshot()
+        pids = msg.pids or sorted(self.pins.by_pid)
+        known = [pid for pid in pids if pid in self.pins.by_pid]
+        return wire.PinholeCountersReply(known, [have.get(self.pins.by_pid[pid][1], 0) for pid in known])
+
+    def _pinhole_status(self, _msg: wire.PinholeStatus) -> wire.Message:
+        lim, pl = self.pins.limits, self.pin_nft.place if self.pin_nft else None
+        return wire.PinholeStatusReply(pl is not None, pl.mode if pl else "off",
+                                       [str(n) for n in self.pins.lan_prefixes], len(self.pins.by_pid),
+                                       lim.max_total, lim.max_per_host)
+
+    def _pinholes_follow_lan(self) -> None:
+        """A LAN prefix went away: its pinholes close (policy holds for what is in place too)."""
+        gone = []
+        for pid, (p, key, _exp) in list(self.pins.by_pid.items()):
+            try:
+                self.pins.check_lan(p.lan_ip)
+            except PolicyError as exc:
+                self.pins.remove(pid)
+                gone.append(key)
+                log.warning("closed pinhole pid=%d %s: %s", pid, describe(key), exc)
+        if gone and self.pin_nft is not None:
+            try:
+                self._pin_write(dict.fromkeys(gone))
+            except NftError as exc:
+                log.error("cannot close %d pinholes off the LAN: %s", len(gone), exc)
+                self._kick()
+
+    def _heal_pinholes(self) -> None:
+        """Restore the pinhole rules and elements after a flush or a fw4 reload."""
+        if self.pin_nft is None:
+            return
+        try:
+            self._restore_pinholes()
+        except FwNotReady:
+            pass  # the IPv4 half says so and waits for fw4 too
+        except NftError as exc:  # must not keep the IPv4 half from its own restore
+            log.error("restoring pinholes failed: %s; retrying at the next check", exc)
+            self._gen = None
+
+    def _restore_pinholes(self) -> None:
+        assert self.pin_nft is not None
+        now = time.monotonic()
+        self.pins.expire(now)
+        intact, have = self.pin_nft.snapshot()
+        want = self.pins.wanted(now)
+        if intact and set(have) == set(want):
+            self.pin_nft.have = set(have)
+            return
+        t0 = time.monotonic()
+        if intact:
+            self.pin_nft.have = set(have)
+        else:
+            self.pin_nft.setup()
+        self.pin_nft.apply(want)
+        log.warning("pinholes in %s changed under natd (%s); restored %d in %.0f ms", self.pin_nft.place.where,
+                    "rules or sets missing" if not intact else "elements changed", len(want),
+                    (time.monotonic() - t0) * 1000)
+
+    async def _pinhole_sweeper(self) -> None:
+        """Forget pinholes the kernel timed out itself (controld gone past lease + grace)."""
+        while True:
+            await asyncio.sleep(HEARTBEAT_S)
+            for pid, key in self.pins.expire(time.monotonic()):
+                if self.pin_nft is not None:
+                    self.pin_nft.have.discard(key)
+                log.info("pinhole expired pid=%d %s (lease + grace over, no renewal)", pid, describe(key))
+
+    def _close_pinholes(self) -> None:
+        """A stop closes every pinhole, as it closes every forward; controld re-syncs them."""
+        if self.pin_nft is None or not self.pin_nft.have:
+            return
+        n = len(self.pin_nft.have)
+        try:
+            self.pin_nft.apply({})
+        except NftError as exc:
+            log.error("stop: closing %d pinholes failed: %s", n, exc)
+            return
+        log.info("stop: closed %d pinholes", n)
+
+
+def _pinhole_limits(args: argparse.Namespace) -> PinholeLimits:
+    return PinholeLimits(args.max_pinholes, args.max_pinholes_per_host, args.pinhole_grace)
 
 
 def _trim_heap() -> None:

@@ -533,4 +533,243 @@ def fw4_includes() -> dict[str, str]:
     for base, target in lay.jumps().items():
         path = f"{lay.include_position(base)}/{base}/{name}"
         files[path] = head.format(path) + f'jump {target} comment "{TAG} jump"\n'
+    files.update(pinhole_fw4_includes())
     return files
+
+
+# --- IPv6 pinholes (docs/pinholes.md) ----------------------------------------------------
+#
+# A pinhole is a set element, not a rule: ``ip6 daddr . meta l4proto . th dport`` (any remote
+# host) or ``ip6 saddr . ip6 daddr . meta l4proto . th dport`` (one remote host), looked up by
+# two fixed rules, so a packet costs one hash lookup per set and a change one element. Each
+# element carries a timeout (lease + grace): controld deletes a pinhole at its lease's end,
+# the kernel closes it anyway if controld is gone. Sets carry per-element counters
+# (GetPinholePackets). The place is one of three (PinholePlace.make): inside fw4's forward
+# path, natd's own ``table ip6`` with the inbound default drop, or the admin's named chain.
+
+PinKey = tuple[str, int, int, "str | None"]  # lan ip, proto, lan port, remote host (None: any)
+IPV6_FIREWALL_MODES = ("auto", "own", "off", "table:FAMILY:TABLE:CHAIN")
+# RFC 4890 §4.3.1: ICMPv6 errors (and echo, §4.3.1 too) must cross the firewall, or PMTU
+# discovery and error reporting break for the LAN; conntrack's "related" covers most, not all.
+ICMPV6_ESSENTIAL = ("destination-unreachable", "packet-too-big", "time-exceeded", "parameter-problem",
+                    "echo-request", "echo-reply")
+
+
+@dataclass(frozen=True)
+class PinholePlace:
+    """Where the pinhole sets and rules live (``--ipv6-firewall``)."""
+
+    mode: str  # fw4, own or table
+    family: str
+    table: str
+    chain: str
+    prefix: str
+
+    @classmethod
+    def make(cls, setting: str, layout: Layout) -> PinholePlace | None:
+        """The place ``--ipv6-firewall`` names for ``layout``; None for off (standalone auto: off)."""
+        if setting == "off" or (setting == "auto" and layout.own_table):
+            return None
+        if setting == "auto":  # fw4 layout: inside fw4, so its forward policy stays the default drop
+            return cls("fw4", "inet", "fw4", "igdpcp_pinholes", "igdpcp_")
+        if setting == "own":
+            if not layout.own_table:
+                raise ValueError("--ipv6-firewall own needs the standalone layout (fw4 owns the drop)")
+            return cls("own", "ip6", layout.table, "forward", "")
+        parts = setting.split(":")
+        if len(parts) == 4 and parts[0] == "table" and parts[1] in ("inet", "ip6") and all(parts[2:]):
+            return cls("table", parts[1], parts[2], parts[3], "igdpcp_")
+        raise ValueError(f"--ipv6-firewall must be one of {IPV6_FIREWALL_MODES}, not {setting!r}")
+
+    @property
+    def where(self) -> str:
+        return f"{self.family} {self.table}"
+
+    def obj(self, name: str) -> str:
+        return self.prefix + name
+
+    def rules(self) -> list[tuple[str, str]]:
+        """Our chain's rules as (comment tag, text); in own mode with the inbound default drop."""
+        p = self.prefix
+        v6 = "meta nfproto ipv6 " if self.family == "inet" else ""  # ip6 is IPv6 by itself
+        wan = f"{v6}iifname @{p}pinif"
+        # Marked like the IPv4 forwards' flows: closing a pinhole forgets its flows (natd.main).
+        ok = f"ct mark set ct mark or {CT_MARK:#010x} accept"
+        pins = [(f"{TAG} pinhole", f"{wan} ip6 daddr . meta l4proto . th dport @{p}pin6 {ok}"),
+                (f"{TAG} pinhole remote", f"{wan} ip6 saddr . ip6 daddr . meta l4proto . th dport @{p}pin6r {ok}")]
+        if self.mode != "own":
+            return pins
+        return [(f"{TAG} v6 established", "ct state established,related accept"),
+                (f"{TAG} v6 invalid", "ct state invalid drop"),
+                (f"{TAG} v6 icmp", f"icmpv6 type {{ {', '.join(ICMPV6_ESSENTIAL)} }} accept"),
+                *pins,
+                (f"{TAG} v6 inbound drop", f"{wan} drop")]
+
+    def chain_decl(self) -> str:
+        """own: natd's base forward chain (policy accept: it only judges WAN ingress); else a plain chain."""
+        return "{ type filter hook forward priority filter; policy accept; }" if self.mode == "own" else ""
+
+    def jump(self) -> tuple[str, str] | None:
+        """fw4: (fw4 base chain, our chain) the include file's jump links."""
+        return ("forward", self.chain) if self.mode == "fw4" else None
+
+    def declarations(self) -> list[tuple[str, str, str]]:
+        """(kind, name, body) of our sets, one place for both nft commands and fw4's include file."""
+        p = self.prefix
+        return [("set", f"{p}pin6", "type ipv6_addr . inet_proto . inet_service; flags timeout; counter;"),
+                ("set", f"{p}pin6r", "type ipv6_addr . ipv6_addr . inet_proto . inet_service; flags timeout; "
+                                     "counter;"),
+                ("set", f"{p}pinif", "type ifname;")]
+
+
+def pin_elem(key: PinKey) -> tuple[str, str]:
+    """(set name without prefix, element text) of a pinhole key."""
+    lan_ip, proto, port, remote = key
+    if remote is None:
+        return "pin6", f"{lan_ip} . {PROTO_NAMES[proto]} . {port}"
+    return "pin6r", f"{remote} . {lan_ip} . {PROTO_NAMES[proto]} . {port}"
+
+
+class PinholeNft:
+    """natd's pinhole sets and rules; the only code that writes them (through :meth:`Nft.run`)."""
+
+    def __init__(self, nft: Nft, place: PinholePlace, wan_if: str | None) -> None:
+        self.nft, self.place, self.wan_if = nft, place, wan_if
+        self.have: set[PinKey] = set()
+        self.expires: dict[PinKey, int] = {}  # seconds left of each element, as of the last snapshot
+
+    def setup(self) -> None:
+        """Declare sets and chain, (re)write our rules; one transaction; existing elements kept."""
+        pl, where = self.place, self.place.where
+        if pl.mode == "fw4":
+            self.nft._check_fw4()
+        lines = [] if pl.mode == "fw4" else [f"add table {where}"]
+        lines += [f"add {kind} {where} {name} {{ {body} }}" for kind, name, body in pl.declarations()]
+        lines += [f"add chain {where} {pl.chain} {pl.chain_decl()}", f"flush chain {where} {pl.chain}"]
+        lines += [f'add rule {where} {pl.chain} {text} comment "{tag}"' for tag, text in pl.rules()]
+        j = pl.jump()
+        if j and not self.nft._has_jump(*j):
+            log.warning("fw4 chain %s lacks 'jump %s' (packaging/fw4 include files missing?); inserting it", *j)
+            # At the start: appended, it would sit behind fw4's final 'jump handle_reject'.
+            lines.append(f'insert rule {where} {j[0]} jump {j[1]} comment "{TAG} pinholes jump"')
+        pinif = {self.wan_if} if self.wan_if else set()
+        lines.append(f"flush set {where} {pl.obj('pinif')}")
+        if pinif:
+            devs = ", ".join(f'"{d}"' for d in sorted(pinif))
+            lines.append(f"add element {where} {pl.obj('pinif')} {{ {devs} }}")
+        self.nft.run("\n".join(lines))
+        self.have = set(self.snapshot()[1])
+        log.info("pinholes in %s chain %s (%s) ready, %d in place", where, pl.chain, pl.mode, len(self.have))
+
+    def snapshot(self) -> tuple[bool, dict[PinKey, int]]:
+        """(rules intact, {key: packets}) from one listing of the table."""
+        pl = self.place
+        try:
+            items = self.nft._list_json(f"table {pl.where}")
+        except NftError:
+            return False, {}
+        tags: list[str | None] = []
+        jumped = pl.jump() is None
+        wan_ok = False  # the WAN device set is part of the structure (a fw4 reload empties it)
+        elems: dict[PinKey, int] = {}
+        self.expires = {}
+        have_sets: set[str] = set()
+        for item in items:
+            r = item.get("rule")
+            if r is not None:
+                if r["chain"] == pl.chain:
+                    tags.append(r.get("comment"))
+                j = pl.jump()
+                if j and r["chain"] == j[0] and any(e.get("jump", {}).get("target") == j[1]
+                                                    for e in r.get("expr", [])):
+                    jumped = True
+                continue
+            s = item.get("set")
+            if not s or s.get("name") not in (pl.obj("pin6"), pl.obj("pin6r"), pl.obj("pinif")):
+                continue
+            have_sets.add(s["name"])
+            if s["name"] == pl.obj("pinif"):
+                wan_ok = {e if isinstance(e, str) else "" for e in s.get("elem", [])} == ({self.wan_if} - {None})
+                continue
+            for e in s.get("elem", []):
+                inner = e.get("elem", {}) if isinstance(e, dict) else {}
+                val = inner.get("val", {}).get("concat") if isinstance(inner.get("val"), dict) else None
+                if not val:
+                    continue
+                if s["name"] == pl.obj("pin6"):
+                    key: PinKey = (val[0], _proto(val[1]), int(val[2]), None)
+                else:
+                    key = (val[1], _proto(val[2]), int(val[3]), val[0])
+                elems[key] = int(inner.get("counter", {}).get("packets", 0))
+                self.expires[key] = int(inner.get("expires", inner.get("timeout", 0)))
+        ok = jumped and wan_ok and len(have_sets) == 3 and tags == [t for t, _ in pl.rules()]
+        return ok, elems
+
+    def apply(self, want: dict[PinKey, int], refresh: bool = False) -> tuple[int, int]:
+        """Make the kernel hold exactly ``want`` ({key: timeout s}); ``refresh`` resets the
+        timeout of keys already present too (a sync's leases count from now). Returns (+, -)."""
+        delta: dict[PinKey, int | None] = {k: None for k in self.have if k not in want}
+        delta.update((k, t) for k, t in want.items() if refresh or k not in self.have)
+        return self.apply_delta(delta)
+
+    def apply_delta(self, delta: dict[PinKey, int | None]) -> tuple[int, int]:
+        """Write only the named keys ({key: timeout s, or None: absent}), one transaction;
+        a present key is deleted and re-added (its timeout restarts). Returns (+, -)."""
+        for attempt in (1, 2):
+            where, lines = self.place.where, []
+            dels: dict[str, list[str]] = {}
+            adds: dict[str, list[str]] = {}
+            for k, t in delta.items():
+                name, text = pin_elem(k)
+                if k in self.have:
+                    dels.setdefault(name, []).append(text)
+                if t is not None:
+                    adds.setdefault(name, []).append(f"{text} timeout {t}s")
+            # One command per set and kind: a sync or restore of 10k parses as two lines, not 10k.
+            for verb, per_set in (("delete", dels), ("add", adds)):
+                lines += [f"{verb} element {where} {self.place.obj(n)} {{ {', '.join(e)} }}"
+                          for n, e in per_set.items()]
+            if not lines:
+                return 0, 0
+            try:
+                self.nft.run("\n".join(lines))
+            except NftError as exc:
+                if attempt == 2 or isinstance(exc, FwNotReady):
+                    raise
+                log.warning("pinhole sets drifted (%s); re-reading and retrying", exc)
+                intact, have = self.snapshot()
+                if not intact:
+                    self.setup()
+                else:
+                    self.have = set(have)
+                continue
+            added = sum(1 for k, t in delta.items() if t is not None and k not in self.have)
+            removed = sum(1 for k, t in delta.items() if t is None and k in self.have)
+            for k, t in delta.items():
+                self.have.discard(k) if t is None else self.have.add(k)
+            return added, removed
+        raise AssertionError("unreachable")
+
+
+def pinhole_fw4_includes() -> dict[str, str]:
+    """fw4 include files for the pinholes: sets and chain (table-post), the jump (chain-post/forward).
+
+    chain-post/forward puts the jump before forward's final ``jump handle_reject``: traffic
+    from the WAN to the LAN falls through fw4's zone chains to it, so fw4's policy stays
+    the default drop for everything but the pinholes.
+    """
+    pl = PinholePlace.make("auto", Layout.make("fw4"))
+    assert pl is not None
+    name = f"{FW4_INCLUDE_ORDER}-igdpcp-pinholes.nft"
+    head = "# igdpcp natd IPv6 pinholes, fw4 layout. Installs as /usr/share/nftables.d/{}\n"
+    body = []
+    for kind, obj, decl in pl.declarations():
+        inner = "".join(f"\t{d.strip()}\n" for d in decl.split(";") if d.strip())
+        body.append(f"{kind} {obj} {{\n{inner}}}")
+    rules = "".join(f'\t{text} comment "{tag}"\n' for tag, text in pl.rules())
+    body.append(f"chain {pl.chain} {{\n{rules}}}")
+    base, target = pl.jump()  # type: ignore[misc]
+    table = f"table-post/{name}"
+    jump = f"{Layout.include_position(base)}/{base}/{name}"
+    return {table: head.format(table) + "\n\n".join(body) + "\n",
+            jump: head.format(jump) + f'jump {target} comment "{TAG} pinholes jump"\n'}

@@ -7,12 +7,16 @@ events and calls back with a fresh snapshot when something that matters changed.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
+import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from natd.netlink import RouteEvents
-from shared.netif import if_addrs
+from natd.netlink import RT_GROUPS, RouteEvents
+from shared.netif import if_addrs, read_addrs
+
+RTMGRP_IPV6_IFADDR = 0x100  # the LAN's IPv6 prefixes decide which pinholes are allowed
 
 log = logging.getLogger("natd.wan")
 
@@ -25,12 +29,18 @@ class IfState:
     gateway: str | None
     lan_ips: tuple[str, ...]
     lan_subnets: tuple[str, ...]
+    lan6_ips: tuple[str, ...] = ()  # the LAN's global IPv6 addresses (pinholes, docs/pinholes.md)
+    lan6_prefixes: tuple[str, ...] = ()
 
 
 async def snapshot(wan_if: str, lan_if: str) -> IfState:
     """Read the current WAN address/gateway and LAN addresses from the kernel."""
     w, lan = await if_addrs(wan_if), await if_addrs(lan_if)
-    return IfState(w.addresses[0] if w.addresses else None, w.gateway, lan.addresses, lan.subnets)
+    r6 = read_addrs(lan_if, socket.AF_INET6)
+    v6 = [(a, n) for a, n in zip(r6.addresses, r6.subnets, strict=True)
+          if not ipaddress.IPv6Address(a).is_link_local]
+    return IfState(w.addresses[0] if w.addresses else None, w.gateway, lan.addresses, lan.subnets,
+                   tuple(a for a, _ in v6), tuple(dict.fromkeys(n for _, n in v6)))
 
 
 async def watch(wan_if: str, lan_if: str, on_change: Callable[[IfState], Awaitable[None]],
@@ -40,7 +50,7 @@ async def watch(wan_if: str, lan_if: str, on_change: Callable[[IfState], Awaitab
     while True:
         events = None
         try:
-            events = RouteEvents()
+            events = RouteEvents(RT_GROUPS | RTMGRP_IPV6_IFADDR)
             while True:
                 await events.wait()
                 # A burst of netlink messages accompanies one change: settle first.

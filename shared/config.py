@@ -102,6 +102,18 @@ OPTIONS: tuple[Option, ...] = (
     _O("max-per-host", (NATD,), "NAT1 forwards allowed per LAN host", default=4096, type=int, live=True),
     _O("pcp-steer-to", (NATD,), "split layout: steer LAN PCP/NAT-PMP (gateway UDP 5351) to controld at this "
                                 "address, keeping the client's source ('': controld shares the router)", default=""),
+    # --- natd: IPv6 pinholes (docs/pinholes.md)
+    _O("ipv6-firewall", (NATD,), "where IPv6 pinholes live: auto (fw4 layout: inside fw4's forward path; "
+                                 "standalone: off), own (natd's table ip6 TABLE drops new inbound IPv6 from "
+                                 "the WAN except pinholes), table:FAMILY:TABLE:CHAIN (natd's sets and rules in "
+                                 "the admin's chain, which the admin's forward chain jumps to), or off",
+       default="auto", metavar="MODE"),
+    _O("max-pinholes", (NATD,), "IPv6 pinholes allowed in total", default=4096, type=int, live=True),
+    _O("max-pinholes-per-host", (NATD,), "IPv6 pinholes allowed per LAN address", default=256, type=int,
+       live=True),
+    _O("pinhole-grace", (NATD,), "seconds a pinhole's kernel timeout outlives its lease (safety net if "
+                                 "controld is gone; controld deletes it at the lease's end)",
+       default=60, type=int, live=True),
     _O("stun-server", (NATD,), "STUN server (host name or IPv4 address) natd asks, from the WAN address, "
                                "for the external address the Internet sees (RFC 8489; a double NAT without "
                                "PCP); empty: no STUN", live=True),
@@ -128,8 +140,10 @@ OPTIONS: tuple[Option, ...] = (
                                        "CANNOT_PROVIDE_EXTERNAL", default=2, type=int, live=True),
     _O("pcp-epoch-poll", (CONTROLD,), "send the PCP server an ANNOUNCE this often to notice a restart (0: off)",
        default=30.0, type=float, live=True),
-    _O("admin-socket", (CONTROLD,), "Unix socket for the DHCP-release hook (igdpcp host-left); '' for none",
-       default="/var/run/igdpcp/controld.sock"),
+    _O("admin-socket", (CONTROLD,), "Unix socket of the admin API (igdpcp, rpcd, the DHCP-release hook); "
+                                    "'' for none", default="/var/run/igdpcp/controld.sock"),
+    _O("web-password-hash", (CONTROLD,), "the LAN page's admin password, hashed (igdpcp hash-password); "
+                                         "empty: admin login off", default="", live=True),
     _O("http-port", (CONTROLD,), "UPnP HTTP port on the LAN address (0: any)", default=0, type=int),
     _O("igd-version", (CONTROLD,), "IGD device version to describe", default=1, type=int, choices=(1, 2)),
     _O("secure-mode", (CONTROLD,), "InternalClient must be the caller's own address", default=True,

@@ -277,6 +277,115 @@ class Restored(Message):
     forwards: int
 
 
+# --- IPv6 pinholes (docs/pinholes.md) -------------------------------------------------
+
+MAX_PINHOLE_LEASE = 86400  # WANIPv6FirewallControl's LeaseTime bound; PCP lifetimes are clamped to it too
+
+
+def _ipv6(value: str, what: str = "address") -> None:
+    try:
+        ipaddress.IPv6Address(value)
+    except ValueError:
+        raise WireError("bad-field", f"not an IPv6 {what}: {value!r}") from None
+
+
+@dataclass(frozen=True)
+class Pinhole:
+    """One inbound IPv6 pinhole: from ``remote`` (None: any host) to ``lan_ip``'s ``proto/lan_port``.
+
+    ``pid`` is controld's pinhole id (>= 1); ``lease`` seconds from now (1..MAX_PINHOLE_LEASE).
+    """
+
+    pid: int
+    proto: int
+    lan_ip: str
+    lan_port: int
+    lease: int
+    remote: str | None = None
+
+    def check(self) -> None:
+        _mid(self.pid)
+        _proto(self.proto)
+        _ipv6(self.lan_ip)
+        _port(self.lan_port)
+        if not 1 <= self.lease <= MAX_PINHOLE_LEASE:
+            raise WireError("bad-field", f"pinhole lease must be 1..{MAX_PINHOLE_LEASE} s: {self.lease}")
+        if self.remote is not None:
+            _ipv6(self.remote, "remote host")
+
+
+@dataclass(frozen=True)
+class PinholeAdd(Message):
+    """Open (or, same ``pid``, replace and re-lease) one pinhole; a ``PinholeReply`` answers."""
+
+    OP: ClassVar[str] = "pinhole.add"
+    pinhole: Pinhole
+
+
+@dataclass(frozen=True)
+class PinholeReply(Message):
+    OP: ClassVar[str] = "pinhole.reply"
+    pid: int
+    timeout: int  # the kernel element's timeout: lease + natd's grace
+
+
+@dataclass(frozen=True)
+class PinholeDelete(Message):
+    """Close pinhole ``pid`` (Ok also when natd does not hold it: delete is idempotent)."""
+
+    OP: ClassVar[str] = "pinhole.delete"
+    pid: int
+
+    def check(self) -> None:
+        _mid(self.pid)
+
+
+@dataclass(frozen=True)
+class PinholeSync(Message):
+    """The whole desired pinhole set (leases counted from now); natd applies only the difference."""
+
+    OP: ClassVar[str] = "pinhole.sync"
+    pinholes: list[Pinhole] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class PinholeCounters(Message):
+    """Packets each pinhole accepted (GetPinholePackets, CheckPinholeWorking); empty ``pids``: all."""
+
+    OP: ClassVar[str] = "pinhole.counters"
+    pids: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class PinholeCountersReply(Message):
+    OP: ClassVar[str] = "pinhole.counters.reply"
+    pids: list[int] = field(default_factory=list)
+    packets: list[int] = field(default_factory=list)  # packets[i] belongs to pids[i] (msgpack maps: str keys)
+
+
+@dataclass(frozen=True)
+class PinholeStatus(Message):
+    """Is the IPv6 firewall natd manages on, where, and which LAN prefixes may have pinholes."""
+
+    OP: ClassVar[str] = "pinhole.status"
+
+
+@dataclass(frozen=True)
+class PinholeStatusReply(Message):
+    OP: ClassVar[str] = "pinhole.status.reply"
+    enabled: bool  # WANIPv6FirewallControl FirewallEnabled and InboundPinholeAllowed
+    mode: str  # fw4, own, table or off
+    lan_prefixes: list[str]
+    pinholes: int
+    max_total: int
+    max_per_host: int
+
+
+PINHOLE_MESSAGES: tuple[type[Message], ...] = (PinholeAdd, PinholeReply, PinholeDelete, PinholeSync,
+                                               PinholeCounters, PinholeCountersReply, PinholeStatus,
+                                               PinholeStatusReply)
+
+
 # --- STUN (natd PUB): the external address seen from the Internet (docs/stun.md) -----
 
 
@@ -309,6 +418,7 @@ MESSAGES: dict[str, type[Message]] = {
                 Ok, Error,
                 PcpReceived, WanChanged, Heartbeat, Restored)
 }
+MESSAGES.update({cls.OP: cls for cls in PINHOLE_MESSAGES})
 MESSAGES[StunResult.OP] = StunResult
 
 
@@ -341,6 +451,8 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
         return [_coerce(v, item, name) for v in value]
     if tp is Binding:
         return _binding(value, name)
+    if tp is Pinhole:
+        return _pinhole(value, name)
     if tp is bool:
         if not isinstance(value, bool):
             raise WireError("bad-field", f"{name}: expected a boolean")
@@ -375,6 +487,12 @@ def _binding(value: Any, name: str) -> Binding:
     b = Binding(mid, proto, lan_ip, lan_port, wan_port)
     b.check()
     return b
+
+
+def _pinhole(value: Any, name: str) -> Pinhole:
+    if not isinstance(value, dict):
+        raise WireError("bad-field", f"{name}: expected a pinhole map")
+    return _build(Pinhole, value, name)
 
 
 @functools.cache

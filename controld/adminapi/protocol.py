@@ -182,6 +182,25 @@ def parse_request(line: bytes) -> Request:
     return Request(name, args)
 
 
+LEGACY_HOST_LEFT = b"host-left "
+
+
+async def legacy_host_left(backend: AdminBackend, line: bytes) -> bytes:
+    """controld 0.1's one-line protocol, kept for hooks from before the admin API:
+    ``host-left IP`` -> ``ok N`` (mappings removed) or ``error WHY``."""
+    words = line.decode("ascii", errors="replace").split()
+    try:
+        if len(words) != 2:
+            raise ValueError("expected: host-left <IPv4 address>")
+        ip = _ipv4(words[1])
+    except ValueError as exc:
+        return f"error {exc}\n".encode()
+    try:
+        return f"ok {await backend.host_left(ip)}\n".encode()
+    except BackendError as exc:
+        return f"error {exc.kind.value}: {exc.message}\n".encode()
+
+
 async def execute(backend: AdminBackend, req: Request) -> bytes:
     """Run a checked request against the core; returns the reply line."""
     try:

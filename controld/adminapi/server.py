@@ -142,6 +142,10 @@ class AdminServer:
                     ErrorKind.TOO_LARGE, f"request over {protocol.MAX_LINE} bytes")))
                 await writer.drain()
                 return  # the rest of the line is unread: the stream cannot be resynchronised
+            if line.startswith(protocol.LEGACY_HOST_LEFT):  # an old hook: one line, one answer, close
+                writer.write(await protocol.legacy_host_left(self.backend, line))
+                await writer.drain()
+                return
             try:
                 req = protocol.parse_request(line)
             except BackendError as exc:

@@ -24,7 +24,8 @@ class FrontEnd(str, Enum):
     UPNP = "upnp"
     PCP = "pcp"
     NATPMP = "natpmp"
-    OPERATOR = "operator"
+    OPERATOR = "operator"  # the admin socket (CLI, rpcd/LuCI) and the page's admin
+    WEB = "web"  # a LAN host on the page, for itself
 
 
 @dataclass(frozen=True)
@@ -138,7 +139,7 @@ class Mapping:
     pcp_expiry: float | None = None  # wall clock
     prefer_failure: bool = False
     mode: str = "cascaded"
-    front_end: str = "upnp"  # FrontEnd value of the protocol that made it (ownership, docs/lan-pcp.md)
+    origin: str = FrontEnd.UPNP.value  # the front end that made it (FrontEnd value), shown by `igdpcp list`
 
     @property
     def proto_name(self) -> str:
@@ -147,4 +148,4 @@ class Mapping:
     def describe(self) -> str:
         """Short text naming the mapping, for log lines."""
         return (f"mapping {self.id} {self.proto_name} ext {self.ext_ip or '?'}:{self.ext_port}"
-                f" -> {self.int_client}:{self.int_port} (nat1 {self.nat1_port}, cp {self.cp})")
+                f" -> {self.int_client}:{self.int_port} (nat1 {self.nat1_port}, cp {self.cp}, origin {self.origin})")

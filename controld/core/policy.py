@@ -6,6 +6,12 @@ own code. Secure mode: a client maps only to itself (docs/requirements.md IWF-88
 Quotas: per requester and in total (IWF-90). Manage rights (``--manage-host``): who may
 list and delete other clients' mappings.
 
+Admin rights: the operator's own requests (the admin socket, and the page's admin after
+login) run inside :func:`admin_rights`; there secure mode, ownership, the permission rules
+and the per-host quota do not apply (the operator is root on the router), while the port
+conflict and the total quota still do. A context variable carries it, so it reaches the
+checks in the core without a flag on every call, and only the task that asked.
+
 Permission rules use miniupnpd's allow/deny syntax.
 
 One rule a line::
@@ -21,14 +27,34 @@ mode and quotas still apply).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import ipaddress
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from controld.core.model import CoreError, ErrorKind
 
 MAX_RULES = 256
 MAX_REGEX = 256
+
+_ADMIN: contextvars.ContextVar[bool] = contextvars.ContextVar("igdpcp_admin_rights", default=False)
+
+
+@contextlib.contextmanager
+def admin_rights() -> Iterator[None]:
+    """Run the enclosed core calls as the operator (see the module's docstring)."""
+    token = _ADMIN.set(True)
+    try:
+        yield
+    finally:
+        _ADMIN.reset(token)
+
+
+def is_admin() -> bool:
+    """True inside :func:`admin_rights`."""
+    return _ADMIN.get()
 
 
 class RuleError(ValueError):
@@ -174,17 +200,17 @@ class Policy:
 
     def check_client(self, requester: str, int_client: str) -> None:
         """Secure mode: one maps only to oneself (IWF-88)."""
-        if self.secure_mode and int_client != requester:
+        if self.secure_mode and not is_admin() and int_client != requester:
             raise CoreError(ErrorKind.NOT_AUTHORIZED, "the internal client must be the requester's own "
                                                       "address (docs/requirements.md IWF-88)")
 
     def may_touch(self, requester: str, owner: str, int_client: str) -> bool:
         """May ``requester`` act on a mapping of ``owner`` for ``int_client``? Always without secure mode."""
-        return not self.secure_mode or requester in (owner, int_client)
+        return not self.secure_mode or requester in (owner, int_client) or is_admin()
 
     def check_rules(self, eport: int, client: str, iport: int, description: str) -> None:
         """DENIED unless the permission rules allow exactly this mapping."""
-        if not self.permissions.allowed(eport, client, iport, description):
+        if not is_admin() and not self.permissions.allowed(eport, client, iport, description):
             raise CoreError(ErrorKind.DENIED, f"permission rules refuse {eport} -> {client}:{iport}")
 
     def nearest_port(self, eport: int, client: str, iport: int, description: str) -> int:
@@ -198,5 +224,5 @@ class Policy:
         """QUOTA when the requester (holding ``mine``) or the router (``total``) is at its limit (IWF-90)."""
         if self.max_total and total >= self.max_total:
             raise CoreError(ErrorKind.QUOTA, f"the router holds its maximum of {self.max_total} mappings")
-        if self.max_per_host and mine >= self.max_per_host:
+        if self.max_per_host and mine >= self.max_per_host and not is_admin():
             raise CoreError(ErrorKind.QUOTA, f"{requester} holds its maximum of {self.max_per_host} mappings")

@@ -41,6 +41,7 @@ from typing import Any
 from controld.core.lifecycle import LISTED, Ev, State, next_state
 from controld.core.model import CoreError, CreateRequest, ErrorKind, FrontEnd, LanGrant, Mapping, NotOwner, Origin
 from controld.core.policy import Policy
+from controld.core.stats import Stats
 from controld.core.store import MappingTable
 from controld.core.upstream import (
     MODES,
@@ -140,6 +141,8 @@ class Iwf:
         self._bg: set[asyncio.Task[object]] = set()
         self._loss_watchers: list[Callable[[str], None]] = []  # LAN servers announcing a reset (docs/lan-pcp.md)
         self.restored_all = False  # at start: every stored mapping came back (the LAN epoch goes on)
+        self._restart_seen: str | None = None
+        self.stats = Stats()  # operators' counters (docs/operating.md): counted where each thing happens
 
     # --- start, natd and WAN events --------------------------------------------------
 
@@ -211,6 +214,7 @@ class Iwf:
         # binding for natd to relay the PCP request (RFC 6970 §5.5).
         bindings = [wire.Binding(m.id, m.proto, m.int_client, m.int_port, m.nat1_port)
                     for m in self.table.by_id.values() if m.nat1_port and m.mode != "no-nat1"]
+        self.stats.resyncs += 1
         reply = await self.link.call(wire.Sync(bindings), timeout=30)
         assert isinstance(reply, wire.SyncReply)
         for mid in reply.refused:  # natd will not forward these (host left the LAN, limit lowered)
@@ -315,6 +319,9 @@ class Iwf:
         elif isinstance(msg, wire.Heartbeat):
             if self.natd_boot is not None and msg.boot_id != self.natd_boot:
                 log.warning("natd restarted (boot %s); re-syncing NAT1", msg.boot_id)
+                if msg.boot_id != self._restart_seen:
+                    self.stats.natd_restarts += 1
+                    self._restart_seen = msg.boot_id  # a failed re-sync retried at the next heartbeat counts once
                 await self.sync_nat1()  # raises on failure: the next heartbeat tries again
                 now = self.wall()
                 for mid, (_, attempt) in list(self.timers.due.items()):
@@ -419,6 +426,7 @@ class Iwf:
     async def _transmit(self, ev: pcpc.Transmit) -> None:
         """One transmission = one natd request; its reply carries the matched response, if any."""
         wait_ms = min(wire.MAX_WAIT_MS, int(ev.wait * 1000))
+        sent = self.clock()
         try:
             reply = await self.link.call(wire.PcpExchange(ev.server, ev.packet, ev.via, wait_ms),
                                          timeout=ev.wait + NATD_MARGIN_S)
@@ -426,6 +434,7 @@ class Iwf:
             log.warning("PCP send to %s failed: %s", ev.server, exc)
             return
         if isinstance(reply, wire.PcpAnswer) and reply.packet is not None:
+            self.stats.rtt(self.clock() - sent)
             self._dispatch(self.client.receive(ev.server, reply.packet, self.clock(), reply.lan_ip))
 
     def _unsolicited(self, ev: pcpc.Unsolicited) -> None:
@@ -560,6 +569,7 @@ class Iwf:
                 bound = max(pcpc.MIN_RENEW_GAP, m.pcp_expiry - now)
             else:
                 bound = max(pcpc.MIN_RENEW_GAP, self.cfg.pcp_timeout)
+            self.stats.renewals += 1
             try:
                 resp = await self._exchange(("map", m.id), req, m, bound)
             except _Superseded:
@@ -646,7 +656,7 @@ class Iwf:
                        description=req.description, lease=req.lease,
                        lease_end=now + req.lease if req.lease else None, state=State.PENDING,
                        created=now, nonce=origin.client_id or os.urandom(12), pcp_server=self.server,
-                       prefer_failure=req.exact, mode=self.mode, front_end=origin.front_end.value)
+                       prefer_failure=req.exact, mode=self.mode, origin=origin.front_end.value)
 
     async def create(self, origin: Origin, req: CreateRequest) -> Mapping:
         """Create (or refresh, for its owner) a mapping: policy first, then NAT1 and upstream.
@@ -878,6 +888,20 @@ class Iwf:
             log.info("host %s left: %d mappings removed", ip, len(victims))
         return len(victims)
 
+    async def flush(self, host: str | None, why: str) -> int:
+        """Delete every listed mapping, or every one of LAN host ``host`` (owner or internal
+        client); returns how many. Paced and bounded in time like :meth:`host_left`."""
+        victims = [m for m in self.table.listed() if host is None or host in (m.cp, m.int_client)]
+        await self._remove_many(victims, why)
+        if victims:
+            log.info("%s: %d mappings removed", why, len(victims))
+        return len(victims)
+
+    def epoch(self) -> tuple[int, float] | None:
+        """The PCP server's last epoch time and the wall-clock time of that answer (RFC 6887 §8.5)."""
+        e = self.client.epochs.get(self.server or "")
+        return None if e is None else (e.server_time, self.wall() - (self.clock() - e.client_time))
+
     async def _remove_many(self, victims: list[Mapping], why: str) -> None:
         """Remove many mappings with at most ``recovery_window`` PCP deletes in flight (no burst
         at NAT2). Returns after ``pcp_timeout`` at the latest: the rest carries on in the
@@ -1027,8 +1051,8 @@ class Iwf:
     def lan_owns(self, origin: Origin, m: Mapping) -> bool:
         """A PCP mapping is its client's and nonce's (RFC 6887 §11.3); anything else is its
         client address's (docs/lan-pcp.md, Ownership), whatever secure mode says."""
-        if origin.front_end == FrontEnd.PCP or m.front_end == FrontEnd.PCP.value:
-            return m.front_end == origin.front_end.value and m.nonce == origin.client_id \
+        if origin.front_end == FrontEnd.PCP or m.origin == FrontEnd.PCP.value:
+            return m.origin == origin.front_end.value and m.nonce == origin.client_id \
                 and origin.client in (m.cp, m.int_client)
         return origin.client in (m.cp, m.int_client)
 
@@ -1089,6 +1113,6 @@ class Iwf:
         """Every mapping of ``proto`` the client made by its own protocol (NAT-PMP internal
         port 0, RFC 6886 §3.4); returns how many."""
         victims = [m for m in self.table.listed() if m.proto == proto and m.cp == origin.client
-                   and m.front_end == origin.front_end.value]
+                   and m.origin == origin.front_end.value]
         await self._remove_many(victims, f"all {origin.front_end.value} mappings of {origin.client}")
         return len(victims)

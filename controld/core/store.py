@@ -29,7 +29,7 @@ CREATE TABLE IF NOT EXISTS mappings (
     int_port INTEGER NOT NULL, description TEXT NOT NULL, lease INTEGER NOT NULL,
     lease_end REAL, state TEXT NOT NULL, created REAL NOT NULL, nat1_port INTEGER,
     nonce BLOB, pcp_server TEXT, ext_ip TEXT, pcp_lifetime INTEGER, pcp_expiry REAL,
-    prefer_failure INTEGER NOT NULL, mode TEXT NOT NULL, front_end TEXT NOT NULL DEFAULT 'upnp'
+    prefer_failure INTEGER NOT NULL, mode TEXT NOT NULL, origin TEXT NOT NULL DEFAULT 'upnp'
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
@@ -44,9 +44,9 @@ class MappingTable:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across crashes of the daemon
         self.db.executescript(_SCHEMA)
-        if "front_end" not in {r[1] for r in self.db.execute("PRAGMA table_info(mappings)")}:
-            # a table written before PCP and NAT-PMP served the LAN: every row is UPnP's
-            self.db.execute("ALTER TABLE mappings ADD COLUMN front_end TEXT NOT NULL DEFAULT 'upnp'")
+        have = {row[1] for row in self.db.execute("PRAGMA table_info(mappings)")}
+        if "origin" not in have:  # a table from before origins were stored: every row came by UPnP
+            self.db.execute("ALTER TABLE mappings ADD COLUMN origin TEXT NOT NULL DEFAULT 'upnp'")
         self.by_id: dict[int, Mapping] = {}
         self.by_key: dict[tuple[int, int], int] = {}
         self._key_of: dict[int, tuple[int, int]] = {}  # the key each mapping is indexed under

@@ -182,6 +182,7 @@ class Device:
     uuid_wcd: str
     igd_version: int = 1
     friendly_name: str = "igdpcp router"
+    presentation_url: str = ""  # the LAN page (controld/web), http://LAN:PORT/igdpcp/; set once HTTP listens
 
     def __post_init__(self) -> None:
         self.wanip = wanipconnection(self.igd_version)
@@ -192,6 +193,12 @@ class Device:
         self._v1: Device | None = None
         if self.igd_version >= 2:
             self._v1 = Device(self.uuid_root, self.uuid_wan, self.uuid_wcd, 1, self.friendly_name)
+
+    def present_at(self, url: str) -> None:
+        """The presentationURL (UDA 1.1 §2.3) from now on, in every view."""
+        self.presentation_url = url
+        if self._v1 is not None:
+            self._v1.presentation_url = url
 
     def view(self, user_agent: str) -> Device:
         """The description a control point gets: IGD:1 for agents that break on IGD:2."""
@@ -216,18 +223,19 @@ class Device:
                     f"<SCPDURL>{s.scpd_url}</SCPDURL><controlURL>{s.control_url}</controlURL>"
                     f"<eventSubURL>{s.event_url}</eventSubURL></service>")
 
-        def dev(uuid: str, dtype: str, name: str, services: str, children: str) -> str:
+        def dev(uuid: str, dtype: str, name: str, services: str, children: str, page: str = "") -> str:
             return (f"<device><deviceType>{dtype}</deviceType><friendlyName>{escape(name)}</friendlyName>"
                     "<manufacturer>igdpcp</manufacturer><manufacturerURL>https://example.invalid/igdpcp</manufacturerURL>"
                     "<modelDescription>UPnP IGD with PCP interworking (RFC 6970)</modelDescription>"
                     "<modelName>igdpcp</modelName><modelNumber>1</modelNumber>"
                     f"<UDN>uuid:{uuid}</UDN><serviceList>{services}</serviceList>"
-                    f"{f'<deviceList>{children}</deviceList>' if children else ''}</device>")
+                    f"{f'<deviceList>{children}</deviceList>' if children else ''}"
+                    f"{f'<presentationURL>{escape(page)}</presentationURL>' if page else ''}</device>")
 
         (ur, tr), (uw, tw), (uc, tc) = self.device_types()
         wcd = dev(uc, tc, "WANConnectionDevice", svc(self.wanip), "")
         wan = dev(uw, tw, "WANDevice", svc(self.wancfg), wcd)
-        root = dev(ur, tr, self.friendly_name, svc(self.l3f), wan)
+        root = dev(ur, tr, self.friendly_name, svc(self.l3f), wan, self.presentation_url)
         return ('<?xml version="1.0"?>\r\n<root xmlns="urn:schemas-upnp-org:device-1-0">'
                 "<specVersion><major>1</major><minor>1</minor></specVersion>"
                 f"{root}</root>\r\n").encode()

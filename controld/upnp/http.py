@@ -13,7 +13,8 @@ import asyncio
 import ipaddress
 import logging
 import re
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
 
 from controld.upnp import soap
@@ -22,6 +23,7 @@ from controld.upnp.errors import UPnPError
 from controld.upnp.gena import GenaServer
 from controld.upnp.igd import IgdActions
 from controld.upnp.parse import ascii_uint
+from controld.web.handler import HttpRequest, HttpResponse
 from shared.const import SERVER
 
 log = logging.getLogger("controld.upnp.http")
@@ -31,12 +33,14 @@ MAX_BODY = 65536
 READ_DEADLINE = 5.0  # to receive the whole request
 REQUEST_DEADLINE = 28.0  # to answer it; UPnP allows 30 s and actions bound their PCP wait below this
 MAX_CONNECTIONS = 64
+WEB_MAX_BODY = 8192  # the LAN page's form posts (controld/web)
 
 _HOST = re.compile(r"^(\d{1,3}(?:\.\d{1,3}){3}|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?$")
-_REASONS = {200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
-            408: "Request Timeout", 411: "Length Required", 412: "Precondition Failed", 413: "Payload Too Large",
-            415: "Unsupported Media Type", 431: "Request Header Fields Too Large", 500: "Internal Server Error",
-            501: "Not Implemented", 503: "Service Unavailable"}
+_REASONS = {200: "OK", 301: "Moved Permanently", 303: "See Other", 400: "Bad Request", 403: "Forbidden",
+            404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout", 409: "Conflict",
+            411: "Length Required", 412: "Precondition Failed", 413: "Payload Too Large",
+            415: "Unsupported Media Type", 429: "Too Many Requests", 431: "Request Header Fields Too Large",
+            500: "Internal Server Error", 501: "Not Implemented", 502: "Bad Gateway", 503: "Service Unavailable"}
 
 
 def _normalise(target: str) -> str:
@@ -87,8 +91,11 @@ class HttpError(Exception):
 
 class UpnpHttpServer:
     def __init__(self, device: Device, actions: IgdActions, lan_subnets: Callable[[], list[str]],
-                 gena: GenaServer | None = None) -> None:
+                 gena: GenaServer | None = None,
+                 web: tuple[str, Callable[[HttpRequest], Awaitable[HttpResponse]]] | None = None) -> None:
+        """``web``: (path prefix, handler) of the LAN page, served after the LAN and Host checks."""
         self.device = device
+        self.web = web
         self.actions = actions
         self.lan_subnets = lan_subnets
         self.gena = gena
@@ -174,6 +181,8 @@ class UpnpHttpServer:
             raise HttpError(400, "no Host header")
         if host is not None and not _HOST.match(host):
             raise HttpError(403, f"Host {host[:64]!r} is not an IP literal")
+        if self.web is not None and _normalise(path).split("/")[1] == self.web[0].strip("/"):
+            return (*await self._web(method, path, headers, reader, peer), None)
         path = _normalise(path)
         if method == "GET":
             return (*self._get(path, headers.get("user-agent", "")), None)
@@ -187,6 +196,20 @@ class UpnpHttpServer:
             status, out, after = self.gena.request(method, path, headers, peer)
             return status, out, b"", after
         raise HttpError(405, f"method {method[:16]}")
+
+    async def _web(self, method: str, target: str, headers: dict[str, str], reader: asyncio.StreamReader,
+                   peer: str) -> tuple[int, dict[str, str], bytes]:
+        """The LAN page (docs/operating.md): bodies up to WEB_MAX_BODY, then its own handler."""
+        assert self.web is not None
+        body = b""
+        if method == "POST":
+            length = ascii_uint(headers.get("content-length", ""), 18)
+            if length is not None and length > WEB_MAX_BODY:
+                raise HttpError(413, f"form of {length} bytes")
+            async with asyncio.timeout(READ_DEADLINE):
+                body = await _read_body(reader, headers)
+        resp = await self.web[1](HttpRequest(method, target, headers, body, peer, time.monotonic()))
+        return resp.status, dict(resp.headers), resp.body
 
     def _query_state_variable(self, service: Service, action: soap.SoapAction, peer: str,
                               headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:

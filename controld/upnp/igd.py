@@ -234,10 +234,15 @@ class IgdActions:
 
     async def handle(self, service: Service, action: SoapAction, cp: str) -> Out:
         """Run ``action`` invoked on ``service`` by control point ``cp``; raises UPnPError."""
-        known = action.name in service.actions or action.name in UNDECLARED.get(service.name, ())
-        if not known or action.name not in self.handlers:
-            raise UPnPError(401, f"{action.name} is not an action of {service.name}:{service.version}")
-        return await self.handlers[action.name](action, cp)
+        self.iwf.stats.request("upnp")  # operators' counters (docs/operating.md)
+        try:
+            known = action.name in service.actions or action.name in UNDECLARED.get(service.name, ())
+            if not known or action.name not in self.handlers:
+                raise UPnPError(401, f"{action.name} is not an action of {service.name}:{service.version}")
+            return await self.handlers[action.name](action, cp)
+        except UPnPError as exc:
+            self.iwf.stats.error("upnp", exc.code)
+            raise
 
     # --- evented state (GENA reads it here: one place for each fact) ---------------------
 

@@ -59,6 +59,16 @@ CGN_SUBNET = "100.64.0.0/10"
 WAN_SUBNET = "100.64.0.0/24"
 INET_SUBNET = "198.20.0.0/24"
 SSDP_GROUP = const.SSDP_GROUP
+# IPv6 (opt-in: Testbed(ipv6=True) or bed.setup_ipv6()): routed end to end, no NAT, as a
+# provider delegating a prefix to the router. Documentation prefixes (RFC 3849), reachable only
+# inside the bed's namespaces; nothing in igdpcp may refuse them for not being global.
+LAN6_PREFIX = "2001:db8:1::/64"
+LAN_HOST_IP6 = "2001:db8:1::2"
+ROUTER_LAN_IP6 = "2001:db8:1::1"
+ROUTER_WAN_IP6 = "2001:db8:64::2"
+ISP_INT_IP6 = "2001:db8:64::1"
+ISP_EXT_IP6 = "2001:db8:20::1"
+INET_HOST_IP6 = "2001:db8:20::10"
 
 ROUTER_LAN_IF = "br-lan"
 ROUTER_WAN_IF = "wan0"
@@ -153,10 +163,11 @@ result = {"peer": None, "data": "", "error": None}
 chunks = []
 try:
     deadline = time.monotonic() + timeout
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
     if mode == "tcp":
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s = socket.socket(fam, socket.SOCK_STREAM)
     else:
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s = socket.socket(fam, socket.SOCK_DGRAM)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     s.bind((host, port))
     if mode == "tcp":
@@ -213,9 +224,9 @@ import socket, sys
 host, port, timeout, bhost, bport = (sys.argv[1], int(sys.argv[2]), float(sys.argv[3]),
                                      sys.argv[4], int(sys.argv[5]))
 data = bytes.fromhex(sys.stdin.read().strip())
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind((bhost, bport))
+s.bind(("::" if ":" in host and bhost == "0.0.0.0" else bhost, bport))
 s.settimeout(timeout)
 s.sendto(data, (host, port))
 if timeout <= 0:
@@ -342,7 +353,7 @@ class Testbed:
 
     def __init__(self, prefix: str | None = None, workdir: str | None = None,
                  nat2_min_lifetime: int = 120, nat2_max_lifetime: int = 86400,
-                 nat2_debug: bool = False) -> None:
+                 nat2_debug: bool = False, ipv6: bool = False) -> None:
         self.prefix = prefix or new_prefix()
         if len(self.prefix) > 20:
             raise ValueError("prefix too long")
@@ -353,6 +364,8 @@ class Testbed:
         self.nat2_min_lifetime = nat2_min_lifetime
         self.nat2_max_lifetime = nat2_max_lifetime
         self.nat2_debug = nat2_debug
+        self.ipv6 = ipv6
+        self._ipv6_up = False
         self.nat2_uuid = str(uuid.uuid4())
         self._procs: list[subprocess.Popen] = []
         self._procs_lock = threading.Lock()
@@ -443,6 +456,8 @@ class Testbed:
             self._setup_addresses()
             self._setup_firewalls()
             self._wait_links_up()
+            if self.ipv6:
+                self.setup_ipv6()
         except BaseException:
             log.error("%s: setup failed, tearing down", self.prefix)
             self.teardown()
@@ -550,6 +565,37 @@ table inet {NAT2_TABLE} {{
     }}
 }}
 """)
+
+    def setup_ipv6(self) -> None:
+        """Add IPv6 (see LAN6_PREFIX): the LAN host's global address routed by the router, the
+        provider routing the prefix to the router and forwarding IPv6 unfiltered (no CGN for
+        IPv6), the Internet host reaching the LAN only through whatever the router allows.
+        Idempotent; the router itself has no IPv6 firewall here (natd's or fw4's is the test)."""
+        if self._ipv6_up:
+            return
+        for name, addr, dev in (("lan", LAN_HOST_IP6, LAN_HOST_IF), ("cpe", ROUTER_LAN_IP6, ROUTER_LAN_IF),
+                                ("cpe", ROUTER_WAN_IP6, ROUTER_WAN_IF), ("isp", ISP_INT_IP6, ISP_INT_IF),
+                                ("isp", ISP_EXT_IP6, ISP_EXT_IF), ("inet", INET_HOST_IP6, INET_HOST_IF)):
+            self._ip(name, "-6", "addr", "add", f"{addr}/64", "dev", dev, "nodad")
+        for name, via in (("lan", ROUTER_LAN_IP6), ("cpe", ISP_INT_IP6), ("inet", ISP_EXT_IP6)):
+            self._ip(name, "-6", "route", "add", "default", "via", via)
+        self._ip("isp", "-6", "route", "add", LAN6_PREFIX, "via", ROUTER_WAN_IP6)
+        for name in ("cpe", "isp"):
+            self.run(name, ["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])
+        # NAT2's forward chain drops what miniupnpd does not open; IPv6 is routed, not its business.
+        self.nft("isp", f'insert rule inet {NAT2_TABLE} forward meta nfproto ipv6 accept comment "routed IPv6"\n')
+        self._wait_ipv6_ready()
+        self._ipv6_up = True
+
+    def _wait_ipv6_ready(self, timeout: float = 5.0) -> None:
+        """Until link-local addresses leave DAD (tentative) a host cannot solicit neighbours,
+        and the first SYN of a test gets lost."""
+        deadline = time.monotonic() + timeout
+        for name in HOSTS:
+            while self._host_run(["ip", "-n", self.ns(name), "-6", "addr", "show", "tentative"]).stdout.strip():
+                if time.monotonic() > deadline:
+                    raise TestbedError(f"IPv6 addresses in {name} still tentative after {timeout}s")
+                time.sleep(0.05)
 
     def _wait_links_up(self, timeout: float = 5.0) -> None:
         """Wait until every link is operationally UP.  Carrier (LOWER_UP) is not enough:

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import http.server
 import itertools
 import json
 import os
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -141,3 +144,38 @@ class Page:
         self.reader.cancel()
         await self.ws.close()
         await self.http.close()
+
+
+def in_page(browser: Browser, fn: Callable[[Page], Awaitable[None]], timeout: float = 120) -> None:
+    """Run ``fn`` on a fresh page (own browser context, own cookies) of ``browser``, bounded in time."""
+    async def run() -> None:
+        page = await Page.open(browser)
+        try:
+            await fn(page)
+        finally:
+            await page.close()
+    asyncio.run(asyncio.wait_for(run(), timeout))
+
+
+def other_site(target: str) -> http.server.HTTPServer:
+    """Another site (another origin) on 127.0.0.1 whose page at once posts a delete, with a
+    guessed CSRF token, to the router's page at ``target``; served from a daemon thread
+    (``shutdown()`` and ``server_close()`` it after use)."""
+    page = (f'<form id="f" method="post" action="{target}/igdpcp/delete">'
+            '<input name="id" value="1"><input name="csrf" value="0123456789abcdef0123456789abcdef"></form>'
+            "<script>document.getElementById('f').submit()</script>").encode()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(page)))
+            self.end_headers()
+            self.wfile.write(page)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server

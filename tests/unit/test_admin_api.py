@@ -233,3 +233,20 @@ def test_close_ends_watchers_and_removes_the_socket(tmp_path: Path) -> None:
         with pytest.raises(client.Unreachable, match="closed"):
             next(c.events(timeout=5))
     assert not os.path.exists(path)
+
+
+def test_old_hooks_one_line_host_left_still_answers(served: Served) -> None:
+    """controld 0.1's `host-left IP` line (hooks from before the admin API) -> `ok N`, then close."""
+    b = served.backend
+    served.call(lambda: b.seed(Origin.UPNP, "192.168.1.9", "TCP", 9000, 90, "x"))
+    for line, answer in ((b"host-left 192.168.1.9\n", b"ok 1\n"),
+                         (b"host-left 999.1.1.1\n", b"error an IPv4 address\n"),
+                         (b"host-left 1.2.3.4 x\n", b"error expected: host-left <IPv4 address>\n")):
+        s = socket.socket(socket.AF_UNIX)
+        s.settimeout(5)
+        s.connect(served.path)
+        s.sendall(line)
+        assert s.recv(4096) == answer
+        assert s.recv(4096) == b""  # closed after the one answer
+        s.close()
+    assert b.host_lefts == ["192.168.1.9"] and client.call(served.path, "list") == []

@@ -16,7 +16,6 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from controld.admin import parse_command
 from controld.core.lifecycle import State
 from controld.core.service import Iwf, IwfConfig, _description
 from controld.core.store import MappingTable
@@ -225,11 +224,7 @@ def test_server_discovery_order_and_option_158(tmp_path) -> None:  # type: ignor
         ["100.64.0.3"], ["198.20.0.1"]]
 
 
-def test_admin_command_and_description_padding() -> None:
-    assert parse_command(b"host-left 192.168.1.2\n") == ("host-left", LAN)
-    for bad in (b"", b"host-left", b"host-left 999.1.1.1", b"rm -rf /", b"host-left 1.2.3.4 x"):
-        with pytest.raises(ValueError):
-            parse_command(bad)
+def test_description_padding() -> None:
     for text in ("x", "abcd", "\u00e9t\u00e9", "a" * 2000):
         raw = _description(text).encode()
         assert len(raw) % 4 == 0 and len(raw) <= pcp.MAX_DESCRIPTION and not raw.endswith(b"\0")

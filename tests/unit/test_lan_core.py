@@ -83,7 +83,7 @@ def test_cascaded_grant_is_nat2s_address_port_and_lifetime_nonce_passed_up_rfc76
         assert up.map is not None and up.map.nonce == NONCE  # the client's nonce goes upstream unchanged
         assert g.ext_ip == "198.20.0.1" and g.ext_port == up.map.external_port
         assert 0 < g.lifetime <= 120  # FakePcp grants at most 120 s: never above NAT2's
-        assert g.mapping.front_end == "pcp" and iwf.table.listed() == [g.mapping]
+        assert g.mapping.origin == "pcp" and iwf.table.listed() == [g.mapping]
         again = await iwf.lan_map(pcp_origin(), req(5000))
         assert again.mapping.id == g.mapping.id and again.ext_port == g.ext_port  # refresh, §11.3
     run(tmp_path, body)
@@ -135,7 +135,7 @@ def test_state_loss_event_on_wan_change_and_restored_flag(tmp_path) -> None:
     run(tmp_path, body)
 
 
-def test_old_tables_gain_the_front_end_column(tmp_path) -> None:
+def test_old_tables_gain_the_origin_column(tmp_path) -> None:
     db = sqlite3.connect(str(tmp_path / "mappings.sqlite3"))
     db.execute("CREATE TABLE mappings (id INTEGER PRIMARY KEY, cp TEXT NOT NULL, igd INTEGER NOT NULL, "
                "remote_host TEXT NOT NULL, ext_port INTEGER NOT NULL, proto INTEGER NOT NULL, int_client TEXT "
@@ -148,7 +148,7 @@ def test_old_tables_gain_the_front_end_column(tmp_path) -> None:
     db.commit()
     db.close()
     table = MappingTable(str(tmp_path))
-    assert table.by_id[1].front_end == "upnp"
+    assert table.by_id[1].origin == "upnp"
     table.close()
 
 

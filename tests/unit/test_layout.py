@@ -9,7 +9,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 DAEMONS = ("controld", "natd")
 # Other branches rewrite these now; each entry goes when that branch is merged.
-PENDING_SHARED = {"shared/cli.py"}  # host-left asks controld.admin (the admin-only CLI replaces it)
+PENDING_SHARED = {"shared/cli.py"}  # the admin CLI is a client of controld.adminapi (client, protocol)
 # (ScriptedLink and its drivers move to tests/bed/ once the core's natd link has settled)
 PENDING_TESTS = {"tests/unit/test_iwf_operations.py", "tests/unit/test_iwf_regressions.py"}
 

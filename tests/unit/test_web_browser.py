@@ -1,18 +1,17 @@
 """The LAN page in Debian's headless Chromium (DevTools protocol): what a person sees and does.
 
-Screenshots land in the test's tmp dir, and in $IGDPCP_SCREENSHOTS when set (docs/img/ was
-made that way). Skipped when chromium is not installed; scripts/setup installs it.
+Screenshots land in the test's tmp dir, and in $IGDPCP_SCREENSHOTS when set (docs/img/ holds
+the ones tests/netns/test_operating_web.py took of the real controld on the bed). Skipped when
+chromium is not installed; scripts/setup installs it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import http.server
 import os
 import re
 import shutil
-import threading
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ from controld.adminapi.backend import Origin
 from controld.web import auth
 from controld.web.handler import WebConfig
 from tests.unit.admin_fake import FakeBackend
-from tests.unit.cdp import Browser, Page, chromium_path
+from tests.unit.cdp import Browser, Page, chromium_path, in_page, other_site
 from tests.unit.web_dev import WebServed
 
 CHROMIUM = chromium_path()
@@ -51,16 +50,6 @@ def site() -> Iterator[WebServed]:
         yield s
     finally:
         s.close()
-
-
-def in_page(browser: Browser, fn: Callable[[Page], Awaitable[None]]) -> None:
-    async def run() -> None:
-        page = await Page.open(browser)
-        try:
-            await fn(page)
-        finally:
-            await page.close()
-    asyncio.run(asyncio.wait_for(run(), 120))
 
 
 def keep(shot: Path) -> None:
@@ -136,30 +125,9 @@ def test_add_and_delete_through_the_page(browser: Browser, site: WebServed) -> N
     in_page(browser, flow)
 
 
-class _Attacker(http.server.BaseHTTPRequestHandler):
-    """Another site (another origin) whose page posts to the router's page."""
-
-    target = ""
-
-    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
-        page = (f'<form id="f" method="post" action="{self.target}/igdpcp/delete">'
-                '<input name="id" value="1"><input name="csrf" value="0123456789abcdef0123456789abcdef"></form>'
-                "<script>document.getElementById('f').submit()</script>").encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "text/html")
-        self.send_header("Content-Length", str(len(page)))
-        self.end_headers()
-        self.wfile.write(page)
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
 def test_csrf_and_cross_host_refused(browser: Browser, site: WebServed) -> None:
     backend = site.backend
-    _Attacker.target = site.base
-    evil = http.server.HTTPServer(("127.0.0.1", 0), _Attacker)
-    threading.Thread(target=evil.serve_forever, daemon=True).start()
+    evil = other_site(site.base)
 
     async def flow(page: Page) -> None:
         await page.goto(site.base + "/igdpcp/mappings")  # the victim has a session
