@@ -268,6 +268,30 @@ def natpmp(gateway: str, count: int, first: int) -> None:
     _say({"lat": lat, "errors": errors})
 
 
+def pcp_maps(gateway: str, count: int, first: int) -> None:
+    """``count`` PCP MAP requests for TCP (RFC 6887 §11.1 figure 9) one by one, one nonce, no suggestion."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.connect((gateway, NATPMP_PORT))
+    s.settimeout(1.0)
+    me = socket.inet_aton(s.getsockname()[0])
+    nonce = os.urandom(12)
+    lat, errors = [], 0
+    with Progress("PCP maps", count) as bar:
+        for i in range(count):
+            req = (struct.pack("!BBHI", 2, 1, 0, 3600) + b"\0" * 10 + b"\xff\xff" + me + nonce
+                   + struct.pack("!B3xHH", 6, first + i, first + i) + b"\0" * 10 + b"\xff\xff" + b"\0" * 4)
+            t = time.perf_counter()
+            s.send(req)
+            try:
+                resp = s.recv(1100)
+                errors += int(len(resp) < 60 or resp[3] != 0)
+            except OSError:
+                errors += 1
+            lat.append(time.perf_counter() - t)
+            bar.step()
+    _say({"lat": lat, "errors": errors})
+
+
 def main(argv: list[str]) -> None:
     """Dispatch ``argv[0]`` to the agent of that name."""
     name, args = argv[0], argv[1:]
@@ -287,6 +311,8 @@ def main(argv: list[str]) -> None:
         fwd_count(int(args[0]), float(args[1]))
     elif name == "natpmp":
         natpmp(args[0], int(args[1]), int(args[2]) if len(args) > 2 else 0)
+    elif name == "pcp":
+        pcp_maps(args[0], int(args[1]), int(args[2]))
     else:
         raise SystemExit(f"unknown agent {name}")
 

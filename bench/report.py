@@ -152,11 +152,21 @@ def render_markdown(doc: dict[str, Any]) -> str:
     n = doc["natpmp"]
     lines += ["", "### NAT-PMP / PCP LAN server", "",
               "available: " + ("yes" if n["available"] else f"no, skipped ({n.get('reason', 'not available')})")]
-    for key in ("igdpcp", "miniupnpd"):
-        if isinstance(n.get(key), dict):
-            s = n[key]
-            lines.append(f"- {key}: NAT-PMP map p50 {_f(s.get('p50_ms'))} ms, p99 {_f(s.get('p99_ms'))} ms, "
-                         f"N={s.get('n')}")
+    if n["available"]:
+        lines += ["", "| N | system | NAT-PMP map p50 / p99 | all N | PCP MAP p50 / p99 | all N |",
+                  "|---|---|---|---|---|---|"]
+        sizes = sorted({int(k) for key in ("igdpcp", "miniupnpd") for a in ("natpmp", "pcp")
+                        for k in (n.get(key) or {}).get(a, {})})
+        for size in sizes:
+            for key in ("igdpcp", "miniupnpd"):
+                runs = [((n.get(key) or {}).get(a) or {}).get(str(size)) or {} for a in ("natpmp", "pcp")]
+                if not any(runs):
+                    continue
+                cells = []
+                for st in runs:
+                    err = f" ({st['errors']} errors)" if st.get("errors") else ""
+                    cells += [f"{_f(st.get('p50_ms'))} / {_f(st.get('p99_ms'))} ms{err}", f"{_f(st.get('total_s'))} s"]
+                lines.append(f"| {size} | {key} | " + " | ".join(cells) + " |")
     if doc["dataplane"]:
         lines += ["", "### Data plane: new TCP connections per second to the last forward", "",
                   "| system | N | connections/s |", "|---|---|---|"]

@@ -24,6 +24,8 @@ from controld.core.policy import Permissions, Policy, RuleError
 from controld.core.service import MODES, Iwf, IwfConfig
 from controld.core.store import MappingTable
 from controld.natd_link import NatdError, NatdLink
+from controld.pcpserver.pcp import ServerPolicy
+from controld.pcpserver.server import LanPcpServer, LanServerConfig
 from controld.upnp.description import ROOT_PATH, Gateway, gateway
 from controld.upnp.gena import GenaServer
 from controld.upnp.http import UpnpHttpServer
@@ -32,6 +34,7 @@ from controld.upnp.ssdp import SsdpServer
 from controld.web.handler import WebApp, WebConfig
 from shared import config, wire
 from shared.config import parse_args_with_config
+from shared.const import PCP_SERVER_PORT
 from shared.daemon import install_stop_signals, reread_args, setup_logging
 from shared.netif import if_addrs
 
@@ -162,6 +165,28 @@ async def _watch_lan(lan: _Lan, http: UpnpHttpServer, ssdp: SsdpServer, device: 
         ssdp.relocate(lan.ip, f"http://{lan.ip}:{lan.port}{ROOT_PATH}")
 
 
+async def _start_lan_pcp(args: argparse.Namespace, iwf: Iwf, lan_ip: str) -> LanPcpServer | None:
+    """PCP and NAT-PMP for LAN hosts on UDP 5351 (docs/lan-pcp.md), unless both are off."""
+    if not (args.enable_pcp or args.enable_natpmp):
+        return None
+    try:
+        managers = frozenset(ipaddress.ip_address(a) for a in args.pcp_manager or [])
+    except ValueError as exc:
+        raise SystemExit(f"controld: pcp-manager: {exc}") from None
+    # PEER is not served: outbound pins are not in the core yet (docs/lan-pcp.md)
+    policy = ServerPolicy(pcp=args.enable_pcp, natpmp=args.enable_natpmp, peer=False, managers=managers)
+    server = LanPcpServer(iwf, LanServerConfig(policy, args.pcp_rate, args.pcp_burst, args.pcp_max_lifetime))
+    address = args.pcp_listen or lan_ip
+    try:
+        await server.start(address)
+    except OSError as exc:  # UPnP still works without it
+        log.warning("no PCP/NAT-PMP server on %s: %s", address, exc)
+        return None
+    log.info("PCP %s, NAT-PMP %s on %s:%d", "on" if args.enable_pcp else "off",
+             "on" if args.enable_natpmp else "off", address, PCP_SERVER_PORT)
+    return server
+
+
 async def _start_admin(args: argparse.Namespace, backend: CoreBackend) -> AdminServer | None:
     """The admin API's socket (igdpcp, rpcd, the DHCP-release hook), if configured.
 
@@ -244,6 +269,7 @@ async def run(args: argparse.Namespace, reparse: Callable[[], argparse.Namespace
     await ssdp.start()
     tasks = [asyncio.create_task(ssdp.run_notify()), asyncio.create_task(gena.run_expiry()),
              asyncio.create_task(_watch_lan(lan, http, ssdp, device))]
+    lan_pcp = await _start_lan_pcp(args, iwf, lan.ip)
     log.info("controld up: %s on %s, IGD version %s at %s, state in %s", lan.ip, args.lan_if,
              args.igd_version, location, args.state_dir)
 
@@ -256,6 +282,8 @@ async def run(args: argparse.Namespace, reparse: Callable[[], argparse.Namespace
         t.cancel()
     if admin is not None:
         await admin.close()
+    if lan_pcp is not None:
+        lan_pcp.close()
     gena.close()
     ssdp.close()
     http.close()

@@ -256,6 +256,8 @@ class Natd:
             self.nft.state = have
         else:
             self.nft.setup()
+            if self.args.pcp_steer_to:
+                self.nft.steer_lan_pcp(self.args.pcp_steer_to)
         self._program()
         log.warning("nft objects in %s changed under natd (%s); restored %d forwards in %.0f ms",
                     self.nft.layout.where, reason, len(self.table.by_mid), (time.monotonic() - t0) * 1000)
@@ -520,6 +522,8 @@ class Natd:
         self._apply_ifs(await wan.snapshot(self.args.wan_if, self.args.lan_if))
         try:
             self.nft.setup()
+            if self.args.pcp_steer_to:
+                self.nft.steer_lan_pcp(self.args.pcp_steer_to)
             self._adopt()
             self._program()
         except FwNotReady as exc:

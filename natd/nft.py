@@ -75,6 +75,9 @@ def _snat_elem(k: SnatKey) -> str:
     return f"{k[0]} . {PROTO_NAMES[k[1]]} . {k[2]}"
 
 
+LAN_PCP_CHAIN = "lanpcp"  # split layout: LAN PCP steered to controld (steer_lan_pcp)
+
+
 class NftError(RuntimeError):
     """libnftables refused a command; the message is nft's own."""
 
@@ -454,6 +457,30 @@ class Nft:
             old_wan=tuple(sorted(have.wan)),
         )
         return "\n".join(lines), change
+
+    # --- LAN PCP steering (split layout; docs/lan-pcp.md) --------------------------------
+
+    def steer_lan_pcp(self, target: str) -> None:
+        """DNAT LAN hosts' PCP/NAT-PMP (udp 5351 to any of the router's own addresses) to
+        controld at ``target`` in its own namespace. The client's source stays as it is, so
+        ownership and ADDRESS_MISMATCH (RFC 6887 §8.2) still see the host; conntrack turns
+        the answer's source back into the gateway's. Standalone layout only."""
+        lay = self.layout
+        if not lay.own_table:
+            log.warning("fw4 layout: LAN PCP steering to %s is not installed (use a dstnat redirect in fw4)", target)
+            return
+        try:
+            ipaddress.IPv4Address(target)  # nothing but an address reaches nft
+        except ValueError:
+            raise NftError(f"pcp-steer-to {target!r} is not an IPv4 address") from None
+        lan = f'iifname "{self.lan_if}" ' if self.lan_if else ""
+        self.run("\n".join([
+            f"add chain {lay.where} {LAN_PCP_CHAIN} {{ type nat hook prerouting priority dstnat - 1; policy accept; }}",
+            f"flush chain {lay.where} {LAN_PCP_CHAIN}",
+            f"add rule {lay.where} {LAN_PCP_CHAIN} ip version 4 {lan}fib daddr type local ip daddr != {target} "
+            f'udp dport {PCP_SERVER_PORT} dnat ip to {target} comment "{TAG} lan-pcp"',
+        ]))
+        log.info("LAN PCP/NAT-PMP (udp %d to the router) steered to controld at %s", PCP_SERVER_PORT, target)
 
     def teardown(self) -> None:
         """Remove natd's objects (explicit uninstall only, never on restart)."""

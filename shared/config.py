@@ -100,6 +100,8 @@ OPTIONS: tuple[Option, ...] = (
     _O("ipc-group", (NATD,), "group owning the ipc:// socket files (mode 0660)"),
     _O("max-bindings", (NATD,), "total NAT1 forwards allowed", default=65536, type=int, live=True),
     _O("max-per-host", (NATD,), "NAT1 forwards allowed per LAN host", default=4096, type=int, live=True),
+    _O("pcp-steer-to", (NATD,), "split layout: steer LAN PCP/NAT-PMP (gateway UDP 5351) to controld at this "
+                                "address, keeping the client's source ('': controld shares the router)", default=""),
     # --- natd: IPv6 pinholes (docs/pinholes.md)
     _O("ipv6-firewall", (NATD,), "where IPv6 pinholes live: auto (fw4 layout: inside fw4's forward path; "
                                  "standalone: off), own (natd's table ip6 TABLE drops new inbound IPv6 from "
@@ -170,6 +172,18 @@ OPTIONS: tuple[Option, ...] = (
        live=True),
     _O("manage-host", (CONTROLD,), "hosts whose NewManage=1 reaches other hosts' mappings "
                                    "(UCI: list manage_host)", kind="append", metavar="IP[/LEN]", live=True),
+    _O("enable-pcp", (CONTROLD,), "serve PCP (RFC 6887) to LAN hosts on UDP 5351, proxied upstream",
+       default=True, kind="bool"),
+    _O("enable-natpmp", (CONTROLD,), "serve NAT-PMP (RFC 6886) to LAN hosts on UDP 5351 (as miniupnpd's "
+                                     "enable_natpmp)", default=True, kind="bool"),
+    _O("pcp-manager", (CONTROLD,), "LAN hosts allowed PCP THIRD_PARTY (RFC 6887 §13.1; none by default) "
+                                   "(UCI: list pcp_manager)", kind="append", metavar="IP"),
+    _O("pcp-rate", (CONTROLD,), "PCP/NAT-PMP requests a second per LAN host (token bucket; more are dropped)",
+       default=10.0, type=float),
+    _O("pcp-burst", (CONTROLD,), "PCP/NAT-PMP burst per LAN host", default=50, type=int),
+    _O("pcp-max-lifetime", (CONTROLD,), "longest lifetime granted to a LAN PCP/NAT-PMP mapping (seconds)",
+       default=86400, type=int),
+    _O("pcp-listen", (CONTROLD,), "address of the LAN PCP/NAT-PMP socket ('': the LAN address)", default=""),
 )
 
 

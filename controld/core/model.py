@@ -101,6 +101,25 @@ class CoreError(Exception):
         self.detail = detail
 
 
+class NotOwner(CoreError):
+    """NOT_AUTHORIZED for a mapping someone else holds; ``lifetime`` is what it has left
+    (a PCP nonce mismatch answers with it, RFC 6887 §11.3)."""
+
+    def __init__(self, detail: str, lifetime: int) -> None:
+        super().__init__(ErrorKind.NOT_AUTHORIZED, detail)
+        self.lifetime = lifetime
+
+
+@dataclass(frozen=True)
+class LanGrant:
+    """What a LAN PCP or NAT-PMP client is told: the outermost address and port, the lifetime."""
+
+    mapping: Mapping
+    ext_ip: str
+    ext_port: int
+    lifetime: int
+
+
 @dataclass(frozen=True)
 class Mapping:
     """One port mapping, with both of its bindings (docs/requirements.md IWF-32).

@@ -38,7 +38,7 @@ from collections.abc import Callable
 from typing import Any
 
 from controld.core.lifecycle import LISTED, Ev, State, next_state
-from controld.core.model import CoreError, CreateRequest, ErrorKind, Mapping, Origin
+from controld.core.model import CoreError, CreateRequest, ErrorKind, FrontEnd, LanGrant, Mapping, NotOwner, Origin
 from controld.core.policy import Policy
 from controld.core.store import MappingTable
 from controld.core.upstream import MODES, REDECIDE_S
@@ -73,6 +73,7 @@ class Iwf(UpstreamIO):
         self.natd_boot, self.wan_ip, self.gateway = hello.boot_id, hello.wan_ip, hello.gateway
         # A previous run stopped half-way on these: nothing was promised, but NAT2 may hold them.
         leftovers = [m for m in self.table.by_id.values() if m.state not in LISTED]
+        self.restored_all = not leftovers
         await self.sync_nat1()
         now = self.wall()
         self.timers.redecide_at = now + REDECIDE_S
@@ -111,7 +112,7 @@ class Iwf(UpstreamIO):
                        ext_port=ext_port, proto=req.proto, int_client=req.int_client, int_port=req.int_port,
                        description=req.description, lease=req.lease,
                        lease_end=now + req.lease if req.lease else None, state=State.PENDING,
-                       created=now, nonce=os.urandom(12), pcp_server=self.server,
+                       created=now, nonce=origin.client_id or os.urandom(12), pcp_server=self.server,
                        prefer_failure=req.exact, mode=self.mode, origin=origin.front_end.value)
 
     async def create(self, origin: Origin, req: CreateRequest) -> Mapping:
@@ -424,3 +425,91 @@ class Iwf(UpstreamIO):
         if m.mode != "nat1-only" and m.pcp_expiry is not None:
             left = min(left, m.pcp_expiry - self.wall())
         return max(1, int(left))
+
+    # --- LAN PCP and NAT-PMP (docs/lan-pcp.md "What the wiring needs from the core") --------
+
+    def watch_state_loss(self, callback: Callable[[str], None]) -> None:
+        """Call ``callback(why)`` when upstream state is lost or the WAN address changes: LAN
+        PCP and NAT-PMP clients must hear of it (RFC 6887 §14.1.3, RFC 6886 §3.2.1)."""
+        self._loss_watchers.append(callback)
+
+
+    def outer_address(self, cp: str) -> str:
+        """The outermost external address a LAN client sees ("" if unknown): NAT2's when
+        cascaded (RFC 7648 proxy semantics), the WAN address in nat1-only."""
+        if self.mode == "nat1-only":
+            return self.wan_ip or ""
+        return self.external_ip(cp)
+
+    def find_internal(self, proto: int, int_client: str, int_port: int) -> Mapping | None:
+        """The listed mapping of an internal tuple (PCP and NAT-PMP key mappings on it, RFC 6887 §11.3)."""
+        return self.table.find_internal(proto, int_client, int_port)
+
+    def lan_owns(self, origin: Origin, m: Mapping) -> bool:
+        """A PCP mapping is its client's and nonce's (RFC 6887 §11.3); anything else is its
+        client address's (docs/lan-pcp.md, Ownership), whatever secure mode says."""
+        if origin.front_end == FrontEnd.PCP or m.origin == FrontEnd.PCP.value:
+            return m.origin == origin.front_end.value and m.nonce == origin.client_id \
+                and origin.client in (m.cp, m.int_client)
+        return origin.client in (m.cp, m.int_client)
+
+    def _check_owner(self, origin: Origin, m: Mapping) -> None:
+        if not self.lan_owns(origin, m):
+            raise NotOwner(f"{m.describe()} belongs to another client or nonce", self.lease_remaining(m) or 1)
+
+    def _free_suggestion(self, req: CreateRequest) -> int:
+        """A suggested external port nobody holds, near the client's (a suggestion, RFC 6887
+        §11.3): the core never picks PCP's own ports and a taken one is passed over."""
+        want = req.ext_port or req.int_port
+        for i in range(64):  # bounded search outward from the suggestion
+            port = want + (i + 1) // 2 * (1 if i % 2 else -1)
+            if not 1024 <= port <= 65535 or (req.proto == UDP and port in PCP_PORTS):
+                continue
+            held = self.table.find(port, req.proto)
+            if (held is None or held.state not in LISTED) and \
+                    self.policy.permissions.allowed(port, req.int_client, req.int_port, req.description):
+                return port
+        return 0
+
+    async def lan_map(self, origin: Origin, req: CreateRequest) -> LanGrant:
+        """Create or refresh a LAN client's mapping by its internal tuple (PCP MAP, NAT-PMP map).
+
+        The owner's refresh keeps the external port (RFC 6887 §11.3); with ``req.exact``
+        (PREFER_FAILURE) a different suggestion is CONFLICT; someone else's tuple is
+        NOT_AUTHORIZED with that mapping's remaining lifetime. Policy and quotas are
+        :meth:`create`'s. The grant names the outermost address and port and a lifetime
+        never above NAT2's (RFC 7648).
+        """
+        m = self.find_internal(req.proto, req.int_client, req.int_port)
+        if m is not None:
+            self._check_owner(origin, m)
+            if req.exact and req.ext_port != m.ext_port:
+                raise CoreError(ErrorKind.CONFLICT, f"{m.describe()} already has another external port")
+            self.policy.check_rules(m.ext_port, req.int_client, req.int_port, req.description)
+            m = await self._refresh(m, req.description or m.description, req.lease)
+        else:
+            if not req.exact:
+                req = dataclasses.replace(req, ext_port=self._free_suggestion(req))
+                if req.ext_port == 0:
+                    raise CoreError(ErrorKind.DENIED, f"no allowed external port for {req.int_client}:{req.int_port}")
+            m = await self.create(origin, req)
+        return LanGrant(m, m.ext_ip or self.outer_address(origin.client), m.ext_port, self.lease_remaining(m))
+
+    async def lan_delete(self, origin: Origin, proto: int, int_client: str, int_port: int) -> None:
+        """Delete a LAN client's mapping by internal tuple (RFC 6887 §15.1, RFC 6886 §3.4):
+        NOT_FOUND when there is none, NOT_AUTHORIZED (with its lifetime) when not the caller's."""
+        m = self.find_internal(proto, int_client, int_port)
+        if m is None:
+            raise CoreError(ErrorKind.NOT_FOUND, f"no mapping for {int_client}:{int_port}")
+        self._check_owner(origin, m)
+        error = await self._remove(m, f"deleted by {origin.front_end.value} client {origin.client}")
+        if error is not None and m.state != State.RECOVERING:
+            raise error
+
+    async def lan_delete_all(self, origin: Origin, proto: int) -> int:
+        """Every mapping of ``proto`` the client made by its own protocol (NAT-PMP internal
+        port 0, RFC 6886 §3.4); returns how many."""
+        victims = [m for m in self.table.listed() if m.proto == proto and m.cp == origin.client
+                   and m.origin == origin.front_end.value]
+        await self._remove_many(victims, f"all {origin.front_end.value} mappings of {origin.client}")
+        return len(victims)

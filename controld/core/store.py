@@ -59,6 +59,9 @@ class MappingTable:
         self._listed: list[int] = []  # ids of listed mappings, ascending
         self._owned: dict[str, set[int]] = {}  # listed ids by owner (quota checks in O(1))
         self._owner_of: dict[int, str] = {}
+        # listed ids by internal tuple (PCP, NAT-PMP); UPnP may point several external ports at one
+        self._internal: dict[tuple[int, str, int], set[int]] = {}
+        self._internal_of: dict[int, tuple[int, str, int]] = {}
         self._subscribers: list[Subscriber] = []
         self.seq = 0  # the last ChangeEvent's sequence number
         cur = self.db.execute(f"SELECT {', '.join(_COLUMNS)} FROM mappings ORDER BY id")
@@ -98,6 +101,9 @@ class MappingTable:
         if m.state in LISTED:
             self._owned.setdefault(m.cp, set()).add(m.id)
             self._owner_of[m.id] = m.cp
+            inner = (m.proto, m.int_client, m.int_port)
+            self._internal.setdefault(inner, set()).add(m.id)
+            self._internal_of[m.id] = inner
 
     def apply(self, row: Mapping, durable: bool = True, **changes: Any) -> Mapping:
         """The one write. With ``changes``: the current row of ``row``'s id with those changes
@@ -136,6 +142,12 @@ class MappingTable:
             self._emit(ChangeKind.REMOVED, before, None, why)
 
     def _unown(self, mid: int) -> None:
+        inner = self._internal_of.pop(mid, None)
+        ids = self._internal.get(inner) if inner is not None else None
+        if ids is not None:
+            ids.discard(mid)
+            if not ids:
+                del self._internal[inner]  # type: ignore[arg-type]
         owner = self._owner_of.pop(mid, None)
         ids = self._owned.get(owner) if owner is not None else None
         if ids is not None:
@@ -173,6 +185,11 @@ class MappingTable:
     def find(self, ext_port: int, proto: int) -> Mapping | None:
         mid = self.by_key.get((ext_port, proto))
         return None if mid is None else self.by_id[mid]
+
+    def find_internal(self, proto: int, int_client: str, int_port: int) -> Mapping | None:
+        """The listed mapping of an internal tuple, O(1) (PCP and NAT-PMP key mappings on it)."""
+        ids = self._internal.get((proto, int_client, int_port))
+        return self.by_id[min(ids)] if ids else None  # the oldest, when UPnP made several
 
     def listed(self) -> list[Mapping]:
         return [self.by_id[i] for i in self._listed]

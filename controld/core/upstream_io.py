@@ -138,6 +138,8 @@ class UpstreamIO:
         self._no_new_until: dict[str, float] = {}  # NO_RESOURCES: no new mappings there (RFC 6887 §11.4)
         self._pf_keys: dict[tuple[bytes, int, int], Hashable] = {}  # outstanding PREFER_FAILURE requests
         self._bg: set[asyncio.Task[object]] = set()
+        self._loss_watchers: list[Callable[[str], None]] = []  # LAN servers announcing a reset (docs/lan-pcp.md)
+        self.restored_all = False  # at start: every stored mapping came back (the LAN epoch goes on)
         self._restart_seen: str | None = None
         self.stats = Stats()  # operators' counters (docs/operating.md): counted where each thing happens
         self.stun: wire.StunResult | None = None  # natd's last STUN answer (docs/stun.md)
@@ -303,6 +305,11 @@ class UpstreamIO:
                 if self._wan_task is not None:
                     self._wan_task.cancel()  # a newer address supersedes a reaction still running
                 self._wan_task = asyncio.create_task(self._wan_changed())
+                self._state_lost(f"WAN address {old} -> {msg.wan_ip}")
+
+    def _state_lost(self, why: str) -> None:
+        for callback in self._loss_watchers:
+            callback(why)
 
     def _on_stun(self, msg: wire.StunResult) -> None:
         """natd's STUN answer (repeated every few seconds): a changed address re-events ExternalIPAddress."""
@@ -411,6 +418,7 @@ class UpstreamIO:
                 log.warning("PCP server %s lost its state (%s); re-creating every mapping in %.1f s",
                             ev.server, "ANNOUNCE" if ev.announce else "epoch", delay)
                 self._recover_all(ev.server, delay)
+                self._state_lost(f"PCP server {ev.server} lost its state")
             elif isinstance(ev, pcpc.Unsolicited):
                 self._unsolicited(ev)
 

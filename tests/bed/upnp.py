@@ -47,6 +47,20 @@ def add(st: Stack, ext: int, internal: int, proto: str = "TCP", lease: int = 0, 
     return soap_call(st, action, map_args(ext, internal, proto, lease), service=WANIP2 if any_port else service)
 
 
+def listing(st: Stack, limit: int = 100) -> list[tuple[int, str, int]]:
+    """The mappings a control point lists: (external port, internal client, internal port)
+    from GetGenericPortMappingEntry, index 0 up until 713 (at most ``limit``)."""
+    out: list[tuple[int, str, int]] = []
+    for i in range(limit):  # bounded
+        status, body = soap_call(st, "GetGenericPortMappingEntry", {"NewPortMappingIndex": str(i)})
+        if status != 200:
+            assert error_code(body) == 713, body
+            return out
+        out.append((int(out_value(body, "NewExternalPort") or 0), out_value(body, "NewInternalClient") or "",
+                    int(out_value(body, "NewInternalPort") or 0)))
+    return out
+
+
 def wait_for(cond: Callable[[], bool], timeout: float, step: float = 0.2) -> bool:
     """Poll ``cond`` until true or ``timeout`` seconds passed (bounded)."""
     deadline = time.monotonic() + timeout

@@ -320,7 +320,7 @@ def test_fuzz_pcp_at_natds_wan_side(igd, control_point) -> None:
 @pytest.mark.parametrize("target", ["pcp-lan", "natpmp-lan"])
 def test_fuzz_lan_pcp_server(igd, control_point, target: str) -> None:
     """The LAN PCP/NAT-PMP server (UDP 5351 on the router's LAN address), once one listens."""
-    stack = igd()
+    stack = igd(controld_args=["--pcp-rate", "100000", "--pcp-burst", "100000"])  # every case parsed, none rate-dropped
     socks = h.udp_listeners(stack.bed, stack.controld_ns, pcp.SERVER_PORT)
     if not any(a.split(":")[0] in (h.tb.ROUTER_LAN_IP, "0.0.0.0", "*") for a in socks):
         pytest.skip("no PCP/NAT-PMP server listens on the LAN yet")

@@ -17,7 +17,7 @@ from shared import pcp
 from tests.bed import testbed as tb
 from tests.bed.fixtures import soap_call
 from tests.bed.stack import Stack
-from tests.bed.upnp import HOOKS, WANIP2, add, wait_for
+from tests.bed.upnp import HOOKS, WANIP2, add, listing, wait_for
 from tests.bed.upnp import error_code as _code
 from tests.bed.upnp import out_value as _value
 
@@ -29,19 +29,6 @@ OTHER_SUBSCRIBER = "100.64.0.7"  # a second CGN customer on NAT2's inside (docs/
 def nat2_ports(bed: tb.Testbed) -> dict[int, tuple[str, int]]:
     """NAT2's (miniupnpd's) TCP DNAT rules: {external port: (internal ip, internal port)}."""
     return {r.ext_port: (r.int_ip, r.int_port) for r in bed.nat2_dnat_rules() if r.proto == "tcp"}
-
-
-def listing(st: Stack) -> list[tuple[int, str, int]]:
-    """The mappings a control point lists (GetGenericPortMappingEntry until 713)."""
-    out: list[tuple[int, str, int]] = []
-    for i in range(100):  # bounded
-        status, body = soap_call(st, "GetGenericPortMappingEntry", {"NewPortMappingIndex": str(i)})
-        if status != 200:
-            assert _code(body) == 713, body
-            return out
-        out.append((int(_value(body, "NewExternalPort") or 0), _value(body, "NewInternalClient") or "",
-                    int(_value(body, "NewInternalPort") or 0)))
-    return out
 
 
 def other_subscriber_maps(bed: tb.Testbed, ext_port: int) -> None:

@@ -499,7 +499,7 @@ def test_restart_only_options_keep_their_value_on_reload() -> None:
     from shared.daemon import reread_args
 
     assert set(restart_only("natd")) == {"wan_if", "lan_if", "rpc", "events", "table", "layout", "ipc_group",
-                                         "curve_dir", "ipv6_firewall"}
+                                         "curve_dir", "ipv6_firewall", "pcp_steer_to"}
     assert "max_bindings" not in restart_only("natd") and "log_level" not in restart_only("controld")
     old = argparse.Namespace(wan_if="eth1", max_bindings=10, log_level="info")
     new = reread_args(lambda: argparse.Namespace(wan_if="eth9", max_bindings=20, log_level="info"), old,
