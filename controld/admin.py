@@ -17,6 +17,8 @@ import logging
 import os
 from collections.abc import Awaitable, Callable
 
+from shared.guard import Guard
+
 log = logging.getLogger("controld.admin")
 
 MAX_LINE = 256
@@ -38,6 +40,7 @@ class AdminServer:
         self.path = path
         self.host_left = host_left
         self._server: asyncio.AbstractServer | None = None
+        self.guard = Guard(log, "admin")
 
     async def start(self) -> None:
         """Bind the socket (replacing a stale one)."""
@@ -65,6 +68,8 @@ class AdminServer:
             await writer.drain()
         except (TimeoutError, asyncio.LimitOverrunError, ValueError, ConnectionError) as exc:
             log.info("admin: dropped a request: %s", type(exc).__name__)
+        except Exception as exc:  # the guard (shared/guard.py): a request never ends the admin socket
+            self.guard.unexpected("admin socket", exc)
         finally:
             writer.close()
 

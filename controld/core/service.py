@@ -47,6 +47,7 @@ from controld.core.upstream import (
     REDECIDE_S,
     EpochPollDue,
     MappingDue,
+    RecoveryGate,
     RedecideDue,
     TimerEvent,
     UpstreamTimers,
@@ -131,6 +132,8 @@ class Iwf:
         self._wan_task: asyncio.Task[None] | None = None
         self._may_move: set[int] = set()  # mappings allowed a new external port (docs/requirements.md IWF-81)
         self.timers = UpstreamTimers()  # renewals, lease ends, redecide, epoch poll: one timer drives all
+        self.recovery = RecoveryGate()  # epoch losses and ANNOUNCEs: one recovery at a time
+        self._recovering_server: str | None = None
         self._probe_seq = 0
         self._epoch_seq = 0
         self._probe_lock = asyncio.Lock()  # probes share one internal tuple (discard port): one at a time
@@ -407,7 +410,7 @@ class Iwf:
                 delay = self.rng.uniform(0, pcpc.ANNOUNCE_MAX_DELAY) if ev.announce else 0.0
                 log.warning("PCP server %s lost its state (%s); re-creating every mapping in %.1f s",
                             ev.server, "ANNOUNCE" if ev.announce else "epoch", delay)
-                self._recover_all(ev.server, delay)
+                self._recover_coalesced(ev.server, delay)
             elif isinstance(ev, pcpc.Unsolicited):
                 self._unsolicited(ev)
 
@@ -443,6 +446,8 @@ class Iwf:
         for m in self.table.listed():
             if (m.nonce, m.proto, m.int_port) != (resp.map.nonce, resp.map.protocol, resp.map.internal_port):
                 continue
+            if not self._update_trusted(ev, m):
+                continue
             if resp.result != pcp.Result.SUCCESS:
                 log.warning("mapping update from %s for %s: %s", ev.server, m.describe(), _result_name(resp.result))
                 continue
@@ -453,6 +458,19 @@ class Iwf:
             self._note_cp_address(m)
             log.info("mapping update from %s: %s", ev.server, m.describe())
             self.table.publish()
+
+    def _update_trusted(self, ev: pcpc.Unsolicited, m: Mapping) -> bool:
+        """A Mapping Update matched to ``m`` by nonce: only now is its epoch processed (RFC 6887
+        §8.4, §8.5), and it may not move ``m`` onto a port another row holds (no two rows on one port)."""
+        resp = ev.response
+        assert resp.map is not None
+        self._dispatch(self.client.check_epoch(ev.server, resp.epoch, self.clock()))
+        holder = self.table.find(resp.map.external_port, m.proto)
+        if resp.lifetime and holder is not None and holder.id != m.id and holder.state in LISTED:
+            log.warning("mapping update from %s refused for %s: port %d is %s's", ev.server, m.describe(),
+                        resp.map.external_port, holder.describe())
+            return False
+        return True
 
     def _arm(self) -> None:
         """(Re)arm the one timer at the earliest deadline: the PCP client's next retransmission
@@ -530,7 +548,26 @@ class Iwf:
             if m.lease_end is not None:
                 self._schedule(m, m.lease_end)
             return
-        self._spawn(self._renew(m, attempt))
+        self._spawn(self._renew_step(m, attempt))
+
+    def _recover_coalesced(self, server: str | None, delay: float) -> None:
+        """A server lost its state: recover, one recovery at a time (RecoveryGate); a trigger
+        during one restarts it once when it is over, however many came (an ANNOUNCE flood)."""
+        mids = [m.id for m in self.table.listed()
+                if m.mode != "nat1-only" and (server is None or m.pcp_server in (None, server))]
+        if self.recovery.trigger(mids, self.clock()):
+            self._recover_all(server, delay)
+            self._recovering_server = server
+        else:
+            log.info("PCP server %s: recovery already under way; it runs once more when over", server)
+
+    async def _renew_step(self, m: Mapping, attempt: int) -> None:
+        """A renewal; when it was the last of a recovery that was triggered again, recover again."""
+        try:
+            await self._renew(m, attempt)
+        finally:
+            if self.recovery.finished(m.id):
+                self._recover_coalesced(self._recovering_server, 0.0)
 
     async def _renew(self, m: Mapping, attempt: int) -> None:
         """Renew (or re-create) ``m`` upstream: same nonce, assigned values suggested (RFC 6887 §11.2.1)."""
@@ -832,7 +869,11 @@ class Iwf:
             await self._undo(m)
             raise
         # Durable before the client hears "yes" (docs/requirements.md IWF-28 to IWF-30).
-        m = self.table.apply(m, **granted, state=next_state(m.state, Ev.UPSTREAM_OK))
+        try:
+            m = self.table.apply(m, **granted, state=next_state(m.state, Ev.UPSTREAM_OK))
+        except CoreError:
+            await self._abandon(m)
+            raise
         if m.mode == "nat1-only":
             if m.lease_end is not None:
                 self._schedule(m, m.lease_end)
@@ -841,6 +882,15 @@ class Iwf:
         log.info("added %s lease=%s", m.describe(), m.lease or "infinite")
         self.table.publish()
         return m
+
+    async def _abandon(self, m: Mapping) -> None:
+        """A create NAT2 granted that could not be saved (disk full): nothing of it may stay,
+        upstream, in NAT1 or in memory."""
+        if m.mode != "nat1-only":
+            error = await self._delete_upstream(m)
+            if error is not None:
+                log.warning("could not delete unsaved %s upstream: %s", m.describe(), error)
+        await self._undo(m)
 
     async def _undo(self, m: Mapping) -> None:
         """Leave nothing behind for a mapping that never became active."""

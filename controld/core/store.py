@@ -19,8 +19,9 @@ from dataclasses import fields
 from typing import Any
 
 from controld.core.lifecycle import LISTED, State
-from controld.core.model import Mapping
+from controld.core.model import CoreError, ErrorKind, Mapping
 
+MAX_UNSAVED_DELETES = 100_000
 _COLUMNS = [f.name for f in fields(Mapping)]
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS mappings (
@@ -51,6 +52,7 @@ class MappingTable:
         self._owned: dict[str, set[int]] = {}  # listed ids by owner (quota checks in O(1))
         self._owner_of: dict[int, str] = {}
         self._subscribers: list[Callable[[], None]] = []
+        self._unsaved_deletes: set[int] = set()  # deleted in memory, not yet on disk (disk full)
         cur = self.db.execute(f"SELECT {', '.join(_COLUMNS)} FROM mappings ORDER BY id")
         for row in cur:
             values = dict(zip(_COLUMNS, row, strict=True))
@@ -104,13 +106,30 @@ class MappingTable:
         if durable:
             values = [getattr(m, c) for c in _COLUMNS]
             values[_COLUMNS.index("state")] = m.state.value
-            self.db.execute(f"INSERT OR REPLACE INTO mappings ({', '.join(_COLUMNS)}) VALUES "
-                            f"({', '.join('?' * len(_COLUMNS))})", values)
-        self._index(m)
+            self._write(f"INSERT OR REPLACE INTO mappings ({', '.join(_COLUMNS)}) VALUES "
+                        f"({', '.join('?' * len(_COLUMNS))})", values)
+        self._index(m)  # only once on disk: memory never holds a row the disk refused
         return m
 
+    def _write(self, sql: str, args: Any) -> None:
+        """One write to disk, after any deletes a full disk held back; a failure (disk full,
+        read-only state dir) is an UNAVAILABLE CoreError and changes nothing."""
+        try:
+            if self._unsaved_deletes:
+                self.db.executemany("DELETE FROM mappings WHERE id = ?", [(i,) for i in self._unsaved_deletes])
+                self._unsaved_deletes.clear()
+            self.db.execute(sql, args)
+        except sqlite3.Error as exc:
+            raise CoreError(ErrorKind.UNAVAILABLE, f"cannot save the mapping table: {exc}") from None
+
     def delete(self, m: Mapping) -> None:
-        self.db.execute("DELETE FROM mappings WHERE id = ?", (m.id,))
+        """Forget ``m``: from memory always, from disk now or with the next write that succeeds
+        (so a clean-up on a full disk still goes on to remove the NAT1 binding)."""
+        try:
+            self._write("DELETE FROM mappings WHERE id = ?", (m.id,))
+        except CoreError:
+            if len(self._unsaved_deletes) < MAX_UNSAVED_DELETES:  # bounded; a restart cleans up the rest
+                self._unsaved_deletes.add(m.id)
         self.by_id.pop(m.id, None)
         key = self._key_of.pop(m.id, None)
         if key is not None and self.by_key.get(key) == m.id:
@@ -160,7 +179,7 @@ class MappingTable:
         return row[0] if row else None
 
     def set_meta(self, key: str, value: str) -> None:
-        self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+        self._write("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
 
     def close(self) -> None:
         self.db.close()

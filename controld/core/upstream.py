@@ -134,3 +134,38 @@ class UpstreamTimers:
             del self.due[mid]
             out.append(MappingDue(mid, attempt))
         return out
+
+
+RECOVERY_BOUND_S = 120.0  # a recovery not finished by then no longer holds back the next trigger
+
+
+class RecoveryGate:
+    """Coalesces recovery triggers (epoch losses, ANNOUNCEs: RFC 6887 §14.1.3 lets a server send
+    many): one recovery at a time; a trigger during one restarts it once it is over, at most
+    once however many arrive. A recovery is over when every mapping it covers has had its
+    first attempt (:meth:`finished`), or RECOVERY_BOUND_S after it started."""
+
+    def __init__(self) -> None:
+        self.active: set[int] = set()
+        self.started: float | None = None
+        self.again = False
+
+    def trigger(self, mids: list[int], now: float) -> bool:
+        """A recovery of ``mids`` is wanted: True to start it now, False when it waits (coalesced)."""
+        if self.started is not None and self.active and now - self.started < RECOVERY_BOUND_S:
+            self.again = True
+            return False
+        self.active, self.started, self.again = set(mids), now, False
+        return True
+
+    def finished(self, mid: int) -> bool:
+        """Mapping ``mid``'s recovery attempt is over; True when a coalesced trigger now
+        wants the recovery run again (the caller triggers it)."""
+        if mid not in self.active:
+            return False
+        self.active.discard(mid)
+        if self.active:
+            return False
+        self.started = None
+        again, self.again = self.again, False
+        return again

@@ -1,8 +1,8 @@
 """The UPnP HTTP server: descriptions (GET) and SOAP control (POST), LAN only, bounded.
 
 One request per connection (Connection: close), as miniupnpc and most control
-points use it. Limits: header bytes, body bytes, a deadline per request and a cap
-on concurrent connections; anything over a limit or malformed gets a 4xx and the
+points use it. Limits: header bytes, body bytes, a deadline per request, and
+connections per host and in total (controld.upnp.fairness); anything over a limit or malformed gets a 4xx and the
 connection is closed. Requests from outside the LAN subnets are dropped, and the
 Host header must be an IP literal (DNS rebinding).
 """
@@ -13,24 +13,27 @@ import asyncio
 import ipaddress
 import logging
 import re
+import time
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
 from controld.upnp import soap
 from controld.upnp.description import ROOT_PATH, Device, Service
 from controld.upnp.errors import UPnPError
+from controld.upnp.fairness import Fairness
 from controld.upnp.gena import GenaServer
 from controld.upnp.igd import IgdActions
 from controld.upnp.parse import ascii_uint
 from shared.const import SERVER
+from shared.guard import Guard
 
 log = logging.getLogger("controld.upnp.http")
 
 MAX_HEADER = 8192
 MAX_BODY = 65536
+BACKLOG = 1024  # a burst of one host's connects must not crowd out another host's SYN
 READ_DEADLINE = 5.0  # to receive the whole request
 REQUEST_DEADLINE = 28.0  # to answer it; UPnP allows 30 s and actions bound their PCP wait below this
-MAX_CONNECTIONS = 64
 
 _HOST = re.compile(r"^(\d{1,3}(?:\.\d{1,3}){3}|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?$")
 _REASONS = {200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
@@ -92,14 +95,15 @@ class UpnpHttpServer:
         self.actions = actions
         self.lan_subnets = lan_subnets
         self.gena = gena
-        self._active = 0
+        self.fair = Fairness()
+        self.guard = Guard(log, "http")
         self._subnets: list[str] = []
         self._nets: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
         self.server: asyncio.AbstractServer | None = None
 
     async def start(self, host: str, port: int) -> int:
         """Listen on ``host:port`` (port 0: any); returns the port."""
-        self.server = await asyncio.start_server(self._client, host, port, limit=MAX_HEADER)
+        self.server = await asyncio.start_server(self._client, host, port, limit=MAX_HEADER, backlog=BACKLOG)
         return self.server.sockets[0].getsockname()[1]
 
     def close(self) -> None:
@@ -118,10 +122,18 @@ class UpnpHttpServer:
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")[0]
-        if not self._in_lan(peer) or self._active >= MAX_CONNECTIONS:
+        if not self._in_lan(peer) or not self.fair.admit(peer, time.monotonic()):
             writer.close()
             return
-        self._active += 1
+        try:
+            await self._serve(reader, writer, peer)
+        except Exception as exc:  # the guard (shared/guard.py): nothing escapes, the slot is freed
+            self.guard.unexpected(peer, exc)
+        finally:
+            self.fair.release(peer)
+            writer.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str) -> None:
         after = None
         try:
             async with asyncio.timeout(REQUEST_DEADLINE):  # no extra task per request, unlike wait_for
@@ -134,6 +146,9 @@ class UpnpHttpServer:
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
             log.info("http %s: bad request: %s", peer, exc)
             status, headers, body = 400, {}, b""
+        except Exception as exc:  # unexpected: answered 400 all the same, logged once (rate limited)
+            self.guard.unexpected(peer, exc)
+            status, headers, body = 400, {}, b""
         try:
             head = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}", f"SERVER: {SERVER}",
                     "Connection: close", f"Content-Length: {len(body)}"]
@@ -144,7 +159,6 @@ class UpnpHttpServer:
         except (TimeoutError, ConnectionError):
             pass
         finally:
-            self._active -= 1
             writer.close()
         if after is not None:
             after()  # e.g. GENA's initial event, which must follow the SUBSCRIBE response
