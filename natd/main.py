@@ -345,7 +345,9 @@ class Natd:
                 if tp.version != 4:
                     raise PolicyError("bad-pcp", "THIRD_PARTY must name an IPv4 LAN host")
                 self.table.check_lan(str(tp))
-            elif req.map.internal_port != DISCARD_PORT:
+            elif req.map.internal_port != DISCARD_PORT and req.lifetime != 0:
+                # A delete may go unbound: its NAT1 binding is gone, the mapping upstream is not
+                # yet (controld retries deletes NAT2 did not confirm); a delete creates nothing.
                 raise PolicyError("no-binding", "unbound MAP must use THIRD_PARTY or the discard port")
         log.info("pcp -> %s: %s", msg.server, _describe_request(req, msg.mid, str(wan_ip), port))
         return pcp.rewrite_request(msg.packet, wan_ip, port), req  # in place, no re-encode

@@ -41,10 +41,12 @@ from typing import Any
 from controld.core.lifecycle import LISTED, Ev, State, next_state
 from controld.core.model import CoreError, CreateRequest, ErrorKind, Mapping, Origin
 from controld.core.policy import Policy
-from controld.core.store import MappingTable
+from controld.core.store import MappingTable, PendingDelete
 from controld.core.upstream import (
+    DELETE_RETRY_BATCH,
     MODES,
     REDECIDE_S,
+    DeleteRetryDue,
     EpochPollDue,
     MappingDue,
     RecoveryGate,
@@ -52,6 +54,7 @@ from controld.core.upstream import (
     TimerEvent,
     UpstreamTimers,
     choose_mode,
+    delete_retry_due,
     is_private,
     needs_probe,
     recovery_due,
@@ -181,6 +184,7 @@ class Iwf:
         self.timers.epoch_poll_at = now + (self.cfg.epoch_poll if self.cfg.epoch_poll > 0 else REDECIDE_S)
         self._arm()
         await self.decide_mode()
+        self._arm_delete_retry()  # upstream deletes a previous run could not finish
         for m in leftovers:
             log.info("cleaning up unfinished %s (%s)", m.describe(), m.state.value)
             self._spawn(self._finish_leftover(m))
@@ -508,6 +512,8 @@ class Iwf:
             self._spawn(self._poll_epoch())
         elif isinstance(ev, MappingDue):
             self._mapping_due(ev.mid, ev.attempt)
+        elif isinstance(ev, DeleteRetryDue):
+            self._spawn(self._retry_deletes())
 
     # --- renewal, lease end, recovery ------------------------------------------------
 
@@ -551,23 +557,29 @@ class Iwf:
         self._spawn(self._renew_step(m, attempt))
 
     def _recover_coalesced(self, server: str | None, delay: float) -> None:
-        """A server lost its state: recover, one recovery at a time (RecoveryGate); a trigger
-        during one restarts it once when it is over, however many came (an ANNOUNCE flood)."""
-        mids = [m.id for m in self.table.listed()
-                if m.mode != "nat1-only" and (server is None or m.pcp_server in (None, server))]
-        if self.recovery.trigger(mids, self.clock()):
-            self._recover_all(server, delay)
+        """A server lost its state: recover, one recovery at a time (RecoveryGate); triggers
+        during one restart it once when it is over, however many came (an ANNOUNCE flood)."""
+        if self.recovery.trigger(self._recoverable(server), self.clock(), delay):
             self._recovering_server = server
+            self._recover_all(server, delay)
         else:
-            log.info("PCP server %s: recovery already under way; it runs once more when over", server)
+            log.info("PCP server %s: a recovery is under way; it runs once more when over", server)
+
+    def _recoverable(self, server: str | None) -> list[int]:
+        return [m.id for m in self.table.listed()
+                if m.mode != "nat1-only" and (server is None or m.pcp_server in (None, server))]
 
     async def _renew_step(self, m: Mapping, attempt: int) -> None:
         """A renewal; when it was the last of a recovery that was triggered again, recover again."""
         try:
             await self._renew(m, attempt)
         finally:
-            if self.recovery.finished(m.id):
-                self._recover_coalesced(self._recovering_server, 0.0)
+            delay = self.recovery.finished(m.id, self.clock())
+            if delay is not None:
+                server = self._recovering_server
+                log.info("PCP server %s: recovering once more in %.1f s (coalesced triggers)", server, delay)
+                self.recovery.begin(self._recoverable(server), self.clock() + delay)
+                self._recover_all(server, delay)
 
     async def _renew(self, m: Mapping, attempt: int) -> None:
         """Renew (or re-create) ``m`` upstream: same nonce, assigned values suggested (RFC 6887 §11.2.1)."""
@@ -888,15 +900,72 @@ class Iwf:
         upstream, in NAT1 or in memory."""
         if m.mode != "nat1-only":
             error = await self._delete_upstream(m)
-            if error is not None:
-                log.warning("could not delete unsaved %s upstream: %s", m.describe(), error)
+            self._retry_delete_later(m, error)
         await self._undo(m)
 
+    def _retry_delete_later(self, m: Mapping, error: CoreError | None) -> None:
+        """NAT2 did not answer ``m``'s delete: it still holds the port, so the delete stays ours,
+        persisted and retried (paced, bounded) until NAT2 confirms or the grant has run out there."""
+        if error is None or error.kind != ErrorKind.UNAVAILABLE or m.mode == "nat1-only" or not m.nonce:
+            return
+        now = self.wall()
+        until = m.pcp_expiry if m.pcp_expiry is not None else now + pcpc.MAX_SANE_LIFETIME
+        server = m.pcp_server or self.server
+        if server is None or until <= now:
+            return
+        port = m.nat1_port if m.mode == "cascaded" and m.nat1_port else m.int_port  # what NAT2 knows
+        d = PendingDelete(m.id, server, m.nonce, m.proto, port, self._third_party(m), until, 0,
+                          delete_retry_due(now, 0, self.rng))
+        try:
+            self.table.save_pending_delete(d)
+        except CoreError as exc:
+            log.error("cannot keep the upstream delete of %s for a retry: %s", m.describe(), exc)
+            return
+        log.warning("upstream delete of %s unconfirmed; retrying until NAT2 confirms", m.describe())
+        self._arm_delete_retry()
+
+    def _arm_delete_retry(self) -> None:
+        pending = self.table.pending_deletes()
+        self.timers.delete_retry_at = pending[0].due if pending else None
+        self._arm()
+
+    async def _retry_deletes(self) -> None:
+        """Send the due upstream deletes again (at most DELETE_RETRY_BATCH at once); each goes
+        once NAT2 answered it or the mapping's NAT2 lifetime passed."""
+        try:
+            now = self.wall()
+            due = [d for d in self.table.pending_deletes() if d.due <= now][:DELETE_RETRY_BATCH]
+
+            async def one(d: PendingDelete) -> None:
+                if d.until <= now or d.server != self.server:
+                    self.table.drop_pending_delete(d.id)  # expired there, or that server is not ours now
+                    return
+                req = self._map_request(d.nonce, d.proto, d.int_port, 0, 0, third_party=d.third_party)
+                try:
+                    resp = await self._exchange(("delete-retry", d.id), req, None, self.cfg.pcp_timeout)
+                except _Superseded:
+                    return
+                if resp is not None:
+                    log.info("upstream delete of mapping %d confirmed by %s: %s", d.id, d.server,
+                             _result_name(resp.result))
+                    self.table.drop_pending_delete(d.id)
+                else:
+                    self.table.save_pending_delete(dataclasses.replace(
+                        d, attempt=d.attempt + 1, due=delete_retry_due(self.wall(), d.attempt + 1, self.rng)))
+
+            results = await asyncio.gather(*(one(d) for d in due), return_exceptions=True)
+            for r in results:
+                if isinstance(r, BaseException):
+                    log.warning("upstream delete retry failed: %s", r)
+        finally:
+            self._arm_delete_retry()
+
     async def _undo(self, m: Mapping) -> None:
-        """Leave nothing behind for a mapping that never became active."""
-        self.table.delete(m)
+        """Leave nothing behind for a mapping that never became active (or is going)."""
+        self.table.delete(m)  # never raises: a full disk does not stop the Unbind below
         self.timers.drop(m.id)
-        if m.nat1_port is not None:
+        # By mode, not by nat1_port: a Bind whose port could not be saved (disk full) is still in NAT1.
+        if m.nat1_port is not None or m.mode in ("cascaded", "nat1-only"):
             try:
                 await self.link.call(wire.Unbind(m.id))
             except NatdError as exc:
@@ -964,6 +1033,7 @@ class Iwf:
             return None  # already on its way out
         m = self.table.apply(cur, state=next_state(cur.state, Ev.DELETE))
         error = await self._delete_upstream(m)
+        self._retry_delete_later(m, error)
         next_state(m.state, Ev.DELETED)  # (checks the transition; the row goes now)
         await self._undo(m)
         log.info("removed %s: %s%s", m.describe(), why, f" (upstream: {error})" if error else "")

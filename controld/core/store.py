@@ -33,7 +33,27 @@ CREATE TABLE IF NOT EXISTS mappings (
     prefer_failure INTEGER NOT NULL, mode TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS upstream_deletes (
+    id INTEGER PRIMARY KEY, server TEXT NOT NULL, nonce BLOB NOT NULL, proto INTEGER NOT NULL,
+    int_port INTEGER NOT NULL, third_party TEXT, until REAL NOT NULL, attempt INTEGER NOT NULL, due REAL NOT NULL
+);
 """
+
+
+@dataclasses.dataclass(frozen=True)
+class PendingDelete:
+    """An upstream delete (MAP lifetime 0) NAT2 has not confirmed: the mapping's id, its server,
+    nonce, protocol, the internal port NAT2 knows (the NAT1 port when cascaded), THIRD_PARTY."""
+
+    id: int
+    server: str
+    nonce: bytes
+    proto: int
+    int_port: int
+    third_party: str | None
+    until: float  # the mapping's NAT2 lifetime ends: nothing left to delete after this
+    attempt: int
+    due: float
 
 
 class MappingTable:
@@ -173,6 +193,21 @@ class MappingTable:
 
     def count(self) -> int:
         return len(self._listed)
+
+    def save_pending_delete(self, d: PendingDelete) -> None:
+        """Remember an upstream delete NAT2 has not confirmed (retried until it does or ``until``)."""
+        self._write("INSERT OR REPLACE INTO upstream_deletes (id, server, nonce, proto, int_port, third_party, "
+                    "until, attempt, due) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", dataclasses.astuple(d))
+
+    def pending_deletes(self) -> list[PendingDelete]:
+        """Every unconfirmed upstream delete, soonest due first."""
+        rows = self.db.execute("SELECT id, server, nonce, proto, int_port, third_party, until, attempt, due "
+                               "FROM upstream_deletes ORDER BY due").fetchall()
+        return [PendingDelete(*r) for r in rows]
+
+    def drop_pending_delete(self, did: int) -> None:
+        """NAT2 confirmed (or the mapping's NAT2 lifetime passed)."""
+        self._write("DELETE FROM upstream_deletes WHERE id = ?", (did,))
 
     def get_meta(self, key: str) -> str | None:
         row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()

@@ -11,11 +11,11 @@ sender frees its slot within seconds.
 from __future__ import annotations
 
 MAX_CONNECTIONS = 256  # in total
-MAX_PER_HOST = 16  # per source address
+MAX_PER_HOST = 32  # per source address (a control point runs a few at once; a fuzzer 16)
 RESERVE = 32  # of the total, kept for hosts holding fewer than RESERVE_UNDER
 RESERVE_UNDER = 2
-RATE_BURST = 64.0  # connections one host may open at once
-RATE_PER_S = 32.0  # and then per second
+RATE_BURST = 256.0  # connections one host may open at once
+RATE_PER_S = 128.0  # and then per second (a bound on work per host, well above any control point)
 MAX_HOSTS = 4096  # rate buckets remembered (bounded; the least recently seen is forgotten)
 
 

@@ -56,7 +56,6 @@ def test_2_one_slow_host_does_not_starve_another(igd) -> None:
     assert max(t for _, t in res) < 1.0, res
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14 item 3: disk full leaves NAT1 forwards without a row")
 def test_3_disk_full_leaves_nothing_half_made(igd, control_point) -> None:
     """controld's state dir is full: adds fail with an error, nothing they half-made stays in
     NAT1, NAT2 or the table; once space returns the same ports can be added (no restart)."""
@@ -77,7 +76,6 @@ def test_3_disk_full_leaves_nothing_half_made(igd, control_point) -> None:
     assert st.procs["controld"].poll() is None
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14 item 4: a delete while NAT2 is unreachable is never retried")
 def test_4_delete_while_nat2_unreachable_is_retried(igd, control_point) -> None:
     """NAT2 is away during DeletePortMapping; once it is back (with its leases) the mapping is
     deleted there too, without the control point asking again."""
@@ -148,7 +146,6 @@ def test_8_mapping_update_onto_another_mappings_port(igd, control_point) -> None
     assert [(e, ip, ip_port) for _, e, ip, ip_port in cp.listing()] == [(8100, h.LAN, 9100)]
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14 item 9: natd's loop stalls on conntrack walks while deleting")
 def test_9_natd_answers_promptly_while_deleting_with_conntrack_entries(igd, control_point) -> None:
     """20 UDP mappings with ~1,000 conntrack entries each are deleted while a second API client
     says Hello to natd every 10 ms: natd's p99 stays under 50 ms, as it would with no kernel
