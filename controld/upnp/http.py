@@ -1,10 +1,12 @@
 """The UPnP HTTP server: descriptions (GET) and SOAP control (POST), LAN only, bounded.
 
 One request per connection (Connection: close), as miniupnpc and most control
-points use it. Limits: header bytes, body bytes, a deadline per request, and
-connections per host and in total (controld.upnp.fairness); anything over a limit or malformed gets a 4xx and the
-connection is closed. Requests from outside the LAN subnets are dropped, and the
-Host header must be an IP literal (DNS rebinding).
+points use it. Limits: connections per host and in total (controld.upnp.fairness: one
+over them is closed at once), header bytes, body bytes, header and body deadlines and a
+deadline per request; anything malformed or over a limit gets a 4xx and the
+connection is closed; any other exception is answered 400 (shared/guard.py). Requests
+from outside the LAN subnets are dropped, and the Host header must be an IP literal (DNS
+rebinding).
 """
 
 from __future__ import annotations
