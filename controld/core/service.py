@@ -68,6 +68,7 @@ from shared.const import DISCARD_PORT, PCP_PORTS, PROBE_LIFETIME, PROTOCOLS, TCP
 log = logging.getLogger("controld.core.service")
 
 MAX_CP_ADDRESSES = 4096  # per-CP ExternalIPAddress entries kept (bounded)
+MAX_PENDING_DELETES = 4096  # unconfirmed upstream deletes kept for retries (bounded)
 __all__ = ["MODES", "Iwf", "IwfConfig"]
 NATD_MARGIN_S = 5.0  # a PCP exchange's natd request may take this much longer than its wait
 # natd's refusal codes for a NAT1 binding, as neutral kinds (anything else: UNAVAILABLE).
@@ -574,12 +575,16 @@ class Iwf:
         try:
             await self._renew(m, attempt)
         finally:
-            delay = self.recovery.finished(m.id, self.clock())
-            if delay is not None:
-                server = self._recovering_server
-                log.info("PCP server %s: recovering once more in %.1f s (coalesced triggers)", server, delay)
-                self.recovery.begin(self._recoverable(server), self.clock() + delay)
-                self._recover_all(server, delay)
+            self._recovery_step_done(m.id)
+
+    def _recovery_step_done(self, mid: int) -> None:
+        """Mapping ``mid`` was renewed or re-created (by a recovery, a refresh or a retry)."""
+        delay = self.recovery.finished(mid, self.clock())
+        if delay is not None:
+            server = self._recovering_server
+            log.info("PCP server %s: recovering once more in %.1f s (coalesced triggers)", server, delay)
+            self.recovery.begin(self._recoverable(server), self.clock() + delay)
+            self._recover_all(server, delay)
 
     async def _renew(self, m: Mapping, attempt: int) -> None:
         """Renew (or re-create) ``m`` upstream: same nonce, assigned values suggested (RFC 6887 §11.2.1)."""
@@ -660,6 +665,7 @@ class Iwf:
         self._note_cp_address(m)
         # RFC 6887 §11.2.1: renewals never less than 4 s apart, however short the grant.
         self._schedule(m, max(pcpc.renewal_time(m.pcp_lifetime, now, 0, self.rng), now + pcpc.MIN_RENEW_GAP))
+        self._recovery_step_done(m.id)  # (a refresh may have re-created it before its recovery turn)
 
     def _note_cp_address(self, m: Mapping) -> None:
         """docs/requirements.md IWF-14, IWF-78: the CP's ExternalIPAddress is its last PCP answer's address."""
@@ -878,6 +884,8 @@ class Iwf:
         except BaseException as exc:
             next_state(m.state, Ev.TIMEOUT if isinstance(exc, CoreError)  # (checks the transition)
                        and exc.kind == ErrorKind.UNAVAILABLE else Ev.UPSTREAM_ERROR)
+            if isinstance(exc, CoreError) and (m.nat1_port or m.mode == "no-nat1"):
+                self._retry_delete_later(m, exc)  # unanswered: the MAP may have reached NAT2 all the same
             await self._undo(m)
             raise
         # Durable before the client hears "yes" (docs/requirements.md IWF-28 to IWF-30).
@@ -912,6 +920,10 @@ class Iwf:
         until = m.pcp_expiry if m.pcp_expiry is not None else now + pcpc.MAX_SANE_LIFETIME
         server = m.pcp_server or self.server
         if server is None or until <= now:
+            return
+        if len(self.table.pending_deletes()) >= MAX_PENDING_DELETES:
+            log.error("upstream delete of %s not kept: %d unconfirmed deletes already", m.describe(),
+                      MAX_PENDING_DELETES)
             return
         port = m.nat1_port if m.mode == "cascaded" and m.nat1_port else m.int_port  # what NAT2 knows
         d = PendingDelete(m.id, server, m.nonce, m.proto, port, self._third_party(m), until, 0,

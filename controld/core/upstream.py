@@ -174,6 +174,7 @@ class RecoveryGate:
     def trigger(self, mids: list[int], now: float, delay: float = 0.0) -> bool:
         """A recovery of ``mids`` is wanted in ``delay`` s: True to start it, False when it is
         coalesced into the one running (which then runs once more)."""
+        self.active &= set(mids)  # mappings removed meanwhile never finish: they no longer count
         if self.started is not None and self.active and now - self.started < RECOVERY_BOUND_S:
             self.again = True
             return False

@@ -117,6 +117,7 @@ def test_recovery_gate_coalesces_a_flood_of_triggers() -> None:
     g.begin([1, 2], 22.0)
     assert g.finished(1, 22.5) is None and g.finished(2, 23.0) is None  # nothing came: over
     assert g.trigger([3], 30.0) and not g.trigger([3], 31.0) and g.trigger([3], 31.0 + RECOVERY_BOUND_S)
+    assert g.trigger([4, 5], 200.0) and g.trigger([6], 201.0)  # 4 and 5 were removed: that one is over
 
 
 class _FullDisk:
