@@ -35,6 +35,8 @@ MAX_HEADER = 8192
 MAX_BODY = 65536
 BACKLOG = 1024  # a burst of one host's connects must not crowd out another host's SYN
 READ_DEADLINE = 5.0  # to receive the whole request
+LINGER_S = 0.5  # after the answer, for the peer's EOF (see _linger)
+LINGER_READS = 16  # at most this many reads of unread input (bounded: ~1 MiB)
 REQUEST_DEADLINE = 28.0  # to answer it; UPnP allows 30 s and actions bound their PCP wait below this
 
 _HOST = re.compile(r"^(\d{1,3}(?:\.\d{1,3}){3}|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?$")
@@ -75,6 +77,22 @@ async def _read_body(reader: asyncio.StreamReader, headers: dict[str, str]) -> b
     if length > MAX_BODY:
         raise HttpError(413, f"body of {length} bytes")
     return await reader.readexactly(length)
+
+
+async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """After the answer: FIN, then read and discard what the peer still sends (an unread body)
+    until its EOF, bounded. A close with unread input resets the connection, and the reset
+    can destroy the answer before the peer reads it."""
+    if reader.at_eof() or not writer.can_write_eof():
+        return
+    writer.write_eof()
+    try:
+        async with asyncio.timeout(LINGER_S):
+            for _ in range(LINGER_READS):
+                if not await reader.read(MAX_BODY):
+                    return
+    except (TimeoutError, ConnectionError, asyncio.LimitOverrunError):
+        pass
 
 
 def _hex(raw: bytes) -> int | None:
@@ -158,6 +176,7 @@ class UpnpHttpServer:
             writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + body)
             async with asyncio.timeout(REQUEST_DEADLINE):
                 await writer.drain()
+            await _linger(reader, writer)
         except (TimeoutError, ConnectionError):
             pass
         finally:
