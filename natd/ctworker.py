@@ -1,7 +1,7 @@
 """The conntrack clean-up off natd's event loop: a small worker process natd talks to over a pipe.
 
 A conntrack dump is a kernel walk of the whole table inside one recv (tens of ms with
-20,000 entries); on natd's loop it would stall every request behind it (issue 14 item 9).
+20,000 entries); on natd's loop it would stall every request behind it.
 So natd hands each batch of deleted forwards to this process, one JSON line in, one
 JSON line out, and its loop only moves bytes through a pipe. The worker is started on
 first use and again after it died; a batch it could not finish is reported, not retried

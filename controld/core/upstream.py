@@ -48,7 +48,7 @@ class EpochPollDue:
 
 @dataclass(frozen=True)
 class DeleteRetryDue:
-    """Time to retry upstream deletes NAT2 has not confirmed yet (issue 14 item 4)."""
+    """Time to retry upstream deletes NAT2 has not confirmed yet."""
 
 
 TimerEvent = MappingDue | RedecideDue | EpochPollDue | DeleteRetryDue

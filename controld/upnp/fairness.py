@@ -1,6 +1,6 @@
 """Per-host fairness for the UPnP HTTP server, sans-I/O: peer and time in, admit or refuse out.
 
-One host cannot starve the others (issue 14 item 2): each source address may hold at
+One host cannot starve the others: each source address may hold at
 most MAX_PER_HOST connections and open them at RATE_PER_S (burst RATE_BURST); the last
 RESERVE of the MAX_CONNECTIONS slots go only to hosts holding fewer than RESERVE_UNDER
 connections, so a newcomer is served even while others fill the server. Each connection
