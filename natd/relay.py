@@ -73,8 +73,7 @@ class PcpRelay:
         loop = asyncio.get_running_loop()
         usock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
-            if self.wan_if:  # answers count only when they arrived on the WAN (as for 5350)
-                usock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, self.wan_if.encode())
+            self._bind_to_wan(usock)  # answers count only when they arrived on the WAN (as for 5350)
             usock.bind((wan_ip, 0))
         except OSError:
             usock.close()
@@ -84,8 +83,7 @@ class PcpRelay:
             sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            if self.wan_if:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, self.wan_if.encode())
+            self._bind_to_wan(sock)
             sock.bind(("0.0.0.0", PCP_CLIENT_PORT))
             mreq = struct.pack("4s4s", socket.inet_aton(ALL_HOSTS), socket.inet_aton(wan_ip))
             sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, mreq)
@@ -93,6 +91,16 @@ class PcpRelay:
         except OSError as exc:
             log.warning("cannot listen for PCP ANNOUNCE on %s:%d: %s", ALL_HOSTS, PCP_CLIENT_PORT, exc)
         log.info("pcp relay bound to %s:%d", wan_ip, self._unicast.get_extra_info("sockname")[1])
+
+    def _bind_to_wan(self, sock: socket.socket) -> None:
+        """Receive only what arrived on the WAN interface (SO_BINDTODEVICE: no CAP_NET_RAW
+        needed since Linux 5.7); without it the source check alone guards the socket."""
+        if not self.wan_if:
+            return
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, self.wan_if.encode())
+        except OSError as exc:
+            log.warning("cannot bind the PCP socket to %s (%s): LAN hosts could reach it", self.wan_if, exc)
 
     def close(self) -> None:
         for t in (self._unicast, self._announce):
