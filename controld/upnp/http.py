@@ -36,6 +36,7 @@ MAX_BODY = 65536
 BACKLOG = 1024  # a burst of one host's connects must not crowd out another host's SYN
 READ_DEADLINE = 5.0  # to receive the whole request
 LINGER_S = 0.5  # after the answer, for the peer's EOF (see _linger)
+MAX_REFUSING = 64  # connections over a host's share answered 503 at once (the rest: closed)
 LINGER_READS = 16  # at most this many reads of unread input (bounded: ~1 MiB)
 REQUEST_DEADLINE = 28.0  # to answer it; UPnP allows 30 s and actions bound their PCP wait below this
 
@@ -117,6 +118,7 @@ class UpnpHttpServer:
         self.gena = gena
         self.fair = Fairness()
         self.guard = Guard(log, "http")
+        self._refusing = 0  # connections being answered 503 (bounded by MAX_REFUSING)
         self._subnets: list[str] = []
         self._nets: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
         self.server: asyncio.AbstractServer | None = None
@@ -142,8 +144,11 @@ class UpnpHttpServer:
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")[0]
-        if not self._in_lan(peer) or not self.fair.admit(peer, time.monotonic()):
+        if not self._in_lan(peer):
             writer.close()
+            return
+        if not self.fair.admit(peer, time.monotonic()):
+            await self._refuse(reader, writer)
             return
         try:
             await self._serve(reader, writer, peer)
@@ -151,6 +156,25 @@ class UpnpHttpServer:
             self.guard.unexpected(peer, exc)
         finally:
             self.fair.release(peer)
+            writer.close()
+
+    async def _refuse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Over the host's share: 503 unread (a client learns to come back), at most
+        MAX_REFUSING such answers at once; beyond that the connection is just closed."""
+        if self._refusing >= MAX_REFUSING:
+            writer.close()
+            return
+        self._refusing += 1
+        try:
+            writer.write(f"HTTP/1.1 503 Service Unavailable\r\nSERVER: {SERVER}\r\nRetry-After: 1\r\n"
+                         "Connection: close\r\nContent-Length: 0\r\n\r\n".encode())
+            async with asyncio.timeout(LINGER_S):
+                await writer.drain()
+            await _linger(reader, writer)
+        except (TimeoutError, ConnectionError):
+            pass
+        finally:
+            self._refusing -= 1
             writer.close()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str) -> None:
