@@ -206,7 +206,7 @@ class PcpClient:
         except pcp.PcpDecodeError:
             return []  # RFC 6887 §8.3: silently dropped
         if resp.result == pcp.Result.UNSUPP_VERSION:
-            return self._unsupported_version(server, resp, now)
+            return self._unsupported_version(server, resp, now, data, lan_ip)
         matched = next((ex for ex in self.exchanges.values() if self._matches(ex, resp, server, lan_ip)), None)
         if matched is None:
             if resp.opcode == pcp.Opcode.MAP:
@@ -224,14 +224,24 @@ class PcpClient:
         an :class:`EpochLost` when ``server`` lost its state."""
         return [] if self._epoch_valid(server, epoch, now) else [EpochLost(server, announce=announce)]
 
-    def _unsupported_version(self, server: str, resp: pcp.Response, now: float) -> list[Event]:
-        """We speak only version 2 (NAT-PMP fallback is not offered upstream): every exchange
-        with ``server`` ends with this answer, and it is left alone for min(30 min, Lifetime).
+    def _unsupported_version(self, server: str, resp: pcp.Response, now: float, data: bytes,
+                             lan_ip: str | None) -> list[Event]:
+        """We speak only version 2 (NAT-PMP fallback is not offered upstream): the exchanges it
+        answers end with it, and the server is left alone for min(30 min, Lifetime).
 
-        An UNSUPP_VERSION carries no nonce, so it counts only while it can be the answer to
-        our outstanding request: one is outstanding there, and the server has never answered
-        version 2 (one that has is not believed to have forgotten it: a forged answer would
-        turn PCP off for 30 minutes)."""
+        It counts only when it answers our outstanding request (RFC 6887 §8.4): one that
+        echoes a request (version 2, the nonce and fields of one outstanding exchange) ends
+        that exchange; one with no nonce (header only) ends every exchange there, but only
+        from a server that never answered version 2 (one that has is not believed to have
+        forgotten it: a forged answer would turn PCP off for 30 minutes)."""
+        echoed = _echoed(data)
+        if echoed is not None:
+            hit = next((ex for ex in self.exchanges.values() if self._matches(ex, echoed, server, lan_ip)), None)
+            if hit is None:
+                return []
+            del self.exchanges[hit.key]
+            self.refused[server] = (now + min(UNSUPP_VERSION_RETRY, resp.lifetime), resp)
+            return [Answer(hit.key, resp)]
         asked = any(ex.server == server for ex in self.exchanges.values())
         if not asked or server in self.epochs:
             return []  # nothing asked, or a v2 server: a stray or spoofed packet changes nothing
@@ -241,6 +251,17 @@ class PcpClient:
             del self.exchanges[ex.key]
             out.append(Answer(ex.key, resp))
         return out
+
+
+def _echoed(data: bytes) -> pcp.Response | None:
+    """A version 2 UNSUPP_VERSION that copies its request (RFC 6887 §8.2), read as a response
+    so it can be matched; None for a header-only one."""
+    if len(data) <= pcp.HEADER_SIZE or data[0] != pcp.VERSION:
+        return None
+    try:
+        return pcp.decode_response(data[:3] + b"\x00" + data[4:])
+    except pcp.PcpDecodeError:
+        return None
 
 
 def renewal_time(granted: int, t0: float, attempt: int, rng: random.Random) -> float:

@@ -159,3 +159,21 @@ def test_store_on_a_full_disk_keeps_nothing_it_could_not_save(tmp_path: Any) -> 
     t.db = disk.db
     t2 = MappingTable(str(tmp_path))
     assert sorted(t2.by_id) == [3]
+
+
+def test_unsupp_version_echoing_our_request_answers_it() -> None:
+    """A version 2 UNSUPP_VERSION that copies our request (nonce and fields) is the answer to it
+    (RFC 6887 §8.2, §8.4), even from a server that answered version 2; a copy with another
+    nonce answers nothing."""
+    cl = c.PcpClient()
+    cl.request("a", SERVER, _req(), now=0.0)
+    cl.receive(SERVER, _resp(), 1.0)
+    cl.request("b", SERVER, _req(), now=2.0)
+
+    def unsupp(nonce: bytes) -> bytes:
+        raw = bytearray(_resp(nonce=nonce))
+        raw[3] = pcp.Result.UNSUPP_VERSION
+        return bytes(raw)
+    assert cl.receive(SERVER, unsupp(b"f" * 12), 2.5) == [] and "b" in cl.exchanges
+    (ev,) = cl.receive(SERVER, unsupp(NONCE), 2.6)
+    assert isinstance(ev, c.Answer) and ev.key == "b" and ev.response.result == pcp.Result.UNSUPP_VERSION
