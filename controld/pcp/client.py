@@ -206,7 +206,7 @@ class PcpClient:
         except pcp.PcpDecodeError:
             return []  # RFC 6887 §8.3: silently dropped
         if resp.result == pcp.Result.UNSUPP_VERSION:
-            return self._unsupported_version(server, resp, now, data, lan_ip)
+            return self._unsupported_version(server, resp, now, lan_ip)
         matched = next((ex for ex in self.exchanges.values() if self._matches(ex, resp, server, lan_ip)), None)
         if matched is None:
             if resp.opcode == pcp.Opcode.MAP:
@@ -224,7 +224,7 @@ class PcpClient:
         an :class:`EpochLost` when ``server`` lost its state."""
         return [] if self._epoch_valid(server, epoch, now) else [EpochLost(server, announce=announce)]
 
-    def _unsupported_version(self, server: str, resp: pcp.Response, now: float, data: bytes,
+    def _unsupported_version(self, server: str, resp: pcp.Response, now: float,
                              lan_ip: str | None) -> list[Event]:
         """We speak only version 2 (NAT-PMP fallback is not offered upstream): the exchanges it
         answers end with it, and the server is left alone for min(30 min, Lifetime).
@@ -234,9 +234,8 @@ class PcpClient:
         that exchange; one with no nonce (header only) ends every exchange there, but only
         from a server that never answered version 2 (one that has is not believed to have
         forgotten it: a forged answer would turn PCP off for 30 minutes)."""
-        echoed = _echoed(data)
-        if echoed is not None:
-            hit = next((ex for ex in self.exchanges.values() if self._matches(ex, echoed, server, lan_ip)), None)
+        if resp.map is not None:  # it copies a request (pcp.decode_response): match it like any answer
+            hit = next((ex for ex in self.exchanges.values() if self._matches(ex, resp, server, lan_ip)), None)
             if hit is None:
                 return []
             del self.exchanges[hit.key]
@@ -251,17 +250,6 @@ class PcpClient:
             del self.exchanges[ex.key]
             out.append(Answer(ex.key, resp))
         return out
-
-
-def _echoed(data: bytes) -> pcp.Response | None:
-    """A version 2 UNSUPP_VERSION that copies its request (RFC 6887 §8.2), read as a response
-    so it can be matched; None for a header-only one."""
-    if len(data) <= pcp.HEADER_SIZE or data[0] != pcp.VERSION:
-        return None
-    try:
-        return pcp.decode_response(data[:3] + b"\x00" + data[4:])
-    except pcp.PcpDecodeError:
-        return None
 
 
 def renewal_time(granted: int, t0: float, attempt: int, rng: random.Random) -> float:
