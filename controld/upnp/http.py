@@ -80,6 +80,23 @@ async def _read_body(reader: asyncio.StreamReader, headers: dict[str, str]) -> b
     return await reader.readexactly(length)
 
 
+async def _send(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, status: int,
+                headers: dict[str, str], body: bytes, deadline: float) -> None:
+    """Write the answer (Connection: close) within ``deadline``, linger, close."""
+    head = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}", f"SERVER: {SERVER}",
+            "Connection: close", f"Content-Length: {len(body)}"]
+    head += [f"{k}: {v}" for k, v in headers.items()]
+    try:
+        writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + body)
+        async with asyncio.timeout(deadline):
+            await writer.drain()
+        await _linger(reader, writer)
+    except (TimeoutError, ConnectionError):
+        pass
+    finally:
+        writer.close()
+
+
 async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     """After the answer: FIN, then read and discard what the peer still sends (an unread body)
     until its EOF, bounded. A close with unread input resets the connection, and the reset
@@ -166,16 +183,9 @@ class UpnpHttpServer:
             return
         self._refusing += 1
         try:
-            writer.write(f"HTTP/1.1 503 Service Unavailable\r\nSERVER: {SERVER}\r\nRetry-After: 1\r\n"
-                         "Connection: close\r\nContent-Length: 0\r\n\r\n".encode())
-            async with asyncio.timeout(LINGER_S):
-                await writer.drain()
-            await _linger(reader, writer)
-        except (TimeoutError, ConnectionError):
-            pass
+            await _send(reader, writer, 503, {"Retry-After": "1"}, b"", LINGER_S)
         finally:
             self._refusing -= 1
-            writer.close()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str) -> None:
         after = None
@@ -193,18 +203,7 @@ class UpnpHttpServer:
         except Exception as exc:  # unexpected: answered 400 all the same, logged once (rate limited)
             self.guard.unexpected(peer, exc)
             status, headers, body = 400, {}, b""
-        try:
-            head = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}", f"SERVER: {SERVER}",
-                    "Connection: close", f"Content-Length: {len(body)}"]
-            head += [f"{k}: {v}" for k, v in headers.items()]
-            writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + body)
-            async with asyncio.timeout(REQUEST_DEADLINE):
-                await writer.drain()
-            await _linger(reader, writer)
-        except (TimeoutError, ConnectionError):
-            pass
-        finally:
-            writer.close()
+        await _send(reader, writer, status, headers, body, REQUEST_DEADLINE)
         if after is not None:
             after()  # e.g. GENA's initial event, which must follow the SUBSCRIBE response
 
