@@ -26,6 +26,7 @@ import zmq.asyncio
 
 from natd import conntrack, netlink, nftmon, stun, wan
 from natd.bindings import BindingTable, Limits, PolicyError, endpoint
+from natd.ctworker import CtWorker
 from natd.nft import (
     CT_MARK,
     LAYOUTS,
@@ -53,6 +54,7 @@ from shared.daemon import (
     reread_args,
     setup_logging,
 )
+from shared.guard import Guard, RateLimit
 
 log = logging.getLogger("natd")
 
@@ -78,7 +80,9 @@ class Natd:
         self.ctx = zmq.asyncio.Context()
         self.nft = Nft(Layout.make(args.layout, args.table), args.wan_if, args.lan_if)
         self.table = BindingTable(limits=Limits(args.max_bindings, args.max_per_host))
-        self.relay = PcpRelay(self._pcp_received, self._pcp_servers)
+        self.relay = PcpRelay(self._pcp_received, self._pcp_servers, args.wan_if)
+        self.pcp_guard = Guard(log, "pcp relay")
+        self.pcp_log_limit = RateLimit(burst=10, window=60.0)
         self.stun = stun.StunProbe(lambda: (self.args.stun_server, self.args.stun_port, self.args.stun_interval),
                                    lambda: self.ifs.wan_ip, self._publish)
         # One handler per request type (controld -> natd); a reply or, for a PCP exchange that
@@ -93,6 +97,7 @@ class Natd:
         self._ct_pending: list[conntrack.Flow] = []
         self._ct_wake = asyncio.Event()
         self._init_pinholes(args)
+        self.ct = CtWorker()
 
     # --- interface facts ---------------------------------------------------------
 
@@ -160,14 +165,15 @@ class Natd:
             self._ct_wake.set()
 
     async def _conntrack_worker(self) -> None:
-        """Forget conntrack entries of deleted forwards, batched: one table dump per burst of deletes."""
+        """Forget conntrack entries of deleted forwards, batched: one table dump per burst of deletes,
+        run by the worker process (natd.ctworker), so this loop never waits on a kernel walk."""
         while True:
             await self._ct_wake.wait()
             await asyncio.sleep(CT_BATCH_S)
             self._ct_wake.clear()
             flows, self._ct_pending = self._ct_pending, []
             try:
-                n = await conntrack.forget(flows)
+                n = await self.ct.forget(flows)  # in the worker process: no kernel walk on this loop
             except Exception as exc:  # conntrack trouble must not cost the daemon
                 log.warning("conntrack cleanup for %d removed NAT entries failed: %s", len(flows), exc)
                 continue
@@ -280,9 +286,15 @@ class Natd:
     def _pcp_received(self, server: str, data: bytes) -> None:
         """A packet from a known server: the answer to a waiting request, else an event."""
         try:
+            self._pcp_relay_in(server, data)
+        except Exception as exc:  # the guard (shared/guard.py): a datagram never ends the relay
+            self.pcp_guard.unexpected(server, exc)
+
+    def _pcp_relay_in(self, server: str, data: bytes) -> None:
+        try:
             resp = pcp.decode_response(data)  # the one decode on this hop
         except pcp.PcpDecodeError as exc:
-            log.info("dropped malformed PCP packet from %s: %s", server, exc)
+            self._pcp_note(logging.DEBUG, "dropped malformed PCP packet from %s: %s", server, exc)
             return
         mid = lan_ip = None
         if resp.map is not None:
@@ -290,10 +302,20 @@ class Natd:
             if b is not None:
                 mid, lan_ip = b.mid, b.lan_ip
                 data = pcp.rewrite_response_port(data, b.lan_port)  # in place, no re-encode
-        log.info("pcp <- %s: %s", server, _describe_response(resp, mid))
         key = match_key(server, resp.opcode, resp.map.nonce if resp.map is not None else None)
-        if not self.relay.settle(key, (data, lan_ip)):
-            self._publish(wire.PcpReceived(server, data, mid, lan_ip))
+        if self.relay.settle(key, (data, lan_ip)):
+            log.info("pcp <- %s: %s", server, _describe_response(resp, mid))
+            return
+        # Unsolicited (a Mapping Update, an ANNOUNCE) or forged: anyone on the path can send
+        # these, so they are logged rate limited (controld decides what they are worth).
+        self._pcp_note(logging.INFO, "pcp <- %s (unsolicited): %s", server, _describe_response(resp, mid))
+        self._publish(wire.PcpReceived(server, data, mid, lan_ip))
+
+    def _pcp_note(self, level: int, fmt: str, *args: object) -> None:
+        """A log line about a WAN packet nobody asked for: at most a few per minute."""
+        ok, held = self.pcp_log_limit.allow(time.monotonic())
+        if ok:
+            log.log(level, fmt + (f" ({held} more not logged)" if held else ""), *args)
 
     def _pcp_exchange(self, msg: wire.PcpExchange) -> wire.Message | Coroutine[Any, Any, wire.Message]:
         """Check, rewrite and send one PCP request; the reply (now, or once the answer came or
@@ -347,7 +369,9 @@ class Natd:
                 if tp.version != 4:
                     raise PolicyError("bad-pcp", "THIRD_PARTY must name an IPv4 LAN host")
                 self.table.check_lan(str(tp))
-            elif req.map.internal_port != DISCARD_PORT:
+            elif req.map.internal_port != DISCARD_PORT and req.lifetime != 0:
+                # A delete may go unbound: its NAT1 binding is gone, the mapping upstream is not
+                # yet (controld retries deletes NAT2 did not confirm); a delete creates nothing.
                 raise PolicyError("no-binding", "unbound MAP must use THIRD_PARTY or the discard port")
         log.info("pcp -> %s: %s", msg.server, _describe_request(req, msg.mid, str(wan_ip), port))
         return pcp.rewrite_request(msg.packet, wan_ip, port), req  # in place, no re-encode
@@ -556,6 +580,7 @@ class Natd:
                 raise t.exception()  # type: ignore[misc]
         await self._close_forwards()
         self._close_pinholes()
+        self.ct.close()
         self.relay.close()
         if auth is not None:
             auth.stop()

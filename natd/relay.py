@@ -48,12 +48,15 @@ class PcpRelay:
 
     The 5350 socket is bound to the wildcard address and joins 224.0.0.1 on the WAN
     address, so it hears both multicast and unicast announcements (RFC 6887 §14.1.1,
-    §14.1.3); the source check below keeps LAN senders out.
+    §14.1.3); it is bound to the WAN interface (SO_BINDTODEVICE), so only packets that
+    arrived on the WAN reach it: a LAN host cannot pose as the server with its source
+    address (the source check below keeps other WAN senders out).
     """
 
     def __init__(self, on_packet: Callable[[str, bytes], None],
-                 on_servers: Callable[[list[str]], None] | None = None) -> None:
+                 on_servers: Callable[[list[str]], None] | None = None, wan_if: str | None = None) -> None:
         self.on_packet = on_packet
+        self.wan_if = wan_if
         self.on_servers = on_servers  # told when the trusted server list changes (fw4 input set)
         self.servers: dict[str, None] = {}  # ordered: oldest first (a bounded LRU)
         self.waiting: dict[MatchKey, asyncio.Future[Answer]] = {}
@@ -68,11 +71,19 @@ class PcpRelay:
         if wan_ip is None:
             return
         loop = asyncio.get_running_loop()
-        self._unicast, _ = await loop.create_datagram_endpoint(lambda: _Proto(self), local_addr=(wan_ip, 0))
+        usock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            self._bind_to_wan(usock)  # answers count only when they arrived on the WAN (as for 5350)
+            usock.bind((wan_ip, 0))
+        except OSError:
+            usock.close()
+            raise
+        self._unicast, _ = await loop.create_datagram_endpoint(lambda: _Proto(self), sock=usock)
         try:
             sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            self._bind_to_wan(sock)
             sock.bind(("0.0.0.0", PCP_CLIENT_PORT))
             mreq = struct.pack("4s4s", socket.inet_aton(ALL_HOSTS), socket.inet_aton(wan_ip))
             sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, mreq)
@@ -80,6 +91,16 @@ class PcpRelay:
         except OSError as exc:
             log.warning("cannot listen for PCP ANNOUNCE on %s:%d: %s", ALL_HOSTS, PCP_CLIENT_PORT, exc)
         log.info("pcp relay bound to %s:%d", wan_ip, self._unicast.get_extra_info("sockname")[1])
+
+    def _bind_to_wan(self, sock: socket.socket) -> None:
+        """Receive only what arrived on the WAN interface (SO_BINDTODEVICE: no CAP_NET_RAW
+        needed since Linux 5.7); without it the source check alone guards the socket."""
+        if not self.wan_if:
+            return
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, self.wan_if.encode())
+        except OSError as exc:
+            log.warning("cannot bind the PCP socket to %s (%s): LAN hosts could reach it", self.wan_if, exc)
 
     def close(self) -> None:
         for t in (self._unicast, self._announce):

@@ -11,17 +11,18 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from shared.guard import SafeFormatter
+
 if TYPE_CHECKING:
     import zmq
 
 
 def setup_logging(name: str, level: str = "info") -> None:
-    """One line per event on stderr, prefixed with the daemon's name."""
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=getattr(logging, level.upper(), logging.INFO),
-        format=f"%(asctime)s {name}[%(process)d] %(levelname)s %(name)s: %(message)s",
-    )
+    """One line per event on stderr, prefixed with the daemon's name; control characters in
+    messages escaped (shared.guard.SafeFormatter: a peer's string cannot forge a line)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(SafeFormatter(f"%(asctime)s {name}[%(process)d] %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler])
 
 
 def reread_args(parse: Callable[[], argparse.Namespace], old: argparse.Namespace,

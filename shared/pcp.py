@@ -325,7 +325,13 @@ def decode_response(data: bytes) -> Response:
         raise PcpDecodeError(Result.MALFORMED_REQUEST, "R bit clear")
     if data[3] == Result.UNSUPP_VERSION:
         lifetime, epoch = struct.unpack_from("!II", data.ljust(12, b"\x00"), 4)
-        return Response(data[1] & 0x7F, Result.UNSUPP_VERSION, lifetime, epoch, version=data[0])
+        copied = None  # a version 2 server copies the request's MAP data (§8.2): it can be matched (§8.4)
+        if data[0] == VERSION and len(data) > HEADER_SIZE:
+            try:
+                copied = decode_response(data[:3] + b"\x00" + data[4:]).map
+            except PcpDecodeError:
+                copied = None
+        return Response(data[1] & 0x7F, Result.UNSUPP_VERSION, lifetime, epoch, copied, version=data[0])
     if data[0] != VERSION:
         raise PcpDecodeError(Result.UNSUPP_VERSION, f"version {data[0]}")
     _check_frame(data)

@@ -260,10 +260,16 @@ class Iwf(UpstreamIO):
         except BaseException as exc:
             next_state(m.state, Ev.TIMEOUT if isinstance(exc, CoreError)  # (checks the transition)
                        and exc.kind == ErrorKind.UNAVAILABLE else Ev.UPSTREAM_ERROR)
+            if isinstance(exc, CoreError) and (m.nat1_port or m.mode == "no-nat1"):
+                self._retry_delete_later(m, exc)  # unanswered: the MAP may have reached NAT2 all the same
             await self._undo(m)
             raise
         # Durable before the client hears "yes" (docs/requirements.md IWF-28 to IWF-30).
-        m = self.table.apply(m, **granted, state=next_state(m.state, Ev.UPSTREAM_OK))
+        try:
+            m = self.table.apply(m, **granted, state=next_state(m.state, Ev.UPSTREAM_OK))
+        except CoreError:
+            await self._abandon(m)
+            raise
         if m.mode == "nat1-only":
             if m.lease_end is not None:
                 self._schedule(m, m.lease_end)
@@ -272,11 +278,20 @@ class Iwf(UpstreamIO):
         log.info("added %s lease=%s", m.describe(), m.lease or "infinite")
         return m
 
+    async def _abandon(self, m: Mapping) -> None:
+        """A create NAT2 granted that could not be saved (disk full): nothing of it may stay,
+        upstream, in NAT1 or in memory."""
+        if m.mode != "nat1-only":
+            error = await self._delete_upstream(m)
+            self._retry_delete_later(m, error)
+        await self._undo(m)
+
     async def _undo(self, m: Mapping, why: str = "never became active") -> None:
         """Leave nothing behind for a mapping that never became active (or is being removed: ``why``)."""
-        self.table.delete(m, why)
+        self.table.delete(m, why)  # never raises: a full disk does not stop the Unbind below
         self.timers.drop(m.id)
-        if m.nat1_port is not None:
+        # By mode, not by nat1_port: a Bind whose port could not be saved (disk full) is still in NAT1.
+        if m.nat1_port is not None or m.mode in ("cascaded", "nat1-only"):
             try:
                 await self.link.call(wire.Unbind(m.id))
             except NatdError as exc:
@@ -343,6 +358,7 @@ class Iwf(UpstreamIO):
             return None  # already on its way out
         m = self.table.apply(cur, state=next_state(cur.state, Ev.DELETE))
         error = await self._delete_upstream(m)
+        self._retry_delete_later(m, error)
         next_state(m.state, Ev.DELETED)  # (checks the transition; the row goes now)
         await self._undo(m, why)
         log.info("removed %s: %s%s", m.describe(), why, f" (upstream: {error})" if error else "")

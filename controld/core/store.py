@@ -23,10 +23,11 @@ from typing import Any
 
 from controld.core.events import ChangeEvent, ChangeKind
 from controld.core.lifecycle import LISTED, State
-from controld.core.model import Mapping
+from controld.core.model import CoreError, ErrorKind, Mapping
 
 log = logging.getLogger("controld.core.store")
 Subscriber = Callable[[ChangeEvent], object]
+MAX_UNSAVED_DELETES = 100_000
 _COLUMNS = [f.name for f in fields(Mapping)]
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS mappings (
@@ -38,7 +39,27 @@ CREATE TABLE IF NOT EXISTS mappings (
     prefer_failure INTEGER NOT NULL, mode TEXT NOT NULL, origin TEXT NOT NULL DEFAULT 'upnp'
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS upstream_deletes (
+    id INTEGER PRIMARY KEY, server TEXT NOT NULL, nonce BLOB NOT NULL, proto INTEGER NOT NULL,
+    int_port INTEGER NOT NULL, third_party TEXT, until REAL NOT NULL, attempt INTEGER NOT NULL, due REAL NOT NULL
+);
 """
+
+
+@dataclasses.dataclass(frozen=True)
+class PendingDelete:
+    """An upstream delete (MAP lifetime 0) NAT2 has not confirmed: the mapping's id, its server,
+    nonce, protocol, the internal port NAT2 knows (the NAT1 port when cascaded), THIRD_PARTY."""
+
+    id: int
+    server: str
+    nonce: bytes
+    proto: int
+    int_port: int
+    third_party: str | None
+    until: float  # the mapping's NAT2 lifetime ends: nothing left to delete after this
+    attempt: int
+    due: float
 
 
 class MappingTable:
@@ -64,6 +85,7 @@ class MappingTable:
         self._internal_of: dict[int, tuple[int, str, int]] = {}
         self._subscribers: list[Subscriber] = []
         self.seq = 0  # the last ChangeEvent's sequence number
+        self._unsaved_deletes: set[int] = set()  # deleted in memory, not yet on disk (disk full)
         cur = self.db.execute(f"SELECT {', '.join(_COLUMNS)} FROM mappings ORDER BY id")
         for row in cur:
             values = dict(zip(_COLUMNS, row, strict=True))
@@ -120,16 +142,33 @@ class MappingTable:
         if durable:
             values = [getattr(m, c) for c in _COLUMNS]
             values[_COLUMNS.index("state")] = m.state.value
-            self.db.execute(f"INSERT OR REPLACE INTO mappings ({', '.join(_COLUMNS)}) VALUES "
-                            f"({', '.join('?' * len(_COLUMNS))})", values)
-        self._index(m)
+            self._write(f"INSERT OR REPLACE INTO mappings ({', '.join(_COLUMNS)}) VALUES "
+                        f"({', '.join('?' * len(_COLUMNS))})", values)
+        self._index(m)  # only once on disk: memory never holds a row the disk refused
         if m != before:
             self._emit(ChangeKind.ADDED if before is None else ChangeKind.CHANGED, before, m)
         return m
 
+    def _write(self, sql: str, args: Any) -> None:
+        """One write to disk, after any deletes a full disk held back; a failure (disk full,
+        read-only state dir) is an UNAVAILABLE CoreError and changes nothing."""
+        try:
+            if self._unsaved_deletes:
+                self.db.executemany("DELETE FROM mappings WHERE id = ?", [(i,) for i in self._unsaved_deletes])
+                self._unsaved_deletes.clear()
+            self.db.execute(sql, args)
+        except sqlite3.Error as exc:
+            raise CoreError(ErrorKind.UNAVAILABLE, f"cannot save the mapping table: {exc}") from None
+
     def delete(self, m: Mapping, why: str = "") -> None:
-        """Remove ``m``'s row (on disk first); subscribers hear it with ``why``."""
-        self.db.execute("DELETE FROM mappings WHERE id = ?", (m.id,))
+        """Forget ``m``: from memory always, from disk now or with the next write that succeeds
+        (so a clean-up on a full disk still goes on to remove the NAT1 binding); subscribers hear
+        it with ``why``."""
+        try:
+            self._write("DELETE FROM mappings WHERE id = ?", (m.id,))
+        except CoreError:
+            if len(self._unsaved_deletes) < MAX_UNSAVED_DELETES:  # bounded; a restart cleans up the rest
+                self._unsaved_deletes.add(m.id)
         before = self.by_id.pop(m.id, None)
         key = self._key_of.pop(m.id, None)
         if key is not None and self.by_key.get(key) == m.id:
@@ -201,12 +240,27 @@ class MappingTable:
     def count(self) -> int:
         return len(self._listed)
 
+    def save_pending_delete(self, d: PendingDelete) -> None:
+        """Remember an upstream delete NAT2 has not confirmed (retried until it does or ``until``)."""
+        self._write("INSERT OR REPLACE INTO upstream_deletes (id, server, nonce, proto, int_port, third_party, "
+                    "until, attempt, due) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", dataclasses.astuple(d))
+
+    def pending_deletes(self) -> list[PendingDelete]:
+        """Every unconfirmed upstream delete, soonest due first."""
+        rows = self.db.execute("SELECT id, server, nonce, proto, int_port, third_party, until, attempt, due "
+                               "FROM upstream_deletes ORDER BY due").fetchall()
+        return [PendingDelete(*r) for r in rows]
+
+    def drop_pending_delete(self, did: int) -> None:
+        """NAT2 confirmed (or the mapping's NAT2 lifetime passed)."""
+        self._write("DELETE FROM upstream_deletes WHERE id = ?", (did,))
+
     def get_meta(self, key: str) -> str | None:
         row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return row[0] if row else None
 
     def set_meta(self, key: str, value: str) -> None:
-        self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+        self._write("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
 
     def close(self) -> None:
         self.db.close()

@@ -46,7 +46,12 @@ class EpochPollDue:
     """Time to ask the PCP server for its Epoch (RFC 6887 §14.1: a client MAY send ANNOUNCE)."""
 
 
-TimerEvent = MappingDue | RedecideDue | EpochPollDue
+@dataclass(frozen=True)
+class DeleteRetryDue:
+    """Time to retry upstream deletes NAT2 has not confirmed yet."""
+
+
+TimerEvent = MappingDue | RedecideDue | EpochPollDue | DeleteRetryDue
 
 
 def is_private(ip: str | None) -> bool:
@@ -85,6 +90,16 @@ def recovery_due(now: float, attempt: int, rng: random.Random) -> float:
     return now + min(RECOVERY_MAX_BACKOFF, pcpc.MIN_RENEW_GAP * 2 ** min(attempt, 12)) * rng.uniform(1.0, 1.25)
 
 
+DELETE_RETRY_FIRST_S = 4.0  # first retry of an unconfirmed upstream delete; doubling up to the next
+DELETE_RETRY_MAX_S = 600.0
+DELETE_RETRY_BATCH = 32  # retries sent per round (paced like recoveries)
+
+
+def delete_retry_due(now: float, attempt: int, rng: random.Random) -> float:
+    """When an upstream delete NAT2 did not confirm goes again: 4 s doubling to 10 minutes."""
+    return now + min(DELETE_RETRY_MAX_S, DELETE_RETRY_FIRST_S * 2 ** min(attempt, 12)) * rng.uniform(1.0, 1.25)
+
+
 class UpstreamTimers:
     """Every upstream deadline: per mapping (renewal or lease end), redecide, epoch poll.
 
@@ -97,6 +112,7 @@ class UpstreamTimers:
         self.due: dict[int, tuple[float, int]] = {}  # the live entry per mapping
         self.redecide_at: float | None = None
         self.epoch_poll_at: float | None = None
+        self.delete_retry_at: float | None = None
 
     def schedule(self, mid: int, due: float, attempt: int = 0) -> None:
         """Set mapping ``mid``'s next deadline; replaces any earlier one."""
@@ -114,8 +130,8 @@ class UpstreamTimers:
         """The earliest deadline (wall clock), None when nothing is due ever."""
         while self.heap and self.due.get(self.heap[0][1]) != (self.heap[0][0], self.heap[0][2]):
             heapq.heappop(self.heap)  # superseded
-        times = [t for t in (self.heap[0][0] if self.heap else None, self.redecide_at, self.epoch_poll_at)
-                 if t is not None]
+        times = [t for t in (self.heap[0][0] if self.heap else None, self.redecide_at, self.epoch_poll_at,
+                             self.delete_retry_at) if t is not None]
         return min(times, default=None)
 
     def on_timer(self, now: float) -> list[TimerEvent]:
@@ -127,6 +143,9 @@ class UpstreamTimers:
         if self.epoch_poll_at is not None and self.epoch_poll_at <= now:
             self.epoch_poll_at = None
             out.append(EpochPollDue())
+        if self.delete_retry_at is not None and self.delete_retry_at <= now:
+            self.delete_retry_at = None
+            out.append(DeleteRetryDue())
         while self.heap and self.heap[0][0] <= now:
             due, mid, attempt = heapq.heappop(self.heap)
             if self.due.get(mid) != (due, attempt):
@@ -134,3 +153,47 @@ class UpstreamTimers:
             del self.due[mid]
             out.append(MappingDue(mid, attempt))
         return out
+
+
+RECOVERY_BOUND_S = 120.0  # a recovery not finished by then no longer holds back the next trigger
+RECOVERY_MIN_GAP_S = 10.0  # a coalesced restart starts at least this long after the recovery before it
+
+
+class RecoveryGate:
+    """Coalesces recovery triggers (epoch losses, ANNOUNCEs: RFC 6887 §14.1.3 lets a server send
+    many): one recovery at a time; triggers during one make ONE restart once it is over, at
+    least RECOVERY_MIN_GAP_S after it started. A recovery is over when every mapping it covers
+    has had its first attempt (:meth:`finished`), or RECOVERY_BOUND_S after it started."""
+
+    def __init__(self, min_gap: float = RECOVERY_MIN_GAP_S) -> None:
+        self.min_gap = min_gap
+        self.active: set[int] = set()
+        self.started: float | None = None  # when the running recovery starts (or started)
+        self.again = False
+
+    def trigger(self, mids: list[int], now: float, delay: float = 0.0) -> bool:
+        """A recovery of ``mids`` is wanted in ``delay`` s: True to start it, False when it is
+        coalesced into the one running (which then runs once more)."""
+        self.active &= set(mids)  # mappings removed meanwhile never finish: they no longer count
+        if self.started is not None and self.active and now - self.started < RECOVERY_BOUND_S:
+            self.again = True
+            return False
+        self.begin(mids, now + delay)
+        return True
+
+    def begin(self, mids: list[int], at: float) -> None:
+        """A recovery of ``mids`` starts at ``at``."""
+        self.active, self.started, self.again = set(mids), at, False
+
+    def finished(self, mid: int, now: float) -> float | None:
+        """Mapping ``mid``'s recovery attempt is over. When it was the last and triggers came
+        meanwhile: the delay after which the caller restarts the recovery (and calls
+        :meth:`begin`); else None."""
+        if mid not in self.active:
+            return None
+        self.active.discard(mid)
+        if self.active:
+            return None
+        started, again = self.started or now, self.again
+        self.started, self.again = None, False
+        return max(0.0, started + self.min_gap - now) if again else None

@@ -34,15 +34,19 @@ from typing import Any
 from controld.core.lifecycle import LISTED, Ev, State, next_state
 from controld.core.model import Address, CoreError, Endpoint, ErrorKind, Mapping
 from controld.core.stats import Stats
-from controld.core.store import MappingTable
+from controld.core.store import MappingTable, PendingDelete
 from controld.core.upstream import (
+    DELETE_RETRY_BATCH,
     REDECIDE_S,
+    DeleteRetryDue,
     EpochPollDue,
     MappingDue,
+    RecoveryGate,
     RedecideDue,
     TimerEvent,
     UpstreamTimers,
     choose_mode,
+    delete_retry_due,
     is_private,
     needs_probe,
     recovery_due,
@@ -57,6 +61,7 @@ from shared.const import DISCARD_PORT, PROBE_LIFETIME, TCP
 log = logging.getLogger("controld.core.upstream")
 
 MAX_CP_ADDRESSES = 4096  # per-CP ExternalIPAddress entries kept (bounded)
+MAX_PENDING_DELETES = 4096  # unconfirmed upstream deletes kept for retries (bounded)
 NATD_MARGIN_S = 5.0  # a PCP exchange's natd request may take this much longer than its wait
 
 
@@ -131,6 +136,8 @@ class UpstreamIO:
         self._wan_task: asyncio.Task[None] | None = None
         self._may_move: set[int] = set()  # mappings allowed a new external port (docs/requirements.md IWF-81)
         self.timers = UpstreamTimers()  # renewals, lease ends, redecide, epoch poll: one timer drives all
+        self.recovery = RecoveryGate()  # epoch losses and ANNOUNCEs: one recovery at a time
+        self._recovering_server: str | None = None
         self._probe_seq = 0
         self._epoch_seq = 0
         self._probe_lock = asyncio.Lock()  # probes share one internal tuple (discard port): one at a time
@@ -178,6 +185,7 @@ class UpstreamIO:
         """Send natd the whole NAT1 set (after our start or natd's restart)."""
         # Unfinished rows too: a create in flight or a delete after a crash still needs its
         # binding for natd to relay the PCP request (RFC 6970 §5.5).
+        self._arm_delete_retry()  # upstream deletes a previous run could not finish
         bindings = [wire.Binding(m.id, m.proto, m.int_client, m.int_port, m.nat1_port)
                     for m in self.table.by_id.values() if m.nat1_port and m.mode != "no-nat1"]
         self.stats.resyncs += 1
@@ -417,7 +425,7 @@ class UpstreamIO:
                 delay = self.rng.uniform(0, pcpc.ANNOUNCE_MAX_DELAY) if ev.announce else 0.0
                 log.warning("PCP server %s lost its state (%s); re-creating every mapping in %.1f s",
                             ev.server, "ANNOUNCE" if ev.announce else "epoch", delay)
-                self._recover_all(ev.server, delay)
+                self._recover_coalesced(ev.server, delay)
                 self._state_lost(f"PCP server {ev.server} lost its state")
             elif isinstance(ev, pcpc.Unsolicited):
                 self._unsolicited(ev)
@@ -456,6 +464,8 @@ class UpstreamIO:
         for m in self.table.listed():
             if (m.nonce, m.proto, m.int_port) != (resp.map.nonce, resp.map.protocol, resp.map.internal_port):
                 continue
+            if not self._update_trusted(ev, m):
+                continue
             if resp.result != pcp.Result.SUCCESS:
                 log.warning("mapping update from %s for %s: %s", ev.server, m.describe(), _result_name(resp.result))
                 continue
@@ -465,6 +475,19 @@ class UpstreamIO:
                                  pcp_expiry=self.wall() + min(resp.lifetime, pcpc.MAX_SANE_LIFETIME))
             self._note_cp_address(m)
             log.info("mapping update from %s: %s", ev.server, m.describe())
+
+    def _update_trusted(self, ev: pcpc.Unsolicited, m: Mapping) -> bool:
+        """A Mapping Update matched to ``m`` by nonce: only now is its epoch processed (RFC 6887
+        §8.4, §8.5), and it may not move ``m`` onto a port another row holds (no two rows on one port)."""
+        resp = ev.response
+        assert resp.map is not None
+        self._dispatch(self.client.check_epoch(ev.server, resp.epoch, self.clock()))
+        holder = self.table.find(resp.map.external_port, m.proto)
+        if resp.lifetime and holder is not None and holder.id != m.id and holder.state in LISTED:
+            log.warning("mapping update from %s refused for %s: port %d is %s's", ev.server, m.describe(),
+                        resp.map.external_port, holder.describe())
+            return False
+        return True
 
     def _arm(self) -> None:
         """(Re)arm the one timer at the earliest deadline: the PCP client's next retransmission
@@ -502,6 +525,8 @@ class UpstreamIO:
             self._spawn(self._poll_epoch())
         elif isinstance(ev, MappingDue):
             self._mapping_due(ev.mid, ev.attempt)
+        elif isinstance(ev, DeleteRetryDue):
+            self._spawn(self._retry_deletes())
 
     # --- renewal, lease end, recovery ------------------------------------------------
 
@@ -542,7 +567,36 @@ class UpstreamIO:
             if m.lease_end is not None:
                 self._schedule(m, m.lease_end)
             return
-        self._spawn(self._renew(m, attempt))
+        self._spawn(self._renew_step(m, attempt))
+
+    def _recover_coalesced(self, server: str | None, delay: float) -> None:
+        """A server lost its state: recover, one recovery at a time (RecoveryGate); triggers
+        during one restart it once when it is over, however many came (an ANNOUNCE flood)."""
+        if self.recovery.trigger(self._recoverable(server), self.clock(), delay):
+            self._recovering_server = server
+            self._recover_all(server, delay)
+        else:
+            log.info("PCP server %s: a recovery is under way; it runs once more when over", server)
+
+    def _recoverable(self, server: str | None) -> list[int]:
+        return [m.id for m in self.table.listed()
+                if m.mode != "nat1-only" and (server is None or m.pcp_server in (None, server))]
+
+    async def _renew_step(self, m: Mapping, attempt: int) -> None:
+        """A renewal; when it was the last of a recovery that was triggered again, recover again."""
+        try:
+            await self._renew(m, attempt)
+        finally:
+            self._recovery_step_done(m.id)
+
+    def _recovery_step_done(self, mid: int) -> None:
+        """Mapping ``mid`` was renewed or re-created (by a recovery, a refresh or a retry)."""
+        delay = self.recovery.finished(mid, self.clock())
+        if delay is not None:
+            server = self._recovering_server
+            log.info("PCP server %s: recovering once more in %.1f s (coalesced triggers)", server, delay)
+            self.recovery.begin(self._recoverable(server), self.clock() + delay)
+            self._recover_all(server, delay)
 
     async def _renew(self, m: Mapping, attempt: int) -> None:
         """Renew (or re-create) ``m`` upstream: same nonce, assigned values suggested (RFC 6887 §11.2.1)."""
@@ -620,6 +674,7 @@ class UpstreamIO:
         self._note_cp_address(m)
         # RFC 6887 §11.2.1: renewals never less than 4 s apart, however short the grant.
         self._schedule(m, max(pcpc.renewal_time(m.pcp_lifetime, now, 0, self.rng), now + pcpc.MIN_RENEW_GAP))
+        self._recovery_step_done(m.id)  # (a refresh may have re-created it before its recovery turn)
 
     def _note_cp_address(self, m: Mapping) -> None:
         """docs/requirements.md IWF-14, IWF-78: the CP's ExternalIPAddress is its last PCP answer's address."""
@@ -690,6 +745,69 @@ class UpstreamIO:
                 await asyncio.sleep(self.cfg.short_error_retry)
                 continue
             raise CoreError(ErrorKind.UPSTREAM, f"PCP {_result_name(resp.result)}", resp.result)
+
+    def _retry_delete_later(self, m: Mapping, error: CoreError | None) -> None:
+        """NAT2 did not answer ``m``'s delete: it still holds the port, so the delete stays ours,
+        persisted and retried (paced, bounded) until NAT2 confirms or the grant has run out there."""
+        if error is None or error.kind != ErrorKind.UNAVAILABLE or m.mode == "nat1-only" or not m.nonce:
+            return
+        now = self.wall()
+        until = m.pcp_expiry if m.pcp_expiry is not None else now + pcpc.MAX_SANE_LIFETIME
+        server = m.pcp_server or self.server
+        if server is None or until <= now:
+            return
+        if len(self.table.pending_deletes()) >= MAX_PENDING_DELETES:
+            log.error("upstream delete of %s not kept: %d unconfirmed deletes already", m.describe(),
+                      MAX_PENDING_DELETES)
+            return
+        port = m.nat1_port if m.mode == "cascaded" and m.nat1_port else m.int_port  # what NAT2 knows
+        tp = self._third_party(m)
+        d = PendingDelete(m.id, server, m.nonce, m.proto, port, str(tp) if tp else None, until, 0,
+                          delete_retry_due(now, 0, self.rng))
+        try:
+            self.table.save_pending_delete(d)
+        except CoreError as exc:
+            log.error("cannot keep the upstream delete of %s for a retry: %s", m.describe(), exc)
+            return
+        log.warning("upstream delete of %s unconfirmed; retrying until NAT2 confirms", m.describe())
+        self._arm_delete_retry()
+
+    def _arm_delete_retry(self) -> None:
+        pending = self.table.pending_deletes()
+        self.timers.delete_retry_at = pending[0].due if pending else None
+        self._arm()
+
+    async def _retry_deletes(self) -> None:
+        """Send the due upstream deletes again (at most DELETE_RETRY_BATCH at once); each goes
+        once NAT2 answered it or the mapping's NAT2 lifetime passed."""
+        try:
+            now = self.wall()
+            due = [d for d in self.table.pending_deletes() if d.due <= now][:DELETE_RETRY_BATCH]
+
+            async def one(d: PendingDelete) -> None:
+                if d.until <= now or d.server != self.server:
+                    self.table.drop_pending_delete(d.id)  # expired there, or that server is not ours now
+                    return
+                tp = ipaddress.ip_address(d.third_party) if d.third_party else None
+                req = self._map_request(d.nonce, d.proto, d.int_port, 0, 0, third_party=tp)
+                try:
+                    resp = await self._exchange(("delete-retry", d.id), req, None, self.cfg.pcp_timeout)
+                except _Superseded:
+                    return
+                if resp is not None:
+                    log.info("upstream delete of mapping %d confirmed by %s: %s", d.id, d.server,
+                             _result_name(resp.result))
+                    self.table.drop_pending_delete(d.id)
+                else:
+                    self.table.save_pending_delete(dataclasses.replace(
+                        d, attempt=d.attempt + 1, due=delete_retry_due(self.wall(), d.attempt + 1, self.rng)))
+
+            results = await asyncio.gather(*(one(d) for d in due), return_exceptions=True)
+            for r in results:
+                if isinstance(r, BaseException):
+                    log.warning("upstream delete retry failed: %s", r)
+        finally:
+            self._arm_delete_retry()
 
     async def _delete_upstream(self, m: Mapping) -> CoreError | None:
         """MAP lifetime 0 with the stored nonce, port 0, all-zeros address (RFC 6887 §15.1, erratum 3621)."""

@@ -193,37 +193,57 @@ class PcpClient:
         return True
 
     def receive(self, server: str, data: bytes, now: float, lan_ip: str | None = None) -> list[Event]:
-        """Process one packet from ``server``; malformed or unmatched packets yield nothing.
+        """Process one packet from ``server``; malformed or unmatched packets change nothing.
 
-        Order of checks as RFC 6887 §8.3 : size, R bit, version
-        (UNSUPP_VERSION before the length checks), frame, then matching, then epoch.
+        Order of checks as RFC 6887 §8.3, §8.4: size, R bit, version (UNSUPP_VERSION before
+        the length checks), frame, then matching by opcode, nonce and every field, and only
+        then epoch processing. An unmatched MAP response comes out as :class:`Unsolicited`
+        with its epoch NOT checked: only the owner knows whether it matches a mapping it
+        holds (a Mapping Update, §14.2); if it does, the owner calls :meth:`check_epoch`.
         """
         try:
             resp = pcp.decode_response(data)
         except pcp.PcpDecodeError:
             return []  # RFC 6887 §8.3: silently dropped
         if resp.result == pcp.Result.UNSUPP_VERSION:
-            return self._unsupported_version(server, resp, now)
+            return self._unsupported_version(server, resp, now, lan_ip)
         matched = next((ex for ex in self.exchanges.values() if self._matches(ex, resp, server, lan_ip)), None)
-        if matched is None and resp.opcode not in (pcp.Opcode.MAP, pcp.Opcode.ANNOUNCE):
+        if matched is None:
+            if resp.opcode == pcp.Opcode.MAP:
+                return [Unsolicited(server, resp, lan_ip)]  # epoch: only once the owner matched it
+            if resp.opcode == pcp.Opcode.ANNOUNCE and resp.result == pcp.Result.SUCCESS:
+                # An unsolicited ANNOUNCE (§14.1.3) carries nothing to match: its source was checked
+                # by the relay (the server's address and port, arriving on the WAN).
+                return [*self.check_epoch(server, resp.epoch, now, announce=True), Unsolicited(server, resp, lan_ip)]
             return []  # a response to nothing we sent (§8.3: MUST ignore)
-        if matched is None and resp.opcode == pcp.Opcode.ANNOUNCE and resp.result != pcp.Result.SUCCESS:
-            return []
-        out: list[Event] = []
-        if not self._epoch_valid(server, resp.epoch, now):
-            out.append(EpochLost(server, announce=matched is None and resp.opcode == pcp.Opcode.ANNOUNCE))
-        if matched is not None:
-            del self.exchanges[matched.key]
-            out.append(Answer(matched.key, resp))
-        else:
-            out.append(Unsolicited(server, resp, lan_ip))
-        return out
+        del self.exchanges[matched.key]
+        return [*self.check_epoch(server, resp.epoch, now), Answer(matched.key, resp)]
 
-    def _unsupported_version(self, server: str, resp: pcp.Response, now: float) -> list[Event]:
-        """We speak only version 2 (NAT-PMP fallback is not offered upstream): every exchange
-        with ``server`` ends with this answer, and it is left alone for min(30 min, Lifetime)."""
-        if not any(ex.server == server for ex in self.exchanges.values()):
-            return []  # nothing asked: a stray or spoofed packet changes nothing
+    def check_epoch(self, server: str, epoch: int, now: float, announce: bool = False) -> list[Event]:
+        """Epoch processing (§8.5) for a response already matched to a request or a mapping:
+        an :class:`EpochLost` when ``server`` lost its state."""
+        return [] if self._epoch_valid(server, epoch, now) else [EpochLost(server, announce=announce)]
+
+    def _unsupported_version(self, server: str, resp: pcp.Response, now: float,
+                             lan_ip: str | None) -> list[Event]:
+        """We speak only version 2 (NAT-PMP fallback is not offered upstream): the exchanges it
+        answers end with it, and the server is left alone for min(30 min, Lifetime).
+
+        It counts only when it answers our outstanding request (RFC 6887 §8.4): one that
+        echoes a request (version 2, the nonce and fields of one outstanding exchange) ends
+        that exchange; one with no nonce (header only) ends every exchange there, but only
+        from a server that never answered version 2 (one that has is not believed to have
+        forgotten it: a forged answer would turn PCP off for 30 minutes)."""
+        if resp.map is not None:  # it copies a request (pcp.decode_response): match it like any answer
+            hit = next((ex for ex in self.exchanges.values() if self._matches(ex, resp, server, lan_ip)), None)
+            if hit is None:
+                return []
+            del self.exchanges[hit.key]
+            self.refused[server] = (now + min(UNSUPP_VERSION_RETRY, resp.lifetime), resp)
+            return [Answer(hit.key, resp)]
+        asked = any(ex.server == server for ex in self.exchanges.values())
+        if not asked or server in self.epochs:
+            return []  # nothing asked, or a v2 server: a stray or spoofed packet changes nothing
         self.refused[server] = (now + min(UNSUPP_VERSION_RETRY, resp.lifetime), resp)
         out: list[Event] = []
         for ex in [ex for ex in self.exchanges.values() if ex.server == server]:

@@ -1,10 +1,12 @@
 """The UPnP HTTP server: descriptions (GET) and SOAP control (POST), LAN only, bounded.
 
 One request per connection (Connection: close), as miniupnpc and most control
-points use it. Limits: header bytes, body bytes, a deadline per request and a cap
-on concurrent connections; anything over a limit or malformed gets a 4xx and the
-connection is closed. Requests from outside the LAN subnets are dropped, and the
-Host header must be an IP literal (DNS rebinding).
+points use it. Limits: connections per host and in total (controld.upnp.fairness: one
+over them is closed at once), header bytes, body bytes, header and body deadlines and a
+deadline per request; anything malformed or over a limit gets a 4xx and the
+connection is closed; any other exception is answered 400 (shared/guard.py). Requests
+from outside the LAN subnets are dropped, and the Host header must be an IP literal (DNS
+rebinding).
 """
 
 from __future__ import annotations
@@ -20,19 +22,24 @@ from urllib.parse import urlsplit
 from controld.upnp import soap
 from controld.upnp.description import Device, Gateway, Service
 from controld.upnp.errors import UPnPError
+from controld.upnp.fairness import Fairness
 from controld.upnp.gena import GenaServer
 from controld.upnp.igd import IgdActions
 from controld.upnp.parse import ascii_uint
 from controld.web.handler import HttpRequest, HttpResponse
 from shared.const import SERVER
+from shared.guard import Guard
 
 log = logging.getLogger("controld.upnp.http")
 
 MAX_HEADER = 8192
 MAX_BODY = 65536
+BACKLOG = 1024  # a burst of one host's connects must not crowd out another host's SYN
 READ_DEADLINE = 5.0  # to receive the whole request
+LINGER_S = 0.5  # after the answer, for the peer's EOF (see _linger)
+MAX_REFUSING = 64  # connections over a host's share answered 503 at once (the rest: closed)
+LINGER_READS = 16  # at most this many reads of unread input (bounded: ~1 MiB)
 REQUEST_DEADLINE = 28.0  # to answer it; UPnP allows 30 s and actions bound their PCP wait below this
-MAX_CONNECTIONS = 64
 WEB_MAX_BODY = 8192  # the LAN page's form posts (controld/web)
 
 _HOST = re.compile(r"^(\d{1,3}(?:\.\d{1,3}){3}|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?$")
@@ -91,6 +98,39 @@ async def _read_head(reader: asyncio.StreamReader) -> bytes:
         raise _NoRequest from None
 
 
+async def _send(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, status: int,
+                headers: dict[str, str], body: bytes, deadline: float) -> None:
+    """Write the answer (Connection: close) within ``deadline``, linger, close."""
+    head = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}", f"SERVER: {SERVER}",
+            "Connection: close", f"Content-Length: {len(body)}"]
+    head += [f"{k}: {v}" for k, v in headers.items()]
+    try:
+        writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + body)
+        async with asyncio.timeout(deadline):
+            await writer.drain()
+        await _linger(reader, writer)
+    except (TimeoutError, ConnectionError):
+        pass
+    finally:
+        writer.close()
+
+
+async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """After the answer: FIN, then read and discard what the peer still sends (an unread body)
+    until its EOF, bounded. A close with unread input resets the connection, and the reset
+    can destroy the answer before the peer reads it."""
+    if reader.at_eof() or not writer.can_write_eof():
+        return
+    writer.write_eof()
+    try:
+        async with asyncio.timeout(LINGER_S):
+            for _ in range(LINGER_READS):
+                if not await reader.read(MAX_BODY):
+                    return
+    except (TimeoutError, ConnectionError, asyncio.LimitOverrunError):
+        pass
+
+
 def _hex(raw: bytes) -> int | None:
     """A chunk size: 1-8 ASCII hex digits."""
     if not 0 < len(raw) <= 8 or not all(c in b"0123456789abcdefABCDEF" for c in raw):
@@ -118,14 +158,16 @@ class UpnpHttpServer:
         self.actions = actions
         self.lan_subnets = lan_subnets
         self.gena = gena
-        self._active = 0
+        self.fair = Fairness()
+        self.guard = Guard(log, "http")
+        self._refusing = 0  # connections being answered 503 (bounded by MAX_REFUSING)
         self._subnets: list[str] = []
         self._nets: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
         self.server: asyncio.AbstractServer | None = None
 
     async def start(self, host: str, port: int) -> int:
         """Listen on ``host:port`` (port 0: any); returns the port."""
-        self.server = await asyncio.start_server(self._client, host, port, limit=MAX_HEADER)
+        self.server = await asyncio.start_server(self._client, host, port, limit=MAX_HEADER, backlog=BACKLOG)
         return self.server.sockets[0].getsockname()[1]
 
     def close(self) -> None:
@@ -144,18 +186,39 @@ class UpnpHttpServer:
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")[0]
-        if not self._in_lan(peer) or self._active >= MAX_CONNECTIONS:
+        if not self._in_lan(peer):
             writer.close()
             return
-        self._active += 1
+        if not self.fair.admit(peer, time.monotonic()):
+            await self._refuse(reader, writer)
+            return
+        try:
+            await self._serve(reader, writer, peer)
+        except Exception as exc:  # the guard (shared/guard.py): nothing escapes, the slot is freed
+            self.guard.unexpected(peer, exc)
+        finally:
+            self.fair.release(peer)
+            writer.close()
+
+    async def _refuse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Over the host's share: 503 unread (a client learns to come back), at most
+        MAX_REFUSING such answers at once; beyond that the connection is just closed."""
+        if self._refusing >= MAX_REFUSING:
+            writer.close()
+            return
+        self._refusing += 1
+        try:
+            await _send(reader, writer, 503, {"Retry-After": "1"}, b"", LINGER_S)
+        finally:
+            self._refusing -= 1
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str) -> None:
         after = None
         try:
             async with asyncio.timeout(REQUEST_DEADLINE):  # no extra task per request, unlike wait_for
                 status, headers, body, after = await self._request(reader, writer, peer)
         except _NoRequest:  # a port scan or a liveness probe (docs/upnp.md "Tolerances")
             log.debug("http %s: closed without a request", peer)
-            self._active -= 1
-            writer.close()
             return
         except HttpError as exc:
             log.info("http %s: %d %s", peer, exc.status, exc)
@@ -165,18 +228,10 @@ class UpnpHttpServer:
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
             log.info("http %s: bad request: %s", peer, exc)
             status, headers, body = 400, {}, b""
-        try:
-            head = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}", f"SERVER: {SERVER}",
-                    "Connection: close", f"Content-Length: {len(body)}"]
-            head += [f"{k}: {v}" for k, v in headers.items()]
-            writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + body)
-            async with asyncio.timeout(REQUEST_DEADLINE):
-                await writer.drain()
-        except (TimeoutError, ConnectionError):
-            pass
-        finally:
-            self._active -= 1
-            writer.close()
+        except Exception as exc:  # unexpected: answered 400 all the same, logged once (rate limited)
+            self.guard.unexpected(peer, exc)
+            status, headers, body = 400, {}, b""
+        await _send(reader, writer, status, headers, body, REQUEST_DEADLINE)
         if after is not None:
             after()  # e.g. GENA's initial event, which must follow the SUBSCRIBE response
 

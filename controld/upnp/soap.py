@@ -109,8 +109,8 @@ def parse_request(body: bytes, soapaction: str) -> SoapAction:
     p.CharacterDataHandler = chars
     try:
         p.Parse(body, True)
-    except expat.ExpatError as exc:
-        raise SoapError(f"malformed XML: {exc}") from None
+    except (expat.ExpatError, LookupError, UnicodeError) as exc:  # LookupError: an unknown encoding
+        raise SoapError(f"malformed XML: {type(exc).__name__}: {exc}") from None
     if action is None:
         raise SoapError("no action element in the SOAP Body")
     return SoapAction(service, version, name, args)

@@ -26,6 +26,7 @@ from controld.upnp.description import ROOT_PATH, Device, Gateway
 from controld.upnp.parse import ascii_uint
 from shared import config
 from shared.const import SERVER, SSDP_GROUP, SSDP_PORT
+from shared.guard import Guard
 
 log = logging.getLogger("controld.upnp.ssdp")
 
@@ -37,6 +38,7 @@ MAX_DATAGRAM = 2048
 RATE_BURST = 10.0  # M-SEARCHes one source may send at once
 RATE_PER_S = 2.0  # and then per second
 RATE_SOURCES = 1024  # sources remembered (bounded)
+IP_MULTICAST_ALL = getattr(socket, "IP_MULTICAST_ALL", 49)  # Linux, <linux/in.h>; not in every Python
 
 
 class RateLimit:
@@ -154,12 +156,18 @@ class SsdpServer(asyncio.DatagramProtocol):
         self.limit = RateLimit()
         self.transport: asyncio.DatagramTransport | None = None
         self._sock: socket.socket | None = None
+        self._unicast: asyncio.DatagramTransport | None = None
+        self._reopen: asyncio.Task[None] | None = None
         self._pending = 0
+        self.guard = Guard(log, "ssdp")
 
     async def start(self) -> None:
+        """Listen on the SSDP group joined on the LAN interface only, and on the LAN address
+        (unicast M-SEARCH): never on 0.0.0.0, so nothing from the WAN side reaches the parser."""
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_UDP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("", SSDP_PORT))
+        sock.bind((SSDP_GROUP, SSDP_PORT))  # Linux sends from it with the routed source address
+        sock.setsockopt(socket.IPPROTO_IP, IP_MULTICAST_ALL, 0)  # only the group joined here, not others'
         mreq = struct.pack("4s4s", socket.inet_aton(SSDP_GROUP), socket.inet_aton(self.lan_ip))
         sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, mreq)
         sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(self.lan_ip))
@@ -168,6 +176,21 @@ class SsdpServer(asyncio.DatagramProtocol):
         self._sock = sock
         loop = asyncio.get_running_loop()
         self.transport, _ = await loop.create_datagram_endpoint(lambda: self, sock=sock)
+        await self._open_unicast()
+
+    async def _open_unicast(self) -> None:
+        """The unicast listener on the LAN address (UDA 1.1 §1.3.2: unicast M-SEARCH to port 1900)."""
+        if self._unicast is not None:
+            self._unicast.close()
+            self._unicast = None
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_UDP)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((self.lan_ip, SSDP_PORT))
+            self._unicast, _ = await asyncio.get_running_loop().create_datagram_endpoint(lambda: self, sock=sock)
+        except OSError as exc:
+            sock.close()
+            log.warning("ssdp: no unicast listener on %s:%d: %s", self.lan_ip, SSDP_PORT, exc)
 
     def relocate(self, lan_ip: str, location: str) -> None:
         """The LAN address changed: ssdp:update (BOOTID -> NEXTBOOTID, UDA 1.1 §1.2.4) and
@@ -185,6 +208,8 @@ class SsdpServer(asyncio.DatagramProtocol):
             self._sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, new)
             self._sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(lan_ip))
         self.lan_ip, self.location = lan_ip, location
+        if self.transport is not None:
+            self._reopen = asyncio.get_running_loop().create_task(self._open_unicast())
         self.announce("ssdp:update", next_boot)
         self.boot_id = next_boot
         self.announce("ssdp:alive")
@@ -219,6 +244,12 @@ class SsdpServer(asyncio.DatagramProtocol):
         return any(addr in ipaddress.ip_network(n) for n in self.lan_subnets())
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        try:
+            self._search(data, addr)
+        except Exception as exc:  # the guard (shared/guard.py): a datagram never ends SSDP
+            self.guard.unexpected(addr[0], exc)
+
+    def _search(self, data: bytes, addr: tuple[str, int]) -> None:
         parsed = parse(data)
         if parsed is None or not parsed[0].startswith("M-SEARCH * HTTP/1.1"):
             return
@@ -245,6 +276,9 @@ class SsdpServer(asyncio.DatagramProtocol):
             self.transport.sendto(response(t, self.location_of(t), self.boot_id, t.config_id, self.max_age), addr)
 
     def close(self) -> None:
+        if self._unicast is not None:
+            self._unicast.close()
+            self._unicast = None
         if self.transport is not None:
             self.announce("ssdp:byebye")
             self.transport.close()

@@ -27,7 +27,6 @@ def _cp_stack(igd, control_point, n: int = 0, **kw):
     return st, cp
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14 item 1: an unknown XML encoding leaks a connection slot")
 def test_1_unknown_xml_encodings_do_not_end_upnp(igd, control_point) -> None:
     """70 requests whose XML declaration names an encoding Python cannot look up: each is
     refused, and the 71st, normal one is still served (the slots are freed)."""
@@ -41,7 +40,6 @@ def test_1_unknown_xml_encodings_do_not_end_upnp(igd, control_point) -> None:
     assert st.procs["controld"].poll() is None
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14 item 2: one host's slow connections starve the others")
 def test_2_one_slow_host_does_not_starve_another(igd) -> None:
     """A LAN host holds 80 connections sending one header byte a second (the issue saw 64 end
     service; tests/netns/test_floods.py holds 1,000); another LAN host's every request is
@@ -58,7 +56,6 @@ def test_2_one_slow_host_does_not_starve_another(igd) -> None:
     assert max(t for _, t in res) < 1.0, res
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14 item 3: disk full leaves NAT1 forwards without a row")
 def test_3_disk_full_leaves_nothing_half_made(igd, control_point) -> None:
     """controld's state dir is full: adds fail with an error, nothing they half-made stays in
     NAT1, NAT2 or the table; once space returns the same ports can be added (no restart)."""
@@ -79,7 +76,6 @@ def test_3_disk_full_leaves_nothing_half_made(igd, control_point) -> None:
     assert st.procs["controld"].poll() is None
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14 item 4: a delete while NAT2 is unreachable is never retried")
 def test_4_delete_while_nat2_unreachable_is_retried(igd, control_point) -> None:
     """NAT2 is away during DeletePortMapping; once it is back (with its leases) the mapping is
     deleted there too, without the control point asking again."""
@@ -92,7 +88,6 @@ def test_4_delete_while_nat2_unreachable_is_retried(igd, control_point) -> None:
     assert ("tcp", 8101) in h.nat2_map(st.bed)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14 item 5: an unmatched MAP response's epoch is processed")
 def test_5_forged_response_with_wrong_nonce_causes_no_recovery(igd, control_point) -> None:
     """A MAP response for a real NAT1 binding with an unknown nonce and a lost-state Epoch, from
     the PCP server's address to natd's PCP socket, is dropped before any epoch processing
@@ -109,7 +104,6 @@ def test_5_forged_response_with_wrong_nonce_causes_no_recovery(igd, control_poin
     assert not h.agreement(st, cp)[1]
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14 item 6: one forged UNSUPP_VERSION turns PCP off")
 def test_6_forged_unsupp_version_does_not_turn_pcp_off(igd, control_point) -> None:
     """UNSUPP_VERSION answers (they carry no nonce) forged while an AddPortMapping is in
     flight may spoil that one add, not PCP: once the forger stops, the next add succeeds."""
@@ -125,7 +119,6 @@ def test_6_forged_unsupp_version_does_not_turn_pcp_off(igd, control_point) -> No
     assert h.reaches(st.bed, 9200, 8200)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14 item 7: a LAN host can pose as the PCP server")
 def test_7_announce_from_a_lan_host_is_ignored(igd, control_point) -> None:
     """An ANNOUNCE forged by a LAN host with the PCP server's address and port, sent to the
     router's client port 5350 on either address, starts no recovery (it did not arrive on the WAN)."""
@@ -138,7 +131,6 @@ def test_7_announce_from_a_lan_host_is_ignored(igd, control_point) -> None:
     assert h.pcp_seen(st.bed, "maps") == 0, st.log("controld")[-2000:]
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14 item 8: a Mapping Update can move a port onto another mapping")
 def test_8_mapping_update_onto_another_mappings_port(igd, control_point) -> None:
     """An on-path Mapping Update (right nonce, read here from the table) moving mapping A's
     external port onto mapping B's: no port is listed twice and deleting B removes B."""
@@ -154,7 +146,6 @@ def test_8_mapping_update_onto_another_mappings_port(igd, control_point) -> None
     assert [(e, ip, ip_port) for _, e, ip, ip_port in cp.listing()] == [(8100, h.LAN, 9100)]
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14 item 9: natd's loop stalls on conntrack walks while deleting")
 def test_9_natd_answers_promptly_while_deleting_with_conntrack_entries(igd, control_point) -> None:
     """20 UDP mappings with ~1,000 conntrack entries each are deleted while a second API client
     says Hello to natd every 10 ms: natd's p99 stays under 50 ms, as it would with no kernel
@@ -192,7 +183,6 @@ def _delete_req(port: int, proto: str = "TCP") -> bytes:
         "DeletePortMapping", {"NewRemoteHost": "", "NewExternalPort": str(port), "NewProtocol": proto}))
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14 item 10: a bare LF in a request target forges a log line")
 def test_10a_bare_lf_in_request_target_forges_no_log_line(igd, control_point) -> None:
     st, cp = _cp_stack(igd, control_point)
     before = h.log_size(st, "controld")
@@ -205,14 +195,12 @@ def test_10a_bare_lf_in_request_target_forges_no_log_line(igd, control_point) ->
     assert all(" controld[" in ln and h.LAN in ln for ln in lines), lines
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14 item 10: SSDP binds 0.0.0.0:1900, not the LAN address")
 def test_10b_ssdp_listens_on_the_lan_only(igd) -> None:
     st = igd()
     socks = h.udp_listeners(st.bed, st.controld_ns, 1900)
     assert socks and not any(a.startswith(("0.0.0.0:", "*:")) for a in socks), socks
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14 item 10: natd logs every forged PCP packet, unlimited")
 def test_10c_forged_pcp_packets_do_not_flood_natds_log(igd, control_point) -> None:
     """500 malformed and forged packets from the server's address at natd's PCP sockets leave
     at most a few dozen log lines."""

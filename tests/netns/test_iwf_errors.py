@@ -110,16 +110,18 @@ def test_error_table_retries_version_and_announce(fake_stack) -> None:
     assert (status, _code(body)) == (500, 728) and _requests(log_path, 30500) == []
 
 
-def test_unsupported_version_is_501_and_holds_off(fake_stack) -> None:
-    """UNSUPP_VERSION proposing NAT-PMP (version 0): 501, and the server is left alone for
-    min(30 min, Lifetime) (RFC 6887 §9;)."""
+def test_unsupported_version_from_a_v2_server_is_501_and_holds_nothing_off(fake_stack) -> None:
+    """UNSUPP_VERSION proposing NAT-PMP (version 0) from a server that already answered
+    version 2 (this one did, at start): it cannot be the answer to our request (RFC 6887 §9
+    negotiates on first contact), so it is not believed: that add goes unanswered (501) and
+    the next one is sent and served; a forged one cannot turn PCP off (issue 14 item 6). The
+    hold-off after a genuine one (min(30 min, Lifetime)) is tests/unit/test_pcp_client.py's."""
     st, log_path = fake_stack
     status, body = add(st, 21000, 2100)
     assert (status, _code(body)) == (500, 501)
-    t0 = time.monotonic()
     status, body = add(st, 30600, 3060)
-    assert (status, _code(body)) == (500, 501) and time.monotonic() - t0 < 2
-    assert _requests(log_path, 30600) == []
+    assert status == 200, body
+    assert len(_requests(log_path, 30600)) >= 1
     assert soap_ok(st)
 
 

@@ -8,6 +8,7 @@ natd to send upstream, decoded, and what the control point gets back.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import os
 import subprocess
@@ -16,6 +17,7 @@ import pytest
 
 from controld.core.lifecycle import State
 from controld.core.service import Iwf
+from controld.core.store import MappingTable
 from controld.core.upstream_io import _description
 from controld.pcp.discovery import choose_server, parse_server_file
 from controld.upnp import igd as upnp_igd
@@ -214,3 +216,27 @@ def test_range_delete_is_paced_and_answers_in_time(tmp_path) -> None:
             iwf.table.close()
 
     asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_unanswered_delete_is_kept_and_retried_until_nat2_answers(tmp_path) -> None:
+    """A delete NAT2 does not answer: the row and NAT1 go, the upstream delete stays ours on disk
+    (across restarts) and is sent again, unbound, with the internal port NAT2 knows (the NAT1
+    port) until NAT2 answers (issue 14 item 4)."""
+    async def body(iwf: Iwf, link: ScriptedLink) -> None:
+        m = await add(iwf, 8080)
+        real = link.fake.answer
+        link.fake.answer = lambda req, raw: None  # type: ignore[method-assign]  # NAT2 unreachable
+        with pytest.raises(UPnPError):
+            await upnp_igd.delete_port_mapping(iwf, LAN, 1, "", 8080, pcp.PROTO_TCP)
+        assert iwf.table.count() == 0 and link.unbound == [m.id]
+        (pending,) = iwf.table.pending_deletes()
+        assert (pending.id, pending.nonce, pending.int_port) == (m.id, m.nonce, m.nat1_port)
+        assert MappingTable(str(tmp_path)).pending_deletes() == [pending]  # persisted
+        link.fake.answer = real  # type: ignore[method-assign]
+        iwf.table.save_pending_delete(dataclasses.replace(pending, due=0.0))
+        await iwf._retry_deletes()
+        retry = link.sent[-1]
+        assert retry[0].mid is None and retry[1].lifetime == 0 and retry[1].map.nonce == m.nonce
+        assert retry[1].map.internal_port == m.nat1_port
+        assert iwf.table.pending_deletes() == []
+    run(tmp_path, body, pcp_timeout=0.5)
