@@ -13,7 +13,7 @@ import ipaddress
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from xml.sax.saxutils import escape
+from controld.upnp.xmltext import escape
 
 from controld.core.model import CoreError, CreateRequest, Mapping, upnp
 from controld.core.service import Iwf
