@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
+
 from controld.upnp.xmltext import escape
 
 # Control and event URLs, one per service (served by controld.upnp.http).

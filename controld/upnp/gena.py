@@ -21,10 +21,10 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
-from controld.upnp.xmltext import escape
 
 from controld.upnp.description import Device, Service, wants_igd1
 from controld.upnp.parse import ascii_uint
+from controld.upnp.xmltext import escape
 
 log = logging.getLogger("controld.upnp.gena")
 

@@ -13,7 +13,6 @@ import ipaddress
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from controld.upnp.xmltext import escape
 
 from controld.core.model import CoreError, CreateRequest, Mapping, upnp
 from controld.core.service import Iwf
@@ -21,6 +20,7 @@ from controld.upnp.description import Device, Service
 from controld.upnp.errors import UPnPError, upnp_error
 from controld.upnp.parse import ascii_uint
 from controld.upnp.soap import Cdata, SoapAction
+from controld.upnp.xmltext import escape
 from shared.const import IGD2_MAX_LEASE, PROTO_NUMBERS
 
 log = logging.getLogger("controld.upnp.igd")

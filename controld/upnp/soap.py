@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from xml.parsers import expat
+
 from controld.upnp.xmltext import escape
 
 SOAP_ENV = "http://schemas.xmlsoap.org/soap/envelope/"
