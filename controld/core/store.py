@@ -57,7 +57,7 @@ class MappingTable:
         self._subscribers: list[Callable[[], None]] = []
         state_at, pf_at = _COLUMNS.index("state"), _COLUMNS.index("prefer_failure")
         for row in self.db.execute(f"SELECT {', '.join(_COLUMNS)} FROM mappings ORDER BY id"):
-            values = [sys.intern(v) if type(v) is str else v for v in row]  # see _TEXT
+            values: list[Any] = [sys.intern(v) if type(v) is str else v for v in row]  # see _TEXT
             values[state_at], values[pf_at] = State(values[state_at]), bool(values[pf_at])
             self._index(Mapping(*values))
         row = self.db.execute("SELECT MAX(id) FROM mappings").fetchone()
@@ -104,7 +104,8 @@ class MappingTable:
                 return dataclasses.replace(row, **changes)
             m = dataclasses.replace(cur, **changes)
         else:
-            m = dataclasses.replace(row, **{f: sys.intern(getattr(row, f)) for f in _TEXT if getattr(row, f)})
+            shared: dict[str, Any] = {f: sys.intern(getattr(row, f)) for f in _TEXT if getattr(row, f)}
+            m = dataclasses.replace(row, **shared)
         if durable:
             values = [getattr(m, c) for c in _COLUMNS]
             values[_COLUMNS.index("state")] = m.state.value
