@@ -79,7 +79,7 @@ def _proto(value: int) -> None:
 # --- shared pieces ---------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: natd holds one per forward (tens of thousands)
 class Binding:
     """One NAT1 forward: WAN ``proto/wan_port`` -> ``lan_ip:lan_port``; ``mid`` is controld's row id."""
 
