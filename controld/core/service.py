@@ -185,7 +185,8 @@ class Iwf:
         # renewal window (docs/core.md, recovery; docs/requirements.md IWF-32, §18 item 6).
         at = self.wall() + self.rng.uniform(0, self.cfg.service_wait)
         for m in self.table.listed():
-            self._schedule(m, at)
+            self._schedule(m, at, arm=False)
+        self._arm()
         log.info("iwf up: mode=%s wan=%s pcp-server=%s external=%s, %d mappings restored",
                  self.mode, self.wan_ip, self.server, self.server_ext_ip, self.table.count())
 
@@ -493,12 +494,14 @@ class Iwf:
 
     # --- renewal, lease end, recovery ------------------------------------------------
 
-    def _schedule(self, m: Mapping, due: float, attempt: int = 0) -> None:
-        """Set the mapping's next renewal (or lease end, whichever is first); replaces the last."""
+    def _schedule(self, m: Mapping, due: float, attempt: int = 0, arm: bool = True) -> None:
+        """Set the mapping's next renewal (or lease end, whichever is first); replaces the last.
+        ``arm`` False: the caller schedules many and arms the timer once (10k at start-up)."""
         if m.lease_end is not None:
             due = min(due, m.lease_end)
         self.timers.schedule(m.id, due, attempt)
-        self._arm()
+        if arm:
+            self._arm()
 
     def _recover_all(self, server: str | None, delay: float, may_move: bool = False) -> None:
         """Every upstream mapping (at ``server``, or all) is re-created, paced by the window.
@@ -514,7 +517,8 @@ class Iwf:
                 if may_move:
                     self._may_move.add(m.id)
                 m = self.table.apply(m, state=next_state(m.state, Ev.STATE_LOST))
-                self._schedule(m, at)
+                self._schedule(m, at, arm=False)
+        self._arm()
 
     def _mapping_due(self, mid: int, attempt: int) -> None:
         """A renewal (RFC 6887 §11.2.1) or the lease end (docs/requirements.md IWF-74) is due."""

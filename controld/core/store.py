@@ -56,8 +56,12 @@ class MappingTable:
         self._owner_of: dict[int, str] = {}
         self._subscribers: list[Callable[[], None]] = []
         state_at, pf_at = _COLUMNS.index("state"), _COLUMNS.index("prefer_failure")
+        text_at = [_COLUMNS.index(c) for c in _TEXT]
         for row in self.db.execute(f"SELECT {', '.join(_COLUMNS)} FROM mappings ORDER BY id"):
-            values: list[Any] = [sys.intern(v) if type(v) is str else v for v in row]  # see _TEXT
+            values: list[Any] = list(row)
+            for i in text_at:
+                if values[i]:
+                    values[i] = sys.intern(values[i])
             values[state_at], values[pf_at] = State(values[state_at]), bool(values[pf_at])
             self._index(Mapping(*values))
         row = self.db.execute("SELECT MAX(id) FROM mappings").fetchone()
