@@ -54,10 +54,17 @@ class WireError(ValueError):
 
 
 def _ipv4(value: str) -> None:
+    if not _is_ipv4(value):
+        raise WireError("bad-field", f"not an IPv4 address: {value!r}")
+
+
+@functools.lru_cache(maxsize=1024)  # a sync names the same few LAN hosts thousands of times
+def _is_ipv4(value: str) -> bool:
     try:
         ipaddress.IPv4Address(value)
     except ValueError:
-        raise WireError("bad-field", f"not an IPv4 address: {value!r}") from None
+        return False
+    return True
 
 
 def _port(value: int, zero_ok: bool = False) -> None:
