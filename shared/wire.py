@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import sys
 import types
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -346,7 +347,7 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
     if tp is str:
         if not isinstance(value, str) or len(value) > MAX_STR:
             raise WireError("bad-field", f"{name}: expected a string of at most {MAX_STR}")
-        return value
+        return sys.intern(value)  # LAN addresses repeat in every binding natd keeps
     if tp is bytes:
         if not isinstance(value, bytes) or len(value) > MAX_BYTES:
             raise WireError("bad-field", f"{name}: expected at most {MAX_BYTES} bytes")
@@ -366,7 +367,7 @@ def _binding(value: Any, name: str) -> Binding:
     if type(mid) is not int or type(proto) is not int or type(lan_port) is not int or type(wan_port) is not int \
             or type(lan_ip) is not str or len(lan_ip) > 15:
         raise WireError("bad-field", f"{name}: wrong field types")
-    b = Binding(mid, proto, lan_ip, lan_port, wan_port)
+    b = Binding(mid, proto, sys.intern(lan_ip), lan_port, wan_port)
     b.check()
     return b
 
