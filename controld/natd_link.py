@@ -19,7 +19,9 @@ import zmq.asyncio
 from shared import wire
 from shared.daemon import curve_client, needs_curve
 
-RECONNECT_MS = (100, 2000)  # first retry, back-off ceiling when natd is away
+# first retry, back-off ceiling when natd is away; a low ceiling (a connect() on a local socket
+# twice a second) finds a restarted natd, and re-syncs its forwards, within half a second
+RECONNECT_MS = (100, 500)
 
 log = logging.getLogger("controld.natd")
 

@@ -46,8 +46,9 @@ class BindingTable:
     by_mid: dict[int, Binding] = field(default_factory=dict)
     by_port: dict[tuple[int, int], int] = field(default_factory=dict)
     per_host: dict[str, int] = field(default_factory=dict)
-    # LAN endpoint (ip, proto, port) -> mids: who owns the endpoint's SNAT, in O(1)
-    by_endpoint: dict[tuple[str, int, int], set[int]] = field(default_factory=dict)
+    # LAN endpoint (ip, proto, port) -> mids: who owns the endpoint's SNAT, in O(1). A tuple, not a
+    # set: nearly always one mid, and 48 bytes against a set's 216, once per forward.
+    by_endpoint: dict[tuple[str, int, int], tuple[int, ...]] = field(default_factory=dict)
     rng: random.Random = field(default_factory=random.SystemRandom)
     _lan_ok: dict[str, tuple] = field(default_factory=dict, repr=False)
 
@@ -105,7 +106,8 @@ class BindingTable:
         self.by_mid[b.mid] = b
         self.by_port[(b.proto, b.wan_port)] = b.mid
         self.per_host[b.lan_ip] = self.per_host.get(b.lan_ip, 0) + 1
-        self.by_endpoint.setdefault(endpoint(b), set()).add(b.mid)
+        ep = endpoint(b)
+        self.by_endpoint[ep] = (*self.by_endpoint.get(ep, ()), b.mid)  # b.mid is not in it: removed above
 
     def remove(self, mid: int) -> Binding | None:
         b = self.by_mid.pop(mid, None)
@@ -114,10 +116,12 @@ class BindingTable:
             self.per_host[b.lan_ip] -= 1
             if not self.per_host[b.lan_ip]:
                 del self.per_host[b.lan_ip]
-            mids = self.by_endpoint[endpoint(b)]
-            mids.discard(b.mid)
-            if not mids:
-                del self.by_endpoint[endpoint(b)]
+            ep = endpoint(b)
+            mids = tuple(m for m in self.by_endpoint[ep] if m != b.mid)
+            if mids:
+                self.by_endpoint[ep] = mids
+            else:
+                del self.by_endpoint[ep]
         return b
 
     def replace_all(self, bindings: list[Binding]) -> list[tuple[Binding, str]]:

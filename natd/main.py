@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import ctypes
 import ipaddress
+import itertools
 import logging
 import os
 import signal
@@ -59,6 +60,9 @@ from shared.guard import Guard, RateLimit
 log = logging.getLogger("natd")
 
 HEARTBEAT_S = 1.0
+# Right after a start controld's SUB socket has not reconnected yet and ZeroMQ drops what a PUB
+# sends to nobody: early beats let controld see the new boot id (and re-sync) within ~0.1 s of joining.
+START_BEATS_S = (0.1, 0.1, 0.1, 0.1, 0.1, 0.25, 0.25)
 MAX_WAITS = 70_000  # PCP exchanges waiting for their answer at once (one per mapping or probe)
 HEAL_DEBOUNCE_S = 0.05  # coalesce the burst of netlink events one foreign commit makes
 HEAL_RETRY_S = 1.0
@@ -513,10 +517,10 @@ class Natd:
 
     async def _heartbeat(self) -> None:
         """Heartbeat with the boot id every second; also the periodic safety-net check."""
-        while True:
+        for pause in itertools.chain(START_BEATS_S, itertools.repeat(HEARTBEAT_S)):
             self._publish(wire.Heartbeat(self.boot_id, len(self.table.by_mid)))
             self._check_generation()  # the periodic safety net
-            await asyncio.sleep(HEARTBEAT_S)
+            await asyncio.sleep(pause)
 
     def _socket(self, kind: int, endpoint: str) -> zmq.asyncio.Socket:
         sock = self.ctx.socket(kind)

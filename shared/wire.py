@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import sys
 import types
 import typing
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, ClassVar
 
 import msgpack
@@ -54,10 +55,17 @@ class WireError(ValueError):
 
 
 def _ipv4(value: str) -> None:
+    if not _is_ipv4(value):
+        raise WireError("bad-field", f"not an IPv4 address: {value!r}")
+
+
+@functools.lru_cache(maxsize=1024)  # a sync names the same few LAN hosts thousands of times
+def _is_ipv4(value: str) -> bool:
     try:
         ipaddress.IPv4Address(value)
     except ValueError:
-        raise WireError("bad-field", f"not an IPv4 address: {value!r}") from None
+        return False
+    return True
 
 
 def _port(value: int, zero_ok: bool = False) -> None:
@@ -79,7 +87,7 @@ def _proto(value: int) -> None:
 # --- shared pieces ---------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: natd holds one per forward (tens of thousands)
 class Binding:
     """One NAT1 forward: WAN ``proto/wan_port`` -> ``lan_ip:lan_port``; ``mid`` is controld's row id."""
 
@@ -427,12 +435,25 @@ MESSAGES[StunResult.OP] = StunResult
 
 def encode(msg: Message, rid: int | None = None, deadline_ms: int | None = None) -> bytes:
     """Serialise a message (with request id ``rid`` and, for requests, a deadline)."""
-    body: dict[str, Any] = {"v": SCHEMA_VERSION, "op": msg.OP, **asdict(msg)}
+    body: dict[str, Any] = {"v": SCHEMA_VERSION, "op": msg.OP, **_as_map(msg)}
     if rid is not None:
         body["id"] = rid
     if deadline_ms is not None:
         body["dl"] = deadline_ms
-    return msgpack.packb(body, use_bin_type=True)
+    return msgpack.packb(body, use_bin_type=True, default=_as_map)
+
+
+@functools.cache
+def _field_names(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in fields(cls))
+
+
+def _as_map(obj: Any) -> dict[str, Any]:
+    """A dataclass as its field map, shallow: msgpack calls this for nested ones (the Bindings of
+    a Sync) itself, in C, which makes a 10k-binding Sync ~5x faster to encode than asdict()."""
+    if not is_dataclass(obj) or isinstance(obj, type):
+        raise TypeError(f"cannot serialise {type(obj).__name__}")
+    return {name: getattr(obj, name) for name in _field_names(type(obj))}
 
 
 def _coerce(value: Any, tp: Any, name: str) -> Any:
@@ -464,7 +485,7 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
     if tp is str:
         if not isinstance(value, str) or len(value) > MAX_STR:
             raise WireError("bad-field", f"{name}: expected a string of at most {MAX_STR}")
-        return value
+        return sys.intern(value)  # LAN addresses repeat in every binding natd keeps
     if tp is bytes:
         if not isinstance(value, bytes) or len(value) > MAX_BYTES:
             raise WireError("bad-field", f"{name}: expected at most {MAX_BYTES} bytes")
@@ -484,7 +505,7 @@ def _binding(value: Any, name: str) -> Binding:
     if type(mid) is not int or type(proto) is not int or type(lan_port) is not int or type(wan_port) is not int \
             or type(lan_ip) is not str or len(lan_ip) > 15:
         raise WireError("bad-field", f"{name}: wrong field types")
-    b = Binding(mid, proto, lan_ip, lan_port, wan_port)
+    b = Binding(mid, proto, sys.intern(lan_ip), lan_port, wan_port)
     b.check()
     return b
 

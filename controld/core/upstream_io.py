@@ -530,12 +530,14 @@ class UpstreamIO:
 
     # --- renewal, lease end, recovery ------------------------------------------------
 
-    def _schedule(self, m: Mapping, due: float, attempt: int = 0) -> None:
-        """Set the mapping's next renewal (or lease end, whichever is first); replaces the last."""
+    def _schedule(self, m: Mapping, due: float, attempt: int = 0, arm: bool = True) -> None:
+        """Set the mapping's next renewal (or lease end, whichever is first); replaces the last.
+        ``arm`` False: the caller schedules many and arms the timer once (10k at start-up)."""
         if m.lease_end is not None:
             due = min(due, m.lease_end)
         self.timers.schedule(m.id, due, attempt)
-        self._arm()
+        if arm:
+            self._arm()
 
     def _recover_all(self, server: str | None, delay: float, may_move: bool = False) -> None:
         """Every upstream mapping (at ``server``, or all) is re-created, paced by the window.
@@ -551,7 +553,8 @@ class UpstreamIO:
                 if may_move:
                     self._may_move.add(m.id)
                 m = self.table.apply(m, state=next_state(m.state, Ev.STATE_LOST))
-                self._schedule(m, at)
+                self._schedule(m, at, arm=False)
+        self._arm()
 
     def _mapping_due(self, mid: int, attempt: int) -> None:
         """A renewal (RFC 6887 §11.2.1) or the lease end (docs/requirements.md IWF-74) is due."""

@@ -9,8 +9,8 @@ from __future__ import annotations
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from xml.sax.saxutils import escape
 
+from controld.upnp.xmltext import escape
 from shared import config
 
 # Control and event URLs, one per service (served by controld.upnp.http).

@@ -21,11 +21,11 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
-from xml.sax.saxutils import escape
 
 from controld.core.events import ChangeEvent
 from controld.upnp.description import Device, Gateway, Service, wants_igd1
 from controld.upnp.parse import ascii_uint
+from controld.upnp.xmltext import escape
 
 log = logging.getLogger("controld.upnp.gena")
 

@@ -13,7 +13,6 @@ import ipaddress
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from xml.sax.saxutils import escape
 
 from controld.core.events import ChangeEvent
 from controld.core.model import CoreError, CreateRequest, Mapping, upnp
@@ -24,6 +23,7 @@ from controld.upnp.errors import UPnPError, upnp_error
 from controld.upnp.parse import ascii_uint
 from controld.upnp.pinholes import PinholeActions
 from controld.upnp.soap import Cdata, SoapAction
+from controld.upnp.xmltext import escape
 from shared.const import IGD2_MAX_LEASE, PROTO_NAMES, PROTO_NUMBERS
 
 log = logging.getLogger("controld.upnp.igd")

@@ -104,6 +104,28 @@ def test_snat_owner_is_lowest_mid_and_state_is_one_function() -> None:
     assert st.wan == {"100.64.0.2"} and st.lan == {"192.168.1.0/24"}
 
 
+def test_snat_owner_follows_binds_and_unbinds_of_a_shared_endpoint() -> None:
+    """Several forwards to one LAN endpoint (IWF-48): the lowest live mid owns its SNAT element,
+    through re-binds and removals, as natd.nft.expected decides for the whole set."""
+    t = _lan_table()
+    ep = ("192.168.1.2", 6, 80)
+    for mid, port in ((3, 20003), (1, 20001), (2, 20002)):
+        t.add(wire.Binding(mid, 6, "192.168.1.2", 80, port))
+    owner = t.snat_owner(ep)
+    assert owner is not None and owner.mid == 1
+    t.add(wire.Binding(1, 6, "192.168.1.9", 80, 20001))  # re-bind of mid 1 to another host
+    owner = t.snat_owner(ep)
+    assert owner is not None and owner.mid == 2
+    assert t.snat_owner(("192.168.1.9", 6, 80)) == t.by_mid[1]
+    t.remove(2)
+    owner = t.snat_owner(ep)
+    assert owner is not None and owner.mid == 3
+    t.remove(3)
+    assert t.snat_owner(ep) is None and ep not in t.by_endpoint
+    st = expected(t.by_mid.values(), "100.64.0.2", ["192.168.1.0/24"])
+    assert st.snat == {("192.168.1.9", 6, 80): ("100.64.0.2", 20001)}
+
+
 def test_every_rule_has_an_explicit_ipv4_selector() -> None:
     """Unlike miniupnpd's nftables backend, no IPv6 packet may match an IPv4 forward."""
     for name in ("standalone", "fw4"):
