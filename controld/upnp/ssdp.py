@@ -38,6 +38,7 @@ MAX_DATAGRAM = 2048
 RATE_BURST = 10.0  # M-SEARCHes one source may send at once
 RATE_PER_S = 2.0  # and then per second
 RATE_SOURCES = 1024  # sources remembered (bounded)
+ANSWER_UNIT = 10  # datagrams one token pays for: an ssdp:all answer of one IGD:1 root device
 IP_MULTICAST_ALL = getattr(socket, "IP_MULTICAST_ALL", 49)  # Linux, <linux/in.h>; not in every Python
 
 
@@ -48,14 +49,14 @@ class RateLimit:
         self.burst, self.rate, self.sources = burst, rate, sources
         self.buckets: dict[str, tuple[float, float]] = {}  # source -> (tokens, last time)
 
-    def allow(self, source: str, now: float) -> bool:
-        """Take one token for ``source``; False when it has none left."""
+    def allow(self, source: str, now: float, cost: float = 1.0) -> bool:
+        """Take ``cost`` tokens for ``source``; False when it has not that many left."""
         tokens, last = self.buckets.pop(source, (self.burst, now))
         tokens = min(self.burst, tokens + (now - last) * self.rate)
         if len(self.buckets) >= self.sources:
             self.buckets.pop(next(iter(self.buckets)))  # forget the least recently seen
-        ok = tokens >= 1.0
-        self.buckets[source] = (tokens - 1.0 if ok else tokens, now)
+        ok = tokens >= cost
+        self.buckets[source] = (tokens - cost if ok else tokens, now)
         return ok
 
 
@@ -259,7 +260,9 @@ class SsdpServer(asyncio.DatagramProtocol):
         found = matches(self.targets, h.get("ST", ""))
         if not found or self._pending > 256:  # bounded work per burst of searches
             return
-        if not self.limit.allow(addr[0], time.monotonic()):
+        # Charged by the answer's size: two root devices answer ssdp:all with twice the datagrams,
+        # and the limit is on what we send (no amplifier), not on how often we are asked.
+        if not self.limit.allow(addr[0], time.monotonic(), max(1.0, len(found) / ANSWER_UNIT)):
             log.debug("ssdp: rate limit for %s", addr[0])
             return
         raw_mx = h.get("MX", "")
