@@ -14,7 +14,7 @@ import re
 import pytest
 
 from tests.bed import testbed as tb
-from tests.bed.natd import PAYLOAD
+from tests.bed.natd import PAYLOAD, wait_until
 from tests.bed.stack import HTTP_PORT, Stack
 
 pytestmark = pytest.mark.netns
@@ -52,12 +52,24 @@ def test_upnpc_add_and_delete_pinhole_open_and_close_natd_firewall(make_stack) -
     bed = st.bed
     assert not tcp_in(bed, 8080)  # natd's default drop
     out = upnpc(st, "-A", "empty", "0", LAN6, "8080", "TCP", "600")
-    found = re.search(r"UniqueID:\s*(\d+)", out)
+    found = re.search(r"Pinhole ID = (\d+)", out)
     assert found, out
     uid = found.group(1)
     assert elements(bed) == {(LAN6, "tcp", 8080)}
     assert tcp_in(bed, 8080)
     assert not tcp_in(bed, 8081)  # only the port asked for
+    # natd restarts (its stop closes every pinhole): controld sees the new boot id and re-syncs
+    st.stop("natd")
+    st.start_natd()
+    assert wait_until(lambda: elements(bed) == {(LAN6, "tcp", 8080)}, 10, 0.2) is not None, st.log("controld")
+    assert tcp_in(bed, 8080)
+    # both restart: controld re-sends its stored rows at start
+    st.stop("controld")
+    st.stop("natd")
+    st.start_natd()
+    st.start_controld()
+    assert wait_until(lambda: elements(bed) == {(LAN6, "tcp", 8080)}, 10, 0.2) is not None, st.log("controld")
+    assert tcp_in(bed, 8080)
     out = upnpc(st, "-D", uid)
     assert "failed" not in out.lower(), out
     assert elements(bed) == set()
