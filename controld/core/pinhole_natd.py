@@ -104,6 +104,7 @@ class PinholeResync:
         self.backend = backend
         self.pinholes = pinholes
         self.boot: str | None = None  # natd's boot id at the last successful sync
+        self.failing = False  # the last sync failed (its retries log at debug)
 
     async def sync(self) -> bool:
         """Send every live row with its remaining lease; False (logged) when natd could not take it."""
@@ -116,8 +117,12 @@ class PinholeResync:
             if exc.kind is PinholeErrorKind.FIREWALL_DISABLED:
                 log.info("pinhole sync: natd has no IPv6 firewall; %d rows kept", len(rows))
                 return True
-            log.warning("pinhole sync of %d rows failed: %s", len(rows), exc)
+            # retried at every heartbeat: warn once, not once a second
+            log.log(logging.DEBUG if self.failing else logging.WARNING, "pinhole sync of %d rows failed: %s",
+                    len(rows), exc)
+            self.failing = True
             return False
+        self.failing = False
         log.info("pinhole sync: %d rows, natd added %d, removed %d%s", len(rows), reply.added, reply.removed,
                  f", refused {reply.refused}" if reply.refused else "")
         return True
