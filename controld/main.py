@@ -13,12 +13,13 @@ import ipaddress
 import logging
 import signal
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from controld.adminapi.core_backend import CoreBackend
 from controld.adminapi.server import AdminServer, SocketInUse
-from controld.core.pinhole import NoFirewall, PinholePolicy, Pinholes
+from controld.core.pinhole import PinholePolicy, Pinholes
+from controld.core.pinhole_natd import NatdPinholeBackend, PinholeResync
 from controld.core.pinhole_store import PinholeStore
 from controld.core.policy import Permissions, Policy, RuleError
 from controld.core.service import MODES, Iwf, IwfConfig
@@ -108,13 +109,16 @@ class _Lan:
     port: int = 0
 
 
-def _make_iwf(args: argparse.Namespace, table: MappingTable) -> tuple[Iwf, NatdLink]:
-    """The core and its natd link, not started yet."""
+def _make_iwf(args: argparse.Namespace, table: MappingTable,
+              also: list[Callable[[wire.Message], Awaitable[None]]] | None = None) -> tuple[Iwf, NatdLink]:
+    """The core and its natd link, not started yet; ``also`` hear natd's events after the core."""
     holder: list[Iwf] = []
 
     async def on_event(msg: wire.Message) -> None:
         if holder:
             await holder[0].on_natd_event(msg)
+        for handler in also or ():
+            await handler(msg)
 
     link = NatdLink(args.rpc, args.events, on_event, curve_dir=args.curve_dir)
     iwf = Iwf(_iwf_config(args), table, link, policy=_policy(args))
@@ -234,7 +238,8 @@ async def run(args: argparse.Namespace, reparse: Callable[[], argparse.Namespace
     lan_ip, subnets = await _lan_addresses(args.lan_if)
     lan = _Lan(args.lan_if, lan_ip, subnets)
     table = MappingTable(args.state_dir)
-    iwf, link = _make_iwf(args, table)
+    pinhole_events: list[Callable[[wire.Message], Awaitable[None]]] = []  # the resync, once built
+    iwf, link = _make_iwf(args, table, pinhole_events)
 
     def reload() -> None:
         nonlocal args
@@ -252,10 +257,15 @@ async def run(args: argparse.Namespace, reparse: Callable[[], argparse.Namespace
         raise
     link_task = await _start_iwf(args, iwf, link)
     device = _device(args, table)
-    pinholes = Pinholes(NoFirewall(), _pinhole_policy(args, iwf.policy), table.owned_by, table.count,
+    pinhole_backend = NatdPinholeBackend(link.call)
+    pinholes = Pinholes(pinhole_backend, _pinhole_policy(args, iwf.policy), table.owned_by, table.count,
                         store=PinholeStore(table.db))
     _share_quotas(iwf.policy, pinholes)
-    await pinholes.refresh()  # natd's pinhole support arrives with the natd wiring (docs/upnp.md)
+    await pinholes.refresh()
+    resync = PinholeResync(pinhole_backend, pinholes)
+    if await resync.sync():  # the stored rows, with their remaining leases (docs/pinholes.md "Restart")
+        resync.boot = iwf.natd_boot
+    pinhole_events.append(resync.on_natd_event)  # natd restarted or restored: sync again
     actions = IgdActions(iwf, device, pinholes)
     gena = GenaServer(device, actions.evented)
     table.subscribe(actions.changed)  # SystemUpdateID first, then one coalesced GENA round
