@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import random
 import socket
 import sqlite3
 from collections.abc import Awaitable, Callable
@@ -14,13 +13,13 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from controld.core.model import CoreError, CreateRequest, ErrorKind, FrontEnd, NotOwner, Origin, upnp
-from controld.core.service import Iwf, IwfConfig
+from controld.core.service import Iwf
 from controld.core.store import MappingTable
 from controld.pcpserver.pcp import ServerPolicy
 from controld.pcpserver.server import LanPcpServer, LanServerConfig
-from shared import pcp, wire
+from shared import wire
 from tests.bed import pcp_client as pc
-from tests.bed.fake_pcp import FakePcp
+from tests.bed.iwf import ScriptedLink, make_iwf
 
 LAN = "192.168.1.2"
 OTHER = "192.168.1.3"
@@ -28,36 +27,10 @@ SERVER = "100.64.0.1"
 NONCE = bytes(range(12))
 
 
-class Natd:
-    """Stands in for natd: binds succeed, PCP exchanges go to FakePcp's script."""
-
-    def __init__(self) -> None:
-        self.fake = FakePcp(None)
-        self.sent: list[pcp.Request] = []
-
-    async def call(self, msg: wire.Message, timeout: float = 5.0) -> wire.Message:
-        if isinstance(msg, wire.Hello):
-            return wire.HelloReply("boot", "100.64.0.2", SERVER, ["192.168.1.1"], ["192.168.1.0/24"])
-        if isinstance(msg, wire.Sync):
-            return wire.SyncReply(len(msg.bindings), 0)
-        if isinstance(msg, wire.Bind):
-            return wire.BindReply("100.64.0.2", msg.want_port or 40000)
-        if isinstance(msg, wire.Unbind):
-            return wire.Ok()
-        assert isinstance(msg, wire.PcpExchange)
-        req = pcp.decode_request(msg.packet)
-        self.sent.append(req)
-        return wire.PcpAnswer(self.fake.answer(req, msg.packet), None)
-
-    def maps(self) -> list[pcp.Request]:
-        return [r for r in self.sent if r.opcode == pcp.Opcode.MAP and r.map is not None and r.map.internal_port != 9]
-
-
-def run(tmp_path, body: Callable[[Iwf, Natd], Awaitable[None]], mode: str = "cascaded") -> None:
+def run(tmp_path, body: Callable[[Iwf, ScriptedLink], Awaitable[None]], mode: str = "cascaded") -> None:
     async def main() -> None:
-        link = Natd()
-        conf = IwfConfig(mode=mode, pcp_server=SERVER, service_wait=0.0, epoch_poll=0.0, pcp_timeout=2.0)
-        iwf = Iwf(conf, MappingTable(str(tmp_path)), link, rng=random.Random(5))  # type: ignore[arg-type]
+        link = ScriptedLink()
+        iwf = make_iwf(tmp_path, link, mode=mode)
         await iwf.start()
         try:
             await body(iwf, link)
@@ -77,7 +50,7 @@ def req(port: int, lifetime: int = 3600, exact: bool = False, proto: int = 6) ->
 
 
 def test_cascaded_grant_is_nat2s_address_port_and_lifetime_nonce_passed_up_rfc7648(tmp_path) -> None:
-    async def body(iwf: Iwf, link: Natd) -> None:
+    async def body(iwf: Iwf, link: ScriptedLink) -> None:
         g = await iwf.lan_map(pcp_origin(), req(5000))
         (up,) = link.maps()
         assert up.map is not None and up.map.nonce == NONCE  # the client's nonce goes upstream unchanged
@@ -90,7 +63,7 @@ def test_cascaded_grant_is_nat2s_address_port_and_lifetime_nonce_passed_up_rfc76
 
 
 def test_no_nat1_maps_with_third_party_upstream(tmp_path) -> None:
-    async def body(iwf: Iwf, link: Natd) -> None:
+    async def body(iwf: Iwf, link: ScriptedLink) -> None:
         await iwf.lan_map(Origin(FrontEnd.NATPMP, LAN), req(5001))
         (up,) = link.maps()
         assert up.options.third_party == ipaddress.IPv4Address(LAN)
@@ -98,7 +71,7 @@ def test_no_nat1_maps_with_third_party_upstream(tmp_path) -> None:
 
 
 def test_ownership_nonce_and_natpmp_delete_all(tmp_path) -> None:
-    async def body(iwf: Iwf, link: Natd) -> None:
+    async def body(iwf: Iwf, link: ScriptedLink) -> None:
         p = await iwf.lan_map(pcp_origin(), req(6000))
         with pytest.raises(NotOwner) as exc:  # another nonce: NOT_AUTHORIZED, remaining lifetime (§11.3)
             await iwf.lan_map(pcp_origin(bytes(12)), req(6000))
@@ -124,7 +97,7 @@ def test_ownership_nonce_and_natpmp_delete_all(tmp_path) -> None:
 
 
 def test_state_loss_event_on_wan_change_and_restored_flag(tmp_path) -> None:
-    async def body(iwf: Iwf, link: Natd) -> None:
+    async def body(iwf: Iwf, link: ScriptedLink) -> None:
         heard: list[str] = []
         iwf.watch_state_loss(heard.append)
         assert iwf.restored_all
@@ -153,7 +126,7 @@ def test_old_tables_gain_the_origin_column(tmp_path) -> None:
 
 
 def test_socket_edge_answers_natpmp_and_pcp_and_rate_limits(tmp_path) -> None:
-    async def body(iwf: Iwf, link: Natd) -> None:
+    async def body(iwf: Iwf, link: ScriptedLink) -> None:
         loop = asyncio.get_running_loop()
         server = LanPcpServer(iwf, LanServerConfig(ServerPolicy(peer=False), rate=0.001, burst=3, max_lifetime=600))
         port = await server.start("127.0.0.1", 0)
@@ -184,7 +157,7 @@ def test_socket_edge_answers_natpmp_and_pcp_and_rate_limits(tmp_path) -> None:
 
 
 def test_internal_index_survives_two_external_ports_on_one_tuple(tmp_path) -> None:
-    async def body(iwf: Iwf, link: Natd) -> None:
+    async def body(iwf: Iwf, link: ScriptedLink) -> None:
         a = await iwf.create(upnp(LAN), CreateRequest(6, 8001, LAN, 80, 0, "a", True))
         b = await iwf.create(upnp(LAN), CreateRequest(6, 8002, LAN, 80, 0, "b", True))
         assert iwf.find_internal(6, LAN, 80) == a
