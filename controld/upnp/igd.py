@@ -239,9 +239,7 @@ class IgdActions:
 
     async def handle(self, service: Service, action: SoapAction, cp: str) -> Out:
         """Run ``action`` invoked on ``service`` by control point ``cp``; raises UPnPError."""
-        stats = getattr(self.iwf, "stats", None)  # operators' counters (docs/operating.md)
-        if stats is not None:
-            stats.request("upnp")
+        self.iwf.stats.request("upnp")  # operators' counters (docs/operating.md)
         try:
             known = action.name in service.actions or action.name in UNDECLARED.get(service.name, ())
             if known and action.name == "GetDefaultConnectionService":  # names the device it was asked on
@@ -250,8 +248,7 @@ class IgdActions:
                 raise UPnPError(401, f"{action.name} is not an action of {service.name}:{service.version}")
             return await self.handlers[action.name](action, cp)
         except UPnPError as exc:
-            if stats is not None:
-                stats.error("upnp", exc.code)
+            self.iwf.stats.error("upnp", exc.code)
             raise
 
     # --- evented state (GENA reads it here: one place for each fact) ---------------------

@@ -8,6 +8,7 @@ import asyncio
 import re
 import shutil
 import xml.etree.ElementTree as ET
+from types import SimpleNamespace
 from typing import cast
 
 import pytest
@@ -24,6 +25,7 @@ from controld.core.pinhole import (
     outbound_timeout,
 )
 from controld.core.service import Iwf
+from controld.core.stats import Stats
 from controld.upnp import soap
 from controld.upnp.description import gateway
 from controld.upnp.http import UpnpHttpServer
@@ -189,7 +191,8 @@ async def _serve(backend: FakeBackend | NoFirewall, test: object) -> None:
     core = Pinholes(backend)
     await core.refresh()
     gw = gateway("both", lambda k: k)
-    server = UpnpHttpServer(gw, IgdActions(cast(Iwf, None), gw, core), lambda: ["127.0.0.0/8"])
+    no_core = cast(Iwf, SimpleNamespace(stats=Stats()))  # the pinhole actions need only the counters
+    server = UpnpHttpServer(gw, IgdActions(no_core, gw, core), lambda: ["127.0.0.0/8"])
     port = await server.start("127.0.0.1", 0)
     try:
         await test(port)  # type: ignore[operator]

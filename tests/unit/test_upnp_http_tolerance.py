@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from types import SimpleNamespace
 from typing import cast
 
 import pytest
 
 from controld.core.service import Iwf
+from controld.core.stats import Stats
 from controld.upnp.description import gateway
 from controld.upnp.http import UpnpHttpServer
 from controld.upnp.igd import IgdActions
@@ -18,7 +20,8 @@ from controld.upnp.igd import IgdActions
 
 async def _exchange(data: bytes) -> bytes:
     gw = gateway("both", lambda k: k)
-    server = UpnpHttpServer(gw, actions=IgdActions(cast(Iwf, None), gw), lan_subnets=lambda: ["127.0.0.0/8"])
+    no_core = cast(Iwf, SimpleNamespace(stats=Stats()))  # no action reaches the core here, only the counters
+    server = UpnpHttpServer(gw, actions=IgdActions(no_core, gw), lan_subnets=lambda: ["127.0.0.0/8"])
     port = await server.start("127.0.0.1", 0)
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
