@@ -27,6 +27,8 @@ from controld.adminapi.backend import (
     Unsubscribe,
 )
 from controld.core import model
+from controld.core.events import ChangeEvent as StoreEvent
+from controld.core.events import ChangeKind
 from controld.core.lifecycle import LISTED
 from controld.core.policy import admin_rights
 from shared.const import PROTO_NUMBERS, VERSION
@@ -69,7 +71,6 @@ class CoreBackend:
         self._reload = reload
         self.wall = wall
         self._subscribers: list[Callable[[ChangeEvent], None]] = []
-        self._last: dict[int, model.Mapping] = {}  # what the watchers saw last (diffed on each publish)
         self._why: dict[int, str] = {}  # removal reasons known here (operator, web, flush, host left)
         iwf.table.subscribe(self._published)
 
@@ -210,8 +211,6 @@ class CoreBackend:
         self._why[mid] = why
 
     def subscribe(self, callback: Callable[[ChangeEvent], None]) -> Unsubscribe:
-        if not self._subscribers:
-            self._last = {m.id: m for m in self.iwf.snapshot()}
         self._subscribers.append(callback)
 
         def stop() -> None:
@@ -220,33 +219,30 @@ class CoreBackend:
 
         return stop
 
-    def _published(self, _ev: object = None) -> None:
-        """The store published a change: tell the watchers what differs from what they saw.
-
-        (The store's publish carries no event yet: diffing the listed rows keeps this adapter
-        small, O(mappings) per change, and only while someone watches.)"""
-        if not self._subscribers:
+    def _published(self, ev: StoreEvent) -> None:
+        """The store's change event, as the watchers see mappings: added when a row becomes
+        listed, removed when it stops being listed, updated when a listed row's shown fields change."""
+        if not self._subscribers or ev.kind == ChangeKind.ADDRESSES:
             return
+        old = ev.before if ev.before is not None and ev.before.state in LISTED else None
+        new = ev.after if ev.after is not None and ev.after.state in LISTED else None
         now = self.wall()
-        current = {m.id: m for m in self.iwf.snapshot()}
-        events: list[ChangeEvent] = []
-        for mid, old in self._last.items():
-            if mid not in current:
-                why = self._why.pop(mid, "")
-                if not why and old.lease_end is not None and old.lease_end <= now + 1:
-                    why = "lease ended"
-                events.append(ChangeEvent("removed", self.view(old), why or "removed", now))
-        for mid, m in current.items():
-            seen = self._last.get(mid)
-            if seen is None:
-                events.append(ChangeEvent("added", self.view(m), m.origin, now))
-            elif (seen.state, seen.ext_ip, seen.ext_port, seen.int_port, seen.description, seen.lease_end) != \
-                    (m.state, m.ext_ip, m.ext_port, m.int_port, m.description, m.lease_end):
-                events.append(ChangeEvent("updated", self.view(m), m.state.value, now))
-        self._last = current
-        for ev in events:
-            for callback in list(self._subscribers):
-                try:
-                    callback(ev)
-                except Exception:  # one broken watcher must not stop the others or the core
-                    log.exception("admin: a watcher failed")
+        out: ChangeEvent | None = None
+        if old is not None and new is None:
+            why = self._why.pop(old.id, "")
+            if not why and old.lease_end is not None and old.lease_end <= now + 1:
+                why = "lease ended"
+            out = ChangeEvent("removed", self.view(old), why or "removed", now)
+        elif old is None and new is not None:
+            out = ChangeEvent("added", self.view(new), new.origin, now)
+        elif old is not None and new is not None and \
+                (old.state, old.ext_ip, old.ext_port, old.int_port, old.description, old.lease_end) != \
+                (new.state, new.ext_ip, new.ext_port, new.int_port, new.description, new.lease_end):
+            out = ChangeEvent("updated", self.view(new), new.state.value, now)
+        if out is None:
+            return
+        for callback in list(self._subscribers):
+            try:
+                callback(out)
+            except Exception:  # one broken watcher must not stop the others or the core
+                log.exception("admin: a watcher failed")
