@@ -12,6 +12,7 @@ end turns each into its own code. Time is passed in (``clock``), so the logic is
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import ipaddress
 import logging
@@ -211,7 +212,9 @@ class Pinholes:
         self._next_uid = 1
 
     async def refresh(self) -> FirewallStatus:
-        """Ask natd for the firewall status again (start, GetFirewallStatus, natd events)."""
+        """Ask natd for the firewall status again (start, GetFirewallStatus, natd events).
+
+        Rows whose address left the LAN's prefixes go (natd closed them when the prefix went)."""
         before = self.status
         try:
             self.status = await self.backend.status()
@@ -221,6 +224,11 @@ class Pinholes:
         if self.status.enabled != before.enabled:
             log.info("IPv6 firewall %s", "enabled" if self.status.enabled else "disabled")
             self.on_change()
+        if self.status.enabled and self.status.lan_prefixes != before.lan_prefixes:
+            log.info("LAN IPv6 prefixes: %s", ", ".join(self.status.lan_prefixes) or "none")
+            for uid in [uid for uid, p in self.rows.items() if not self._in_lan(p.int_client)]:
+                log.info("%s closed: its address left the LAN prefixes", self.rows.pop(uid))
+                self._forget(uid)
         return self.status
 
     def set_policy(self, policy: PinholePolicy) -> None:
@@ -278,7 +286,9 @@ class Pinholes:
         client = _ipv6(int_client, "InternalClient")
         remote = "" if remote_host.strip() in ("", "*") else _ipv6(remote_host, "RemoteHost")
         if not self._in_lan(client):
-            raise PinholeError(PinholeErrorKind.NOT_AUTHORIZED, f"{client} is in no LAN prefix")
+            await self.refresh()  # natd may know of a prefix this view has not heard of yet
+            if not self._in_lan(client):
+                raise PinholeError(PinholeErrorKind.NOT_AUTHORIZED, f"{client} is in no LAN prefix")
         if self.policy.secure_mode and not await self._mine(cp, client):
             raise PinholeError(PinholeErrorKind.NOT_AUTHORIZED, f"{cp} may open pinholes to itself only")
         if int_port < self.policy.min_port:
@@ -304,7 +314,10 @@ class Pinholes:
         if pol.max_total and len(self.rows) + self.ipv4_total() >= pol.max_total:
             raise PinholeError(PinholeErrorKind.QUOTA, f"{pol.max_total} pinholes and mappings in total")
         if pol.max_per_host:
-            own = [p for p in self.rows.values() if p.owner == cp or await self.backend.same_host(cp, p.owner)]
+            others = list({p.owner for p in self.rows.values() if p.owner != cp})  # one question per owner
+            same = await asyncio.gather(*(self.backend.same_host(cp, o) for o in others))
+            mine = {cp, *(o for o, yes in zip(others, same, strict=True) if yes)}
+            own = [p for p in self.rows.values() if p.owner in mine]
             if len(own) + self.ipv4_count(cp) >= pol.max_per_host:
                 raise PinholeError(PinholeErrorKind.QUOTA, f"{cp} holds {pol.max_per_host} pinholes and mappings")
 
