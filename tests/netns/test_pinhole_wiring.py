@@ -14,8 +14,11 @@ import json
 import re
 from collections.abc import Iterator
 
+import msgpack
 import pytest
 
+from natd.client import NatdClient
+from shared import wire
 from tests.bed import testbed as tb
 from tests.bed.fixtures import netns_skip_reason
 from tests.bed.natd import PAYLOAD, wait_until
@@ -131,3 +134,20 @@ def test_a_lan_prefix_added_and_removed_live_opens_and_closes_its_pinholes(st: S
     assert "606" in upnpc(st, "-A", "empty", "0", NEW_HOST6, "8101", "TCP", "600")
     assert elements(bed) == set()
     assert "704" in upnpc(st, "-D", uid)  # NoSuchEntry: controld forgot it too
+
+
+def test_natd_answers_same_host_from_the_neighbour_table_and_types_its_refusals(st: Stack) -> None:
+    c = NatdClient(st.rpc)
+    try:
+        assert c.call(wire.SameHost(tb.LAN_HOST_IP, LAN6)) == wire.SameHostReply(True)
+        assert c.call(wire.SameHost(LAN6, OTHER6)) == wire.SameHostReply(False)
+        assert c.call(wire.SameHost(tb.LAN_HOST_IP, "2001:db8:99::2")) == wire.SameHostReply(False)  # not LAN
+        bads: list[dict[str, object]] = [{"a": "192.168.1.2", "b": "me"}, {"a": "192.168.1.2"},
+                                         {"a": 1, "b": LAN6}, {"a": "192.168.1.2", "b": LAN6, "mac": "aa"}]
+        for i, bad in enumerate(bads):
+            c.send_raw(msgpack.packb({"v": 2, "op": "neigh.same_host", "id": 40 + i, **bad}))
+            reply, rid = wire.decode(c.recv_raw(5) or b"")
+            assert isinstance(reply, wire.Error) and reply.code == "bad-field" and rid == 40 + i, reply
+        assert c.call(wire.SameHost(LAN6, tb.LAN_HOST_IP)) == wire.SameHostReply(True)  # natd answers on
+    finally:
+        c.close()
