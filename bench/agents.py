@@ -6,7 +6,9 @@
 - ``accept`` / ``connect``: a TCP accept loop and a new-connection rate loop (data plane);
 - ``sniff``: PCP MAP request/response times at an interface (NAT2's own round trip, seen at natd's WAN side);
 - ``soap-probe``: the first moment an IGD answers a SOAP call; ``fwd-count``: the first moment natd's
-  DNAT map holds N forwards; ``natpmp``: NAT-PMP mapping round trips (or a probe of UDP 5351).
+  DNAT map holds N forwards; ``natpmp``: NAT-PMP mapping round trips (or a probe of UDP 5351);
+- ``pinholes``: AddPinhole / DeletePinhole (WANIPv6FirewallControl:1) by raw SOAP POSTs, the same client
+  for both systems, driven by JSON lines on stdin like ``client``.
 
 Every loop is bounded by a count or a deadline; results go to stdout as one JSON line.
 """
@@ -22,12 +24,17 @@ import socket
 import struct
 import sys
 import time
+import urllib.parse
+import urllib.request
 from typing import Any
+from xml.etree import ElementTree
 
 from bench.progress import Progress
 from shared.const import PCP_SERVER_PORT as NATPMP_PORT  # PCP and NAT-PMP share it
 
 SOAP_NS = "urn:schemas-upnp-org:service:WANIPConnection:1"
+FC6_NS = "urn:schemas-upnp-org:service:WANIPv6FirewallControl:1"
+_DEVICE_NS = "{urn:schemas-upnp-org:device-1-0}"
 
 
 def _say(obj: Any) -> None:
@@ -191,13 +198,92 @@ def sniff(ifname: str, out: str, seconds: float) -> None:
     os.rename(out + ".tmp", out)
 
 
+# --------------------------------------------------------------------- SOAP by hand
+def soap_body(service: str, action: str, args: dict[str, Any]) -> bytes:
+    """One SOAP request envelope (UPnP Device Architecture 1.1 §3.2.1)."""
+    inner = "".join(f"<{k}>{v}</{k}>" for k, v in args.items())
+    return ('<?xml version="1.0"?><s:Envelope xmlns:s="http://schemas.xmlsoap.org/soap/envelope/" '
+            's:encodingStyle="http://schemas.xmlsoap.org/soap/encoding/"><s:Body>'
+            f'<u:{action} xmlns:u="{service}">{inner}</u:{action}></s:Body></s:Envelope>').encode()
+
+
+def control_url(description: bytes, location: str, service: str) -> str:
+    """The absolute control URL of ``service`` in a device description fetched from ``location``."""
+    root = ElementTree.fromstring(description)
+    base = root.findtext(f"{_DEVICE_NS}URLBase") or location
+    for svc in root.iter(f"{_DEVICE_NS}service"):
+        if svc.findtext(f"{_DEVICE_NS}serviceType") == service:
+            return urllib.parse.urljoin(base, (svc.findtext(f"{_DEVICE_NS}controlURL") or "").strip())
+    raise ValueError(f"{location}: no {service}")
+
+
+def soap_out(body: bytes, name: str) -> str | None:
+    """The text of the output argument ``name`` in a SOAP answer, or None (a fault, or not there)."""
+    try:
+        root = ElementTree.fromstring(body)
+    except ElementTree.ParseError:
+        return None
+    return next((el.text or "" for el in root.iter() if el.tag.rpartition("}")[2] == name), None)
+
+
+def soap_post(url: str, service: str, action: str, args: dict[str, Any], timeout: float = 10.0) -> tuple[int, bytes]:
+    """POST one action on a new HTTP/1.1 connection (as miniupnpc does); (HTTP status, body)."""
+    u = urllib.parse.urlsplit(url)
+    c = http.client.HTTPConnection(u.hostname or "", u.port or 80, timeout=timeout)
+    try:
+        c.request("POST", u.path or "/", body=soap_body(service, action, args),
+                  headers={"SOAPACTION": f'"{service}#{action}"', "Content-Type": 'text/xml; charset="utf-8"'})
+        r = c.getresponse()
+        return r.status, r.read()
+    finally:
+        c.close()
+
+
+def pinhole_client(location: str) -> None:
+    """Fetch the description at ``location``, then serve commands: ``add`` (``count`` TCP pinholes for
+    ``client`` from port ``first``, lease ``lease``) and ``delete`` (every pinhole it added)."""
+    with urllib.request.urlopen(location, timeout=10) as r:
+        url = control_url(r.read(), location, FC6_NS)
+    _say({"control_url": url})
+    uids: list[int] = []
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        lat: list[float] = []
+        errors: list[str] = []  # the first few faults, for the log
+        failed = 0
+        todo = list(uids) if cmd["op"] == "delete" else range(int(cmd["count"]))
+        with Progress(cmd.get("label", cmd["op"]), len(todo)) as bar:
+            for i in todo:
+                if cmd["op"] == "add":
+                    action, args = "AddPinhole", {"RemoteHost": "", "RemotePort": 0, "InternalClient": cmd["client"],
+                                                  "InternalPort": int(cmd["first"]) + i, "Protocol": 6,
+                                                  "LeaseTime": int(cmd["lease"])}
+                else:
+                    action, args = "DeletePinhole", {"UniqueID": i}
+                t = time.perf_counter()
+                try:
+                    status, body = soap_post(url, FC6_NS, action, args)
+                except OSError as exc:
+                    status, body = 0, str(exc).encode()
+                lat.append(time.perf_counter() - t)
+                uid = soap_out(body, "UniqueID") if action == "AddPinhole" else ""
+                if status == 200 and uid is not None:
+                    if uid:
+                        uids.append(int(uid))
+                else:
+                    failed += 1
+                    if len(errors) < 3:
+                        errors.append(f"{action} {status}: {body[-300:].decode(errors='replace')}")
+                bar.step()
+        if cmd["op"] == "delete":
+            uids.clear()
+        _say({"lat": lat, "errors": failed, "faults": errors})
+
+
 # --------------------------------------------------------------------- restart probes
 def soap_probe(host: str, port: int, path: str, seconds: float) -> None:
     """Call GetGenericPortMappingEntry(0) every 10 ms until an HTTP answer; prints its CLOCK_MONOTONIC time."""
-    body = ('<?xml version="1.0"?><s:Envelope xmlns:s="http://schemas.xmlsoap.org/soap/envelope/" '
-            's:encodingStyle="http://schemas.xmlsoap.org/soap/encoding/"><s:Body>'
-            f'<u:GetGenericPortMappingEntry xmlns:u="{SOAP_NS}"><NewPortMappingIndex>0</NewPortMappingIndex>'
-            '</u:GetGenericPortMappingEntry></s:Body></s:Envelope>').encode()
+    body = soap_body(SOAP_NS, "GetGenericPortMappingEntry", {"NewPortMappingIndex": 0})
     _say("ready")
     end = time.monotonic() + seconds
     while time.monotonic() < end:
@@ -313,6 +399,8 @@ def main(argv: list[str]) -> None:
         natpmp(args[0], int(args[1]), int(args[2]) if len(args) > 2 else 0)
     elif name == "pcp":
         pcp_maps(args[0], int(args[1]), int(args[2]))
+    elif name == "pinholes":
+        pinhole_client(args[0])
     else:
         raise SystemExit(f"unknown agent {name}")
 

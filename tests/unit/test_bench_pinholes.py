@@ -1,0 +1,154 @@
+"""Unit tests of the benchmark's pinholes phase, its pure parts: the SOAP client agent, speed-ups, the
+results schema and the Markdown section. No timing is asserted (the benchmark runs by hand, bench/run).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from xml.etree import ElementTree
+
+import pytest
+
+from bench import agents, harness, report
+from tests.unit.test_bench import make_doc, stat
+
+DESC = f"""<?xml version="1.0"?>
+<root xmlns="urn:schemas-upnp-org:device-1-0"><device><serviceList><service>
+<serviceType>urn:schemas-upnp-org:service:Layer3Forwarding:1</serviceType><controlURL>/ctl/L3F</controlURL>
+</service></serviceList><deviceList><device><deviceList><device><serviceList><service>
+<serviceType>{agents.FC6_NS}</serviceType><controlURL> /ctl/IP6FCtl </controlURL>
+</service></serviceList></device></deviceList></device></deviceList></device></root>""".encode()
+
+
+def pinhole_row(add: float, delete: float, n: int, kernel: int, errors: int = 0) -> dict[str, Any]:
+    return {"add": stat(add, add * n / 1e3, n), "delete": stat(delete, delete * n / 1e3, n), "add_errors": errors,
+            "delete_errors": 0, "kernel": {"after_adds": kernel, "after_deletes": 0}, "faults": []}
+
+
+def pinholes_doc() -> dict[str, Any]:
+    p = {"lease_s": 3600, "igdpcp": {"100": pinhole_row(1.0, 0.5, 100, 100), "1000": pinhole_row(2.0, 1.0, 1000, 1000)},
+         "miniupnpd": {"100": pinhole_row(3.0, 2.0, 100, 100, errors=2)}}
+    p["speedup"] = harness.speedups(p, ["100.add", "100.delete", "1000.add"])
+    return {**make_doc(), "pinholes": p}
+
+
+# ------------------------------------------------------------------ SOAP by hand
+def test_control_url_from_a_nested_description() -> None:
+    assert agents.control_url(DESC, "http://[2001:db8:1::1]:5001/rootDesc.xml", agents.FC6_NS) == \
+        "http://[2001:db8:1::1]:5001/ctl/IP6FCtl"
+    with_base = DESC.replace(b"<device>", b"<URLBase>http://192.168.1.1:5000/</URLBase><device>", 1)
+    assert agents.control_url(with_base, "http://x/igd2/rootDesc.xml", agents.FC6_NS) == \
+        "http://192.168.1.1:5000/ctl/IP6FCtl"
+    with pytest.raises(ValueError, match="WANIPConnection"):
+        agents.control_url(DESC, "http://x/", "urn:schemas-upnp-org:service:WANIPConnection:2")
+
+
+def test_soap_body_and_answers() -> None:
+    body = agents.soap_body(agents.FC6_NS, "DeletePinhole", {"UniqueID": 7})
+    action = ElementTree.fromstring(body).find(f".//{{{agents.FC6_NS}}}DeletePinhole")
+    assert action is not None and action.findtext("UniqueID") == "7"
+    answer = (b'<?xml version="1.0"?><s:Envelope xmlns:s="http://schemas.xmlsoap.org/soap/envelope/"><s:Body>'
+              b'<u:AddPinholeResponse xmlns:u="x"><UniqueID>42</UniqueID></u:AddPinholeResponse></s:Body></s:Envelope>')
+    assert agents.soap_out(answer, "UniqueID") == "42"
+    assert agents.soap_out(answer.replace(b"UniqueID", b"Other"), "UniqueID") is None
+    assert agents.soap_out(b"<html>not xml", "UniqueID") is None
+
+
+class FakeFirewall(BaseHTTPRequestHandler):
+    """A stand-in IGD for the agent's own logic: numbered pinholes, a fault for port 20002."""
+
+    calls: list[tuple[str, str]] = []
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def _send(self, status: int, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:
+        self._send(200, DESC)
+
+    def do_POST(self) -> None:
+        req = ElementTree.fromstring(self.rfile.read(int(self.headers["Content-Length"])))
+        action = self.headers["SOAPACTION"].strip('"').rpartition("#")[2]
+        self.calls.append((self.path, action))
+        if action == "AddPinhole":
+            port = req.findtext(".//InternalPort") or ""
+            if port == "20002":
+                self._send(500, b"<s:Fault><errorCode>701</errorCode></s:Fault>")
+            else:
+                self._send(200, f"<r><UniqueID>{int(port) - 19000}</UniqueID></r>".encode())
+        else:
+            self._send(200, f"<r><deleted>{req.findtext('.//UniqueID')}</deleted></r>".encode())
+
+
+@pytest.fixture
+def fake_igd() -> Iterator[str]:
+    FakeFirewall.calls = []
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), FakeFirewall)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    try:
+        yield f"http://127.0.0.1:{srv.server_address[1]}/rootDesc.xml"
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_pinhole_agent_adds_then_deletes_what_it_added(fake_igd: str) -> None:
+    cmds = [{"op": "add", "first": 20000, "count": 4, "client": "2001:db8:1::2", "lease": 3600}, {"op": "delete"},
+            {"op": "delete"}]
+    res = subprocess.run([sys.executable, "-m", "bench.agents", "pinholes", fake_igd], capture_output=True, text=True,
+                         input="".join(json.dumps(c) + "\n" for c in cmds), timeout=30, check=False)
+    assert res.returncode == 0, res.stderr
+    hello, add, rm, again = (json.loads(line) for line in res.stdout.splitlines())
+    assert hello == {"control_url": fake_igd.replace("/rootDesc.xml", "/ctl/IP6FCtl")}
+    assert len(add["lat"]) == 4 and add["errors"] == 1 and "AddPinhole 500" in add["faults"][0]
+    assert (len(rm["lat"]), rm["errors"]) == (3, 0)  # only the three it got an id for
+    assert again == {"lat": [], "errors": 0, "faults": []}  # and each only once
+    assert FakeFirewall.calls == [("/ctl/IP6FCtl", "AddPinhole")] * 4 + [("/ctl/IP6FCtl", "DeletePinhole")] * 3
+
+
+# ------------------------------------------------------------------ harness, schema, Markdown
+def test_speedups_are_theirs_over_ours_where_both_ran() -> None:
+    sp = pinholes_doc()["pinholes"]["speedup"]
+    assert sp == {"100_add": pytest.approx(3.0), "100_delete": pytest.approx(4.0)}  # 1000: igdpcp only
+
+
+def test_phase_options() -> None:
+    quick, _ = harness.parse_args(["--quick"])
+    assert quick.pinhole_ns and max(quick.pinhole_ns) <= 100
+    full, _ = harness.parse_args(["--pinhole-n", "1000", "100", "--skip", "pinholes"])
+    assert full.pinhole_ns == [100, 1000] and "pinholes" in full.skip
+    assert harness.Config().pinhole_ns == [100, 1000]
+
+
+def test_schema_takes_the_section_present_skipped_or_absent() -> None:
+    doc = pinholes_doc()
+    assert report.validate(json.loads(json.dumps(doc))) == []
+    assert report.validate({**doc, "pinholes": None}) == []
+    assert report.validate(make_doc()) == []  # results from before the phase existed
+    doc["pinholes"]["igdpcp"]["100"].pop("kernel")
+    doc["pinholes"]["miniupnpd"]["100"]["add"].pop("p99_ms")
+    errs = report.validate(doc)
+    assert "pinholes.igdpcp.100: missing kernel" in errs and "pinholes.miniupnpd.100.add: missing p99_ms" in errs
+    assert report.validate({**doc, "pinholes": []}) == ["pinholes: not an object"]
+
+
+def test_markdown_puts_both_systems_and_the_ratio_side_by_side() -> None:
+    md = report.render_markdown(pinholes_doc()).split("### IPv6 pinholes through UPnP")[1].split("###")[0]
+    assert "lease 3600 s" in md
+    assert "| 100 | igdpcp | 1.00 / 2.00 ms | 0.100 s | 0.50 / 1.00 ms | 0.050 s | 100 / 0 |" in md
+    assert "| 100 | miniupnpd | 3.00 / 6.00 ms (2 errors) | 0.300 s | 2.00 / 4.00 ms | 0.200 s | 100 / 0 |" in md
+    assert "| 100 | miniupnpd / igdpcp | 3.00 / 3.00 x | 3.00 x | 4.00 / 4.00 x | 4.00 x | |" in md
+    assert "| 1000 | igdpcp | 2.00 / 4.00 ms |" in md and "| 1000 | miniupnpd" not in md
+    assert "IPv6 pinholes" not in report.render_markdown(make_doc())
