@@ -35,6 +35,7 @@ from shared.const import PCP_SERVER_PORT as NATPMP_PORT  # PCP and NAT-PMP share
 SOAP_NS = "urn:schemas-upnp-org:service:WANIPConnection:1"
 FC6_NS = "urn:schemas-upnp-org:service:WANIPv6FirewallControl:1"
 _DEVICE_NS = "{urn:schemas-upnp-org:device-1-0}"
+MAX_REFUSALS = 5  # 503 answers one call retries before it counts as an error
 
 
 def _say(obj: Any) -> None:
@@ -226,17 +227,39 @@ def soap_out(body: bytes, name: str) -> str | None:
     return next((el.text or "" for el in root.iter() if el.tag.rpartition("}")[2] == name), None)
 
 
-def soap_post(url: str, service: str, action: str, args: dict[str, Any], timeout: float = 10.0) -> tuple[int, bytes]:
-    """POST one action on a new HTTP/1.1 connection (as miniupnpc does); (HTTP status, body)."""
+def soap_post(url: str, service: str, action: str, args: dict[str, Any],
+              timeout: float = 10.0) -> tuple[int, bytes, str | None]:
+    """POST one action on a new HTTP/1.1 connection (as miniupnpc does); (status, body, Retry-After)."""
     u = urllib.parse.urlsplit(url)
     c = http.client.HTTPConnection(u.hostname or "", u.port or 80, timeout=timeout)
     try:
         c.request("POST", u.path or "/", body=soap_body(service, action, args),
                   headers={"SOAPACTION": f'"{service}#{action}"', "Content-Type": 'text/xml; charset="utf-8"'})
         r = c.getresponse()
-        return r.status, r.read()
+        return r.status, r.read(), r.getheader("Retry-After")
+    except OSError as exc:
+        return 0, str(exc).encode(), None
     finally:
         c.close()
+
+
+def timed_call(url: str, service: str, action: str, args: dict[str, Any],
+               sleep: Any = time.sleep) -> tuple[float, int, bytes, int]:
+    """One action, timed: (seconds, status, body, refusals). A 503 (an IGD's per-host connection rate,
+    answered before any work) is retried after its Retry-After (at most 5 s, 5 times), as a control point
+    would; only the attempt that was served is timed, the refusals are counted."""
+    for refused in range(MAX_REFUSALS + 1):
+        t = time.perf_counter()
+        status, body, retry_after = soap_post(url, service, action, args)
+        took = time.perf_counter() - t
+        if status != 503 or refused == MAX_REFUSALS:
+            break
+        try:
+            wait = min(5.0, max(0.0, float(retry_after or 1)))
+        except ValueError:
+            wait = 1.0
+        sleep(wait)
+    return took, status, body, refused
 
 
 def pinhole_client(location: str) -> None:
@@ -250,7 +273,7 @@ def pinhole_client(location: str) -> None:
         cmd = json.loads(line)
         lat: list[float] = []
         errors: list[str] = []  # the first few faults, for the log
-        failed = 0
+        failed = refusals = 0
         todo = list(uids) if cmd["op"] == "delete" else range(int(cmd["count"]))
         with Progress(cmd.get("label", cmd["op"]), len(todo)) as bar:
             for i in todo:
@@ -260,12 +283,9 @@ def pinhole_client(location: str) -> None:
                                                   "LeaseTime": int(cmd["lease"])}
                 else:
                     action, args = "DeletePinhole", {"UniqueID": i}
-                t = time.perf_counter()
-                try:
-                    status, body = soap_post(url, FC6_NS, action, args)
-                except OSError as exc:
-                    status, body = 0, str(exc).encode()
-                lat.append(time.perf_counter() - t)
+                took, status, body, refused = timed_call(url, FC6_NS, action, args)
+                lat.append(took)
+                refusals += refused
                 uid = soap_out(body, "UniqueID") if action == "AddPinhole" else ""
                 if status == 200 and uid is not None:
                     if uid:
@@ -277,7 +297,7 @@ def pinhole_client(location: str) -> None:
                 bar.step()
         if cmd["op"] == "delete":
             uids.clear()
-        _say({"lat": lat, "errors": failed, "faults": errors})
+        _say({"lat": lat, "errors": failed, "faults": errors, "refused": refusals})
 
 
 # --------------------------------------------------------------------- restart probes

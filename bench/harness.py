@@ -370,12 +370,13 @@ def pinholes_at(bed: tb.Testbed, system: System, n: int) -> dict[str, Any]:
             client.close()
     finally:
         system.stop()
-    row = {"add": stats.summarize(add["lat"]), "add_errors": add["errors"], "delete": stats.summarize(rm["lat"]),
-           "delete_errors": rm["errors"], "kernel": {"after_adds": opened, "after_deletes": left},
-           "faults": add["faults"] + rm["faults"]}
-    say(f"{label}: AddPinhole p50 {row['add']['p50_ms']:.2f} ms ({add['errors']} errors), DeletePinhole p50 "
-        f"{row['delete']['p50_ms']:.2f} ms ({rm['errors']} errors); in the kernel {opened} after the adds, "
-        f"{left} after the deletes" + "".join(f"\n  {f}" for f in row["faults"]))
+    row = {"add": stats.summarize(add["lat"]), "add_errors": add["errors"], "add_refused": add["refused"],
+           "delete": stats.summarize(rm["lat"]), "delete_errors": rm["errors"], "delete_refused": rm["refused"],
+           "kernel": {"after_adds": opened, "after_deletes": left}, "faults": add["faults"] + rm["faults"]}
+    say(f"{label}: AddPinhole p50 {row['add']['p50_ms']:.2f} ms ({add['errors']} errors, {add['refused']} "
+        f"503 retried), DeletePinhole p50 {row['delete']['p50_ms']:.2f} ms ({rm['errors']} errors, "
+        f"{rm['refused']} 503 retried); in the kernel {opened} after the adds, {left} after the deletes"
+        + "".join(f"\n  {f}" for f in row["faults"]))
     return row
 
 

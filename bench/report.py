@@ -156,7 +156,8 @@ def _pinholes_section(p: dict[str, Any]) -> list[str]:
            "(one set element per pinhole), called on its LAN IPv4 address with secure mode off; miniupnpd: one "
            "accept rule per pinhole in its forward chain, called on its LAN IPv6 address (it accepts a pinhole "
            "only for the caller's own address). \"in the kernel\": set elements / rules after the adds and after "
-           "the deletes.", "",
+           "the deletes. A call an IGD refused with 503 (a per-host connection rate) is retried after its Retry-After; "
+           "only the served attempt is timed, the retries are counted.", "",
            "| N | system | AddPinhole p50 / p99 | all adds | DeletePinhole p50 / p99 | all deletes "
            "| in the kernel (adds / deletes) |", "|---|---|---|---|---|---|---|"]
     for n in sorted({int(k) for s in SYSTEMS for k in (p.get(s) or {})}):
@@ -166,7 +167,9 @@ def _pinholes_section(p: dict[str, Any]) -> list[str]:
                 continue
             cells = []
             for op in ("add", "delete"):
-                err = f" ({r[op + '_errors']} errors)" if r.get(op + "_errors") else ""
+                notes = [f"{r[op + k]} {label}" for k, label in (("_errors", "errors"), ("_refused", "503 retried"))
+                         if r.get(op + k)]
+                err = f" ({', '.join(notes)})" if notes else ""
                 cells += [f"{_f(r[op]['p50_ms'])} / {_f(r[op]['p99_ms'])} ms{err}", f"{_f(r[op]['total_s'], '.3f')} s"]
             cells.append(f"{r['kernel'].get('after_adds')} / {r['kernel'].get('after_deletes')}")
             out.append(f"| {n} | {system} | " + " | ".join(cells) + " |")

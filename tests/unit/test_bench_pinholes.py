@@ -26,13 +26,15 @@ DESC = f"""<?xml version="1.0"?>
 </service></serviceList></device></deviceList></device></deviceList></device></root>""".encode()
 
 
-def pinhole_row(add: float, delete: float, n: int, kernel: int, errors: int = 0) -> dict[str, Any]:
+def pinhole_row(add: float, delete: float, n: int, kernel: int, errors: int = 0, refused: int = 0) -> dict[str, Any]:
     return {"add": stat(add, add * n / 1e3, n), "delete": stat(delete, delete * n / 1e3, n), "add_errors": errors,
-            "delete_errors": 0, "kernel": {"after_adds": kernel, "after_deletes": 0}, "faults": []}
+            "add_refused": 0, "delete_errors": 0, "delete_refused": refused,
+            "kernel": {"after_adds": kernel, "after_deletes": 0}, "faults": []}
 
 
 def pinholes_doc() -> dict[str, Any]:
-    p = {"lease_s": 3600, "igdpcp": {"100": pinhole_row(1.0, 0.5, 100, 100), "1000": pinhole_row(2.0, 1.0, 1000, 1000)},
+    p = {"lease_s": 3600,
+         "igdpcp": {"100": pinhole_row(1.0, 0.5, 100, 100), "1000": pinhole_row(2.0, 1.0, 1000, 1000, refused=7)},
          "miniupnpd": {"100": pinhole_row(3.0, 2.0, 100, 100, errors=2)}}
     p["speedup"] = harness.speedups(p, ["100.add", "100.delete", "1000.add"])
     return {**make_doc(), "pinholes": p}
@@ -61,7 +63,8 @@ def test_soap_body_and_answers() -> None:
 
 
 class FakeFirewall(BaseHTTPRequestHandler):
-    """A stand-in IGD for the agent's own logic: numbered pinholes, a fault for port 20002."""
+    """A stand-in IGD for the agent's own logic: numbered pinholes, a fault for port 20002, the first
+    DeletePinhole refused with 503 as a per-host rate limit does."""
 
     calls: list[tuple[str, str]] = []
 
@@ -87,6 +90,11 @@ class FakeFirewall(BaseHTTPRequestHandler):
                 self._send(500, b"<s:Fault><errorCode>701</errorCode></s:Fault>")
             else:
                 self._send(200, f"<r><UniqueID>{int(port) - 19000}</UniqueID></r>".encode())
+        elif ("/ctl/IP6FCtl", "DeletePinhole") not in self.calls[:-1]:
+            self.send_response(503)
+            self.send_header("Retry-After", "0")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
         else:
             self._send(200, f"<r><deleted>{req.findtext('.//UniqueID')}</deleted></r>".encode())
 
@@ -113,12 +121,24 @@ def test_pinhole_agent_adds_then_deletes_what_it_added(fake_igd: str) -> None:
     hello, add, rm, again = (json.loads(line) for line in res.stdout.splitlines())
     assert hello == {"control_url": fake_igd.replace("/rootDesc.xml", "/ctl/IP6FCtl")}
     assert len(add["lat"]) == 4 and add["errors"] == 1 and "AddPinhole 500" in add["faults"][0]
-    assert (len(rm["lat"]), rm["errors"]) == (3, 0)  # only the three it got an id for
-    assert again == {"lat": [], "errors": 0, "faults": []}  # and each only once
-    assert FakeFirewall.calls == [("/ctl/IP6FCtl", "AddPinhole")] * 4 + [("/ctl/IP6FCtl", "DeletePinhole")] * 3
+    assert (len(rm["lat"]), rm["errors"], rm["refused"]) == (3, 0, 1)  # the three it got an id for; 503 retried
+    assert again == {"lat": [], "errors": 0, "faults": [], "refused": 0}  # and each only once
+    assert FakeFirewall.calls == [("/ctl/IP6FCtl", "AddPinhole")] * 4 + [("/ctl/IP6FCtl", "DeletePinhole")] * 4
 
 
 # ------------------------------------------------------------------ harness, schema, Markdown
+def test_a_call_refused_with_503_is_retried_and_only_the_served_attempt_counts(monkeypatch: Any) -> None:
+    answers = [(503, b"", "2"), (503, b"", "soon"), (200, b"<UniqueID>1</UniqueID>", None)]
+    slept: list[float] = []
+    monkeypatch.setattr(agents, "soap_post", lambda *a, **k: answers.pop(0))
+    _, status, body, refused = agents.timed_call("http://x/", agents.FC6_NS, "AddPinhole", {}, sleep=slept.append)
+    assert (status, refused, slept) == (200, 2, [2.0, 1.0])
+    monkeypatch.setattr(agents, "soap_post", lambda *a, **k: (503, b"", "60"))
+    slept.clear()
+    _, status, _, refused = agents.timed_call("http://x/", agents.FC6_NS, "AddPinhole", {}, sleep=slept.append)
+    assert (status, refused) == (503, agents.MAX_REFUSALS) and slept == [5.0] * agents.MAX_REFUSALS  # bounded
+
+
 def test_speedups_are_theirs_over_ours_where_both_ran() -> None:
     sp = pinholes_doc()["pinholes"]["speedup"]
     assert sp == {"100_add": pytest.approx(3.0), "100_delete": pytest.approx(4.0)}  # 1000: igdpcp only
@@ -150,5 +170,6 @@ def test_markdown_puts_both_systems_and_the_ratio_side_by_side() -> None:
     assert "| 100 | igdpcp | 1.00 / 2.00 ms | 0.100 s | 0.50 / 1.00 ms | 0.050 s | 100 / 0 |" in md
     assert "| 100 | miniupnpd | 3.00 / 6.00 ms (2 errors) | 0.300 s | 2.00 / 4.00 ms | 0.200 s | 100 / 0 |" in md
     assert "| 100 | miniupnpd / igdpcp | 3.00 / 3.00 x | 3.00 x | 4.00 / 4.00 x | 4.00 x | |" in md
-    assert "| 1000 | igdpcp | 2.00 / 4.00 ms |" in md and "| 1000 | miniupnpd" not in md
+    assert "| 1000 | igdpcp | 2.00 / 4.00 ms | 2.000 s | 1.00 / 2.00 ms (7 503 retried) |" in md
+    assert "| 1000 | miniupnpd" not in md
     assert "IPv6 pinholes" not in report.render_markdown(make_doc())
