@@ -51,7 +51,7 @@ class Igdpcp:
     @classmethod
     def for_pinholes(cls, bed: tb.Testbed) -> Igdpcp:
         """natd with its own IPv6 firewall. Secure mode off: the client calls from its IPv4 address,
-        which controld cannot tie to its IPv6 one yet (docs/pinholes.md "Policy")."""
+        which controld cannot tie to its IPv6 one yet (docs/pinholes.md "Policy"); drop once same_host does."""
         return cls(bed, extra_controld=["--no-secure-mode"], extra_natd=PINHOLES_NATD)
 
     def pinholes(self) -> int:

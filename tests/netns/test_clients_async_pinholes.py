@@ -118,8 +118,7 @@ def client() -> Iterator[tuple[Stack, Client]]:
         pytest.skip(f"netns test bed: {reason}")
     bed = tb.Testbed(ipv6=True)
     bed.setup()
-    # secure mode off: the client calls from its IPv4 address (drop once controld matches a host's
-    # addresses by the neighbour table, same_host)
+    # --no-secure-mode: the client calls from IPv4; drop it once same_host ties the host's IPv4 and IPv6
     st = Stack(bed, mode="nat1-only", controld_args=["--no-secure-mode"],
                natd_args=["--ipv6-firewall", "own", "--pinhole-grace", str(GRACE)])
     c: Client | None = None
