@@ -115,6 +115,13 @@ def _f(v: Any, fmt: str = ".2f", unit: str = "") -> str:
     return "–" if v is None else f"{v:{fmt}}{unit}"
 
 
+def _notes(row: dict[str, Any], op: str) -> str:
+    """" (3 errors, 2 503 retried)" for an operation's failures, "" when there were none."""
+    notes = [f"{row[op + k]} {label}" for k, label in (("_errors", "errors"), ("_refused", "503 retried"))
+             if row.get(op + k)]
+    return f" ({', '.join(notes)})" if notes else ""
+
+
 def _control_table(rows: list[dict[str, Any]]) -> list[str]:
     out = ["| N | system | add p50 / p99 | all adds | list all (per entry) | delete p50 / p99 "
            "(quiet p50) | all deletes | conntrack | CPU s / 1k add, list, del |",
@@ -124,9 +131,10 @@ def _control_table(rows: list[dict[str, Any]]) -> list[str]:
         cpu = r["cpu_s_per_1k"]
         out.append(
             f"| {r['n']} | {r['system']}{' (pinned)' if r['pinned'] else ''} "
-            f"| {_f(a['p50_ms'])} / {_f(a['p99_ms'])} ms | {_f(a['total_s'])} s "
+            f"| {_f(a['p50_ms'])} / {_f(a['p99_ms'])} ms{_notes(r, 'add')} | {_f(a['total_s'])} s "
             f"| {_f(li.get('total_s'), '.3f')} s ({_f(li.get('per_entry_ms'), '.3f')} ms) "
-            f"| {_f(d['p50_ms'])} / {_f(d['p99_ms'])} ms ({_f(q.get('p50_ms'))}) | {_f(d['total_s'])} s "
+            f"| {_f(d['p50_ms'])} / {_f(d['p99_ms'])} ms ({_f(q.get('p50_ms'))}){_notes(r, 'delete')} "
+            f"| {_f(d['total_s'])} s "
             f"| {r['conntrack'].get('before', '–')} | {_f(cpu.get('add'))}, {_f(cpu.get('list'))}, "
             f"{_f(cpu.get('delete'))} |")
     return out
@@ -167,10 +175,8 @@ def _pinholes_section(p: dict[str, Any]) -> list[str]:
                 continue
             cells = []
             for op in ("add", "delete"):
-                notes = [f"{r[op + k]} {label}" for k, label in (("_errors", "errors"), ("_refused", "503 retried"))
-                         if r.get(op + k)]
-                err = f" ({', '.join(notes)})" if notes else ""
-                cells += [f"{_f(r[op]['p50_ms'])} / {_f(r[op]['p99_ms'])} ms{err}", f"{_f(r[op]['total_s'], '.3f')} s"]
+                cells += [f"{_f(r[op]['p50_ms'])} / {_f(r[op]['p99_ms'])} ms{_notes(r, op)}",
+                          f"{_f(r[op]['total_s'], '.3f')} s"]
             cells.append(f"{r['kernel'].get('after_adds')} / {r['kernel'].get('after_deletes')}")
             out.append(f"| {n} | {system} | " + " | ".join(cells) + " |")
         ours, theirs = rows["igdpcp"], rows["miniupnpd"]

@@ -173,3 +173,11 @@ def test_markdown_puts_both_systems_and_the_ratio_side_by_side() -> None:
     assert "| 1000 | igdpcp | 2.00 / 4.00 ms | 2.000 s | 1.00 / 2.00 ms (7 503 retried) |" in md
     assert "| 1000 | miniupnpd" not in md
     assert "IPv6 pinholes" not in report.render_markdown(make_doc())
+
+
+def test_control_table_shows_failed_operations() -> None:
+    doc = make_doc()
+    doc["control"][0].update(add_errors=534, delete_errors=648)  # e.g. a per-host rate limit's 503s
+    md = report.render_markdown(doc)
+    assert "| 1000 | igdpcp | 0.80 / 1.60 ms (534 errors) |" in md and "(0.80) (648 errors) |" in md
+    assert "errors)" not in report.render_markdown(make_doc())
