@@ -15,6 +15,7 @@ Every loop is bounded by a count or a deadline; results go to stdout as one JSON
 
 from __future__ import annotations
 
+import functools
 import http.client
 import json
 import os
@@ -26,7 +27,8 @@ import sys
 import time
 import urllib.parse
 import urllib.request
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 from xml.etree import ElementTree
 
 from bench.progress import Progress
@@ -36,6 +38,7 @@ SOAP_NS = "urn:schemas-upnp-org:service:WANIPConnection:1"
 FC6_NS = "urn:schemas-upnp-org:service:WANIPv6FirewallControl:1"
 _DEVICE_NS = "{urn:schemas-upnp-org:device-1-0}"
 MAX_REFUSALS = 5  # 503 answers one call retries before it counts as an error
+T = TypeVar("T")
 
 
 def _say(obj: Any) -> None:
@@ -44,8 +47,46 @@ def _say(obj: Any) -> None:
 
 
 # --------------------------------------------------------------------- UPnP client
+def timed_retry(call: Callable[[], T], refusal: Callable[[T], float | None],
+                sleep: Callable[[float], None] = time.sleep) -> tuple[float, T, int]:
+    """``call()`` timed: (seconds, result, refusals). While ``refusal(result)`` names a wait (an IGD's per-host
+    connection rate: a 503 answered before any work), sleep it (at most 5 s) and call again, at most
+    MAX_REFUSALS times, as a control point would; only the attempt that was served is timed."""
+    refused = 0
+    while True:
+        t = time.perf_counter()
+        res = call()
+        took = time.perf_counter() - t
+        wait = refusal(res)
+        if wait is None or refused == MAX_REFUSALS:
+            return took, res, refused
+        refused += 1
+        sleep(min(5.0, max(0.0, wait)))
+
+
+def _attempt(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)``, or the exception it raised (the binding raises on every refusal)."""
+    try:
+        return fn(*args)
+    except Exception as exc:  # a refusal is counted, the run goes on
+        return exc
+
+
+def _binding_refusal(res: Any) -> float | None:
+    # the binding says only this for an answer that is not SOAP (a 503 included) and hides Retry-After,
+    # which controld sets to 1 s
+    return 1.0 if isinstance(res, Exception) and str(res) == "Miniupnpc HTTP error" else None
+
+
+def _list_refusal(below_count: bool, res: Any) -> float | None:
+    # the binding answers None for a 713 and for an HTTP error alike: below the count of mappings the
+    # bench made, None is a refusal
+    return 1.0 if res is None and below_count else _binding_refusal(res)
+
+
 def client() -> None:
-    """Discover the IGD, then serve commands: add/list/delete (one TCP connection per call, as miniupnpc does)."""
+    """Discover the IGD, then serve commands: add/list/delete (one TCP connection per call, as miniupnpc does).
+    Each answer carries the latencies, the errors and the 503 refusals retried (timed_retry)."""
     import miniupnpc  # the client both systems are measured with
 
     u = miniupnpc.UPnP()
@@ -58,36 +99,32 @@ def client() -> None:
         cmd = json.loads(line)
         op, first, count = cmd["op"], int(cmd.get("first", 0)), int(cmd.get("count", 0))
         lat: list[float] = []
-        errors = 0
+        errors = refusals = 0
         with Progress(f"{cmd.get('label', op)}", count if op != "list" else int(cmd.get("max", 2)) - 1) as bar:
-            if op == "add":
+            if op in ("add", "delete"):
                 for i in range(count):
-                    t = time.perf_counter()
-                    try:
-                        u.addportmapping(first + i, "TCP", me, first + i, "bench", "", 0)
-                    except Exception:  # a refusal is counted, the run goes on
-                        errors += 1
-                    lat.append(time.perf_counter() - t)
+                    args = (first + i, "TCP", me, first + i, "bench", "", 0) if op == "add" else (first + i, "TCP")
+                    fn = u.addportmapping if op == "add" else u.deleteportmapping
+                    took, res, refused = timed_retry(functools.partial(_attempt, fn, *args), _binding_refusal)
+                    lat.append(took)
+                    errors += isinstance(res, Exception)
+                    refusals += refused
                     bar.step()
-                _say({"lat": lat, "errors": errors})
-            elif op == "delete":
-                for i in range(count):
-                    t = time.perf_counter()
-                    try:
-                        u.deleteportmapping(first + i, "TCP")
-                    except Exception:
-                        errors += 1
-                    lat.append(time.perf_counter() - t)
-                    bar.step()
-                _say({"lat": lat, "errors": errors})
+                _say({"lat": lat, "errors": errors, "refused": refusals})
             elif op == "list":  # index 0, 1, ... until the IGD says 713 (SpecifiedArrayIndexInvalid)
-                limit = int(cmd["max"])
-                t0 = time.perf_counter()
+                limit, expect = int(cmd["max"]), int(cmd.get("expect", 0))
+                total = 0.0
                 i = 0
-                while i <= limit and u.getgenericportmapping(i) is not None:
+                while i <= limit:
+                    took, res, refused = timed_retry(functools.partial(_attempt, u.getgenericportmapping, i),
+                                                     functools.partial(_list_refusal, i < expect))
+                    total += took  # the waits after a 503 are not the listing's
+                    refusals += refused
+                    if res is None or isinstance(res, Exception):
+                        break
                     i += 1
                     bar.step()
-                _say({"total": time.perf_counter() - t0, "entries": i})
+                _say({"total": total, "entries": i, "refused": refusals})
             else:
                 _say({"error": f"unknown op {op}"})
 
@@ -243,22 +280,20 @@ def soap_post(url: str, service: str, action: str, args: dict[str, Any],
         c.close()
 
 
+def _retry_after(res: tuple[int, bytes, str | None]) -> float | None:
+    status, _, retry_after = res
+    if status != 503:
+        return None
+    try:
+        return float(retry_after or 1)
+    except ValueError:
+        return 1.0
+
+
 def timed_call(url: str, service: str, action: str, args: dict[str, Any],
-               sleep: Any = time.sleep) -> tuple[float, int, bytes, int]:
-    """One action, timed: (seconds, status, body, refusals). A 503 (an IGD's per-host connection rate,
-    answered before any work) is retried after its Retry-After (at most 5 s, 5 times), as a control point
-    would; only the attempt that was served is timed, the refusals are counted."""
-    for refused in range(MAX_REFUSALS + 1):
-        t = time.perf_counter()
-        status, body, retry_after = soap_post(url, service, action, args)
-        took = time.perf_counter() - t
-        if status != 503 or refused == MAX_REFUSALS:
-            break
-        try:
-            wait = min(5.0, max(0.0, float(retry_after or 1)))
-        except ValueError:
-            wait = 1.0
-        sleep(wait)
+               sleep: Callable[[float], None] = time.sleep) -> tuple[float, int, bytes, int]:
+    """One action, timed, a 503 retried after its Retry-After (timed_retry): (seconds, status, body, refusals)."""
+    took, (status, body, _), refused = timed_retry(lambda: soap_post(url, service, action, args), _retry_after, sleep)
     return took, status, body, refused
 
 

@@ -165,7 +165,7 @@ def control_plane(bed: tb.Testbed, system: System, n: int, cfg: Config, *, pinne
         rest = client.ask({"op": "add", "first": FIRST_PORT + 1, "count": n - 1, "label": f"{label} add"})
         cpu1 = procs.cpu_seconds(system.pids().values())
         adds = first["lat"] + rest["lat"]
-        listing = client.ask({"op": "list", "max": n + 1, "label": f"{label} list"})
+        listing = client.ask({"op": "list", "max": n + 1, "expect": n, "label": f"{label} list"})
         cpu2 = procs.cpu_seconds(system.pids().values())
         time.sleep(1.0)  # let allocators settle before reading memory
         row["memory"] = procs.memory_of(system.pids())
@@ -188,13 +188,14 @@ def control_plane(bed: tb.Testbed, system: System, n: int, cfg: Config, *, pinne
         if server is not None:
             server.close()
         system.stop()
-    list_stats = {"total_s": listing["total"], "entries": listing["entries"],
+    list_stats = {"total_s": listing["total"], "entries": listing["entries"], "refused": listing["refused"],
                   "per_entry_ms": 1e3 * listing["total"] / max(1, listing["entries"])}
     row.update({
-        "add": stats.summarize(adds), "add_errors": first["errors"] + rest["errors"], "list": list_stats,
+        "add": stats.summarize(adds), "add_errors": first["errors"] + rest["errors"],
+        "add_refused": first["refused"] + rest["refused"], "list": list_stats,
         "delete_quiet": stats.summarize(quiet["lat"]), "delete": stats.summarize(loaded["lat"]),
         "delete_all_total_s": sum(quiet["lat"]) + sum(loaded["lat"]),
-        "delete_errors": quiet["errors"] + loaded["errors"],
+        "delete_errors": quiet["errors"] + loaded["errors"], "delete_refused": quiet["refused"] + loaded["refused"],
         "conntrack": {"before": ct_before, "after": ct_after},
         "cpu_s_per_1k": {"add": stats.cpu_per_1k(cpu1 - cpu0, timed_adds),
                          "list": stats.cpu_per_1k(cpu2 - cpu1, listing["entries"]),

@@ -117,8 +117,9 @@ def _f(v: Any, fmt: str = ".2f", unit: str = "") -> str:
 
 def _notes(row: dict[str, Any], op: str) -> str:
     """" (3 errors, 2 503 retried)" for an operation's failures, "" when there were none."""
-    notes = [f"{row[op + k]} {label}" for k, label in (("_errors", "errors"), ("_refused", "503 retried"))
-             if row.get(op + k)]
+    pre = f"{op}_" if op else ""
+    notes = [f"{row[pre + k]} {label}" for k, label in (("errors", "errors"), ("refused", "503 retried"))
+             if row.get(pre + k)]
     return f" ({', '.join(notes)})" if notes else ""
 
 
@@ -132,7 +133,7 @@ def _control_table(rows: list[dict[str, Any]]) -> list[str]:
         out.append(
             f"| {r['n']} | {r['system']}{' (pinned)' if r['pinned'] else ''} "
             f"| {_f(a['p50_ms'])} / {_f(a['p99_ms'])} ms{_notes(r, 'add')} | {_f(a['total_s'])} s "
-            f"| {_f(li.get('total_s'), '.3f')} s ({_f(li.get('per_entry_ms'), '.3f')} ms) "
+            f"| {_f(li.get('total_s'), '.3f')} s ({_f(li.get('per_entry_ms'), '.3f')} ms){_notes(li, '')} "
             f"| {_f(d['p50_ms'])} / {_f(d['p99_ms'])} ms ({_f(q.get('p50_ms'))}){_notes(r, 'delete')} "
             f"| {_f(d['total_s'])} s "
             f"| {r['conntrack'].get('before', '–')} | {_f(cpu.get('add'))}, {_f(cpu.get('list'))}, "

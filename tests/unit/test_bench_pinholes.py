@@ -178,6 +178,19 @@ def test_markdown_puts_both_systems_and_the_ratio_side_by_side() -> None:
 def test_control_table_shows_failed_operations() -> None:
     doc = make_doc()
     doc["control"][0].update(add_errors=534, delete_errors=648)  # e.g. a per-host rate limit's 503s
+    doc["control"][0]["list"]["refused"] = 7
     md = report.render_markdown(doc)
     assert "| 1000 | igdpcp | 0.80 / 1.60 ms (534 errors) |" in md and "(0.80) (648 errors) |" in md
+    assert "| 0.200 s (0.200 ms) (7 503 retried) |" in md
     assert "errors)" not in report.render_markdown(make_doc())
+
+
+def test_the_binding_client_retries_only_what_the_binding_reports_as_an_http_error() -> None:
+    slept: list[float] = []
+    answers: list[Any] = [Exception("Miniupnpc HTTP error"), None]
+    took, res, refused = agents.timed_retry(lambda: answers.pop(0), agents._binding_refusal, slept.append)
+    assert (res, refused, slept) == (None, 1, [1.0])
+    conflict = Exception("ConflictInMappingEntry")  # a UPnP fault: an answer, not a refusal
+    assert agents.timed_retry(lambda: conflict, agents._binding_refusal, slept.append)[1:] == (conflict, 0)
+    assert agents._attempt(int, "x").__class__ is ValueError and agents._attempt(int, "7") == 7
+    assert agents._list_refusal(True, None) == 1.0 and agents._list_refusal(False, None) is None  # 713 at the end
