@@ -162,7 +162,8 @@ def _pinholes_section(p: dict[str, Any]) -> list[str]:
     out = ["", "### IPv6 pinholes through UPnP (WANIPv6FirewallControl:1, AddPinhole then DeletePinhole)", "",
            "Same IPv6 bed, same client (raw SOAP POSTs, one connection per call, from the LAN host), TCP pinholes "
            f"for the LAN host's global address, lease {p.get('lease_s', '?')} s. igdpcp: natd `--ipv6-firewall own` "
-           "(one set element per pinhole), called on its LAN IPv4 address with secure mode off; miniupnpd: one "
+           "(one set element per pinhole), called on its LAN IPv4 address in secure mode "
+           "(the caller's IPv4 and IPv6 addresses tied by the neighbour table); miniupnpd: one "
            "accept rule per pinhole in its forward chain, called on its LAN IPv6 address (it accepts a pinhole "
            "only for the caller's own address). \"in the kernel\": set elements / rules after the adds and after "
            "the deletes. A call an IGD refused with 503 (a per-host connection rate) is retried after its Retry-After; "

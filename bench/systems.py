@@ -50,9 +50,9 @@ class Igdpcp:
 
     @classmethod
     def for_pinholes(cls, bed: tb.Testbed) -> Igdpcp:
-        """natd with its own IPv6 firewall. Secure mode off: the client calls from its IPv4 address,
-        which controld cannot tie to its IPv6 one yet (docs/pinholes.md "Policy"); drop once same_host does."""
-        return cls(bed, extra_controld=["--no-secure-mode"], extra_natd=PINHOLES_NATD)
+        """natd with its own IPv6 firewall, secure mode as shipped: the client calls from its IPv4
+        address, which natd's neighbour table ties to its IPv6 one (docs/pinholes.md "Policy")."""
+        return cls(bed, extra_natd=PINHOLES_NATD)
 
     def pinholes(self) -> int:
         """Pinholes in the kernel (natd's set elements)."""

@@ -18,7 +18,6 @@ from typing import Any
 
 import pytest
 
-import tests.netns.test_pinhole_wiring as wiring
 from tests.bed import testbed as tb
 from tests.bed.fixtures import netns_skip_reason
 from tests.bed.stack import Stack
@@ -118,8 +117,8 @@ def client() -> Iterator[tuple[Stack, Client]]:
         pytest.skip(f"netns test bed: {reason}")
     bed = tb.Testbed(ipv6=True)
     bed.setup()
-    # --no-secure-mode: the client calls from IPv4; drop it once same_host ties the host's IPv4 and IPv6
-    st = Stack(bed, mode="nat1-only", controld_args=["--no-secure-mode"],
+    # default secure mode: the client calls from IPv4, natd's neighbour table ties that to its IPv6 address
+    st = Stack(bed, mode="nat1-only",
                natd_args=["--ipv6-firewall", "own", "--pinhole-grace", str(GRACE)])
     c: Client | None = None
     try:
@@ -155,15 +154,15 @@ def test_async_upnp_client_pinhole_add_traffic_update_delete(client: tuple[Stack
     assert isinstance(uid, int) and uid > 0
     key = (tb.LAN_HOST_IP6, "tcp", PORT)
     assert pin6(bed) == {key: 600 + GRACE}
-    assert wiring.tcp_in(bed, PORT)
+    assert bed.tcp_in6(PORT)
     assert c.ask("packets", uid=uid)["ok"] > 0  # the element's counter, through the client's parser
 
     assert c.ask("update", uid=uid, lease=1200) == {"ok": None}
     assert pin6(bed) == {key: 1200 + GRACE}  # the same element, re-leased
-    assert wiring.tcp_in(bed, PORT)
+    assert bed.tcp_in6(PORT)
 
     assert c.ask("delete", uid=uid) == {"ok": None}
     assert pin6(bed) == {}
-    assert not wiring.tcp_in(bed, PORT, timeout=1.0)
+    assert not bed.tcp_in6(PORT, timeout=1.0)
     assert c.ask("packets", uid=uid) == {"upnp_error": 704}  # NoSuchEntry: the id is gone
     assert c.ask("delete", uid=uid) == {"upnp_error": 704}

@@ -21,7 +21,7 @@ from natd.client import NatdClient
 from shared import wire
 from tests.bed import testbed as tb
 from tests.bed.fixtures import netns_skip_reason
-from tests.bed.natd import PAYLOAD, wait_until
+from tests.bed.natd import wait_until
 from tests.bed.stack import HTTP_PORT, Stack
 
 pytestmark = pytest.mark.netns
@@ -51,14 +51,6 @@ def st() -> Iterator[Stack]:
         bed.teardown()
 
 
-def tcp_in(bed: tb.Testbed, port: int, dst: str = LAN6, timeout: float = 2.0) -> bool:
-    """Does a TCP connection from the Internet host to a LAN host's global address deliver bytes?"""
-    listener = bed.tcp_listen("lan", port, host="::", timeout=timeout + 2)
-    sent = bed.tcp_send("inet", dst, port, PAYLOAD, timeout=timeout)
-    got = listener.received(timeout=timeout if sent else 0.3)
-    listener.close()
-    return sent and got == PAYLOAD
-
 
 def elements(bed: tb.Testbed) -> set[tuple]:
     """natd's any-remote pinhole set as the kernel holds it."""
@@ -82,27 +74,27 @@ def add_pinhole(st: Stack, client: str, port: int) -> str:
 
 def test_secure_mode_opens_a_pinhole_to_the_callers_own_ipv6_address(st: Stack) -> None:
     bed = st.bed
-    assert not tcp_in(bed, 8080)  # natd's default drop
+    assert not bed.tcp_in6(8080)  # natd's default drop
     uid = add_pinhole(st, LAN6, 8080)  # from 192.168.1.2, for 2001:db8:1::2: one MAC in the router's table
     assert elements(bed) == {(LAN6, "tcp", 8080)}
-    assert tcp_in(bed, 8080)
-    assert not tcp_in(bed, 8081)  # only the port asked for
+    assert bed.tcp_in6(8080)
+    assert not bed.tcp_in6(8081)  # only the port asked for
     # natd restarts (its stop closes every pinhole): controld sees the new boot id and re-syncs
     st.stop("natd")
     st.start_natd()
     assert wait_until(lambda: elements(bed) == {(LAN6, "tcp", 8080)}, 10, 0.2) is not None, st.log("controld")
-    assert tcp_in(bed, 8080)
+    assert bed.tcp_in6(8080)
     # both restart: controld re-sends its stored rows at start
     st.stop("controld")
     st.stop("natd")
     st.start_natd()
     st.start_controld()
     assert wait_until(lambda: elements(bed) == {(LAN6, "tcp", 8080)}, 10, 0.2) is not None, st.log("controld")
-    assert tcp_in(bed, 8080)
+    assert bed.tcp_in6(8080)
     out = upnpc(st, "-D", uid)
     assert "failed" not in out.lower(), out
     assert elements(bed) == set()
-    assert not tcp_in(bed, 8080)
+    assert not bed.tcp_in6(8080)
     # a privileged port: refused by the core's policy, nothing reaches natd
     assert "606" in upnpc(st, "-A", "empty", "0", LAN6, "80", "TCP", "600")
     assert elements(bed) == set()
@@ -126,7 +118,7 @@ def test_a_lan_prefix_added_and_removed_live_opens_and_closes_its_pinholes(st: S
     assert wait_until(lambda: NEW_PREFIX in st.log("controld"), 5.0) is not None, st.log("controld")[-1500:]
     uid = add_pinhole(st, NEW_HOST6, 8100)
     assert elements(bed) == {(NEW_HOST6, "tcp", 8100)}
-    assert tcp_in(bed, 8100, NEW_HOST6)
+    assert bed.tcp_in6(8100, NEW_HOST6)
     bed.run("cpe", ["ip", "-6", "addr", "del", f"{NEW_ROUTER6}/64", "dev", tb.ROUTER_LAN_IF])
     assert wait_until(lambda: elements(bed) == set(), 3.0) is not None, st.log("natd")[-1500:]
     gone = f"pinhole {uid} TCP [*]:* -> [{NEW_HOST6}]:8100 closed: its address left the LAN prefixes"

@@ -16,7 +16,7 @@ from xml.etree import ElementTree
 import pytest
 
 from bench import agents, harness, report
-from tests.unit.test_bench import make_doc, stat
+from tests.bed.benchdoc import make_doc, stat
 
 DESC = f"""<?xml version="1.0"?>
 <root xmlns="urn:schemas-upnp-org:device-1-0"><device><serviceList><service>
