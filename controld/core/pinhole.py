@@ -374,6 +374,12 @@ class Pinholes:
         """PCP MAP in IPv6 firewall mode (RFC 6887 §11.3): open the pinhole of an internal tuple, or
         re-lease the client's own (same UniqueID), re-pointed when its FILTER names another remote host."""
         self.expire()
+        try:
+            known = self.status.enabled and self._in_lan(_ipv6(int_client, "internal address"))
+        except PinholeError:
+            known = True  # not an address at all: _checked refuses it
+        if not known:
+            await self.refresh()  # natd's firewall back, or a prefix delegated since we last asked
         client, remote, lease = await self._checked(cp, int_client, int_port, proto, remote_host, lease)
         held = await self._held(cp, nonce, client, int_port, proto)
         if held:

@@ -235,3 +235,16 @@ def test_edge_serves_pcp_on_an_ipv6_socket_and_maps_to_pinholes(tmp_path) -> Non
             sock.close()
             server.close()
     run(tmp_path, body, mode="nat1-only")
+
+
+def test_lan_map_asks_natd_again_for_an_address_outside_the_known_prefixes() -> None:
+    core, b, _ = _pinholes()
+    core.status = FirewallStatus(True, ("2001:db8:2::/64",))  # what natd said before the prefix changed
+    p = asyncio.run(core.lan_map(HOST, NONCE, HOST, 9000, 6, "", 600))
+    assert p.uid in b.open_ and core.status.lan_prefixes == ("2001:db8:1::/64",)
+    core.status = FirewallStatus(False)  # natd did not answer at our start
+    assert asyncio.run(core.lan_map(HOST, NONCE, HOST, 9001, 6, "", 600)).uid in b.open_
+    b.enabled = False  # natd's firewall is off: FirewallDisabled, nothing opened
+    core.status = FirewallStatus(False)
+    assert _error(core.lan_map(HOST, NONCE, HOST, 9002, 6, "", 600)).kind == K.FIREWALL_DISABLED
+    assert len(b.open_) == 2
