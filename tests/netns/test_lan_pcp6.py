@@ -25,8 +25,9 @@ from shared import wire
 from tests.bed import pcp_client as pc
 from tests.bed import testbed as tb
 from tests.bed.fixtures import netns_skip_reason
-from tests.bed.natd import PAYLOAD, wait_until
+from tests.bed.natd import wait_until
 from tests.bed.stack import Stack
+from tests.netns.test_pinhole_wiring import tcp_in
 
 pytestmark = pytest.mark.netns
 
@@ -69,15 +70,6 @@ def pmap(st: Stack, nonce: bytes, port: int, lifetime: int = 600, options: bytes
     raw = ask(st, pc.map_request(client, nonce, proto, port, lifetime, options=options))
     assert raw is not None, st.log("controld")[-3000:]
     return pc.parse_pcp(raw)
-
-
-def tcp_in(bed: tb.Testbed, port: int, timeout: float = 2.0) -> bool:
-    """Does a TCP connection from the Internet host to the LAN host's global address deliver bytes?"""
-    listener = bed.tcp_listen("lan", port, host="::", timeout=timeout + 2)
-    sent = bed.tcp_send("inet", LAN6, port, PAYLOAD, timeout=timeout)
-    got = listener.received(timeout=timeout if sent else 0.3)
-    listener.close()
-    return sent and got == PAYLOAD
 
 
 def elements(bed: tb.Testbed, name: str = "pin6") -> set[tuple]:
