@@ -158,10 +158,11 @@ def test_pcp_pinhole_is_the_shared_cores_and_survives_a_controld_crash(st: Stack
     finally:
         c.close()
     assert isinstance(status, wire.PinholeStatusReply) and status.pinholes == 1, status
+    st.kill("controld")  # no clean stop: no epoch record is kept, so the restart announces
+    # listening only now: the killed controld's own start-up announcements are over for good
     hear = bed.popen("lan", [sys.executable, pc.__file__, "hear", "6", "20"], stdout=subprocess.PIPE, text=True)
     try:
         assert hear.stdout is not None and hear.stdout.readline().strip() == "ready"
-        st.kill("controld")  # no clean stop: the epoch record is gone, so the restart announces
         st.start_controld()
         heard, _ = hear.communicate(timeout=25)
     finally:
