@@ -25,9 +25,8 @@ from shared import wire
 from tests.bed import pcp_client as pc
 from tests.bed import testbed as tb
 from tests.bed.fixtures import netns_skip_reason
-from tests.bed.natd import wait_until
+from tests.bed.natd import reaches, wait_until
 from tests.bed.stack import Stack
-from tests.netns.test_pinhole_wiring import tcp_in
 
 pytestmark = pytest.mark.netns
 
@@ -70,6 +69,11 @@ def pmap(st: Stack, nonce: bytes, port: int, lifetime: int = 600, options: bytes
     raw = ask(st, pc.map_request(client, nonce, proto, port, lifetime, options=options))
     assert raw is not None, st.log("controld")[-3000:]
     return pc.parse_pcp(raw)
+
+
+def tcp_in(bed: tb.Testbed, port: int) -> bool:
+    """Do bytes sent over TCP from the Internet host reach the LAN host's global address and ``port``?"""
+    return reaches(bed, "inet", LAN6, port, port, timeout=2.0, listen="::") is not None
 
 
 def elements(bed: tb.Testbed, name: str = "pin6") -> set[tuple]:

@@ -12,7 +12,7 @@ import sqlite3
 
 import pytest
 
-from controld.core.pinhole import FirewallStatus, PinholeError, PinholeErrorKind, Pinholes
+from controld.core.pinhole import FirewallStatus, Pinhole, PinholeError, PinholeErrorKind, Pinholes
 from controld.core.pinhole_store import PinholeStore
 from controld.core.service import Iwf
 from controld.pcpserver import firewall, pcp
@@ -22,8 +22,9 @@ from controld.pcpserver.server import LanPcpServer, LanServerConfig, lan6_hosts
 from shared.pcp import Filter, Result
 from tests.bed import pcp_client as pc
 from tests.bed.iwf import ScriptedLink, run
-from tests.unit.test_pinhole_core import HOST, OTHER, Clock, FakeBackend
 
+HOST = "2001:db8:1::2"
+OTHER = "2001:db8:1::99"
 V6 = ipaddress.IPv6Address
 SRC = V6(HOST)
 INET6 = "2001:db8:20::10"
@@ -133,8 +134,39 @@ def test_lan6_hosts_are_the_unicast_addresses_link_local_with_its_scope() -> Non
 # --- the pinhole core's PCP operations -----------------------------------------------------------
 
 
-def _pinholes(db: sqlite3.Connection | None = None) -> tuple[Pinholes, FakeBackend, Clock]:
-    b, clock = FakeBackend(), Clock()
+class Natd:
+    """natd's pinhole side as the core sees it: its LAN prefixes and the elements it holds."""
+
+    def __init__(self, prefixes: tuple[str, ...] = ("2001:db8:1::/64",)) -> None:
+        self.prefixes = prefixes
+        self.enabled = True
+        self.open_: dict[int, tuple[Pinhole, int]] = {}
+
+    async def status(self) -> FirewallStatus:
+        return FirewallStatus(self.enabled, self.prefixes)
+
+    async def open(self, p: Pinhole, lease: int) -> None:
+        self.open_[p.uid] = (p, lease)
+
+    async def close(self, uid: int) -> None:
+        self.open_.pop(uid, None)
+
+    async def packets(self, uid: int) -> int:
+        return 0
+
+    async def same_host(self, a: str, b: str) -> bool:
+        return a == b
+
+
+class Clock:
+    now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _pinholes(db: sqlite3.Connection | None = None) -> tuple[Pinholes, Natd, Clock]:
+    b, clock = Natd(), Clock()
     core = Pinholes(b, clock=clock, store=PinholeStore(db, clock) if db is not None else None)
     asyncio.run(core.refresh())
     return core, b, clock
@@ -197,9 +229,9 @@ def test_edge_serves_pcp_on_an_ipv6_socket_and_maps_to_pinholes(tmp_path) -> Non
         pytest.skip("no IPv6")
 
     async def body(iwf: Iwf, link: ScriptedLink) -> None:
-        b = FakeBackend()
+        b = Natd(("::1/128",))
         pinholes = Pinholes(b)
-        pinholes.status = FirewallStatus(True, ("::1/128",))
+        await pinholes.refresh()
         server = LanPcpServer(iwf, LanServerConfig(pcp.ServerPolicy(peer=False), rate=100, burst=100,
                                                    max_lifetime=600), pinholes=pinholes)
         try:
