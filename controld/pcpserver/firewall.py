@@ -1,4 +1,4 @@
-"""PCP MAP in IPv6 firewall mode (RFC 6887 §11.3 item 7, docs/pinholes.md): decisions, no I/O.
+"""PCP MAP in IPv6 firewall mode (RFC 6887 §11.3, docs/pinholes.md): decisions, no I/O.
 
 A MAP whose internal address is IPv6 (not IPv4-mapped) asks for a pinhole in the router's
 IPv6 firewall, not a NAT mapping: nothing is translated, so the answer's external address
@@ -26,7 +26,7 @@ PINHOLE_RESULTS: dict[PinholeErrorKind, Result] = {
     K.NOT_AUTHORIZED: Result.NOT_AUTHORIZED,  # not a LAN address, a privileged port, the rules, another owner
     K.NO_SUCH_ENTRY: Result.NOT_AUTHORIZED,  # a delete of a missing pinhole is SUCCESS instead (§15.1)
     K.QUOTA: Result.NO_RESOURCES,
-    K.PROTOCOL: Result.UNSUPP_PROTOCOL,  # only TCP and UDP: natd matches on th dport (§11.3 item 2)
+    K.PROTOCOL: Result.UNSUPP_PROTOCOL,  # only TCP and UDP: natd matches on th dport (§11.3)
     K.PROTOCOL_WILDCARD: Result.UNSUPP_PROTOCOL,
     K.PORT_WILDCARD: Result.UNSUPP_PROTOCOL,
     K.CLIENT_WILDCARD: Result.MALFORMED_REQUEST,
@@ -62,7 +62,7 @@ def nonce(event: MapWanted | DeleteWanted) -> bytes:
 
 def as_suggested(event: MapWanted) -> bool:
     """Can the suggestion be met? The external address and port are the internal ones, so only
-    no suggestion or exactly those can (RFC 6887 §11.3 item 7; the family asked must be IPv6)."""
+    no suggestion or exactly those can (RFC 6887 §11.3; the family asked must be IPv6)."""
     return (event.family == 6 and event.suggested_port in (0, event.internal_port)
             and event.suggested_ip in (None, event.internal_ip))
 
@@ -73,7 +73,7 @@ def pinhole_ask(event: MapWanted, max_lifetime: int) -> PinholeAsk | Refused:
     FILTER: one peer of prefix length 128 and no remote port becomes the remote host; anything
     else is EXCESSIVE_REMOTE_PEERS (never widened: the answer would echo FILTER as applied).
     PREFER_FAILURE with a suggestion other than the internal address and port is
-    CANNOT_PROVIDE_EXTERNAL (§13.2); without it a suggestion is ignored (§11.3 item 10).
+    CANNOT_PROVIDE_EXTERNAL (§13.2); without it a suggestion is ignored (§11.3).
     The lease is the requested lifetime clamped to ``max_lifetime`` and 86400 s.
     """
     remote = remote_filter(event.filters, 6)
@@ -87,7 +87,7 @@ def pinhole_ask(event: MapWanted, max_lifetime: int) -> PinholeAsk | Refused:
 
 
 def granted(event: MapWanted, lease: int) -> Granted:
-    """The answer to an opened or re-leased pinhole: external = internal (RFC 6887 §11.3 item 7)."""
+    """The answer to an opened or re-leased pinhole: external = internal (RFC 6887 §11.3)."""
     return Granted(event.internal_ip, event.internal_port, lease)
 
 

@@ -317,7 +317,6 @@ class LanPcpServer:
                  grant.ext_port, grant.lifetime)
         return Granted(ipaddress.ip_address(grant.ext_ip), grant.ext_port, grant.lifetime, grant.mapping.description)
 
-
     async def _pinhole(self, event: MapWanted | DeleteWanted) -> Outcome:
         """A MAP for an IPv6 internal address: a pinhole through the pinhole core (docs/pinholes.md)."""
         if self.pinholes is None:
@@ -334,9 +333,11 @@ class LanPcpServer:
             p = await self.pinholes.lan_map(ask.owner, ask.nonce, ask.int_client, ask.int_port, ask.protocol,
                                             ask.remote_host, ask.lease)
         except PinholeError as exc:
-            log.info("refused %s of [%s]:%d from %s: %s", type(event).__name__, internal, event.internal_port,
-                     event.requester.address, exc)
-            return firewall.pinhole_refusal(event, exc.kind, exc.lifetime)
+            outcome = firewall.pinhole_refusal(event, exc.kind, exc.lifetime)
+            if isinstance(outcome, Refused):
+                log.info("refused %s of [%s]:%d from %s: %s", type(event).__name__, internal, event.internal_port,
+                         event.requester.address, exc)
+            return outcome
         return firewall.granted(event, p.lease)
 
 

@@ -93,7 +93,7 @@ def test_pinhole_ask_clamps_the_lease_and_checks_prefer_failure_rfc6887_11_3() -
     assert firewall.pinhole_ask(wanted_map(pf, suggested_port=9001), 600) == cpe
     assert firewall.pinhole_ask(wanted_map(pf, suggested_port=9000, suggested_ip=OTHER), 600) == cpe
     assert firewall.pinhole_ask(wanted_map(pf, suggested_port=9000, suggested_ip="0.0.0.0"), 600) == cpe
-    # without it a suggestion never fails the request (§11.3 item 10)
+    # without it a suggestion never fails the request (§11.3)
     assert isinstance(firewall.pinhole_ask(wanted_map(suggested_port=9001, suggested_ip="0.0.0.0"), 600),
                       firewall.PinholeAsk)
 
