@@ -126,6 +126,12 @@ def test_announcer_copies_to_ff02_1_only_with_ipv6_rfc6887_14_1_3() -> None:
     assert {(d.host, d.port) for d in ann.on_timer(1.0)} == {("224.0.0.1", 5350), ("ff02::1", 5350)}
 
 
+def test_bed_client_writes_an_ipv6_hosts_fields_rfc6887_5() -> None:
+    raw = pc.map_request("fe80::2%eth0", NONCE, 6, 9000, 600)  # a link-local client, scope left out
+    assert raw[8:24] == V6("fe80::2").packed and raw[44:60] == bytes(16)  # no preference: IPv6's ::
+    assert pc.map_request("192.168.1.2", NONCE, 6, 9000, 600)[44:60] == bytes(10) + b"\xff\xff" + bytes(4)
+
+
 def test_lan6_hosts_are_the_unicast_addresses_link_local_with_its_scope() -> None:
     assert lan6_hosts(["2001:db8:1::1", "fd00::1", "fe80::1", "ff02::1", "::1"], "br-lan") == \
         ["2001:db8:1::1", "fd00::1", "fe80::1%br-lan"]
