@@ -149,7 +149,8 @@ class LanPcpServer:
         for host in [h for h in self.v6 if h not in want]:
             self.v6.pop(host).close()
             log.info("PCP no longer served on [%s]:%d (address gone)", host, port)
-        self._ifindex6 = socket.if_nametoindex(ifname)
+        if want - self.v6.keys():
+            self._ifindex6 = socket.if_nametoindex(ifname)
         for host in sorted(want - self.v6.keys()):
             try:
                 await self._bind6(host, port)
