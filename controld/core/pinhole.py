@@ -2,7 +2,7 @@
 
 A pinhole lets inbound IPv6 from any host (or one remote host) reach one LAN address,
 protocol and port; there is no address translation, so no external port and no upstream
-PCP. The front ends (UPnP WANIPv6FirewallControl:1 now, PCP IPv6 MAP later) ask
+PCP. The front ends (UPnP WANIPv6FirewallControl:1, PCP MAP in IPv6 firewall mode) ask
 :class:`Pinholes`; it checks the policy (LAN prefixes only, secure mode, the privileged-port
 rule, quotas shared with the host's IPv4 mappings), keeps the rows with their UniqueIDs,
 owners and leases, and asks a :class:`PinholeBackend` (natd's nftables sets, wired at merge)
@@ -55,10 +55,11 @@ class PinholeErrorKind(enum.Enum):
 class PinholeError(Exception):
     """A pinhole request the core refuses, with a neutral ``kind``."""
 
-    def __init__(self, kind: PinholeErrorKind, detail: str) -> None:
+    def __init__(self, kind: PinholeErrorKind, detail: str, lifetime: int | None = None) -> None:
         super().__init__(f"{kind.value}: {detail}")
         self.kind = kind
         self.detail = detail
+        self.lifetime = lifetime  # another owner's pinhole: its remaining lease (PCP, RFC 6887 §11.3)
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,7 @@ class Pinhole:
     remote_port: int
     lease: int  # as last asked, seconds
     expires: float  # on the core's clock
+    nonce: bytes | None = None  # a PCP MAP's mapping nonce (RFC 6887 §11.1); None: made by UPnP
 
     @property
     def proto_name(self) -> str:
@@ -273,6 +275,24 @@ class Pinholes:
                   remote_port: int, lease: int) -> Pinhole:
         """AddPinhole: a new pinhole, or the caller's identical one re-leased (same UniqueID)."""
         self.expire()
+        client, remote, lease = await self._checked(cp, int_client, int_port, proto, remote_host, lease)
+        key = (client, int_port, proto, remote, remote_port)
+        same = next((p for p in self.rows.values() if p.key() == key), None)
+        if same is not None:
+            if not await self._mine(cp, same.owner):
+                raise PinholeError(PinholeErrorKind.NOT_AUTHORIZED, f"{same} belongs to {same.owner}")
+            return await self._lease(same, lease, "re-leased")
+        await self._check_quota(cp)
+        p = Pinhole(self._new_uid(), cp, client, int_port, proto, remote, remote_port, lease,
+                    self.clock() + lease)
+        await self.backend.open(p, lease)
+        self._keep(p)
+        log.info("%s opened by %s for %d s", p, cp, lease)
+        return p
+
+    async def _checked(self, cp: str, int_client: str, int_port: int, proto: int, remote_host: str,
+                       lease: int) -> tuple[str, str, int]:
+        """The policy every new or re-leased pinhole passes; its internal and remote address and lease."""
         self._check_on()
         if proto == 65535:
             raise PinholeError(PinholeErrorKind.PROTOCOL_WILDCARD, "a pinhole for every protocol")
@@ -295,19 +315,7 @@ class Pinholes:
             raise PinholeError(PinholeErrorKind.NOT_AUTHORIZED, f"port {int_port} < {self.policy.min_port}")
         if not self.policy.permissions.allowed(int_port, client, int_port):
             raise PinholeError(PinholeErrorKind.NOT_AUTHORIZED, f"permission rules refuse [{client}]:{int_port}")
-        key = (client, int_port, proto, remote, remote_port)
-        same = next((p for p in self.rows.values() if p.key() == key), None)
-        if same is not None:
-            if not await self._mine(cp, same.owner):
-                raise PinholeError(PinholeErrorKind.NOT_AUTHORIZED, f"{same} belongs to {same.owner}")
-            return await self._lease(same, lease, "re-leased")
-        await self._check_quota(cp)
-        p = Pinhole(self._new_uid(), cp, client, int_port, proto, remote, remote_port, lease,
-                    self.clock() + lease)
-        await self.backend.open(p, lease)
-        self._keep(p)
-        log.info("%s opened by %s for %d s", p, cp, lease)
-        return p
+        return client, remote, lease
 
     async def _check_quota(self, cp: str) -> None:
         pol = self.policy
@@ -362,6 +370,52 @@ class Pinholes:
         p = await self.owned(cp, uid)
         self._check_on()
         return await self._lease(p, lease, f"re-leased by {cp}")
+
+    async def _held(self, cp: str, nonce: bytes, client: str, int_port: int, proto: int) -> list[Pinhole]:
+        """The pinholes on an internal tuple, all of them the PCP client's: its address and nonce
+        (RFC 6887 §11.3); any other (another nonce, or made by UPnP) is NOT_AUTHORIZED with its
+        remaining lease, as a LAN PCP MAP meets a UPnP port mapping (docs/lan-pcp.md, Ownership)."""
+        held = [p for p in self.rows.values() if (p.int_client, p.int_port, p.proto) == (client, int_port, proto)]
+        for p in held:
+            if p.nonce != nonce or not await self._mine(cp, p.owner):
+                raise PinholeError(PinholeErrorKind.NOT_AUTHORIZED, f"{p} belongs to another client or nonce",
+                                   self.remaining(p) or 1)
+        return held
+
+    async def lan_map(self, cp: str, nonce: bytes, int_client: str, int_port: int, proto: int, remote_host: str,
+                      lease: int) -> Pinhole:
+        """PCP MAP in IPv6 firewall mode (RFC 6887 §11.3): open the pinhole of an internal tuple, or
+        re-lease the client's own (same UniqueID), re-pointed when its FILTER names another remote host."""
+        self.expire()
+        try:
+            known = self.status.enabled and self._in_lan(_ipv6(int_client, "internal address"))
+        except PinholeError:
+            known = True  # not an address at all: _checked refuses it
+        if not known:
+            await self.refresh()  # natd's firewall back, or a prefix delegated since we last asked
+        client, remote, lease = await self._checked(cp, int_client, int_port, proto, remote_host, lease)
+        held = await self._held(cp, nonce, client, int_port, proto)
+        if held:
+            return await self._lease(replace(held[0], remote_host=remote), lease, f"re-leased by PCP client {cp}")
+        await self._check_quota(cp)
+        p = Pinhole(self._new_uid(), cp, client, int_port, proto, remote, 0, lease, self.clock() + lease, nonce)
+        await self.backend.open(p, lease)
+        self._keep(p)
+        log.info("%s opened by PCP client %s for %d s", p, cp, lease)
+        return p
+
+    async def lan_delete(self, cp: str, nonce: bytes, int_client: str, int_port: int, proto: int) -> None:
+        """PCP MAP lifetime 0 (RFC 6887 §15.1): close the client's pinhole of an internal tuple;
+        NO_SUCH_ENTRY when there is none, NOT_AUTHORIZED (with its lease) when it is not the client's."""
+        self.expire()
+        held = await self._held(cp, nonce, _ipv6(int_client, "internal address"), int_port, proto)
+        if not held:
+            raise PinholeError(PinholeErrorKind.NO_SUCH_ENTRY, f"no pinhole to [{int_client}]:{int_port}")
+        for p in held:
+            await self.backend.close(p.uid)
+            self.rows.pop(p.uid, None)
+            self._forget(p.uid)
+            log.info("%s closed by PCP client %s", p, cp)
 
     async def delete(self, cp: str, uid: int) -> None:
         """DeletePinhole: closed in natd first, then the row goes."""
