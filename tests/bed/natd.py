@@ -66,10 +66,10 @@ def elements(bed: Testbed, name: str, layout: str = "standalone") -> dict:
 
 
 def reaches(bed: Testbed, src: str, dst_ip: str, dst_port: int, lan_port: int, lan_ns: str = "lan",
-            timeout: float = 3.0, listen: str = "0.0.0.0") -> tuple[str, int] | None:
+            timeout: float = 3.0) -> tuple[str, int] | None:
     """Connect from ``src`` to ``dst_ip:dst_port``; the LAN listener's view of the peer if the
-    payload arrived on ``lan_port`` (listening on ``listen``: "::" for IPv6), else None."""
-    listener = bed.tcp_listen(lan_ns, lan_port, host=listen, timeout=timeout + 2)
+    payload arrived on ``lan_port``, else None."""
+    listener = bed.tcp_listen(lan_ns, lan_port, timeout=timeout + 2)
     sent = bed.tcp_send(src, dst_ip, dst_port, PAYLOAD, timeout=timeout)
     got = listener.received(timeout=timeout if sent else 0.3)
     peer = listener.peer(timeout=0.5) if got == PAYLOAD else None

@@ -25,7 +25,7 @@ from shared import wire
 from tests.bed import pcp_client as pc
 from tests.bed import testbed as tb
 from tests.bed.fixtures import netns_skip_reason
-from tests.bed.natd import reaches, wait_until
+from tests.bed.natd import wait_until
 from tests.bed.stack import Stack
 
 pytestmark = pytest.mark.netns
@@ -71,11 +71,6 @@ def pmap(st: Stack, nonce: bytes, port: int, lifetime: int = 600, options: bytes
     return pc.parse_pcp(raw)
 
 
-def tcp_in(bed: tb.Testbed, port: int) -> bool:
-    """Do bytes sent over TCP from the Internet host reach the LAN host's global address and ``port``?"""
-    return reaches(bed, "inet", LAN6, port, port, timeout=2.0, listen="::") is not None
-
-
 def elements(bed: tb.Testbed, name: str = "pin6") -> set[tuple]:
     """natd's pinhole set (pin6: any remote host, pin6r: one) as the kernel holds it."""
     res = bed.run("cpe", ["nft", "-j", "list", "set", "ip6", "igdpcp", name], check=False)
@@ -98,14 +93,14 @@ def link_local(bed: tb.Testbed, ns: str, dev: str) -> str:
 
 def test_map_over_ipv6_opens_a_pinhole_refreshes_and_deletes_it(st: Stack) -> None:
     bed, port, nonce = st.bed, 8400, pc.new_nonce()
-    assert not tcp_in(bed, port)  # natd's default drop
+    assert not bed.tcp_in6(port)  # natd's default drop
     a = pmap(st, nonce, port, 600, options=pc.description("pcp6"))
     assert (a.opcode, a.result, a.nonce, a.protocol, a.internal_port) == (1, 0, nonce, TCP, port), a
     # IPv6 firewall: no translation, external = internal (RFC 6887 §11.3)
     assert (str(a.external_ip), a.external_port) == (LAN6, port) and 0 < a.lifetime <= 600
     assert (pc.OPT_DESCRIPTION, b"pcp6") in a.options
     assert elements(bed) == {(LAN6, "tcp", port)}
-    assert tcp_in(bed, port)
+    assert bed.tcp_in6(port)
     [(uid, owner, client, iport, proto, remote, stored)] = rows(st)
     assert (owner, client, iport, proto, remote, stored) == (LAN6, LAN6, port, TCP, "", nonce)
     # the owner's renewal re-leases the same pinhole; another nonce is someone else (§11.3)
@@ -118,7 +113,7 @@ def test_map_over_ipv6_opens_a_pinhole_refreshes_and_deletes_it(st: Stack) -> No
     gone = pmap(st, nonce, port, 0)
     assert (gone.result, gone.lifetime) == (0, 0), gone
     assert elements(bed) == set() and rows(st) == []
-    assert not tcp_in(bed, port)
+    assert not bed.tcp_in6(port)
 
 
 def test_another_hosts_address_natpmp_and_link_local(st: Stack) -> None:
@@ -147,7 +142,7 @@ def test_filter_of_one_remote_host_and_shorter_prefixes_refused(st: Stack) -> No
     a = pmap(st, nonce, port, options=pc.filter_option(128, 0, INET6))
     assert a.result == 0 and any(code == pc.OPT_FILTER for code, _ in a.options), a
     assert elements(st.bed, "pin6r") == {(INET6, LAN6, "tcp", port)} and elements(st.bed) == set()
-    assert tcp_in(st.bed, port)
+    assert st.bed.tcp_in6(port)
     assert pmap(st, nonce, port, 0).result == 0
     assert elements(st.bed, "pin6r") == set()
 
