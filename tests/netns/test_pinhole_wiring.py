@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from collections.abc import Iterator
 
 import msgpack
@@ -19,8 +20,10 @@ import pytest
 
 from natd.client import NatdClient
 from shared import wire
+from tests.bed import pcp_client as pc
 from tests.bed import testbed as tb
 from tests.bed.fixtures import netns_skip_reason
+from tests.bed.fw4 import fw4_ruleset
 from tests.bed.natd import wait_until
 from tests.bed.stack import HTTP_PORT, Stack
 
@@ -143,3 +146,39 @@ def test_natd_answers_same_host_from_the_neighbour_table_and_types_its_refusals(
         assert c.call(wire.SameHost(LAN6, tb.LAN_HOST_IP)) == wire.SameHostReply(True)  # natd answers on
     finally:
         c.close()
+
+
+def test_fw4_layout_upnp_and_pcp_pinholes_pass_fw4s_drop_and_close(make_testbed) -> None:
+    """The same front ends in the fw4 layout (docs/pinholes.md "Where pinholes live"): on fw4's real
+    default ruleset, a UPnP pinhole and a PCP-over-IPv6 one each let bytes through fw4's wan-to-lan
+    reject, sit in fw4's own table, and closing them brings the reject back."""
+    bed = make_testbed(start_nat2=False, ipv6=True)
+    bed.run("cpe", ["nft", "delete", "table", "ip", tb.ROUTER_FW_TABLE])
+    with open(bed.path("fw4.nft"), "w") as f:
+        f.write(fw4_ruleset())
+    bed.run("cpe", ["nft", "-f", bed.path("fw4.nft")])
+    fw4 = Stack(bed, mode="nat1-only", natd_args=["--layout", "fw4"])
+    try:
+        fw4.start()
+
+        def held() -> set[tuple]:
+            out = bed.run("cpe", ["nft", "-j", "list", "set", "inet", "fw4", "igdpcp_pin6"]).stdout
+            return {tuple(e["elem"]["val"]["concat"]) for item in json.loads(out)["nftables"]
+                    for e in item.get("set", {}).get("elem", [])}
+
+        assert not bed.tcp_in6(8450) and not bed.tcp_in6(8451)  # fw4: inbound IPv6 from wan is rejected
+        uid = add_pinhole(fw4, LAN6, 8450)
+        nonce = pc.new_nonce()
+        raw = bed.run("lan", [sys.executable, pc.__file__, "ask", tb.ROUTER_LAN_IP6,
+                              pc.map_request(LAN6, nonce, 6, 8451, 600).hex(), "--source", LAN6]).stdout.strip()
+        assert raw and pc.parse_pcp(bytes.fromhex(raw)).result == 0, fw4.log("controld")[-2000:]
+        assert held() == {(LAN6, "tcp", 8450), (LAN6, "tcp", 8451)}
+        assert bed.tcp_in6(8450) and bed.tcp_in6(8451)
+        upnpc(fw4, "-D", uid)
+        assert held() == {(LAN6, "tcp", 8451)}
+        bed.run("lan", [sys.executable, pc.__file__, "ask", tb.ROUTER_LAN_IP6,
+                        pc.map_request(LAN6, nonce, 6, 8451, 0).hex(), "--source", LAN6])
+        assert held() == set()
+        assert not bed.tcp_in6(8450) and not bed.tcp_in6(8451)
+    finally:
+        fw4.close()
