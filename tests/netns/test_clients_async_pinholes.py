@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from tests.bed import testbed as tb
-from tests.bed.fixtures import netns_skip_reason
+from tests.bed.fixtures import ipv6_stack
 from tests.bed.stack import Stack
 
 pytestmark = pytest.mark.netns
@@ -111,25 +111,14 @@ class Client:
 
 @pytest.fixture(scope="module")
 def client() -> Iterator[tuple[Stack, Client]]:
-    """natd owning the inbound IPv6 drop, controld, and the client, once for the module."""
-    reason = netns_skip_reason()
-    if reason:
-        pytest.skip(f"netns test bed: {reason}")
-    bed = tb.Testbed(ipv6=True)
-    bed.setup()
-    # default secure mode: the client calls from IPv4, natd's neighbour table ties that to its IPv6 address
-    st = Stack(bed, mode="nat1-only",
-               natd_args=["--ipv6-firewall", "own", "--pinhole-grace", str(GRACE)])
-    c: Client | None = None
-    try:
-        st.start()
-        c = Client(bed)
-        yield st, c
-    finally:
-        if c is not None:
+    """natd owning the inbound IPv6 drop, controld, and the client, once for the module.
+    Default secure mode: the client calls from IPv4, natd's neighbour table ties that to its IPv6 address."""
+    for st in ipv6_stack(mode="nat1-only", natd_args=["--ipv6-firewall", "own", "--pinhole-grace", str(GRACE)]):
+        c = Client(st.bed)
+        try:
+            yield st, c
+        finally:
             c.close()
-        st.close()
-        bed.teardown()
 
 
 def pin6(bed: tb.Testbed) -> dict[tuple, int]:

@@ -24,7 +24,7 @@ from natd.client import NatdClient
 from shared import wire
 from tests.bed import pcp_client as pc
 from tests.bed import testbed as tb
-from tests.bed.fixtures import netns_skip_reason
+from tests.bed.fixtures import ipv6_stack
 from tests.bed.natd import wait_until
 from tests.bed.stack import Stack
 
@@ -40,18 +40,7 @@ NOT_AUTHORIZED, UNSUPP_OPTION, ADDRESS_MISMATCH, EXCESSIVE_REMOTE_PEERS = 2, 5, 
 @pytest.fixture(scope="module")
 def st() -> Iterator[Stack]:
     """natd (own IPv6 firewall) and controld (nat1-only) on an IPv6 bed, shared by the module."""
-    reason = netns_skip_reason()
-    if reason:
-        pytest.skip(f"netns test bed: {reason}")
-    bed = tb.Testbed(ipv6=True)
-    stack = Stack(bed, mode="nat1-only", natd_args=["--ipv6-firewall", "own"])
-    try:
-        bed.setup()
-        stack.start()
-        yield stack
-    finally:
-        stack.close()
-        bed.teardown()
+    yield from ipv6_stack(mode="nat1-only", natd_args=["--ipv6-firewall", "own"])
 
 
 def ask(st: Stack, payload: bytes, server: str = GW6, source: str = LAN6, timeout: float = 2.0) -> bytes | None:

@@ -22,7 +22,7 @@ from natd.client import NatdClient
 from shared import wire
 from tests.bed import pcp_client as pc
 from tests.bed import testbed as tb
-from tests.bed.fixtures import netns_skip_reason
+from tests.bed.fixtures import ipv6_stack
 from tests.bed.fw4 import fw4_ruleset
 from tests.bed.natd import wait_until
 from tests.bed.stack import HTTP_PORT, Stack
@@ -38,20 +38,11 @@ NEW_PREFIX, NEW_ROUTER6, NEW_HOST6 = "2001:db8:2::/64", "2001:db8:2::1", "2001:d
 @pytest.fixture(scope="module")
 def st() -> Iterator[Stack]:
     """natd (own IPv6 firewall) and controld (defaults: secure mode) on one IPv6 bed."""
-    reason = netns_skip_reason()
-    if reason:
-        pytest.skip(f"netns test bed: {reason}")
-    bed = tb.Testbed(ipv6=True)
-    stack = Stack(bed, natd_args=["--ipv6-firewall", "own"])
-    try:
-        bed.setup()
+
+    def other_host(bed: tb.Testbed) -> None:
         bed.run("ctl", ["ip", "-6", "addr", "add", f"{OTHER6}/64", "dev", tb.CTL_IF, "nodad"])
-        bed.start_nat2()
-        stack.start()
-        yield stack
-    finally:
-        stack.close()
-        bed.teardown()
+
+    yield from ipv6_stack(other_host, nat2=True, natd_args=["--ipv6-firewall", "own"])
 
 
 
