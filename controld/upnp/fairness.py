@@ -37,12 +37,14 @@ class Fairness:
             return False
         if self.active >= self.total - self.reserve and held >= RESERVE_UNDER:
             return False  # the reserve is for hosts under their share
-        tokens, last = self.buckets.pop(host, (self.burst, now))
-        tokens = min(self.burst, tokens + (now - last) * self.rate)
-        if len(self.buckets) >= MAX_HOSTS:
-            self.buckets.pop(next(iter(self.buckets)))
-        ok = tokens >= 1.0
-        self.buckets[host] = (tokens - 1.0 if ok else tokens, now)
+        ok = True
+        if held:  # only parallel connections are rate limited (see the module docstring)
+            tokens, last = self.buckets.pop(host, (self.burst, now))
+            tokens = min(self.burst, tokens + (now - last) * self.rate)
+            if len(self.buckets) >= MAX_HOSTS:
+                self.buckets.pop(next(iter(self.buckets)))
+            ok = tokens >= 1.0
+            self.buckets[host] = (tokens - 1.0 if ok else tokens, now)
         if ok:
             self.held[host] = held + 1
             self.active += 1

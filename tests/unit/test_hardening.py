@@ -78,8 +78,16 @@ def test_fairness_one_host_cannot_starve_another() -> None:
 def test_fairness_rate_limits_new_connections_per_host() -> None:
     f = Fairness(total=1000, per_host=1000, reserve=0, burst=5, rate=1)
     got = [f.admit("192.168.1.66", 0.0) for _ in range(10)]
-    assert got.count(True) == 5 and f.admit("192.168.1.2", 0.0)
+    assert got.count(True) == 1 + 5 and f.admit("192.168.1.2", 0.0)  # the first is not parallel: free
     assert f.admit("192.168.1.66", 1.0) and not f.admit("192.168.1.66", 1.0)
+
+
+def test_fairness_serial_client_is_never_rate_limited() -> None:
+    """A control point that waits for each answer (miniupnpc mapping 1000 ports) is paced by us."""
+    f = Fairness(total=1000, per_host=1000, reserve=0, burst=5, rate=1)
+    for _ in range(1000):
+        assert f.admit("192.168.1.66", 0.0)
+        f.release("192.168.1.66")
 
 
 def test_unmatched_map_response_changes_no_epoch() -> None:
