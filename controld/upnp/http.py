@@ -17,6 +17,7 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from controld.upnp import soap
@@ -42,6 +43,8 @@ LINGER_READS = 16  # at most this many reads of unread input (bounded: ~1 MiB)
 REQUEST_DEADLINE = 28.0  # to answer it; UPnP allows 30 s and actions bound their PCP wait below this
 WEB_MAX_BODY = 8192  # the LAN page's form posts (controld/web)
 
+XML_HEADERS = {"Content-Type": 'text/xml; charset="utf-8"', "EXT": ""}  # every SOAP answer's
+_XML_HEADS: dict[int, list[bytes]] = {}  # status -> the head of a SOAP answer around its Content-Length
 _HOST = re.compile(r"^(\d{1,3}(?:\.\d{1,3}){3}|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?$")
 _REASONS = {200: "OK", 301: "Moved Permanently", 303: "See Other", 400: "Bad Request", 403: "Forbidden",
             404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout", 409: "Conflict",
@@ -98,14 +101,28 @@ async def _read_head(reader: asyncio.StreamReader) -> bytes:
         raise _NoRequest from None
 
 
+def _answer_bytes(status: int, headers: dict[str, str], body: bytes) -> bytes:
+    """The whole answer (Connection: close); the head of a SOAP answer is made once per status."""
+    if headers is XML_HEADERS:
+        pre = _XML_HEADS.get(status)
+        if pre is None:
+            pre = _XML_HEADS[status] = _head_text(status, XML_HEADERS, "\0").encode().split(b"\0")
+        return pre[0] + str(len(body)).encode() + pre[1] + body
+    return _head_text(status, headers, str(len(body))).encode() + body
+
+
+def _head_text(status: int, headers: dict[str, str], length: str) -> str:
+    head = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}", f"SERVER: {SERVER}",
+            "Connection: close", f"Content-Length: {length}"]
+    head += [f"{k}: {v}" for k, v in headers.items()]
+    return "\r\n".join(head) + "\r\n\r\n"
+
+
 async def _send(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, status: int,
                 headers: dict[str, str], body: bytes, deadline: float) -> None:
     """Write the answer (Connection: close) within ``deadline``, linger, close."""
-    head = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}", f"SERVER: {SERVER}",
-            "Connection: close", f"Content-Length: {len(body)}"]
-    head += [f"{k}: {v}" for k, v in headers.items()]
     try:
-        writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + body)
+        writer.write(_answer_bytes(status, headers, body))
         async with asyncio.timeout(deadline):
             await writer.drain()
         await _linger(reader, writer)
@@ -138,6 +155,17 @@ def _hex(raw: bytes) -> int | None:
     return int(raw, 16)
 
 
+Answer = tuple[int, dict[str, str], bytes]  # status, headers, body
+
+
+@dataclass(frozen=True, slots=True)
+class _Pending:
+    """A SOAP action that waits for the core (answered by ``UpnpHttpServer._act``)."""
+
+    service: Service
+    action: soap.SoapAction
+
+
 class _NoRequest(Exception):
     """The peer closed the connection before sending a byte of a request."""
 
@@ -167,7 +195,8 @@ class UpnpHttpServer:
 
     async def start(self, host: str, port: int) -> int:
         """Listen on ``host:port`` (port 0: any); returns the port."""
-        self.server = await asyncio.start_server(self._client, host, port, limit=MAX_HEADER, backlog=BACKLOG)
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(lambda: _Conn(self), host, port, backlog=BACKLOG)
         return self.server.sockets[0].getsockname()[1]
 
     def close(self) -> None:
@@ -184,14 +213,8 @@ class UpnpHttpServer:
             self._subnets, self._nets = list(subnets), [ipaddress.ip_network(n) for n in subnets]
         return any(addr in n for n in self._nets)
 
-    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = writer.get_extra_info("peername")[0]
-        if not self._in_lan(peer):
-            writer.close()
-            return
-        if not self.fair.admit(peer, time.monotonic()):
-            await self._refuse(reader, writer)
-            return
+    async def _stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str) -> None:
+        """The stream path of an admitted connection (see :class:`_Conn`); frees its slot at the end."""
         try:
             await self._serve(reader, writer, peer)
         except Exception as exc:  # the guard (shared/guard.py): nothing escapes, the slot is freed
@@ -237,25 +260,8 @@ class UpnpHttpServer:
 
     async def _request(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                        peer: str) -> tuple[int, dict[str, str], bytes, Callable[[], None] | None]:
-        lines = (await _read_head(reader)).decode("latin-1").split("\r\n")
-        parts = lines[0].split(" ")
-        if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
-            raise HttpError(400, "bad request line")
-        method, path, _ = parts
-        headers: dict[str, str] = {}
-        for line in lines[1:]:
-            if not line:
-                continue
-            name, sep, value = line.partition(":")
-            if not sep:
-                raise HttpError(400, "bad header line")
-            headers[name.strip().lower()] = value.strip()
-        host = headers.get("host")
-        if host is None and parts[2] != "HTTP/1.0":  # RFC 7230 §5.4: HTTP/1.1 requires Host
-            raise HttpError(400, "no Host header")
-        if host is not None and not _HOST.match(host):
-            raise HttpError(403, f"Host {host[:64]!r} is not an IP literal")
-        if self.web is not None and _normalise(path).split("/")[1] == self.web[0].strip("/"):
+        method, path, headers = _parse_head(await _read_head(reader))
+        if self._is_web(path):
             return (*await self._web(method, path, headers, reader, peer), None)
         path = _normalise(path)
         if method == "GET":
@@ -270,6 +276,9 @@ class UpnpHttpServer:
             status, out, after = self.gena.request(method, path, headers, peer)
             return status, out, b"", after
         raise HttpError(405, f"method {method[:16]}")
+
+    def _is_web(self, target: str) -> bool:
+        return self.web is not None and _normalise(target).split("/")[1] == self.web[0].strip("/")
 
     async def _web(self, method: str, target: str, headers: dict[str, str], reader: asyncio.StreamReader,
                    peer: str) -> tuple[int, dict[str, str], bytes]:
@@ -308,32 +317,245 @@ class UpnpHttpServer:
 
     async def _post(self, path: str, headers: dict[str, str], reader: asyncio.StreamReader,
                     peer: str) -> tuple[int, dict[str, str], bytes]:
-        service = self.device.services.get(path)
-        if service is None:
+        if path not in self.device.services:
             raise HttpError(404, f"no control URL {path[:64]}")
         async with asyncio.timeout(READ_DEADLINE):
             body = await _read_body(reader, headers)
-        xml_headers = {"Content-Type": 'text/xml; charset="utf-8"', "EXT": ""}
+        ready = self._soap(path, headers, body, peer)
+        return await self._act(ready, peer) if isinstance(ready, _Pending) else ready
+
+    def _soap(self, path: str, headers: dict[str, str], body: bytes,
+              peer: str) -> Answer | _Pending:
+        """A SOAP request's answer when it needs no waiting (faults, QueryStateVariable, actions
+        answered from memory), else (service, action) for :meth:`_act`."""
+        service = self.device.services[path]
         try:
             action = soap.parse_request(body, headers.get("soapaction", ""))
             if action.service_type == soap.CONTROL_URN:
-                return self._query_state_variable(service, action, peer, xml_headers)
+                return self._query_state_variable(service, action, peer, XML_HEADERS)
             if action.service_type.rsplit(":", 1)[0] != service.type.rsplit(":", 1)[0]:
                 raise soap.SoapError(f"{action.service_type} is not served at {path}")
         except soap.SoapActionError as exc:
             log.info("soap %s: %s", peer, exc)
-            return 500, xml_headers, soap.fault(401, "Invalid Action")
+            return 500, XML_HEADERS, soap.fault(401, "Invalid Action")
         except soap.SoapError as exc:
             log.info("soap %s: invalid request: %s", peer, exc)
-            return 500, xml_headers, soap.fault(402, "Invalid Args")
+            return 500, XML_HEADERS, soap.fault(402, "Invalid Args")
         if action.version > service.version:  # a :2 action on an IGD:1 router
-            return 500, xml_headers, soap.fault(401, "Invalid Action")
+            return 500, XML_HEADERS, soap.fault(401, "Invalid Action")
+        try:
+            out = self.actions.handle_now(service, action, peer)
+        except UPnPError as exc:
+            log.info("soap %s %s: %s", peer, action.name, exc)
+            return 500, XML_HEADERS, soap.fault(exc.code, exc.description)
+        if out is None:
+            return _Pending(service, action)
+        return 200, XML_HEADERS, soap.response(action.service_type, action.name, out)
+
+    async def _act(self, ready: _Pending, peer: str) -> Answer:
+        """Run an action that waits (the core, natd, NAT2); its answer or fault."""
+        service, action = ready.service, ready.action
         try:
             out = await self.actions.handle(service, action, peer)
         except UPnPError as exc:
             log.info("soap %s %s: %s", peer, action.name, exc)
-            return 500, xml_headers, soap.fault(exc.code, exc.description)
+            return 500, XML_HEADERS, soap.fault(exc.code, exc.description)
         except Exception:
             log.exception("soap %s %s failed", peer, action.name)
-            return 500, xml_headers, soap.fault(501, "Action Failed")
-        return 200, xml_headers, soap.response(action.service_type, action.name, out)
+            return 500, XML_HEADERS, soap.fault(501, "Action Failed")
+        return 200, XML_HEADERS, soap.response(action.service_type, action.name, out)
+
+    # --- the fast path (see _Conn) -------------------------------------------------------
+
+    def _fast(self, conn: _Conn) -> bool:
+        """Answer a request that came whole in the connection's first read: a GET, or a POST with
+        Content-Length (what control points send). False: the stream path takes the connection."""
+        buf = conn.buf
+        end = buf.find(b"\r\n\r\n")
+        if end < 0 or end + 4 > MAX_HEADER:
+            return False
+        try:
+            method, target, headers = _parse_head(buf[:end + 4])
+        except (HttpError, ValueError):  # the stream path answers it, and logs it, as ever
+            return False
+        if method not in ("GET", "POST") or self._is_web(target):
+            return False
+        path = _normalise(target)
+        try:
+            if method == "GET":
+                conn.answer(*self._get(path, headers.get("user-agent", "")))
+                return True
+            if "expect" in headers or "transfer-encoding" in headers:
+                return False
+            if path not in self.device.services:
+                raise HttpError(404, f"no control URL {path[:64]}")
+        except HttpError as exc:
+            log.info("http %s: %d %s", conn.peer, exc.status, exc)
+            conn.answer(exc.status, {}, b"")
+            return True
+        length = ascii_uint(headers.get("content-length", ""), 18)
+        if length is None or length > MAX_BODY or len(buf) < end + 4 + length:
+            return False
+        ready = self._soap(path, headers, buf[end + 4:end + 4 + length], conn.peer)
+        if isinstance(ready, _Pending):
+            conn.task = asyncio.get_running_loop().create_task(self._fast_act(conn, ready))
+        else:
+            conn.answer(*ready)
+        return True
+
+    async def _fast_act(self, conn: _Conn, ready: _Pending) -> None:
+        try:
+            async with asyncio.timeout(REQUEST_DEADLINE):
+                answer = await self._act(ready, conn.peer)
+        except TimeoutError:
+            answer = 408, {}, b""
+        conn.answer(*answer)
+
+
+_WAIT, _BUSY, _LINGER, _DONE = range(4)  # a fast-path connection's phases
+
+
+class _Conn(asyncio.Protocol):
+    """One connection. Fast path: a request that arrives whole in the first read (a GET, or a POST
+    with Content-Length: miniupnpc and most control points send one segment) is answered from
+    the protocol callbacks, with one task only for an action that waits and one timer at a time.
+    Anything else (a request in pieces, chunked, 100-continue, GENA, the LAN page, a refusal) is
+    handed with the bytes read so far to the stream path (``_stream``: StreamReader, every
+    deadline and limit of the module docstring)."""
+
+    def __init__(self, srv: UpnpHttpServer) -> None:
+        self.srv = srv
+        self.t: asyncio.Transport | None = None
+        self.peer = ""
+        self.buf = b""
+        self.phase = _WAIT
+        self.eof = False
+        self.held = False  # holds a fairness slot (released when the connection ends)
+        self.reads = 0
+        self.timer: asyncio.TimerHandle | None = None
+        self.task: asyncio.Task[None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.t = transport
+        self.peer = peer = transport.get_extra_info("peername")[0]
+        srv = self.srv
+        if not srv._in_lan(peer):
+            self.phase = _DONE
+            transport.close()
+            return
+        if not srv.fair.admit(peer, time.monotonic()):
+            self._to_stream(lambda r, w: srv._refuse(r, w))
+            return
+        self.held = True
+        self.timer = asyncio.get_running_loop().call_later(READ_DEADLINE, self._read_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        if self.phase == _WAIT:
+            self.buf += data
+            self.phase = _BUSY
+            try:
+                handled = self.srv._fast(self)
+            except Exception as exc:  # the guard (shared/guard.py): answered 400, logged once (rate limited)
+                self.srv.guard.unexpected(self.peer, exc)
+                self.answer(400, {}, b"")
+                return
+            if not handled:
+                held, self.held = self.held, False
+                assert held
+                srv, peer = self.srv, self.peer
+                self._to_stream(lambda r, w: srv._stream(r, w, peer))
+        elif self.phase == _LINGER:
+            self.reads += 1
+            if self.reads >= LINGER_READS:
+                self._close()
+        # _BUSY: input beyond the request is not read (the linger discards what follows)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        if self.phase == _WAIT:  # a port scan or a liveness probe (docs/upnp.md "Tolerances")
+            log.debug("http %s: closed without a request", self.peer)
+            self._close()
+        elif self.phase == _LINGER:
+            self._close()
+        return True  # half-open: the answer may still be on its way
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.held:
+            self.held = False
+            self.srv.fair.release(self.peer)
+        if self.phase != _DONE and self.t is not None and self.t.get_protocol() is self:
+            self.phase = _DONE
+
+    def answer(self, status: int, headers: dict[str, str], body: bytes) -> None:
+        """Write the answer, then FIN and discard the peer's input until its EOF (as ``_linger``)."""
+        t = self.t
+        if self.phase in (_LINGER, _DONE) or t is None or t.is_closing():
+            return
+        if self.timer is not None:
+            self.timer.cancel()
+        t.write(_answer_bytes(status, headers, body))
+        if self.eof or not t.can_write_eof():
+            self._close()
+            return
+        t.write_eof()
+        self.phase = _LINGER
+        self.timer = asyncio.get_running_loop().call_later(LINGER_S, self._close)
+
+    def _read_timeout(self) -> None:
+        self.timer = None
+        if self.phase == _WAIT:
+            self.phase = _BUSY
+            self.answer(408, {}, b"")
+
+    def _close(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.phase = _DONE
+        if self.t is not None:
+            self.t.close()
+
+    def _to_stream(self, client: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]) -> None:
+        """Hand the connection to the stream path with what was read so far."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.phase = _DONE
+        assert self.t is not None
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=MAX_HEADER, loop=loop)
+        proto = asyncio.StreamReaderProtocol(reader, client, loop=loop)
+        self.t.set_protocol(proto)
+        proto.connection_made(self.t)
+        if self.buf:
+            proto.data_received(self.buf)
+            self.buf = b""
+        if self.eof:
+            proto.eof_received()
+
+
+def _parse_head(raw: bytes) -> tuple[str, str, dict[str, str]]:
+    """(method, target, headers with lower-case names) of a request head; the Host checks."""
+    lines = raw.decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ")
+    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+        raise HttpError(400, "bad request line")
+    method, path, version = parts
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        if not line:
+            continue
+        name, sep, value = line.partition(":")
+        if not sep:
+            raise HttpError(400, "bad header line")
+        headers[name.strip().lower()] = value.strip()
+    host = headers.get("host")
+    if host is None and version != "HTTP/1.0":  # RFC 7230 §5.4: HTTP/1.1 requires Host
+        raise HttpError(400, "no Host header")
+    if host is not None and not _HOST.match(host):
+        raise HttpError(403, f"Host {host[:64]!r} is not an IP literal")
+    return method, path, headers
