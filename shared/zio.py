@@ -55,9 +55,8 @@ class ZPump:
         sock = self.sock
         for _ in range(BUDGET):
             events = cast(int, sock.getsockopt(zmq.EVENTS))
-            if self._out and events & zmq.POLLOUT:
-                self._flush()
-                events = cast(int, sock.getsockopt(zmq.EVENTS))  # the sends may have taken an incoming edge
+            if self._out and events & zmq.POLLOUT and self._flush():
+                continue  # EVENTS again: the sends may have taken an edge (writable again, or a message)
             if not events & zmq.POLLIN:
                 return
             try:
@@ -72,13 +71,17 @@ class ZPump:
                 return
         self._schedule()  # more left: the loop runs its other callbacks first
 
-    def _flush(self) -> None:
+    def _flush(self) -> bool:
+        """Send what is held, in order, until the socket takes no more; True if anything went."""
+        sent = False
         while self._out:
             try:
                 self.sock.send_multipart(self._out[0], zmq.NOBLOCK)
             except zmq.Again:
-                return
+                break
             self._out.popleft()
+            sent = True
+        return sent
 
     def send(self, frames: Frames) -> bool:
         """Send now, or queue while the socket cannot take it; False if the queue is full (dropped)."""
