@@ -22,7 +22,11 @@ def test_burst_larger_than_a_wake_up_is_all_answered() -> None:
         dealer.connect(endpoint)
         got: list[bytes] = []
         done = asyncio.get_running_loop().create_future()
-        server = ZPump(router, lambda f: server.send([f[0], b"re:" + f[1]]))
+
+        def echo(frames: list[bytes]) -> None:
+            server.send([frames[0], b"re:" + frames[1]])
+
+        server = ZPump(router, echo)
 
         def reply(frames: list[bytes]) -> None:
             got.append(frames[0])
