@@ -15,6 +15,7 @@ import asyncio
 import ipaddress
 import logging
 import re
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -191,13 +192,40 @@ class UpnpHttpServer:
         self._refusing = 0  # connections being answered 503 (bounded by MAX_REFUSING)
         self._subnets: list[str] = []
         self._nets: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
-        self.server: asyncio.AbstractServer | None = None
+        self.server: _Listener | None = None
 
     async def start(self, host: str, port: int) -> int:
         """Listen on ``host:port`` (port 0: any); returns the port."""
+        self.server = _Listener(self, host, port)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    def _accepted(self, sock: socket.socket, peer: str) -> bool:
+        """A new connection: LAN only, within its host's share, then the fast path; False if it was
+        answered at once (its request was there already)."""
+        if not self._in_lan(peer):
+            sock.close()
+            return True
+        sock.setblocking(False)
+        if not self.fair.admit(peer, time.monotonic()):
+            asyncio.get_running_loop().create_task(self._adopt(sock, b"", self._refuse, None))
+            return True
+        return _Conn(self, sock, peer).start()
+
+    async def _adopt(self, sock: socket.socket, data: bytes,
+                     client: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+                     holder: str | None) -> None:
+        """Serve ``sock`` on the stream path, ``data`` (already read) first; ``holder``: the host whose
+        fairness slot it holds (``client`` frees it)."""
         loop = asyncio.get_running_loop()
-        self.server = await loop.create_server(lambda: _Conn(self), host, port, backlog=BACKLOG)
-        return self.server.sockets[0].getsockname()[1]
+        reader = asyncio.StreamReader(limit=MAX_HEADER, loop=loop)
+        if data:
+            reader.feed_data(data)
+        try:
+            await loop.connect_accepted_socket(lambda: asyncio.StreamReaderProtocol(reader, client, loop=loop), sock)
+        except OSError:
+            sock.close()
+            if holder is not None:
+                self.fair.release(holder)
 
     def close(self) -> None:
         if self.server is not None:
@@ -412,48 +440,101 @@ class UpnpHttpServer:
         conn.answer(*answer)
 
 
-_WAIT, _BUSY, _LINGER, _DONE = range(4)  # a fast-path connection's phases
+_WAIT, _BUSY, _SENDING, _LINGER, _DONE = range(5)  # a fast-path connection's phases
+ACCEPT_BATCH = 64  # connections accepted per wake-up of the listening socket
 
 
-class _Conn(asyncio.Protocol):
-    """One connection. Fast path: a request that arrives whole in the first read (a GET, or a POST
-    with Content-Length: miniupnpc and most control points send one segment) is answered from
-    the protocol callbacks, with one task only for an action that waits and one timer at a time.
-    Anything else (a request in pieces, chunked, 100-continue, GENA, the LAN page, a refusal) is
-    handed with the bytes read so far to the stream path (``_stream``: StreamReader, every
-    deadline and limit of the module docstring)."""
+class _Listener:
+    """The listening socket on the loop (in place of asyncio's Server: ``sockets``, ``close()``);
+    each accepted connection starts on the fast path (:class:`_Conn`)."""
 
-    def __init__(self, srv: UpnpHttpServer) -> None:
+    def __init__(self, srv: UpnpHttpServer, host: str, port: int) -> None:
+        family, _, _, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(addr)
+            sock.listen(BACKLOG)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
         self.srv = srv
-        self.t: asyncio.Transport | None = None
-        self.peer = ""
+        self.sockets = [sock]
+        self.loop = asyncio.get_running_loop()
+        self.loop.add_reader(sock.fileno(), self._accept)
+
+    def _accept(self) -> None:
+        sock = self.sockets[0]
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, addr = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # out of descriptors or memory: the next wake-up tries again
+                log.warning("http: accept failed: %s", exc)
+                return
+            if not self.srv._accepted(conn, addr[0]):
+                return  # served at once: the loop first reads the EOFs of the connections answered so far
+
+    def close(self) -> None:
+        """Stop listening (connections being served finish)."""
+        if self.sockets:
+            self.loop.remove_reader(self.sockets[0].fileno())
+            self.sockets.pop().close()
+
+
+class _Conn:
+    """One connection on the fast path: a plain non-blocking socket on the loop. A request that is
+    whole in the first read (a GET, or a POST with Content-Length: miniupnpc and most control
+    points send it in one segment) is answered from the loop's callbacks, one task only for an
+    action that waits; then FIN, and the peer's input is discarded until its EOF (as ``_linger``).
+    Anything else (a request in pieces, chunked, 100-continue, GENA, the LAN page) is handed with
+    the bytes read so far to the stream path (``_stream``: StreamReader, every deadline and limit
+    of the module docstring)."""
+
+    __slots__ = ("srv", "sock", "fd", "peer", "buf", "phase", "held", "reads", "timer", "task", "out", "loop",
+                 "answered")
+
+    def __init__(self, srv: UpnpHttpServer, sock: socket.socket, peer: str) -> None:
+        self.srv = srv
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.peer = peer
         self.buf = b""
         self.phase = _WAIT
-        self.eof = False
-        self.held = False  # holds a fairness slot (released when the connection ends)
+        self.held = True  # holds a fairness slot until it ends
         self.reads = 0
         self.timer: asyncio.TimerHandle | None = None
         self.task: asyncio.Task[None] | None = None
+        self.out = b""
+        self.loop = asyncio.get_running_loop()
+        self.answered = False  # told fairness (a serial client's next connection is not a parallel one)
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.t = transport
-        self.peer = peer = transport.get_extra_info("peername")[0]
-        srv = self.srv
-        if not srv._in_lan(peer):
-            self.phase = _DONE
-            transport.close()
-            return
-        if not srv.fair.admit(peer, time.monotonic()):
-            self._to_stream(lambda r, w: srv._refuse(r, w))
-            return
-        self.held = True
-        self.timer = asyncio.get_running_loop().call_later(READ_DEADLINE, self._read_timeout)
+    def start(self) -> bool:
+        """Read the request if it is there already, else wait for it; False if it was answered."""
+        self._read()
+        if self.phase != _WAIT:
+            return False
+        self.loop.add_reader(self.fd, self._read)
+        self.timer = self.loop.call_later(READ_DEADLINE, self._read_timeout)
+        return True
 
-    def data_received(self, data: bytes) -> None:
+    def _read(self) -> None:
+        try:
+            data = self.sock.recv(MAX_HEADER + MAX_BODY)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:  # reset: nobody left to answer
+            self._close()
+            return
         if self.phase == _WAIT:
-            self.buf += data
-            self.phase = _BUSY
+            if not data:  # a port scan or a liveness probe (docs/upnp.md "Tolerances")
+                log.debug("http %s: closed without a request", self.peer)
+                self._close()
+                return
+            self._stop_reading()
+            self.buf, self.phase = data, _BUSY
             try:
                 handled = self.srv._fast(self)
             except Exception as exc:  # the guard (shared/guard.py): answered 400, logged once (rate limited)
@@ -461,81 +542,93 @@ class _Conn(asyncio.Protocol):
                 self.answer(400, {}, b"")
                 return
             if not handled:
-                held, self.held = self.held, False
-                assert held
-                srv, peer = self.srv, self.peer
-                self._to_stream(lambda r, w: srv._stream(r, w, peer))
+                self._to_stream()
         elif self.phase == _LINGER:
             self.reads += 1
-            if self.reads >= LINGER_READS:
+            if not data or self.reads >= LINGER_READS:
                 self._close()
-        # _BUSY: input beyond the request is not read (the linger discards what follows)
 
-    def eof_received(self) -> bool:
-        self.eof = True
-        if self.phase == _WAIT:  # a port scan or a liveness probe (docs/upnp.md "Tolerances")
-            log.debug("http %s: closed without a request", self.peer)
-            self._close()
-        elif self.phase == _LINGER:
-            self._close()
-        return True  # half-open: the answer may still be on its way
-
-    def connection_lost(self, exc: Exception | None) -> None:
+    def _stop_reading(self) -> None:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-        if self.held:
-            self.held = False
-            self.srv.fair.release(self.peer)
-        if self.phase != _DONE and self.t is not None and self.t.get_protocol() is self:
-            self.phase = _DONE
-
-    def answer(self, status: int, headers: dict[str, str], body: bytes) -> None:
-        """Write the answer, then FIN and discard the peer's input until its EOF (as ``_linger``)."""
-        t = self.t
-        if self.phase in (_LINGER, _DONE) or t is None or t.is_closing():
-            return
-        if self.timer is not None:
-            self.timer.cancel()
-        t.write(_answer_bytes(status, headers, body))
-        if self.eof or not t.can_write_eof():
-            self._close()
-            return
-        t.write_eof()
-        self.phase = _LINGER
-        self.timer = asyncio.get_running_loop().call_later(LINGER_S, self._close)
+        self.loop.remove_reader(self.fd)
 
     def _read_timeout(self) -> None:
         self.timer = None
         if self.phase == _WAIT:
+            self.loop.remove_reader(self.fd)
             self.phase = _BUSY
             self.answer(408, {}, b"")
 
-    def _close(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        self.phase = _DONE
-        if self.t is not None:
-            self.t.close()
+    def answer(self, status: int, headers: dict[str, str], body: bytes) -> None:
+        """Send the answer (Connection: close), then linger for the peer's EOF."""
+        if self.phase != _BUSY:
+            return
+        self.answered = True
+        self.srv.fair.answered(self.peer)
+        data = _answer_bytes(status, headers, body)
+        try:
+            sent = self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            self._close()
+            return
+        if sent < len(data):  # the socket buffer is full: the rest when it drains, within the deadline
+            self.out, self.phase = data[sent:], _SENDING
+            self.loop.add_writer(self.fd, self._write_more)
+            self.timer = self.loop.call_later(REQUEST_DEADLINE, self._close)
+            return
+        self._linger()
 
-    def _to_stream(self, client: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]) -> None:
-        """Hand the connection to the stream path with what was read so far."""
+    def _write_more(self) -> None:
+        try:
+            sent = self.sock.send(self.out)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._close()
+            return
+        self.out = self.out[sent:]
+        if not self.out:
+            self.loop.remove_writer(self.fd)
+            if self.timer is not None:
+                self.timer.cancel()
+                self.timer = None
+            self._linger()
+
+    def _linger(self) -> None:
+        """FIN, then read and discard until the peer's EOF, bounded (see ``_linger`` above)."""
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._close()
+            return
+        self.phase = _LINGER
+        self.loop.add_reader(self.fd, self._read)
+        self.timer = self.loop.call_later(LINGER_S, self._close)
+
+    def _close(self) -> None:
+        if self.phase == _DONE:
+            return
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+        self.loop.remove_reader(self.fd)
+        if self.phase == _SENDING:
+            self.loop.remove_writer(self.fd)
         self.phase = _DONE
-        assert self.t is not None
-        loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader(limit=MAX_HEADER, loop=loop)
-        proto = asyncio.StreamReaderProtocol(reader, client, loop=loop)
-        self.t.set_protocol(proto)
-        proto.connection_made(self.t)
-        if self.buf:
-            proto.data_received(self.buf)
-            self.buf = b""
-        if self.eof:
-            proto.eof_received()
+        self.sock.close()
+        if self.held:
+            self.held = False
+            self.srv.fair.release(self.peer, self.answered)
+
+    def _to_stream(self) -> None:
+        """Hand the connection (and its fairness slot) to the stream path with what was read."""
+        self.phase, self.held = _DONE, False
+        srv, peer = self.srv, self.peer
+        self.task = self.loop.create_task(srv._adopt(self.sock, self.buf, lambda r, w: srv._stream(r, w, peer), peer))
 
 
 def _parse_head(raw: bytes) -> tuple[str, str, dict[str, str]]:

@@ -88,6 +88,10 @@ def test_fairness_serial_client_is_never_rate_limited() -> None:
     for _ in range(1000):
         assert f.admit("192.168.1.66", 0.0)
         f.release("192.168.1.66")
+    for _ in range(1000):  # its next request comes while the answered connection still lingers
+        assert f.admit("192.168.1.66", 0.0)
+        f.answered("192.168.1.66")
+    assert f.held["192.168.1.66"] == 1000 and not f.waiting
 
 
 def test_unmatched_map_response_changes_no_epoch() -> None:
