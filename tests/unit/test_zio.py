@@ -11,6 +11,16 @@ import zmq
 from shared.zio import BUDGET, ZPump
 
 
+async def _finish(done: asyncio.Future[None], ctx: zmq.Context, *pumps: ZPump) -> None:
+    """Wait (bounded) for ``done``, then close the pumps and the context."""
+    try:
+        await asyncio.wait_for(done, 10)
+    finally:
+        for p in pumps:
+            p.close()
+        ctx.term()
+
+
 def test_burst_larger_than_a_wake_up_is_all_answered() -> None:
     """More requests than one wake-up handles, sent before the server reads any: every one is
     answered (a missed edge would leave the rest unread until the next message)."""
@@ -36,12 +46,7 @@ def test_burst_larger_than_a_wake_up_is_all_answered() -> None:
         client = ZPump(dealer, reply)
         for i in range(count):
             client.send([str(i).encode()])
-        try:
-            await asyncio.wait_for(done, 10)
-        finally:
-            client.close()
-            server.close()
-            ctx.term()
+        await _finish(done, ctx, client, server)
         return got
 
     count = 3 * BUDGET + 7
@@ -74,12 +79,7 @@ def test_sends_wait_in_order_while_the_socket_cannot_take_them() -> None:
                 done.set_result(None)
 
         server = ZPump(router, serve)
-        try:
-            await asyncio.wait_for(done, 10)
-        finally:
-            client.close()
-            server.close()
-            ctx.term()
+        await _finish(done, ctx, client, server)
         return got
 
     with tempfile.TemporaryDirectory() as d:
