@@ -6,8 +6,9 @@ RESERVE of the MAX_CONNECTIONS slots go only to hosts holding fewer than RESERVE
 connections, so a newcomer is served even while others fill the server. The bucket charges
 only a connection opened while another of the host's is still unanswered: a control point that
 waits for each answer before its next request (miniupnpc mapping or listing a thousand ports) is
-paced by the server itself and never refused. Each connection has its own deadlines (controld.upnp.http: READ_DEADLINE for header and body), so a slow
-sender frees its slot within seconds.
+paced by the server itself and never refused. Each connection has its own deadlines
+(controld.upnp.http: READ_DEADLINE for header and body), so a slow sender frees its slot within
+seconds.
 """
 
 from __future__ import annotations
