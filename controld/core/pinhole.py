@@ -2,7 +2,7 @@
 
 A pinhole lets inbound IPv6 from any host (or one remote host) reach one LAN address,
 protocol and port; there is no address translation, so no external port and no upstream
-PCP. The front ends (UPnP WANIPv6FirewallControl:1 now, PCP IPv6 MAP later) ask
+PCP. The front ends (UPnP WANIPv6FirewallControl:1, PCP MAP in IPv6 firewall mode) ask
 :class:`Pinholes`; it checks the policy (LAN prefixes only, secure mode, the privileged-port
 rule, quotas shared with the host's IPv4 mappings), keeps the rows with their UniqueIDs,
 owners and leases, and asks a :class:`PinholeBackend` (natd's nftables sets, wired at merge)
@@ -12,6 +12,7 @@ end turns each into its own code. Time is passed in (``clock``), so the logic is
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import ipaddress
 import logging
@@ -54,10 +55,11 @@ class PinholeErrorKind(enum.Enum):
 class PinholeError(Exception):
     """A pinhole request the core refuses, with a neutral ``kind``."""
 
-    def __init__(self, kind: PinholeErrorKind, detail: str) -> None:
+    def __init__(self, kind: PinholeErrorKind, detail: str, lifetime: int | None = None) -> None:
         super().__init__(f"{kind.value}: {detail}")
         self.kind = kind
         self.detail = detail
+        self.lifetime = lifetime  # another owner's pinhole: its remaining lease (PCP, RFC 6887 §11.3)
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,7 @@ class Pinhole:
     remote_port: int
     lease: int  # as last asked, seconds
     expires: float  # on the core's clock
+    nonce: bytes | None = None  # a PCP MAP's mapping nonce (RFC 6887 §11.1); None: made by UPnP
 
     @property
     def proto_name(self) -> str:
@@ -211,7 +214,9 @@ class Pinholes:
         self._next_uid = 1
 
     async def refresh(self) -> FirewallStatus:
-        """Ask natd for the firewall status again (start, GetFirewallStatus, natd events)."""
+        """Ask natd for the firewall status again (start, GetFirewallStatus, natd events).
+
+        Rows whose address left the LAN's prefixes go (natd closed them when the prefix went)."""
         before = self.status
         try:
             self.status = await self.backend.status()
@@ -221,6 +226,11 @@ class Pinholes:
         if self.status.enabled != before.enabled:
             log.info("IPv6 firewall %s", "enabled" if self.status.enabled else "disabled")
             self.on_change()
+        if self.status.enabled and self.status.lan_prefixes != before.lan_prefixes:
+            log.info("LAN IPv6 prefixes: %s", ", ".join(self.status.lan_prefixes) or "none")
+            for uid in [uid for uid, p in self.rows.items() if not self._in_lan(p.int_client)]:
+                log.info("%s closed: its address left the LAN prefixes", self.rows.pop(uid))
+                self._forget(uid)
         return self.status
 
     def set_policy(self, policy: PinholePolicy) -> None:
@@ -265,26 +275,7 @@ class Pinholes:
                   remote_port: int, lease: int) -> Pinhole:
         """AddPinhole: a new pinhole, or the caller's identical one re-leased (same UniqueID)."""
         self.expire()
-        self._check_on()
-        if proto == 65535:
-            raise PinholeError(PinholeErrorKind.PROTOCOL_WILDCARD, "a pinhole for every protocol")
-        if proto not in PROTO_NAMES:
-            raise PinholeError(PinholeErrorKind.PROTOCOL, f"protocol {proto}: only TCP (6) and UDP (17)")
-        if int_port == 0:
-            raise PinholeError(PinholeErrorKind.PORT_WILDCARD, "a pinhole for every internal port")
-        if int_client.strip() in ("", "*"):
-            raise PinholeError(PinholeErrorKind.CLIENT_WILDCARD, "InternalClient must name one address")
-        lease = _lease(lease)
-        client = _ipv6(int_client, "InternalClient")
-        remote = "" if remote_host.strip() in ("", "*") else _ipv6(remote_host, "RemoteHost")
-        if not self._in_lan(client):
-            raise PinholeError(PinholeErrorKind.NOT_AUTHORIZED, f"{client} is in no LAN prefix")
-        if self.policy.secure_mode and not await self._mine(cp, client):
-            raise PinholeError(PinholeErrorKind.NOT_AUTHORIZED, f"{cp} may open pinholes to itself only")
-        if int_port < self.policy.min_port:
-            raise PinholeError(PinholeErrorKind.NOT_AUTHORIZED, f"port {int_port} < {self.policy.min_port}")
-        if not self.policy.permissions.allowed(int_port, client, int_port):
-            raise PinholeError(PinholeErrorKind.NOT_AUTHORIZED, f"permission rules refuse [{client}]:{int_port}")
+        client, remote, lease = await self._checked(cp, int_client, int_port, proto, remote_host, lease)
         key = (client, int_port, proto, remote, remote_port)
         same = next((p for p in self.rows.values() if p.key() == key), None)
         if same is not None:
@@ -299,12 +290,42 @@ class Pinholes:
         log.info("%s opened by %s for %d s", p, cp, lease)
         return p
 
+    async def _checked(self, cp: str, int_client: str, int_port: int, proto: int, remote_host: str,
+                       lease: int) -> tuple[str, str, int]:
+        """The policy every new or re-leased pinhole passes; its internal and remote address and lease."""
+        self._check_on()
+        if proto == 65535:
+            raise PinholeError(PinholeErrorKind.PROTOCOL_WILDCARD, "a pinhole for every protocol")
+        if proto not in PROTO_NAMES:
+            raise PinholeError(PinholeErrorKind.PROTOCOL, f"protocol {proto}: only TCP (6) and UDP (17)")
+        if int_port == 0:
+            raise PinholeError(PinholeErrorKind.PORT_WILDCARD, "a pinhole for every internal port")
+        if int_client.strip() in ("", "*"):
+            raise PinholeError(PinholeErrorKind.CLIENT_WILDCARD, "InternalClient must name one address")
+        lease = _lease(lease)
+        client = _ipv6(int_client, "InternalClient")
+        remote = "" if remote_host.strip() in ("", "*") else _ipv6(remote_host, "RemoteHost")
+        if not self._in_lan(client):
+            await self.refresh()  # natd may know of a prefix this view has not heard of yet
+            if not self._in_lan(client):
+                raise PinholeError(PinholeErrorKind.NOT_AUTHORIZED, f"{client} is in no LAN prefix")
+        if self.policy.secure_mode and not await self._mine(cp, client):
+            raise PinholeError(PinholeErrorKind.NOT_AUTHORIZED, f"{cp} may open pinholes to itself only")
+        if int_port < self.policy.min_port:
+            raise PinholeError(PinholeErrorKind.NOT_AUTHORIZED, f"port {int_port} < {self.policy.min_port}")
+        if not self.policy.permissions.allowed(int_port, client, int_port):
+            raise PinholeError(PinholeErrorKind.NOT_AUTHORIZED, f"permission rules refuse [{client}]:{int_port}")
+        return client, remote, lease
+
     async def _check_quota(self, cp: str) -> None:
         pol = self.policy
         if pol.max_total and len(self.rows) + self.ipv4_total() >= pol.max_total:
             raise PinholeError(PinholeErrorKind.QUOTA, f"{pol.max_total} pinholes and mappings in total")
         if pol.max_per_host:
-            own = [p for p in self.rows.values() if p.owner == cp or await self.backend.same_host(cp, p.owner)]
+            others = list({p.owner for p in self.rows.values() if p.owner != cp})  # one question per owner
+            same = await asyncio.gather(*(self.backend.same_host(cp, o) for o in others))
+            mine = {cp, *(o for o, yes in zip(others, same, strict=True) if yes)}
+            own = [p for p in self.rows.values() if p.owner in mine]
             if len(own) + self.ipv4_count(cp) >= pol.max_per_host:
                 raise PinholeError(PinholeErrorKind.QUOTA, f"{cp} holds {pol.max_per_host} pinholes and mappings")
 
@@ -349,6 +370,52 @@ class Pinholes:
         p = await self.owned(cp, uid)
         self._check_on()
         return await self._lease(p, lease, f"re-leased by {cp}")
+
+    async def _held(self, cp: str, nonce: bytes, client: str, int_port: int, proto: int) -> list[Pinhole]:
+        """The pinholes on an internal tuple, all of them the PCP client's: its address and nonce
+        (RFC 6887 §11.3); any other (another nonce, or made by UPnP) is NOT_AUTHORIZED with its
+        remaining lease, as a LAN PCP MAP meets a UPnP port mapping (docs/lan-pcp.md, Ownership)."""
+        held = [p for p in self.rows.values() if (p.int_client, p.int_port, p.proto) == (client, int_port, proto)]
+        for p in held:
+            if p.nonce != nonce or not await self._mine(cp, p.owner):
+                raise PinholeError(PinholeErrorKind.NOT_AUTHORIZED, f"{p} belongs to another client or nonce",
+                                   self.remaining(p) or 1)
+        return held
+
+    async def lan_map(self, cp: str, nonce: bytes, int_client: str, int_port: int, proto: int, remote_host: str,
+                      lease: int) -> Pinhole:
+        """PCP MAP in IPv6 firewall mode (RFC 6887 §11.3): open the pinhole of an internal tuple, or
+        re-lease the client's own (same UniqueID), re-pointed when its FILTER names another remote host."""
+        self.expire()
+        try:
+            known = self.status.enabled and self._in_lan(_ipv6(int_client, "internal address"))
+        except PinholeError:
+            known = True  # not an address at all: _checked refuses it
+        if not known:
+            await self.refresh()  # natd's firewall back, or a prefix delegated since we last asked
+        client, remote, lease = await self._checked(cp, int_client, int_port, proto, remote_host, lease)
+        held = await self._held(cp, nonce, client, int_port, proto)
+        if held:
+            return await self._lease(replace(held[0], remote_host=remote), lease, f"re-leased by PCP client {cp}")
+        await self._check_quota(cp)
+        p = Pinhole(self._new_uid(), cp, client, int_port, proto, remote, 0, lease, self.clock() + lease, nonce)
+        await self.backend.open(p, lease)
+        self._keep(p)
+        log.info("%s opened by PCP client %s for %d s", p, cp, lease)
+        return p
+
+    async def lan_delete(self, cp: str, nonce: bytes, int_client: str, int_port: int, proto: int) -> None:
+        """PCP MAP lifetime 0 (RFC 6887 §15.1): close the client's pinhole of an internal tuple;
+        NO_SUCH_ENTRY when there is none, NOT_AUTHORIZED (with its lease) when it is not the client's."""
+        self.expire()
+        held = await self._held(cp, nonce, _ipv6(int_client, "internal address"), int_port, proto)
+        if not held:
+            raise PinholeError(PinholeErrorKind.NO_SUCH_ENTRY, f"no pinhole to [{int_client}]:{int_port}")
+        for p in held:
+            await self.backend.close(p.uid)
+            self.rows.pop(p.uid, None)
+            self._forget(p.uid)
+            log.info("%s closed by PCP client %s", p, cp)
 
     async def delete(self, cp: str, uid: int) -> None:
         """DeletePinhole: closed in natd first, then the row goes."""
