@@ -7,6 +7,11 @@ deadline per request; anything malformed or over a limit gets a 4xx and the
 connection is closed; any other exception is answered 400 (shared/guard.py). Requests
 from outside the LAN subnets are dropped, and the Host header must be an IP literal (DNS
 rebinding).
+
+Two paths, one behaviour: a request that arrives whole in its connection's first read (what
+control points send) is answered on a plain non-blocking socket from the loop's callbacks
+(:class:`_Conn`); anything else is handed, with the bytes read so far, to the stream path
+(StreamReader/StreamWriter, ``UpnpHttpServer._stream``).
 """
 
 from __future__ import annotations
