@@ -93,21 +93,19 @@ class NatdLink:
         return reply
 
     def _reply(self, frames: Frames) -> None:
-        try:
-            msg, rid = wire.decode(frames[-1])
-        except wire.WireError as exc:
-            log.warning("bad reply from natd: %s", exc)
+        got = _decode(frames, "reply")
+        if got is None:
             return
+        msg, rid = got
         fut = self._pending.get(rid) if rid is not None else None
         if fut is not None and not fut.done():
             fut.set_result(msg)
 
     def _event(self, frames: Frames) -> None:
-        try:
-            msg, _ = wire.decode(frames[-1])
-        except wire.WireError as exc:
-            log.warning("bad event from natd: %s", exc)
+        got = _decode(frames, "event")
+        if got is None:
             return
+        msg = got[0]
         assert self._events is not None
         try:
             self._events.put_nowait(msg)
@@ -135,3 +133,12 @@ class NatdLink:
         self.dealer.close()
         self.sub.close()
         self.ctx.term()
+
+
+def _decode(frames: Frames, what: str) -> tuple[wire.Message, int | None] | None:
+    """A message from natd (its last frame), or None (logged) when it is not one."""
+    try:
+        return wire.decode(frames[-1])
+    except wire.WireError as exc:
+        log.warning("bad %s from natd: %s", what, exc)
+        return None
