@@ -22,8 +22,9 @@ import logging
 import re
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 from controld.upnp import soap
@@ -198,6 +199,12 @@ class UpnpHttpServer:
         self._subnets: list[str] = []
         self._nets: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
         self.server: _Listener | None = None
+        self._tasks: set[asyncio.Task[None]] = set()  # actions that wait, hand-overs: held until done
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def start(self, host: str, port: int) -> int:
         """Listen on ``host:port`` (port 0: any); returns the port."""
@@ -212,7 +219,10 @@ class UpnpHttpServer:
             return True
         sock.setblocking(False)
         if not self.fair.admit(peer, time.monotonic()):
-            asyncio.get_running_loop().create_task(self._adopt(sock, b"", self._refuse, None))
+            if self._refusing >= MAX_REFUSING:  # a flood: not even a 503 (see _refuse)
+                sock.close()
+            else:
+                self._spawn(self._adopt(sock, b"", self._refuse, None))
             return True
         return _Conn(self, sock, peer).start()
 
@@ -431,7 +441,7 @@ class UpnpHttpServer:
             return False
         ready = self._soap(path, headers, buf[end + 4:end + 4 + length], conn.peer)
         if isinstance(ready, _Pending):
-            conn.task = asyncio.get_running_loop().create_task(self._fast_act(conn, ready))
+            self._spawn(self._fast_act(conn, ready))
         else:
             conn.answer(*ready)
         return True
@@ -498,8 +508,7 @@ class _Conn:
     the bytes read so far to the stream path (``_stream``: StreamReader, every deadline and limit
     of the module docstring)."""
 
-    __slots__ = ("srv", "sock", "fd", "peer", "buf", "phase", "held", "reads", "timer", "task", "out", "loop",
-                 "answered")
+    __slots__ = ("srv", "sock", "fd", "peer", "buf", "phase", "held", "reads", "timer", "out", "loop", "answered")
 
     def __init__(self, srv: UpnpHttpServer, sock: socket.socket, peer: str) -> None:
         self.srv = srv
@@ -511,7 +520,6 @@ class _Conn:
         self.held = True  # holds a fairness slot until it ends
         self.reads = 0
         self.timer: asyncio.TimerHandle | None = None
-        self.task: asyncio.Task[None] | None = None
         self.out = b""
         self.loop = asyncio.get_running_loop()
         self.answered = False  # told fairness (a serial client's next connection is not a parallel one)
@@ -633,7 +641,7 @@ class _Conn:
         """Hand the connection (and its fairness slot) to the stream path with what was read."""
         self.phase, self.held = _DONE, False
         srv, peer = self.srv, self.peer
-        self.task = self.loop.create_task(srv._adopt(self.sock, self.buf, lambda r, w: srv._stream(r, w, peer), peer))
+        srv._spawn(srv._adopt(self.sock, self.buf, lambda r, w: srv._stream(r, w, peer), peer))
 
 
 def _parse_head(raw: bytes) -> tuple[str, str, dict[str, str]]:
