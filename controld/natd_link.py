@@ -1,5 +1,8 @@
 """controld's side of the natd link: requests with ids and deadlines, events by subscription.
 
+Plain ZeroMQ sockets on the loop (shared/zio.py): a reply resolves its waiting call straight
+from the socket's reader callback, with no task or poller in between.
+
 On tcp:// both sockets are CURVE clients (keys from ``--curve-dir``, made by
 ``igdpcp-natd --gen-keys``); natd refuses any other peer. ZeroMQ reconnects by itself
 when natd restarts; the heartbeat's boot id tells the IWF to re-sync (Iwf.on_natd_event).
@@ -14,14 +17,15 @@ import time
 from collections.abc import Awaitable, Callable
 
 import zmq
-import zmq.asyncio
 
 from shared import wire
 from shared.daemon import curve_client, needs_curve
+from shared.zio import Frames, ZPump
 
 # first retry, back-off ceiling when natd is away; a low ceiling (a connect() on a local socket
 # twice a second) finds a restarted natd, and re-syncs its forwards, within half a second
 RECONNECT_MS = (100, 500)
+MAX_EVENTS_QUEUED = 10_000  # events read but not yet handled (bounded; natd's heartbeat repeats)
 
 log = logging.getLogger("controld.natd")
 
@@ -40,14 +44,16 @@ class NatdLink:
         for ep in (rpc, events):
             if needs_curve(ep) and not curve_dir:
                 raise SystemExit(f"controld: {ep} needs CURVE keys: pass --curve-dir (see igdpcp-natd --gen-keys)")
-        self.ctx = zmq.asyncio.Context()
+        self.ctx = zmq.Context()
         self.dealer = self._socket(zmq.DEALER, rpc, curve_dir)
         self.sub = self._socket(zmq.SUB, events, curve_dir, subscribe=True)
         self.on_event = on_event
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[wire.Message]] = {}
+        self._rpc: ZPump | None = None  # made on the running loop, by the first call or run()
+        self._events: asyncio.Queue[wire.Message] | None = None
 
-    def _socket(self, kind: int, endpoint: str, curve_dir: str | None, subscribe: bool = False) -> zmq.asyncio.Socket:
+    def _socket(self, kind: int, endpoint: str, curve_dir: str | None, subscribe: bool = False) -> zmq.Socket:
         sock = self.ctx.socket(kind)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, wire.MAX_MESSAGE)
@@ -60,6 +66,11 @@ class NatdLink:
         sock.connect(endpoint)
         return sock
 
+    def _pump(self) -> ZPump:
+        if self._rpc is None:
+            self._rpc = ZPump(self.dealer, self._reply)
+        return self._rpc
+
     async def call(self, msg: wire.Message, timeout: float = 5.0) -> wire.Message:
         """Send a request and wait for its reply; natd's Error replies raise NatdError.
 
@@ -67,10 +78,11 @@ class NatdLink:
         """
         rid = next(self._ids)
         fut: asyncio.Future[wire.Message] = asyncio.get_running_loop().create_future()
+        if not self._pump().send([wire.encode(msg, rid, int((time.time() + timeout) * 1000))]):
+            raise NatdError("busy", f"too many requests to natd queued; {msg.OP} not sent")
         self._pending[rid] = fut
         try:
             async with asyncio.timeout(timeout):  # no task per call, unlike wait_for
-                await self.dealer.send(wire.encode(msg, rid, int((time.time() + timeout) * 1000)))
                 reply = await fut
         except TimeoutError:
             raise NatdError("timeout", f"natd did not answer {msg.OP} within {timeout} s") from None
@@ -80,37 +92,53 @@ class NatdLink:
             raise NatdError(reply.code, reply.message)
         return reply
 
-    async def _replies(self) -> None:
-        while True:
-            raw = await self.dealer.recv()
-            data = raw if isinstance(raw, bytes) else raw.bytes  # pyzmq 24's stubs (Debian 12) say bytes | Frame
-            try:
-                msg, rid = wire.decode(data)
-            except wire.WireError as exc:
-                log.warning("bad reply from natd: %s", exc)
-                continue
-            fut = self._pending.get(rid) if rid is not None else None
-            if fut is not None and not fut.done():
-                fut.set_result(msg)
+    def _reply(self, frames: Frames) -> None:
+        got = _decode(frames, "reply")
+        if got is None:
+            return
+        msg, rid = got
+        fut = self._pending.get(rid) if rid is not None else None
+        if fut is not None and not fut.done():
+            fut.set_result(msg)
 
-    async def _events(self) -> None:
-        while True:
-            frames = await self.sub.recv_multipart()
-            try:
-                msg, _ = wire.decode(frames[-1])
-            except wire.WireError as exc:
-                log.warning("bad event from natd: %s", exc)
-                continue
-            try:
-                await self.on_event(msg)
-            except Exception:  # one bad event must not stop the link
-                log.exception("handling %s event failed", msg.OP)
+    def _event(self, frames: Frames) -> None:
+        got = _decode(frames, "event")
+        if got is None:
+            return
+        msg = got[0]
+        assert self._events is not None
+        try:
+            self._events.put_nowait(msg)
+        except asyncio.QueueFull:
+            log.warning("dropped %s event from natd: %d events not handled yet", msg.OP, MAX_EVENTS_QUEUED)
 
     async def run(self) -> None:
-        """Receive replies and events until cancelled."""
-        await asyncio.gather(self._replies(), self._events())
+        """Receive replies and events until cancelled; events are handled one at a time, in order."""
+        self._pump()
+        self._events = asyncio.Queue(MAX_EVENTS_QUEUED)
+        events = ZPump(self.sub, self._event)
+        try:
+            while True:
+                msg = await self._events.get()
+                try:
+                    await self.on_event(msg)
+                except Exception:  # one bad event must not stop the link
+                    log.exception("handling %s event failed", msg.OP)
+        finally:
+            events.close()
 
     def close(self) -> None:
+        if self._rpc is not None:
+            self._rpc.close()
         self.dealer.close()
         self.sub.close()
         self.ctx.term()
+
+
+def _decode(frames: Frames, what: str) -> tuple[wire.Message, int | None] | None:
+    """A message from natd (its last frame), or None (logged) when it is not one."""
+    try:
+        return wire.decode(frames[-1])
+    except wire.WireError as exc:
+        log.warning("bad %s from natd: %s", what, exc)
+        return None

@@ -22,7 +22,6 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 import zmq
-import zmq.asyncio
 
 from natd import conntrack, neigh, nftmon, stun, wan
 from natd.bindings import BindingTable, Limits, PolicyError, endpoint
@@ -54,6 +53,7 @@ from shared.daemon import (
     setup_logging,
 )
 from shared.guard import Guard, RateLimit
+from shared.zio import ZPump
 
 log = logging.getLogger("natd")
 
@@ -79,7 +79,7 @@ class Natd:
         self.args = args
         self.reparse = reparse
         self.boot_id = uuid.uuid4().hex
-        self.ctx = zmq.asyncio.Context()
+        self.ctx = zmq.Context()
         self.nft = Nft(Layout.make(args.layout, args.table), args.wan_if, args.lan_if)
         self.table = BindingTable(limits=Limits(args.max_bindings, args.max_per_host))
         self.relay = PcpRelay(self._pcp_received, self._pcp_servers, args.wan_if)
@@ -460,7 +460,10 @@ class Natd:
 
     def _publish(self, msg: wire.Message) -> None:
         topic = msg.OP.encode()
-        self.pub.send_multipart([topic, wire.encode(msg)])
+        try:
+            self.pub.send_multipart([topic, wire.encode(msg)], zmq.NOBLOCK)
+        except zmq.Again:  # PUB drops rather than blocks; a subscriber that is behind misses it
+            pass
 
     def _answer(self, payload: bytes) -> tuple[wire.Message | Coroutine[Any, Any, wire.Message], int | None]:
         """One request in, one reply out (or a coroutine making it); every failure becomes a typed Error reply."""
@@ -486,26 +489,24 @@ class Natd:
             log.exception("internal error on %s id=%s", name, rid)
             return wire.Error("internal", type(exc).__name__), rid
 
-    async def _serve(self) -> None:
-        while True:
-            frames = await self.router.recv_multipart(copy=True)
-            if len(frames) != 2:
-                log.warning("refused request of %d frames (one expected)", len(frames) - 1)
-                if frames and len(frames[0]) <= 256:
-                    await self.router.send_multipart([frames[0], wire.encode(
-                        wire.Error("bad-frames", "a request is exactly one frame"))])
-                continue
-            ident, payload = frames
-            reply, rid = self._answer(payload)
-            if isinstance(reply, wire.Message):
-                await self.router.send_multipart([ident, wire.encode(reply, rid)])
-            elif len(self._waits) >= MAX_WAITS:  # bounded: shed load rather than queue without end
-                reply.close()
-                await self.router.send_multipart([ident, wire.encode(wire.Error("busy", "too many PCP waits"), rid)])
-            else:
-                task = asyncio.create_task(self._reply_later(ident, reply, rid))
-                self._waits.add(task)
-                task.add_done_callback(self._waits.discard)
+    def _serve(self, frames: list[bytes]) -> None:
+        """One request from the ROUTER socket (shared/zio.py calls this from the loop's reader)."""
+        if len(frames) != 2:
+            log.warning("refused request of %d frames (one expected)", len(frames) - 1)
+            if frames and len(frames[0]) <= 256:
+                self.rpc.send([frames[0], wire.encode(wire.Error("bad-frames", "a request is exactly one frame"))])
+            return
+        ident, payload = frames
+        reply, rid = self._answer(payload)
+        if isinstance(reply, wire.Message):
+            self.rpc.send([ident, wire.encode(reply, rid)])
+        elif len(self._waits) >= MAX_WAITS:  # bounded: shed load rather than queue without end
+            reply.close()
+            self.rpc.send([ident, wire.encode(wire.Error("busy", "too many PCP waits"), rid)])
+        else:
+            task = asyncio.create_task(self._reply_later(ident, reply, rid))
+            self._waits.add(task)
+            task.add_done_callback(self._waits.discard)
 
     async def _reply_later(self, ident: bytes, work: Coroutine[Any, Any, wire.Message], rid: int | None) -> None:
         """Finish a request that waits (a PCP exchange), then send its reply."""
@@ -514,7 +515,7 @@ class Natd:
         except Exception as exc:  # a bug must cost one request, never the daemon
             log.exception("internal error on request id=%s", rid)
             reply = wire.Error("internal", type(exc).__name__)
-        await self.router.send_multipart([ident, wire.encode(reply, rid)])
+        self.rpc.send([ident, wire.encode(reply, rid)])
 
     async def _heartbeat(self) -> None:
         """Heartbeat with the boot id every second; also the periodic safety-net check."""
@@ -523,7 +524,7 @@ class Natd:
             self._check_generation()  # the periodic safety net
             await asyncio.sleep(pause)
 
-    def _socket(self, kind: int, endpoint: str) -> zmq.asyncio.Socket:
+    def _socket(self, kind: int, endpoint: str) -> zmq.Socket:
         sock = self.ctx.socket(kind)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, wire.MAX_MESSAGE)
@@ -539,9 +540,10 @@ class Natd:
         if not self.args.curve_dir:
             raise SystemExit("natd: tcp:// endpoints need CURVE keys: pass --curve-dir "
                              "(create them with igdpcp-natd --gen-keys DIR)")
+        import zmq.asyncio
         from zmq.auth.asyncio import AsyncioAuthenticator
 
-        auth = AsyncioAuthenticator(self.ctx)
+        auth = AsyncioAuthenticator(zmq.asyncio.Context.shadow(self.ctx.underlying))  # ZAP on the same context
         auth.start()
         auth.configure_curve(domain="*", location=os.path.join(self.args.curve_dir, AUTHORIZED_DIR))
         return auth
@@ -564,6 +566,7 @@ class Natd:
         auth = self._start_auth()
         self.router = self._socket(zmq.ROUTER, self.args.rpc)
         self.pub = self._socket(zmq.PUB, self.args.events)
+        self.rpc = ZPump(self.router, self._serve)
         log.info("natd up: boot=%s wan=%s (%s) lan=%s layout=%s rpc=%s events=%s", self.boot_id, self.ifs.wan_ip,
                  self.args.wan_if, ",".join(self.ifs.lan_subnets), self.nft.layout.name, self.args.rpc,
                  self.args.events)
@@ -572,7 +575,7 @@ class Natd:
         hup = asyncio.Event()
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, hup.set)
         tasks = [asyncio.create_task(c) for c in (
-            self._serve(), self._heartbeat(), self._healer(), self._conntrack_worker(), self._on_hup(hup),
+            self._heartbeat(), self._healer(), self._conntrack_worker(), self._on_hup(hup),
             self._pinhole_sweeper(), self._pinhole_ct_worker(),
             self.stun.run(), wan.watch(self.args.wan_if, self.args.lan_if, self._on_ifs, self.ifs))]
         waiter: asyncio.Task[Any] = asyncio.create_task(stop.wait())
@@ -589,7 +592,7 @@ class Natd:
         self.relay.close()
         if auth is not None:
             auth.stop()
-        self.router.close()
+        self.rpc.close()
         self.pub.close()
         self.ctx.term()
         log.info("natd stopped")

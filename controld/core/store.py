@@ -33,6 +33,8 @@ _COLUMNS = [f.name for f in fields(Mapping)]
 # Text columns are interned: a host's address, a description, the mode repeat across thousands of
 # rows, and one object per distinct value is a third less memory with 10k rows (128 MB routers).
 _TEXT = [f.name for f in fields(Mapping) if "str" in str(f.type)]
+_STATE_AT = _COLUMNS.index("state")
+_SAVE = f"INSERT OR REPLACE INTO mappings ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS mappings (
     id INTEGER PRIMARY KEY, cp TEXT NOT NULL, igd INTEGER NOT NULL, remote_host TEXT NOT NULL,
@@ -150,9 +152,8 @@ class MappingTable:
             m = dataclasses.replace(row, **shared)
         if durable:
             values = [getattr(m, c) for c in _COLUMNS]
-            values[_COLUMNS.index("state")] = m.state.value
-            self._write(f"INSERT OR REPLACE INTO mappings ({', '.join(_COLUMNS)}) VALUES "
-                        f"({', '.join('?' * len(_COLUMNS))})", values)
+            values[_STATE_AT] = m.state.value
+            self._write(_SAVE, values)
         self._index(m)  # only once on disk: memory never holds a row the disk refused
         if m != before:
             self._emit(ChangeKind.ADDED if before is None else ChangeKind.CHANGED, before, m)

@@ -1,14 +1,14 @@
 """Per-host fairness for the UPnP HTTP server, sans-I/O: peer and time in, admit or refuse out.
 
 One host cannot starve the others: each source address may hold at
-most MAX_PER_HOST connections and open them, while it already holds one, at RATE_PER_S
-(burst RATE_BURST): a control point that waits for each answer before its next request
-(miniupnpc listing 10,000 entries, one connection each) is bounded by our own service
-time and is never refused, only parallel openers are rate limited; the last
+most MAX_PER_HOST connections and open them at RATE_PER_S (burst RATE_BURST); the last
 RESERVE of the MAX_CONNECTIONS slots go only to hosts holding fewer than RESERVE_UNDER
-connections, so a newcomer is served even while others fill the server. Each connection
-has its own deadlines (controld.upnp.http: READ_DEADLINE for header and body), so a slow
-sender frees its slot within seconds.
+connections, so a newcomer is served even while others fill the server. The bucket charges
+only a connection opened while another of the host's is still unanswered: a control point that
+waits for each answer before its next request (miniupnpc mapping or listing a thousand ports) is
+paced by the server itself and never refused. Each connection has its own deadlines
+(controld.upnp.http: READ_DEADLINE for header and body), so a slow sender frees its slot within
+seconds.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ class Fairness:
         self.total, self.per_host, self.reserve = total, per_host, reserve
         self.burst, self.rate = burst, rate
         self.held: dict[str, int] = {}
+        self.waiting: dict[str, int] = {}  # held and not answered yet
         self.active = 0
         self.buckets: dict[str, tuple[float, float]] = {}  # host -> (tokens, last time)
 
@@ -40,23 +41,32 @@ class Fairness:
             return False
         if self.active >= self.total - self.reserve and held >= RESERVE_UNDER:
             return False  # the reserve is for hosts under their share
-        if held == 0:  # one at a time: paced by our answers, nothing to limit
-            self.held[host] = 1
-            self.active += 1
-            return True
-        tokens, last = self.buckets.pop(host, (self.burst, now))
-        tokens = min(self.burst, tokens + (now - last) * self.rate)
-        if len(self.buckets) >= MAX_HOSTS:
-            self.buckets.pop(next(iter(self.buckets)))
-        ok = tokens >= 1.0
-        self.buckets[host] = (tokens - 1.0 if ok else tokens, now)
+        ok = True
+        if self.waiting.get(host):  # only parallel requests are rate limited (see the module docstring)
+            tokens, last = self.buckets.pop(host, (self.burst, now))
+            tokens = min(self.burst, tokens + (now - last) * self.rate)
+            if len(self.buckets) >= MAX_HOSTS:
+                self.buckets.pop(next(iter(self.buckets)))
+            ok = tokens >= 1.0
+            self.buckets[host] = (tokens - 1.0 if ok else tokens, now)
         if ok:
             self.held[host] = held + 1
+            self.waiting[host] = self.waiting.get(host, 0) + 1
             self.active += 1
         return ok
 
-    def release(self, host: str) -> None:
-        """``host``'s connection ended."""
+    def answered(self, host: str) -> None:
+        """``host``'s connection has its answer (it still holds its slot until it ends)."""
+        left = self.waiting.get(host, 0) - 1
+        if left > 0:
+            self.waiting[host] = left
+        else:
+            self.waiting.pop(host, None)
+
+    def release(self, host: str, answered: bool = False) -> None:
+        """``host``'s connection ended (``answered``: :meth:`answered` was called for it)."""
+        if not answered:
+            self.answered(host)
         held = self.held.get(host, 0)
         if held <= 1:
             self.held.pop(host, None)

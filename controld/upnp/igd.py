@@ -232,10 +232,29 @@ class IgdActions:
             **self.pinholes.handlers,  # WANIPv6FirewallControl:1 (controld/upnp/pinholes.py)
         }
 
+        # Answered from memory with nothing to wait for: the HTTP server runs these without a task.
+        self.now_handlers: dict[str, Callable[[SoapAction, str], Out]] = {
+            "GetGenericPortMappingEntry": self._generic_entry,
+            "GetPortMappingNumberOfEntries": self._number_of_entries,
+            "GetExternalIPAddress": self._external_ip,
+        }
+
     def changed(self, ev: ChangeEvent | None = None) -> None:
         """Mappings or addresses changed (SystemUpdateID, IGD:2); a store event only if a CP sees it."""
         if ev is None or ev.shown:
             self.system_update_id = (self.system_update_id + 1) % UI4 or 1
+
+    def handle_now(self, service: Service, action: SoapAction, cp: str) -> Out | None:
+        """:meth:`handle` for the actions answered from memory; None: call :meth:`handle`."""
+        now = self.now_handlers.get(action.name)
+        if now is None or action.name not in service.actions and action.name not in UNDECLARED.get(service.name, ()):
+            return None
+        self.iwf.stats.request("upnp")
+        try:
+            return now(action, cp)
+        except UPnPError as exc:
+            self.iwf.stats.error("upnp", exc.code)
+            raise
 
     async def handle(self, service: Service, action: SoapAction, cp: str) -> Out:
         """Run ``action`` invoked on ``service`` by control point ``cp``; raises UPnPError."""
@@ -290,6 +309,9 @@ class IgdActions:
         return {"NewRSIPAvailable": 0, "NewNATEnabled": 1}
 
     async def get_external_ip_address(self, a: SoapAction, cp: str) -> Out:
+        return self._external_ip(a, cp)
+
+    def _external_ip(self, a: SoapAction, cp: str) -> Out:
         return {"NewExternalIPAddress": self.iwf.external_ip(cp)}
 
     def _mapping_args(self, a: SoapAction, cp: str) -> tuple[str, int, int, int, str, bool, str, int]:
@@ -344,11 +366,17 @@ class IgdActions:
         return _entry(self.iwf, m, with_key=False)
 
     async def get_generic_port_mapping_entry(self, a: SoapAction, cp: str) -> Out:
-        # O(1) by index; an index is stable until a mapping before it goes (controld/table.py)
+        return self._generic_entry(a, cp)
+
+    def _generic_entry(self, a: SoapAction, cp: str) -> Out:
+        # O(1) by index; an index is stable until a mapping before it goes (controld/core/store.py)
         m = get_generic(self.iwf, _uint(a, "NewPortMappingIndex", 65535))
         return _entry(self.iwf, m, with_key=True)
 
     async def get_port_mapping_number_of_entries(self, a: SoapAction, cp: str) -> Out:
+        return self._number_of_entries(a, cp)
+
+    def _number_of_entries(self, a: SoapAction, cp: str) -> Out:
         return {"NewPortMappingNumberOfEntries": self.iwf.count()}
 
     async def get_list_of_port_mappings(self, a: SoapAction, cp: str) -> Out:

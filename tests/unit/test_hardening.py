@@ -91,6 +91,19 @@ def test_fairness_never_refuses_a_host_that_waits_for_each_answer() -> None:
     assert f.active == 0 and not f.held
 
 
+def test_fairness_answered_connections_do_not_make_the_next_one_parallel() -> None:
+    """The next request of a host that waits for each answer may come while the answered
+    connection still lingers for its EOF: it is not charged either."""
+    f = Fairness(total=1000, per_host=1000, reserve=0, burst=5, rate=1)
+    for _ in range(100):
+        assert f.admit("192.168.1.66", 0.0)
+        f.answered("192.168.1.66")
+    assert f.held["192.168.1.66"] == 100 and not f.waiting
+    for _ in range(100):
+        f.release("192.168.1.66", answered=True)
+    assert f.active == 0 and not f.held
+
+
 def test_unmatched_map_response_changes_no_epoch() -> None:
     """RFC 6887 §8.4: an unmatched response (a forgery with a wrong nonce) is not epoch-processed;
     the owner checks the epoch only once it matched the response to a mapping it holds."""
