@@ -15,7 +15,7 @@ import pytest
 
 from natd import netlink, nftmon
 from natd.bindings import BindingTable, PolicyError
-from natd.nft import Layout, expected, fw4_includes
+from natd.nft import Layout, _addr_port, _fwd_item, _fwd_key, _snat_item, _snat_key, expected, fw4_includes
 from shared import netlink as nl
 from shared import wire
 from tests.bed import fuzz
@@ -312,3 +312,21 @@ def test_setelem_batch_is_one_transaction_of_chunked_element_messages() -> None:
             assert nl.attrs(e[1]) == {1: key}  # NFTA_SET_ELEM_KEY > NFTA_DATA_VALUE
             assert (nl.attrs(e[2]) == {1: val}) if m.type & 0xFF == netlink.NFT_MSG_NEWSETELEM else 2 not in e
     assert counts == [1, netlink.ELEMS_PER_MESSAGE, 1]
+
+
+def test_element_dump_decodes_what_the_batch_writes() -> None:
+    """natd's snapshot reads its maps back as raw netlink values: a dumped NEWSETELEM message holding
+    the batch's elements gives the same forwards back (key and value layouts are each other's inverse)."""
+    fwd = {(6, 20000): ("192.168.1.2", 8080), (17, 65535): ("192.168.1.254", 1)}
+    snat = {("192.168.1.2", 6, 8080): ("100.64.0.2", 20000)}
+
+    def dumped(ops: list[netlink.ElemOp]) -> list[netlink.ElemOp]:
+        msg = list(nl.messages(netlink.setelem_batch(2, "igdpcp", [("m", ops)])[0]))[1]
+        return netlink.decode_setelems(msg)
+
+    got_fwd = dumped([(_fwd_key(k), _addr_port(v)) for k, v in fwd.items()])
+    assert dict(_fwd_item(k, v) for k, v in got_fwd if v is not None) == fwd
+    got_snat = dumped([(_snat_key(k), _addr_port(v)) for k, v in snat.items()])
+    assert dict(_snat_item(k, v) for k, v in got_snat if v is not None) == snat
+    other = nl.Msg(netlink.NFNL_MSG_BATCH_BEGIN, 0, 1, b"\0" * 4)
+    assert netlink.decode_setelems(other) == []
