@@ -409,14 +409,14 @@ class Nft:
         bindings = list(bindings)
         want = self.expected(bindings, wan_ip, lan)
         for attempt in (1, 2):
-            bulk = self._write_bulk(want)
-            if bulk is not None:
-                self.state = want
-                return bulk
-            script, change = self._diff(want)
-            if not script:
-                return change
             try:
+                bulk = self._write_bulk(want)
+                if bulk is not None:
+                    self.state = want
+                    return bulk
+                script, change = self._diff(want)
+                if not script:
+                    return change
                 self.run(script)
                 self.state = want
                 return change
@@ -489,17 +489,24 @@ class Nft:
         return gone
 
     def _write_bulk(self, want: KernelState) -> Change | None:
-        """Write the map elements that differ from ``want`` as one netlink batch when they are many
-        and nothing else differs; None when the nft text is to be run instead (few changes, set
-        changes, or the batch failed: nothing of it applied, so the text transaction starts clean)."""
+        """Write the map elements that differ from ``want`` as one netlink batch when they are many;
+        None when the nft text is to be run instead (few changes, or the batch failed: nothing of it
+        applied, so the text transaction starts clean)."""
         have = self.state
-        if (have.wan, have.lan, have.wanif, have.inif, have.pcp) != (want.wan, want.lan, want.wanif, want.inif,
-                                                                      want.pcp):
-            return None
         fwd_gone, fwd_new = _map_diff(want.fwd, have.fwd)
         snat_gone, snat_new = _map_diff(want.snat, have.snat)
         if len(fwd_gone) + len(fwd_new) + len(snat_gone) + len(snat_new) < BULK_MIN:
             return None
+        old_wan = tuple(sorted(have.wan))
+        if (have.wan, have.lan, have.wanif, have.inif, have.pcp) != (want.wan, want.lan, want.wanif, want.inif,
+                                                                      want.pcp):
+            # The sets first, as nft text (a few elements), then the maps' batch: two transactions,
+            # met only when the forwards are rebuilt anyway (the table restored after a flush or at
+            # start, a new WAN address); libnftables would peak at ~4 KiB per element parsed.
+            sets = KernelState(have.fwd, have.snat, want.wan, want.lan, want.wanif, want.inif, want.pcp)
+            script, _ = self._diff(sets)
+            self.run(script)
+            self.state = have = sets
         p = self.layout.prefix
         changes = [
             (f"{p}fwd4", [*((_fwd_key(k), None) for k in fwd_gone),
@@ -514,7 +521,7 @@ class Nft:
             return None
         return Change(added=len(fwd_new), removed=sum(1 for k in fwd_gone if k not in want.fwd),
                       gone_fwd=tuple((k, have.fwd[k]) for k in fwd_gone),
-                      gone_snat=tuple((k, have.snat[k]) for k in snat_gone), old_wan=tuple(sorted(have.wan)))
+                      gone_snat=tuple((k, have.snat[k]) for k in snat_gone), old_wan=old_wan)
 
     def _diff(self, want: KernelState) -> tuple[str, Change]:
         have, lay, p = self.state, self.layout, self.layout.prefix
