@@ -6,13 +6,16 @@
 - ``accept`` / ``connect``: a TCP accept loop and a new-connection rate loop (data plane);
 - ``sniff``: PCP MAP request/response times at an interface (NAT2's own round trip, seen at natd's WAN side);
 - ``soap-probe``: the first moment an IGD answers a SOAP call; ``fwd-count``: the first moment natd's
-  DNAT map holds N forwards; ``natpmp``: NAT-PMP mapping round trips (or a probe of UDP 5351).
+  DNAT map holds N forwards; ``natpmp``: NAT-PMP mapping round trips (or a probe of UDP 5351);
+- ``pinholes``: AddPinhole / DeletePinhole (WANIPv6FirewallControl:1) by raw SOAP POSTs, the same client
+  for both systems, driven by JSON lines on stdin like ``client``.
 
 Every loop is bounded by a count or a deadline; results go to stdout as one JSON line.
 """
 
 from __future__ import annotations
 
+import functools
 import http.client
 import json
 import os
@@ -22,12 +25,20 @@ import socket
 import struct
 import sys
 import time
-from typing import Any
+import urllib.parse
+import urllib.request
+from collections.abc import Callable
+from typing import Any, TypeVar
+from xml.etree import ElementTree
 
 from bench.progress import Progress
 from shared.const import PCP_SERVER_PORT as NATPMP_PORT  # PCP and NAT-PMP share it
 
 SOAP_NS = "urn:schemas-upnp-org:service:WANIPConnection:1"
+FC6_NS = "urn:schemas-upnp-org:service:WANIPv6FirewallControl:1"
+_DEVICE_NS = "{urn:schemas-upnp-org:device-1-0}"
+MAX_REFUSALS = 5  # 503 answers one call retries before it counts as an error
+T = TypeVar("T")
 
 
 def _say(obj: Any) -> None:
@@ -36,8 +47,46 @@ def _say(obj: Any) -> None:
 
 
 # --------------------------------------------------------------------- UPnP client
+def timed_retry(call: Callable[[], T], refusal: Callable[[T], float | None],
+                sleep: Callable[[float], None] = time.sleep) -> tuple[float, T, int]:
+    """``call()`` timed: (seconds, result, refusals). While ``refusal(result)`` names a wait (an IGD's per-host
+    connection rate: a 503 answered before any work), sleep it (at most 5 s) and call again, at most
+    MAX_REFUSALS times, as a control point would; only the attempt that was served is timed."""
+    refused = 0
+    while True:
+        t = time.perf_counter()
+        res = call()
+        took = time.perf_counter() - t
+        wait = refusal(res)
+        if wait is None or refused == MAX_REFUSALS:
+            return took, res, refused
+        refused += 1
+        sleep(min(5.0, max(0.0, wait)))
+
+
+def _attempt(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)``, or the exception it raised (the binding raises on every refusal)."""
+    try:
+        return fn(*args)
+    except Exception as exc:  # a refusal is counted, the run goes on
+        return exc
+
+
+def _binding_refusal(res: Any) -> float | None:
+    # the binding says only this for an answer that is not SOAP (a 503 included) and hides Retry-After,
+    # which controld sets to 1 s
+    return 1.0 if isinstance(res, Exception) and str(res) == "Miniupnpc HTTP error" else None
+
+
+def _list_refusal(below_count: bool, res: Any) -> float | None:
+    # the binding answers None for a 713 and for an HTTP error alike: below the count of mappings the
+    # bench made, None is a refusal
+    return 1.0 if res is None and below_count else _binding_refusal(res)
+
+
 def client() -> None:
-    """Discover the IGD, then serve commands: add/list/delete (one TCP connection per call, as miniupnpc does)."""
+    """Discover the IGD, then serve commands: add/list/delete (one TCP connection per call, as miniupnpc does).
+    Each answer carries the latencies, the errors and the 503 refusals retried (timed_retry)."""
     import miniupnpc  # the client both systems are measured with
 
     u = miniupnpc.UPnP()
@@ -50,36 +99,32 @@ def client() -> None:
         cmd = json.loads(line)
         op, first, count = cmd["op"], int(cmd.get("first", 0)), int(cmd.get("count", 0))
         lat: list[float] = []
-        errors = 0
+        errors = refusals = 0
         with Progress(f"{cmd.get('label', op)}", count if op != "list" else int(cmd.get("max", 2)) - 1) as bar:
-            if op == "add":
+            if op in ("add", "delete"):
                 for i in range(count):
-                    t = time.perf_counter()
-                    try:
-                        u.addportmapping(first + i, "TCP", me, first + i, "bench", "", 0)
-                    except Exception:  # a refusal is counted, the run goes on
-                        errors += 1
-                    lat.append(time.perf_counter() - t)
+                    args = (first + i, "TCP", me, first + i, "bench", "", 0) if op == "add" else (first + i, "TCP")
+                    fn = u.addportmapping if op == "add" else u.deleteportmapping
+                    took, res, refused = timed_retry(functools.partial(_attempt, fn, *args), _binding_refusal)
+                    lat.append(took)
+                    errors += isinstance(res, Exception)
+                    refusals += refused
                     bar.step()
-                _say({"lat": lat, "errors": errors})
-            elif op == "delete":
-                for i in range(count):
-                    t = time.perf_counter()
-                    try:
-                        u.deleteportmapping(first + i, "TCP")
-                    except Exception:
-                        errors += 1
-                    lat.append(time.perf_counter() - t)
-                    bar.step()
-                _say({"lat": lat, "errors": errors})
+                _say({"lat": lat, "errors": errors, "refused": refusals})
             elif op == "list":  # index 0, 1, ... until the IGD says 713 (SpecifiedArrayIndexInvalid)
-                limit = int(cmd["max"])
-                t0 = time.perf_counter()
+                limit, expect = int(cmd["max"]), int(cmd.get("expect", 0))
+                total = 0.0
                 i = 0
-                while i <= limit and u.getgenericportmapping(i) is not None:
+                while i <= limit:
+                    took, res, refused = timed_retry(functools.partial(_attempt, u.getgenericportmapping, i),
+                                                     functools.partial(_list_refusal, i < expect))
+                    total += took  # the waits after a 503 are not the listing's
+                    refusals += refused
+                    if res is None or isinstance(res, Exception):
+                        break
                     i += 1
                     bar.step()
-                _say({"total": time.perf_counter() - t0, "entries": i})
+                _say({"total": total, "entries": i, "refused": refusals})
             else:
                 _say({"error": f"unknown op {op}"})
 
@@ -191,13 +236,109 @@ def sniff(ifname: str, out: str, seconds: float) -> None:
     os.rename(out + ".tmp", out)
 
 
+# --------------------------------------------------------------------- SOAP by hand
+def soap_body(service: str, action: str, args: dict[str, Any]) -> bytes:
+    """One SOAP request envelope (UPnP Device Architecture 1.1 §3.2.1)."""
+    inner = "".join(f"<{k}>{v}</{k}>" for k, v in args.items())
+    return ('<?xml version="1.0"?><s:Envelope xmlns:s="http://schemas.xmlsoap.org/soap/envelope/" '
+            's:encodingStyle="http://schemas.xmlsoap.org/soap/encoding/"><s:Body>'
+            f'<u:{action} xmlns:u="{service}">{inner}</u:{action}></s:Body></s:Envelope>').encode()
+
+
+def control_url(description: bytes, location: str, service: str) -> str:
+    """The absolute control URL of ``service`` in a device description fetched from ``location``."""
+    root = ElementTree.fromstring(description)
+    base = root.findtext(f"{_DEVICE_NS}URLBase") or location
+    for svc in root.iter(f"{_DEVICE_NS}service"):
+        if svc.findtext(f"{_DEVICE_NS}serviceType") == service:
+            return urllib.parse.urljoin(base, (svc.findtext(f"{_DEVICE_NS}controlURL") or "").strip())
+    raise ValueError(f"{location}: no {service}")
+
+
+def soap_out(body: bytes, name: str) -> str | None:
+    """The text of the output argument ``name`` in a SOAP answer, or None (a fault, or not there)."""
+    try:
+        root = ElementTree.fromstring(body)
+    except ElementTree.ParseError:
+        return None
+    return next((el.text or "" for el in root.iter() if el.tag.rpartition("}")[2] == name), None)
+
+
+def soap_post(url: str, service: str, action: str, args: dict[str, Any],
+              timeout: float = 10.0) -> tuple[int, bytes, str | None]:
+    """POST one action on a new HTTP/1.1 connection (as miniupnpc does); (status, body, Retry-After)."""
+    u = urllib.parse.urlsplit(url)
+    c = http.client.HTTPConnection(u.hostname or "", u.port or 80, timeout=timeout)
+    try:
+        c.request("POST", u.path or "/", body=soap_body(service, action, args),
+                  headers={"SOAPACTION": f'"{service}#{action}"', "Content-Type": 'text/xml; charset="utf-8"'})
+        r = c.getresponse()
+        return r.status, r.read(), r.getheader("Retry-After")
+    except OSError as exc:
+        return 0, str(exc).encode(), None
+    finally:
+        c.close()
+
+
+def _retry_after(res: tuple[int, bytes, str | None]) -> float | None:
+    status, _, retry_after = res
+    if status != 503:
+        return None
+    try:
+        return float(retry_after or 1)
+    except ValueError:
+        return 1.0
+
+
+def timed_call(url: str, service: str, action: str, args: dict[str, Any],
+               sleep: Callable[[float], None] = time.sleep) -> tuple[float, int, bytes, int]:
+    """One action, timed, a 503 retried after its Retry-After (timed_retry): (seconds, status, body, refusals)."""
+    took, (status, body, _), refused = timed_retry(lambda: soap_post(url, service, action, args), _retry_after, sleep)
+    return took, status, body, refused
+
+
+def pinhole_client(location: str) -> None:
+    """Fetch the description at ``location``, then serve commands: ``add`` (``count`` TCP pinholes for
+    ``client`` from port ``first``, lease ``lease``) and ``delete`` (every pinhole it added)."""
+    with urllib.request.urlopen(location, timeout=10) as r:
+        url = control_url(r.read(), location, FC6_NS)
+    _say({"control_url": url})
+    uids: list[int] = []
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        lat: list[float] = []
+        errors: list[str] = []  # the first few faults, for the log
+        failed = refusals = 0
+        todo = list(uids) if cmd["op"] == "delete" else range(int(cmd["count"]))
+        with Progress(cmd.get("label", cmd["op"]), len(todo)) as bar:
+            for i in todo:
+                if cmd["op"] == "add":
+                    action, args = "AddPinhole", {"RemoteHost": "", "RemotePort": 0, "InternalClient": cmd["client"],
+                                                  "InternalPort": int(cmd["first"]) + i, "Protocol": 6,
+                                                  "LeaseTime": int(cmd["lease"])}
+                else:
+                    action, args = "DeletePinhole", {"UniqueID": i}
+                took, status, body, refused = timed_call(url, FC6_NS, action, args)
+                lat.append(took)
+                refusals += refused
+                uid = soap_out(body, "UniqueID") if action == "AddPinhole" else ""
+                if status == 200 and uid is not None:
+                    if uid:
+                        uids.append(int(uid))
+                else:
+                    failed += 1
+                    if len(errors) < 3:
+                        errors.append(f"{action} {status}: {body[-300:].decode(errors='replace')}")
+                bar.step()
+        if cmd["op"] == "delete":
+            uids.clear()
+        _say({"lat": lat, "errors": failed, "faults": errors, "refused": refusals})
+
+
 # --------------------------------------------------------------------- restart probes
 def soap_probe(host: str, port: int, path: str, seconds: float) -> None:
     """Call GetGenericPortMappingEntry(0) every 10 ms until an HTTP answer; prints its CLOCK_MONOTONIC time."""
-    body = ('<?xml version="1.0"?><s:Envelope xmlns:s="http://schemas.xmlsoap.org/soap/envelope/" '
-            's:encodingStyle="http://schemas.xmlsoap.org/soap/encoding/"><s:Body>'
-            f'<u:GetGenericPortMappingEntry xmlns:u="{SOAP_NS}"><NewPortMappingIndex>0</NewPortMappingIndex>'
-            '</u:GetGenericPortMappingEntry></s:Body></s:Envelope>').encode()
+    body = soap_body(SOAP_NS, "GetGenericPortMappingEntry", {"NewPortMappingIndex": 0})
     _say("ready")
     end = time.monotonic() + seconds
     while time.monotonic() < end:
@@ -313,6 +454,8 @@ def main(argv: list[str]) -> None:
         natpmp(args[0], int(args[1]), int(args[2]) if len(args) > 2 else 0)
     elif name == "pcp":
         pcp_maps(args[0], int(args[1]), int(args[2]))
+    elif name == "pinholes":
+        pinhole_client(args[0])
     else:
         raise SystemExit(f"unknown agent {name}")
 

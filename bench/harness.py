@@ -4,8 +4,9 @@ Phases (each can be skipped with ``--skip``): ``control`` (add / list / delete a
 memory and CPU), ``dataplane`` (new TCP connections per second at N = 1 and the largest N), ``restart``
 (controld's first SOAP answer, forwards back after a natd restart and after ``nft flush ruleset``),
 ``cascaded`` (AddPortMapping through real NAT2, NAT2's round trip timed at natd's WAN side),
-``natpmp`` (only once a NAT-PMP/PCP server answers on the gateway), ``pinned`` (the key figures with
-the daemons pinned to one core) and ``miniupnpd`` (the comparison columns).
+``natpmp`` (only once a NAT-PMP/PCP server answers on the gateway), ``pinholes`` (IPv6 AddPinhole /
+DeletePinhole through UPnP, both systems in the same IPv6 bed), ``pinned`` (the key figures with the
+daemons pinned to one core) and ``miniupnpd`` (the comparison columns).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from bench.systems import Igdpcp, Miniupnpd, System, pin_all
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS_DIR = os.path.join(REPO, "bench", "results")
 FIRST_PORT = 20000
-PHASES = ("control", "dataplane", "restart", "cascaded", "natpmp", "pinned", "miniupnpd")
+PHASES = ("control", "dataplane", "restart", "cascaded", "natpmp", "pinholes", "pinned", "miniupnpd")
+PINHOLE_LEASE = 3600  # s: outlives the longest run, so no pinhole ends while it is counted
 
 
 @dataclass
@@ -43,6 +45,7 @@ class Config:
     cascaded_n: int = 1000
     pinned_n: int = 1000
     natpmp_ns: list[int] = field(default_factory=lambda: [100, 1000])  # NAT-PMP and PCP maps at each
+    pinhole_ns: list[int] = field(default_factory=lambda: [100, 1000])  # UPnP pinholes at each
     dataplane_secs: float = 3.0
     dataplane_runs: int = 3
     skip: tuple[str, ...] = ()
@@ -52,7 +55,7 @@ class Config:
     def quick_run(cls) -> Config:
         """The smoke run: under 3 minutes on 2 cores."""
         return cls(ns=[100, 200], miniupnpd_max=200, conntrack_flows=30500, cascaded_n=100, pinned_n=0,
-                   natpmp_ns=[50], dataplane_secs=1.0, dataplane_runs=1, quick=True)
+                   natpmp_ns=[50], pinhole_ns=[100], dataplane_secs=1.0, dataplane_runs=1, quick=True)
 
 
 def say(msg: str) -> None:
@@ -162,7 +165,7 @@ def control_plane(bed: tb.Testbed, system: System, n: int, cfg: Config, *, pinne
         rest = client.ask({"op": "add", "first": FIRST_PORT + 1, "count": n - 1, "label": f"{label} add"})
         cpu1 = procs.cpu_seconds(system.pids().values())
         adds = first["lat"] + rest["lat"]
-        listing = client.ask({"op": "list", "max": n + 1, "label": f"{label} list"})
+        listing = client.ask({"op": "list", "max": n + 1, "expect": n, "label": f"{label} list"})
         cpu2 = procs.cpu_seconds(system.pids().values())
         time.sleep(1.0)  # let allocators settle before reading memory
         row["memory"] = procs.memory_of(system.pids())
@@ -185,13 +188,14 @@ def control_plane(bed: tb.Testbed, system: System, n: int, cfg: Config, *, pinne
         if server is not None:
             server.close()
         system.stop()
-    list_stats = {"total_s": listing["total"], "entries": listing["entries"],
+    list_stats = {"total_s": listing["total"], "entries": listing["entries"], "refused": listing["refused"],
                   "per_entry_ms": 1e3 * listing["total"] / max(1, listing["entries"])}
     row.update({
-        "add": stats.summarize(adds), "add_errors": first["errors"] + rest["errors"], "list": list_stats,
+        "add": stats.summarize(adds), "add_errors": first["errors"] + rest["errors"],
+        "add_refused": first["refused"] + rest["refused"], "list": list_stats,
         "delete_quiet": stats.summarize(quiet["lat"]), "delete": stats.summarize(loaded["lat"]),
         "delete_all_total_s": sum(quiet["lat"]) + sum(loaded["lat"]),
-        "delete_errors": quiet["errors"] + loaded["errors"],
+        "delete_errors": quiet["errors"] + loaded["errors"], "delete_refused": quiet["refused"] + loaded["refused"],
         "conntrack": {"before": ct_before, "after": ct_after},
         "cpu_s_per_1k": {"add": stats.cpu_per_1k(cpu1 - cpu0, timed_adds),
                          "list": stats.cpu_per_1k(cpu2 - cpu1, listing["entries"]),
@@ -316,13 +320,68 @@ def natpmp_phase(cfg: Config) -> dict[str, Any]:
                             {**stats.summarize(r["lat"]), "errors": r["errors"]}
                 finally:
                     system.stop()
-    for agent in ("natpmp", "pcp"):
-        for n in cfg.natpmp_ns:
-            ours = report_lookup(out, f"igdpcp.{agent}.{n}.total_s")
-            theirs = report_lookup(out, f"miniupnpd.{agent}.{n}.total_s")
-            if ours and theirs:
-                out.setdefault("speedup", {})[f"{agent}_{n}"] = theirs / ours
+    speedup = speedups(out, [f"{agent}.{n}" for agent in ("natpmp", "pcp") for n in cfg.natpmp_ns])
+    if speedup:
+        out["speedup"] = speedup
     return out
+
+
+def speedups(out: dict[str, Any], keys: list[str]) -> dict[str, float]:
+    """miniupnpd's ``total_s`` / igdpcp's at each dotted key both measured ("pcp.100" -> "pcp_100")."""
+    res = {}
+    for key in keys:
+        ours = report_lookup(out, f"igdpcp.{key}.total_s")
+        theirs = report_lookup(out, f"miniupnpd.{key}.total_s")
+        if ours and theirs:
+            res[key.replace(".", "_")] = theirs / ours
+    return res
+
+
+# --------------------------------------------------------------------- IPv6 pinholes
+def pinholes_phase(cfg: Config) -> dict[str, Any]:
+    """AddPinhole then DeletePinhole, N of each one by one through UPnP (WANIPv6FirewallControl:1), igdpcp and
+    miniupnpd in the same IPv6 bed with the same raw SOAP client (``pinholes`` agent), a fresh start per N.
+    ``speedup``: miniupnpd's total / ours ("1000_add", "1000_delete")."""
+    out: dict[str, Any] = {"lease_s": PINHOLE_LEASE}
+    with tb.Testbed(ipv6=True) as bed:
+        systems: list[System] = [Igdpcp.for_pinholes(bed)]
+        if "miniupnpd" not in cfg.skip:
+            systems.append(Miniupnpd(bed, ipv6=True))
+        for system in systems:
+            for n in cfg.pinhole_ns:
+                out.setdefault(system.name, {})[str(n)] = pinholes_at(bed, system, n)
+    out["speedup"] = speedups(out, [f"{n}.{op}" for n in cfg.pinhole_ns for op in ("add", "delete")])
+    return out
+
+
+def pinholes_at(bed: tb.Testbed, system: System, n: int) -> dict[str, Any]:
+    """One system at one N: the adds, the pinholes in the kernel, the deletes, the kernel again."""
+    label = f"{system.name} pinholes N={n}"
+    say(f"{label}: starting")
+    system.start()
+    try:
+        client = Agent(bed, "lan", "pinholes", system.pinhole_desc_url)
+        try:  # one untimed add and delete first: the first call's one-off costs are not a pinhole's
+            client.ask({"op": "add", "first": FIRST_PORT - 1, "count": 1, "client": tb.LAN_HOST_IP6,
+                        "lease": PINHOLE_LEASE, "label": f"{label} warm-up"})
+            client.ask({"op": "delete", "label": f"{label} warm-up"})
+            add = client.ask({"op": "add", "first": FIRST_PORT, "count": n, "client": tb.LAN_HOST_IP6,
+                              "lease": PINHOLE_LEASE, "label": f"{label} AddPinhole"})
+            opened = system.pinholes()
+            rm = client.ask({"op": "delete", "label": f"{label} DeletePinhole"})
+            left = system.pinholes()
+        finally:
+            client.close()
+    finally:
+        system.stop()
+    row = {"add": stats.summarize(add["lat"]), "add_errors": add["errors"], "add_refused": add["refused"],
+           "delete": stats.summarize(rm["lat"]), "delete_errors": rm["errors"], "delete_refused": rm["refused"],
+           "kernel": {"after_adds": opened, "after_deletes": left}, "faults": add["faults"] + rm["faults"]}
+    say(f"{label}: AddPinhole p50 {row['add']['p50_ms']:.2f} ms ({add['errors']} errors, {add['refused']} "
+        f"503 retried), DeletePinhole p50 {row['delete']['p50_ms']:.2f} ms ({rm['errors']} errors, "
+        f"{rm['refused']} 503 retried); in the kernel {opened} after the adds, {left} after the deletes"
+        + "".join(f"\n  {f}" for f in row["faults"]))
+    return row
 
 
 # --------------------------------------------------------------------- the run
@@ -336,7 +395,7 @@ def run(cfg: Config, argv: list[str]) -> dict[str, Any]:
     doc: dict[str, Any] = {"schema": report.SCHEMA_VERSION, "meta": report.machine_facts(argv, cfg.quick),
                            "control": [], "memory": {}, "dataplane": [], "cascaded": None,
                            "natpmp": {"available": False, "reason": "phase skipped"}, "restart": None,
-                           "errors": []}
+                           "pinholes": None, "errors": []}
 
     def phase(name: str, fn: Callable[[], None]) -> None:
         try:
@@ -357,6 +416,8 @@ def run(cfg: Config, argv: list[str]) -> dict[str, Any]:
         phase("cascaded", lambda: doc.update(cascaded=cascaded(cfg)))
     if "natpmp" not in cfg.skip:
         phase("natpmp", lambda: doc.update(natpmp=natpmp_phase(cfg)))
+    if "pinholes" not in cfg.skip:
+        phase("pinholes", lambda: doc.update(pinholes=pinholes_phase(cfg)))
     return report.with_goals(doc)
 
 
@@ -451,6 +512,7 @@ def parse_args(argv: list[str]) -> tuple[Config, argparse.Namespace]:
     ap.add_argument("--cascaded-n", type=int, help="adds in the cascaded phase (1000)")
     ap.add_argument("--pinned-n", type=int, help="N of the pinned-to-one-core phase (1000; 0: none)")
     ap.add_argument("--natpmp-n", type=int, nargs="+", help="NAT-PMP and PCP maps at each of these N (100 1000)")
+    ap.add_argument("--pinhole-n", type=int, nargs="+", help="UPnP AddPinhole / DeletePinhole at each N (100 1000)")
     ap.add_argument("--skip", nargs="+", default=[], choices=PHASES, help="phases to leave out")
     ap.add_argument("--out", default=RESULTS_DIR, help="results directory (bench/results)")
     ap.add_argument("--no-plots", action="store_true")
@@ -463,6 +525,8 @@ def parse_args(argv: list[str]) -> tuple[Config, argparse.Namespace]:
         cfg.ns = sorted(a.n)
     if a.natpmp_n:
         cfg.natpmp_ns = sorted(a.natpmp_n)
+    if a.pinhole_n:
+        cfg.pinhole_ns = sorted(a.pinhole_n)
     cfg.skip = tuple(a.skip)
     return cfg, a
 

@@ -5,8 +5,8 @@ On the namespace bed with IPv6 (tests/bed/testbed.py, LAN6_PREFIX), natd ``--ipv
 - PinholeAdd / PinholeDelete RPC latency (p50/p99) and rate, one by one, with N pinholes live at
   the end of the adds (each RPC: ZeroMQ ipc + validation + one nft transaction of one element);
 - a PinholeSync of N (one transaction) and the restore of N after ``nft flush ruleset``.
-The comparison with miniupnpd's AddPinhole (one rule per pinhole) comes with the UPnP front
-end, in the same bed, beside these figures.
+The comparison with miniupnpd's AddPinhole (one rule per pinhole) through UPnP, in the same bed
+with the same client, is the ``pinholes`` phase of bench/run (bench/harness.py).
 
 Run as root on Debian 12 after ./scripts/setup:  .venv/bin/python bench/pinhole_bench.py
 """
@@ -20,11 +20,11 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench._bed import Stack, tb  # noqa: E402
+from bench.systems import natd_pinholes as count  # noqa: E402
 from natd.client import NatdClient  # noqa: E402
 from shared import wire  # noqa: E402
 from shared.const import TCP, UDP  # noqa: E402
-from tests.bed import testbed as tb  # noqa: E402
-from tests.bed.stack import Stack  # noqa: E402
 
 
 def pct(values: list[float], q: float) -> float:
@@ -56,11 +56,6 @@ def add_delete(c: NatdClient, n: int) -> dict:
             "del_p50": pct(rm, .5), "del_p99": pct(rm, .99), "del_rate": n / rm_total}
 
 
-def count(bed: tb.Testbed) -> int:
-    out = bed.run("cpe", ["nft", "list", "set", "ip6", "igdpcp", "pin6"], check=False).stdout
-    return out.count(" . tcp . ") + out.count(" . udp . ")
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="100,1000,4000", help="N values for add/delete")
@@ -81,7 +76,7 @@ def main() -> int:
             r = add_delete(c, n)
             print(f"{n:>6} | {r['add_p50']*1e3:7.2f}ms {r['add_p99']*1e3:7.2f}ms {r['add_rate']:8.0f} | "
                   f"{r['del_p50']*1e3:7.2f}ms {r['del_p99']*1e3:7.2f}ms {r['del_rate']:8.0f}")
-        print("miniupnpd AddPinhole/DeletePinhole: measured with the UPnP front end (not yet here)")
+        print("miniupnpd AddPinhole/DeletePinhole beside igdpcp's, through UPnP: bench/run's pinholes phase")
 
         n = args.sync
         t = time.perf_counter()

@@ -26,6 +26,31 @@ _TOP: dict[str, type | tuple[type, ...]] = {
 _META = ("date", "machine", "kernel", "python", "cpus", "packages", "quick", "argv")
 _STATS = ("n", "p50_ms", "p99_ms", "mean_ms", "max_ms", "total_s")
 _CONTROL = ("system", "n", "pinned", "add", "list", "delete", "conntrack", "cpu_s_per_1k")
+_PINHOLE_ROW = ("add", "delete", "add_errors", "delete_errors", "kernel")
+SYSTEMS = ("igdpcp", "miniupnpd")
+
+
+def _missing_stats(row: dict[str, Any], where: str) -> list[str]:
+    return [f"{where}.{sec}: missing {k}" for sec in ("add", "delete") if isinstance(row.get(sec), dict)
+            for k in _STATS if k not in row[sec]]
+
+
+def _check_pinholes(p: Any) -> list[str]:
+    """The optional "pinholes" section (absent from runs before the phase existed; None when skipped)."""
+    if p is None:
+        return []
+    if not isinstance(p, dict):
+        return ["pinholes: not an object"]
+    errs = []
+    for system in SYSTEMS:
+        for n, row in (p.get(system) or {}).items():
+            where = f"pinholes.{system}.{n}"
+            if not isinstance(row, dict):
+                errs.append(f"{where}: not an object")
+                continue
+            errs += [f"{where}: missing {k}" for k in _PINHOLE_ROW if k not in row]
+            errs += _missing_stats(row, where)
+    return errs
 
 
 def validate(doc: Any) -> list[str]:
@@ -45,9 +70,7 @@ def validate(doc: Any) -> list[str]:
             errs.append(f"control[{i}]: not an object")
             continue
         errs += [f"control[{i}]: missing {k}" for k in _CONTROL if k not in row]
-        for sec in ("add", "delete"):
-            if isinstance(row.get(sec), dict):
-                errs += [f"control[{i}].{sec}: missing {k}" for k in _STATS if k not in row[sec]]
+        errs += _missing_stats(row, f"control[{i}]")
     for i, row in enumerate(doc["dataplane"]):
         if not isinstance(row, dict) or not {"system", "n", "conn_per_s"} <= row.keys():
             errs.append(f"dataplane[{i}]: needs system, n, conn_per_s")
@@ -55,7 +78,7 @@ def validate(doc: Any) -> list[str]:
         errs.append("errors: not a list")
     if "available" not in doc["natpmp"]:
         errs.append("natpmp: missing available")
-    return errs
+    return errs + _check_pinholes(doc.get("pinholes"))
 
 
 def machine_facts(argv: list[str], quick: bool) -> dict[str, Any]:
@@ -92,6 +115,14 @@ def _f(v: Any, fmt: str = ".2f", unit: str = "") -> str:
     return "–" if v is None else f"{v:{fmt}}{unit}"
 
 
+def _notes(row: dict[str, Any], op: str) -> str:
+    """" (3 errors, 2 503 retried)" for an operation's failures, "" when there were none."""
+    pre = f"{op}_" if op else ""
+    notes = [f"{row[pre + k]} {label}" for k, label in (("errors", "errors"), ("refused", "503 retried"))
+             if row.get(pre + k)]
+    return f" ({', '.join(notes)})" if notes else ""
+
+
 def _control_table(rows: list[dict[str, Any]]) -> list[str]:
     out = ["| N | system | add p50 / p99 | all adds | list all (per entry) | delete p50 / p99 "
            "(quiet p50) | all deletes | conntrack | CPU s / 1k add, list, del |",
@@ -101,9 +132,10 @@ def _control_table(rows: list[dict[str, Any]]) -> list[str]:
         cpu = r["cpu_s_per_1k"]
         out.append(
             f"| {r['n']} | {r['system']}{' (pinned)' if r['pinned'] else ''} "
-            f"| {_f(a['p50_ms'])} / {_f(a['p99_ms'])} ms | {_f(a['total_s'])} s "
-            f"| {_f(li.get('total_s'), '.3f')} s ({_f(li.get('per_entry_ms'), '.3f')} ms) "
-            f"| {_f(d['p50_ms'])} / {_f(d['p99_ms'])} ms ({_f(q.get('p50_ms'))}) | {_f(d['total_s'])} s "
+            f"| {_f(a['p50_ms'])} / {_f(a['p99_ms'])} ms{_notes(r, 'add')} | {_f(a['total_s'])} s "
+            f"| {_f(li.get('total_s'), '.3f')} s ({_f(li.get('per_entry_ms'), '.3f')} ms){_notes(li, '')} "
+            f"| {_f(d['p50_ms'])} / {_f(d['p99_ms'])} ms ({_f(q.get('p50_ms'))}){_notes(r, 'delete')} "
+            f"| {_f(d['total_s'])} s "
             f"| {r['conntrack'].get('before', '–')} | {_f(cpu.get('add'))}, {_f(cpu.get('list'))}, "
             f"{_f(cpu.get('delete'))} |")
     return out
@@ -118,6 +150,45 @@ def _memory_table(mem: dict[str, Any]) -> list[str]:
                 if isinstance(m, dict):
                     out.append(f"| {system} | {label} | {proc} | {_f(m.get('rss_mib'), '.1f')} "
                                f"| {_f(m.get('pss_mib'), '.1f')} |")
+    return out
+
+
+def _ratio(theirs: Any, ours: Any) -> float | None:
+    return theirs / ours if isinstance(theirs, int | float) and isinstance(ours, int | float) and ours else None
+
+
+def _pinholes_section(p: dict[str, Any]) -> list[str]:
+    """Both systems side by side at each N, then miniupnpd / igdpcp (above 1: igdpcp is faster)."""
+    out = ["", "### IPv6 pinholes through UPnP (WANIPv6FirewallControl:1, AddPinhole then DeletePinhole)", "",
+           "Same IPv6 bed, same client (raw SOAP POSTs, one connection per call, from the LAN host), TCP pinholes "
+           f"for the LAN host's global address, lease {p.get('lease_s', '?')} s. igdpcp: natd `--ipv6-firewall own` "
+           "(one set element per pinhole), called on its LAN IPv4 address in secure mode "
+           "(the caller's IPv4 and IPv6 addresses tied by the neighbour table); miniupnpd: one "
+           "accept rule per pinhole in its forward chain, called on its LAN IPv6 address (it accepts a pinhole "
+           "only for the caller's own address). \"in the kernel\": set elements / rules after the adds and after "
+           "the deletes. A call an IGD refused with 503 (a per-host connection rate) is retried after its Retry-After; "
+           "only the served attempt is timed, the retries are counted.", "",
+           "| N | system | AddPinhole p50 / p99 | all adds | DeletePinhole p50 / p99 | all deletes "
+           "| in the kernel (adds / deletes) |", "|---|---|---|---|---|---|---|"]
+    for n in sorted({int(k) for s in SYSTEMS for k in (p.get(s) or {})}):
+        rows = {s: (p.get(s) or {}).get(str(n)) for s in SYSTEMS}
+        for system, r in rows.items():
+            if not r:
+                continue
+            cells = []
+            for op in ("add", "delete"):
+                cells += [f"{_f(r[op]['p50_ms'])} / {_f(r[op]['p99_ms'])} ms{_notes(r, op)}",
+                          f"{_f(r[op]['total_s'], '.3f')} s"]
+            cells.append(f"{r['kernel'].get('after_adds')} / {r['kernel'].get('after_deletes')}")
+            out.append(f"| {n} | {system} | " + " | ".join(cells) + " |")
+        ours, theirs = rows["igdpcp"], rows["miniupnpd"]
+        if ours and theirs:
+            cells = []
+            for op in ("add", "delete"):
+                cells += [f"{_f(_ratio(theirs[op]['p50_ms'], ours[op]['p50_ms']))} / "
+                          f"{_f(_ratio(theirs[op]['p99_ms'], ours[op]['p99_ms']))} x",
+                          f"{_f(_ratio(theirs[op]['total_s'], ours[op]['total_s']))} x"]
+            out.append(f"| {n} | miniupnpd / igdpcp | " + " | ".join(cells) + " | |")
     return out
 
 
@@ -167,6 +238,8 @@ def render_markdown(doc: dict[str, Any]) -> str:
                     err = f" ({st['errors']} errors)" if st.get("errors") else ""
                     cells += [f"{_f(st.get('p50_ms'))} / {_f(st.get('p99_ms'))} ms{err}", f"{_f(st.get('total_s'))} s"]
                 lines.append(f"| {size} | {key} | " + " | ".join(cells) + " |")
+    if doc.get("pinholes"):
+        lines += _pinholes_section(doc["pinholes"])
     if doc["dataplane"]:
         lines += ["", "### Data plane: new TCP connections per second to the last forward", "",
                   "| system | N | connections/s |", "|---|---|---|"]

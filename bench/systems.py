@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -9,11 +10,29 @@ import sys
 import time
 
 from bench import procs
-from bench._bed import Stack, tb
+from bench._bed import HTTP_PORT, Stack, tb
 
 MINIUPNPD_HTTP_PORT = 5001
 LIMITS_CONTROLD = ["--max-mappings", "0", "--max-mappings-per-host", "0"]  # the bench maps N ports from one host
 LIMITS_NATD = ["--max-bindings", "65535", "--max-per-host", "65535"]
+# the pinholes phase (docs/pinholes.md): natd owns the inbound IPv6 drop and lets one host open N pinholes
+PINHOLES_NATD = ["--ipv6-firewall", "own", "--max-pinholes", "65535", "--max-pinholes-per-host", "65535"]
+
+
+def nft_count(bed: tb.Testbed, argv: list[str], kind: str) -> int:
+    """How many ``kind`` objects ("elem" of a set, "rule") ``nft -j`` lists (0 if the object is gone)."""
+    res = bed.run("cpe", ["nft", "-j", *argv], check=False)
+    if res.returncode != 0:
+        return 0
+    items = json.loads(res.stdout)["nftables"]
+    if kind == "rule":
+        return sum(1 for item in items if "rule" in item)
+    return sum(len(item["set"].get("elem", [])) for item in items if "set" in item)
+
+
+def natd_pinholes(bed: tb.Testbed) -> int:
+    """Pinholes natd holds in the kernel: elements of its any-remote set (``--ipv6-firewall own``)."""
+    return nft_count(bed, ["list", "set", "ip6", "igdpcp", "pin6"], "elem")
 
 
 class Igdpcp:
@@ -21,10 +40,23 @@ class Igdpcp:
 
     name = "igdpcp"
 
-    def __init__(self, bed: tb.Testbed, mode: str = "nat1-only", extra_controld: list[str] | None = None) -> None:
+    def __init__(self, bed: tb.Testbed, mode: str = "nat1-only", extra_controld: list[str] | None = None,
+                 extra_natd: list[str] | None = None) -> None:
         self.bed = bed
         self.stack = Stack(bed, mode=mode, controld_args=[*LIMITS_CONTROLD, *(extra_controld or [])],
-                           natd_args=LIMITS_NATD)
+                           natd_args=[*LIMITS_NATD, *(extra_natd or [])])
+        # controld serves UPnP on its LAN IPv4 address; the IGD:2 device carries WANIPv6FirewallControl
+        self.pinhole_desc_url = f"http://{tb.ROUTER_LAN_IP}:{HTTP_PORT}/igd2/rootDesc.xml"
+
+    @classmethod
+    def for_pinholes(cls, bed: tb.Testbed) -> Igdpcp:
+        """natd with its own IPv6 firewall, secure mode as shipped: the client calls from its IPv4
+        address, which natd's neighbour table ties to its IPv6 one (docs/pinholes.md "Policy")."""
+        return cls(bed, extra_natd=PINHOLES_NATD)
+
+    def pinholes(self) -> int:
+        """Pinholes in the kernel (natd's set elements)."""
+        return natd_pinholes(self.bed)
 
     def start(self) -> None:
         """Start both daemons and wait for their "up" lines."""
@@ -38,6 +70,7 @@ class Igdpcp:
         """Stop both and remove their kernel objects and table, so the next system starts clean."""
         self.stack.close()
         self.bed.run("cpe", ["nft", "delete", "table", "ip", "igdpcp"], check=False)
+        self.bed.run("cpe", ["nft", "delete", "table", "ip6", "igdpcp"], check=False)
         for name in ("mappings.sqlite3", "mappings.sqlite3-wal", "mappings.sqlite3-shm"):
             try:
                 os.unlink(os.path.join(self.bed.path("state"), name))
@@ -46,12 +79,19 @@ class Igdpcp:
 
 
 class Miniupnpd:
-    """Debian's miniupnpd as the router's IGD (NAT1), its chains made the way nft_init.sh would."""
+    """Debian's miniupnpd as the router's IGD (NAT1), its chains made the way nft_init.sh would.
+
+    ``ipv6``: IPv6 on (its IGD:2 description with WANIPv6FirewallControl, HTTP on the router's LAN IPv6
+    address only); it then serves no IPv4 control point, so only the pinholes phase uses it."""
 
     name = "miniupnpd"
 
-    def __init__(self, bed: tb.Testbed) -> None:
+    def __init__(self, bed: tb.Testbed, ipv6: bool = False) -> None:
         self.bed = bed
+        self.ipv6 = ipv6
+        # 2.3.1 refuses AddPinhole unless the caller's own IPv6 address is InternalClient (always,
+        # whatever secure_mode says): the client speaks to it over IPv6
+        self.pinhole_desc_url = f"http://[{tb.ROUTER_LAN_IP6}]:{MINIUPNPD_HTTP_PORT}/rootDesc.xml"
         self.pidfile = bed.path("nat1-miniupnpd.pid")
         self.pid: int | None = None
 
@@ -74,7 +114,7 @@ table inet mupnp {
                 f"http_port={MINIUPNPD_HTTP_PORT}",
                 # the bed's WAN is 100.64/10, which miniupnpd refuses; assert a public address instead
                 "ext_ip=198.20.0.2", "enable_natpmp=yes", "enable_upnp=yes", "secure_mode=yes",
-                "system_uptime=no", "ipv6_disable=yes", "uuid=3f1e3d3c-0000-4000-8000-000000000001",
+                "system_uptime=no", *self._ip_version_options(), "uuid=3f1e3d3c-0000-4000-8000-000000000001",
                 "upnp_table_name=mupnp", "upnp_nat_table_name=mupnp", "upnp_forward_chain=mupnp_fwd",
                 "upnp_nat_chain=mupnp_dnat", "upnp_nat_postrouting_chain=mupnp_snat",
                 f"allow 1024-65535 {tb.LAN_SUBNET} 1024-65535", "deny 0-65535 0.0.0.0/0 0-65535", ""]))
@@ -92,6 +132,15 @@ table inet mupnp {
         if self.pid is None:
             raise RuntimeError("miniupnpd wrote no pid file in 10 s")
         time.sleep(0.5)  # its HTTP socket comes up after the pid file
+
+    def _ip_version_options(self) -> list[str]:
+        if not self.ipv6:
+            return ["ipv6_disable=yes"]
+        return ["ipv6_disable=no", f"ipv6_listening_ip={tb.ROUTER_LAN_IP6}", "force_igd_desc_v1=no"]
+
+    def pinholes(self) -> int:
+        """Pinholes in the kernel: its accept rules in the forward chain (one per pinhole, IPv6 only here)."""
+        return nft_count(self.bed, ["list", "chain", "inet", "mupnp", "mupnp_fwd"], "rule")
 
     def pids(self) -> dict[str, int]:
         """Its pid by name."""

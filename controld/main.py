@@ -19,6 +19,7 @@ import gc
 import ipaddress
 import logging
 import signal
+import socket
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from controld.core.service import MODES, Iwf, IwfConfig
 from controld.core.store import MappingTable
 from controld.natd_link import NatdError, NatdLink
 from controld.pcpserver.pcp import ServerPolicy
-from controld.pcpserver.server import LanPcpServer, LanServerConfig
+from controld.pcpserver.server import LanPcpServer, LanServerConfig, lan6_hosts
 from controld.upnp.description import ROOT_PATH, Gateway, gateway
 from controld.upnp.gena import GenaServer
 from controld.upnp.http import UpnpHttpServer
@@ -44,7 +45,7 @@ from shared import config, wire
 from shared.config import parse_args_with_config
 from shared.const import PCP_SERVER_PORT
 from shared.daemon import install_stop_signals, reread_args, setup_logging
-from shared.netif import if_addrs
+from shared.netif import if_addrs, read_addrs
 
 log = logging.getLogger("controld")
 
@@ -176,8 +177,9 @@ async def _watch_lan(lan: _Lan, http: UpnpHttpServer, ssdp: SsdpServer, device: 
         ssdp.relocate(lan.ip, f"http://{lan.ip}:{lan.port}{ROOT_PATH}")
 
 
-async def _start_lan_pcp(args: argparse.Namespace, iwf: Iwf, lan_ip: str) -> LanPcpServer | None:
-    """PCP and NAT-PMP for LAN hosts on UDP 5351 (docs/lan-pcp.md), unless both are off."""
+async def _start_lan_pcp(args: argparse.Namespace, iwf: Iwf, lan_ip: str, pinholes: Pinholes) -> LanPcpServer | None:
+    """PCP and NAT-PMP for LAN hosts on UDP 5351 (docs/lan-pcp.md), unless both are off; PCP
+    also on the LAN interface's IPv6 addresses, its IPv6 MAPs as pinholes (docs/pinholes.md)."""
     if not (args.enable_pcp or args.enable_natpmp):
         return None
     try:
@@ -186,16 +188,35 @@ async def _start_lan_pcp(args: argparse.Namespace, iwf: Iwf, lan_ip: str) -> Lan
         raise SystemExit(f"controld: pcp-manager: {exc}") from None
     # PEER is not served: outbound pins are not in the core yet (docs/lan-pcp.md)
     policy = ServerPolicy(pcp=args.enable_pcp, natpmp=args.enable_natpmp, peer=False, managers=managers)
-    server = LanPcpServer(iwf, LanServerConfig(policy, args.pcp_rate, args.pcp_burst, args.pcp_max_lifetime))
+    server = LanPcpServer(iwf, LanServerConfig(policy, args.pcp_rate, args.pcp_burst, args.pcp_max_lifetime),
+                          pinholes=pinholes)
     address = args.pcp_listen or lan_ip
     try:
+        if args.enable_pcp:  # before the IPv4 start, so its first ANNOUNCE reaches ff02::1 too
+            await _listen_lan6(server, args.lan_if)
         await server.start(address)
     except OSError as exc:  # UPnP still works without it
+        server.close_sockets()
         log.warning("no PCP/NAT-PMP server on %s: %s", address, exc)
         return None
     log.info("PCP %s, NAT-PMP %s on %s:%d", "on" if args.enable_pcp else "off",
              "on" if args.enable_natpmp else "off", address, PCP_SERVER_PORT)
     return server
+
+
+async def _listen_lan6(server: LanPcpServer, lan_if: str) -> None:
+    """PCP on the LAN interface's IPv6 addresses as they are now (NAT-PMP is IPv4 only, RFC 6886)."""
+    await server.listen6(lan6_hosts(read_addrs(lan_if, socket.AF_INET6).addresses, lan_if), lan_if)
+
+
+async def _watch_lan6(server: LanPcpServer, lan_if: str) -> None:
+    """Follow the LAN's IPv6 addresses (a delegated prefix comes and goes): PCP sockets with them."""
+    while True:
+        await asyncio.sleep(LAN_POLL_S)
+        try:
+            await _listen_lan6(server, lan_if)
+        except OSError as exc:  # the interface is gone for now: try again at the next poll
+            log.warning("reading the IPv6 addresses of %s failed: %s", lan_if, exc)
 
 
 async def _start_admin(args: argparse.Namespace, backend: CoreBackend) -> AdminServer | None:
@@ -286,7 +307,9 @@ async def run(args: argparse.Namespace, reparse: Callable[[], argparse.Namespace
     await ssdp.start()
     tasks = [asyncio.create_task(ssdp.run_notify()), asyncio.create_task(gena.run_expiry()),
              asyncio.create_task(_watch_lan(lan, http, ssdp, device))]
-    lan_pcp = await _start_lan_pcp(args, iwf, lan.ip)
+    lan_pcp = await _start_lan_pcp(args, iwf, lan.ip, pinholes)
+    if lan_pcp is not None and args.enable_pcp:
+        tasks.append(asyncio.create_task(_watch_lan6(lan_pcp, args.lan_if)))
     log.info("controld up: %s on %s, IGD version %s at %s, state in %s", lan.ip, args.lan_if,
              args.igd_version, location, args.state_dir)
     gc.collect()

@@ -1,4 +1,4 @@
-"""Forget the conntrack entries of deleted forwards (openwrt.md §4.5 item 5).
+"""Forget the conntrack entries of deleted forwards (openwrt.md §4.5 item 5) and closed pinholes.
 
 Deleting a DNAT map element does not end flows already set up through it: the
 kernel keeps translating them from the conntrack entry. natd's DNAT and SNAT rules
@@ -9,10 +9,15 @@ that reuses the WAN port keeps its own flows, and deleted by original tuple:
 
 - inbound (DNAT) flow:  original dst = WAN addr:WAN port, reply src = LAN addr:LAN port
 - outbound (SNAT) flow: original src = LAN addr:LAN port, reply dst = WAN addr:WAN port
+
+A closed IPv6 pinhole (docs/pinholes.md) ends its flows the same way: the pinhole rules set
+the same mark, and an IPv6 entry goes when its original destination is the pinhole's LAN
+address, protocol and port and, for a one-remote-host pinhole, its original source is that host.
 """
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -57,5 +62,27 @@ async def forget(flows: Iterable[Flow]) -> int:
     if not flows:
         return 0
     gone = doomed(await netlink.ct_dump(CT_MARK, CT_MARK), flows)
+    await netlink.ct_delete(gone)
+    return len(gone)
+
+
+# A pinhole as conntrack sees it: (LAN address, proto, LAN port, remote host or None), natd.nft.PinKey
+PinFlow = tuple[str, int, int, str | None]
+
+
+def doomed_pinholes(entries: Iterable[netlink.CtEntry], keys: Iterable[PinFlow]) -> list[netlink.CtEntry]:
+    """The IPv6 entries admitted by the pinholes ``keys`` (pure: what :func:`forget_pinholes` deletes)."""
+    want: dict[tuple[int, str, int], set[str | None]] = {}
+    for lan, proto, port, remote in keys:
+        want.setdefault((proto, lan, port), set()).add(remote)
+    return [e for e in entries if {None, e.orig.src} & want.get((e.orig.proto, e.orig.dst, e.orig.dport), set())]
+
+
+async def forget_pinholes(keys: Iterable[PinFlow]) -> int:
+    """Delete every conntrack entry that closed pinholes ``keys`` admitted; returns how many went."""
+    keys = list(keys)
+    if not keys:
+        return 0
+    gone = doomed_pinholes(await netlink.ct_dump(CT_MARK, CT_MARK, socket.AF_INET6), keys)
     await netlink.ct_delete(gone)
     return len(gone)

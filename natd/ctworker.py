@@ -7,7 +7,8 @@ JSON line out, and its loop only moves bytes through a pipe. The worker is start
 first use and again after it died; a batch it could not finish is reported, not retried
 (the entries time out in the kernel on their own).
 
-    natd -> worker: {"flows": [[proto, wan_ip, wan_port, lan_ip, lan_port], ...]}
+    natd -> worker: {"flows": [[proto, wan_ip, wan_port, lan_ip, lan_port], ...]}   (deleted forwards)
+                or  {"pinholes": [[lan_ip, proto, lan_port, remote or null], ...]}  (closed pinholes)
     worker -> natd: {"removed": N}  or  {"error": "why"}
 """
 
@@ -48,10 +49,20 @@ class CtWorker:
         """Delete the conntrack entries of ``flows`` in the worker; how many went."""
         if not flows:
             return 0
+        return await self._ask({"flows": [[f.proto, f.wan_ip, f.wan_port, f.lan_ip, f.lan_port] for f in flows]})
+
+    async def forget_pinholes(self, keys: list[conntrack.PinFlow]) -> int:
+        """Delete the conntrack entries closed pinholes ``keys`` admitted, in the worker; how many went."""
+        if not keys:
+            return 0
+        return await self._ask({"pinholes": [list(k) for k in keys]})
+
+    async def _ask(self, request: dict[str, object]) -> int:
+        """One batch to the worker, one answer back (the worker is started or restarted as needed)."""
         async with self._lock:
             proc = await self._start()
             assert proc.stdin is not None and proc.stdout is not None
-            line = json.dumps({"flows": [[f.proto, f.wan_ip, f.wan_port, f.lan_ip, f.lan_port] for f in flows]})
+            line = json.dumps(request)
             try:
                 async with asyncio.timeout(BATCH_TIMEOUT_S):
                     proc.stdin.write(line.encode() + b"\n")
@@ -84,13 +95,20 @@ async def _serve() -> None:
         if not line:
             return  # natd closed the pipe (it stopped)
         try:
-            flows = [conntrack.Flow(int(p), str(wi), int(wp), str(li), int(lp))
-                     for p, wi, wp, li, lp in json.loads(line)["flows"]]
-            reply: dict[str, object] = {"removed": await conntrack.forget(flows)}
+            reply: dict[str, object] = {"removed": await _run(json.loads(line))}
         except Exception as exc:  # one bad batch never ends the worker
             reply = {"error": f"{type(exc).__name__}: {exc}"}
         sys.stdout.write(json.dumps(reply) + "\n")
         sys.stdout.flush()
+
+
+async def _run(request: dict[str, list[list]]) -> int:
+    """One batch: deleted forwards' flows, or closed pinholes' flows."""
+    if "pinholes" in request:
+        return await conntrack.forget_pinholes((str(li), int(p), int(lp), None if r is None else str(r))
+                                               for li, p, lp, r in request["pinholes"])
+    return await conntrack.forget(conntrack.Flow(int(p), str(wi), int(wp), str(li), int(lp))
+                                  for p, wi, wp, li, lp in request["flows"])
 
 
 if __name__ == "__main__":

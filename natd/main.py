@@ -21,7 +21,6 @@ import itertools
 import logging
 import os
 import signal
-import socket
 import time
 import uuid
 from collections.abc import Callable, Coroutine
@@ -30,11 +29,10 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from natd import conntrack, netlink, nftmon, stun, wan
+from natd import conntrack, neigh, nftmon, stun, wan
 from natd.bindings import BindingTable, Limits, PolicyError, endpoint
 from natd.ctworker import CtWorker
 from natd.nft import (
-    CT_MARK,
     LAYOUTS,
     Change,
     FwNotReady,
@@ -106,6 +104,9 @@ class Natd:
         self._ct_pending: list[conntrack.Flow] = []
         self._ct_wake = asyncio.Event()
         self._init_pinholes(args)
+        self.neigh = neigh.SameHostCheck(lambda: self.args.lan_if,
+                                         lambda: [*self.table.lan_subnets, *self.pins.lan_prefixes])
+        self.handlers[wire.SameHost] = self.neigh.handle
         self.ct = CtWorker()
 
     # --- interface facts ---------------------------------------------------------
@@ -692,20 +693,15 @@ class Natd:
 
     async def _forget_pinhole_flows(self, keys: list[PinKey]) -> None:
         """A closed pinhole ends its flows too, as a deleted forward does (the pinhole rules mark
-        them with CT_MARK, so the kernel-filtered dump holds only flows through pinholes)."""
-        want: dict[tuple[int, str, int], set[str | None]] = {}
-        for lan, proto, port, remote in keys:
-            want.setdefault((proto, lan, port), set()).add(remote)
+        them with CT_MARK): the kernel-filtered dump runs in the conntrack worker (natd.ctworker),
+        so this loop never walks the conntrack table."""
         try:
-            entries = await netlink.ct_dump(CT_MARK, CT_MARK, socket.AF_INET6)
-            doomed = [e for e in entries
-                      if {None, e.orig.src} & want.get((e.orig.proto, e.orig.dst, e.orig.dport), set())]
-            await netlink.ct_delete(doomed)
+            n = await self.ct.forget_pinholes(keys)
         except Exception as exc:  # conntrack trouble must not cost the daemon
             log.warning("conntrack cleanup for %d closed pinholes failed: %s", len(keys), exc)
             return
-        if doomed:
-            log.info("conntrack: removed %d flows of %d closed pinholes", len(doomed), len(keys))
+        if n:
+            log.info("conntrack: removed %d flows of %d closed pinholes", n, len(keys))
 
     def _pinhole_add(self, msg: wire.PinholeAdd) -> wire.Message:
         self._pin()

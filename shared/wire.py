@@ -394,6 +394,35 @@ PINHOLE_MESSAGES: tuple[type[Message], ...] = (PinholeAdd, PinholeReply, Pinhole
                                                PinholeStatusReply)
 
 
+# --- the router's neighbour table (secure mode for pinholes, docs/pinholes.md "Policy") ----------
+
+
+def _ip(value: str) -> None:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        raise WireError("bad-field", f"not an IP address: {value!r}") from None
+
+
+@dataclass(frozen=True)
+class SameHost(Message):
+    """Are ``a`` and ``b`` (IPv4 or IPv6) one LAN host: one link-layer address in the neighbour table?"""
+
+    OP: ClassVar[str] = "neigh.same_host"
+    a: str
+    b: str
+
+    def check(self) -> None:
+        _ip(self.a)
+        _ip(self.b)
+
+
+@dataclass(frozen=True)
+class SameHostReply(Message):
+    OP: ClassVar[str] = "neigh.same_host.reply"
+    same: bool
+
+
 # --- STUN (natd PUB): the external address seen from the Internet (docs/stun.md) -----
 
 
@@ -427,7 +456,7 @@ MESSAGES: dict[str, type[Message]] = {
                 PcpReceived, WanChanged, Heartbeat, Restored)
 }
 MESSAGES.update({cls.OP: cls for cls in PINHOLE_MESSAGES})
-MESSAGES[StunResult.OP] = StunResult
+MESSAGES.update({cls.OP: cls for cls in (SameHost, SameHostReply, StunResult)})
 
 
 # --- codec -----------------------------------------------------------------------

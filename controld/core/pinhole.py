@@ -2,7 +2,7 @@
 
 A pinhole lets inbound IPv6 from any host (or one remote host) reach one LAN address,
 protocol and port; there is no address translation, so no external port and no upstream
-PCP. The front ends (UPnP WANIPv6FirewallControl:1 now, PCP IPv6 MAP later) ask
+PCP. The front ends (UPnP WANIPv6FirewallControl:1, PCP MAP in IPv6 firewall mode) ask
 :class:`Pinholes`; it checks the policy (LAN prefixes only, secure mode, the privileged-port
 rule, quotas shared with the host's IPv4 mappings), keeps the rows with their UniqueIDs,
 owners and leases, and asks a :class:`PinholeBackend` (natd's nftables sets, wired at merge)
@@ -12,13 +12,15 @@ end turns each into its own code. Time is passed in (``clock``), so the logic is
 
 from __future__ import annotations
 
+import asyncio
 import enum
+import heapq
 import ipaddress
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from controld.core.policy import Permissions
 from shared.const import PROTO_NAMES
@@ -54,10 +56,11 @@ class PinholeErrorKind(enum.Enum):
 class PinholeError(Exception):
     """A pinhole request the core refuses, with a neutral ``kind``."""
 
-    def __init__(self, kind: PinholeErrorKind, detail: str) -> None:
+    def __init__(self, kind: PinholeErrorKind, detail: str, lifetime: int | None = None) -> None:
         super().__init__(f"{kind.value}: {detail}")
         self.kind = kind
         self.detail = detail
+        self.lifetime = lifetime  # another owner's pinhole: its remaining lease (PCP, RFC 6887 §11.3)
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,7 @@ class Pinhole:
     remote_port: int
     lease: int  # as last asked, seconds
     expires: float  # on the core's clock
+    nonce: bytes | None = None  # a PCP MAP's mapping nonce (RFC 6887 §11.1); None: made by UPnP
 
     @property
     def proto_name(self) -> str:
@@ -164,6 +168,9 @@ class PinholePolicy:
     permissions: Permissions = Permissions()  # only its IPv6 rules apply (internal port as both ports)
 
 
+_K = TypeVar("_K")
+
+
 def _ipv6(raw: str, what: str) -> str:
     try:
         return str(ipaddress.IPv6Address(raw.strip()))
@@ -193,6 +200,15 @@ def _read_text(path: str) -> str:
         return f.read(32)
 
 
+def _discard(index: dict[_K, set[int]], key: _K, uid: int) -> None:
+    """``uid`` out of ``index[key]``; an emptied key goes, so the index never outgrows the table."""
+    uids = index.get(key)
+    if uids is not None:
+        uids.discard(uid)
+        if not uids:
+            del index[key]
+
+
 class Pinholes:
     """The pinhole table and its rules; one instance per controld, shared by the front ends."""
 
@@ -205,13 +221,24 @@ class Pinholes:
         self.ipv4_count = ipv4_count  # the IPv4 mappings of one LAN address (quotas are shared)
         self.ipv4_total = ipv4_total
         self.clock = clock
-        self.rows: dict[int, Pinhole] = {p.uid: p for p in (store.load() if store is not None else [])}
+        # rows by uid, plus the indexes every operation needs, so none walks the table (O(1) each;
+        # expiry from a heap with stale entries skipped)
+        self.rows: dict[int, Pinhole] = {}
+        self._by_key: dict[tuple[str, int, int, str, int], int] = {}
+        self._by_tuple: dict[tuple[str, int, int], set[int]] = {}
+        self._by_owner: dict[str, set[int]] = {}
+        self._expiry: list[tuple[float, int]] = []
+        for p in store.load() if store is not None else []:
+            self._index(p)
         self.status = FirewallStatus(False)
+        self._prefixes: tuple[tuple[str, ...], tuple[ipaddress.IPv6Network, ...]] = ((), ())  # parsed once
         self.on_change: Callable[[], None] = lambda: None  # evented FirewallEnabled/InboundPinholeAllowed
         self._next_uid = 1
 
     async def refresh(self) -> FirewallStatus:
-        """Ask natd for the firewall status again (start, GetFirewallStatus, natd events)."""
+        """Ask natd for the firewall status again (start, GetFirewallStatus, natd events).
+
+        Rows whose address left the LAN's prefixes go (natd closed them when the prefix went)."""
         before = self.status
         try:
             self.status = await self.backend.status()
@@ -221,6 +248,10 @@ class Pinholes:
         if self.status.enabled != before.enabled:
             log.info("IPv6 firewall %s", "enabled" if self.status.enabled else "disabled")
             self.on_change()
+        if self.status.enabled and self.status.lan_prefixes != before.lan_prefixes:
+            log.info("LAN IPv6 prefixes: %s", ", ".join(self.status.lan_prefixes) or "none")
+            for uid in [uid for uid, p in self.rows.items() if not self._in_lan(p.int_client)]:
+                log.info("%s closed: its address left the LAN prefixes", self._drop(uid))
         return self.status
 
     def set_policy(self, policy: PinholePolicy) -> None:
@@ -238,12 +269,14 @@ class Pinholes:
 
     def expire(self) -> int:
         """Forget rows past their lease (natd's element timeouts close them in the kernel)."""
-        now = self.clock()
-        gone = [uid for uid, p in self.rows.items() if p.expires <= now]
-        for uid in gone:
-            log.info("%s expired", self.rows.pop(uid))
-            self._forget(uid)
-        return len(gone)
+        now, heap, gone = self.clock(), self._expiry, 0
+        while heap and heap[0][0] <= now:
+            expires, uid = heapq.heappop(heap)
+            p = self.rows.get(uid)
+            if p is not None and p.expires == expires:  # else re-leased or gone since: a stale entry
+                log.info("%s expired", self._drop(uid))
+                gone += 1
+        return gone
 
     def remaining(self, p: Pinhole) -> int:
         return max(0, int(p.expires - self.clock()))
@@ -258,13 +291,34 @@ class Pinholes:
         return cp == addr or await self.backend.same_host(cp, addr)
 
     def _in_lan(self, addr: str) -> bool:
-        ip = ipaddress.IPv6Address(addr)
-        return any(ip in ipaddress.IPv6Network(n, strict=False) for n in self.status.lan_prefixes)
+        ip, names = ipaddress.IPv6Address(addr), self.status.lan_prefixes
+        if self._prefixes[0] is not names:
+            self._prefixes = (names, tuple(ipaddress.IPv6Network(n, strict=False) for n in names))
+        return any(ip in net for net in self._prefixes[1])
 
     async def add(self, cp: str, int_client: str, int_port: int, proto: int, remote_host: str,
                   remote_port: int, lease: int) -> Pinhole:
         """AddPinhole: a new pinhole, or the caller's identical one re-leased (same UniqueID)."""
         self.expire()
+        client, remote, lease = await self._checked(cp, int_client, int_port, proto, remote_host, lease)
+        key = (client, int_port, proto, remote, remote_port)
+        same_uid = self._by_key.get(key)
+        same = self.rows[same_uid] if same_uid is not None else None
+        if same is not None:
+            if not await self._mine(cp, same.owner):
+                raise PinholeError(PinholeErrorKind.NOT_AUTHORIZED, f"{same} belongs to {same.owner}")
+            return await self._lease(same, lease, "re-leased")
+        await self._check_quota(cp)
+        p = Pinhole(self._new_uid(), cp, client, int_port, proto, remote, remote_port, lease,
+                    self.clock() + lease)
+        await self.backend.open(p, lease)
+        self._keep(p)
+        log.info("%s opened by %s for %d s", p, cp, lease)
+        return p
+
+    async def _checked(self, cp: str, int_client: str, int_port: int, proto: int, remote_host: str,
+                       lease: int) -> tuple[str, str, int]:
+        """The policy every new or re-leased pinhole passes; its internal and remote address and lease."""
         self._check_on()
         if proto == 65535:
             raise PinholeError(PinholeErrorKind.PROTOCOL_WILDCARD, "a pinhole for every protocol")
@@ -278,44 +332,61 @@ class Pinholes:
         client = _ipv6(int_client, "InternalClient")
         remote = "" if remote_host.strip() in ("", "*") else _ipv6(remote_host, "RemoteHost")
         if not self._in_lan(client):
-            raise PinholeError(PinholeErrorKind.NOT_AUTHORIZED, f"{client} is in no LAN prefix")
+            await self.refresh()  # natd may know of a prefix this view has not heard of yet
+            if not self._in_lan(client):
+                raise PinholeError(PinholeErrorKind.NOT_AUTHORIZED, f"{client} is in no LAN prefix")
         if self.policy.secure_mode and not await self._mine(cp, client):
             raise PinholeError(PinholeErrorKind.NOT_AUTHORIZED, f"{cp} may open pinholes to itself only")
         if int_port < self.policy.min_port:
             raise PinholeError(PinholeErrorKind.NOT_AUTHORIZED, f"port {int_port} < {self.policy.min_port}")
         if not self.policy.permissions.allowed(int_port, client, int_port):
             raise PinholeError(PinholeErrorKind.NOT_AUTHORIZED, f"permission rules refuse [{client}]:{int_port}")
-        key = (client, int_port, proto, remote, remote_port)
-        same = next((p for p in self.rows.values() if p.key() == key), None)
-        if same is not None:
-            if not await self._mine(cp, same.owner):
-                raise PinholeError(PinholeErrorKind.NOT_AUTHORIZED, f"{same} belongs to {same.owner}")
-            return await self._lease(same, lease, "re-leased")
-        await self._check_quota(cp)
-        p = Pinhole(self._new_uid(), cp, client, int_port, proto, remote, remote_port, lease,
-                    self.clock() + lease)
-        await self.backend.open(p, lease)
-        self._keep(p)
-        log.info("%s opened by %s for %d s", p, cp, lease)
-        return p
+        return client, remote, lease
 
     async def _check_quota(self, cp: str) -> None:
         pol = self.policy
         if pol.max_total and len(self.rows) + self.ipv4_total() >= pol.max_total:
             raise PinholeError(PinholeErrorKind.QUOTA, f"{pol.max_total} pinholes and mappings in total")
         if pol.max_per_host:
-            own = [p for p in self.rows.values() if p.owner == cp or await self.backend.same_host(cp, p.owner)]
-            if len(own) + self.ipv4_count(cp) >= pol.max_per_host:
+            others = [o for o in self._by_owner if o != cp]  # one question per owner
+            same = await asyncio.gather(*(self.backend.same_host(cp, o) for o in others))
+            mine = [cp, *(o for o, yes in zip(others, same, strict=True) if yes)]
+            own = sum(len(self._by_owner.get(o, ())) for o in mine)
+            if own + self.ipv4_count(cp) >= pol.max_per_host:
                 raise PinholeError(PinholeErrorKind.QUOTA, f"{cp} holds {pol.max_per_host} pinholes and mappings")
 
-    def _keep(self, p: Pinhole) -> None:
+    def _index(self, p: Pinhole) -> None:
+        old = self.rows.get(p.uid)
+        if old is not None:
+            self._unindex(old)
         self.rows[p.uid] = p
+        self._by_key[p.key()] = p.uid
+        self._by_tuple.setdefault((p.int_client, p.int_port, p.proto), set()).add(p.uid)
+        self._by_owner.setdefault(p.owner, set()).add(p.uid)
+        heapq.heappush(self._expiry, (p.expires, p.uid))
+        if len(self._expiry) > 4 * len(self.rows) + 64:  # re-leases leave stale entries: keep it bounded
+            self._expiry = [(r.expires, r.uid) for r in self.rows.values()]
+            heapq.heapify(self._expiry)
+
+    def _unindex(self, p: Pinhole) -> None:
+        if self._by_key.get(p.key()) == p.uid:
+            del self._by_key[p.key()]
+        _discard(self._by_tuple, (p.int_client, p.int_port, p.proto), p.uid)
+        _discard(self._by_owner, p.owner, p.uid)
+
+    def _keep(self, p: Pinhole) -> None:
+        self._index(p)
         if self.store is not None:
             self.store.save(p)
 
-    def _forget(self, uid: int) -> None:
+    def _drop(self, uid: int) -> Pinhole | None:
+        """Row ``uid`` out of the table, its indexes and the store; the row, if there was one."""
+        p = self.rows.pop(uid, None)
+        if p is not None:
+            self._unindex(p)
         if self.store is not None:
             self.store.delete(uid)
+        return p
 
     def _new_uid(self) -> int:
         if len(self.rows) >= MAX_UID:
@@ -350,12 +421,56 @@ class Pinholes:
         self._check_on()
         return await self._lease(p, lease, f"re-leased by {cp}")
 
+    async def _held(self, cp: str, nonce: bytes, client: str, int_port: int, proto: int) -> list[Pinhole]:
+        """The pinholes on an internal tuple, all of them the PCP client's: its address and nonce
+        (RFC 6887 §11.3); any other (another nonce, or made by UPnP) is NOT_AUTHORIZED with its
+        remaining lease, as a LAN PCP MAP meets a UPnP port mapping (docs/lan-pcp.md, Ownership)."""
+        held = [self.rows[uid] for uid in sorted(self._by_tuple.get((client, int_port, proto), ()))]
+        for p in held:
+            if p.nonce != nonce or not await self._mine(cp, p.owner):
+                raise PinholeError(PinholeErrorKind.NOT_AUTHORIZED, f"{p} belongs to another client or nonce",
+                                   self.remaining(p) or 1)
+        return held
+
+    async def lan_map(self, cp: str, nonce: bytes, int_client: str, int_port: int, proto: int, remote_host: str,
+                      lease: int) -> Pinhole:
+        """PCP MAP in IPv6 firewall mode (RFC 6887 §11.3): open the pinhole of an internal tuple, or
+        re-lease the client's own (same UniqueID), re-pointed when its FILTER names another remote host."""
+        self.expire()
+        try:
+            known = self.status.enabled and self._in_lan(_ipv6(int_client, "internal address"))
+        except PinholeError:
+            known = True  # not an address at all: _checked refuses it
+        if not known:
+            await self.refresh()  # natd's firewall back, or a prefix delegated since we last asked
+        client, remote, lease = await self._checked(cp, int_client, int_port, proto, remote_host, lease)
+        held = await self._held(cp, nonce, client, int_port, proto)
+        if held:
+            return await self._lease(replace(held[0], remote_host=remote), lease, f"re-leased by PCP client {cp}")
+        await self._check_quota(cp)
+        p = Pinhole(self._new_uid(), cp, client, int_port, proto, remote, 0, lease, self.clock() + lease, nonce)
+        await self.backend.open(p, lease)
+        self._keep(p)
+        log.info("%s opened by PCP client %s for %d s", p, cp, lease)
+        return p
+
+    async def lan_delete(self, cp: str, nonce: bytes, int_client: str, int_port: int, proto: int) -> None:
+        """PCP MAP lifetime 0 (RFC 6887 §15.1): close the client's pinhole of an internal tuple;
+        NO_SUCH_ENTRY when there is none, NOT_AUTHORIZED (with its lease) when it is not the client's."""
+        self.expire()
+        held = await self._held(cp, nonce, _ipv6(int_client, "internal address"), int_port, proto)
+        if not held:
+            raise PinholeError(PinholeErrorKind.NO_SUCH_ENTRY, f"no pinhole to [{int_client}]:{int_port}")
+        for p in held:
+            await self.backend.close(p.uid)
+            self._drop(p.uid)
+            log.info("%s closed by PCP client %s", p, cp)
+
     async def delete(self, cp: str, uid: int) -> None:
         """DeletePinhole: closed in natd first, then the row goes."""
         p = await self.owned(cp, uid)
         await self.backend.close(uid)
-        self.rows.pop(uid, None)
-        self._forget(uid)
+        self._drop(uid)
         log.info("%s closed by %s", p, cp)
 
     async def packets(self, cp: str, uid: int) -> int:
@@ -371,4 +486,4 @@ class Pinholes:
 
     def count_of(self, cp: str) -> int:
         """Pinholes opened by ``cp`` (for the IPv4 side's shared quota)."""
-        return sum(1 for p in self.rows.values() if p.owner == cp)
+        return len(self._by_owner.get(cp, ()))

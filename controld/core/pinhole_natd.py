@@ -2,21 +2,23 @@
 
 :class:`NatdPinholeBackend` turns the :class:`~controld.core.pinhole.PinholeBackend` calls into
 ``pinhole.status/add/delete/counters`` requests on controld's natd link and natd's typed
-refusals into :class:`PinholeError` kinds. :class:`PinholeResync` re-sends every live pinhole
-(``pinhole.sync``) at start and whenever natd restarted (new boot id) or restored its kernel
-objects (``restored`` event), as the IPv4 forwards are re-synced.
+refusals into :class:`PinholeError` kinds; :meth:`NatdPinholeBackend.same_host` asks natd's
+neighbour table (``neigh.same_host``), so in secure mode a control point calling from its IPv4
+address may open pinholes to its own IPv6 addresses (docs/pinholes.md "Policy").
+:class:`PinholeResync` re-sends every live pinhole (``pinhole.sync``) at start and whenever natd
+restarted (new boot id) or restored its kernel objects (``restored`` event), as the IPv4 forwards
+are re-synced, and re-reads natd's status (the LAN's IPv6 prefixes) on every interface change
+natd announces (``wan`` event).
 
-Two limits of natd's API, documented in docs/upnp.md "IPv6 pinholes":
-- natd filters on no remote *port*: a pinhole asked for one remote port is opened for every
-  remote port (wider than asked; WANIPv6FirewallControl:1 lets the firewall ignore RemotePort).
-- natd has no neighbour-table message: :meth:`NatdPinholeBackend.same_host` only knows that an
-  address is itself, so in secure mode a control point may open pinholes only to the very
-  address it calls from.
+natd filters on no remote *port*: a pinhole asked for one remote port is opened for every
+remote port (wider than asked; WANIPv6FirewallControl:1 lets the firewall ignore RemotePort).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 from controld.core.pinhole import FirewallStatus, Pinhole, PinholeError, PinholeErrorKind, Pinholes
@@ -38,6 +40,11 @@ NATD_ERRORS: dict[str, PinholeErrorKind] = {
 
 Call = Callable[[wire.Message], Awaitable[wire.Message]]
 
+# natd's same-host answers are kept this long (a yes longer: a host keeps its link-layer address;
+# a no briefly: a host natd just solicited may answer a moment later), at most MAX_SAME_HOST pairs
+SAME_HOST_TTL_S = {True: 10.0, False: 2.0}
+MAX_SAME_HOST = 1024
+
 
 def pinhole_error(exc: NatdError) -> PinholeError:
     """natd's refusal (or silence) as a :class:`PinholeError`."""
@@ -52,8 +59,10 @@ def to_wire(p: Pinhole, lease: int) -> wire.Pinhole:
 class NatdPinholeBackend:
     """:class:`~controld.core.pinhole.PinholeBackend` over ``call`` (``NatdLink.call``)."""
 
-    def __init__(self, call: Call) -> None:
+    def __init__(self, call: Call, clock: Callable[[], float] = time.monotonic) -> None:
         self.call = call
+        self.clock = clock
+        self._same: dict[frozenset[str], tuple[bool, float]] = {}  # address pair -> (answer, expiry)
 
     async def _ask(self, msg: wire.Message) -> wire.Message:
         try:
@@ -86,8 +95,36 @@ class NatdPinholeBackend:
         return next((n for pid, n in zip(reply.pids, reply.packets, strict=False) if pid == uid), 0)
 
     async def same_host(self, a: str, b: str) -> bool:
-        """Only an address is known to be its own host: natd offers no neighbour table yet."""
-        return a == b
+        """One LAN host by natd's neighbour table (one link-layer address); equal addresses without asking.
+
+        Answers are cached (SAME_HOST_TTL_S, MAX_SAME_HOST pairs); natd's refusal of an address
+        is a no, natd away or failing is UNAVAILABLE (not a refusal the control point earned)."""
+        try:
+            pair = frozenset(str(ipaddress.ip_address(x)) for x in (a, b))
+        except ValueError:
+            return False
+        if len(pair) == 1:
+            return True
+        now = self.clock()
+        hit = self._same.get(pair)
+        if hit is not None and hit[1] > now:
+            return hit[0]
+        try:
+            reply = await self.call(wire.SameHost(a, b))
+        except NatdError as exc:
+            if exc.code in ("bad-field", "bad-op"):  # not an address natd takes, or a natd without the op
+                log.info("natd cannot tell whether %s and %s are one host: %s", a, b, exc)
+                return False
+            raise pinhole_error(exc) from None
+        if not isinstance(reply, wire.SameHostReply):
+            raise PinholeError(PinholeErrorKind.UNAVAILABLE, f"natd answered {reply.OP} to neigh.same_host")
+        self._same.pop(pair, None)
+        if len(self._same) >= MAX_SAME_HOST:
+            self._same = {k: v for k, v in self._same.items() if v[1] > now}
+            while len(self._same) >= MAX_SAME_HOST:  # still full of live answers: drop the oldest
+                del self._same[next(iter(self._same))]
+        self._same[pair] = (reply.same, now + SAME_HOST_TTL_S[reply.same])
+        return reply.same
 
     async def sync(self, rows: list[tuple[Pinhole, int]]) -> wire.SyncReply:
         """PinholeSync: natd's whole pinhole set becomes ``rows`` (pinhole, remaining lease)."""
@@ -128,7 +165,11 @@ class PinholeResync:
         return True
 
     async def on_natd_event(self, msg: wire.Message) -> None:
-        """A new boot id (natd restarted) or a ``restored`` event: re-sync and re-read the status."""
+        """A new boot id (natd restarted) or a ``restored`` event: re-sync and re-read the status;
+        an interface change (``wan``, sent for the LAN's IPv6 prefixes too): re-read the status."""
+        if isinstance(msg, wire.WanChanged):
+            await self.pinholes.refresh()
+            return
         if isinstance(msg, wire.Heartbeat):
             if msg.boot_id == self.boot:
                 return

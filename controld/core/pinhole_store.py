@@ -19,7 +19,7 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS pinholes (
     uid INTEGER PRIMARY KEY, owner TEXT NOT NULL, int_client TEXT NOT NULL, int_port INTEGER NOT NULL,
     proto INTEGER NOT NULL, remote_host TEXT NOT NULL, remote_port INTEGER NOT NULL,
-    lease INTEGER NOT NULL, expires REAL NOT NULL
+    lease INTEGER NOT NULL, expires REAL NOT NULL, nonce BLOB
 );
 """
 
@@ -31,6 +31,8 @@ class PinholeStore:
                  wall: Callable[[], float] = time.time) -> None:
         self.db, self.clock, self.wall = db, clock, wall
         self.db.executescript(_SCHEMA)
+        if "nonce" not in {r[1] for r in self.db.execute("PRAGMA table_info(pinholes)")}:
+            self.db.execute("ALTER TABLE pinholes ADD COLUMN nonce BLOB")  # tables from before PCP pinholes
 
     def _to_wall(self, expires: float) -> float:
         return expires - self.clock() + self.wall()

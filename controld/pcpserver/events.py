@@ -212,3 +212,20 @@ def refusal(event: Wanted, kind: str, pcp_result: int | None = None, lifetime: i
     if result == Result.EXCESSIVE_REMOTE_PEERS and not (isinstance(event, MapWanted) and event.filters):
         result = Result.NO_RESOURCES
     return Refused(result, lifetime)
+
+
+def remote_filter(filters: tuple[Filter, ...], version: int) -> str | None:
+    """FILTER options as one remote host of IP ``version`` (the mapping's internal family): ""
+    for none or prefix 0 (clears), None when they cannot be installed exactly, which is
+    EXCESSIVE_REMOTE_PEERS (RFC 6887 §13.3: every server takes one full-length peer; a remote
+    port or a shorter prefix is refused, never widened, since the answer echoes FILTER as applied)."""
+    if not filters:
+        return ""
+    if len(filters) != 1:
+        return None
+    f = filters[0]
+    if f.prefix_len == 0:
+        return ""
+    if f.peer_port != 0 or f.peer_ip.version != version or f.prefix_len != 128:
+        return None  # the codec gives an IPv4-mapped peer as IPv4 (RFC 6887 §5)
+    return str(f.peer_ip)

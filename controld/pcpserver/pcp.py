@@ -134,6 +134,9 @@ def handle_datagram(data: bytes, source: IPAddress, source_port: int, epoch: int
         return Drop("shorter than 2 octets (RFC 6887 §8.2)")
     if data[1] & 0x80:
         return Drop("R bit set: a response, not a request (RFC 6887 §8.2, RFC 6886 §3.5)")
+    if data[0] == natpmp.VERSION and source.version == 6:
+        # no NAT-PMP client sends over IPv6 (RFC 6886 is IPv4 only): no answer, nothing reflected
+        return Drop("NAT-PMP over IPv6 (RFC 6886 is IPv4 only)")
     if data[0] == natpmp.VERSION and policy.natpmp:
         return natpmp.handle_datagram(data, source, source_port, epoch)
     if not policy.pcp:  # a NAT-PMP-only server answers in its own format (RFC 6886 §3.5)

@@ -1,9 +1,12 @@
 """The socket edge of the LAN PCP and NAT-PMP server (docs/lan-pcp.md, "The datagram path").
 
-One UDP socket on the LAN address, port 5351, bound to that address so answers leave
-from the address the request was sent to (RFC 6887 §8.3); the sans-I/O logic in
-:mod:`controld.pcpserver.pcp` decides, the core (:class:`controld.core.service.Iwf`)
-maps, and one asyncio timer drives the :class:`~controld.pcpserver.epoch.Announcer`.
+One UDP socket on the LAN address, port 5351, and one on each of the LAN interface's IPv6
+addresses (PCP only, docs/lan-pcp.md "PCP over IPv6"), each bound to its address so answers
+leave from the address the request was sent to (RFC 6887 §8.3); the sans-I/O logic in
+:mod:`controld.pcpserver.pcp` decides, the core maps (:class:`controld.core.service.Iwf` for
+IPv4, :class:`controld.core.pinhole.Pinholes` for a MAP with an IPv6 internal address, see
+:mod:`controld.pcpserver.firewall`), and one asyncio timer drives the
+:class:`~controld.pcpserver.epoch.Announcer`.
 Bounded: a per-host token bucket before parsing, at most ``max_inflight`` requests
 waiting on the core (more are dropped, RFC 6887 §8.2: an overloaded server MAY drop).
 """
@@ -15,13 +18,14 @@ import ipaddress
 import logging
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 from controld.core.model import CoreError, CreateRequest, FrontEnd, NotOwner, Origin
+from controld.core.pinhole import PinholeError, Pinholes
 from controld.core.service import Iwf
-from controld.pcpserver import pcp
+from controld.pcpserver import firewall, pcp
 from controld.pcpserver.epoch import Announcer, EpochRecord, ServerEpoch
 from controld.pcpserver.events import (
     Address,
@@ -38,6 +42,7 @@ from controld.pcpserver.events import (
     Reply,
     Wanted,
     refusal,
+    remote_filter,
 )
 from controld.pcpserver.ratelimit import HostRateLimiter
 from shared.const import PCP_MAX_PACKET, PCP_SERVER_PORT
@@ -60,28 +65,52 @@ class LanServerConfig:
     max_inflight: int = 256  # requests waiting on the core at once
 
 
-def _filter_host(event: MapWanted) -> str | None:
-    """FILTER as the core's one remote host: "" for none or prefix 0, None if not installable (§13.3)."""
-    if not event.filters:
-        return ""
-    if len(event.filters) != 1:
-        return None
-    f = event.filters[0]
-    if f.prefix_len == 0:
-        return ""
-    peer = pcp.plain(f.peer_ip)
-    if f.peer_port != 0 or peer.version != 4 or f.prefix_len != 128:
-        return None
-    return str(peer)
+def lan6_hosts(addresses: Iterable[str], ifname: str) -> list[str]:
+    """The LAN interface's IPv6 addresses to serve: every unicast one (global and ULA as they
+    are, link-local with the interface as scope); loopback and multicast never."""
+    out: list[str] = []
+    for raw in addresses:
+        ip = ipaddress.IPv6Address(raw)
+        if ip.is_multicast or ip.is_loopback or ip.is_unspecified:
+            continue
+        out.append(f"{ip}%{ifname}" if ip.is_link_local else str(ip))
+    return out
 
 
-class LanPcpServer(asyncio.DatagramProtocol):
-    """PCP and NAT-PMP for LAN hosts on one socket, proxied to the core."""
+class _Endpoint(asyncio.DatagramProtocol):
+    """One bound UDP socket of the server: the LAN IPv4 address or one LAN IPv6 address."""
+
+    def __init__(self, server: LanPcpServer, host: str, port: int) -> None:
+        self.server = server
+        self.host = host
+        self.port = port  # as bound (tests bind port 0)
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """asyncio hands over the socket's transport."""
+        self.transport = cast(asyncio.DatagramTransport, transport)  # (3.11's is not a subclass)
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self.server.received(data, addr, self)
+
+    def send(self, payload: bytes, addr: Any) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.sendto(payload, addr)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+class LanPcpServer:
+    """PCP and NAT-PMP for LAN hosts, proxied to the core; PCP MAPs for IPv6 internal addresses
+    become pinholes (``pinholes`` None: no IPv6 firewall, NOT_AUTHORIZED)."""
 
     def __init__(self, core: Iwf, cfg: LanServerConfig, clock: Callable[[], float] = time.monotonic,
-                 wall: Callable[[], float] = time.time) -> None:
+                 wall: Callable[[], float] = time.time, pinholes: Pinholes | None = None) -> None:
         self.core = core
         self.cfg = cfg
+        self.pinholes = pinholes
         self.clock = clock
         self.wall = wall
         now = clock()
@@ -89,7 +118,9 @@ class LanPcpServer(asyncio.DatagramProtocol):
         self.epoch = ServerEpoch.after_restart(now, wall(), saved, core.restored_all)
         self.announcer = Announcer(self.epoch, pcp=cfg.policy.pcp, natpmp=cfg.policy.natpmp)
         self.limiter = HostRateLimiter(cfg.rate, cfg.burst, cfg.max_hosts)
-        self.transport: asyncio.DatagramTransport | None = None
+        self.v4: _Endpoint | None = None
+        self.v6: dict[str, _Endpoint] = {}  # by the host it is bound to ("fe80::1%br-lan" for link-local)
+        self._ifindex6 = 0  # the LAN interface: where IPv6 announcements leave
         self._inflight: set[asyncio.Task[None]] = set()
         self._timer: asyncio.TimerHandle | None = None
         self.restarted = not (core.restored_all and saved is not None)
@@ -104,15 +135,47 @@ class LanPcpServer(asyncio.DatagramProtocol):
         sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(address))
         sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 1)
         sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 0)
-        await loop.create_datagram_endpoint(lambda: self, sock=sock)  # connection_made keeps the transport
+        v4 = self.v4 = _Endpoint(self, address, int(sock.getsockname()[1]))
+        await loop.create_datagram_endpoint(lambda: v4, sock=sock)
         self.core.watch_state_loss(self.state_lost)
         if self.restarted:
             self.state_lost("our restart did not keep every mapping")
-        return int(sock.getsockname()[1])
+        return v4.port
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        """asyncio hands over the socket's transport."""
-        self.transport = cast(asyncio.DatagramTransport, transport)  # (3.11's is not a subclass)
+    async def listen6(self, hosts: Iterable[str], ifname: str, port: int = PCP_SERVER_PORT) -> None:
+        """Serve PCP on exactly ``hosts`` (see :func:`lan6_hosts`) of ``ifname``: new addresses get
+        a socket, gone ones lose theirs; one that cannot be bound yet (DAD) is tried at the next call."""
+        want = set(hosts)
+        for host in [h for h in self.v6 if h not in want]:
+            self.v6.pop(host).close()
+            log.info("PCP no longer served on [%s]:%d (address gone)", host, port)
+        if want - self.v6.keys():
+            self._ifindex6 = socket.if_nametoindex(ifname)
+        for host in sorted(want - self.v6.keys()):
+            try:
+                await self._bind6(host, port)
+            except OSError as exc:
+                log.debug("PCP on [%s]:%d not yet: %s", host, port, exc)
+                continue
+            log.info("PCP on [%s]:%d", host, port)
+        self.announcer.ipv6 = bool(self.v6)  # ANNOUNCE to ff02::1 too (RFC 6887 §14.1.3)
+
+    async def _bind6(self, host: str, port: int) -> None:
+        sockaddr = socket.getaddrinfo(host, port, socket.AF_INET6, socket.SOCK_DGRAM,
+                                      flags=socket.AI_NUMERICHOST)[0][4]
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        try:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # clients' addresses stay IPv6
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(sockaddr)
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF, self._ifindex6)
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, 1)
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_LOOP, 0)
+        except OSError:
+            sock.close()
+            raise
+        ep = self.v6[host] = _Endpoint(self, host, int(sock.getsockname()[1]))
+        await asyncio.get_running_loop().create_datagram_endpoint(lambda: ep, sock=sock)
 
     def close(self) -> None:
         """Stop serving; the epoch is kept for the next start (RFC 6887 §8.5)."""
@@ -122,8 +185,15 @@ class LanPcpServer(asyncio.DatagramProtocol):
             t.cancel()
         rec = self.epoch.record(self.clock(), self.wall())
         self.core.table.set_meta(EPOCH_META, f"{rec.seconds} {rec.wall}")
-        if self.transport is not None:
-            self.transport.close()
+        self.close_sockets()
+
+    def close_sockets(self) -> None:
+        """Close every socket (a start that failed half-way keeps no epoch record)."""
+        for ep in [self.v4, *self.v6.values()]:
+            if ep is not None:
+                ep.close()
+        self.v4 = None
+        self.v6.clear()
 
     # --- announcements ------------------------------------------------------------------
 
@@ -150,18 +220,20 @@ class LanPcpServer(asyncio.DatagramProtocol):
         ip = self.core.outer_address("")
         self.announcer.set_external(ipaddress.IPv4Address(ip) if ip else None)
         for d in self.announcer.on_timer(self.clock()):
-            self._send(d.payload, (d.host, d.port))
+            if ":" not in d.host:
+                if self.v4 is not None:
+                    self.v4.send(d.payload, (d.host, d.port))
+                continue
+            for ep in self.v6.values():  # from each address, so a client hears the one it asked (§14.1.3)
+                ep.send(d.payload, (d.host, d.port, 0, self._ifindex6))
         self._arm()
 
     # --- requests -----------------------------------------------------------------------
 
-    def _send(self, payload: bytes, addr: tuple[str, int]) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.sendto(payload, addr)
-
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+    def received(self, data: bytes, addr: Any, endpoint: _Endpoint) -> None:
+        """One datagram on one of our sockets; answers go back through the same socket."""
         now = self.clock()
-        host = addr[0]
+        host = addr[0].split("%", 1)[0]  # a link-local source's scope is the socket's interface
         if not self.limiter.allow(host, now):
             log.debug("dropped a datagram from %s: over its rate (docs/lan-pcp.md)", host)
             return
@@ -175,13 +247,13 @@ class LanPcpServer(asyncio.DatagramProtocol):
             log.debug("dropped a datagram from %s: %s", host, handled.reason)
         elif isinstance(handled, Reply):
             log.info("answered %s at once: %s", host, handled.reason)
-            self._send(handled.payload, addr)
+            endpoint.send(handled.payload, addr)
         elif isinstance(handled, AnnounceWanted | AddressWanted):
-            self._send(pcp.respond(handled, self._address(handled), self.epoch.seconds(now)), addr)
+            endpoint.send(pcp.respond(handled, self._address(handled), self.epoch.seconds(now)), addr)
         elif len(self._inflight) >= self.cfg.max_inflight:
             log.warning("dropped a request from %s: %d requests in progress", host, len(self._inflight))
         else:
-            task = asyncio.get_running_loop().create_task(self._serve(handled, addr))
+            task = asyncio.get_running_loop().create_task(self._serve(handled, addr, endpoint))
             self._inflight.add(task)
             task.add_done_callback(self._inflight.discard)
 
@@ -192,7 +264,7 @@ class LanPcpServer(asyncio.DatagramProtocol):
         # no external address known: result 3, Network Failure (RFC 6886 §3.5)
         return Address(ipaddress.IPv4Address(ip)) if ip else Refused(Result.NETWORK_FAILURE)
 
-    async def _serve(self, event: Wanted, addr: tuple[str, int]) -> None:
+    async def _serve(self, event: Wanted, addr: Any, endpoint: _Endpoint) -> None:
         try:
             outcome = await self._decide(event)
         except CoreError as exc:
@@ -202,7 +274,7 @@ class LanPcpServer(asyncio.DatagramProtocol):
         except Exception:  # a daemon never dies of one request (common standards)
             log.exception("request from %s failed", addr[0])
             outcome = Refused(Result.NETWORK_FAILURE)
-        self._send(pcp.respond(event, outcome, self.epoch.seconds(self.clock())), addr)
+        endpoint.send(pcp.respond(event, outcome, self.epoch.seconds(self.clock())), addr)
 
     def _origin(self, event: MapWanted | DeleteWanted) -> Origin:
         who = event.requester
@@ -216,8 +288,8 @@ class LanPcpServer(asyncio.DatagramProtocol):
             return Refused(Result.UNSUPP_OPCODE)
         if isinstance(event, AnnounceWanted | AddressWanted):
             return self._address(event)
-        if event.internal_ip.version != 4:
-            return Refused(Result.UNSUPP_PROTOCOL)  # not reachable: the socket is IPv4 only
+        if event.internal_ip.version == 6:  # IPv6 firewall mode (docs/pinholes.md)
+            return await self._pinhole(event)
         origin = self._origin(event)
         if isinstance(event, DeleteWanted):
             if event.internal_port == 0 and origin.front_end == FrontEnd.NATPMP:
@@ -229,7 +301,7 @@ class LanPcpServer(asyncio.DatagramProtocol):
                     return refusal(event, exc.kind.value, exc.pcp_result,
                                    exc.lifetime if isinstance(exc, NotOwner) else None)
             return Done()
-        remote = _filter_host(event)
+        remote = remote_filter(event.filters, 4)
         if remote is None:
             return Refused(Result.EXCESSIVE_REMOTE_PEERS)
         outer = self.core.outer_address(origin.client)
@@ -245,6 +317,29 @@ class LanPcpServer(asyncio.DatagramProtocol):
         log.debug("%s %s -> %s:%d for %d s", origin.front_end.value, grant.mapping.describe(), grant.ext_ip,
                  grant.ext_port, grant.lifetime)
         return Granted(ipaddress.ip_address(grant.ext_ip), grant.ext_port, grant.lifetime, grant.mapping.description)
+
+    async def _pinhole(self, event: MapWanted | DeleteWanted) -> Outcome:
+        """A MAP for an IPv6 internal address: a pinhole through the pinhole core (docs/pinholes.md)."""
+        if self.pinholes is None:
+            return Refused(Result.NOT_AUTHORIZED)  # no IPv6 firewall to open (FirewallDisabled)
+        internal, who = str(event.internal_ip), firewall.owner(event)
+        try:
+            if isinstance(event, DeleteWanted):
+                await self.pinholes.lan_delete(who, firewall.nonce(event), internal, event.internal_port,
+                                               event.protocol)
+                return Done()
+            ask = firewall.pinhole_ask(event, self.cfg.max_lifetime)
+            if isinstance(ask, Refused):
+                return ask
+            p = await self.pinholes.lan_map(ask.owner, ask.nonce, ask.int_client, ask.int_port, ask.protocol,
+                                            ask.remote_host, ask.lease)
+        except PinholeError as exc:
+            outcome = firewall.pinhole_refusal(event, exc.kind, exc.lifetime)
+            if isinstance(outcome, Refused):
+                log.info("refused %s of [%s]:%d from %s: %s", type(event).__name__, internal, event.internal_port,
+                         event.requester.address, exc)
+            return outcome
+        return firewall.granted(event, p.lease)
 
 
 def _load_record(core: Iwf) -> EpochRecord | None:

@@ -1,7 +1,10 @@
 """Per-host fairness for the UPnP HTTP server, sans-I/O: peer and time in, admit or refuse out.
 
 One host cannot starve the others: each source address may hold at
-most MAX_PER_HOST connections and open them at RATE_PER_S (burst RATE_BURST); the last
+most MAX_PER_HOST connections and open them, while it already holds one, at RATE_PER_S
+(burst RATE_BURST): a control point that waits for each answer before its next request
+(miniupnpc listing 10,000 entries, one connection each) is bounded by our own service
+time and is never refused, only parallel openers are rate limited; the last
 RESERVE of the MAX_CONNECTIONS slots go only to hosts holding fewer than RESERVE_UNDER
 connections, so a newcomer is served even while others fill the server. Each connection
 has its own deadlines (controld.upnp.http: READ_DEADLINE for header and body), so a slow
@@ -37,6 +40,10 @@ class Fairness:
             return False
         if self.active >= self.total - self.reserve and held >= RESERVE_UNDER:
             return False  # the reserve is for hosts under their share
+        if held == 0:  # one at a time: paced by our answers, nothing to limit
+            self.held[host] = 1
+            self.active += 1
+            return True
         tokens, last = self.buckets.pop(host, (self.burst, now))
         tokens = min(self.burst, tokens + (now - last) * self.rate)
         if len(self.buckets) >= MAX_HOSTS:

@@ -59,6 +59,29 @@ def testbed(make_testbed: Callable[..., Testbed]) -> Testbed:
     return make_testbed()
 
 
+def ipv6_stack(before: Callable[[Testbed], None] | None = None, nat2: bool = False,
+               **stack_kwargs: Any) -> Iterator[Stack]:
+    """Body of a module-scoped fixture: natd and controld on one IPv6 bed (``Testbed(ipv6=True)``),
+    ``before(bed)`` run between the bed's set-up and the daemons' start, NAT2 started if asked;
+    skipped where the bed cannot run, everything torn down at the end."""
+    reason = netns_skip_reason()
+    if reason:
+        pytest.skip(f"netns test bed: {reason}")
+    bed = Testbed(ipv6=True)
+    stack = Stack(bed, **stack_kwargs)
+    try:
+        bed.setup()
+        if before is not None:
+            before(bed)
+        if nat2:
+            bed.start_nat2()
+        stack.start()
+        yield stack
+    finally:
+        stack.close()
+        bed.teardown()
+
+
 @pytest.fixture
 def make_stack(make_testbed: Callable[..., Testbed]) -> Iterator[Callable[..., Stack]]:
     """Factory: ``make_stack(layout="router"|"split", mode=..., controld_args=[...],

@@ -832,6 +832,16 @@ table inet {NAT2_TABLE} {{
         listener.close()
         return sent and got == payload
 
+    def tcp_in6(self, port: int, dst: str = LAN_HOST_IP6, src: str = "inet",
+                payload: bytes = b"through the pinhole", timeout: float = 2.0) -> bool:
+        """Does a TCP connection from ``src`` (the Internet host) to a LAN host's global IPv6
+        address ``dst``:``port`` deliver ``payload`` to a listener on the LAN host?"""
+        listener = self.tcp_listen("lan", port, host="::", timeout=timeout + 2)
+        sent = self.tcp_send(src, dst, port, payload, timeout=timeout)
+        got = listener.received(timeout=timeout if sent else 0.3)
+        listener.close()
+        return sent and got == payload
+
     def tcp_send(self, name: str, host: str, port: int, payload: bytes,
                  timeout: float = 5.0, source: str | None = None) -> bool:
         """Connect from namespace ``name`` to ``host:port``, send ``payload`` and close.

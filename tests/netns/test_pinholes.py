@@ -32,14 +32,6 @@ def pin(pid: int, port: int, proto: int = TCP, lan: str = LAN6, lease: int = 600
     return wire.PinholeAdd(wire.Pinhole(pid, proto, lan, port, lease, remote))
 
 
-def tcp_in(bed: tb.Testbed, port: int, src: str = "inet", timeout: float = 2.0) -> bool:
-    """Does a TCP connection from ``src`` to the LAN host's global address:port deliver bytes?"""
-    listener = bed.tcp_listen("lan", port, host="::", timeout=timeout + 2)
-    sent = bed.tcp_send(src, LAN6, port, PAYLOAD, timeout=timeout)
-    got = listener.received(timeout=timeout if sent else 0.3)
-    listener.close()
-    return sent and got == PAYLOAD
-
 
 def udp_in(bed: tb.Testbed, port: int, timeout: float = 1.5) -> bool:
     listener = bed.udp_listen("lan", port, host="::", timeout=timeout + 2)
@@ -79,22 +71,22 @@ def test_own_firewall_drops_inbound_until_a_pinhole_opens_and_closes_it(own) -> 
     assert "policy accept" in rules and 'iifname @pinif drop comment "igdpcp v6 inbound drop"' in rules
     assert "packet-too-big" in rules  # RFC 4890: PMTU discovery keeps working
     # Outbound IPv6 from the LAN is fine, inbound new connections are not.
-    assert tcp_in(bed, 8100) is False
+    assert bed.tcp_in6(8100) is False
     out = bed.tcp_listen("inet", 7100, host="::", timeout=5)
     assert bed.tcp_send("lan", INET6, 7100, b"out") and out.received(3) == b"out"
 
     reply = c.call(pin(1, 8100))
     assert reply == wire.PinholeReply(1, 600 + 60)
     assert pinholes(bed, "ip6", "igdpcp") == {(LAN6, "tcp", 8100)}
-    assert tcp_in(bed, 8100)
-    assert tcp_in(bed, 8101) is False  # only that port
+    assert bed.tcp_in6(8100)
+    assert bed.tcp_in6(8101) is False  # only that port
     assert c.call(pin(2, 8102, UDP)) == wire.PinholeReply(2, 660)
     assert udp_in(bed, 8102) and not udp_in(bed, 8100)  # proto is part of the key
 
     assert c.call(wire.PinholeDelete(1)) == wire.Ok()
     assert c.call(wire.PinholeDelete(1)) == wire.Ok()  # idempotent
     assert pinholes(bed, "ip6", "igdpcp") == {(LAN6, "udp", 8102)}
-    assert tcp_in(bed, 8100) is False
+    assert bed.tcp_in6(8100) is False
     counters = c.call(wire.PinholeCounters([2, 1]))
     assert isinstance(counters, wire.PinholeCountersReply) and counters.pids == [2] and counters.packets[0] >= 1
     status = c.call(wire.PinholeStatus())
@@ -106,10 +98,10 @@ def test_remote_host_pinhole_admits_that_host_only(own) -> None:
     bed = st.bed
     c.call(pin(1, 8200, remote=tb.ISP_EXT_IP6))  # a host that is not the Internet host
     assert pinholes(bed, "ip6", "igdpcp") == {(tb.ISP_EXT_IP6, LAN6, "tcp", 8200)}
-    assert tcp_in(bed, 8200) is False
+    assert bed.tcp_in6(8200) is False
     c.call(pin(1, 8200, remote=INET6))  # the same pid re-pointed: replaced in one transaction
     assert pinholes(bed, "ip6", "igdpcp") == {(INET6, LAN6, "tcp", 8200)}
-    assert tcp_in(bed, 8200)
+    assert bed.tcp_in6(8200)
 
 
 def test_pinholes_survive_a_flush_of_the_ruleset_and_a_sync_replaces_them(own) -> None:
@@ -122,13 +114,13 @@ def test_pinholes_survive_a_flush_of_the_ruleset_and_a_sync_replaces_them(own) -
                       and "inbound drop" in chain_text(bed, "ip6", "igdpcp", "forward"), 3.0)
     assert took is not None, st.log("natd")[-2000:]
     assert "pinholes in ip6 igdpcp changed under natd" in st.log("natd")
-    assert tcp_in(bed, 8300) and not tcp_in(bed, 8302)
+    assert bed.tcp_in6(8300) and not bed.tcp_in6(8302)
     reply = c.call(wire.PinholeSync([wire.Pinhole(3, TCP, LAN6, 8302, 100), wire.Pinhole(1, TCP, LAN6, 8300, 100),
                                      wire.Pinhole(4, TCP, "2001:db8:99::1", 8303, 100)]))
     assert reply == wire.SyncReply(1, 1, [4])  # +8302 -8301; 8300 kept (re-leased); 4 is off the LAN
     assert pinholes(bed, "ip6", "igdpcp") == {(LAN6, "tcp", 8300), (LAN6, "tcp", 8302)}
     assert "timeout 2m40s" in bed.run("cpe", ["nft", "list", "set", "ip6", "igdpcp", "pin6"]).stdout
-    assert tcp_in(bed, 8302)
+    assert bed.tcp_in6(8302)
 
 
 @pytest.mark.parametrize(("msg", "code"), [
@@ -198,17 +190,17 @@ def test_admin_named_table_and_chain(natd_only) -> None:
 
     st, c = natd_only(natd_args=["--ipv6-firewall", "table:inet:filter:upnp6"], before=before)
     bed = st.bed
-    assert tcp_in(bed, 8500) is False  # the admin's policy drop
+    assert bed.tcp_in6(8500) is False  # the admin's policy drop
     c.call(pin(1, 8500))
     assert pinholes(bed, "inet", "filter", "igdpcp_") == {(LAN6, "tcp", 8500)}
     assert "@igdpcp_pin6 ct mark set ct mark | 0x00100000 accept" in chain_text(bed, "inet", "filter", "upnp6")
-    assert tcp_in(bed, 8500)
+    assert bed.tcp_in6(8500)
     # The admin reloads their ruleset (chain emptied, sets gone): natd puts its part back.
     bed.nft("cpe", "delete table inet filter\n" + ADMIN_FW)
     assert wait_until(lambda: pinholes(bed, "inet", "filter", "igdpcp_") == {(LAN6, "tcp", 8500)}, 3.0) is not None
-    assert tcp_in(bed, 8500)
+    assert bed.tcp_in6(8500)
     c.call(wire.PinholeDelete(1))
-    assert tcp_in(bed, 8500) is False
+    assert bed.tcp_in6(8500) is False
 
 
 # --- fw4 -------------------------------------------------------------------------------------
@@ -229,24 +221,24 @@ def test_fw4_pinholes_open_fw4s_drop_and_survive_reload_and_restart(natd_only) -
     body = [x.strip() for x in fwd.splitlines() if x.strip().startswith(("jump", "iifname", "ct "))]
     assert body[-1] == "jump handle_reject" and any(x.startswith("jump igdpcp_pinholes") for x in body[-3:])
     assert "policy drop" in fwd
-    assert tcp_in(bed, 8600) is False  # fw4's default: inbound IPv6 from wan is rejected
+    assert bed.tcp_in6(8600) is False  # fw4's default: inbound IPv6 from wan is rejected
     assert c.call(wire.PinholeStatus()).mode == "fw4"
     c.call(pin(1, 8600))
     c.call(pin(2, 8601, UDP))
     want = {(LAN6, "tcp", 8600), (LAN6, "udp", 8601)}
     assert pinholes(bed, "inet", "fw4", "igdpcp_") == want
-    assert tcp_in(bed, 8600) and udp_in(bed, 8601)
+    assert bed.tcp_in6(8600) and udp_in(bed, 8601)
     for what, argv in (("fw4 reload", None), ("fw4 restart", ["nft", "delete", "table", "inet", "fw4"])):
         if argv:
             bed.run("cpe", argv)
         bed.run("cpe", ["nft", "-f", bed.path("fw4.nft")])
         took = wait_until(lambda: pinholes(bed, "inet", "fw4", "igdpcp_") == want, 3.0)
         assert took is not None, (what, st.log("natd")[-2000:])
-        assert tcp_in(bed, 8600), (what, st.log("natd")[-2000:])
+        assert bed.tcp_in6(8600), (what, st.log("natd")[-2000:])
         # the include's rules and natd's are the same text: no duplicates
         assert chain_text(bed, "inet", "fw4", "igdpcp_pinholes").count("comment") == 2, what
     c.call(wire.PinholeDelete(1))
-    assert tcp_in(bed, 8600) is False
+    assert bed.tcp_in6(8600) is False
     assert st.stop("natd") == 0  # a stop closes every pinhole
     assert pinholes(bed, "inet", "fw4", "igdpcp_") == set()
     assert re.search(r"stop: closed 1 pinholes", st.log("natd"))
@@ -256,9 +248,9 @@ def test_pinhole_without_renewal_closes_after_lease_and_grace(natd_only) -> None
     st, c = natd_only(natd_args=["--ipv6-firewall", "own", "--pinhole-grace", "0"],
                       before=lambda bed: bed.setup_ipv6())
     c.call(pin(1, 8700, lease=3))
-    assert tcp_in(st.bed, 8700)
+    assert st.bed.tcp_in6(8700)
     assert wait_until(lambda: pinholes(st.bed, "ip6", "igdpcp") == set(), 5.0) is not None
-    assert tcp_in(st.bed, 8700) is False
+    assert st.bed.tcp_in6(8700) is False
     assert wait_until(lambda: "pinhole expired pid=1" in st.log("natd"), 3.0) is not None
 
 
@@ -278,16 +270,16 @@ def test_fw4_without_the_include_files_natd_inserts_its_jump(natd_only, tmp_path
 
     st, c = natd_only(natd_args=["--layout", "fw4"], before=before)
     assert "lacks 'jump igdpcp_pinholes'" in st.log("natd")
-    assert tcp_in(st.bed, 8800) is False
+    assert st.bed.tcp_in6(8800) is False
     c.call(pin(1, 8800))
-    assert tcp_in(st.bed, 8800)
+    assert st.bed.tcp_in6(8800)
 
 
 def test_pinholes_close_when_their_lan_prefix_goes_away(own) -> None:
     st, c = own
     bed = st.bed
     c.call(pin(1, 8900))
-    assert tcp_in(bed, 8900)
+    assert bed.tcp_in6(8900)
     bed.run("cpe", ["ip", "-6", "addr", "del", f"{tb.ROUTER_LAN_IP6}/64", "dev", tb.ROUTER_LAN_IF])
     assert wait_until(lambda: pinholes(bed, "ip6", "igdpcp") == set(), 3.0) is not None, st.log("natd")[-1500:]
     assert "closed pinhole pid=1" in st.log("natd")
@@ -304,7 +296,7 @@ def test_a_crashed_natds_pinholes_are_adopted_until_controld_claims_them(own) ->
     st.start_natd()
     assert "adopted 1 pinholes" in st.log("natd")
     assert pinholes(bed, "ip6", "igdpcp") == {(LAN6, "tcp", 9100)}
-    assert tcp_in(bed, 9100)  # no gap while controld has not re-sent it yet
+    assert bed.tcp_in6(9100)  # no gap while controld has not re-sent it yet
     # controld (new pid after its own restart, say) claims it: no "duplicate"
     assert c.call(pin(7, 9100, lease=900)) == wire.PinholeReply(7, 960)
     assert c.call(wire.PinholeStatus()).pinholes == 1

@@ -78,8 +78,17 @@ def test_fairness_one_host_cannot_starve_another() -> None:
 def test_fairness_rate_limits_new_connections_per_host() -> None:
     f = Fairness(total=1000, per_host=1000, reserve=0, burst=5, rate=1)
     got = [f.admit("192.168.1.66", 0.0) for _ in range(10)]
-    assert got.count(True) == 5 and f.admit("192.168.1.2", 0.0)
+    assert got.count(True) == 6 and f.admit("192.168.1.2", 0.0)  # the first, then the burst
     assert f.admit("192.168.1.66", 1.0) and not f.admit("192.168.1.66", 1.0)
+
+
+def test_fairness_never_refuses_a_host_that_waits_for_each_answer() -> None:
+    """A listing by miniupnpc opens one connection per entry, each after the last one closed."""
+    f = Fairness(total=16, per_host=4, reserve=0, burst=5, rate=1)
+    for _ in range(10_000):
+        assert f.admit("192.168.1.66", 0.0)
+        f.release("192.168.1.66")
+    assert f.active == 0 and not f.held
 
 
 def test_unmatched_map_response_changes_no_epoch() -> None:

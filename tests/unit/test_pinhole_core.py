@@ -85,6 +85,31 @@ def _kind(coro: object) -> PinholeErrorKind:
     return exc.value.kind
 
 
+def _rebuilt(core: Pinholes) -> tuple[dict, dict, dict]:
+    """The indexes as a walk over every row gives them (what they must equal at all times)."""
+    by_tuple: dict = {}
+    by_owner: dict = {}
+    for p in core.rows.values():
+        by_tuple.setdefault((p.int_client, p.int_port, p.proto), set()).add(p.uid)
+        by_owner.setdefault(p.owner, set()).add(p.uid)
+    return {p.key(): p.uid for p in core.rows.values()}, by_tuple, by_owner
+
+
+def test_indexes_follow_every_change_and_the_expiry_heap_stays_bounded() -> None:
+    """Add, re-lease, delete and expiry keep the lookups O(1) and equal to a walk of the table."""
+    core, b, clock = _core(max_per_host=0, max_total=0)
+    made: list[Pinhole] = [asyncio.run(core.add(HOST, HOST, 2000 + i, 6, "", 0, 100 + i)) for i in range(50)]
+    asyncio.run(core.delete(HOST, made[3].uid))
+    for _ in range(2000):  # renewals leave stale heap entries behind
+        asyncio.run(core.update(HOST, made[0].uid, 3600))
+    assert len(core._expiry) <= 4 * len(core.rows) + 64
+    clock.now += 120  # the first forty-odd leases end
+    core.expire()
+    assert (core._by_key, core._by_tuple, core._by_owner) == _rebuilt(core)
+    assert set(core.rows) == {made[0].uid} | {made[i].uid for i in range(21, 50)}  # lease 100 + i > 120
+    assert core.count_of(HOST) == 30 and made[3].uid not in b.open_
+
+
 def test_add_update_delete_with_ownership_and_one_uid_per_hole() -> None:
     core, b, clock = _core()
     p = asyncio.run(core.add(HOST, HOST, 8080, 6, "", 0, 3600))

@@ -105,3 +105,46 @@ def test_places_and_element_text() -> None:
     inc = fw4_includes()
     assert "jump igdpcp_pinholes" in inc["chain-post/forward/30-igdpcp-pinholes.nft"]
     assert "chain igdpcp_pinholes {" in inc["table-post/30-igdpcp-pinholes.nft"]
+
+
+def test_closed_pinholes_doom_exactly_their_flows() -> None:
+    """What the conntrack worker deletes for closed pinholes (natd/conntrack.py doomed_pinholes)."""
+    from natd.conntrack import doomed_pinholes
+    from natd.netlink import CtEntry, CtTuple
+
+    def flow(src: str, dport: int, proto: int = 6, dst: str = LAN6) -> CtEntry:
+        return CtEntry(10, CtTuple(proto, src, dst, 40000, dport), CtTuple(proto, dst, src, dport, 40000))
+
+    any_host, one_host = flow("2001:db8:20::10", 8080), flow("2001:db8:20::10", 8081)
+    other_remote, udp = flow("2001:db8:20::99", 8081), flow("2001:db8:20::10", 8080, 17)
+    other_lan = flow("2001:db8:20::10", 8080, dst="2001:db8:1::3")
+    keys = [(LAN6, 6, 8080, None), (LAN6, 6, 8081, "2001:db8:20::10")]
+    assert doomed_pinholes([any_host, one_host, other_remote, udp, other_lan], keys) == [any_host, one_host]
+    assert doomed_pinholes([any_host], []) == []
+
+
+def test_closed_pinholes_flows_go_to_the_conntrack_worker_never_a_dump_on_natds_loop(monkeypatch) -> None:
+    import asyncio
+
+    from natd import main, netlink
+
+    async def run() -> list[list]:
+        args = main.build_parser().parse_args(["--wan-if", "w", "--lan-if", "l", "--rpc", "ipc:///x",
+                                               "--events", "ipc:///y"])
+        d = main.Natd(args)
+        sent: list[list] = []
+
+        async def worker(keys: list) -> int:
+            sent.append(keys)
+            return 1
+
+        async def walk(*_a: object, **_k: object) -> list:
+            raise AssertionError("natd's loop walked the conntrack table")
+
+        monkeypatch.setattr(d.ct, "forget_pinholes", worker)
+        monkeypatch.setattr(netlink, "ct_dump", walk)
+        await d._forget_pinhole_flows([(LAN6, 6, 8080, None), (LAN6, 17, 53, "2001:db8:20::10")])
+        d.ctx.term()
+        return sent
+
+    assert asyncio.run(run()) == [[(LAN6, 6, 8080, None), (LAN6, 17, 53, "2001:db8:20::10")]]
