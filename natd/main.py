@@ -5,7 +5,13 @@ none of it: every message is schema-checked (shared.wire) and policy-checked
 (natd.bindings) before anything reaches the kernel.
 """
 
+# ruff: noqa: E402  (the imports follow the ssl block below on purpose)
 from __future__ import annotations
+
+import sys
+
+if __name__ == "__main__":  # the daemon, not a test importing it: it never speaks TLS, and asyncio's
+    sys.modules.setdefault("ssl", None)  # type: ignore[arg-type]  # optional import of ssl costs ~4.5 MiB RSS
 
 import argparse
 import asyncio
@@ -15,7 +21,6 @@ import itertools
 import logging
 import os
 import signal
-import sys
 import time
 import uuid
 from collections.abc import Callable, Coroutine
@@ -550,6 +555,12 @@ class Natd:
 
     async def run(self) -> None:
         """Start everything, serve until SIGTERM, then close every forward and the sockets."""
+        # Sockets first: controld's reconnect (its back-off reaches 0.5 s while natd is down) then
+        # overlaps the kernel set-up below, and its re-sync follows the first heartbeat at once.
+        # Requests meanwhile wait in the socket until the server loop starts.
+        auth = self._start_auth()
+        self.router = self._socket(zmq.ROUTER, self.args.rpc)
+        self.pub = self._socket(zmq.PUB, self.args.events)
         self._apply_ifs(await wan.snapshot(self.args.wan_if, self.args.lan_if))
         try:
             self.nft.setup()
@@ -563,10 +574,7 @@ class Natd:
         monitor = nftmon.NftMonitor(self.nft.layout.family, self.nft.layout.table, self._kick, self._check_generation)
         monitor.start()
         await self.relay.open(self.ifs.wan_ip)
-        auth = self._start_auth()
-        self.router = self._socket(zmq.ROUTER, self.args.rpc)
-        self.pub = self._socket(zmq.PUB, self.args.events)
-        self.rpc = ZPump(self.router, self._serve)
+        self.rpc = ZPump(self.router, self._serve)  # requests that came during the set-up are served now
         log.info("natd up: boot=%s wan=%s (%s) lan=%s layout=%s rpc=%s events=%s", self.boot_id, self.ifs.wan_ip,
                  self.args.wan_if, ",".join(self.ifs.lan_subnets), self.nft.layout.name, self.args.rpc,
                  self.args.events)

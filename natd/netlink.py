@@ -187,3 +187,134 @@ async def ct_delete(entries: Iterable[CtEntry]) -> None:
                     break
                 except OSError:  # ENOBUFS: answers overflowed the buffer; they were only errors
                     continue
+
+
+# --------------------------------------------------------------------- nf_tables set elements
+# A bulk write of map elements (natd's restore of N forwards after a restart) as one nf_tables
+# batch: the same transaction `nft add element` makes, without libnftables parsing N elements of
+# text (~25 us each). linux/netfilter/nf_tables.h and nfnetlink.h.
+NFNL_SUBSYS_NFTABLES = 10
+NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 0x10, 0x11
+NFT_MSG_NEWSETELEM, NFT_MSG_DELSETELEM = 12, 14
+NFTA_SET_ELEM_LIST_TABLE, NFTA_SET_ELEM_LIST_SET, NFTA_SET_ELEM_LIST_ELEMENTS = 1, 2, 3
+NFTA_LIST_ELEM = 1
+NFTA_SET_ELEM_KEY, NFTA_SET_ELEM_DATA = 1, 2
+NFTA_DATA_VALUE = 1
+NLM_F_CREATE = 0x400
+ELEMS_PER_MESSAGE = 1000  # ~40 bytes each: one message's element list stays under its u16 length
+NFT_BATCH_TIMEOUT_S = 10.0
+FAMILIES = {"ip": socket.AF_INET, "inet": 1, "ip6": socket.AF_INET6}
+
+# One element change: (key bytes, data bytes) to add, or (key bytes, None) to delete.
+ElemOp = tuple[bytes, bytes | None]
+
+
+class NftBatchError(OSError):
+    """The kernel refused the batch (nothing of it was applied)."""
+
+
+_NLA = struct.Struct("=HH")  # an attribute header: length, type
+_NLA2 = struct.Struct("=HHHH")  # an attribute header and the header of the one attribute it nests
+
+
+def _elem(key: bytes, data: bytes | None) -> bytes:
+    """One NFTA_LIST_ELEM: key (and data) values. Keys and data are whole registers (multiples of
+    4 bytes), so no padding falls between; packed by hand, as this runs N times per batch."""
+    inner = _NLA2.pack(8 + len(key), NFTA_SET_ELEM_KEY | nl.NLA_F_NESTED, 4 + len(key), NFTA_DATA_VALUE) + key
+    if data is not None:
+        inner += _NLA2.pack(8 + len(data), NFTA_SET_ELEM_DATA | nl.NLA_F_NESTED, 4 + len(data), NFTA_DATA_VALUE) + data
+    return _NLA.pack(4 + len(inner), NFTA_LIST_ELEM | nl.NLA_F_NESTED) + inner
+
+
+def setelem_batch(family: int, table: str, changes: Iterable[tuple[str, list[ElemOp]]],
+                  seq: int = 1) -> tuple[bytes, int]:
+    """One nf_tables batch (begin, the element messages, end) that applies ``changes``: per set name,
+    its deletes then its adds, in the given order. Returns the bytes and how many messages ask for
+    an acknowledgement (every element message)."""
+    out = [nl.message(NFNL_MSG_BATCH_BEGIN, nl.NLM_F_REQUEST, seq, _NFGEN.pack(0, 0, NFNL_SUBSYS_NFTABLES))]
+    head = nl.attr(NFTA_SET_ELEM_LIST_TABLE, table.encode() + b"\0")
+    acks = 0
+    for name, ops in changes:
+        where = head + nl.attr(NFTA_SET_ELEM_LIST_SET, name.encode() + b"\0")
+        for kind, part in ((NFT_MSG_DELSETELEM, [op for op in ops if op[1] is None]),
+                           (NFT_MSG_NEWSETELEM, [op for op in ops if op[1] is not None])):
+            flags = nl.NLM_F_REQUEST | nl.NLM_F_ACK | (NLM_F_CREATE if kind == NFT_MSG_NEWSETELEM else 0)
+            for i in range(0, len(part), ELEMS_PER_MESSAGE):
+                seq += 1
+                elems = b"".join(_elem(k, d) for k, d in part[i:i + ELEMS_PER_MESSAGE])
+                out.append(nl.message((NFNL_SUBSYS_NFTABLES << 8) | kind, flags, seq,
+                                      _NFGEN.pack(family, 0, 0) + where
+                                      + nl.attr(NFTA_SET_ELEM_LIST_ELEMENTS | nl.NLA_F_NESTED, elems)))
+                acks += 1
+    seq += 1
+    out.append(nl.message(NFNL_MSG_BATCH_END, nl.NLM_F_REQUEST, seq, _NFGEN.pack(0, 0, NFNL_SUBSYS_NFTABLES)))
+    return b"".join(out), acks
+
+
+def nft_batch(batch: bytes, acks: int, timeout: float = NFT_BATCH_TIMEOUT_S) -> None:
+    """Send one nf_tables batch and wait for its ``acks`` acknowledgements (blocking, as a libnftables
+    command is); the first error refuses the whole batch (NftBatchError, nothing applied)."""
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER) as s:
+        s.settimeout(timeout)
+        # the whole batch goes in one datagram (the kernel applies it as one transaction)
+        s.setsockopt(socket.SOL_SOCKET, getattr(socket, "SO_SNDBUFFORCE", 32), len(batch) + 4096)
+        s.sendall(batch)
+        seen = 0
+        while seen < acks:
+            for msg in nl.messages(s.recv(RECV_BYTES)):
+                if msg.type != nl.NLMSG_ERROR:
+                    continue
+                code = nl.error_code(msg)
+                if code:
+                    raise NftBatchError(code, f"nf_tables batch refused: {errno.errorcode.get(code, code)}")
+                seen += 1
+
+
+NFT_MSG_GETSETELEM = 13
+MAX_SET_ELEMENTS = 1 << 17  # bound on one dump (natd's maps hold at most 65535 x 2 protocols)
+
+
+def getsetelem_request(family: int, table: str, name: str, seq: int = 1) -> bytes:
+    """Dump every element of set/map ``name``."""
+    return nl.message((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETSETELEM, nl.NLM_F_REQUEST | nl.NLM_F_DUMP, seq,
+                      _NFGEN.pack(family, 0, 0) + nl.attr(NFTA_SET_ELEM_LIST_TABLE, table.encode() + b"\0")
+                      + nl.attr(NFTA_SET_ELEM_LIST_SET, name.encode() + b"\0"))
+
+
+def decode_setelems(msg: nl.Msg) -> list[ElemOp]:
+    """The (key, data) values of one NEWSETELEM message of a dump (data None in a plain set)."""
+    if msg.type != (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWSETELEM or len(msg.payload) < _NFGEN.size:
+        return []
+    out: list[ElemOp] = []
+    elems = nl.attrs(msg.payload, _NFGEN.size).get(NFTA_SET_ELEM_LIST_ELEMENTS, b"")
+    off = 0
+    while off + _NLA.size <= len(elems):  # a list of NFTA_LIST_ELEM (several share a type: no dict)
+        length, _ = _NLA.unpack_from(elems, off)
+        if length < _NLA.size:
+            break
+        e = nl.attrs(elems[off + _NLA.size:off + length])
+        key = nl.attrs(e.get(NFTA_SET_ELEM_KEY, b"")).get(NFTA_DATA_VALUE)
+        if key is not None:
+            data = e.get(NFTA_SET_ELEM_DATA)
+            out.append((key, None if data is None else nl.attrs(data).get(NFTA_DATA_VALUE)))
+        off += (length + 3) & ~3
+    return out
+
+
+def nft_dump_elements(family: int, table: str, name: str, timeout: float = NFT_BATCH_TIMEOUT_S) -> list[ElemOp]:
+    """Every element of a set or map as raw key/data values (blocking, as a libnftables listing is; far
+    less memory than its JSON for 10k elements). OSError (ENOENT: no such table or set) on failure."""
+    out: list[ElemOp] = []
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER) as s:
+        s.settimeout(timeout)
+        s.sendall(getsetelem_request(family, table, name))
+        while True:
+            for msg in nl.messages(s.recv(RECV_BYTES)):
+                if msg.type == nl.NLMSG_DONE:
+                    return out
+                if msg.type == nl.NLMSG_ERROR:
+                    code = nl.error_code(msg)
+                    raise OSError(code, f"nf_tables element dump of {name}: {errno.errorcode.get(code, code)}")
+                out += decode_setelems(msg)
+                if len(out) > MAX_SET_ELEMENTS:
+                    raise OSError(errno.E2BIG, f"{name} holds more than {MAX_SET_ELEMENTS} elements")

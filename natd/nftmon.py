@@ -58,11 +58,14 @@ class MonitorParser:
             length, mtype, _flags, _seq, _pid = NLMSG_HDR.unpack_from(data, off)
             if length < NLMSG_HDR.size or off + length > len(data):
                 return True  # malformed: err on the safe side and verify
-            body = data[off + NLMSG_HDR.size: off + length]
+            start = off
             off += (length + 3) & ~3
-            if mtype >> 8 != NFNL_SUBSYS_NFTABLES or len(body) < 4:
-                continue
             msg = mtype & 0xFF
+            if mtype >> 8 != NFNL_SUBSYS_NFTABLES or length < NLMSG_HDR.size + 4:
+                continue
+            if self._touched and msg != NFT_MSG_NEWGEN:
+                continue  # only the batch's closing NEWGEN matters now (a restore: 20k element messages)
+            body = data[start + NLMSG_HDR.size: start + length]
             attrs = _attrs(body[4:])
             if msg == NFT_MSG_NEWGEN:
                 pid = attrs.get(NFTA_GEN_PROC_PID)

@@ -9,12 +9,11 @@ wait for the next start. The UCI syntax itself is :mod:`shared.uci`.
 from __future__ import annotations
 
 import argparse
-import difflib
 import ipaddress
 import os
 import re
 import uuid as uuidlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -192,11 +191,26 @@ def options(daemon: str) -> list[Option]:
     return [o for o in OPTIONS if daemon in o.daemons]
 
 
+def _formatter(prog: str) -> argparse.HelpFormatter:
+    """argparse's formatter at a fixed width: its default asks shutil for the terminal's, and every
+    add_argument makes one, so shutil (and bz2, lzma) would sit in both daemons' memory (~0.5 MiB)."""
+    cols = os.environ.get("COLUMNS", "")
+    return argparse.HelpFormatter(prog, width=int(cols) if cols.isdigit() else 100)
+
+
+def _did_you_mean(key: str, names: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for a misspelt option name, or ""; difflib only when one is."""
+    import difflib
+
+    hint = difflib.get_close_matches(key, list(names), n=1)
+    return f" (did you mean {hint[0]!r}?)" if hint else ""
+
+
 def build_parser(daemon: str, prog: str, description: str,
                  choices: Mapping[str, Sequence[Any]] | None = None) -> argparse.ArgumentParser:
     """The daemon's argparse parser, made from :data:`OPTIONS`; ``choices`` supplies the
     allowed values a daemon owns (e.g. natd's layouts), by option name."""
-    p = argparse.ArgumentParser(prog=prog, description=description)
+    p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=_formatter)
     p.add_argument("--config", help=f"UCI config file (section '{daemon}'); flags win")
     for o in options(daemon):
         allowed = (choices or {}).get(o.name, o.choices)
@@ -289,7 +303,7 @@ def _parse_args_with_config(parser: argparse.ArgumentParser, argv: list[str] | N
     cfg = next((a for a in parser._actions if "--config" in a.option_strings), None)
     if cfg is None:
         cfg = parser.add_argument("--config", metavar="PATH", help="UCI config file to read")
-    pre = argparse.ArgumentParser(add_help=False, prefix_chars=parser.prefix_chars,
+    pre = argparse.ArgumentParser(add_help=False, prefix_chars=parser.prefix_chars, formatter_class=_formatter,
                                   allow_abbrev=parser.allow_abbrev, exit_on_error=False)
     pre.add_argument(*cfg.option_strings, dest="config", default=cfg.default)
     try:
@@ -354,9 +368,7 @@ def _file_values(parser: argparse.ArgumentParser, cfg: argparse.Action, path: st
         lines = section.lines.get(key) or [section.line]
         action = by_key.get(key)
         if action is None:
-            hint = difflib.get_close_matches(key, by_key, n=1)
-            raise err(path, lines[0], f"unknown option {key!r} in section {section_type}"
-                                      + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+            raise err(path, lines[0], f"unknown option {key!r} in section {section_type}" + _did_you_mean(key, by_key))
         values[action.dest] = _config_value(action, key, raw, lines, is_list, path)
     if rules:  # miniupnpd's sections come after the list: first match wins across both
         dest = by_key["permission"].dest
@@ -383,9 +395,8 @@ def perm_rule_line(section: Section, filename: str) -> str:
         raise err(filename, section.lines[key][0], f"perm_rule takes 'option {key}', not 'list'")
     for key in section.options:
         if key not in PERM_RULE_DEFAULTS and key != "comment":
-            hint = difflib.get_close_matches(key, [*PERM_RULE_DEFAULTS, "comment"], n=1)
             raise err(filename, section.lines[key][0], f"unknown option {key!r} in section perm_rule"
-                      + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+                      + _did_you_mean(key, [*PERM_RULE_DEFAULTS, "comment"]))
     v = {**PERM_RULE_DEFAULTS, **{k: x.strip() for k, x in section.options.items() if x.strip()}}
 
     def line(key: str) -> int:

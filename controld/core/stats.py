@@ -7,7 +7,6 @@ and natd restarts. :meth:`Stats.snapshot` is what ``igdpcp status`` shows.
 
 from __future__ import annotations
 
-import statistics
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -43,4 +42,8 @@ class Stats:
 
     def rtt_p50_ms(self) -> float | None:
         """The median round trip of the recent exchanges, in ms; None before the first."""
-        return round(statistics.median(self.rtts) * 1000, 2) if self.rtts else None
+        if not self.rtts:
+            return None
+        import statistics  # only when the stats are asked for (it imports decimal and fractions)
+
+        return round(statistics.median(self.rtts) * 1000, 2)

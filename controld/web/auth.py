@@ -7,8 +7,6 @@ prints). An empty or malformed setting means no admin login: admin functions are
 from __future__ import annotations
 
 import base64
-import hashlib
-import hmac
 import os
 
 SCHEME = "pbkdf2_sha256"
@@ -22,6 +20,8 @@ MIN_PASSWORD = 8  # characters; what igdpcp hash-password and LuCI accept
 def make_hash(password: str, iterations: int = ITERATIONS, salt: bytes | None = None) -> str:
     """The UCI value for ``password``."""
     salt = salt if salt is not None else os.urandom(SALT_BYTES)
+    import hashlib  # here only: hashlib loads OpenSSL, which controld needs for nothing else
+
     dk = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
     return f"{SCHEME}${iterations}${base64.b64encode(salt).decode()}${base64.b64encode(dk).decode()}"
 
@@ -47,4 +47,7 @@ def verify(password: str, stored: str) -> bool:
     if parsed is None:
         return False
     iterations, salt, dk = parsed
+    import hashlib  # at the first login, not at every start (OpenSSL)
+    import hmac
+
     return hmac.compare_digest(hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations), dk)

@@ -12,12 +12,9 @@ bound to the client address; sessions expire; login attempts are rate-limited.
 
 from __future__ import annotations
 
-import hmac
-import html
-import importlib.resources
 import ipaddress
 import logging
-import secrets
+import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from urllib.parse import parse_qs, urlsplit
@@ -140,11 +137,21 @@ def host_is_ip_literal(host: str | None) -> bool:
 
 
 def _static(name: str) -> bytes:
+    import importlib.resources  # the page is rarely opened: not in every controld's memory
+
     return (importlib.resources.files("controld.web") / "static" / name).read_bytes()
 
 
 def _e(value: object) -> str:
+    import html  # imported once the page is first rendered (html.entities is a large table)
+
     return html.escape(str(value), quote=True)
+
+
+def _token() -> str:
+    """A session id or CSRF token: 128 random bits, as secrets.token_hex(16) (without importing
+    secrets, whose hmac/hashlib load OpenSSL into every controld)."""
+    return os.urandom(16).hex()
 
 
 def _duration(seconds: int | None) -> str:
@@ -161,13 +168,13 @@ class WebApp:
     """The page for one controld: sessions in memory, everything else in the core."""
 
     def __init__(self, backend: AdminBackend, config: WebConfig,
-                 token: Callable[[], str] = lambda: secrets.token_hex(16)) -> None:
+                 token: Callable[[], str] = _token) -> None:
         self.backend = backend
         self.config = config
         self.token = token
         self.sessions: dict[str, Session] = {}
         self.failures: dict[str, list[float]] = {}  # client -> times of failed logins
-        self.static = {name: _static(name) for name in STATIC}
+        self.static: dict[str, bytes] = {}  # read at its first request
         p = config.prefix.rstrip("/")
         Route = Callable[[_Ctx], Awaitable[HttpResponse]]
         self.routes: dict[tuple[str, str], Route] = {
@@ -186,6 +193,12 @@ class WebApp:
 
     # ------------------------------------------------------------ dispatch
 
+    def _static_file(self, name: str) -> bytes:
+        data = self.static.get(name)
+        if data is None:
+            data = self.static[name] = _static(name)
+        return data
+
     async def handle(self, req: HttpRequest) -> HttpResponse:
         """Answer one request; never raises for anything a client sends."""
         try:
@@ -203,7 +216,7 @@ class WebApp:
         if req.method == "GET" and path.startswith(p + "/static/") and path[len(p) + 8:] in STATIC:
             name = path[len(p) + 8:]
             return HttpResponse(200, [("Content-Type", STATIC[name]), ("Cache-Control", "max-age=3600"),
-                                      ("X-Content-Type-Options", "nosniff")], self.static[name])
+                                      ("X-Content-Type-Options", "nosniff")], self._static_file(name))
         route = self.routes.get((req.method, path))
         if route is None:
             if any(k[1] == path for k in self.routes):
@@ -257,7 +270,9 @@ class WebApp:
         except (UnicodeDecodeError, ValueError):
             raise Refused(400, "Malformed form.") from None
         ctx.form = {k: v[0] for k, v in fields.items()}
-        if not hmac.compare_digest(ctx.form.get("csrf", ""), ctx.session.csrf):
+        from hmac import compare_digest  # here, not at start: hmac imports hashlib (OpenSSL)
+
+        if not compare_digest(ctx.form.get("csrf", ""), ctx.session.csrf):
             raise Refused(403, "Refused: the form's security token is missing or stale. Reload the page.")
 
     # ------------------------------------------------------------ actions

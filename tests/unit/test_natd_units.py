@@ -13,9 +13,10 @@ import struct
 import msgpack
 import pytest
 
-from natd import nftmon
+from natd import netlink, nftmon
 from natd.bindings import BindingTable, PolicyError
-from natd.nft import Layout, expected, fw4_includes
+from natd.nft import Layout, _addr_port, _fwd_item, _fwd_key, _snat_item, _snat_key, expected, fw4_includes
+from shared import netlink as nl
 from shared import wire
 from tests.bed import fuzz
 
@@ -281,3 +282,51 @@ def test_sync_leaves_out_bindings_over_a_lowered_limit() -> None:
     skipped = t.replace_all([wire.Binding(1, 6, "192.168.1.2", 80, 8080), wire.Binding(2, 6, "192.168.1.2", 81, 8081),
                              wire.Binding(3, 6, "192.168.1.3", 80, 8082)])
     assert [b.mid for b, _ in skipped] == [2] and set(t.by_mid) == {1, 3}
+
+
+def test_setelem_batch_is_one_transaction_of_chunked_element_messages() -> None:
+    """The bulk restore's batch (natd.nft BULK_MIN): begin, per map its deletes then its adds in
+    messages of at most ELEMS_PER_MESSAGE elements, end; every key and value a whole register."""
+    key = bytes([6, 0, 0, 0]) + struct.pack("!H2x", 20000)  # tcp . 20000
+    val = bytes([192, 168, 1, 2]) + struct.pack("!H2x", 8080)  # 192.168.1.2 . 8080
+    adds = [(key, val)] * (netlink.ELEMS_PER_MESSAGE + 1)
+    batch, acks = netlink.setelem_batch(2, "igdpcp", [("igdpcp_fwd4", [(key, None), *adds])])
+    msgs = list(nl.messages(batch))
+    assert [m.type for m in msgs] == [netlink.NFNL_MSG_BATCH_BEGIN, (10 << 8) | netlink.NFT_MSG_DELSETELEM,
+                                      *[(10 << 8) | netlink.NFT_MSG_NEWSETELEM] * 2, netlink.NFNL_MSG_BATCH_END]
+    assert acks == 3 and all(m.flags & nl.NLM_F_ACK for m in msgs[1:-1])
+    assert msgs[0].payload[2:] == msgs[-1].payload[2:] == struct.pack("!H", 10)  # res_id: NFNL_SUBSYS_NFTABLES
+    counts = []
+    for m in msgs[1:-1]:
+        assert m.payload[0] == 2  # AF_INET
+        top = nl.attrs(m.payload, 4)
+        assert top[1] == b"igdpcp\0" and top[2] == b"igdpcp_fwd4\0"
+        elems = []
+        off = 0
+        while off < len(top[3]):  # the list of NFTA_LIST_ELEM
+            length = struct.unpack_from("=H", top[3], off)[0]
+            elems.append(nl.attrs(top[3][off + 4:off + length]))
+            off += length
+        counts.append(len(elems))
+        for e in elems:
+            assert nl.attrs(e[1]) == {1: key}  # NFTA_SET_ELEM_KEY > NFTA_DATA_VALUE
+            assert (nl.attrs(e[2]) == {1: val}) if m.type & 0xFF == netlink.NFT_MSG_NEWSETELEM else 2 not in e
+    assert counts == [1, netlink.ELEMS_PER_MESSAGE, 1]
+
+
+def test_element_dump_decodes_what_the_batch_writes() -> None:
+    """natd's snapshot reads its maps back as raw netlink values: a dumped NEWSETELEM message holding
+    the batch's elements gives the same forwards back (key and value layouts are each other's inverse)."""
+    fwd = {(6, 20000): ("192.168.1.2", 8080), (17, 65535): ("192.168.1.254", 1)}
+    snat = {("192.168.1.2", 6, 8080): ("100.64.0.2", 20000)}
+
+    def dumped(ops: list[netlink.ElemOp]) -> list[netlink.ElemOp]:
+        msg = list(nl.messages(netlink.setelem_batch(2, "igdpcp", [("m", ops)])[0]))[1]
+        return netlink.decode_setelems(msg)
+
+    got_fwd = dumped([(_fwd_key(k), _addr_port(v)) for k, v in fwd.items()])
+    assert dict(_fwd_item(k, v) for k, v in got_fwd if v is not None) == fwd
+    got_snat = dumped([(_snat_key(k), _addr_port(v)) for k, v in snat.items()])
+    assert dict(_snat_item(k, v) for k, v in got_snat if v is not None) == snat
+    other = nl.Msg(netlink.NFNL_MSG_BATCH_BEGIN, 0, 1, b"\0" * 4)
+    assert netlink.decode_setelems(other) == []

@@ -440,6 +440,19 @@ def analyze(root: Path, *units: str) -> subprocess.CompletedProcess:
                           cwd=root, capture_output=True, text=True, timeout=60)
 
 
+def test_debian_install_step_compiles_bytecode_the_launchers_read(debian_root: Path) -> None:
+    """The launchers run python3 -B (never write bytecode): the Debian staging step compiles every
+    module for the python3 that runs it (checked-hash), and the installed tree imports from it."""
+    lib = debian_root / "usr/lib/igdpcp"
+    tag = sys.implementation.cache_tag
+    modules = sorted(lib.rglob("*.py"))
+    assert modules and [p for p in modules if not (p.parent / "__pycache__" / f"{p.stem}.{tag}.pyc").exists()] == []
+    probe = subprocess.run([sys.executable, "-B", "-P", "-c", "import controld.main as m; print(m.__cached__)"],
+                           env={"PYTHONPATH": f"{lib}:{os.pathsep.join(sys.path[1:])}"},
+                           capture_output=True, text=True, timeout=60)
+    assert probe.returncode == 0 and Path(probe.stdout.strip()).exists(), probe.stderr
+
+
 @pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze not installed")
 def test_systemd_analyze_verify_clean(debian_root: Path) -> None:
     res = analyze(debian_root, *UNITS)
