@@ -19,7 +19,7 @@ import errno
 import ipaddress
 import socket
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from shared import netlink as nl
@@ -205,8 +205,13 @@ ELEMS_PER_MESSAGE = 1000  # ~40 bytes each: one message's element list stays und
 NFT_BATCH_TIMEOUT_S = 10.0
 FAMILIES = {"ip": socket.AF_INET, "inet": 1, "ip6": socket.AF_INET6}
 
-# One element change: (key bytes, data bytes) to add, or (key bytes, None) to delete.
-ElemOp = tuple[bytes, bytes | None]
+# One element change: (key bytes, data bytes) to add (b"": a plain set's element, no data), or
+# (key bytes, None) to delete; a third item, when there, is the element's timeout in ms.
+ElemOp = tuple[bytes, bytes | None] | tuple[bytes, bytes | None, int]
+ElemVal = tuple[bytes, bytes | None]  # an element read back: key, data (None in a plain set)
+NFTA_SET_ELEM_TIMEOUT = 4
+_TIMEOUT_HDR = struct.Struct("=HH")  # NFTA_SET_ELEM_TIMEOUT: a native header, then
+_MS = struct.Struct("!Q")  # u64 milliseconds, big endian
 
 
 class NftBatchError(OSError):
@@ -217,16 +222,19 @@ _NLA = struct.Struct("=HH")  # an attribute header: length, type
 _NLA2 = struct.Struct("=HHHH")  # an attribute header and the header of the one attribute it nests
 
 
-def _elem(key: bytes, data: bytes | None) -> bytes:
-    """One NFTA_LIST_ELEM: key (and data) values. Keys and data are whole registers (multiples of
-    4 bytes), so no padding falls between; packed by hand, as this runs N times per batch."""
+def _elem(key: bytes, data: bytes | None, timeout_ms: int = 0) -> bytes:
+    """One NFTA_LIST_ELEM: key (and data) values, and a timeout. Keys and data are whole registers
+    (multiples of 4 bytes), so no padding falls between; packed by hand, as this runs N times per batch.
+    A set declared with ``counter`` gives every new element its own counter (the kernel's template)."""
     inner = _NLA2.pack(8 + len(key), NFTA_SET_ELEM_KEY | nl.NLA_F_NESTED, 4 + len(key), NFTA_DATA_VALUE) + key
-    if data is not None:
+    if data:
         inner += _NLA2.pack(8 + len(data), NFTA_SET_ELEM_DATA | nl.NLA_F_NESTED, 4 + len(data), NFTA_DATA_VALUE) + data
+    if timeout_ms:
+        inner += _TIMEOUT_HDR.pack(_TIMEOUT_HDR.size + _MS.size, NFTA_SET_ELEM_TIMEOUT) + _MS.pack(timeout_ms)
     return _NLA.pack(4 + len(inner), NFTA_LIST_ELEM | nl.NLA_F_NESTED) + inner
 
 
-def setelem_batch(family: int, table: str, changes: Iterable[tuple[str, list[ElemOp]]],
+def setelem_batch(family: int, table: str, changes: Iterable[tuple[str, Sequence[ElemOp]]],
                   seq: int = 1) -> tuple[bytes, int]:
     """One nf_tables batch (begin, the element messages, end) that applies ``changes``: per set name,
     its deletes then its adds, in the given order. Returns the bytes and how many messages ask for
@@ -241,7 +249,7 @@ def setelem_batch(family: int, table: str, changes: Iterable[tuple[str, list[Ele
             flags = nl.NLM_F_REQUEST | nl.NLM_F_ACK | (NLM_F_CREATE if kind == NFT_MSG_NEWSETELEM else 0)
             for i in range(0, len(part), ELEMS_PER_MESSAGE):
                 seq += 1
-                elems = b"".join(_elem(k, d) for k, d in part[i:i + ELEMS_PER_MESSAGE])
+                elems = b"".join(_elem(*op) for op in part[i:i + ELEMS_PER_MESSAGE])
                 out.append(nl.message((NFNL_SUBSYS_NFTABLES << 8) | kind, flags, seq,
                                       _NFGEN.pack(family, 0, 0) + where
                                       + nl.attr(NFTA_SET_ELEM_LIST_ELEMENTS | nl.NLA_F_NESTED, elems)))
@@ -251,23 +259,68 @@ def setelem_batch(family: int, table: str, changes: Iterable[tuple[str, list[Ele
     return b"".join(out), acks
 
 
-def nft_batch(batch: bytes, acks: int, timeout: float = NFT_BATCH_TIMEOUT_S) -> None:
-    """Send one nf_tables batch and wait for its ``acks`` acknowledgements (blocking, as a libnftables
-    command is); the first error refuses the whole batch (NftBatchError, nothing applied)."""
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER) as s:
-        s.settimeout(timeout)
+class NftSocket:
+    """natd's one long-lived nf_tables socket for element batches (blocking, as a libnftables command is).
+
+    Long-lived because closing a netfilter socket makes the kernel wait for the element destruction
+    work of every earlier commit (an RCU grace period, ~10 ms after a delete); kept open, one element's
+    add or delete costs tens of microseconds against libnftables' ~200 for parsing the same text.
+    Each batch carries its own sequence numbers, so a late answer to an earlier batch (one that timed
+    out) is never taken for this one's."""
+
+    def __init__(self) -> None:
+        self._sock: socket.socket | None = None
+        self._seq = 0
+
+    def _socket(self, size: int) -> socket.socket:
+        if self._sock is None:
+            self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
         # the whole batch goes in one datagram (the kernel applies it as one transaction)
-        s.setsockopt(socket.SOL_SOCKET, getattr(socket, "SO_SNDBUFFORCE", 32), len(batch) + 4096)
-        s.sendall(batch)
-        seen = 0
-        while seen < acks:
-            for msg in nl.messages(s.recv(RECV_BYTES)):
-                if msg.type != nl.NLMSG_ERROR:
-                    continue
-                code = nl.error_code(msg)
-                if code:
-                    raise NftBatchError(code, f"nf_tables batch refused: {errno.errorcode.get(code, code)}")
-                seen += 1
+        self._sock.setsockopt(socket.SOL_SOCKET, getattr(socket, "SO_SNDBUFFORCE", 32), max(size + 4096, 1 << 16))
+        return self._sock
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def run(self, changes: Iterable[tuple[str, Sequence[ElemOp]]], family: int, table: str,
+            timeout: float = NFT_BATCH_TIMEOUT_S) -> None:
+        """Apply ``changes`` (per set: deletes, then adds) as one transaction; NftBatchError when the
+        kernel refused it (nothing applied), another OSError when the socket failed (then reopened)."""
+        first = self._seq + 1
+        batch, acks = setelem_batch(family, table, changes, seq=first)
+        self._seq = first + acks + 1
+        if self._seq > 1 << 30:
+            self._seq = 0
+        wanted = set(range(first + 1, first + acks + 1))  # the element messages' numbers
+        try:
+            s = self._socket(len(batch))
+            s.settimeout(timeout)
+            s.sendall(batch)
+            while wanted:
+                for msg in nl.messages(s.recv(RECV_BYTES)):
+                    if msg.type != nl.NLMSG_ERROR or msg.seq not in wanted:
+                        continue  # an earlier batch's late answer
+                    code = nl.error_code(msg)
+                    if code:
+                        raise NftBatchError(code, f"nf_tables batch refused: {errno.errorcode.get(code, code)}")
+                    wanted.discard(msg.seq)
+        except NftBatchError:
+            raise
+        except OSError:
+            self.close()  # a timeout or a broken socket: the next batch starts on a fresh one
+            raise
+
+
+_NFT_SOCKET = NftSocket()
+
+
+def nft_batch(changes: Iterable[tuple[str, Sequence[ElemOp]]], family: int, table: str,
+              timeout: float = NFT_BATCH_TIMEOUT_S) -> None:
+    """Apply element ``changes`` to ``table`` as one nf_tables transaction, on natd's long-lived socket;
+    NftBatchError when the kernel refused it (nothing of it applied)."""
+    _NFT_SOCKET.run(changes, family, table, timeout)
 
 
 NFT_MSG_GETSETELEM = 13
@@ -281,11 +334,11 @@ def getsetelem_request(family: int, table: str, name: str, seq: int = 1) -> byte
                       + nl.attr(NFTA_SET_ELEM_LIST_SET, name.encode() + b"\0"))
 
 
-def decode_setelems(msg: nl.Msg) -> list[ElemOp]:
+def decode_setelems(msg: nl.Msg) -> list[ElemVal]:
     """The (key, data) values of one NEWSETELEM message of a dump (data None in a plain set)."""
     if msg.type != (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWSETELEM or len(msg.payload) < _NFGEN.size:
         return []
-    out: list[ElemOp] = []
+    out: list[ElemVal] = []
     elems = nl.attrs(msg.payload, _NFGEN.size).get(NFTA_SET_ELEM_LIST_ELEMENTS, b"")
     off = 0
     while off + _NLA.size <= len(elems):  # a list of NFTA_LIST_ELEM (several share a type: no dict)
@@ -301,10 +354,10 @@ def decode_setelems(msg: nl.Msg) -> list[ElemOp]:
     return out
 
 
-def nft_dump_elements(family: int, table: str, name: str, timeout: float = NFT_BATCH_TIMEOUT_S) -> list[ElemOp]:
+def nft_dump_elements(family: int, table: str, name: str, timeout: float = NFT_BATCH_TIMEOUT_S) -> list[ElemVal]:
     """Every element of a set or map as raw key/data values (blocking, as a libnftables listing is; far
     less memory than its JSON for 10k elements). OSError (ENOENT: no such table or set) on failure."""
-    out: list[ElemOp] = []
+    out: list[ElemVal] = []
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER) as s:
         s.settimeout(timeout)
         s.sendall(getsetelem_request(family, table, name))

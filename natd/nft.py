@@ -101,6 +101,21 @@ def _snat_item(key: bytes, data: bytes) -> tuple[SnatKey, SnatVal]:
             (socket.inet_ntoa(data[:4]), _PORT.unpack_from(data, 4)[0]))
 
 
+def _delta_ops(delta: dict[_K, tuple[str, int] | None], current: dict[_K, tuple[str, int]],
+               key: Callable[[_K], bytes]) -> list[netlink.ElemOp]:
+    """One map's element changes for a netlink batch: a replaced or removed element out, the new one in."""
+    ops: list[netlink.ElemOp] = []
+    for k, v in delta.items():
+        h = current.get(k)
+        if h == v:
+            continue
+        if h is not None:
+            ops.append((key(k), None))
+        if v is not None:
+            ops.append((key(k), _addr_port(v)))
+    return ops
+
+
 def _map_diff(w: dict[_K, tuple[str, int]], h: dict[_K, tuple[str, int]]) -> tuple[list[_K], list[_K]]:
     """The keys whose element in ``h`` must go, and those whose element in ``w`` must be added."""
     return [k for k in h if w.get(k) != h[k]], [k for k in w if h.get(k) != w[k]]
@@ -430,10 +445,18 @@ class Nft:
         raise AssertionError("unreachable")
 
     def apply_delta(self, fwd: dict[FwdKey, FwdVal | None], snat: dict[SnatKey, SnatVal | None]) -> Change:
-        """Write only the named keys (None: absent): O(changed), whatever N is (Bind/Unbind)."""
+        """Write only the named keys (None: absent): O(changed), whatever N is (Bind/Unbind).
+
+        The elements go as one nf_tables batch on natd's netlink socket (tens of microseconds);
+        the same change as nft text when the kernel refused that (nothing of it applied) or the
+        state drifted, so the text path's re-read and retry decide."""
         for attempt in (1, 2):
             script, change = self._delta(fwd, snat)
             if not script:
+                return change
+            if attempt == 1 and self._write_delta(fwd, snat):
+                _merge(self.state.fwd, fwd)
+                _merge(self.state.snat, snat)
                 return change
             try:
                 self.run(script)
@@ -449,6 +472,19 @@ class Nft:
             _merge(self.state.snat, snat)
             return change
         raise AssertionError("unreachable")
+
+    def _write_delta(self, fwd: dict[FwdKey, FwdVal | None], snat: dict[SnatKey, SnatVal | None]) -> bool:
+        """The delta as one netlink batch (per map: the replaced or removed elements, then the new);
+        False when it was not applied (then nothing of it was)."""
+        have, p = self.state, self.layout.prefix
+        changes = [(f"{p}fwd4", _delta_ops(fwd, have.fwd, _fwd_key)),
+                   (f"{p}snat4", _delta_ops(snat, have.snat, _snat_key))]
+        try:
+            netlink.nft_batch(changes, netlink.FAMILIES[self.layout.family], self.layout.table)
+        except OSError as exc:
+            log.debug("netlink element batch not applied (%s); writing it as nft text", exc)
+            return False
+        return True
 
     def _delta(self, fwd: dict[FwdKey, FwdVal | None], snat: dict[SnatKey, SnatVal | None]) -> tuple[str, Change]:
         have = self.state
@@ -514,8 +550,7 @@ class Nft:
             (f"{p}snat4", [*((_snat_key(k), None) for k in snat_gone),
                            *((_snat_key(k), _addr_port(want.snat[k])) for k in snat_new)])]
         try:
-            netlink.nft_batch(*netlink.setelem_batch(netlink.FAMILIES[self.layout.family], self.layout.table,
-                                                     changes))
+            netlink.nft_batch(changes, netlink.FAMILIES[self.layout.family], self.layout.table)
         except OSError as exc:  # refused or not possible here: the same change as nft text
             log.debug("netlink element batch not applied (%s); writing it as nft text", exc)
             return None
@@ -735,6 +770,16 @@ class PinholePlace:
                 ("set", f"{p}pinif", "type ifname;")]
 
 
+_PIN_PROTO_PORT = struct.Struct("!B3xH2x")  # each concatenated field fills a 4-byte register
+
+
+def pin_key_bytes(key: PinKey) -> bytes:
+    """A pinhole key as the kernel holds it: [remote .] LAN address . protocol . port."""
+    lan_ip, proto, port, remote = key
+    head = socket.inet_pton(socket.AF_INET6, remote) if remote is not None else b""
+    return head + socket.inet_pton(socket.AF_INET6, lan_ip) + _PIN_PROTO_PORT.pack(proto, port)
+
+
 def pin_elem(key: PinKey) -> tuple[str, str]:
     """(set name without prefix, element text) of a pinhole key."""
     lan_ip, proto, port, remote = key
@@ -845,7 +890,8 @@ class PinholeNft:
             if not lines:
                 return 0, 0
             try:
-                self.nft.run("\n".join(lines))
+                if attempt == 2 or not self._write_delta(delta):  # the text, when netlink did not apply it
+                    self.nft.run("\n".join(lines))
             except NftError as exc:
                 if attempt == 2 or isinstance(exc, FwNotReady):
                     raise
@@ -862,6 +908,24 @@ class PinholeNft:
                 self.have.discard(k) if t is None else self.have.add(k)
             return added, removed
         raise AssertionError("unreachable")
+
+    def _write_delta(self, delta: dict[PinKey, int | None]) -> bool:
+        """The delta as one netlink batch (per set: the present keys out, then the new ones in with
+        their timeouts); False when it was not applied (then nothing of it was)."""
+        per_set: dict[str, list[netlink.ElemOp]] = {}
+        for k, t in delta.items():
+            ops = per_set.setdefault(self.place.obj(pin_elem(k)[0]), [])
+            raw = pin_key_bytes(k)
+            if k in self.have:
+                ops.append((raw, None))
+            if t is not None:
+                ops.append((raw, b"", t * 1000))
+        try:
+            netlink.nft_batch(list(per_set.items()), netlink.FAMILIES[self.place.family], self.place.table)
+        except OSError as exc:
+            log.debug("netlink pinhole batch not applied (%s); writing it as nft text", exc)
+            return False
+        return True
 
 
 def pinhole_fw4_includes() -> dict[str, str]:

@@ -320,7 +320,7 @@ def test_element_dump_decodes_what_the_batch_writes() -> None:
     fwd = {(6, 20000): ("192.168.1.2", 8080), (17, 65535): ("192.168.1.254", 1)}
     snat = {("192.168.1.2", 6, 8080): ("100.64.0.2", 20000)}
 
-    def dumped(ops: list[netlink.ElemOp]) -> list[netlink.ElemOp]:
+    def dumped(ops: list[netlink.ElemOp]) -> list[netlink.ElemVal]:
         msg = list(nl.messages(netlink.setelem_batch(2, "igdpcp", [("m", ops)])[0]))[1]
         return netlink.decode_setelems(msg)
 
@@ -330,3 +330,50 @@ def test_element_dump_decodes_what_the_batch_writes() -> None:
     assert dict(_snat_item(k, v) for k, v in got_snat if v is not None) == snat
     other = nl.Msg(netlink.NFNL_MSG_BATCH_BEGIN, 0, 1, b"\0" * 4)
     assert netlink.decode_setelems(other) == []
+
+
+def test_pinhole_element_carries_its_key_and_a_big_endian_timeout_under_a_native_header() -> None:
+    """A pinhole written through netlink: [remote .] address . protocol . port, each field a whole
+    register, and NFTA_SET_ELEM_TIMEOUT as a host-order attribute header with a network-order u64
+    of milliseconds (a network-order header is another attribute to the kernel: no timeout)."""
+    from natd.nft import pin_key_bytes
+
+    key = pin_key_bytes(("2001:db8:1::2", 6, 8080, None))
+    assert key == bytes.fromhex("20010db8000100000000000000000002" "06000000" "1f900000")
+    assert pin_key_bytes(("2001:db8:1::2", 17, 53, "2001:db8:20::10"))[:16] == bytes.fromhex(
+        "20010db8002000000000000000000010")
+    elem = nl.attrs(netlink._elem(key, b"", 3_600_000)[4:])
+    assert nl.attrs(elem[1]) == {1: key} and 2 not in elem  # no data in a plain set
+    assert elem[netlink.NFTA_SET_ELEM_TIMEOUT] == struct.pack("!Q", 3_600_000)
+
+
+def test_nft_socket_takes_only_its_own_batchs_answers() -> None:
+    """natd's long-lived nf_tables socket: a late answer to an earlier batch (same socket, older
+    sequence number) is skipped, this batch's error refuses it, its acks complete it."""
+    import socket as so
+
+    ours, kernel = so.socketpair(so.AF_UNIX, so.SOCK_DGRAM)
+
+    def answer(seq: int, code: int = 0) -> bytes:
+        return nl.message(nl.NLMSG_ERROR, 0, seq, struct.pack("=i", -code) + b"\0" * 16)
+
+    ns = netlink.NftSocket()
+    ns._sock, ns._seq = ours, 100
+    ops = [("s", [(b"k" * 8, b"", 1000)])]
+    try:
+        first = ns._seq + 2  # begin takes one number, the element message the next
+        kernel.send(answer(first - 5, 2) + answer(first))  # an old batch's ENOENT, then our ack
+        ns.run(ops, 10, "t", timeout=1.0)
+        sent = list(nl.messages(kernel.recv(65536)))
+        assert [m.seq for m in sent] == [first - 1, first, first + 1]
+        second = ns._seq + 2
+        kernel.send(answer(second, 17))  # EEXIST
+        with pytest.raises(netlink.NftBatchError):
+            ns.run(ops, 10, "t", timeout=1.0)
+        assert ns._sock is ours  # a refusal keeps the socket; a timeout closes it
+        with pytest.raises(OSError):
+            ns.run(ops, 10, "t", timeout=0.05)
+        assert ns._sock is None
+    finally:
+        ours.close()
+        kernel.close()
