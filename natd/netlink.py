@@ -270,19 +270,21 @@ class NftSocket:
 
     def __init__(self) -> None:
         self._sock: socket.socket | None = None
+        self._sndbuf = 0
         self._seq = 0
 
     def _socket(self, size: int) -> socket.socket:
         if self._sock is None:
             self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
-        # the whole batch goes in one datagram (the kernel applies it as one transaction)
-        self._sock.setsockopt(socket.SOL_SOCKET, getattr(socket, "SO_SNDBUFFORCE", 32), max(size + 4096, 1 << 16))
+        if size + 4096 > self._sndbuf:  # the whole batch goes in one datagram (one transaction)
+            self._sndbuf = max(size + 4096, 1 << 16)
+            self._sock.setsockopt(socket.SOL_SOCKET, getattr(socket, "SO_SNDBUFFORCE", 32), self._sndbuf)
         return self._sock
 
     def close(self) -> None:
         if self._sock is not None:
             self._sock.close()
-            self._sock = None
+            self._sock, self._sndbuf = None, 0
 
     def run(self, changes: Iterable[tuple[str, Sequence[ElemOp]]], family: int, table: str,
             timeout: float = NFT_BATCH_TIMEOUT_S) -> None:

@@ -101,18 +101,23 @@ def _snat_item(key: bytes, data: bytes) -> tuple[SnatKey, SnatVal]:
             (socket.inet_ntoa(data[:4]), _PORT.unpack_from(data, 4)[0]))
 
 
-def _delta_ops(delta: dict[_K, tuple[str, int] | None], current: dict[_K, tuple[str, int]],
-               key: Callable[[_K], bytes]) -> list[netlink.ElemOp]:
-    """One map's element changes for a netlink batch: a replaced or removed element out, the new one in."""
+# One element that changes: key, the element there now (None: absent), the one wanted (None: remove).
+_Change = tuple[_K, tuple[str, int] | None, tuple[str, int] | None]
+
+
+def _changes(delta: dict[_K, tuple[str, int] | None], current: dict[_K, tuple[str, int]]) -> list[_Change[_K]]:
+    """The keys of ``delta`` whose element really changes, with what is there now and what is wanted."""
+    return [(k, current.get(k), v) for k, v in delta.items() if current.get(k) != v]
+
+
+def _delta_ops(changes: list[_Change[_K]], key: Callable[[_K], bytes]) -> list[netlink.ElemOp]:
+    """One map's changes for a netlink batch: a replaced or removed element out, the new one in."""
     ops: list[netlink.ElemOp] = []
-    for k, v in delta.items():
-        h = current.get(k)
-        if h == v:
-            continue
-        if h is not None:
+    for k, old, new in changes:
+        if old is not None:
             ops.append((key(k), None))
-        if v is not None:
-            ops.append((key(k), _addr_port(v)))
+        if new is not None:
+            ops.append((key(k), _addr_port(new)))
     return ops
 
 
@@ -451,15 +456,20 @@ class Nft:
         the same change as nft text when the kernel refused that (nothing of it applied) or the
         state drifted, so the text path's re-read and retry decide."""
         for attempt in (1, 2):
-            script, change = self._delta(fwd, snat)
-            if not script:
+            have = self.state
+            fc, sc = _changes(fwd, have.fwd), _changes(snat, have.snat)
+            change = Change(sum(1 for _, _, new in fc if new is not None), sum(1 for _, _, new in fc if new is None),
+                            tuple((k, old) for k, old, _ in fc if old is not None),
+                            tuple((k, old) for k, old, _ in sc if old is not None), tuple(sorted(have.wan)))
+            if not fc and not sc:
                 return change
-            if attempt == 1 and self._write_delta(fwd, snat):
+            if attempt == 1 and self._write_delta(fc, sc):
                 _merge(self.state.fwd, fwd)
                 _merge(self.state.snat, snat)
                 return change
             try:
-                self.run(script)
+                self.run("\n".join([*self._delta_lines("fwd4", fc, _fwd_elem),
+                                     *self._delta_lines("snat4", sc, _snat_elem)]))
             except NftError as exc:
                 if attempt == 2:
                     raise
@@ -473,12 +483,11 @@ class Nft:
             return change
         raise AssertionError("unreachable")
 
-    def _write_delta(self, fwd: dict[FwdKey, FwdVal | None], snat: dict[SnatKey, SnatVal | None]) -> bool:
-        """The delta as one netlink batch (per map: the replaced or removed elements, then the new);
+    def _write_delta(self, fc: list[_Change[FwdKey]], sc: list[_Change[SnatKey]]) -> bool:
+        """The changes as one netlink batch (per map: the replaced or removed elements, then the new);
         False when it was not applied (then nothing of it was)."""
-        have, p = self.state, self.layout.prefix
-        changes = [(f"{p}fwd4", _delta_ops(fwd, have.fwd, _fwd_key)),
-                   (f"{p}snat4", _delta_ops(snat, have.snat, _snat_key))]
+        p = self.layout.prefix
+        changes = [(f"{p}fwd4", _delta_ops(fc, _fwd_key)), (f"{p}snat4", _delta_ops(sc, _snat_key))]
         try:
             netlink.nft_batch(changes, netlink.FAMILIES[self.layout.family], self.layout.table)
         except OSError as exc:
@@ -486,31 +495,16 @@ class Nft:
             return False
         return True
 
-    def _delta(self, fwd: dict[FwdKey, FwdVal | None], snat: dict[SnatKey, SnatVal | None]) -> tuple[str, Change]:
-        have = self.state
-        lines: list[str] = []
-        gone_fwd = self._delta_lines(lines, "fwd4", fwd, have.fwd, _fwd_elem)
-        gone_snat = self._delta_lines(lines, "snat4", snat, have.snat, _snat_elem)
-        added = sum(1 for k, v in fwd.items() if v is not None and have.fwd.get(k) != v)
-        removed = sum(1 for k, v in fwd.items() if v is None and have.fwd.get(k) is not None)
-        change = Change(added, removed, tuple(gone_fwd), tuple(gone_snat), tuple(sorted(have.wan)))
-        return "\n".join(lines), change
-
-    def _delta_lines(self, lines: list[str], name: str, changes: dict[_K, tuple[str, int] | None],
-                     current: dict[_K, tuple[str, int]], fmt: Callable[[_K], str]) -> list[tuple[_K, tuple[str, int]]]:
-        """Append the nft lines that move one map from `current` by `changes`; return the replaced elements."""
+    def _delta_lines(self, name: str, changes: list[_Change[_K]], fmt: Callable[[_K], str]) -> list[str]:
+        """The same changes as nft text (the fallback when the kernel refused the batch)."""
         lay, p = self.layout, self.layout.prefix
-        gone: list[tuple[_K, tuple[str, int]]] = []
-        for k, v in changes.items():
-            h = current.get(k)
-            if h == v:
-                continue
-            if h is not None:
+        lines: list[str] = []
+        for k, old, new in changes:
+            if old is not None:
                 lines.append(f"delete element {lay.where} {p}{name} {{ {fmt(k)} }}")
-                gone.append((k, h))
-            if v is not None:
-                lines.append(f"add element {lay.where} {p}{name} {{ {fmt(k)} : {v[0]} . {v[1]} }}")
-        return gone
+            if new is not None:
+                lines.append(f"add element {lay.where} {p}{name} {{ {fmt(k)} : {new[0]} . {new[1]} }}")
+        return lines
 
     def _diff_lines(self, lines: list[str], name: str, w: dict[_K, tuple[str, int]], h: dict[_K, tuple[str, int]],
                     fmt: Callable[[_K], str]) -> list[_K]:
@@ -780,12 +774,17 @@ def pin_key_bytes(key: PinKey) -> bytes:
     return head + socket.inet_pton(socket.AF_INET6, lan_ip) + _PIN_PROTO_PORT.pack(proto, port)
 
 
+def pin_set(key: PinKey) -> str:
+    """The set (name without prefix) a pinhole key lives in: any remote host, or one."""
+    return "pin6" if key[3] is None else "pin6r"
+
+
 def pin_elem(key: PinKey) -> tuple[str, str]:
     """(set name without prefix, element text) of a pinhole key."""
     lan_ip, proto, port, remote = key
     if remote is None:
-        return "pin6", f"{lan_ip} . {PROTO_NAMES[proto]} . {port}"
-    return "pin6r", f"{remote} . {lan_ip} . {PROTO_NAMES[proto]} . {port}"
+        return pin_set(key), f"{lan_ip} . {PROTO_NAMES[proto]} . {port}"
+    return pin_set(key), f"{remote} . {lan_ip} . {PROTO_NAMES[proto]} . {port}"
 
 
 class PinholeNft:
@@ -874,24 +873,11 @@ class PinholeNft:
         """Write only the named keys ({key: timeout s, or None: absent}), one transaction;
         a present key is deleted and re-added (its timeout restarts). Returns (+, -)."""
         for attempt in (1, 2):
-            where, lines = self.place.where, []
-            dels: dict[str, list[str]] = {}
-            adds: dict[str, list[str]] = {}
-            for k, t in delta.items():
-                name, text = pin_elem(k)
-                if k in self.have:
-                    dels.setdefault(name, []).append(text)
-                if t is not None:
-                    adds.setdefault(name, []).append(f"{text} timeout {t}s")
-            # One command per set and kind: a sync or restore of 10k parses as two lines, not 10k.
-            for verb, per_set in (("delete", dels), ("add", adds)):
-                lines += [f"{verb} element {where} {self.place.obj(n)} {{ {', '.join(e)} }}"
-                          for n, e in per_set.items()]
-            if not lines:
+            if not any(t is not None or k in self.have for k, t in delta.items()):
                 return 0, 0
             try:
                 if attempt == 2 or not self._write_delta(delta):  # the text, when netlink did not apply it
-                    self.nft.run("\n".join(lines))
+                    self.nft.run(self._delta_text(delta))
             except NftError as exc:
                 if attempt == 2 or isinstance(exc, FwNotReady):
                     raise
@@ -909,12 +895,26 @@ class PinholeNft:
             return added, removed
         raise AssertionError("unreachable")
 
+    def _delta_text(self, delta: dict[PinKey, int | None]) -> str:
+        """The same delta as nft text: one command per set and kind, so a sync or restore of 10k
+        parses as two lines, not 10k."""
+        dels: dict[str, list[str]] = {}
+        adds: dict[str, list[str]] = {}
+        for k, t in delta.items():
+            name, text = pin_elem(k)
+            if k in self.have:
+                dels.setdefault(name, []).append(text)
+            if t is not None:
+                adds.setdefault(name, []).append(f"{text} timeout {t}s")
+        return "\n".join(f"{verb} element {self.place.where} {self.place.obj(n)} {{ {', '.join(e)} }}"
+                         for verb, per_set in (("delete", dels), ("add", adds)) for n, e in per_set.items())
+
     def _write_delta(self, delta: dict[PinKey, int | None]) -> bool:
         """The delta as one netlink batch (per set: the present keys out, then the new ones in with
         their timeouts); False when it was not applied (then nothing of it was)."""
         per_set: dict[str, list[netlink.ElemOp]] = {}
         for k, t in delta.items():
-            ops = per_set.setdefault(self.place.obj(pin_elem(k)[0]), [])
+            ops = per_set.setdefault(self.place.obj(pin_set(k)), [])
             raw = pin_key_bytes(k)
             if k in self.have:
                 ops.append((raw, None))
