@@ -22,9 +22,9 @@ from shared import wire
 from shared.daemon import curve_client, needs_curve
 from shared.zio import Frames, ZPump
 
-# first retry, back-off ceiling when natd is away; a low ceiling (a connect() on a local socket
-# twice a second) finds a restarted natd, and re-syncs its forwards, within half a second
-RECONNECT_MS = (100, 500)
+# first retry, back-off ceiling when natd is away: a connect() on a local socket ten times a second
+# while natd is down finds a restarted natd, and re-syncs its forwards, within 0.1 s of its start
+RECONNECT_MS = (100, 100)
 MAX_EVENTS_QUEUED = 10_000  # events read but not yet handled (bounded; natd's heartbeat repeats)
 
 log = logging.getLogger("controld.natd")

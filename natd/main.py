@@ -555,7 +555,7 @@ class Natd:
 
     async def run(self) -> None:
         """Start everything, serve until SIGTERM, then close every forward and the sockets."""
-        # Sockets first: controld's reconnect (its back-off reaches 0.5 s while natd is down) then
+        # Sockets first: controld's reconnect (every 0.1 s while natd is down) then
         # overlaps the kernel set-up below, and its re-sync follows the first heartbeat at once.
         # Requests meanwhile wait in the socket until the server loop starts.
         auth = self._start_auth()

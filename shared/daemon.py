@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from shared.guard import SafeFormatter
 
@@ -17,10 +17,56 @@ if TYPE_CHECKING:
     import zmq
 
 
+MAX_DEFERRED_RECORDS = 256  # log records held for the loop's next turn before they are written at once
+
+
+class DeferredHandler(logging.StreamHandler):
+    """A stream handler that formats and writes on the event loop's next turn.
+
+    A daemon logs one line per mapping event from inside the request it answers; writing
+    the line there put its formatting and write(2) before the answer. Here the record is
+    kept (bounded) and written right after the current callback, so the answer goes first
+    and the order of lines is unchanged. Without a running loop (start-up, shutdown, a
+    crash) a record is written at once; :meth:`flush` writes whatever is held.
+    """
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self._held: list[logging.LogRecord] = []
+        self._scheduled = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if loop is None or len(self._held) >= MAX_DEFERRED_RECORDS or record.exc_info:
+            self.flush()
+            super().emit(record)
+            return
+        # the message is fixed now: arguments may be mutable rows the request changes next
+        record.msg, record.args = record.getMessage(), None
+        self._held.append(record)
+        if not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Write every held record, in order."""
+        self._scheduled = False
+        held, self._held = self._held, []
+        for record in held:
+            super().emit(record)
+        super().flush()
+
+
 def setup_logging(name: str, level: str = "info") -> None:
     """One line per event on stderr, prefixed with the daemon's name; control characters in
-    messages escaped (shared.guard.SafeFormatter: a peer's string cannot forge a line)."""
-    handler = logging.StreamHandler(sys.stderr)
+    messages escaped (shared.guard.SafeFormatter: a peer's string cannot forge a line);
+    written after the answer a request is waiting for (:class:`DeferredHandler`)."""
+    logging._srcfile = None  # no caller lookup: no format names a line
+    logging.logThreads = logging.logMultiprocessing = False
+    handler = DeferredHandler(sys.stderr)
     handler.setFormatter(SafeFormatter(f"%(asctime)s {name}[%(process)d] %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler])
 

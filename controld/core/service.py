@@ -357,7 +357,9 @@ class Iwf(UpstreamIO):
         cur = self.table.by_id.get(m.id)  # the row as it is now (callers may have waited)
         if cur is None or cur.state not in LISTED:
             return None  # already on its way out
-        m = self.table.apply(cur, state=next_state(cur.state, Ev.DELETE))
+        # On disk only when something upstream may outlive a crash: a nat1-only row that crashed
+        # while DELETING comes back ACTIVE, and the start-up sync puts its binding back.
+        m = self.table.apply(cur, durable=m.mode != "nat1-only", state=next_state(cur.state, Ev.DELETE))
         error = await self._delete_upstream(m)
         self._retry_delete_later(m, error)
         next_state(m.state, Ev.DELETED)  # (checks the transition; the row goes now)
