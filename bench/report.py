@@ -84,12 +84,12 @@ def validate(doc: Any) -> list[str]:
 def machine_facts(argv: list[str], quick: bool) -> dict[str, Any]:
     """Where and when this run happened: machine, kernel, Python, package versions, date."""
     pkgs: dict[str, str | None] = {}
-    for name in ("igdpcp", "miniupnpc", "pyroute2", "pyzmq", "msgpack", "matplotlib"):
+    for name in ("igdpcp", "miniupnpc", "pyzmq", "msgpack", "matplotlib"):
         try:
             pkgs[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             pkgs[name] = None
-    for deb in ("miniupnpd-nftables", "nftables", "miniupnpc"):
+    for deb in ("miniupnpd-nftables", "nftables", "python3-nftables", "miniupnpc"):
         try:
             out = subprocess.run(["dpkg-query", "-W", "-f", "${Version}", deb], capture_output=True, text=True,
                                  timeout=10, check=False)
