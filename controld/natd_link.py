@@ -11,6 +11,7 @@ when natd restarts; the heartbeat's boot id tells the IWF to re-sync (Iwf.on_nat
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import time
@@ -20,11 +21,13 @@ import zmq
 
 from shared import wire
 from shared.daemon import curve_client, needs_curve
+from shared.deadlines import Deadlines, expire
 from shared.zio import Frames, ZPump
 
 # first retry, back-off ceiling when natd is away: a connect() on a local socket ten times a second
 # while natd is down finds a restarted natd, and re-syncs its forwards, within 0.1 s of its start
 RECONNECT_MS = (100, 100)
+MAX_TIMEOUT_LENGTHS = 8  # distinct call timeouts with a shared queue
 MAX_EVENTS_QUEUED = 10_000  # events read but not yet handled (bounded; natd's heartbeat repeats)
 
 log = logging.getLogger("controld.natd")
@@ -50,6 +53,7 @@ class NatdLink:
         self.on_event = on_event
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[wire.Message]] = {}
+        self._timeouts: dict[float, Deadlines] = {}  # by length (shared.deadlines: no heap work per call)
         self._rpc: ZPump | None = None  # made on the running loop, by the first call or run()
         self._events: asyncio.Queue[wire.Message] | None = None
 
@@ -81,16 +85,26 @@ class NatdLink:
         if not self._pump().send([wire.encode(msg, rid, int((time.time() + timeout) * 1000))]):
             raise NatdError("busy", f"too many requests to natd queued; {msg.OP} not sent")
         self._pending[rid] = fut
+        deadline = self._deadlines(timeout).call_later(functools.partial(expire, fut))
         try:
-            async with asyncio.timeout(timeout):  # no task per call, unlike wait_for
-                reply = await fut
+            reply = await fut
         except TimeoutError:
             raise NatdError("timeout", f"natd did not answer {msg.OP} within {timeout} s") from None
         finally:
+            deadline.cancel()
             self._pending.pop(rid, None)
         if isinstance(reply, wire.Error):
             raise NatdError(reply.code, reply.message)
         return reply
+
+    def _deadlines(self, seconds: float) -> Deadlines:
+        """The shared timeouts of one length (a handful of lengths are used; more get their own)."""
+        d = self._timeouts.get(seconds)
+        if d is None:
+            d = Deadlines(seconds)
+            if len(self._timeouts) < MAX_TIMEOUT_LENGTHS:
+                self._timeouts[seconds] = d
+        return d
 
     def _reply(self, frames: Frames) -> None:
         got = _decode(frames, "reply")
@@ -128,6 +142,8 @@ class NatdLink:
             events.close()
 
     def close(self) -> None:
+        for d in self._timeouts.values():
+            d.close()
         if self._rpc is not None:
             self._rpc.close()
         self.dealer.close()

@@ -25,6 +25,8 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 def escape(text: str) -> str:
     """``text`` with every control character (CR, LF, NUL, ESC, ...) as a visible \\xNN escape."""
+    if text.isprintable():  # the common case; every character _CONTROL matches is non-printable
+        return text
     return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
@@ -32,9 +34,20 @@ class SafeFormatter(logging.Formatter):
     """One record, one line: control characters in the message are escaped (tracebacks,
     appended after the message, keep their lines)."""
 
+    _second, _stamp = -1, ""  # the last second formatted: one strftime per second, not per line
+
     def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's name)
         record.message = escape(record.message)
         return super().formatMessage(record)
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
+        if datefmt is not None:
+            return super().formatTime(record, datefmt)
+        second = int(record.created)
+        if second != self._second:
+            self._second, self._stamp = second, time.strftime(self.default_time_format, self.converter(second))
+        msec = self.default_msec_format
+        return msec % (self._stamp, record.msecs) if msec else self._stamp
 
 
 class RateLimit:

@@ -25,6 +25,8 @@ BUDGET = 256  # messages handled per wake-up before yielding to the loop
 MAX_QUEUED = 10_000  # outgoing messages held while the socket cannot send (its HWM is reached)
 
 Frames = list[bytes]
+# plain ints: pyzmq's IntFlag constants cost a microsecond per ``&`` (enum machinery), several per message
+_EVENTS, _POLLIN, _POLLOUT, _NOBLOCK = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.POLLOUT), int(zmq.NOBLOCK)
 
 
 class ZPump:
@@ -54,13 +56,13 @@ class ZPump:
             return
         sock = self.sock
         for _ in range(BUDGET):
-            events = cast(int, sock.getsockopt(zmq.EVENTS))
-            if self._out and events & zmq.POLLOUT and self._flush():
+            events = cast(int, sock.getsockopt(_EVENTS))
+            if self._out and events & _POLLOUT and self._flush():
                 continue  # EVENTS again: the sends may have taken an edge (writable again, or a message)
-            if not events & zmq.POLLIN:
+            if not events & _POLLIN:
                 return
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
+                frames = sock.recv_multipart(_NOBLOCK)
             except zmq.Again:
                 continue
             try:
@@ -76,7 +78,7 @@ class ZPump:
         sent = False
         while self._out:
             try:
-                self.sock.send_multipart(self._out[0], zmq.NOBLOCK)
+                self.sock.send_multipart(self._out[0], _NOBLOCK)
             except zmq.Again:
                 break
             self._out.popleft()
@@ -89,7 +91,7 @@ class ZPump:
             return False
         if not self._out:
             try:
-                self.sock.send_multipart(frames, zmq.NOBLOCK)
+                self.sock.send_multipart(frames, _NOBLOCK)
             except zmq.Again:
                 self._out.append(frames)
             self._check()
@@ -101,7 +103,7 @@ class ZPump:
 
     def _check(self) -> None:
         """After a send: the send may have taken the edge of a message that came meanwhile."""
-        if cast(int, self.sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN or self._out:
+        if cast(int, self.sock.getsockopt(_EVENTS)) & _POLLIN or self._out:
             self._schedule()
 
     def close(self) -> None:

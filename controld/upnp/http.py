@@ -17,6 +17,7 @@ control points send) is answered on a plain non-blocking socket from the loop's 
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
 import re
@@ -36,6 +37,7 @@ from controld.upnp.igd import IgdActions
 from controld.upnp.parse import ascii_uint
 from controld.web.handler import HttpRequest, HttpResponse
 from shared.const import SERVER
+from shared.deadlines import Deadline, Deadlines
 from shared.guard import Guard
 
 log = logging.getLogger("controld.upnp.http")
@@ -48,6 +50,7 @@ LINGER_S = 0.5  # after the answer, for the peer's EOF (see _linger)
 MAX_REFUSING = 64  # connections over a host's share answered 503 at once (the rest: closed)
 LINGER_READS = 16  # at most this many reads of unread input (bounded: ~1 MiB)
 REQUEST_DEADLINE = 28.0  # to answer it; UPnP allows 30 s and actions bound their PCP wait below this
+MAX_PEERS_KNOWN = 4096  # addresses whose LAN membership is remembered (cleared when full)
 WEB_MAX_BODY = 8192  # the LAN page's form posts (controld/web)
 
 XML_HEADERS = {"Content-Type": 'text/xml; charset="utf-8"', "EXT": ""}  # every SOAP answer's
@@ -198,13 +201,18 @@ class UpnpHttpServer:
         self._refusing = 0  # connections being answered 503 (bounded by MAX_REFUSING)
         self._subnets: list[str] = []
         self._nets: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+        self._peers: dict[str, bool] = {}  # address -> inside the LAN subnets (bounded, reset with them)
         self.server: _Listener | None = None
         self._tasks: set[asyncio.Task[None]] = set()  # actions that wait, hand-overs: held until done
+        # the fast path's timeouts, one queue per length (shared.deadlines: no heap work per request)
+        self.read_deadlines, self.request_deadlines = Deadlines(READ_DEADLINE), Deadlines(REQUEST_DEADLINE)
+        self.lingers = Deadlines(LINGER_S)
 
-    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     async def start(self, host: str, port: int) -> int:
         """Listen on ``host:port`` (port 0: any); returns the port."""
@@ -247,14 +255,21 @@ class UpnpHttpServer:
             self.server.close()
 
     def _in_lan(self, ip: str) -> bool:
-        try:
-            addr = ipaddress.ip_address(ip)
-        except ValueError:
-            return False
         subnets = self.lan_subnets()
         if subnets != self._subnets:  # parsed once per change, not per connection
             self._subnets, self._nets = list(subnets), [ipaddress.ip_network(n) for n in subnets]
-        return any(addr in n for n in self._nets)
+            self._peers.clear()
+        inside = self._peers.get(ip)
+        if inside is None:  # a LAN has few hosts: each address is parsed and matched once
+            try:
+                addr = ipaddress.ip_address(ip)
+            except ValueError:
+                return False
+            inside = any(addr in n for n in self._nets)
+            if len(self._peers) >= MAX_PEERS_KNOWN:
+                self._peers.clear()
+            self._peers[ip] = inside
+        return inside
 
     async def _stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str) -> None:
         """The stream path of an admitted connection (see :class:`_Conn`); frees its slot at the end."""
@@ -441,18 +456,14 @@ class UpnpHttpServer:
             return False
         ready = self._soap(path, headers, buf[end + 4:end + 4 + length], conn.peer)
         if isinstance(ready, _Pending):
-            self._spawn(self._fast_act(conn, ready))
+            task = self._spawn(self._fast_act(conn, ready))
+            conn.timer = self.request_deadlines.call_later(functools.partial(conn.too_slow, task))
         else:
             conn.answer(*ready)
         return True
 
     async def _fast_act(self, conn: _Conn, ready: _Pending) -> None:
-        try:
-            async with asyncio.timeout(REQUEST_DEADLINE):
-                answer = await self._act(ready, conn.peer)
-        except TimeoutError:
-            answer = 408, {}, b""
-        conn.answer(*answer)
+        conn.answer(*await self._act(ready, conn.peer))  # (answer() ends the deadline set in _fast)
 
 
 _WAIT, _BUSY, _SENDING, _LINGER, _DONE = range(5)  # a fast-path connection's phases
@@ -519,7 +530,7 @@ class _Conn:
         self.phase = _WAIT
         self.held = True  # holds a fairness slot until it ends
         self.reads = 0
-        self.timer: asyncio.TimerHandle | None = None
+        self.timer: Deadline | None = None
         self.out = b""
         self.loop = asyncio.get_running_loop()
         self.answered = False  # told fairness (a serial client's next connection is not a parallel one)
@@ -530,7 +541,7 @@ class _Conn:
         if self.phase != _WAIT:
             return False
         self.loop.add_reader(self.fd, self._read)
-        self.timer = self.loop.call_later(READ_DEADLINE, self._read_timeout)
+        self.timer = self.srv.read_deadlines.call_later(self._read_timeout)
         return True
 
     def _read(self) -> None:
@@ -574,10 +585,19 @@ class _Conn:
             self.phase = _BUSY
             self.answer(408, {}, b"")
 
+    def too_slow(self, task: asyncio.Task[None]) -> None:
+        """The action's deadline: it is cancelled (as asyncio.timeout would) and answered 408."""
+        self.timer = None
+        task.cancel()
+        self.answer(408, {}, b"")
+
     def answer(self, status: int, headers: dict[str, str], body: bytes) -> None:
         """Send the answer (Connection: close), then linger for the peer's EOF."""
         if self.phase != _BUSY:
             return
+        if self.timer is not None:  # the action's deadline
+            self.timer.cancel()
+            self.timer = None
         self.answered = True
         self.srv.fair.answered(self.peer)
         data = _answer_bytes(status, headers, body)
@@ -591,7 +611,7 @@ class _Conn:
         if sent < len(data):  # the socket buffer is full: the rest when it drains, within the deadline
             self.out, self.phase = data[sent:], _SENDING
             self.loop.add_writer(self.fd, self._write_more)
-            self.timer = self.loop.call_later(REQUEST_DEADLINE, self._close)
+            self.timer = self.srv.request_deadlines.call_later(self._close)
             return
         self._linger()
 
@@ -620,7 +640,7 @@ class _Conn:
             return
         self.phase = _LINGER
         self.loop.add_reader(self.fd, self._read)
-        self.timer = self.loop.call_later(LINGER_S, self._close)
+        self.timer = self.srv.lingers.call_later(self._close)
 
     def _close(self) -> None:
         if self.phase == _DONE:

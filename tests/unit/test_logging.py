@@ -8,7 +8,7 @@ import io
 import logging
 
 from shared.daemon import MAX_DEFERRED_RECORDS, DeferredHandler
-from shared.guard import SafeFormatter
+from shared.guard import SafeFormatter, escape
 
 
 def _logger(stream: io.StringIO) -> tuple[logging.Logger, DeferredHandler]:
@@ -68,3 +68,16 @@ def test_held_lines_are_bounded_and_flush_writes_them() -> None:
         assert out.getvalue().splitlines()[-1] == "last"
 
     asyncio.run(main())
+
+
+def test_time_stamps_are_logging_s_own() -> None:
+    plain, safe = logging.Formatter("%(asctime)s %(message)s"), SafeFormatter("%(asctime)s %(message)s")
+    for created in (1_800_000_000.0, 1_800_000_000.25, 1_800_000_000.999, 1_800_000_001.5, 1_700_000_000.125):
+        rec = logging.LogRecord("x", logging.INFO, "f", 1, "m", None, None)
+        rec.created, rec.msecs = created, int((created - int(created)) * 1000)
+        assert safe.format(rec) == plain.format(rec)
+
+
+def test_printable_messages_pass_and_control_characters_do_not() -> None:
+    assert escape("mapping 42 TCP 8080 -> 192.168.1.2:80 \u00e9") == "mapping 42 TCP 8080 -> 192.168.1.2:80 \u00e9"
+    assert escape("a\u2028b\x85c\x7f") == "a\\x2028b\\x85c\\x7f"

@@ -16,6 +16,7 @@ from controld.core.stats import Stats
 from controld.upnp.description import gateway
 from controld.upnp.http import UpnpHttpServer
 from controld.upnp.igd import IgdActions
+from shared.deadlines import Deadlines
 
 
 async def _exchange(data: bytes) -> bytes:
@@ -66,3 +67,46 @@ def test_each_device_names_its_own_connection_service() -> None:
 
     assert b"uuid:uuid_wcd:WANConnectionDevice:1,urn:upnp-org:serviceId:WANIPConn1" in ask("/ctl/L3F")
     assert b"uuid:uuid_wcd2:WANConnectionDevice:2,urn:upnp-org:serviceId:WANIPConn1" in ask("/igd2/ctl/L3F")
+
+
+def test_an_action_past_its_deadline_is_answered_408_and_cancelled() -> None:
+    """The fast path's request deadline (a shared.deadlines queue): the waiting action is
+    cancelled, as asyncio.timeout did, and the control point hears 408 rather than nothing."""
+    wan = "urn:schemas-upnp-org:service:WANIPConnection:1"
+    body = (f'<?xml version="1.0"?><s:Envelope xmlns:s="http://schemas.xmlsoap.org/soap/envelope/"><s:Body>'
+            f'<u:GetSpecificPortMappingEntry xmlns:u="{wan}"><NewRemoteHost></NewRemoteHost>'
+            f'<NewExternalPort>80</NewExternalPort><NewProtocol>TCP</NewProtocol>'
+            f'</u:GetSpecificPortMappingEntry></s:Body></s:Envelope>').encode()
+    head = (f"POST /ctl/WANIPCn HTTP/1.1\r\nHost: 127.0.0.1\r\nSOAPACTION: \"{wan}#GetSpecificPortMappingEntry\"\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    cancelled: list[bool] = []
+
+    async def main() -> bytes:
+        gw = gateway("both", lambda k: k)
+        no_core = cast(Iwf, SimpleNamespace(stats=Stats()))
+        server = UpnpHttpServer(gw, actions=IgdActions(no_core, gw), lan_subnets=lambda: ["127.0.0.0/8"])
+
+        async def stuck(*_: object) -> dict[str, str | int]:
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                cancelled.append(True)
+                raise
+            return {}
+
+        server.actions.handle = stuck  # type: ignore[method-assign,assignment]  # an action that never ends
+        server.request_deadlines = Deadlines(0.2)
+        port = await server.start("127.0.0.1", 0)
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(head + body)
+            await writer.drain()
+            got = await asyncio.wait_for(reader.read(), 5)
+            writer.close()
+            await asyncio.sleep(0.05)
+            return got
+        finally:
+            server.close()
+
+    assert asyncio.run(main()).startswith(b"HTTP/1.1 408 ")
+    assert cancelled == [True]
