@@ -100,6 +100,7 @@ class Natd:
         self._waits: set[asyncio.Task[None]] = set()  # PCP exchanges waiting for their answer
         self.ifs = wan.IfState(None, None, (), ())
         self._gen: int | None = None  # ruleset generation last known to match our state
+        self._gen_due = False  # natd wrote; the generation is read on the loop's next turn
         self._dirty = asyncio.Event()
         self._ct_pending: list[conntrack.Flow] = []
         self._ct_wake = asyncio.Event()
@@ -166,7 +167,7 @@ class Natd:
         return ch
 
     def _after_write(self, ch: Change) -> None:
-        self._gen = nftmon.generation()
+        self._generation_later()
         flows = [conntrack.Flow(proto, wip, wport, lip, lport)
                  for (proto, wport), (lip, lport) in ch.gone_fwd for wip in ch.old_wan]
         flows += [conntrack.Flow(proto, wip, wport, lip, lport) for (lip, proto, lport), (wip, wport) in ch.gone_snat]
@@ -229,9 +230,26 @@ class Natd:
             self._gen = None
             self._kick()
 
+    def _generation_later(self) -> None:
+        """Note the ruleset's generation after natd's own write, once the request it served has
+        its reply (a netlink round trip; a burst of writes reads it once)."""
+        if self._gen_due:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop (tests driving the table directly): now
+            self._note_generation()
+            return
+        self._gen_due = True
+        loop.call_soon(self._note_generation)
+
+    def _note_generation(self) -> None:
+        self._gen_due = False
+        self._gen = nftmon.generation()
+
     def _check_generation(self) -> None:
         """Verify only if the ruleset changed since natd's last write or check."""
-        if nftmon.generation() != self._gen:
+        if self._gen_due or nftmon.generation() != self._gen:  # (due: not known yet, so verify)
             self._kick()
 
     def _kick(self) -> None:

@@ -602,7 +602,9 @@ class _Conn:
         self.srv.fair.answered(self.peer)
         data = _answer_bytes(status, headers, body)
         try:
-            sent = self.sock.send(data)
+            # MSG_MORE: the shutdown in _linger puts the FIN on the answer's last segment, so
+            # the control point gets answer and EOF in one packet rather than two
+            sent = self.sock.send(data, socket.MSG_MORE)
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError:
@@ -617,7 +619,7 @@ class _Conn:
 
     def _write_more(self) -> None:
         try:
-            sent = self.sock.send(self.out)
+            sent = self.sock.send(self.out, socket.MSG_MORE)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
