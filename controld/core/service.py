@@ -228,6 +228,7 @@ class Iwf(UpstreamIO):
         # binding orphaned by a crash before it is removed by the start-up sync); without
         # NAT1 (no-nat1) it is this one.
         m = self.table.apply(m, durable=m.mode == "no-nat1")
+        nat1_port: int | None = None
         try:
             if m.mode in ("cascaded", "nat1-only"):
                 try:
@@ -236,12 +237,14 @@ class Iwf(UpstreamIO):
                 except NatdError as exc:
                     raise CoreError(NATD_ERRORS.get(exc.code, ErrorKind.UNAVAILABLE), str(exc)) from None
                 assert isinstance(reply, wire.BindReply)
-                # On disk before the MAP goes out (cascaded): after a crash, the clean-up delete for
-                # this row needs its NAT1 binding to be relayed (natd relays bound MAPs only).
-                m = self.table.apply(m, durable=m.mode == "cascaded", nat1_port=reply.wan_port)
+                nat1_port = reply.wan_port
+                if m.mode == "cascaded":
+                    # On disk before the MAP goes out: after a crash, the clean-up delete for this
+                    # row needs its NAT1 binding to be relayed (natd relays bound MAPs only).
+                    m = self.table.apply(m, nat1_port=nat1_port)
             granted: dict[str, Any] = {}
-            if m.mode == "nat1-only":
-                granted = {"ext_ip": self.wan_ip, "ext_port": m.nat1_port or m.ext_port}
+            if m.mode == "nat1-only":  # nothing waits before the write below: the port goes with it
+                granted = {"ext_ip": self.wan_ip, "ext_port": nat1_port or m.ext_port, "nat1_port": nat1_port}
             else:
                 req = self._request_for(m, self._requested_lifetime(m), m.prefer_failure, m.description)
                 resp = await self._upstream(m, req)
