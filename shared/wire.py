@@ -24,6 +24,7 @@ import ipaddress
 import sys
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, ClassVar
 
@@ -485,71 +486,92 @@ def _as_map(obj: Any) -> dict[str, Any]:
     return {name: getattr(obj, name) for name in _field_names(type(obj))}
 
 
-def _coerce(value: Any, tp: Any, name: str) -> Any:
-    """Check ``value`` against the annotation ``tp``; build nested dataclasses."""
+Check = Callable[[Any, str, str], Any]  # (value, message, field) -> the value, or WireError
+
+
+@functools.cache
+def _checker(tp: Any) -> Check:
+    """The check of one annotation, built once per type (a message's fields are checked on
+    every message: the annotation is not taken apart again each time)."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], name)
+        optional = type(None) in args
+        inner = _checker([a for a in args if a is not type(None)][0])
+
+        def union(value: Any, where: str, name: str) -> Any:
+            return None if value is None and optional else inner(value, where, name)
+        return union
     if origin is list:
-        if not isinstance(value, list) or len(value) > MAX_LIST:
-            raise WireError("bad-field", f"{name}: expected a list of at most {MAX_LIST}")
         (item,) = typing.get_args(tp)
-        return [_coerce(v, item, name) for v in value]
-    if tp is Binding:
-        return _binding(value, name)
-    if tp is Pinhole:
-        return _pinhole(value, name)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise WireError("bad-field", f"{name}: expected a boolean")
-        return value
-    if tp is int:
-        if not isinstance(value, int) or isinstance(value, bool) or not -(2**63) <= value < 2**63:
-            raise WireError("bad-field", f"{name}: expected an integer")
-        return value
-    if tp is str:
-        if not isinstance(value, str) or len(value) > MAX_STR:
-            raise WireError("bad-field", f"{name}: expected a string of at most {MAX_STR}")
-        return sys.intern(value)  # LAN addresses repeat in every binding natd keeps
-    if tp is bytes:
-        if not isinstance(value, bytes) or len(value) > MAX_BYTES:
-            raise WireError("bad-field", f"{name}: expected at most {MAX_BYTES} bytes")
-        return value
-    raise WireError("bad-field", f"{name}: unsupported type")  # pragma: no cover - schema bug
+        each = _checker(item)
+
+        def listed(value: Any, where: str, name: str) -> Any:
+            if not isinstance(value, list) or len(value) > MAX_LIST:
+                raise WireError("bad-field", f"{where}.{name}: expected a list of at most {MAX_LIST}")
+            return [each(v, where, name) for v in value]
+        return listed
+    simple = _SIMPLE.get(tp)
+    if simple is None:
+        raise TypeError(f"wire schema: unsupported type {tp!r}")  # a schema bug, found at first use
+    return simple
+
+
+def _bool(value: Any, where: str, name: str) -> Any:
+    if not isinstance(value, bool):
+        raise WireError("bad-field", f"{where}.{name}: expected a boolean")
+    return value
+
+
+def _int(value: Any, where: str, name: str) -> Any:
+    if type(value) is not int or not -(2**63) <= value < 2**63:  # (bool is no int here)
+        raise WireError("bad-field", f"{where}.{name}: expected an integer")
+    return value
+
+
+def _str(value: Any, where: str, name: str) -> Any:
+    if not isinstance(value, str) or len(value) > MAX_STR:
+        raise WireError("bad-field", f"{where}.{name}: expected a string of at most {MAX_STR}")
+    return sys.intern(value)  # LAN addresses repeat in every binding natd keeps
+
+
+def _bytes(value: Any, where: str, name: str) -> Any:
+    if not isinstance(value, bytes) or len(value) > MAX_BYTES:
+        raise WireError("bad-field", f"{where}.{name}: expected at most {MAX_BYTES} bytes")
+    return value
 
 
 _BINDING_KEYS = frozenset(("mid", "proto", "lan_ip", "lan_port", "wan_port"))
 
 
-def _binding(value: Any, name: str) -> Binding:
+def _binding(value: Any, where: str, name: str) -> Binding:
     """Fast path for the one nested type (a 65k-element sync builds 65k of them)."""
     if not isinstance(value, dict) or value.keys() != _BINDING_KEYS:
-        raise WireError("bad-field", f"{name}: expected a map with exactly {sorted(_BINDING_KEYS)}")
+        raise WireError("bad-field", f"{where}.{name}: expected a map with exactly {sorted(_BINDING_KEYS)}")
     mid, proto, lan_ip, lan_port, wan_port = (value["mid"], value["proto"], value["lan_ip"], value["lan_port"],
                                               value["wan_port"])
     if type(mid) is not int or type(proto) is not int or type(lan_port) is not int or type(wan_port) is not int \
             or type(lan_ip) is not str or len(lan_ip) > 15:
-        raise WireError("bad-field", f"{name}: wrong field types")
+        raise WireError("bad-field", f"{where}.{name}: wrong field types")
     b = Binding(mid, proto, sys.intern(lan_ip), lan_port, wan_port)
     b.check()
     return b
 
 
-def _pinhole(value: Any, name: str) -> Pinhole:
+def _pinhole(value: Any, where: str, name: str) -> Pinhole:
     if not isinstance(value, dict):
-        raise WireError("bad-field", f"{name}: expected a pinhole map")
-    return _build(Pinhole, value, name)
+        raise WireError("bad-field", f"{where}.{name}: expected a pinhole map")
+    return _build(Pinhole, value, f"{where}.{name}")
+
+
+_SIMPLE: dict[Any, Check] = {bool: _bool, int: _int, str: _str, bytes: _bytes, Binding: _binding, Pinhole: _pinhole}
 
 
 @functools.cache
-def _schema(cls: type) -> tuple[tuple[tuple[str, Any], ...], frozenset[str]]:
-    """A dataclass's (field, type) pairs and allowed keys, resolved once (a 65k sync builds 65k)."""
+def _schema(cls: type) -> tuple[tuple[tuple[str, Check], ...], frozenset[str]]:
+    """A dataclass's (field, check) pairs and allowed keys, resolved once (a 65k sync builds 65k)."""
     hints = typing.get_type_hints(cls)
-    pairs = tuple((f.name, hints[f.name]) for f in fields(cls))
+    pairs = tuple((f.name, _checker(hints[f.name])) for f in fields(cls))
     return pairs, frozenset(name for name, _ in pairs) | ENVELOPE
 
 
@@ -559,9 +581,9 @@ def _build(cls: type, raw: dict[str, Any], where: str) -> Any:
         extra = set(raw) - allowed
         raise WireError("bad-field", f"{where}: unknown fields {sorted(map(str, extra))[:8]}")
     kwargs: dict[str, Any] = {}
-    for name, tp in pairs:
+    for name, check in pairs:
         if name in raw:
-            kwargs[name] = _coerce(raw[name], tp, f"{where}.{name}")
+            kwargs[name] = check(raw[name], where, name)
     try:
         obj = cls(**kwargs)
     except TypeError:
