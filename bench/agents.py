@@ -37,6 +37,10 @@ from shared.const import PCP_SERVER_PORT as NATPMP_PORT  # PCP and NAT-PMP share
 SOAP_NS = "urn:schemas-upnp-org:service:WANIPConnection:1"
 FC6_NS = "urn:schemas-upnp-org:service:WANIPv6FirewallControl:1"
 _DEVICE_NS = "{urn:schemas-upnp-org:device-1-0}"
+SNIFF_BATCH_S = 0.25  # the sniffer reads what the kernel stamped this often
+SNIFF_BATCH_MAX = 100_000  # packets read per batch (bounded)
+SNIFF_BUFFER = 8 << 20  # socket buffer for a batch's packets (SO_RCVBUFFORCE: the agent runs as root)
+SO_RCVBUFFORCE = 33
 MAX_REFUSALS = 5  # 503 answers one call retries before it counts as an error
 T = TypeVar("T")
 
@@ -200,12 +204,17 @@ def _pcp_of(frame: bytes) -> tuple[str, bytes] | None:
 
 def sniff(ifname: str, out: str, seconds: float) -> None:
     """Kernel timestamps of PCP MAP requests and responses on ``ifname`` until SIGTERM or ``seconds``;
-    writes the round trips (first request to its response, in request order) to ``out``."""
+    writes the round trips (first request to its response, in request order) to ``out``.
+
+    Read in batches every SNIFF_BATCH_S: the kernel stamps each packet as it passes, so reading
+    late changes no figure, and the sniffer then never wakes beside natd as an answer comes in
+    (two wake-ups per add would compete for the CPU on the very path being measured)."""
     so_timestampns = 35
     # ETH_P_ALL: a socket bound to ETH_P_IP sees only incoming packets, not the requests natd sends
     s = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(0x0003))
     s.bind((ifname, 0))
     s.setsockopt(socket.SOL_SOCKET, so_timestampns, 1)
+    s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, SNIFF_BUFFER)  # a batch's packets wait here
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
     sent: dict[bytes, float] = {}
@@ -213,24 +222,29 @@ def sniff(ifname: str, out: str, seconds: float) -> None:
     rtt: dict[bytes, float] = {}
     _say("ready")
     end = time.monotonic() + seconds
-    while not stop and time.monotonic() < end:
-        if not select.select([s], [], [], 0.2)[0]:
-            continue
-        data, anc, _, addr = s.recvmsg(2048, 64)
-        if addr[1] != 0x0800:  # IPv4 only
-            continue
-        ts = next((struct.unpack("qq", d[:16]) for lvl, typ, d in anc
-                   if lvl == socket.SOL_SOCKET and typ == so_timestampns), None)
-        t = ts[0] + ts[1] / 1e9 if ts else time.time()
-        pkt = _pcp_of(data)
-        if pkt is None:
-            continue
-        kind, nonce = pkt
-        if kind == "req" and nonce not in sent:
-            sent[nonce] = t
-            order.append(nonce)
-        elif kind == "resp" and nonce in sent and nonce not in rtt:
-            rtt[nonce] = t - sent[nonce]
+    while True:
+        time.sleep(SNIFF_BATCH_S)
+        for _ in range(SNIFF_BATCH_MAX):  # bounded: the rest waits for the next batch
+            try:
+                data, anc, _, addr = s.recvmsg(2048, 64, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                break
+            if addr[1] != 0x0800:  # IPv4 only
+                continue
+            ts = next((struct.unpack("qq", d[:16]) for lvl, typ, d in anc
+                       if lvl == socket.SOL_SOCKET and typ == so_timestampns), None)
+            t = ts[0] + ts[1] / 1e9 if ts else time.time()
+            pkt = _pcp_of(data)
+            if pkt is None:
+                continue
+            kind, nonce = pkt
+            if kind == "req" and nonce not in sent:
+                sent[nonce] = t
+                order.append(nonce)
+            elif kind == "resp" and nonce in sent and nonce not in rtt:
+                rtt[nonce] = t - sent[nonce]
+        if stop or time.monotonic() >= end:
+            break
     with open(out + ".tmp", "w") as f:
         json.dump([rtt[n] for n in order if n in rtt], f)
     os.rename(out + ".tmp", out)

@@ -255,6 +255,12 @@ def restart_recovery(bed: tb.Testbed, system: Igdpcp, n: int) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------- cascaded
+def quarter_p50s(seconds: list[float]) -> list[float]:
+    """p50 in ms of each quarter of a series, in order (empty for fewer than 4 values)."""
+    k = len(seconds) // 4
+    return [1e3 * stats.quantile(seconds[i * k:(i + 1) * k], 0.5) for i in range(4)] if k else []
+
+
 def cascaded(cfg: Config) -> dict[str, Any]:
     """N AddPortMapping through NAT1 and real NAT2, NAT2's own round trip timed at natd's WAN interface."""
     n = cfg.cascaded_n
@@ -279,11 +285,17 @@ def cascaded(cfg: Config) -> dict[str, Any]:
     res: dict[str, Any] = {"n": n, "add": stats.summarize(r["lat"]), "add_errors": r["errors"],
                            "nat2": stats.summarize(nat2) if nat2 else None, "ours": None}
     if len(nat2) == n:  # one MAP per add, in order: our share of each add is its whole time minus NAT2's
-        res["ours"] = stats.summarize(stats.minus(r["lat"], nat2))
+        ours = stats.minus(r["lat"], nat2)
+        res["ours"] = stats.summarize(ours)
+        # By quarter of the run, as NAT2's own table fills: miniupnpd's work per MAP grows with it and
+        # runs on the bed's CPUs during and right after its answer, when ours does.
+        res["quarters_p50_ms"] = {"nat2": quarter_p50s(nat2), "ours": quarter_p50s(ours)}
     else:
         res["note"] = f"{len(nat2)} PCP round trips seen for {n} adds: no per-add split"
     say(f"cascaded N={n}: add p50 {res['add']['p50_ms']:.2f} ms; NAT2 "
-        f"{res['nat2']['p50_ms'] if res['nat2'] else '?'} ms; ours {res['ours']['p50_ms'] if res['ours'] else '?'} ms")
+        f"{res['nat2']['p50_ms'] if res['nat2'] else '?'} ms; ours {res['ours']['p50_ms'] if res['ours'] else '?'} ms"
+        + "".join(f"; {k} by quarter " + " / ".join(f"{v:.2f}" for v in q)
+                  for k, q in res.get("quarters_p50_ms", {}).items()))
     return res
 
 

@@ -220,6 +220,11 @@ def render_markdown(doc: dict[str, Any]) -> str:
             s = c.get(key) or {}
             lines.append(f"| {label} | {_f(s.get('p50_ms'))} ms | {_f(s.get('p99_ms'))} ms "
                          f"| {_f(s.get('total_s'))} s |")
+        q = c.get("quarters_p50_ms") or {}
+        if q.get("ours"):
+            lines += ["", "p50 by quarter of the run, as NAT2's table fills: NAT2 "
+                      + " / ".join(f"{v:.2f}" for v in q["nat2"]) + " ms; ours "
+                      + " / ".join(f"{v:.2f}" for v in q["ours"]) + " ms"]
     n = doc["natpmp"]
     lines += ["", "### NAT-PMP / PCP LAN server", "",
               "available: " + ("yes" if n["available"] else f"no, skipped ({n.get('reason', 'not available')})")]

@@ -7,7 +7,13 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import socket
 import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -208,6 +214,43 @@ def test_pcp_sniffer_parses_map_requests_and_responses() -> None:
     assert agents._pcp_of(_pcp_frame(40000, 5351, 0, nonce)) is None  # ANNOUNCE, not MAP
     assert agents._pcp_of(_pcp_frame(40000, 53, 1, nonce)) is None
     assert agents._pcp_of(b"\x60" + bytes(60)) is None  # IPv6
+
+
+def test_cascaded_quarters_show_our_share_as_nat2_fills() -> None:
+    ms = [0.001 * v for v in (1, 3, 2, 5, 4, 6, 9, 8, 7)]  # a ninth value left out: 4 quarters of 2
+    assert harness.quarter_p50s(ms) == pytest.approx([1.0, 2.0, 4.0, 8.0])
+    assert harness.quarter_p50s(ms[:3]) == []
+    doc = make_doc()
+    doc["cascaded"]["quarters_p50_ms"] = {"nat2": [4.0, 5.0, 6.0, 7.0], "ours": [0.5, 0.6, 0.7, 0.8]}
+    assert "NAT2 4.00 / 5.00 / 6.00 / 7.00 ms; ours 0.50 / 0.60 / 0.70 / 0.80 ms" in report.render_markdown(doc)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a packet socket needs CAP_NET_RAW")
+def test_pcp_sniffer_times_a_batch_by_kernel_stamps(tmp_path: Path) -> None:
+    """The sniffer reads in batches: a request and its answer 50 ms apart, read together after
+    SIGTERM, still give a 50 ms round trip (the kernel's stamps, not the reading time)."""
+    out = tmp_path / "rtt.json"
+    root = Path(__file__).resolve().parents[2]
+    sniffer = subprocess.Popen([sys.executable, "-m", "bench.agents", "sniff", "lo", str(out), "30"], cwd=root,
+                               stdout=subprocess.PIPE, text=True)
+    raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)  # ports without binding 5351
+    try:
+        assert sniffer.stdout is not None and "ready" in sniffer.stdout.readline()
+        nonce = os.urandom(12)
+        for sport, dport, opcode in ((40000, 5351, 1), (5351, 40000, 0x81)):
+            frame = bytearray(_pcp_frame(sport, dport, opcode, nonce))
+            frame[8], frame[12:20] = 64, socket.inet_aton("127.0.0.1") * 2  # TTL, source and destination
+            raw.sendto(bytes(frame), ("127.0.0.1", 0))
+            time.sleep(0.05)
+        sniffer.terminate()
+        assert sniffer.wait(10) == 0
+    finally:
+        raw.close()
+        if sniffer.poll() is None:
+            sniffer.kill()
+            sniffer.wait(5)
+    rtts = json.loads(out.read_text())
+    assert len(rtts) == 1 and 0.04 <= rtts[0] < 0.2, rtts
 
 
 def test_quick_config_and_overrides() -> None:
