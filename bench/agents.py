@@ -5,6 +5,7 @@
 - ``burst``: a bounded burst of UDP flows through the router (unrelated conntrack entries);
 - ``accept`` / ``connect``: a TCP accept loop and a new-connection rate loop (data plane);
 - ``sniff``: PCP MAP request/response times at an interface (NAT2's own round trip, seen at natd's WAN side);
+  ``sniff-soap``: the router's time per SOAP call, from the POST in to the answer out on its LAN side;
 - ``soap-probe``: the first moment an IGD answers a SOAP call; ``fwd-count``: the first moment natd's
   DNAT map holds N forwards; ``natpmp``: NAT-PMP mapping round trips (or a probe of UDP 5351);
 - ``pinholes``: AddPinhole / DeletePinhole (WANIPv6FirewallControl:1) by raw SOAP POSTs, the same client
@@ -27,7 +28,7 @@ import sys
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 from xml.etree import ElementTree
 
@@ -202,24 +203,20 @@ def _pcp_of(frame: bytes) -> tuple[str, bytes] | None:
     return None
 
 
-def sniff(ifname: str, out: str, seconds: float) -> None:
-    """Kernel timestamps of PCP MAP requests and responses on ``ifname`` until SIGTERM or ``seconds``;
-    writes the round trips (first request to its response, in request order) to ``out``.
+def _stamped(ifname: str, seconds: float) -> Iterator[tuple[float, bytes]]:
+    """(kernel timestamp, IPv4 packet) of every packet in or out of ``ifname`` until SIGTERM or ``seconds``.
 
     Read in batches every SNIFF_BATCH_S: the kernel stamps each packet as it passes, so reading
-    late changes no figure, and the sniffer then never wakes beside natd as an answer comes in
-    (two wake-ups per add would compete for the CPU on the very path being measured)."""
+    late changes no figure, and a sniffer then never wakes beside the daemons as a packet comes
+    in (two wake-ups per add would compete for the CPU on the very path being measured)."""
     so_timestampns = 35
-    # ETH_P_ALL: a socket bound to ETH_P_IP sees only incoming packets, not the requests natd sends
+    # ETH_P_ALL: a socket bound to ETH_P_IP sees only incoming packets, not the ones sent
     s = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(0x0003))
     s.bind((ifname, 0))
     s.setsockopt(socket.SOL_SOCKET, so_timestampns, 1)
     s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, SNIFF_BUFFER)  # a batch's packets wait here
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
-    sent: dict[bytes, float] = {}
-    order: list[bytes] = []
-    rtt: dict[bytes, float] = {}
     _say("ready")
     end = time.monotonic() + seconds
     while True:
@@ -233,21 +230,71 @@ def sniff(ifname: str, out: str, seconds: float) -> None:
                 continue
             ts = next((struct.unpack("qq", d[:16]) for lvl, typ, d in anc
                        if lvl == socket.SOL_SOCKET and typ == so_timestampns), None)
-            t = ts[0] + ts[1] / 1e9 if ts else time.time()
-            pkt = _pcp_of(data)
-            if pkt is None:
-                continue
-            kind, nonce = pkt
-            if kind == "req" and nonce not in sent:
-                sent[nonce] = t
-                order.append(nonce)
-            elif kind == "resp" and nonce in sent and nonce not in rtt:
-                rtt[nonce] = t - sent[nonce]
+            yield (ts[0] + ts[1] / 1e9 if ts else time.time()), data
         if stop or time.monotonic() >= end:
-            break
+            return
+
+
+def _write_json(out: str, values: list[float]) -> None:
     with open(out + ".tmp", "w") as f:
-        json.dump([rtt[n] for n in order if n in rtt], f)
+        json.dump(values, f)
     os.rename(out + ".tmp", out)
+
+
+def pcp_rtts(packets: Iterable[tuple[float, bytes]]) -> list[float]:
+    """Round trips of the PCP MAP requests among ``packets`` ((time, IPv4 packet)): first request
+    to its response, in request order; unanswered ones left out."""
+    sent: dict[bytes, float] = {}
+    order: list[bytes] = []
+    rtt: dict[bytes, float] = {}
+    for t, data in packets:
+        pkt = _pcp_of(data)
+        if pkt is None:
+            continue
+        kind, nonce = pkt
+        if kind == "req" and nonce not in sent:
+            sent[nonce] = t
+            order.append(nonce)
+        elif kind == "resp" and nonce in sent and nonce not in rtt:
+            rtt[nonce] = t - sent[nonce]
+    return [rtt[n] for n in order if n in rtt]
+
+
+def sniff(ifname: str, out: str, seconds: float) -> None:
+    """PCP MAP round trips on ``ifname`` until SIGTERM or ``seconds``, written to ``out``."""
+    _write_json(out, pcp_rtts(_stamped(ifname, seconds)))
+
+
+def _tcp_of(frame: bytes) -> tuple[int, int, bytes] | None:
+    """(source port, destination port, payload) of a TCP segment in an IPv4 frame, else None."""
+    if len(frame) < 40 or frame[0] >> 4 != 4 or frame[9] != 6:
+        return None
+    ihl = (frame[0] & 0x0F) * 4
+    total = struct.unpack_from("!H", frame, 2)[0]
+    sport, dport = struct.unpack_from("!HH", frame, ihl)
+    return sport, dport, frame[ihl + (frame[ihl + 12] >> 4) * 4:total]
+
+
+def soap_times(packets: Iterable[tuple[float, bytes]], port: int) -> list[float]:
+    """The server's time per SOAP call among ``packets`` ((time, IPv4 packet)): from a POST's first
+    segment to ``port`` until the answer's first segment back on that connection, in answer order."""
+    asked: dict[int, float] = {}  # client port -> when its POST came in
+    took: list[float] = []
+    for t, data in packets:
+        seg = _tcp_of(data)
+        if seg is None or not seg[2]:
+            continue
+        sport, dport, payload = seg
+        if dport == port and payload.startswith(b"POST ") and len(asked) < SNIFF_BATCH_MAX:
+            asked.setdefault(sport, t)
+        elif sport == port and dport in asked:
+            took.append(t - asked.pop(dport))
+    return took
+
+
+def sniff_soap(ifname: str, port: int, out: str, seconds: float) -> None:
+    """The router's time per SOAP call seen on ``ifname`` (its LAN side), written to ``out``."""
+    _write_json(out, soap_times(_stamped(ifname, seconds), port))
 
 
 # --------------------------------------------------------------------- SOAP by hand
@@ -460,6 +507,8 @@ def main(argv: list[str]) -> None:
         connect(args[0], int(args[1]), float(args[2]))
     elif name == "sniff":
         sniff(args[0], args[1], float(args[2]))
+    elif name == "sniff-soap":
+        sniff_soap(args[0], int(args[1]), args[2], float(args[3]))
     elif name == "soap-probe":
         soap_probe(args[0], int(args[1]), args[2], float(args[3]))
     elif name == "fwd-count":

@@ -255,6 +255,15 @@ def restart_recovery(bed: tb.Testbed, system: Igdpcp, n: int) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------- cascaded
+def _json_list(path: str) -> list[float]:
+    """A sniffer's output (empty when it wrote none)."""
+    try:
+        with open(path) as f:
+            return list(json.load(f))
+    except (OSError, ValueError):
+        return []
+
+
 def quarter_p50s(seconds: list[float]) -> list[float]:
     """p50 in ms of each quarter of a series, in order (empty for fewer than 4 values)."""
     k = len(seconds) // 4
@@ -262,38 +271,41 @@ def quarter_p50s(seconds: list[float]) -> list[float]:
 
 
 def cascaded(cfg: Config) -> dict[str, Any]:
-    """N AddPortMapping through NAT1 and real NAT2, NAT2's own round trip timed at natd's WAN interface."""
+    """N AddPortMapping through NAT1 and real NAT2, NAT2's own round trip timed at natd's WAN interface
+    and the router's time per call at its LAN side (so the LAN client's own time shows apart)."""
     n = cfg.cascaded_n
     with tb.Testbed() as bed:
         bed.start_nat2()
         system = Igdpcp(bed, mode="auto", extra_controld=["--pcp-service-wait", "0", "--pcp-epoch-poll", "0"])
         system.start()
-        sniff_out = bed.path("pcp-sniff.json")
-        sniffer = Agent(bed, "cpe", "sniff", tb.ROUTER_WAN_IF, sniff_out, 3600)
+        sniff_out, soap_out = bed.path("pcp-sniff.json"), bed.path("soap-sniff.json")
+        sniffers = [Agent(bed, "cpe", "sniff", tb.ROUTER_WAN_IF, sniff_out, 3600),
+                    Agent(bed, "cpe", "sniff-soap", tb.ROUTER_LAN_PORT_LAN, HTTP_PORT, soap_out, 3600)]
         client = Agent(bed, "lan", "client")
         try:
             r = client.ask({"op": "add", "first": FIRST_PORT, "count": n, "label": f"cascaded N={n} add"})
         finally:
             client.close()
-            sniffer.close()
+            for sniffer in sniffers:
+                sniffer.close()
             system.stop()
-        try:
-            with open(sniff_out) as f:
-                nat2: list[float] = json.load(f)
-        except (OSError, ValueError):
-            nat2 = []
+        nat2, router = _json_list(sniff_out), _json_list(soap_out)
     res: dict[str, Any] = {"n": n, "add": stats.summarize(r["lat"]), "add_errors": r["errors"],
-                           "nat2": stats.summarize(nat2) if nat2 else None, "ours": None}
+                           "nat2": stats.summarize(nat2) if nat2 else None, "ours": None, "router": None}
     if len(nat2) == n:  # one MAP per add, in order: our share of each add is its whole time minus NAT2's
         ours = stats.minus(r["lat"], nat2)
         res["ours"] = stats.summarize(ours)
         # By quarter of the run, as NAT2's own table fills: miniupnpd's work per MAP grows with it and
         # runs on the bed's CPUs during and right after its answer, when ours does.
         res["quarters_p50_ms"] = {"nat2": quarter_p50s(nat2), "ours": quarter_p50s(ours)}
+        if len(router) >= n:  # of our share, the router's part (POST in to answer out, minus NAT2); the
+            # last n answers are the adds' (the client's IGD discovery made a few SOAP calls before)
+            res["router"] = stats.summarize(stats.minus(router[len(router) - n:], nat2))
     else:
         res["note"] = f"{len(nat2)} PCP round trips seen for {n} adds: no per-add split"
     say(f"cascaded N={n}: add p50 {res['add']['p50_ms']:.2f} ms; NAT2 "
         f"{res['nat2']['p50_ms'] if res['nat2'] else '?'} ms; ours {res['ours']['p50_ms'] if res['ours'] else '?'} ms"
+        f" (router {res['router']['p50_ms'] if res['router'] else '?'} ms)"
         + "".join(f"; {k} by quarter " + " / ".join(f"{v:.2f}" for v in q)
                   for k, q in res.get("quarters_p50_ms", {}).items()))
     return res

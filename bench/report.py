@@ -216,7 +216,8 @@ def render_markdown(doc: dict[str, Any]) -> str:
         lines += ["", f"### Cascaded AddPortMapping (real miniupnpd as NAT2), N={c['n']}", "",
                   "| part | p50 | p99 | total |", "|---|---|---|---|"]
         for key, label in (("add", "whole AddPortMapping"), ("nat2", "NAT2's round trip (at natd's WAN side)"),
-                           ("ours", "our share (whole - NAT2)")):
+                           ("ours", "our share (whole - NAT2)"),
+                           ("router", "of which the router's (POST in to answer out at its LAN side - NAT2)")):
             s = c.get(key) or {}
             lines.append(f"| {label} | {_f(s.get('p50_ms'))} ms | {_f(s.get('p99_ms'))} ms "
                          f"| {_f(s.get('total_s'))} s |")

@@ -216,6 +216,25 @@ def test_pcp_sniffer_parses_map_requests_and_responses() -> None:
     assert agents._pcp_of(b"\x60" + bytes(60)) is None  # IPv6
 
 
+def _tcp_frame(sport: int, dport: int, payload: bytes) -> bytes:
+    tcp = struct.pack("!HHIIBBHHH", sport, dport, 0, 0, 5 << 4, 0x18, 65535, 0, 0)
+    return bytes([0x45, 0]) + struct.pack("!H", 20 + len(tcp) + len(payload)) + bytes(5) + bytes([6]) \
+        + bytes(10) + tcp + payload
+
+
+def test_sniffers_pair_requests_with_answers() -> None:
+    nonce_a, nonce_b = bytes(12), bytes(range(12))
+    pcp_packets = [(1.0, _pcp_frame(40000, 5351, 1, nonce_a)), (1.5, _pcp_frame(40000, 5351, 1, nonce_a)),
+                   (2.0, _pcp_frame(40000, 5351, 1, nonce_b)), (2.25, _pcp_frame(5351, 40000, 0x81, nonce_b)),
+                   (3.0, _pcp_frame(5351, 40000, 0x81, nonce_a))]  # a retransmission counts from the first
+    assert agents.pcp_rtts(pcp_packets) == [2.0, 0.25]
+    soap = [(0.5, _tcp_frame(50000, 5000, b"GET /rootDesc.xml HTTP/1.1\r\n")), (0.6, _tcp_frame(5000, 50000, b"HTTP")),
+            (1.0, _tcp_frame(50001, 5000, b"POST /ctl/IPConn HTTP/1.1\r\n")), (1.1, _tcp_frame(50001, 5000, b"<s:E")),
+            (1.2, _tcp_frame(5000, 50001, b"")),  # a bare ACK is no answer
+            (1.4, _tcp_frame(5000, 50001, b"HTTP/1.1 200 OK")), (1.5, _tcp_frame(5000, 50001, b"<s:E"))]
+    assert agents.soap_times(soap, 5000) == pytest.approx([0.4])
+
+
 def test_cascaded_quarters_show_our_share_as_nat2_fills() -> None:
     ms = [0.001 * v for v in (1, 3, 2, 5, 4, 6, 9, 8, 7)]  # a ninth value left out: 4 quarters of 2
     assert harness.quarter_p50s(ms) == pytest.approx([1.0, 2.0, 4.0, 8.0])
