@@ -15,7 +15,6 @@ if __name__ == "__main__":  # the daemon, not a test importing it: it never spea
 
 import argparse
 import asyncio
-import ctypes
 import ipaddress
 import itertools
 import logging
@@ -49,11 +48,13 @@ from shared.config import parse_args_with_config
 from shared.const import DISCARD_PORT, PROTO_NAMES
 from shared.daemon import (
     AUTHORIZED_DIR,
+    HeapTrimmer,
     bind_endpoint,
     curve_server,
     gen_keys,
     install_stop_signals,
     needs_curve,
+    release_memory,
     reread_args,
     setup_logging,
 )
@@ -108,6 +109,7 @@ class Natd:
                                          lambda: [*self.table.lan_subnets, *self.pins.lan_prefixes])
         self.handlers[wire.SameHost] = self.neigh.handle
         self.ct = CtWorker()
+        self.trimmer = HeapTrimmer()  # forwards added or removed in bulk leave holes in the heap
 
     # --- interface facts ---------------------------------------------------------
 
@@ -167,6 +169,7 @@ class Natd:
 
     def _after_write(self, ch: Change) -> None:
         self._gen = nftmon.generation()
+        self.trimmer.poke()
         flows = [conntrack.Flow(proto, wip, wport, lip, lport)
                  for (proto, wport), (lip, lport) in ch.gone_fwd for wip in ch.old_wan]
         flows += [conntrack.Flow(proto, wip, wport, lip, lport) for (lip, proto, lport), (wip, wport) in ch.gone_snat]
@@ -278,7 +281,7 @@ class Natd:
         log.warning("nft objects in %s changed under natd (%s); restored %d forwards in %.0f ms",
                     self.nft.layout.where, reason, len(self.table.by_mid), (time.monotonic() - t0) * 1000)
         self._publish(wire.Restored(self.boot_id, reason, len(self.table.by_mid)))
-        _trim_heap()
+        release_memory()
 
     # --- PCP relay -----------------------------------------------------------------
 
@@ -452,7 +455,7 @@ class Natd:
             t.replace_all(before)
             raise
         if len(msg.bindings) > 1000:
-            _trim_heap()
+            release_memory()
         log.info("sync: %d bindings, +%d -%d forwards", len(t.by_mid), ch.added, ch.removed)
         return wire.SyncReply(ch.added, ch.removed, [b.mid for b, _ in skipped])
 
@@ -578,6 +581,7 @@ class Natd:
         log.info("natd up: boot=%s wan=%s (%s) lan=%s layout=%s rpc=%s events=%s", self.boot_id, self.ifs.wan_ip,
                  self.args.wan_if, ",".join(self.ifs.lan_subnets), self.nft.layout.name, self.args.rpc,
                  self.args.events)
+        release_memory()  # start-up's garbage (the ruleset's parse, the restore) leaves ~1 MiB of holes
         stop = asyncio.Event()
         install_stop_signals(stop)
         hup = asyncio.Event()
@@ -845,14 +849,6 @@ class Natd:
 
 def _pinhole_limits(args: argparse.Namespace) -> PinholeLimits:
     return PinholeLimits(args.max_pinholes, args.max_pinholes_per_host, args.pinhole_grace)
-
-
-def _trim_heap() -> None:
-    """Give the C heap libnftables used for a big batch back to the system (RSS, not a leak)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc (musl on OpenWrt): nothing to do
-        pass
 
 
 def _counters(ifname: str) -> wire.CountersReply:
