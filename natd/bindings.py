@@ -139,6 +139,8 @@ class BindingTable:
         trial = BindingTable(self.lan_subnets, self.router_ips, self.limits, rng=self.rng, _lan_ok=self._lan_ok)
         skipped: list[tuple[Binding, str]] = []
         for b in bindings:
+            if self.by_mid.get(b.mid) == b:  # keep the one held: the message's copy is freed, and with it
+                b = self.by_mid[b.mid]  # the arenas it filled, instead of holes left all over the old ones
             if b.mid in trial.by_mid:
                 raise PolicyError("duplicate", f"mapping {b.mid} listed twice")
             try:
