@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import compileall
 import json
 import os
 import signal
@@ -17,6 +18,16 @@ LIMITS_CONTROLD = ["--max-mappings", "0", "--max-mappings-per-host", "0"]  # the
 LIMITS_NATD = ["--max-bindings", "65535", "--max-per-host", "65535"]
 # the pinholes phase (docs/pinholes.md): natd owns the inbound IPv6 drop and lets one host open N pinholes
 PINHOLES_NATD = ["--ipv6-firewall", "own", "--max-pinholes", "65535", "--max-pinholes-per-host", "65535"]
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def compile_bytecode() -> None:
+    """The daemons' bytecode, as both packages compile it at install: a caller's PYTHONDONTWRITEBYTECODE
+    would otherwise have each start compile from source (slower, and ~1.5 MiB more RSS in each daemon)."""
+    for pkg in ("controld", "natd", "shared"):
+        compileall.compile_dir(os.path.join(ROOT, pkg), quiet=1)
 
 
 def nft_count(bed: tb.Testbed, argv: list[str], kind: str) -> int:
@@ -59,7 +70,8 @@ class Igdpcp:
         return natd_pinholes(self.bed)
 
     def start(self) -> None:
-        """Start both daemons and wait for their "up" lines."""
+        """Start both daemons (their bytecode compiled first) and wait for their "up" lines."""
+        compile_bytecode()
         self.stack.start()
 
     def pids(self) -> dict[str, int]:
