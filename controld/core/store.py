@@ -35,6 +35,9 @@ _COLUMNS = [f.name for f in fields(Mapping)]
 # rows, and one object per distinct value is a third less memory with 10k rows (128 MB routers).
 _TEXT = [f.name for f in fields(Mapping) if "str" in str(f.type)]
 _STATE_AT = _COLUMNS.index("state")
+# Ports that nearly always equal the external one (UPnP maps a port to itself; nat1-only's NAT1 port
+# is it) hold the external port's int object: 64 bytes less per mapping.
+_SAME_PORT = ("int_port", "nat1_port")
 _SAVE = f"INSERT OR REPLACE INTO mappings ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS mappings (
@@ -104,11 +107,15 @@ class MappingTable:
         self._unsaved_deletes: set[int] = set()  # deleted in memory, not yet on disk (disk full)
         state_at, pf_at = _COLUMNS.index("state"), _COLUMNS.index("prefer_failure")
         text_at = [_COLUMNS.index(c) for c in _TEXT]
+        ext_at, same_at = _COLUMNS.index("ext_port"), [_COLUMNS.index(c) for c in _SAME_PORT]
         for row in self.db.execute(f"SELECT {', '.join(_COLUMNS)} FROM mappings ORDER BY id"):
             values: list[Any] = list(row)
             for i in text_at:
                 if values[i]:
                     values[i] = sys.intern(values[i])
+            for i in same_at:
+                if values[i] == values[ext_at]:
+                    values[i] = values[ext_at]
             values[state_at], values[pf_at] = State(values[state_at]), bool(values[pf_at])
             self._index(Mapping(*values))
         row = self.db.execute("SELECT MAX(id) FROM mappings").fetchone()
@@ -158,9 +165,12 @@ class MappingTable:
         if changes:
             if before is None:  # deleted while its writer waited: it stays deleted
                 return dataclasses.replace(row, **changes)
+            if changes.get("nat1_port") == before.ext_port:
+                changes["nat1_port"] = before.ext_port
             m = dataclasses.replace(before, **changes)
         else:
             shared: dict[str, Any] = {f: sys.intern(getattr(row, f)) for f in _TEXT if getattr(row, f)}
+            shared.update((f, row.ext_port) for f in _SAME_PORT if getattr(row, f) == row.ext_port)
             m = dataclasses.replace(row, **shared)
         if durable:
             values = [getattr(m, c) for c in _COLUMNS]
