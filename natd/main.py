@@ -414,6 +414,7 @@ class Natd:
             adopted = t.remove(owner.mid)  # controld claims a forward natd adopted at start
         try:
             port = t.allocate(msg.proto, msg.want_port, msg.exact, mid=msg.mid)
+            port = msg.lan_port if port == msg.lan_port else port  # one int object for both: 32 B a forward
             b = wire.Binding(msg.mid, msg.proto, msg.lan_ip, msg.lan_port, port)
             t.add(b)
         except PolicyError:
