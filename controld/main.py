@@ -44,7 +44,7 @@ from controld.web.handler import WebApp, WebConfig
 from shared import config, wire
 from shared.config import parse_args_with_config
 from shared.const import PCP_SERVER_PORT
-from shared.daemon import HeapTrimmer, install_stop_signals, release_memory, reread_args, setup_logging
+from shared.daemon import install_stop_signals, release_memory, reread_args, setup_logging
 from shared.netif import if_addrs, read_addrs
 
 log = logging.getLogger("controld")
@@ -298,8 +298,6 @@ async def run(args: argparse.Namespace, reparse: Callable[[], argparse.Namespace
     gena = GenaServer(device, actions.evented)
     table.subscribe(actions.changed)  # SystemUpdateID first, then one coalesced GENA round
     table.subscribe(gena.changed)
-    trimmer = HeapTrimmer()
-    table.subscribe(lambda _ev: trimmer.poke())  # bulk adds and deletes leave holes in the heap
     pinholes.on_change = gena.changed  # FirewallEnabled, InboundPinholeAllowed
     http = UpnpHttpServer(device, actions, lambda: lan.subnets, gena, web=(WEB_PREFIX, web.handle))
     lan.port = await http.start(lan.ip, args.http_port)
@@ -316,7 +314,7 @@ async def run(args: argparse.Namespace, reparse: Callable[[], argparse.Namespace
              args.igd_version, location, args.state_dir)
     gc.collect()
     gc.freeze()  # what start-up made lives on: later collections need not walk it (10k rows)
-    release_memory()  # start-up's garbage (parsing, the table's load) leaves ~1 MiB of holes
+    release_memory()  # start-up's garbage (parsing, loading) leaves holes in the heap
 
     stop = asyncio.Event()
     install_stop_signals(stop)

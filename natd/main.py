@@ -48,7 +48,6 @@ from shared.config import parse_args_with_config
 from shared.const import DISCARD_PORT, PROTO_NAMES
 from shared.daemon import (
     AUTHORIZED_DIR,
-    HeapTrimmer,
     bind_endpoint,
     curve_server,
     gen_keys,
@@ -109,7 +108,6 @@ class Natd:
                                          lambda: [*self.table.lan_subnets, *self.pins.lan_prefixes])
         self.handlers[wire.SameHost] = self.neigh.handle
         self.ct = CtWorker()
-        self.trimmer = HeapTrimmer()  # forwards added or removed in bulk leave holes in the heap
 
     # --- interface facts ---------------------------------------------------------
 
@@ -169,7 +167,6 @@ class Natd:
 
     def _after_write(self, ch: Change) -> None:
         self._gen = nftmon.generation()
-        self.trimmer.poke()
         flows = [conntrack.Flow(proto, wip, wport, lip, lport)
                  for (proto, wport), (lip, lport) in ch.gone_fwd for wip in ch.old_wan]
         flows += [conntrack.Flow(proto, wip, wport, lip, lport) for (lip, proto, lport), (wip, wport) in ch.gone_snat]
@@ -582,7 +579,7 @@ class Natd:
         log.info("natd up: boot=%s wan=%s (%s) lan=%s layout=%s rpc=%s events=%s", self.boot_id, self.ifs.wan_ip,
                  self.args.wan_if, ",".join(self.ifs.lan_subnets), self.nft.layout.name, self.args.rpc,
                  self.args.events)
-        release_memory()  # start-up's garbage (the ruleset's parse, the restore) leaves ~1 MiB of holes
+        release_memory()  # start-up's garbage (parsing, loading) leaves holes in the heap
         stop = asyncio.Event()
         install_stop_signals(stop)
         hup = asyncio.Event()

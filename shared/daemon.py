@@ -52,15 +52,15 @@ def install_stop_signals(stop: asyncio.Event) -> None:
         loop.add_signal_handler(sig, stop.set)
 
 
-TRIM_DELAY_S = 2.0  # freed heap pages go back to the kernel this long after work (one trim: ~0.5 ms at 10k)
 _trim: list[Callable[[int], int] | None] = []  # glibc's malloc_trim, once looked up ([None]: there is none)
 
 
 def release_memory() -> None:
     """Give the heap's free pages back to the kernel (glibc ``malloc_trim``).
 
-    Python frees into holes of the C heap that glibc keeps resident: ~1 MiB a daemon after
-    start-up, more after bulk work. Nothing to do without glibc (musl gives pages back itself).
+    Python frees into holes of the C heap that glibc keeps resident: after start-up (0.2-0.3 MiB
+    a daemon; ~1 MiB when modules were compiled from source), a sync or a restore of thousands of
+    forwards. Nothing to do without glibc (musl gives pages back itself).
     """
     if not _trim:
         try:
@@ -71,29 +71,6 @@ def release_memory() -> None:
             _trim.append(None)
     if _trim[0] is not None:
         _trim[0](0)
-
-
-class HeapTrimmer:
-    """:func:`release_memory` a moment after work, at most once per ``delay``; never while idle."""
-
-    def __init__(self, delay: float = TRIM_DELAY_S) -> None:
-        self.delay = delay
-        self._armed = False
-
-    def poke(self) -> None:
-        """Work happened (rows or forwards changed): trim ``delay`` seconds from now, unless one is due."""
-        if self._armed:
-            return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:  # no loop (a unit test driving the code directly): nothing to schedule
-            return
-        self._armed = True
-        loop.call_later(self.delay, self._fire)
-
-    def _fire(self) -> None:
-        self._armed = False
-        release_memory()
 
 
 def ipc_path(endpoint: str) -> str | None:
