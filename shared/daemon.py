@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import os
 import signal
@@ -52,7 +53,16 @@ def install_stop_signals(stop: asyncio.Event) -> None:
         loop.add_signal_handler(sig, stop.set)
 
 
-_trim: list[Callable[[int], int] | None] = []  # glibc's malloc_trim, once looked up ([None]: there is none)
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or None (musl has none)."""
+    try:
+        import ctypes  # already loaded by pyzmq in both daemons
+
+        trim: Callable[[int], int] = ctypes.CDLL(None).malloc_trim
+    except (ImportError, OSError, AttributeError):
+        return None
+    return trim
 
 
 def release_memory() -> None:
@@ -62,15 +72,9 @@ def release_memory() -> None:
     a daemon; ~1 MiB when modules were compiled from source), a sync or a restore of thousands of
     forwards. Nothing to do without glibc (musl gives pages back itself).
     """
-    if not _trim:
-        try:
-            import ctypes  # already loaded by pyzmq in both daemons
-
-            _trim.append(ctypes.CDLL(None).malloc_trim)
-        except (ImportError, OSError, AttributeError):
-            _trim.append(None)
-    if _trim[0] is not None:
-        _trim[0](0)
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def ipc_path(endpoint: str) -> str | None:
