@@ -20,6 +20,7 @@ from shared.wire import Binding
 ALLOC_RANGE = (1024, 65535)
 RESERVED_UDP = PCP_PORTS
 LAN_CACHE_MAX = 70_000  # addresses whose LAN check is remembered (bounded)
+_NONE: dict = {}  # an absent inner index (read, never written)
 
 
 class PolicyError(ValueError):
@@ -44,11 +45,13 @@ class BindingTable:
     router_ips: set[str] = field(default_factory=set)
     limits: Limits = field(default_factory=Limits)
     by_mid: dict[int, Binding] = field(default_factory=dict)
-    by_port: dict[tuple[int, int], int] = field(default_factory=dict)
+    # The indexes are nested dicts keyed by the binding's own port ints, not a key tuple per forward,
+    # and hold a single mid as itself: ~170 bytes less per forward than tuples (10k: 1.7 MiB).
+    by_port: dict[int, dict[int, int]] = field(default_factory=dict)  # proto -> WAN port -> mid
     per_host: dict[str, int] = field(default_factory=dict)
-    # LAN endpoint (ip, proto, port) -> mids: who owns the endpoint's SNAT, in O(1). A tuple, not a
-    # set: nearly always one mid, and 48 bytes against a set's 216, once per forward.
-    by_endpoint: dict[tuple[str, int, int], tuple[int, ...]] = field(default_factory=dict)
+    # (LAN ip, proto) -> LAN port -> mid, or mids when several forwards share the endpoint (IWF-48):
+    # who owns the endpoint's SNAT, in O(1)
+    by_endpoint: dict[tuple[str, int], dict[int, int | tuple[int, ...]]] = field(default_factory=dict)
     rng: random.Random = field(default_factory=random.SystemRandom)
     _lan_ok: dict[str, tuple] = field(default_factory=dict, repr=False)
 
@@ -73,11 +76,11 @@ class BindingTable:
             raise PolicyError("not-lan", f"{ip} is a network or broadcast address")
 
     def free(self, proto: int, port: int) -> bool:
-        return (proto, port) not in self.by_port and not (proto == UDP and port in RESERVED_UDP)
+        return port not in self.by_port.get(proto, _NONE) and not (proto == UDP and port in RESERVED_UDP)
 
     def allocate(self, proto: int, want: int, exact: bool, mid: int | None = None) -> int:
         """The wanted port if free (or already mapping ``mid``'s), else (unless ``exact``) a random free one."""
-        if want and (self.free(proto, want) or (mid is not None and self.by_port.get((proto, want)) == mid)):
+        if want and (self.free(proto, want) or (mid is not None and self.by_port.get(proto, _NONE).get(want) == mid)):
             return want
         if exact:
             raise PolicyError("port-in-use", f"{PROTO_NAMES.get(proto, str(proto)).lower()}/{want} is taken")
@@ -99,29 +102,34 @@ class BindingTable:
             raise PolicyError("quota", "total binding limit reached")
         if self.per_host.get(b.lan_ip, 0) - (old is not None and old.lan_ip == b.lan_ip) >= self.limits.max_per_host:
             raise PolicyError("quota", f"binding limit for {b.lan_ip} reached")
-        owner = self.by_port.get((b.proto, b.wan_port))
+        owner = self.by_port.get(b.proto, _NONE).get(b.wan_port)
         if owner is not None and owner != b.mid:
             raise PolicyError("port-in-use", f"WAN port {b.wan_port} belongs to mapping {owner}")
         self.remove(b.mid)
         self.by_mid[b.mid] = b
-        self.by_port[(b.proto, b.wan_port)] = b.mid
+        self.by_port.setdefault(b.proto, {})[b.wan_port] = b.mid
         self.per_host[b.lan_ip] = self.per_host.get(b.lan_ip, 0) + 1
-        ep = endpoint(b)
-        self.by_endpoint[ep] = (*self.by_endpoint.get(ep, ()), b.mid)  # b.mid is not in it: removed above
+        ports = self.by_endpoint.setdefault((b.lan_ip, b.proto), {})
+        held = ports.get(b.lan_port)  # b.mid is not in it: removed above
+        ports[b.lan_port] = b.mid if held is None else (*_mids(held), b.mid)
 
     def remove(self, mid: int) -> Binding | None:
         b = self.by_mid.pop(mid, None)
         if b is not None:
-            del self.by_port[(b.proto, b.wan_port)]
+            del self.by_port[b.proto][b.wan_port]
             self.per_host[b.lan_ip] -= 1
             if not self.per_host[b.lan_ip]:
                 del self.per_host[b.lan_ip]
-            ep = endpoint(b)
-            mids = tuple(m for m in self.by_endpoint[ep] if m != b.mid)
-            if mids:
-                self.by_endpoint[ep] = mids
+            ports = self.by_endpoint[(b.lan_ip, b.proto)]
+            mids = tuple(m for m in _mids(ports[b.lan_port]) if m != b.mid)
+            if len(mids) > 1:
+                ports[b.lan_port] = mids
+            elif mids:
+                ports[b.lan_port] = mids[0]
             else:
-                del self.by_endpoint[ep]
+                del ports[b.lan_port]
+                if not ports:
+                    del self.by_endpoint[(b.lan_ip, b.proto)]
         return b
 
     def replace_all(self, bindings: list[Binding]) -> list[tuple[Binding, str]]:
@@ -131,6 +139,8 @@ class BindingTable:
         trial = BindingTable(self.lan_subnets, self.router_ips, self.limits, rng=self.rng, _lan_ok=self._lan_ok)
         skipped: list[tuple[Binding, str]] = []
         for b in bindings:
+            if self.by_mid.get(b.mid) == b:  # keep the one held: the message's copy is freed, and with it
+                b = self.by_mid[b.mid]  # the arenas it filled, instead of holes left all over the old ones
             if b.mid in trial.by_mid:
                 raise PolicyError("duplicate", f"mapping {b.mid} listed twice")
             try:
@@ -147,12 +157,17 @@ class BindingTable:
     def snat_owner(self, ep: tuple[str, int, int]) -> Binding | None:
         """The binding whose WAN port the LAN endpoint's outbound traffic uses (lowest mid,
         as natd.nft.expected decides for a whole set)."""
-        mids = self.by_endpoint.get(ep)
-        return self.by_mid[min(mids)] if mids else None
+        held = self.by_endpoint.get((ep[0], ep[1]), _NONE).get(ep[2])
+        return None if held is None else self.by_mid[min(_mids(held))]
 
     def by_wan_port(self, proto: int, port: int) -> Binding | None:
-        mid = self.by_port.get((proto, port))
+        mid = self.by_port.get(proto, _NONE).get(port)
         return None if mid is None else self.by_mid[mid]
+
+
+def _mids(held: int | tuple[int, ...]) -> tuple[int, ...]:
+    """A by_endpoint entry as a tuple of mids."""
+    return held if isinstance(held, tuple) else (held,)
 
 
 def endpoint(b: Binding) -> tuple[str, int, int]:

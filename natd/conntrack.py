@@ -22,7 +22,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from natd import netlink
-from natd.nft import CT_MARK
+
+# The conntrack mark bit natd's DNAT/SNAT rules OR into the flows they translate, so that
+# this module asks the kernel for those flows only (other users' mark bits are kept).
+CT_MARK = 0x00100000
 
 
 @dataclass(frozen=True)

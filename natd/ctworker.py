@@ -12,13 +12,18 @@ first use and again after it died; a batch it could not finish is reported, not 
     worker -> natd: {"removed": N}  or  {"error": "why"}
 """
 
+# ruff: noqa: E402  (the imports follow the ssl block below on purpose)
 from __future__ import annotations
+
+import sys
+
+if __name__ == "__main__":  # the worker process: as natd itself, it never speaks TLS (asyncio would load ssl)
+    sys.modules.setdefault("ssl", None)  # type: ignore[arg-type]
 
 import asyncio
 import json
 import logging
 import os
-import sys
 
 from natd import conntrack
 

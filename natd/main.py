@@ -15,7 +15,6 @@ if __name__ == "__main__":  # the daemon, not a test importing it: it never spea
 
 import argparse
 import asyncio
-import ctypes
 import ipaddress
 import itertools
 import logging
@@ -54,6 +53,7 @@ from shared.daemon import (
     gen_keys,
     install_stop_signals,
     needs_curve,
+    release_memory,
     reread_args,
     setup_logging,
 )
@@ -296,7 +296,7 @@ class Natd:
         log.warning("nft objects in %s changed under natd (%s); restored %d forwards in %.0f ms",
                     self.nft.layout.where, reason, len(self.table.by_mid), (time.monotonic() - t0) * 1000)
         self._publish(wire.Restored(self.boot_id, reason, len(self.table.by_mid)))
-        _trim_heap()
+        release_memory()
 
     # --- PCP relay -----------------------------------------------------------------
 
@@ -429,6 +429,7 @@ class Natd:
             adopted = t.remove(owner.mid)  # controld claims a forward natd adopted at start
         try:
             port = t.allocate(msg.proto, msg.want_port, msg.exact, mid=msg.mid)
+            port = msg.lan_port if port == msg.lan_port else port  # one int object for both: 32 B a forward
             b = wire.Binding(msg.mid, msg.proto, msg.lan_ip, msg.lan_port, port)
             t.add(b)
         except PolicyError:
@@ -470,7 +471,7 @@ class Natd:
             t.replace_all(before)
             raise
         if len(msg.bindings) > 1000:
-            _trim_heap()
+            release_memory()
         log.info("sync: %d bindings, +%d -%d forwards", len(t.by_mid), ch.added, ch.removed)
         return wire.SyncReply(ch.added, ch.removed, [b.mid for b, _ in skipped])
 
@@ -596,6 +597,7 @@ class Natd:
         log.info("natd up: boot=%s wan=%s (%s) lan=%s layout=%s rpc=%s events=%s", self.boot_id, self.ifs.wan_ip,
                  self.args.wan_if, ",".join(self.ifs.lan_subnets), self.nft.layout.name, self.args.rpc,
                  self.args.events)
+        release_memory()  # start-up's garbage (parsing, loading) leaves holes in the heap
         stop = asyncio.Event()
         install_stop_signals(stop)
         hup = asyncio.Event()
@@ -863,14 +865,6 @@ class Natd:
 
 def _pinhole_limits(args: argparse.Namespace) -> PinholeLimits:
     return PinholeLimits(args.max_pinholes, args.max_pinholes_per_host, args.pinhole_grace)
-
-
-def _trim_heap() -> None:
-    """Give the C heap libnftables used for a big batch back to the system (RSS, not a leak)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc (musl on OpenWrt): nothing to do
-        pass
 
 
 def _counters(ifname: str) -> wire.CountersReply:

@@ -43,6 +43,7 @@ from typing import TypeVar
 import nftables
 
 from natd import netlink
+from natd.conntrack import CT_MARK
 from shared.config import default
 from shared.const import PCP_CLIENT_PORT, PCP_SERVER_PORT
 from shared.wire import Binding
@@ -53,9 +54,6 @@ PROTO_NAMES = {6: "tcp", 17: "udp"}
 PROTO_NUMBERS = {v: k for k, v in PROTO_NAMES.items()}
 LAYOUTS = ("standalone", "fw4")
 TAG = "igdpcp"  # rule comment prefix: how natd recognises its own rules
-# The conntrack mark bit natd's DNAT/SNAT rules OR into the flows they translate, so that
-# natd.conntrack asks the kernel for those flows only (other users' mark bits are kept).
-CT_MARK = 0x00100000
 
 FwdKey = tuple[int, int]  # proto, wan port
 FwdVal = tuple[str, int]  # lan ip, lan port

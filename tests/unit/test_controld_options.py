@@ -45,6 +45,8 @@ def test_configured_uuid_fixes_every_udn_and_usn(tmp_path: Path) -> None:
         assert _udns(d1) == _udns(d2) and _udns(d1)[0] == f"uuid:{U}" and len(set(_udns(d1))) == 3 * len(d1.devices)
         assert [t.usn for t in ssdp.search_targets(d1)] == [t.usn for t in ssdp.search_targets(d2)]
         assert all(uuid.UUID(x.removeprefix("uuid:")) for x in _udns(d1))
+        # the embedded devices' UDNs are uuid5 of the root, as routers in use already announce them
+        assert f"uuid:{uuid.uuid5(uuid.UUID(U), 'WANConnectionDevice')}" in _udns(d1)
         # another UUID: other embedded devices too
         other = controld_main._device(_args("--uuid", str(uuid.uuid4())), a)
         assert not set(_udns(other)) & set(_udns(d1))
