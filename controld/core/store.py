@@ -38,6 +38,8 @@ _STATE_AT = _COLUMNS.index("state")
 # Ports that nearly always equal the external one (UPnP maps a port to itself; nat1-only's NAT1 port
 # is it) hold the external port's int object: 64 bytes less per mapping.
 _SAME_PORT = ("int_port", "nat1_port")
+_FIELD_SET = frozenset(_COLUMNS)
+_new, _set = object.__new__, object.__setattr__
 _SAVE = f"INSERT OR REPLACE INTO mappings ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS mappings (
@@ -75,6 +77,18 @@ class PendingDelete:
 def _ids(held: int | tuple[int, ...]) -> tuple[int, ...]:
     """An internal-tuple index entry as a tuple of ids."""
     return held if isinstance(held, tuple) else (held,)
+
+
+def _evolve(row: Mapping, changes: dict[str, Any]) -> Mapping:
+    """``dataclasses.replace(row, **changes)`` on the store's hot path, 2.5x faster: a row is
+    plain values (no __post_init__), so copying the slots is the same row without the keyword
+    binding of __init__; an unknown field is a TypeError as there."""
+    if not _FIELD_SET.issuperset(changes):
+        raise TypeError(f"Mapping has no field {sorted(set(changes) - _FIELD_SET)}")
+    new = _new(Mapping)
+    for name in _COLUMNS:
+        _set(new, name, changes[name] if name in changes else getattr(row, name))
+    return new
 
 
 class MappingTable:
@@ -167,11 +181,11 @@ class MappingTable:
                 return dataclasses.replace(row, **changes)
             if changes.get("nat1_port") == before.ext_port:
                 changes["nat1_port"] = before.ext_port
-            m = dataclasses.replace(before, **changes)
+            m = _evolve(before, changes)
         else:
             shared: dict[str, Any] = {f: sys.intern(getattr(row, f)) for f in _TEXT if getattr(row, f)}
             shared.update((f, row.ext_port) for f in _SAME_PORT if getattr(row, f) == row.ext_port)
-            m = dataclasses.replace(row, **shared)
+            m = _evolve(row, shared)
         if durable:
             values = [getattr(m, c) for c in _COLUMNS]
             values[_STATE_AT] = m.state.value

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -80,3 +81,19 @@ def test_the_core_s_operations_are_heard_with_reasons(tmp_path: Path) -> None:
         assert len(gone) == 1 and gone[0].before is not None and gone[0].before.id == m.id and gone[0].reason
         assert [e.shown for e in heard if e.kind != ChangeKind.ADDRESSES].count(True) == 1
     run(tmp_path, body)
+
+
+def test_a_write_changes_exactly_the_fields_named(tmp_path: Path) -> None:
+    """The store's own copy (store._evolve, not dataclasses.replace) keeps every other field."""
+    t = MappingTable(str(tmp_path))
+    row = t.apply(_row(2))
+    for f in dataclasses.fields(Mapping):
+        value = getattr(row, f.name)
+        new = {bool: lambda v: not v, int: lambda v: v + 1, float: lambda v: v + 1.5,
+               str: lambda v: v + "x", bytes: lambda v: v + b"x"}.get(type(value), lambda v: v)(value)
+        if f.name == "id" or new == value:
+            continue
+        assert t.apply(row, durable=False, **{f.name: new}) == dataclasses.replace(row, **{f.name: new})
+        row = t.by_id[2]
+    with pytest.raises(TypeError):
+        t.apply(row, no_such_field=1)
