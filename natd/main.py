@@ -100,7 +100,7 @@ class Natd:
         self._waits: set[asyncio.Task[None]] = set()  # PCP exchanges waiting for their answer
         self.ifs = wan.IfState(None, None, (), ())
         self._gen: int | None = None  # ruleset generation last known to match our state
-        self._gen_due = False  # natd wrote; the generation is read on the loop's next turn
+        self._gen_due = False  # natd wrote; the monitor has not yet shown the commit's generation
         self._dirty = asyncio.Event()
         self._ct_pending: list[conntrack.Flow] = []
         self._ct_wake = asyncio.Event()
@@ -167,7 +167,9 @@ class Natd:
         return ch
 
     def _after_write(self, ch: Change) -> None:
-        self._generation_later()
+        # The generation of this write comes with the commit's own NEWGEN on the monitor
+        # (_own_generation), not by a netlink round trip on the request's path.
+        self._gen_due = True
         flows = [conntrack.Flow(proto, wip, wport, lip, lport)
                  for (proto, wport), (lip, lport) in ch.gone_fwd for wip in ch.old_wan]
         flows += [conntrack.Flow(proto, wip, wport, lip, lport) for (lip, proto, lport), (wip, wport) in ch.gone_snat]
@@ -230,22 +232,13 @@ class Natd:
             self._gen = None
             self._kick()
 
-    def _generation_later(self) -> None:
-        """Note the ruleset's generation after natd's own write, once the request it served has
-        its reply (a netlink round trip; a burst of writes reads it once)."""
-        if self._gen_due:
-            return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:  # no loop (tests driving the table directly): now
-            self._note_generation()
-            return
-        self._gen_due = True
-        loop.call_soon(self._note_generation)
+    def _own_generation(self, gen: int) -> None:
+        """The nft monitor saw natd's own commit: the generation that matches our state."""
+        self._gen, self._gen_due = gen, False
 
-    def _note_generation(self) -> None:
-        self._gen_due = False
-        self._gen = nftmon.generation()
+    def _known_generation(self) -> None:
+        """Read the generation now, after a write natd waited for (a netlink round trip)."""
+        self._gen, self._gen_due = nftmon.generation(), False
 
     def _check_generation(self) -> None:
         """Verify only if the ruleset changed since natd's last write or check."""
@@ -266,7 +259,7 @@ class Natd:
                 self._heal()
             except FwNotReady as exc:
                 log.warning("fw4 layout: %s; forwards wait for fw4", exc)
-                self._gen = nftmon.generation()  # retried when the ruleset changes again
+                self._known_generation()  # retried when the ruleset changes again
             except NftError as exc:
                 log.error("restoring nft objects failed: %s; retrying in %.0f s", exc, HEAL_RETRY_S)
                 await asyncio.sleep(HEAL_RETRY_S)
@@ -282,7 +275,7 @@ class Natd:
         want = self.nft.expected(self.table.by_mid.values(), self.ifs.wan_ip, self.ifs.lan_subnets)
         if intact and have == want:
             self.nft.state = have
-            self._gen = gen
+            self._gen, self._gen_due = gen, False
             return
         reason = "rules or chains missing" if not intact else "map elements changed"
         t0 = time.monotonic()
@@ -590,7 +583,8 @@ class Natd:
         except FwNotReady as exc:
             log.warning("fw4 layout: %s; forwards are applied once fw4 is loaded", exc)
         self._setup_pinholes()
-        monitor = nftmon.NftMonitor(self.nft.layout.family, self.nft.layout.table, self._kick, self._check_generation)
+        monitor = nftmon.NftMonitor(self.nft.layout.family, self.nft.layout.table, self._kick, self._check_generation,
+                                    self._own_generation)
         monitor.start()
         await self.relay.open(self.ifs.wan_ip)
         self.rpc = ZPump(self.router, self._serve)  # requests that came during the set-up are served now
@@ -696,7 +690,7 @@ class Natd:
 
     def _pin_write(self, delta: dict[PinKey, int | None]) -> None:
         self._pin().apply_delta(delta)
-        self._gen = nftmon.generation()
+        self._known_generation()
         self._forget_later([k for k, t in delta.items() if t is None])
 
     def _forget_later(self, closed: list[PinKey]) -> None:
@@ -775,7 +769,7 @@ class Natd:
         for p, why in skipped:
             log.warning("pinhole sync: left out pid=%d [%s]:%d: %s", p.pid, p.lan_ip, p.lan_port, why)
         added, removed = pin.apply(trial.wanted(now), refresh=True)
-        self._gen = nftmon.generation()
+        self._known_generation()
         self._forget_later([k for k in self.pins.by_key if k not in trial.by_key])
         self.pins = trial
         log.info("pinhole sync: %d pinholes, +%d -%d", len(trial.by_pid), added, removed)

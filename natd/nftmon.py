@@ -25,6 +25,7 @@ NETLINK_NETFILTER = 12
 NFNLGRP_NFTABLES = 7
 NFNL_SUBSYS_NFTABLES = 10
 NFT_MSG_NEWGEN = 15
+NFTA_GEN_ID = 1
 NFTA_GEN_PROC_PID = 2
 NLMSG_HDR = struct.Struct("=IHHII")
 NLA_HDR = struct.Struct("=HH")
@@ -45,6 +46,7 @@ class MonitorParser:
     table: bytes
     own_pid: int = field(default_factory=os.getpid)
     _touched: bool = False
+    own_generation: int | None = None  # the generation natd's own last commit made (its NEWGEN)
 
     def reset(self) -> None:
         """Forget a half-seen batch (after lost events)."""
@@ -72,6 +74,9 @@ class MonitorParser:
                 foreign = pid is None or struct.unpack(">I", pid[:4])[0] != self.own_pid
                 if self._touched and foreign:
                     alarm = True
+                gen = attrs.get(NFTA_GEN_ID)
+                if not foreign and gen is not None and len(gen) >= 4:
+                    self.own_generation = struct.unpack(">I", gen[:4])[0]
                 self._touched = False
                 continue
             # Attribute 1 is the table name in table, chain, rule, set and element messages;
@@ -96,7 +101,6 @@ def _attrs(buf: bytes) -> dict[int, bytes]:
 
 
 NFT_MSG_GETGEN = 16
-NFTA_GEN_ID = 1
 
 
 class Generation:
@@ -158,10 +162,12 @@ class NftMonitor:
     """
 
     def __init__(self, family: str, table: str, on_change: Callable[[], None],
-                 on_overflow: Callable[[], None] | None = None) -> None:
+                 on_overflow: Callable[[], None] | None = None,
+                 on_own_generation: Callable[[int], None] | None = None) -> None:
         self.parser = MonitorParser(FAMILIES[family], table.encode())
         self.on_change = on_change
         self.on_overflow = on_overflow or on_change
+        self.on_own_generation = on_own_generation  # natd's own commits, as the kernel numbered them
         self.sock: socket.socket | None = None
 
     def start(self) -> None:
@@ -191,6 +197,10 @@ class NftMonitor:
                 self.parser.reset()
                 continue
             alarm = self.parser.feed(data) or alarm
+        own = self.parser.own_generation
+        if own is not None and self.on_own_generation is not None:
+            self.parser.own_generation = None
+            self.on_own_generation(own)
         if alarm:
             self.on_change()
         elif overflow:

@@ -161,6 +161,17 @@ def test_monitor_parser_flags_foreign_changes_to_our_table_only() -> None:
     assert p.feed(b"\x01\x00") is False and p.feed(b"\xff" * 20) is True  # garbage: verify to be safe
 
 
+def test_monitor_parser_tells_the_generation_of_natds_own_commits_only() -> None:
+    """natd learns the generation its write made from the commit's NEWGEN (no netlink round trip)."""
+    p = nftmon.MonitorParser(family=2, table=b"igdpcp", own_pid=100)
+    gen = lambda n, pid: _nlmsg(15, 0, {1: struct.pack(">I", n), 2: struct.pack(">I", pid)})  # noqa: E731
+    elem = _nlmsg(12, 2, {1: b"igdpcp\0"})
+    p.feed(elem + gen(7, 100))
+    assert p.own_generation == 7
+    p.own_generation = None
+    assert p.feed(elem + gen(8, 200)) is True and p.own_generation is None  # someone else's: alarm, no generation
+
+
 def test_bind_unbind_deltas_keep_the_kernel_picture_equal_to_the_full_computation(monkeypatch) -> None:
     """Bind/Unbind write O(1) keys; after any sequence the result equals what a full sync
     of the same table would produce (natd.nft.expected, the one place it is decided)."""
