@@ -241,8 +241,18 @@ class Natd:
         self._gen, self._gen_due = nftmon.generation(), False
 
     def _check_generation(self) -> None:
-        """Verify only if the ruleset changed since natd's last write or check."""
-        if self._gen_due or nftmon.generation() != self._gen:  # (due: not known yet, so verify)
+        """The periodic safety net: verify only if the ruleset changed since natd's last write or check.
+        A write whose NEWGEN the monitor has not read yet (writes are coming) takes the generation
+        now: the monitor, which lost nothing, reports a foreign batch itself."""
+        if self._gen_due:
+            self._known_generation()
+        elif nftmon.generation() != self._gen:
+            self._kick()
+
+    def _events_lost(self) -> None:
+        """The monitor lost events (ENOBUFS, often natd's own big commit): verify unless the
+        generation is still the one natd's own last write made."""
+        if self._gen_due or nftmon.generation() != self._gen:  # (due: that write's is not known)
             self._kick()
 
     def _kick(self) -> None:
@@ -583,7 +593,7 @@ class Natd:
         except FwNotReady as exc:
             log.warning("fw4 layout: %s; forwards are applied once fw4 is loaded", exc)
         self._setup_pinholes()
-        monitor = nftmon.NftMonitor(self.nft.layout.family, self.nft.layout.table, self._kick, self._check_generation,
+        monitor = nftmon.NftMonitor(self.nft.layout.family, self.nft.layout.table, self._kick, self._events_lost,
                                     self._own_generation)
         monitor.start()
         await self.relay.open(self.ifs.wan_ip)
