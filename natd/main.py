@@ -147,6 +147,7 @@ class Natd:
         ch = self.nft.apply(self.table.by_mid.values(), self.ifs.wan_ip, self.ifs.lan_subnets)
         if ch.added or ch.removed:
             log.debug("nft: +%d -%d forwards (%d live)", ch.added, ch.removed, len(self.table.by_mid))
+        self._known_generation()  # a bulk write: its many events may overflow the monitor
         self._after_write(ch)
         return ch
 
@@ -163,13 +164,11 @@ class Natd:
             owner = t.snat_owner(endpoint(b))
             snat[endpoint(b)] = (wan_ip, owner.wan_port) if owner and wan_ip else None
         ch = self.nft.apply_delta(fwd, snat)
+        self._generation_due()
         self._after_write(ch)
         return ch
 
     def _after_write(self, ch: Change) -> None:
-        # The generation of this write comes with the commit's own NEWGEN on the monitor
-        # (_own_generation), not by a netlink round trip on the request's path.
-        self._gen_due = True
         flows = [conntrack.Flow(proto, wip, wport, lip, lport)
                  for (proto, wport), (lip, lport) in ch.gone_fwd for wip in ch.old_wan]
         flows += [conntrack.Flow(proto, wip, wport, lip, lport) for (lip, proto, lport), (wip, wport) in ch.gone_snat]
@@ -231,6 +230,12 @@ class Natd:
                 log.warning("SIGHUP: reading interfaces failed: %s", exc)
             self._gen = None
             self._kick()
+
+    def _generation_due(self) -> None:
+        """A write on a request's path (a Bind, an Unbind, a pinhole): its generation comes with
+        the commit's own NEWGEN on the monitor (_own_generation), not by a netlink round trip
+        before the reply."""
+        self._gen_due = True
 
     def _own_generation(self, gen: int) -> None:
         """The nft monitor saw natd's own commit: the generation that matches our state."""
@@ -700,7 +705,7 @@ class Natd:
 
     def _pin_write(self, delta: dict[PinKey, int | None]) -> None:
         self._pin().apply_delta(delta)
-        self._known_generation()
+        self._generation_due()
         self._forget_later([k for k, t in delta.items() if t is None])
 
     def _forget_later(self, closed: list[PinKey]) -> None:
