@@ -60,8 +60,6 @@ class Deadlines:
             callback, d.callback = d.callback, None
             if callback is not None:
                 callback()
-        while queue and queue[0].callback is None:
-            queue.popleft()
         if queue and self._timer is None:  # (a callback that set a new timeout armed it already)
             self._timer = asyncio.get_running_loop().call_at(queue[0].when, self._due)
 
