@@ -362,7 +362,7 @@ class Iwf(UpstreamIO):
             return None  # already on its way out
         # On disk only when something upstream may outlive a crash: a nat1-only row that crashed
         # while DELETING comes back ACTIVE, and the start-up sync puts its binding back.
-        m = self.table.apply(cur, durable=m.mode != "nat1-only", state=next_state(cur.state, Ev.DELETE))
+        m = self.table.apply(cur, durable=cur.mode != "nat1-only", state=next_state(cur.state, Ev.DELETE))
         error = await self._delete_upstream(m)
         self._retry_delete_later(m, error)
         next_state(m.state, Ev.DELETED)  # (checks the transition; the row goes now)

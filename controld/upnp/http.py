@@ -574,10 +574,13 @@ class _Conn:
             if not data or self.reads >= LINGER_READS:
                 self._close()
 
-    def _stop_reading(self) -> None:
+    def _stop_timer(self) -> None:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+
+    def _stop_reading(self) -> None:
+        self._stop_timer()
         self.loop.remove_reader(self.fd)
 
     def _read_timeout(self) -> None:
@@ -597,9 +600,7 @@ class _Conn:
         """Send the answer (Connection: close), then linger for the peer's EOF."""
         if self.phase != _BUSY:
             return
-        if self.timer is not None:  # the action's deadline
-            self.timer.cancel()
-            self.timer = None
+        self._stop_timer()  # the action's deadline
         self.answered = True
         self.srv.fair.answered(self.peer)
         data = _answer_bytes(status, headers, body)
@@ -630,9 +631,7 @@ class _Conn:
         self.out = self.out[sent:]
         if not self.out:
             self.loop.remove_writer(self.fd)
-            if self.timer is not None:
-                self.timer.cancel()
-                self.timer = None
+            self._stop_timer()
             self._linger()
 
     def _linger(self) -> None:
@@ -649,9 +648,7 @@ class _Conn:
     def _close(self) -> None:
         if self.phase == _DONE:
             return
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self._stop_timer()
         self.loop.remove_reader(self.fd)
         if self.phase == _SENDING:
             self.loop.remove_writer(self.fd)
