@@ -11,6 +11,7 @@ import ipaddress
 import random
 from dataclasses import dataclass, field
 
+from shared import idindex
 from shared.config import default
 from shared.const import PCP_PORTS, PROTO_NAMES, UDP
 from shared.wire import Binding
@@ -51,7 +52,7 @@ class BindingTable:
     per_host: dict[str, int] = field(default_factory=dict)
     # (LAN ip, proto) -> LAN port -> mid, or mids when several forwards share the endpoint (IWF-48):
     # who owns the endpoint's SNAT, in O(1)
-    by_endpoint: dict[tuple[str, int], dict[int, int | tuple[int, ...]]] = field(default_factory=dict)
+    by_endpoint: dict[tuple[str, int], dict[int, idindex.Held]] = field(default_factory=dict)
     rng: random.Random = field(default_factory=random.SystemRandom)
     _lan_ok: dict[str, tuple] = field(default_factory=dict, repr=False)
 
@@ -109,9 +110,7 @@ class BindingTable:
         self.by_mid[b.mid] = b
         self.by_port.setdefault(b.proto, {})[b.wan_port] = b.mid
         self.per_host[b.lan_ip] = self.per_host.get(b.lan_ip, 0) + 1
-        ports = self.by_endpoint.setdefault((b.lan_ip, b.proto), {})
-        held = ports.get(b.lan_port)  # b.mid is not in it: removed above
-        ports[b.lan_port] = b.mid if held is None else (*_mids(held), b.mid)
+        idindex.add(self.by_endpoint, (b.lan_ip, b.proto), b.lan_port, b.mid)  # (b.mid left it: removed above)
 
     def remove(self, mid: int) -> Binding | None:
         b = self.by_mid.pop(mid, None)
@@ -120,16 +119,7 @@ class BindingTable:
             self.per_host[b.lan_ip] -= 1
             if not self.per_host[b.lan_ip]:
                 del self.per_host[b.lan_ip]
-            ports = self.by_endpoint[(b.lan_ip, b.proto)]
-            mids = tuple(m for m in _mids(ports[b.lan_port]) if m != b.mid)
-            if len(mids) > 1:
-                ports[b.lan_port] = mids
-            elif mids:
-                ports[b.lan_port] = mids[0]
-            else:
-                del ports[b.lan_port]
-                if not ports:
-                    del self.by_endpoint[(b.lan_ip, b.proto)]
+            idindex.discard(self.by_endpoint, (b.lan_ip, b.proto), b.lan_port, b.mid)
         return b
 
     def replace_all(self, bindings: list[Binding]) -> list[tuple[Binding, str]]:
@@ -157,17 +147,12 @@ class BindingTable:
     def snat_owner(self, ep: tuple[str, int, int]) -> Binding | None:
         """The binding whose WAN port the LAN endpoint's outbound traffic uses (lowest mid,
         as natd.nft.expected decides for a whole set)."""
-        held = self.by_endpoint.get((ep[0], ep[1]), _NONE).get(ep[2])
-        return None if held is None else self.by_mid[min(_mids(held))]
+        mid = idindex.lowest(self.by_endpoint, (ep[0], ep[1]), ep[2])
+        return None if mid is None else self.by_mid[mid]
 
     def by_wan_port(self, proto: int, port: int) -> Binding | None:
         mid = self.by_port.get(proto, _NONE).get(port)
         return None if mid is None else self.by_mid[mid]
-
-
-def _mids(held: int | tuple[int, ...]) -> tuple[int, ...]:
-    """A by_endpoint entry as a tuple of mids."""
-    return held if isinstance(held, tuple) else (held,)
 
 
 def endpoint(b: Binding) -> tuple[str, int, int]:

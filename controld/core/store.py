@@ -25,6 +25,7 @@ from typing import Any
 from controld.core.events import ChangeEvent, ChangeKind
 from controld.core.lifecycle import LISTED, State
 from controld.core.model import CoreError, ErrorKind, Mapping
+from shared import idindex
 
 log = logging.getLogger("controld.core.store")
 Subscriber = Callable[[ChangeEvent], object]
@@ -74,11 +75,6 @@ class PendingDelete:
     due: float
 
 
-def _ids(held: int | tuple[int, ...]) -> tuple[int, ...]:
-    """An internal-tuple index entry as a tuple of ids."""
-    return held if isinstance(held, tuple) else (held,)
-
-
 def _evolve(row: Mapping, changes: dict[str, Any]) -> Mapping:
     """``dataclasses.replace(row, **changes)`` on the store's hot path, 2.5x faster: a row is
     plain values (no __post_init__), so copying the slots is the same row without the keyword
@@ -115,7 +111,7 @@ class MappingTable:
         self._owned: dict[str, int] = {}  # listed mappings per owner (quota checks in O(1))
         # (proto, internal client) -> internal port -> listed id (PCP, NAT-PMP key on it); a tuple of
         # ids when UPnP points several external ports at one (rare: nearly always a single id)
-        self._internal: dict[tuple[int, str], dict[int, int | tuple[int, ...]]] = {}
+        self._internal: dict[tuple[int, str], dict[int, idindex.Held]] = {}
         self._subscribers: list[Subscriber] = []
         self.seq = 0  # the last ChangeEvent's sequence number
         self._unsaved_deletes: set[int] = set()  # deleted in memory, not yet on disk (disk full)
@@ -160,9 +156,7 @@ class MappingTable:
             self._unown(prev)
         if m.state in LISTED:
             self._owned[m.cp] = self._owned.get(m.cp, 0) + 1
-            ports_in = self._internal.setdefault((m.proto, m.int_client), {})
-            ids = ports_in.get(m.int_port)
-            ports_in[m.int_port] = m.id if ids is None else (*_ids(ids), m.id)
+            idindex.add(self._internal, (m.proto, m.int_client), m.int_port, m.id)
 
     def _unport(self, row: Mapping) -> None:
         """Take ``row`` (as last indexed) out of the external port index, if it holds its port."""
@@ -229,17 +223,7 @@ class MappingTable:
         """Take ``row`` (as it was last indexed) out of the owner and internal-tuple indexes."""
         if row.state not in LISTED:
             return  # only listed rows are in them
-        outer = (row.proto, row.int_client)
-        ports_in = self._internal.get(outer, {})
-        rest = tuple(i for i in _ids(ports_in.get(row.int_port, ())) if i != row.id)
-        if len(rest) > 1:
-            ports_in[row.int_port] = rest
-        elif rest:
-            ports_in[row.int_port] = rest[0]
-        else:
-            ports_in.pop(row.int_port, None)
-            if not ports_in:
-                self._internal.pop(outer, None)
+        idindex.discard(self._internal, (row.proto, row.int_client), row.int_port, row.id)
         left = self._owned.get(row.cp, 0) - 1
         if left > 0:
             self._owned[row.cp] = left
@@ -279,8 +263,8 @@ class MappingTable:
 
     def find_internal(self, proto: int, int_client: str, int_port: int) -> Mapping | None:
         """The listed mapping of an internal tuple, O(1) (PCP and NAT-PMP key mappings on it)."""
-        ids = self._internal.get((proto, int_client), {}).get(int_port)
-        return None if ids is None else self.by_id[min(_ids(ids))]  # the oldest, when UPnP made several
+        mid = idindex.lowest(self._internal, (proto, int_client), int_port)
+        return None if mid is None else self.by_id[mid]  # the oldest, when UPnP made several
 
     def listed(self) -> list[Mapping]:
         return [self.by_id[i] for i in self._listed]
