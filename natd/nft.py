@@ -204,6 +204,13 @@ def _map_diff(w: Mapping[_K, tuple[str, int]], h: Mapping[_K, tuple[str, int]]) 
     return [k for k in h if w.get(k) != h[k]], [k for k in w if h.get(k) != w[k]]
 
 
+def _triples(gone: list[_K], new: list[_K], have: Mapping[_K, tuple[str, int]],
+             want: Mapping[_K, tuple[str, int]]) -> list[_Change[_K]]:
+    """A whole-map diff (:func:`_map_diff`) as the per-key changes the delta path writes."""
+    keys: list[_K] = gone + [k for k in new if k not in have]  # a changed key is in both lists
+    return [(k, have.get(k), want.get(k)) for k in keys]
+
+
 def _fwd_elem(k: FwdKey) -> str:
     return f"{PROTO_NAMES[k[0]]} . {k[1]}"
 
@@ -616,11 +623,8 @@ class Nft:
             self.run(script)
             self.state = have = sets
         p = self.layout.prefix
-        changes = [
-            (f"{p}fwd4", [*((_fwd_key(k), None) for k in fwd_gone),
-                          *((_fwd_key(k), _addr_port(want.fwd[k])) for k in fwd_new)]),
-            (f"{p}snat4", [*((_snat_key(k), None) for k in snat_gone),
-                           *((_snat_key(k), _addr_port(want.snat[k])) for k in snat_new)])]
+        changes = [(f"{p}fwd4", _delta_ops(_triples(fwd_gone, fwd_new, have.fwd, want.fwd), _fwd_key)),
+                   (f"{p}snat4", _delta_ops(_triples(snat_gone, snat_new, have.snat, want.snat), _snat_key))]
         try:
             netlink.nft_batch(changes, netlink.FAMILIES[self.layout.family], self.layout.table)
         except OSError as exc:  # refused or not possible here: the same change as nft text

@@ -454,3 +454,18 @@ def test_the_table_keeps_one_address_string_per_host_and_one_int_for_equal_ports
     kept = t.by_mid[7]
     t.replace_all([*t.by_mid.values(), wire.Binding(99, 17, "".join(["192.168.1.", "10"]), 5000, 5000)])
     assert t.by_mid[7] is kept and t.by_mid[99].lan_ip is kept.lan_ip
+
+
+def test_a_bulk_write_sends_each_changed_element_once_as_the_delta_path_does() -> None:
+    """The restore path's diff (removed, changed, added) becomes the delta path's per-key
+    changes: a changed element is one delete and one add, an unchanged one nothing."""
+    from natd.nft import _delta_ops, _map_diff, _triples
+
+    have = {(6, 1): ("192.168.1.2", 1), (6, 2): ("192.168.1.2", 2), (6, 3): ("192.168.1.2", 3)}
+    want = {(6, 2): ("192.168.1.2", 2), (6, 3): ("192.168.1.9", 3), (17, 4): ("192.168.1.2", 4)}
+    triples = _triples(*_map_diff(want, have), have, want)
+    assert sorted(triples) == [((6, 1), ("192.168.1.2", 1), None), ((6, 3), ("192.168.1.2", 3), ("192.168.1.9", 3)),
+                               ((17, 4), None, ("192.168.1.2", 4))]
+    ops = _delta_ops(triples, _fwd_key)
+    assert sorted((k, v is None) for k, v in ops) == sorted(
+        [(_fwd_key((6, 1)), True), (_fwd_key((6, 3)), True), (_fwd_key((6, 3)), False), (_fwd_key((17, 4)), False)])
