@@ -467,5 +467,5 @@ def test_a_bulk_write_sends_each_changed_element_once_as_the_delta_path_does() -
     assert sorted(triples) == [((6, 1), ("192.168.1.2", 1), None), ((6, 3), ("192.168.1.2", 3), ("192.168.1.9", 3)),
                                ((17, 4), None, ("192.168.1.2", 4))]
     ops = _delta_ops(triples, _fwd_key)
-    assert sorted((k, v is None) for k, v in ops) == sorted(
+    assert sorted((op[0], op[1] is None) for op in ops) == sorted(
         [(_fwd_key((6, 1)), True), (_fwd_key((6, 3)), True), (_fwd_key((6, 3)), False), (_fwd_key((17, 4)), False)])
