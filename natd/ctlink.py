@@ -20,6 +20,9 @@ CT_IDLE_S = 30.0  # a burst of deletes reuses one worker; an idle router holds n
 BATCH_TIMEOUT_S = 30.0  # one batch: dump + deletes, bounded (the worker's socket timeouts are shorter)
 EXIT_TIMEOUT_S = 2.0  # a worker exits at EOF at once; one that does not within this is killed
 MAX_LINE = 1 << 16  # an answer line is tiny
+# No bytecode writes (the packages ship it compiled), no cwd on the path, no site-packages scan: the
+# worker needs only the stdlib and the directory natd lives in (PYTHONPATH).
+WORKER_ARGV = ("-B", "-P", "-S", "-m", "natd.ctworker")
 
 
 class CtWorker:
@@ -37,8 +40,8 @@ class CtWorker:
             return self.proc
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where the natd package lives
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
-        self.proc = await asyncio.create_subprocess_exec(  # -S: no site-packages scan, the worker needs only root
-            sys.executable, "-S", "-m", "natd.ctworker", stdin=asyncio.subprocess.PIPE,
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, *WORKER_ARGV, stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE, env=env, limit=MAX_LINE)
         return self.proc
 

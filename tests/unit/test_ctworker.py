@@ -29,13 +29,13 @@ def _gone(pid: int) -> bool:
 
 def test_worker_module_imports_no_asyncio_nor_other_heavy_modules() -> None:
     code = f"import natd.ctworker, sys; print(sorted(m for m in {HEAVY!r} if m in sys.modules))"
-    out = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, timeout=30,
-                         check=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT))
+    out = subprocess.run([sys.executable, *ctlink.WORKER_ARGV[:-2], "-c", code], capture_output=True, text=True,
+                         timeout=30, check=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT))
     assert out.stdout.strip() == "[]"
 
 
 def test_worker_process_answers_bad_lines_with_errors_goes_on_and_exits_0_at_eof() -> None:
-    p = subprocess.Popen([sys.executable, "-S", "-m", "natd.ctworker"], stdin=subprocess.PIPE,
+    p = subprocess.Popen([sys.executable, *ctlink.WORKER_ARGV], stdin=subprocess.PIPE,
                          stdout=subprocess.PIPE, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT))
     assert p.stdin is not None and p.stdout is not None
 
