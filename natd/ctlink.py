@@ -9,6 +9,7 @@ retried (the entries time out in the kernel on their own).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -122,13 +123,14 @@ class CtWorker:
 async def _reap(proc: asyncio.subprocess.Process, kill: bool) -> None:
     """End ``proc`` (EOF on its stdin, or SIGKILL; SIGKILL too if EOF did not end it in EXIT_TIMEOUT_S),
     and wait for it, so that no zombie is left."""
-    if proc.returncode is None:
-        if kill:
+    with contextlib.suppress(ProcessLookupError):  # it may have exited meanwhile
+        if proc.returncode is None:
+            if kill:
+                proc.kill()
+            elif proc.stdin is not None:
+                proc.stdin.close()
+        try:
+            await asyncio.wait_for(proc.wait(), EXIT_TIMEOUT_S)
+        except TimeoutError:
             proc.kill()
-        elif proc.stdin is not None:
-            proc.stdin.close()
-    try:
-        await asyncio.wait_for(proc.wait(), EXIT_TIMEOUT_S)
-    except TimeoutError:
-        proc.kill()
-        await asyncio.wait_for(proc.wait(), EXIT_TIMEOUT_S)
+            await asyncio.wait_for(proc.wait(), EXIT_TIMEOUT_S)

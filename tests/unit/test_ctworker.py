@@ -116,3 +116,20 @@ def test_idle_worker_is_ended_and_reaped_and_the_next_batch_starts_another() -> 
         assert w.proc is None and second.returncode == 0 and _gone(second.pid) and w._idle is None
 
     asyncio.run(run())
+
+
+@pytest.mark.timeout(30)
+def test_a_broken_worker_is_killed_and_reaped() -> None:
+    async def run() -> None:
+        w = ctlink.CtWorker()
+        assert await w._ask({"flows": []}) == 0
+        proc = w.proc
+        assert proc is not None
+        w.close()  # what a timed-out or garbled exchange does
+        assert w.proc is None and w._ending
+        await asyncio.wait(w._ending)
+        assert proc.returncode == -9 and _gone(proc.pid)
+        await w.stop()  # the idle timer the batch armed goes too
+        assert w._idle is None
+
+    asyncio.run(run())
