@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import random
+import sys
 from dataclasses import dataclass, field
 
 from shared import idindex
@@ -131,6 +132,8 @@ class BindingTable:
         for b in bindings:
             if self.by_mid.get(b.mid) == b:  # keep the one held: the message's copy is freed, and with it
                 b = self.by_mid[b.mid]  # the arenas it filled, instead of holes left all over the old ones
+            else:
+                b = compact(b.mid, b.proto, b.lan_ip, b.lan_port, b.wan_port)
             if b.mid in trial.by_mid:
                 raise PolicyError("duplicate", f"mapping {b.mid} listed twice")
             try:
@@ -153,6 +156,12 @@ class BindingTable:
     def by_wan_port(self, proto: int, port: int) -> Binding | None:
         mid = self.by_port.get(proto, _NONE).get(port)
         return None if mid is None else self.by_mid[mid]
+
+
+def compact(mid: int, proto: int, lan_ip: str, lan_port: int, wan_port: int) -> Binding:
+    """A binding as the table keeps it: the LAN address interned (one host's string serves all its
+    forwards) and one int object for both ports when they are equal: ~90 bytes less a forward."""
+    return Binding(mid, proto, sys.intern(lan_ip), lan_port, lan_port if wan_port == lan_port else wan_port)
 
 
 def endpoint(b: Binding) -> tuple[str, int, int]:

@@ -28,7 +28,7 @@ from typing import Any
 import zmq
 
 from natd import conntrack, neigh, nftmon, stun, wan
-from natd.bindings import BindingTable, Limits, PolicyError, endpoint
+from natd.bindings import BindingTable, Limits, PolicyError, compact, endpoint
 from natd.ctlink import CtWorker
 from natd.nft import (
     LAYOUTS,
@@ -437,8 +437,7 @@ class Natd:
             adopted = t.remove(owner.mid)  # controld claims a forward natd adopted at start
         try:
             port = t.allocate(msg.proto, msg.want_port, msg.exact, mid=msg.mid)
-            port = msg.lan_port if port == msg.lan_port else port  # one int object for both: 32 B a forward
-            b = wire.Binding(msg.mid, msg.proto, msg.lan_ip, msg.lan_port, port)
+            b = compact(msg.mid, msg.proto, msg.lan_ip, msg.lan_port, port)
             t.add(b)
         except PolicyError:
             if adopted is not None:

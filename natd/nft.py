@@ -36,9 +36,10 @@ import json
 import logging
 import socket
 import struct
-from collections.abc import Callable, Iterable
+import sys
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import nftables
 
@@ -62,7 +63,82 @@ SnatVal = tuple[str, int]  # wan ip, wan port
 _K = TypeVar("_K", FwdKey, SnatKey)
 
 
-def _merge(have: dict[_K, tuple[str, int]], changes: dict[_K, tuple[str, int] | None]) -> None:
+_MISSING: Any = object()
+
+
+class PairMap(MutableMapping[_K, tuple[str, int]]):
+    """A map of tuple keys held as ``{key[:-1]: {key[-1]: value}}`` (a two-part key's first part
+    alone): no key tuple is kept per element, 56-64 bytes each, 1.2 MiB for fwd4 and snat4 with
+    10k forwards on a 128 MB router. It takes and gives whole keys, as the dict it replaces."""
+
+    __slots__ = ("_d", "_n")
+
+    def __init__(self, items: Iterable[tuple[_K, tuple[str, int]]] = ()) -> None:
+        self._d: dict[Any, dict[int, tuple[str, int]]] = {}
+        self._n = 0
+        for k, v in items:
+            self[k] = v
+
+    @staticmethod
+    def _head(key: tuple) -> Any:
+        return key[0] if len(key) == 2 else key[:-1]
+
+    def __getitem__(self, key: _K) -> tuple[str, int]:
+        return self._d[self._head(key)][key[-1]]
+
+    def get(self, key: _K, default: Any = None) -> Any:
+        inner = self._d.get(self._head(key))
+        return default if inner is None else inner.get(key[-1], default)
+
+    def __contains__(self, key: object) -> bool:
+        if not isinstance(key, tuple) or len(key) < 2:
+            return False
+        inner = self._d.get(self._head(key))
+        return inner is not None and key[-1] in inner
+
+    def __setitem__(self, key: _K, value: tuple[str, int]) -> None:
+        head = self._head(key)
+        inner = self._d.get(head)
+        if inner is None:
+            inner = self._d[head] = {}
+        n = len(inner)
+        inner[key[-1]] = value
+        self._n += len(inner) - n
+
+    def __delitem__(self, key: _K) -> None:
+        head = self._head(key)
+        inner = self._d[head]
+        del inner[key[-1]]
+        self._n -= 1
+        if not inner:
+            del self._d[head]
+
+    def pop(self, key: _K, default: Any = _MISSING) -> Any:
+        """As dict.pop (the delta path's removal, without the mixin's two lookups)."""
+        inner = self._d.get(self._head(key))
+        if inner is None or key[-1] not in inner:
+            if default is _MISSING:
+                raise KeyError(key)
+            return default
+        value = inner[key[-1]]
+        del self[key]
+        return value
+
+    def __iter__(self) -> Iterator[_K]:
+        for head in self._d:
+            first: tuple = head if isinstance(head, tuple) else (head,)
+            for tail in self._d[head]:
+                key: Any = (*first, tail)
+                yield key
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __repr__(self) -> str:
+        return f"PairMap({dict(self.items())!r})"
+
+
+def _merge(have: MutableMapping[_K, tuple[str, int]], changes: Mapping[_K, tuple[str, int] | None]) -> None:
     """Apply a delta to the cached map: None removes the element."""
     for k, v in changes.items():
         if v is None:
@@ -88,22 +164,26 @@ def _addr_port(v: tuple[str, int]) -> bytes:
     return socket.inet_aton(v[0]) + _PORT.pack(v[1])
 
 
+def _ip(packed: bytes) -> str:
+    # interned: one LAN host's address is in thousands of elements, one string serves them all
+    return sys.intern(socket.inet_ntoa(packed))
+
+
 def _fwd_item(key: bytes, data: bytes) -> tuple[FwdKey, FwdVal]:
     """A fwd4 element from its netlink values (the inverse of _fwd_key / _addr_port)."""
-    return (key[0], _PORT.unpack_from(key, 4)[0]), (socket.inet_ntoa(data[:4]), _PORT.unpack_from(data, 4)[0])
+    return (key[0], _PORT.unpack_from(key, 4)[0]), (_ip(data[:4]), _PORT.unpack_from(data, 4)[0])
 
 
 def _snat_item(key: bytes, data: bytes) -> tuple[SnatKey, SnatVal]:
     """A snat4 element from its netlink values (the inverse of _snat_key / _addr_port)."""
-    return ((socket.inet_ntoa(key[:4]), key[4], _PORT.unpack_from(key, 8)[0]),
-            (socket.inet_ntoa(data[:4]), _PORT.unpack_from(data, 4)[0]))
+    return ((_ip(key[:4]), key[4], _PORT.unpack_from(key, 8)[0]), (_ip(data[:4]), _PORT.unpack_from(data, 4)[0]))
 
 
 # One element that changes: key, the element there now (None: absent), the one wanted (None: remove).
 _Change = tuple[_K, tuple[str, int] | None, tuple[str, int] | None]
 
 
-def _changes(delta: dict[_K, tuple[str, int] | None], current: dict[_K, tuple[str, int]]) -> list[_Change[_K]]:
+def _changes(delta: dict[_K, tuple[str, int] | None], current: Mapping[_K, tuple[str, int]]) -> list[_Change[_K]]:
     """The keys of ``delta`` whose element really changes, with what is there now and what is wanted."""
     return [(k, current.get(k), v) for k, v in delta.items() if current.get(k) != v]
 
@@ -119,9 +199,16 @@ def _delta_ops(changes: list[_Change[_K]], key: Callable[[_K], bytes]) -> list[n
     return ops
 
 
-def _map_diff(w: dict[_K, tuple[str, int]], h: dict[_K, tuple[str, int]]) -> tuple[list[_K], list[_K]]:
+def _map_diff(w: Mapping[_K, tuple[str, int]], h: Mapping[_K, tuple[str, int]]) -> tuple[list[_K], list[_K]]:
     """The keys whose element in ``h`` must go, and those whose element in ``w`` must be added."""
     return [k for k in h if w.get(k) != h[k]], [k for k in w if h.get(k) != w[k]]
+
+
+def _triples(gone: list[_K], new: list[_K], have: Mapping[_K, tuple[str, int]],
+             want: Mapping[_K, tuple[str, int]]) -> list[_Change[_K]]:
+    """A whole-map diff (:func:`_map_diff`) as the per-key changes the delta path writes."""
+    keys: list[_K] = gone + [k for k in new if k not in have]  # a changed key is in both lists
+    return [(k, have.get(k), want.get(k)) for k in keys]
 
 
 def _fwd_elem(k: FwdKey) -> str:
@@ -228,8 +315,8 @@ class Layout:
 class KernelState:
     """What natd believes its maps and sets hold; re-read from the kernel when in doubt."""
 
-    fwd: dict[FwdKey, FwdVal] = field(default_factory=dict)
-    snat: dict[SnatKey, SnatVal] = field(default_factory=dict)
+    fwd: MutableMapping[FwdKey, FwdVal] = field(default_factory=PairMap)
+    snat: MutableMapping[SnatKey, SnatVal] = field(default_factory=PairMap)
     wan: set[str] = field(default_factory=set)
     lan: set[str] = field(default_factory=set)
     wanif: set[str] = field(default_factory=set)
@@ -413,9 +500,9 @@ class Nft:
                     key, val = elem
                     k, v = key["concat"], val["concat"]
                     if name == "fwd4":
-                        st.fwd[(_proto(k[0]), int(k[1]))] = (v[0], int(v[1]))
+                        st.fwd[(_proto(k[0]), int(k[1]))] = (sys.intern(v[0]), int(v[1]))
                     else:
-                        st.snat[(k[0], _proto(k[1]), int(k[2]))] = (v[0], int(v[1]))
+                        st.snat[(sys.intern(k[0]), _proto(k[1]), int(k[2]))] = (sys.intern(v[0]), int(v[1]))
         return st
 
     def apply(self, bindings: Iterable[Binding], wan_ip: str | None, lan: Iterable[str] = ()) -> Change:
@@ -504,7 +591,7 @@ class Nft:
                 lines.append(f"add element {lay.where} {p}{name} {{ {fmt(k)} : {new[0]} . {new[1]} }}")
         return lines
 
-    def _diff_lines(self, lines: list[str], name: str, w: dict[_K, tuple[str, int]], h: dict[_K, tuple[str, int]],
+    def _diff_lines(self, lines: list[str], name: str, w: Mapping[_K, tuple[str, int]], h: Mapping[_K, tuple[str, int]],
                     fmt: Callable[[_K], str]) -> list[_K]:
         """Append the nft lines that turn map `h` into `w`; return the keys whose element went away."""
         lay, p = self.layout, self.layout.prefix
@@ -536,11 +623,8 @@ class Nft:
             self.run(script)
             self.state = have = sets
         p = self.layout.prefix
-        changes = [
-            (f"{p}fwd4", [*((_fwd_key(k), None) for k in fwd_gone),
-                          *((_fwd_key(k), _addr_port(want.fwd[k])) for k in fwd_new)]),
-            (f"{p}snat4", [*((_snat_key(k), None) for k in snat_gone),
-                           *((_snat_key(k), _addr_port(want.snat[k])) for k in snat_new)])]
+        changes = [(f"{p}fwd4", _delta_ops(_triples(fwd_gone, fwd_new, have.fwd, want.fwd), _fwd_key)),
+                   (f"{p}snat4", _delta_ops(_triples(snat_gone, snat_new, have.snat, want.snat), _snat_key))]
         try:
             netlink.nft_batch(changes, netlink.FAMILIES[self.layout.family], self.layout.table)
         except OSError as exc:  # refused or not possible here: the same change as nft text
@@ -612,8 +696,8 @@ class Nft:
 
 def expected(bindings: Iterable[Binding], wan_ip: str | None, lan: Iterable[str] = ()) -> KernelState:
     """The kernel state that ``bindings`` on ``wan_ip`` call for (the one place this is decided)."""
-    fwd: dict[FwdKey, FwdVal] = {}
-    snat: dict[SnatKey, SnatVal] = {}
+    fwd: PairMap[FwdKey] = PairMap()
+    snat: PairMap[SnatKey] = PairMap()
     # One SNAT per LAN tuple: the oldest mapping (lowest mid) owns the source port.
     for b in sorted(bindings, key=lambda b: b.mid):
         fwd[(b.proto, b.wan_port)] = (b.lan_ip, b.lan_port)

@@ -39,6 +39,7 @@ _STATE_AT = _COLUMNS.index("state")
 # Ports that nearly always equal the external one (UPnP maps a port to itself; nat1-only's NAT1 port
 # is it) hold the external port's int object: 64 bytes less per mapping.
 _SAME_PORT = ("int_port", "nat1_port")
+_PORTS = ("ext_port", *_SAME_PORT)
 _FIELD_SET = frozenset(_COLUMNS)
 _new, _set = object.__new__, object.__setattr__
 _SAVE = f"INSERT OR REPLACE INTO mappings ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
@@ -173,8 +174,9 @@ class MappingTable:
         if changes:
             if before is None:  # deleted while its writer waited: it stays deleted
                 return dataclasses.replace(row, **changes)
-            if changes.get("nat1_port") == before.ext_port:
-                changes["nat1_port"] = before.ext_port
+            for f in _PORTS:  # a port that equals the external one holds its int (a NAT1 port, a grant)
+                if f in changes and changes[f] == before.ext_port:
+                    changes[f] = before.ext_port
             m = _evolve(before, changes)
         else:
             shared: dict[str, Any] = {f: sys.intern(getattr(row, f)) for f in _TEXT if getattr(row, f)}

@@ -412,3 +412,60 @@ def test_a_write_in_flight_does_not_make_the_periodic_check_verify(monkeypatch) 
     d._gen, d._gen_due = 42, True
     d._events_lost()
     assert d._dirty.is_set()
+
+
+def test_pair_map_behaves_as_the_dict_it_replaces() -> None:
+    """natd.nft.PairMap (the kernel picture's fwd4 and snat4, no key tuple kept per element)
+    against a plain dict under random writes, removals and reads, for both key widths."""
+    from natd.nft import PairMap
+
+    rng = random.Random(7)
+    for make_key in (lambda: (rng.choice((6, 17)), rng.randrange(5)),
+                     lambda: (f"192.168.1.{rng.randrange(3)}", rng.choice((6, 17)), rng.randrange(5))):
+        ref: dict = {}
+        pm: PairMap = PairMap()
+        for _ in range(2000):
+            k, v, op = make_key(), ("100.64.0.2", rng.randrange(3)), rng.random()
+            if op < 0.5:
+                pm[k] = ref[k] = v
+            elif op < 0.7:
+                assert pm.pop(k, None) == ref.pop(k, None)
+            elif op < 0.8 and k in ref:
+                del pm[k], ref[k]
+            assert (k in pm, pm.get(k), len(pm)) == (k in ref, ref.get(k), len(ref))
+        assert pm == ref and sorted(pm) == sorted(ref) and dict(pm.items()) == ref
+        with pytest.raises(KeyError):
+            pm.pop(("nope", 6, 1))
+        assert ("nope",) not in pm and 5 not in pm
+
+
+def test_the_table_keeps_one_address_string_per_host_and_one_int_for_equal_ports() -> None:
+    """A decoded Bind carries its own copy of the LAN address and ports; the table keeps one
+    string per host and one int where the ports are equal (~90 bytes a forward, 10k on a router)."""
+    from natd.bindings import compact
+
+    t = BindingTable(lan_subnets=[__import__("ipaddress").IPv4Network("192.168.1.0/24")])
+    for mid in range(1, 50):
+        msg, _ = wire.decode(wire.encode(wire.Bind(mid, 6, "192.168.1.10", 20000 + mid, 20000 + mid, False)))
+        assert isinstance(msg, wire.Bind)
+        t.add(compact(msg.mid, msg.proto, msg.lan_ip, msg.lan_port, int(str(msg.want_port))))
+    assert len({id(b.lan_ip) for b in t.by_mid.values()}) == 1
+    assert all(b.wan_port is b.lan_port for b in t.by_mid.values())
+    kept = t.by_mid[7]
+    t.replace_all([*t.by_mid.values(), wire.Binding(99, 17, "".join(["192.168.1.", "10"]), 5000, 5000)])
+    assert t.by_mid[7] is kept and t.by_mid[99].lan_ip is kept.lan_ip
+
+
+def test_a_bulk_write_sends_each_changed_element_once_as_the_delta_path_does() -> None:
+    """The restore path's diff (removed, changed, added) becomes the delta path's per-key
+    changes: a changed element is one delete and one add, an unchanged one nothing."""
+    from natd.nft import _delta_ops, _map_diff, _triples
+
+    have = {(6, 1): ("192.168.1.2", 1), (6, 2): ("192.168.1.2", 2), (6, 3): ("192.168.1.2", 3)}
+    want = {(6, 2): ("192.168.1.2", 2), (6, 3): ("192.168.1.9", 3), (17, 4): ("192.168.1.2", 4)}
+    triples = _triples(*_map_diff(want, have), have, want)
+    assert sorted(triples) == [((6, 1), ("192.168.1.2", 1), None), ((6, 3), ("192.168.1.2", 3), ("192.168.1.9", 3)),
+                               ((17, 4), None, ("192.168.1.2", 4))]
+    ops = _delta_ops(triples, _fwd_key)
+    assert sorted((k, v is None) for k, v in ops) == sorted(
+        [(_fwd_key((6, 1)), True), (_fwd_key((6, 3)), True), (_fwd_key((6, 3)), False), (_fwd_key((17, 4)), False)])
