@@ -17,7 +17,7 @@ import sys
 from natd import conntrack
 from natd.ctworker import MAX_ITEMS
 
-CT_IDLE_S = 30.0  # a burst of deletes reuses one worker; an idle router holds none (its ~13 MB back)
+CT_IDLE_S = 30.0  # a burst of deletes reuses one worker; an idle router holds none (~12 MiB RSS back)
 BATCH_TIMEOUT_S = 30.0  # one batch: dump + deletes, bounded (the worker's socket timeouts are shorter)
 EXIT_TIMEOUT_S = 2.0  # a worker exits at EOF at once; one that does not within this is killed
 MAX_LINE = 1 << 16  # an answer line is tiny
