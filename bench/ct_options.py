@@ -23,7 +23,7 @@ import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from natd import netlink  # noqa: E402
+from natd import ctnetlink  # noqa: E402
 from natd.nft import CT_MARK  # noqa: E402
 from shared import netlink as nl  # noqa: E402
 
@@ -32,40 +32,40 @@ F_IP_DST, F_PROTO_NUM, F_PROTO_DST_PORT = 1 << 1, 1 << 3, 1 << 5
 WAN = "100.64.0.2"
 
 
-def insert(s: socket.socket, entries: list[tuple[netlink.CtTuple, netlink.CtTuple, int]]) -> None:
+def insert(s: socket.socket, entries: list[tuple[ctnetlink.CtTuple, ctnetlink.CtTuple, int]]) -> None:
     for i in range(0, len(entries), 500):
-        s.send(b"".join(nl.message(netlink.IPCTNL_MSG_CT_NEW, nl.NLM_F_REQUEST | 0x400, j + 1,
-                                   struct.pack("!BBH", 2, 0, 0) + netlink.encode_tuple(1, o)
-                                   + netlink.encode_tuple(2, r) + nl.attr(CTA_TIMEOUT, struct.pack("!I", 600))
-                                   + nl.attr(netlink.CTA_MARK, struct.pack("!I", m)))
+        s.send(b"".join(nl.message(ctnetlink.IPCTNL_MSG_CT_NEW, nl.NLM_F_REQUEST | 0x400, j + 1,
+                                   struct.pack("!BBH", 2, 0, 0) + ctnetlink.encode_tuple(1, o)
+                                   + ctnetlink.encode_tuple(2, r) + nl.attr(CTA_TIMEOUT, struct.pack("!I", 600))
+                                   + nl.attr(ctnetlink.CTA_MARK, struct.pack("!I", m)))
                         for j, (o, r, m) in enumerate(entries[i:i + 500])))
 
 
-def dump(s: socket.socket, req: bytes) -> list[netlink.CtEntry]:
+def dump(s: socket.socket, req: bytes) -> list[ctnetlink.CtEntry]:
     s.send(req)
-    out: list[netlink.CtEntry] = []
+    out: list[ctnetlink.CtEntry] = []
     while True:
         for m in nl.messages(s.recv(1 << 16)):
             if m.type in (nl.NLMSG_DONE, nl.NLMSG_ERROR):
                 return out
-            e = netlink.decode_entry(m)
+            e = ctnetlink.decode_entry(m)
             if e:
                 out.append(e)
 
 
 def filter_request(wport: int) -> bytes:
-    t = netlink.CtTuple(17, "0.0.0.0", WAN, 0, wport)
+    t = ctnetlink.CtTuple(17, "0.0.0.0", WAN, 0, wport)
     orig = nl.nested(1, nl.nested(1, nl.attr(2, socket.inet_aton(t.dst))),
                      nl.nested(2, nl.attr(1, bytes([17])), nl.attr(3, struct.pack("!H", wport))))
     flags = struct.pack("=I", F_IP_DST | F_PROTO_NUM | F_PROTO_DST_PORT)
-    return nl.message(netlink.IPCTNL_MSG_CT_GET, nl.NLM_F_REQUEST | nl.NLM_F_DUMP, 1, struct.pack("!BBH", 2, 0, 0)
+    return nl.message(ctnetlink.IPCTNL_MSG_CT_GET, nl.NLM_F_REQUEST | nl.NLM_F_DUMP, 1, struct.pack("!BBH", 2, 0, 0)
                       + orig + nl.nested(CTA_FILTER, nl.attr(CTA_FILTER_ORIG_FLAGS, flags)))
 
 
 def run(unrelated: int, n: int) -> None:
-    s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, netlink.NETLINK_NETFILTER)
+    s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, ctnetlink.NETLINK_NETFILTER)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
-    T = netlink.CtTuple
+    T = ctnetlink.CtTuple
     other = [(T(17, f"10.200.{(i >> 8) & 255}.{i & 255}", "198.51.100.1", 1024 + (i >> 16), 53),
               T(17, "198.51.100.1", f"10.200.{(i >> 8) & 255}.{i & 255}", 53, 1024 + (i >> 16)), 0)
              for i in range(unrelated)]
@@ -74,11 +74,11 @@ def run(unrelated: int, n: int) -> None:
     insert(s, other + fwd)
     time.sleep(0.2)
     t = time.perf_counter()
-    full = dump(s, nl.message(netlink.IPCTNL_MSG_CT_GET, nl.NLM_F_REQUEST | nl.NLM_F_DUMP, 1,
+    full = dump(s, nl.message(ctnetlink.IPCTNL_MSG_CT_GET, nl.NLM_F_REQUEST | nl.NLM_F_DUMP, 1,
                               struct.pack("!BBH", 2, 0, 0)))
     t_full = time.perf_counter() - t
     t = time.perf_counter()
-    marked = dump(s, netlink.dump_request(2, CT_MARK, CT_MARK))
+    marked = dump(s, ctnetlink.dump_request(2, CT_MARK, CT_MARK))
     t_mark = time.perf_counter() - t
     t = time.perf_counter()
     found = sum(len(dump(s, filter_request(20000 + i))) for i in range(n))

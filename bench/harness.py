@@ -27,6 +27,7 @@ from bench import procs, report, stats
 from bench._bed import HTTP_PORT, StackError, ct_count, tb
 from bench.goals import lookup as report_lookup
 from bench.systems import Igdpcp, Miniupnpd, System, pin_all
+from natd.ctlink import CT_IDLE_S
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS_DIR = os.path.join(REPO, "bench", "results")
@@ -183,6 +184,8 @@ def control_plane(bed: tb.Testbed, system: System, n: int, cfg: Config, *, pinne
                              "label": f"{label} del loaded"})
         cpu6 = procs.cpu_seconds(system.pids().values())
         ct_after = ct_count(bed)
+        if isinstance(system, Igdpcp):
+            row["memory_ctworker"] = ctworker_memory(system)
     finally:
         client.close()
         if server is not None:
@@ -205,6 +208,19 @@ def control_plane(bed: tb.Testbed, system: System, n: int, cfg: Config, *, pinne
         f"delete p50 {row['delete']['p50_ms']:.2f} ms (quiet {row['delete_quiet']['p50_ms']:.2f}) "
         f"with {ct_before} conntrack entries")
     return row
+
+
+def ctworker_memory(system: Igdpcp) -> dict[str, float] | None:
+    """natd's conntrack worker process after the deletes, while it runs (it exits CT_IDLE_S after its
+    last batch, natd/ctlink.py); None if natd has no child (then it never ran, or already went)."""
+    natd = system.pids().get("natd")
+    time.sleep(0.5)  # the last burst's batch (CT_BATCH_S after the last delete) is done
+    for _ in range(20):  # bounded: it is there at once, or the deletes never reached it
+        m = procs.children_memory(natd) if natd else None
+        if m:
+            return m
+        time.sleep(0.1)
+    return None
 
 
 # --------------------------------------------------------------------- restart recovery
@@ -473,6 +489,8 @@ def _fold_row(doc: dict[str, Any], row: dict[str, Any], first: bool, top: bool) 
         mem["idle"] = row["memory_idle"]
     if top:
         mem["loaded"] = {"n": row["n"], **row["memory"]}
+        if row.get("memory_ctworker"):
+            mem["after deletes"] = {"n": row["n"], "idle_exit_s": CT_IDLE_S, "ctworker": row["memory_ctworker"]}
     for key, n in (("dataplane_1", 1), ("dataplane_n", row["n"])):
         if key in row:
             doc["dataplane"].append({"system": system, "n": n, "conn_per_s": row.pop(key)})

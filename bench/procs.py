@@ -23,13 +23,40 @@ def memory(pid: int) -> dict[str, float] | None:
     return vals
 
 
+def _sum(mems: Iterable[dict[str, float] | None]) -> dict[str, float]:
+    known = [m for m in mems if m]
+    return {k: sum(m.get(k, 0.0) for m in known) for k in ("rss_mib", "pss_mib")}
+
+
 def memory_of(pids: dict[str, int]) -> dict[str, dict[str, float] | None]:
     """Memory of each named process plus their "total"."""
     out: dict[str, dict[str, float] | None] = {name: memory(pid) for name, pid in pids.items()}
     if len(pids) > 1:
-        known = [m for m in out.values() if m]
-        out["total"] = {k: sum(m.get(k, 0.0) for m in known) for k in ("rss_mib", "pss_mib")}
+        out["total"] = _sum(out.values())
     return out
+
+
+def children(pid: int) -> list[int]:
+    """The child processes of ``pid`` (from each process's stat: /proc/PID/task/*/children needs a
+    kernel built with CONFIG_PROC_CHILDREN)."""
+    out = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])  # field 4 of stat
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+        if ppid == pid:
+            out.append(int(name))
+    return out
+
+
+def children_memory(pid: int) -> dict[str, float] | None:
+    """RSS and PSS of the child processes of ``pid`` together, in MiB (None if it has none)."""
+    mems = [memory(c) for c in children(pid)]
+    return _sum(mems) if any(mems) else None
 
 
 def cpu_seconds(pids: Iterable[int]) -> float:

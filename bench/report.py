@@ -141,16 +141,24 @@ def _control_table(rows: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+_PROCESS_LABELS = {"ctworker": "conntrack worker"}
+
+
 def _memory_table(mem: dict[str, Any]) -> list[str]:
     out = ["| system | state | process | RSS MiB | PSS MiB |", "|---|---|---|---|---|"]
+    notes = []
     for system, states in mem.items():
         for state, procs in states.items():
-            label = f"{state} (N={procs.get('n')})" if state == "loaded" else state
+            label = f"{state} (N={procs.get('n')})" if "n" in procs else state
             for proc, m in procs.items():
                 if isinstance(m, dict):
-                    out.append(f"| {system} | {label} | {proc} | {_f(m.get('rss_mib'), '.1f')} "
-                               f"| {_f(m.get('pss_mib'), '.1f')} |")
-    return out
+                    out.append(f"| {system} | {label} | {_PROCESS_LABELS.get(proc, proc)} "
+                               f"| {_f(m.get('rss_mib'), '.1f')} | {_f(m.get('pss_mib'), '.1f')} |")
+            if "ctworker" in procs:
+                notes.append(f"{system}'s conntrack worker (natd's child process) is read after the loaded deletes, "
+                             f"while it runs: it exits after {_f(procs.get('idle_exit_s'), '.0f')} s idle "
+                             "(CT_IDLE_S), so an idle router does not hold it.")
+    return out + [line for note in notes for line in ("", note)]
 
 
 def _ratio(theirs: Any, ours: Any) -> float | None:

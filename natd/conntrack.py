@@ -3,7 +3,7 @@
 Deleting a DNAT map element does not end flows already set up through it: the
 kernel keeps translating them from the conntrack entry. natd's DNAT and SNAT rules
 mark the flows they translate (natd.nft.CT_MARK), so one kernel-filtered dump
-(natd.netlink.ct_dump) yields only the flows through forwards, never the router's
+(natd.ctnetlink.ct_dump) yields only the flows through forwards, never the router's
 other traffic; those are matched precisely on both tuples, so that a new forward
 that reuses the WAN port keeps its own flows, and deleted by original tuple:
 
@@ -21,7 +21,7 @@ import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from natd import netlink
+from natd import ctnetlink
 
 # The conntrack mark bit natd's DNAT/SNAT rules OR into the flows they translate, so that
 # this module asks the kernel for those flows only (other users' mark bits are kept).
@@ -48,7 +48,7 @@ def matches(flows: Iterable[Flow]) -> tuple[set[tuple], set[tuple]]:
     return dnat, snat
 
 
-def doomed(entries: Iterable[netlink.CtEntry], flows: Iterable[Flow]) -> list[netlink.CtEntry]:
+def doomed(entries: Iterable[ctnetlink.CtEntry], flows: Iterable[Flow]) -> list[ctnetlink.CtEntry]:
     """The entries that belong to ``flows`` (pure: what :func:`forget` deletes)."""
     dnat, snat = matches(flows)
     out = []
@@ -59,13 +59,14 @@ def doomed(entries: Iterable[netlink.CtEntry], flows: Iterable[Flow]) -> list[ne
     return out
 
 
-async def forget(flows: Iterable[Flow]) -> int:
-    """Delete every conntrack entry that belongs to ``flows``; returns how many went."""
+def forget(flows: Iterable[Flow]) -> int:
+    """Delete every conntrack entry that belongs to ``flows``; returns how many went (blocking:
+    the conntrack worker process runs it, natd/ctworker.py)."""
     flows = list(flows)
     if not flows:
         return 0
-    gone = doomed(await netlink.ct_dump(CT_MARK, CT_MARK), flows)
-    await netlink.ct_delete(gone)
+    gone = doomed(ctnetlink.ct_dump(CT_MARK, CT_MARK), flows)
+    ctnetlink.ct_delete(gone)
     return len(gone)
 
 
@@ -73,7 +74,7 @@ async def forget(flows: Iterable[Flow]) -> int:
 PinFlow = tuple[str, int, int, str | None]
 
 
-def doomed_pinholes(entries: Iterable[netlink.CtEntry], keys: Iterable[PinFlow]) -> list[netlink.CtEntry]:
+def doomed_pinholes(entries: Iterable[ctnetlink.CtEntry], keys: Iterable[PinFlow]) -> list[ctnetlink.CtEntry]:
     """The IPv6 entries admitted by the pinholes ``keys`` (pure: what :func:`forget_pinholes` deletes)."""
     want: dict[tuple[int, str, int], set[str | None]] = {}
     for lan, proto, port, remote in keys:
@@ -81,11 +82,12 @@ def doomed_pinholes(entries: Iterable[netlink.CtEntry], keys: Iterable[PinFlow])
     return [e for e in entries if {None, e.orig.src} & want.get((e.orig.proto, e.orig.dst, e.orig.dport), set())]
 
 
-async def forget_pinholes(keys: Iterable[PinFlow]) -> int:
-    """Delete every conntrack entry that closed pinholes ``keys`` admitted; returns how many went."""
+def forget_pinholes(keys: Iterable[PinFlow]) -> int:
+    """Delete every conntrack entry that closed pinholes ``keys`` admitted; returns how many went
+    (blocking, as :func:`forget`)."""
     keys = list(keys)
     if not keys:
         return 0
-    gone = doomed_pinholes(await netlink.ct_dump(CT_MARK, CT_MARK, socket.AF_INET6), keys)
-    await netlink.ct_delete(gone)
+    gone = doomed_pinholes(ctnetlink.ct_dump(CT_MARK, CT_MARK, socket.AF_INET6), keys)
+    ctnetlink.ct_delete(gone)
     return len(gone)

@@ -1,120 +1,77 @@
-"""The conntrack clean-up off natd's event loop: a small worker process natd talks to over a pipe.
+"""The conntrack worker process (``python -m natd.ctworker``): natd's conntrack clean-up off its loop.
 
 A conntrack dump is a kernel walk of the whole table inside one recv (tens of ms with
-20,000 entries); on natd's loop it would stall every request behind it.
-So natd hands each batch of deleted forwards to this process, one JSON line in, one
-JSON line out, and its loop only moves bytes through a pipe. The worker is started on
-first use and again after it died; a batch it could not finish is reported, not retried
-(the entries time out in the kernel on their own).
+20,000 entries); on natd's loop it would stall every request behind it. So natd
+(natd/ctlink.py) hands each batch of deleted forwards or closed pinholes to this process,
+one JSON line in, one JSON line out:
 
     natd -> worker: {"flows": [[proto, wan_ip, wan_port, lan_ip, lan_port], ...]}   (deleted forwards)
                 or  {"pinholes": [[lan_ip, proto, lan_port, remote or null], ...]}  (closed pinholes)
     worker -> natd: {"removed": N}  or  {"error": "why"}
+
+A plain blocking process that imports no asyncio, ssl or logging (natd logs the answers), so that
+it costs a 128 MB router little while it runs (docs/performance.md); it exits when natd closes its
+stdin, which natd does after the worker sat idle (natd/ctlink.py CT_IDLE_S) and when natd stops.
 """
 
-# ruff: noqa: E402  (the imports follow the ssl block below on purpose)
 from __future__ import annotations
 
-import sys
-
-if __name__ == "__main__":  # the worker process: as natd itself, it never speaks TLS (asyncio would load ssl)
-    sys.modules.setdefault("ssl", None)  # type: ignore[arg-type]
-
-import asyncio
 import json
-import logging
-import os
+import sys
+from collections.abc import Callable
 
 from natd import conntrack
 
-log = logging.getLogger("natd.ctworker")
+TYPE_CHECKING = False  # the typing module alone is ~0.8 MB of the worker's memory: types for mypy only
+if TYPE_CHECKING:
+    from typing import BinaryIO
 
-BATCH_TIMEOUT_S = 30.0  # one batch: dump + deletes, bounded (netlink's own timeouts are shorter)
-MAX_LINE = 1 << 16  # an answer line is tiny; requests may be long (stdin has no limit to hit)
-
-
-class CtWorker:
-    """natd's side: one worker process, one batch at a time."""
-
-    def __init__(self) -> None:
-        self.proc: asyncio.subprocess.Process | None = None
-        self._lock = asyncio.Lock()
-
-    async def _start(self) -> asyncio.subprocess.Process:
-        if self.proc is not None and self.proc.returncode is None:
-            return self.proc
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where the natd package lives
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "natd.ctworker", stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE, env=env, limit=MAX_LINE)
-        return self.proc
-
-    async def forget(self, flows: list[conntrack.Flow]) -> int:
-        """Delete the conntrack entries of ``flows`` in the worker; how many went."""
-        if not flows:
-            return 0
-        return await self._ask({"flows": [[f.proto, f.wan_ip, f.wan_port, f.lan_ip, f.lan_port] for f in flows]})
-
-    async def forget_pinholes(self, keys: list[conntrack.PinFlow]) -> int:
-        """Delete the conntrack entries closed pinholes ``keys`` admitted, in the worker; how many went."""
-        if not keys:
-            return 0
-        return await self._ask({"pinholes": [list(k) for k in keys]})
-
-    async def _ask(self, request: dict[str, object]) -> int:
-        """One batch to the worker, one answer back (the worker is started or restarted as needed)."""
-        async with self._lock:
-            proc = await self._start()
-            assert proc.stdin is not None and proc.stdout is not None
-            line = json.dumps(request)
-            try:
-                async with asyncio.timeout(BATCH_TIMEOUT_S):
-                    proc.stdin.write(line.encode() + b"\n")
-                    await proc.stdin.drain()
-                    answer = await proc.stdout.readline()
-            except (TimeoutError, OSError, ValueError):
-                self.close()
-                raise
-            if not answer:
-                self.close()
-                raise OSError("conntrack worker exited")
-            reply = json.loads(answer)
-            if "error" in reply:
-                raise OSError(str(reply["error"]))
-            return int(reply["removed"])
-
-    def close(self) -> None:
-        """End the worker (natd stops, or the worker hung)."""
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.kill()
-        self.proc = None
+MAX_ITEMS = 65_536  # flows or pinholes per request (a whole port range): natd splits bigger batches
+MAX_REQUEST = MAX_ITEMS * 128  # bytes of one request line: an item is at most ~100 bytes of JSON
+MAX_ERROR = 200  # characters of an error answer (an exception's text may quote the request)
 
 
-async def _serve() -> None:
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader(limit=1 << 30)  # one request per line, as long as natd's batch
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-    while True:
-        line = await reader.readline()
-        if not line:
-            return  # natd closed the pipe (it stopped)
-        try:
-            reply: dict[str, object] = {"removed": await _run(json.loads(line))}
-        except Exception as exc:  # one bad batch never ends the worker
-            reply = {"error": f"{type(exc).__name__}: {exc}"}
-        sys.stdout.write(json.dumps(reply) + "\n")
-        sys.stdout.flush()
-
-
-async def _run(request: dict[str, list[list]]) -> int:
-    """One batch: deleted forwards' flows, or closed pinholes' flows."""
+def run(request: object) -> int:
+    """One batch, deleted forwards' flows or closed pinholes' flows; how many entries went."""
+    if not isinstance(request, dict):
+        raise ValueError("a request is a JSON object")
     if "pinholes" in request:
-        return await conntrack.forget_pinholes((str(li), int(p), int(lp), None if r is None else str(r))
-                                               for li, p, lp, r in request["pinholes"])
-    return await conntrack.forget(conntrack.Flow(int(p), str(wi), int(wp), str(li), int(lp))
-                                  for p, wi, wp, li, lp in request["flows"])
+        return conntrack.forget_pinholes((str(li), int(p), int(lp), None if r is None else str(r))
+                                         for li, p, lp, r in request["pinholes"])
+    if "flows" in request:
+        return conntrack.forget(conntrack.Flow(int(p), str(wi), int(wp), str(li), int(lp))
+                                for p, wi, wp, li, lp in request["flows"])
+    raise ValueError("a request holds flows or pinholes")
+
+
+def error(why: str) -> bytes:
+    """An error answer line."""
+    return json.dumps({"error": why[:MAX_ERROR]}).encode() + b"\n"
+
+
+def answer(line: bytes, batch: Callable[[object], int] = run) -> bytes:
+    """The answer line to one request line; a bad request or a failed batch is an error answer."""
+    try:
+        return json.dumps({"removed": batch(json.loads(line))}).encode() + b"\n"
+    except Exception as exc:  # one bad batch never ends the worker
+        return error(f"{type(exc).__name__}: {exc}")
+
+
+def serve(stdin: BinaryIO, stdout: BinaryIO, batch: Callable[[object], int] = run) -> int:
+    """Answer request lines until natd closes the pipe; the exit status."""
+    while True:
+        line = stdin.readline(MAX_REQUEST + 1)
+        if not line:
+            return 0  # EOF: natd stopped, or let the idle worker go
+        if len(line) > MAX_REQUEST:
+            while line and not line.endswith(b"\n"):  # skip to the line's end, a bounded piece at a time
+                line = stdin.readline(MAX_REQUEST)
+            out = error(f"request longer than {MAX_REQUEST} bytes")
+        else:
+            out = answer(line, batch)
+        stdout.write(out)
+        stdout.flush()
 
 
 if __name__ == "__main__":
-    asyncio.run(_serve())
+    sys.exit(serve(sys.stdin.buffer, sys.stdout.buffer))

@@ -29,7 +29,7 @@ import zmq
 
 from natd import conntrack, neigh, nftmon, stun, wan
 from natd.bindings import BindingTable, Limits, PolicyError, compact, endpoint
-from natd.ctworker import CtWorker
+from natd.ctlink import CtWorker
 from natd.nft import (
     LAYOUTS,
     Change,
@@ -624,7 +624,7 @@ class Natd:
                 raise t.exception()  # type: ignore[misc]
         await self._close_forwards()
         self._close_pinholes()
-        self.ct.close()
+        await self.ct.stop()
         self.relay.close()
         if auth is not None:
             auth.stop()
@@ -640,7 +640,7 @@ class Natd:
         self.table.replace_all([])
         try:
             self._program()
-            await asyncio.wait_for(conntrack.forget(self._ct_pending), STOP_CT_S)
+            await asyncio.wait_for(self.ct.forget(self._ct_pending), STOP_CT_S)  # in the worker, as always
         except (TimeoutError, NftError, OSError) as exc:
             log.error("stop: closing %d forwards failed: %s", n, exc)
             return

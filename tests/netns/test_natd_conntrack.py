@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from natd import conntrack, netlink
+from natd import conntrack, ctnetlink
 from natd.nft import CT_MARK
 from shared import netlink as nl
 from shared import wire
@@ -37,22 +37,22 @@ def test_netif_reads_loopback_and_absent_interfaces() -> None:
 
 
 def test_ct_tuple_codec_round_trip_and_dump_asks_the_kernel_to_filter_on_the_mark() -> None:
-    t = netlink.CtTuple(6, "100.64.0.1", "100.64.0.2", 40000, 20000)
-    assert netlink.decode_tuple(nl.attrs(netlink.encode_tuple(netlink.CTA_TUPLE_ORIG, t))[1]) == t
-    t6 = netlink.CtTuple(17, "2001:db8::1", "2001:db8::2", 1, 65535)
-    assert netlink.decode_tuple(nl.attrs(netlink.encode_tuple(netlink.CTA_TUPLE_REPLY, t6))[2]) == t6
-    (m,) = nl.messages(netlink.dump_request(socket.AF_INET, CT_MARK, CT_MARK))
-    assert m.type == netlink.IPCTNL_MSG_CT_GET and m.flags & nl.NLM_F_DUMP == nl.NLM_F_DUMP
+    t = ctnetlink.CtTuple(6, "100.64.0.1", "100.64.0.2", 40000, 20000)
+    assert ctnetlink.decode_tuple(nl.attrs(ctnetlink.encode_tuple(ctnetlink.CTA_TUPLE_ORIG, t))[1]) == t
+    t6 = ctnetlink.CtTuple(17, "2001:db8::1", "2001:db8::2", 1, 65535)
+    assert ctnetlink.decode_tuple(nl.attrs(ctnetlink.encode_tuple(ctnetlink.CTA_TUPLE_REPLY, t6))[2]) == t6
+    (m,) = nl.messages(ctnetlink.dump_request(socket.AF_INET, CT_MARK, CT_MARK))
+    assert m.type == ctnetlink.IPCTNL_MSG_CT_GET and m.flags & nl.NLM_F_DUMP == nl.NLM_F_DUMP
     at = nl.attrs(m.payload, 4)
-    assert at[netlink.CTA_MARK] == at[netlink.CTA_MARK_MASK] == CT_MARK.to_bytes(4, "big")
+    assert at[ctnetlink.CTA_MARK] == at[ctnetlink.CTA_MARK_MASK] == CT_MARK.to_bytes(4, "big")
     # Truncated or hostile bytes end the walk, never raise.
-    raw = netlink.dump_request(socket.AF_INET, 1, 1)
+    raw = ctnetlink.dump_request(socket.AF_INET, 1, 1)
     assert list(nl.messages(raw[:-3])) == [] and nl.attrs(b"\xff\xff\x01") == {}
-    assert netlink.decode_tuple(b"") is None and netlink.decode_entry(m) is None
+    assert ctnetlink.decode_tuple(b"") is None and ctnetlink.decode_entry(m) is None
 
 
 def test_doomed_takes_exactly_the_deleted_forwards_flows() -> None:
-    T, E = netlink.CtTuple, netlink.CtEntry
+    T, E = ctnetlink.CtTuple, ctnetlink.CtEntry
     inbound = E(2, T(6, "198.51.100.7", WAN, 5555, 20000), T(6, LAN, "198.51.100.7", 8000, 5555))
     outbound = E(2, T(6, LAN, "198.51.100.7", 8000, 443), T(6, "198.51.100.7", WAN, 443, 20000))
     same_wan_port_new_forward = E(2, T(6, "198.51.100.7", WAN, 5556, 20000), T(6, "192.168.1.9", "198.51.100.7",

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from bench import agents, goals, harness, report, stats
+from bench import agents, goals, harness, procs, report, stats
 from bench.progress import Progress
 from tests.bed.benchdoc import make_doc
 
@@ -144,6 +144,28 @@ def test_markdown_has_every_section_and_goal() -> None:
     assert "failed" not in md
     failed = report.render_markdown({**make_doc(), "errors": ["cascaded: NAT2 did not start"]})
     assert "### Phases that failed\n\n- cascaded: NAT2 did not start" in failed
+
+
+def test_memory_shows_natds_conntrack_worker_after_the_deletes_and_when_it_goes() -> None:
+    doc = make_doc()
+    row = {"system": "igdpcp", "n": 10000, "memory": {}, "memory_ctworker": {"rss_mib": 12.5, "pss_mib": 9.4}}
+    harness._fold_row(doc, row, first=False, top=True)
+    assert doc["memory"]["igdpcp"]["after deletes"]["ctworker"] == {"rss_mib": 12.5, "pss_mib": 9.4}
+    assert doc["control"].pop() is row  # its other figures are not this test's
+    md = report.render_markdown(doc)
+    assert "| igdpcp | after deletes (N=10000) | conntrack worker | 12.5 | 9.4 |" in md
+    assert f"it exits after {harness.CT_IDLE_S:.0f} s idle" in md
+    assert "conntrack worker" not in report.render_markdown(make_doc())  # runs before it had none
+
+
+def test_children_memory_reads_a_processs_children() -> None:
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        assert child.pid in procs.children(os.getpid())
+        m = procs.children_memory(os.getpid())
+        assert m is not None and m["rss_mib"] > 1 and m["pss_mib"] > 0
+    finally:
+        child.communicate(timeout=10)
 
 
 # ------------------------------------------------------------------ README block

@@ -110,7 +110,7 @@ def test_places_and_element_text() -> None:
 def test_closed_pinholes_doom_exactly_their_flows() -> None:
     """What the conntrack worker deletes for closed pinholes (natd/conntrack.py doomed_pinholes)."""
     from natd.conntrack import doomed_pinholes
-    from natd.netlink import CtEntry, CtTuple
+    from natd.ctnetlink import CtEntry, CtTuple
 
     def flow(src: str, dport: int, proto: int = 6, dst: str = LAN6) -> CtEntry:
         return CtEntry(10, CtTuple(proto, src, dst, 40000, dport), CtTuple(proto, dst, src, dport, 40000))
@@ -126,7 +126,7 @@ def test_closed_pinholes_doom_exactly_their_flows() -> None:
 def test_closed_pinholes_flows_go_to_the_conntrack_worker_never_a_dump_on_natds_loop(monkeypatch) -> None:
     import asyncio
 
-    from natd import main, netlink
+    from natd import ctnetlink, main
 
     async def run() -> list[list]:
         args = main.build_parser().parse_args(["--wan-if", "w", "--lan-if", "l", "--rpc", "ipc:///x",
@@ -138,11 +138,11 @@ def test_closed_pinholes_flows_go_to_the_conntrack_worker_never_a_dump_on_natds_
             sent.append(keys)
             return 1
 
-        async def walk(*_a: object, **_k: object) -> list:
+        def walk(*_a: object, **_k: object) -> list:
             raise AssertionError("natd's loop walked the conntrack table")
 
         monkeypatch.setattr(d.ct, "forget_pinholes", worker)
-        monkeypatch.setattr(netlink, "ct_dump", walk)
+        monkeypatch.setattr(ctnetlink, "ct_dump", walk)
         await d._forget_pinhole_flows([(LAN6, 6, 8080, None), (LAN6, 17, 53, "2001:db8:20::10")])
         d.ctx.term()
         return sent
