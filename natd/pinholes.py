@@ -116,7 +116,9 @@ class PinholeTable:
 
     def wanted(self, now: float) -> dict[PinKey, int]:
         """{key: remaining timeout in whole seconds (>= 1)}: what the kernel should hold now."""
-        return {e[1]: max(1, math.ceil(e[2] - now)) for e in self.by_pid.values() if e[2] > now}
+        # (now + t) - now is t plus a rounding error: 1 ms of slack keeps a fresh pinhole at its
+        # whole timeout instead of ceil() making it a second longer
+        return {e[1]: max(1, math.ceil(e[2] - now - 1e-3)) for e in self.by_pid.values() if e[2] > now}
 
     def replace_all(self, pinholes: list[Pinhole], now: float) -> tuple[PinholeTable, list[tuple[Pinhole, str]]]:
         """A new table for a sync; pinholes off the LAN or over a limit are left out with the reason,

@@ -148,3 +148,15 @@ def test_closed_pinholes_flows_go_to_the_conntrack_worker_never_a_dump_on_natds_
         return sent
 
     assert asyncio.run(run()) == [[(LAN6, 6, 8080, None), (LAN6, 17, 53, "2001:db8:20::10")]]
+
+
+def test_a_fresh_pinhole_is_wanted_at_its_whole_timeout_whatever_the_clock_reads() -> None:
+    """(now + t) - now is not always t in floating point (for a quarter of these clock readings
+    it is a hair above): the kernel must get lease + grace, not a second more (a sync wrote 161 s)."""
+    for i in range(300):
+        now = 1000 + i / 1000
+        t = table()
+        key, timeout = t.add(ph(1), now)
+        assert t.wanted(now) == {key: timeout}, now
+        assert t.wanted(now + 0.5) == {key: timeout}  # half a second on: still the whole second up
+        assert t.wanted(now + 1.0) == {key: timeout - 1}
