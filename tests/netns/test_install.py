@@ -31,6 +31,7 @@ import pytest
 
 from tests.bed import testbed as tb
 from tests.bed.ipk import ROOT, build, member, raw_headers
+from tests.bed.natd import wait_until
 from tests.bed.stack import Stack
 
 pytestmark = pytest.mark.netns
@@ -257,6 +258,12 @@ def test_install_run_remove(staged: StagedOpkg, make_testbed, tmp_path: Path) ->
         time.sleep(0.2)
         sent = bed.tcp_send("inet", tb.NAT2_PUBLIC_IP, 8080, PAYLOAD, timeout=3)
         assert sent and listener.received(timeout=3) == PAYLOAD
+
+        # the delete ends that flow through the conntrack worker the installed natd starts: as nobody
+        # with CAP_NET_ADMIN inherited, without site-packages (-S), from the package directory alone
+        st.upnpc("-d", "8080", "TCP")
+        removed = re.compile(r"conntrack: removed [1-9][0-9]* entries")
+        assert wait_until(lambda: removed.search(st.log("natd")), 5.0) is not None, st.log("natd")[-2000:]
     finally:
         st.close()
 
