@@ -440,8 +440,8 @@ def test_pair_map_behaves_as_the_dict_it_replaces() -> None:
 
 
 def test_the_table_keeps_one_address_string_per_host_and_one_int_for_equal_ports() -> None:
-    """A decoded Bind carries its own copy of the LAN address and ports; the table keeps one
-    string per host and one int where the ports are equal (~90 bytes a forward, 10k on a router)."""
+    """A decoded Bind or Sync carries its own int for each port; the table keeps one int where the
+    ports are equal, and one string per host (the decoder interns it): 10k forwards on a router."""
     from natd.bindings import compact
 
     t = BindingTable(lan_subnets=[__import__("ipaddress").IPv4Network("192.168.1.0/24")])
@@ -452,8 +452,12 @@ def test_the_table_keeps_one_address_string_per_host_and_one_int_for_equal_ports
     assert len({id(b.lan_ip) for b in t.by_mid.values()}) == 1
     assert all(b.wan_port is b.lan_port for b in t.by_mid.values())
     kept = t.by_mid[7]
-    t.replace_all([*t.by_mid.values(), wire.Binding(99, 17, "".join(["192.168.1.", "10"]), 5000, 5000)])
+    synced = [*t.by_mid.values(), wire.Binding(99, 17, "192.168.1.10", 5000, 5000)]
+    sync, _ = wire.decode(wire.encode(wire.Sync(synced)))
+    assert isinstance(sync, wire.Sync)
+    t.replace_all(sync.bindings)
     assert t.by_mid[7] is kept and t.by_mid[99].lan_ip is kept.lan_ip
+    assert t.by_mid[99].wan_port is t.by_mid[99].lan_port
 
 
 def test_a_bulk_write_sends_each_changed_element_once_as_the_delta_path_does() -> None:
