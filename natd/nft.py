@@ -73,11 +73,9 @@ class PairMap(MutableMapping[_K, tuple[str, int]]):
 
     __slots__ = ("_d", "_n")
 
-    def __init__(self, items: Iterable[tuple[_K, tuple[str, int]]] = ()) -> None:
+    def __init__(self) -> None:
         self._d: dict[Any, dict[int, tuple[str, int]]] = {}
         self._n = 0
-        for k, v in items:
-            self[k] = v
 
     @staticmethod
     def _head(key: tuple) -> Any:
@@ -483,6 +481,7 @@ class Nft:
         return self.snapshot()[1]
 
     def _elements(self, items: list[dict]) -> KernelState:
+        """The small sets from a JSON listing (the maps' elements come as netlink values, see snapshot)."""
         st = KernelState()
         p = self.layout.prefix
         for item in items:
@@ -496,13 +495,6 @@ class Nft:
                     plain[name].add(elem if isinstance(elem, str) else elem.get("elem", {}).get("val", ""))
                 elif name == "lan4":
                     st.lan.add(_prefix(elem))
-                elif name in ("fwd4", "snat4"):
-                    key, val = elem
-                    k, v = key["concat"], val["concat"]
-                    if name == "fwd4":
-                        st.fwd[(_proto(k[0]), int(k[1]))] = (sys.intern(v[0]), int(v[1]))
-                    else:
-                        st.snat[(sys.intern(k[0]), _proto(k[1]), int(k[2]))] = (sys.intern(v[0]), int(v[1]))
         return st
 
     def apply(self, bindings: Iterable[Binding], wan_ip: str | None, lan: Iterable[str] = ()) -> Change:
