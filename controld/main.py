@@ -44,7 +44,7 @@ from controld.web.handler import WebApp, WebConfig
 from shared import config, wire
 from shared.config import parse_args_with_config
 from shared.const import PCP_SERVER_PORT
-from shared.daemon import install_stop_signals, release_memory, reread_args, setup_logging
+from shared.daemon import QuietTrim, install_stop_signals, release_memory, reread_args, setup_logging
 from shared.netif import if_addrs, read_addrs
 
 log = logging.getLogger("controld")
@@ -315,8 +315,10 @@ async def run(args: argparse.Namespace, reparse: Callable[[], argparse.Namespace
     location = f"http://{lan.ip}:{lan.port}{ROOT_PATH}"
     ssdp = SsdpServer(device, lan.ip, location, lambda: lan.subnets, args.notify_interval)
     await ssdp.start()
+    trim = QuietTrim()  # the heap's free pages back after a burst of table writes
+    table.subscribe(trim.note)
     tasks = [asyncio.create_task(ssdp.run_notify()), asyncio.create_task(gena.run_expiry()),
-             asyncio.create_task(_watch_lan(lan, http, ssdp, device))]
+             asyncio.create_task(_watch_lan(lan, http, ssdp, device)), asyncio.create_task(trim.run())]
     lan_pcp = await _start_lan_pcp(args, iwf, lan.ip, pinholes)
     if lan_pcp is not None and args.enable_pcp:
         tasks.append(asyncio.create_task(_watch_lan6(lan_pcp, args.lan_if)))

@@ -15,6 +15,7 @@ if __name__ == "__main__":  # the daemon, not a test importing it: it never spea
 
 import argparse
 import asyncio
+import functools
 import ipaddress
 import itertools
 import logging
@@ -48,6 +49,7 @@ from shared.config import parse_args_with_config
 from shared.const import DISCARD_PORT, PROTO_NAMES
 from shared.daemon import (
     AUTHORIZED_DIR,
+    QuietTrim,
     bind_endpoint,
     curve_server,
     gen_keys,
@@ -78,6 +80,22 @@ MAX_CT_PENDING = 1_000_000  # bound on queued conntrack work (a sync of 65k forg
 RESTART_ONLY = config.restart_only("natd")
 
 
+class Later:
+    """A reply that comes once ``fut`` is done (or cancelled at its deadline): ``finish(fut)``
+    builds it. natd sends it from the future's done callback, so a PCP answer from NAT2 is
+    relayed one loop turn after it arrived, with no task and no ``asyncio.wait`` around it."""
+
+    __slots__ = ("fut", "finish")
+
+    def __init__(self, fut: asyncio.Future[Any], finish: Callable[[asyncio.Future[Any]], wire.Message]) -> None:
+        self.fut = fut
+        self.finish = finish
+
+
+# What a request handler returns: the reply, one that comes later, or a coroutine making it.
+Reply = wire.Message | Later | Coroutine[Any, Any, wire.Message]
+
+
 class Natd:
     def __init__(self, args: argparse.Namespace,
                  reparse: Callable[[], argparse.Namespace] | None = None) -> None:
@@ -92,12 +110,13 @@ class Natd:
         self.pcp_log_limit = RateLimit(burst=10, window=60.0)
         self.stun = stun.StunProbe(lambda: (self.args.stun_server, self.args.stun_port, self.args.stun_interval),
                                    lambda: self.ifs.wan_ip, self._publish)
-        # One handler per request type (controld -> natd); a reply or, for a PCP exchange that
-        # waits for its answer, a coroutine the server finishes in a task of its own.
-        self.handlers: dict[type[wire.Message], Callable[[Any], wire.Message | Coroutine[Any, Any, wire.Message]]] = {
+        # One handler per request type (controld -> natd): a reply; for a PCP exchange that waits
+        # for its answer, a Later; for a check that awaits the kernel, a coroutine run in a task.
+        self.handlers: dict[type[wire.Message], Callable[[Any], Reply]] = {
             wire.Hello: self._hello, wire.Bind: self._bind, wire.Unbind: self._unbind,
             wire.PcpExchange: self._pcp_exchange, wire.GetCounters: self._counters, wire.Sync: self._sync}
-        self._waits: set[asyncio.Task[None]] = set()  # PCP exchanges waiting for their answer
+        self._waits: set[asyncio.Future[Any]] = set()  # replies still to come (PCP exchanges waiting)
+        self.trim = QuietTrim()  # the heap's free pages back after a burst of requests
         self.ifs = wan.IfState(None, None, (), ())
         self._gen: int | None = None  # ruleset generation last known to match our state
         self._gen_due = False  # natd wrote; the monitor has not yet shown the commit's generation
@@ -353,7 +372,7 @@ class Natd:
         if ok:
             log.log(level, fmt + (f" ({held} more not logged)" if held else ""), *args)
 
-    def _pcp_exchange(self, msg: wire.PcpExchange) -> wire.Message | Coroutine[Any, Any, wire.Message]:
+    def _pcp_exchange(self, msg: wire.PcpExchange) -> wire.Message | Later:
         """Check, rewrite and send one PCP request; the reply (now, or once the answer came or
         ``wait_ms`` passed) carries the matching response."""
         packet, req = self._pcp_outgoing(msg)
@@ -367,13 +386,15 @@ class Natd:
             raise
         if fut is None:
             return wire.PcpAnswer()
-        return self._pcp_wait(key, fut, msg.wait_ms / 1000)
+        # No answer in time, or a newer request for the same key took over: the future is cancelled.
+        timer = asyncio.get_running_loop().call_later(msg.wait_ms / 1000, fut.cancel)
+        return Later(fut, functools.partial(self._pcp_answer, key, timer))
 
-    async def _pcp_wait(self, key: MatchKey, fut: asyncio.Future[Answer], wait: float) -> wire.Message:
-        """The answer, or none once ``wait`` passed or a newer request for the same key took over."""
-        done, _ = await asyncio.wait({fut}, timeout=wait)
+    def _pcp_answer(self, key: MatchKey, timer: asyncio.TimerHandle, fut: asyncio.Future[Answer]) -> wire.Message:
+        """The reply to an exchange whose wait is over: the answer, or none."""
+        timer.cancel()
         self.relay.forget(key, fut)
-        if not done or fut.cancelled():
+        if fut.cancelled():
             return wire.PcpAnswer()
         data, lan_ip = fut.result()
         return wire.PcpAnswer(data, lan_ip)
@@ -414,7 +435,7 @@ class Natd:
 
     # --- RPC ---------------------------------------------------------------------
 
-    def _handle(self, msg: wire.Message) -> wire.Message | Coroutine[Any, Any, wire.Message]:
+    def _handle(self, msg: wire.Message) -> Reply:
         """Run one request by its type (the table in :attr:`handlers`); PolicyError for the rest."""
         handler = self.handlers.get(type(msg))
         if handler is None:
@@ -496,7 +517,7 @@ class Natd:
         except zmq.Again:  # PUB drops rather than blocks; a subscriber that is behind misses it
             pass
 
-    def _answer(self, payload: bytes) -> tuple[wire.Message | Coroutine[Any, Any, wire.Message], int | None]:
+    def _answer(self, payload: bytes) -> tuple[Reply, int | None]:
         """One request in, one reply out (or a coroutine making it); every failure becomes a typed Error reply."""
         rid = None
         name = "message"
@@ -528,19 +549,37 @@ class Natd:
                 self.rpc.send([frames[0], wire.encode(wire.Error("bad-frames", "a request is exactly one frame"))])
             return
         ident, payload = frames
+        self.trim.note()
         reply, rid = self._answer(payload)
         if isinstance(reply, wire.Message):
             self.rpc.send([ident, wire.encode(reply, rid)])
         elif len(self._waits) >= MAX_WAITS:  # bounded: shed load rather than queue without end
-            reply.close()
+            if isinstance(reply, Later):
+                reply.fut.cancel()
+                reply.finish(reply.fut)  # (its timer and its relay entry go)
+            else:
+                reply.close()
             self.rpc.send([ident, wire.encode(wire.Error("busy", "too many PCP waits"), rid)])
+        elif isinstance(reply, Later):
+            self._waits.add(reply.fut)
+            reply.fut.add_done_callback(functools.partial(self._send_later, ident, rid, reply))
         else:
             task = asyncio.create_task(self._reply_later(ident, reply, rid))
             self._waits.add(task)
             task.add_done_callback(self._waits.discard)
 
+    def _send_later(self, ident: bytes, rid: int | None, later: Later, fut: asyncio.Future[Any]) -> None:
+        """A Later's future is done: build its reply and send it."""
+        self._waits.discard(fut)
+        try:
+            reply = later.finish(fut)
+        except Exception as exc:  # a bug must cost one request, never the daemon
+            log.exception("internal error on request id=%s", rid)
+            reply = wire.Error("internal", type(exc).__name__)
+        self.rpc.send([ident, wire.encode(reply, rid)])
+
     async def _reply_later(self, ident: bytes, work: Coroutine[Any, Any, wire.Message], rid: int | None) -> None:
-        """Finish a request that waits (a PCP exchange), then send its reply."""
+        """Finish a request that awaits (the same-host check), then send its reply."""
         try:
             reply = await work
         except Exception as exc:  # a bug must cost one request, never the daemon
@@ -612,7 +651,7 @@ class Natd:
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, hup.set)
         tasks = [asyncio.create_task(c) for c in (
             self._heartbeat(), self._healer(), self._conntrack_worker(), self._on_hup(hup),
-            self._pinhole_sweeper(), self._pinhole_ct_worker(),
+            self._pinhole_sweeper(), self._pinhole_ct_worker(), self.trim.run(),
             self.stun.run(), wan.watch(self.args.wan_if, self.args.lan_if, self._on_ifs, self.ifs))]
         waiter: asyncio.Task[Any] = asyncio.create_task(stop.wait())
         done, _ = await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)

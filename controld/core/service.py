@@ -63,6 +63,7 @@ class Iwf(UpstreamIO):
                  rng: random.Random | None = None, policy: Policy | None = None) -> None:
         super().__init__(cfg, table, link, clock, wall, rng)
         self.policy = policy or Policy()
+        self._created = 0.0  # the creation second of the last new mapping
 
     # --- start and stop ----------------------------------------------------------------
 
@@ -109,11 +110,17 @@ class Iwf(UpstreamIO):
 
     def _new_mapping(self, origin: Origin, req: CreateRequest, ext_port: int) -> Mapping:
         now = self.wall()
+        second = float(int(now))
+        if second != self._created:
+            self._created = second  # rows made within one second share the object
+        # The mapping nonce (RFC 6887 §11.1) is the PCP client's own; the IWF makes one for a mapping
+        # that goes upstream. A nat1-only row never does (a row keeps the mode it was made in).
+        nonce = origin.client_id or (os.urandom(12) if self.mode != "nat1-only" else None)
         return Mapping(id=self.table.new_id(), cp=origin.client, igd=origin.version, remote_host=req.remote_host,
                        ext_port=ext_port, proto=req.proto, int_client=req.int_client, int_port=req.int_port,
                        description=req.description, lease=req.lease,
                        lease_end=now + req.lease if req.lease else None, state=State.PENDING,
-                       created=now, nonce=origin.client_id or os.urandom(12), pcp_server=self.server,
+                       created=self._created, nonce=nonce, pcp_server=self.server,
                        prefer_failure=req.exact, mode=self.mode, origin=origin.front_end.value)
 
     async def create(self, origin: Origin, req: CreateRequest) -> Mapping:

@@ -166,3 +166,32 @@ def test_internal_index_survives_two_external_ports_on_one_tuple(tmp_path) -> No
         await iwf.delete(upnp(LAN), 6, 8002)
         assert iwf.find_internal(6, LAN, 80) is None
     run(tmp_path, body, mode="nat1-only")
+
+
+def test_a_nonce_only_where_a_mapping_goes_upstream_and_one_creation_time_per_second(tmp_path) -> None:
+    """A nat1-only UPnP row never goes upstream (a row keeps its mode): no nonce (48 bytes a row
+    at 10k); a LAN PCP client's nonce is kept there all the same (§11.3 ownership), and a cascaded
+    row gets one of its own. Rows made within one second share their creation time's object."""
+    now = [1000.25]
+
+    async def nat1(iwf: Iwf, link: ScriptedLink) -> None:
+        iwf.wall = lambda: now[0]
+        a = await iwf.create(upnp(LAN), CreateRequest(6, 8001, LAN, 8001, 0, "a", True))
+        now[0] = 1000.5
+        b = await iwf.create(upnp(LAN), CreateRequest(6, 8002, LAN, 8002, 0, "b", True))
+        now[0] = 1000.75
+        c = (await iwf.lan_map(pcp_origin(), req(8003))).mapping
+        now[0] = 1001.0
+        d = await iwf.create(upnp(LAN), CreateRequest(6, 8004, LAN, 8004, 0, "d", True))
+        assert (a.nonce, b.nonce, c.nonce, d.nonce) == (None, None, NONCE, None)
+        assert a.created == 1000.0 and b.created is a.created and c.created is a.created
+        assert d.created == 1001.0
+        rows = iwf.table.db.execute("SELECT ext_port, nonce, created FROM mappings ORDER BY ext_port").fetchall()
+        assert rows == [(8001, None, 1000.0), (8002, None, 1000.0), (8003, NONCE, 1000.0), (8004, None, 1001.0)]
+    run(tmp_path, nat1, mode="nat1-only")
+
+    async def cascaded(iwf: Iwf, link: ScriptedLink) -> None:
+        m = await iwf.create(upnp(LAN), CreateRequest(6, 8001, LAN, 8001, 0, "a", True))
+        (up,) = link.maps()
+        assert m.nonce is not None and len(m.nonce) == 12 and up.map is not None and up.map.nonce == m.nonce
+    run(tmp_path / "c", cascaded)

@@ -414,18 +414,22 @@ def test_a_write_in_flight_does_not_make_the_periodic_check_verify(monkeypatch) 
     assert d._dirty.is_set()
 
 
-def test_pair_map_behaves_as_the_dict_it_replaces() -> None:
-    """natd.nft.PairMap (the kernel picture's fwd4 and snat4, no key tuple kept per element)
-    against a plain dict under random writes, removals and reads, for both key widths."""
+def test_pair_map_behaves_as_the_dict_it_replaces(monkeypatch: pytest.MonkeyPatch) -> None:
+    """natd.nft.PairMap (the kernel picture's fwd4 and snat4, no key or value tuple kept per
+    element) against a plain dict under random writes, removals and reads, for both key widths,
+    with values on several addresses: more than it numbers, too."""
+    from natd import nft
     from natd.nft import PairMap
 
+    monkeypatch.setattr(nft, "MAX_PACKED_ADDRS", 3)
     rng = random.Random(7)
     for make_key in (lambda: (rng.choice((6, 17)), rng.randrange(5)),
                      lambda: (f"192.168.1.{rng.randrange(3)}", rng.choice((6, 17)), rng.randrange(5))):
         ref: dict = {}
         pm: PairMap = PairMap()
         for _ in range(2000):
-            k, v, op = make_key(), ("100.64.0.2", rng.randrange(3)), rng.random()
+            k, op = make_key(), rng.random()
+            v = (f"100.64.0.{rng.randrange(5)}", rng.choice((0, 1, 2, 65535)))
             if op < 0.5:
                 pm[k] = ref[k] = v
             elif op < 0.7:
@@ -437,6 +441,21 @@ def test_pair_map_behaves_as_the_dict_it_replaces() -> None:
         with pytest.raises(KeyError):
             pm.pop(("nope", 6, 1))
         assert ("nope",) not in pm and 5 not in pm
+
+
+def test_the_kernel_picture_holds_no_new_object_per_forward_on_the_first_address() -> None:
+    """fwd4 and snat4 with 10k forwards: an element on the map's first address (the one WAN
+    address in snat4) holds the binding's own port int, one on another a single int, none a tuple."""
+    from natd.nft import PairMap
+
+    port, other = int("20001"), int("20002")  # fresh int objects, as a decoded Bind carries
+    pm: PairMap = PairMap()
+    pm[(6, port)] = ("192.168.1.10", port)
+    pm[(6, other)] = ("192.168.1.11", other)
+    held = pm._d[6]
+    assert held[port] is port  # nothing allocated for it
+    assert type(held[other]) is int and held[other] == 1 << 16 | other
+    assert pm[(6, port)] == ("192.168.1.10", 20001) and pm[(6, other)] == ("192.168.1.11", 20002)
 
 
 def test_the_table_keeps_one_address_string_per_host_and_one_int_for_equal_ports() -> None:

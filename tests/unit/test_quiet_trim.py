@@ -1,0 +1,55 @@
+"""shared.daemon.QuietTrim: the heap goes back to the kernel once a burst of work is over,
+never in the middle of it, and not again before the next burst."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from shared import daemon
+
+
+def test_due_after_a_burst_at_the_first_quiet_period_and_not_again_before_the_next() -> None:
+    trim = daemon.QuietTrim(ops=50)
+    seen = trim.count
+    for _ in range(5):  # a burst of 100 over five periods, busy in each one
+        for _ in range(20):
+            trim.note()
+        assert not trim.due(seen)
+        seen = trim.count
+    assert trim.due(seen)  # a period with none
+    trim._trimmed_at = trim.count  # (what run() does after trimming)
+    for _ in range(20):
+        trim.note()
+    assert not trim.due(trim.count)  # 20 more: below the threshold
+    for _ in range(30):
+        trim.note()
+    assert trim.due(trim.count)
+
+
+def test_the_task_trims_once_the_notes_stop(monkeypatch: pytest.MonkeyPatch) -> None:
+    trims: list[int] = []
+    trim = daemon.QuietTrim(ops=50, quiet=0.02)
+    monkeypatch.setattr(daemon, "release_memory", lambda: trims.append(trim.count))
+
+    async def run() -> None:
+        task = asyncio.create_task(trim.run())
+        for _ in range(100):
+            trim.note()
+        for _ in range(200):  # bounded: 2 s at most
+            if trims:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)  # quiet periods go by: no second trim without new work
+        task.cancel()
+
+    asyncio.run(run())
+    assert trims == [100]
+
+
+def test_release_memory_is_glibc_malloc_trim_here() -> None:
+    """The bed runs on glibc: the trim is real (musl's is None and a no-op)."""
+    daemon._malloc_trim.cache_clear()
+    assert daemon._malloc_trim() is not None
+    daemon.release_memory()
