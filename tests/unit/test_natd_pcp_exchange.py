@@ -8,8 +8,10 @@ the ROUTER socket."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import socket
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -83,11 +85,26 @@ def _server() -> socket.socket:
     return s
 
 
+@contextlib.asynccontextmanager
+async def _bed(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[tuple[socket.socket, Any]]:
+    """The stand-in server and a natd relaying to it; both closed however the test ends."""
+    srv = _server()
+    try:
+        d = await _natd(monkeypatch)
+    except BaseException:
+        srv.close()
+        raise
+    try:
+        yield srv, d
+    finally:
+        srv.close()
+        d.relay.close()
+        d.ctx.term()
+
+
 def test_an_answered_exchange_replies_with_the_servers_packet(monkeypatch: pytest.MonkeyPatch) -> None:
     async def run() -> None:
-        srv = _server()
-        d = await _natd(monkeypatch)
-        try:
+        async with _bed(monkeypatch) as (srv, d):
             _exchange(d, b"ctl", 7, b"a" * 12, 2000)
             request, peer = await asyncio.to_thread(srv.recvfrom, 1100)
             assert d.rpc.sent == []  # nothing before the answer
@@ -98,19 +115,13 @@ def test_an_answered_exchange_replies_with_the_servers_packet(monkeypatch: pytes
             resp = pcp.decode_response(msg.packet)
             assert resp.map is not None and (resp.map.nonce, resp.map.external_port) == (b"a" * 12, 40_000)
             assert d.relay.waiting == {} and d._waits == set()  # nothing held after the reply
-        finally:
-            srv.close()
-            d.relay.close()
-            d.ctx.term()
 
     asyncio.run(run())
 
 
 def test_no_answer_in_time_and_a_superseded_exchange_reply_empty(monkeypatch: pytest.MonkeyPatch) -> None:
     async def run() -> None:
-        srv = _server()
-        d = await _natd(monkeypatch)
-        try:
+        async with _bed(monkeypatch) as (srv, d):
             loop = asyncio.get_running_loop()
             t0 = loop.time()
             _exchange(d, b"ctl", 1, b"b" * 12, 100)  # nobody answers
@@ -129,10 +140,6 @@ def test_no_answer_in_time_and_a_superseded_exchange_reply_empty(monkeypatch: py
             _, msg, rid = (await _replies(d, 3))[2]
             assert rid == 3 and isinstance(msg, wire.PcpAnswer) and msg.packet is not None
             assert d.relay.waiting == {} and d._waits == set()
-        finally:
-            srv.close()
-            d.relay.close()
-            d.ctx.term()
 
     asyncio.run(run())
 
@@ -141,18 +148,12 @@ def test_an_exchange_over_the_bound_is_refused_busy_and_holds_nothing(monkeypatc
     from natd import main
 
     async def run() -> None:
-        srv = _server()
-        d = await _natd(monkeypatch)
-        try:
+        async with _bed(monkeypatch) as (srv, d):
             monkeypatch.setattr(main, "MAX_WAITS", 1)
             _exchange(d, b"ctl", 1, b"d" * 12, 2000)
             _exchange(d, b"ctl", 2, b"e" * 12, 2000)
             [(_, msg, rid)] = await _replies(d, 1)
             assert rid == 2 and isinstance(msg, wire.Error) and msg.code == "busy"
             assert len(d.relay.waiting) == 1 and len(d._waits) == 1  # only the first still waits
-        finally:
-            srv.close()
-            d.relay.close()
-            d.ctx.term()
 
     asyncio.run(run())
