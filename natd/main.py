@@ -518,7 +518,7 @@ class Natd:
             pass
 
     def _answer(self, payload: bytes) -> tuple[Reply, int | None]:
-        """One request in, one reply out (or a coroutine making it); every failure becomes a typed Error reply."""
+        """One request in, one reply out (or one that comes later); every failure becomes a typed Error reply."""
         rid = None
         name = "message"
         try:
