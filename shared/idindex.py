@@ -12,6 +12,7 @@ from typing import TypeVar
 
 K = TypeVar("K")
 Held = int | tuple[int, ...]
+_NONE: dict[int, Held] = {}  # an absent outer key's entries (read, never written): no dict per miss
 
 
 def members(held: Held) -> tuple[int, ...]:
@@ -44,5 +45,5 @@ def discard(index: dict[K, dict[int, Held]], outer: K, port: int, ident: int) ->
 
 def lowest(index: dict[K, dict[int, Held]], outer: K, port: int) -> int | None:
     """The entry's oldest (lowest) id, or None."""
-    held = index.get(outer, {}).get(port)
+    held = index.get(outer, _NONE).get(port)
     return None if held is None else min(members(held))
