@@ -170,6 +170,7 @@ def control_plane(bed: tb.Testbed, system: System, n: int, cfg: Config, *, pinne
         cpu2 = procs.cpu_seconds(system.pids().values())
         time.sleep(1.0)  # let allocators settle before reading memory
         row["memory"] = procs.memory_of(system.pids())
+        row["state_files_kib"] = system.state_files_kib()
         if server is not None:
             extra["dataplane_n"] = conn_rate(bed, FIRST_PORT + n - 1, cfg)
         if restart and isinstance(system, Igdpcp):
@@ -488,7 +489,7 @@ def _fold_row(doc: dict[str, Any], row: dict[str, Any], first: bool, top: bool) 
     if first:
         mem["idle"] = row["memory_idle"]
     if top:
-        mem["loaded"] = {"n": row["n"], **row["memory"]}
+        mem["loaded"] = {"n": row["n"], **row["memory"], "files_kib": row.get("state_files_kib")}
         if row.get("memory_ctworker"):
             mem["after deletes"] = {"n": row["n"], "idle_exit_s": CT_IDLE_S, "ctworker": row["memory_ctworker"]}
     for key, n in (("dataplane_1", 1), ("dataplane_n", row["n"])):

@@ -154,6 +154,10 @@ def _memory_table(mem: dict[str, Any]) -> list[str]:
                 if isinstance(m, dict):
                     out.append(f"| {system} | {label} | {_PROCESS_LABELS.get(proc, proc)} "
                                f"| {_f(m.get('rss_mib'), '.1f')} | {_f(m.get('pss_mib'), '.1f')} |")
+            if procs.get("files_kib") is not None:
+                mib = _f(procs["files_kib"] / 1024, ".2f")
+                notes.append(f"{system}'s files in its state dir at {label}: {mib} MiB "
+                             "(its SQLite table, not in any RSS: RAM on OpenWrt, where the state dir is under /var).")
             if "ctworker" in procs:
                 notes.append(f"{system}'s conntrack worker (natd's child process) is read after the loaded deletes, "
                              f"while it runs: it exits after {_f(procs.get('idle_exit_s'), '.0f')} s idle "

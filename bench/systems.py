@@ -80,6 +80,12 @@ class Igdpcp:
         """The daemons' pids by name."""
         return {name: p.pid for name, p in self.stack.procs.items()}
 
+    def state_files_kib(self) -> float | None:
+        """What controld's SQLite table takes in its state dir (database, WAL, shared index): RAM on
+        OpenWrt, where the state dir is under /var (tmpfs)."""
+        return sum(e.stat().st_size for e in os.scandir(self.bed.path("state"))
+                   if e.name.startswith("mappings.sqlite3")) / 1024
+
     def stop(self) -> None:
         """Stop both and remove their kernel objects and table, so the next system starts clean."""
         self.stack.close()
@@ -159,6 +165,10 @@ table inet mupnp {
     def pids(self) -> dict[str, int]:
         """Its pid by name."""
         return {"miniupnpd": self.pid} if self.pid else {}
+
+    def state_files_kib(self) -> float | None:
+        """None: it keeps its rules in the kernel only (no lease_file in this bed)."""
+        return None
 
     def stop(self) -> None:
         """SIGTERM it and remove its chains."""

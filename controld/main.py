@@ -315,7 +315,9 @@ async def run(args: argparse.Namespace, reparse: Callable[[], argparse.Namespace
     location = f"http://{lan.ip}:{lan.port}{ROOT_PATH}"
     ssdp = SsdpServer(device, lan.ip, location, lambda: lan.subnets, args.notify_interval)
     await ssdp.start()
-    trim = QuietTrim()  # the heap's free pages back after a burst of table writes
+    # after a burst of table writes: the WAL into the database (its fsync off the request path),
+    # then the heap's free pages back
+    trim = QuietTrim(tidy=table.checkpoint)
     table.subscribe(trim.note)
     tasks = [asyncio.create_task(ssdp.run_notify()), asyncio.create_task(gena.run_expiry()),
              asyncio.create_task(_watch_lan(lan, http, ssdp, device)), asyncio.create_task(trim.run())]

@@ -17,6 +17,7 @@ from shared.guard import SafeFormatter
 if TYPE_CHECKING:
     import zmq
 
+log = logging.getLogger("shared.daemon")
 
 MAX_DEFERRED_RECORDS = 256  # log records held for the loop's next turn before they are written at once
 
@@ -131,10 +132,12 @@ class QuietTrim:
     """:func:`release_memory` once a burst of work is over: a thousand adds leave the C heap
     with free holes (request buffers, replies, index growth) that glibc keeps resident,
     ~0.2-0.5 MiB a daemon. It trims at the first ``quiet`` seconds without an operation after
-    at least ``ops`` of them (a steady stream: once it pauses), never on the request path."""
+    at least ``ops`` of them (a steady stream: once it pauses), never on the request path.
+    ``tidy`` runs just before, for the owner's own work of that kind (controld: the WAL checkpoint)."""
 
-    def __init__(self, ops: int = TRIM_AFTER_OPS, quiet: float = TRIM_QUIET_S) -> None:
-        self.ops, self.quiet = ops, quiet
+    def __init__(self, ops: int = TRIM_AFTER_OPS, quiet: float = TRIM_QUIET_S,
+                 tidy: Callable[[], object] | None = None) -> None:
+        self.ops, self.quiet, self.tidy = ops, quiet, tidy
         self.count = 0
         self._trimmed_at = 0
 
@@ -152,6 +155,11 @@ class QuietTrim:
         while True:
             await asyncio.sleep(self.quiet)
             if self.due(seen):
+                if self.tidy is not None:
+                    try:
+                        self.tidy()
+                    except Exception:  # a bug in the tidy-up must not end the trims
+                        log.exception("quiet-time tidy-up failed")
                 release_memory()
                 self._trimmed_at = self.count
             seen = self.count

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from bench import agents, goals, harness, procs, report, stats
+from bench import agents, goals, harness, procs, report, stats, systems
 from bench.progress import Progress
 from tests.bed.benchdoc import make_doc
 
@@ -156,6 +156,28 @@ def test_memory_shows_natds_conntrack_worker_after_the_deletes_and_when_it_goes(
     assert "| igdpcp | after deletes (N=10000) | conntrack worker | 12.5 | 9.4 |" in md
     assert f"it exits after {harness.CT_IDLE_S:.0f} s idle" in md
     assert "conntrack worker" not in report.render_markdown(make_doc())  # runs before it had none
+
+
+def test_memory_names_the_state_files_beside_the_processes(tmp_path) -> None:
+    """controld's SQLite files are RAM on OpenWrt: the loaded row carries their size (read from the
+    state dir), the Markdown says it; miniupnpd keeps none in this bed."""
+    bed = type("Bed", (), {"path": staticmethod(lambda name: str(tmp_path / name))})()
+    (tmp_path / "state").mkdir()
+    for name, size in (("mappings.sqlite3", 3072), ("mappings.sqlite3-wal", 0), ("mappings.sqlite3-shm", 1024),
+                       ("other", 99_999)):
+        (tmp_path / "state" / name).write_bytes(b"x" * size)
+    system = systems.Igdpcp.__new__(systems.Igdpcp)
+    system.bed = bed
+    assert system.state_files_kib() == 4.0
+    assert systems.Miniupnpd.state_files_kib(systems.Miniupnpd.__new__(systems.Miniupnpd)) is None
+    doc = make_doc()
+    row = {"system": "igdpcp", "n": 10000, "memory": {"total": {"rss_mib": 59.0}}, "state_files_kib": 2560.0}
+    harness._fold_row(doc, row, first=False, top=True)
+    assert doc["memory"]["igdpcp"]["loaded"]["files_kib"] == 2560.0
+    assert doc["control"].pop() is row  # its other figures are not this test's
+    md = report.render_markdown(doc)
+    assert "igdpcp's files in its state dir at loaded (N=10000): 2.50 MiB" in md
+    assert by_id(goals.evaluate(doc), "mem-loaded")[0].value == 59.0  # the goal reads the processes' total
 
 
 def test_children_memory_reads_a_processs_children() -> None:

@@ -53,3 +53,32 @@ def test_release_memory_is_glibc_malloc_trim_here() -> None:
     daemon._malloc_trim.cache_clear()
     assert daemon._malloc_trim() is not None
     daemon.release_memory()
+
+
+def test_the_tidy_up_runs_before_the_trim_and_a_failing_one_ends_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """controld's WAL checkpoint rides on the trim: once per quiet moment, just before it; an
+    exception in it is logged and the trims go on."""
+    done: list[str] = []
+
+    def tidy() -> None:
+        done.append("tidy")
+        if len(done) == 1:
+            raise RuntimeError("a bug in the tidy-up")
+
+    trim = daemon.QuietTrim(ops=10, quiet=0.02, tidy=tidy)
+    monkeypatch.setattr(daemon, "release_memory", lambda: done.append("trim"))
+
+    async def run() -> None:
+        task = asyncio.create_task(trim.run())
+        for burst in (1, 2):
+            for _ in range(10):
+                trim.note()
+            for _ in range(200):  # bounded: 2 s at most
+                if done.count("trim") == burst:
+                    break
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)
+        task.cancel()
+
+    asyncio.run(run())
+    assert done == ["tidy", "trim", "tidy", "trim"]

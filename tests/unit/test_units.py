@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import msgpack
 import pytest
 
@@ -174,3 +176,34 @@ def test_store_apply_is_the_one_writer_and_never_resurrects(tmp_path) -> None:
     assert t.find(2000, 6) is None and t.count() == 0
     t.close()
     assert MappingTable(str(tmp_path)).by_id == {}
+
+
+def test_quiet_checkpoint_empties_the_wal_and_never_waits_for_a_reader(tmp_path, monkeypatch) -> None:
+    """MappingTable.checkpoint: the WAL's rows into the database and its file back to 0 bytes
+    (RAM on OpenWrt); a reader holding a snapshot makes it give up at once, not after the busy
+    timeout, and writes still wait as long as before."""
+    import sqlite3
+
+    from controld.core import store
+
+    monkeypatch.setattr(store, "SQLITE_BUSY_S", 30.0)  # a checkpoint that waited would show
+    t = MappingTable(str(tmp_path))
+    for port in range(3000, 3300):
+        t.apply(_m(t, port))
+    wal = tmp_path / "mappings.sqlite3-wal"
+    assert wal.stat().st_size > 0
+    reader = sqlite3.connect(str(tmp_path / "mappings.sqlite3"), isolation_level=None)
+    reader.execute("BEGIN")
+    assert reader.execute("SELECT COUNT(*) FROM mappings").fetchone() == (300,)  # a snapshot held
+    started = time.monotonic()
+    assert t.checkpoint() is False
+    assert time.monotonic() - started < 10  # it did not wait out the 30 s busy timeout
+    assert wal.stat().st_size > 0
+    assert t.db.execute("PRAGMA busy_timeout").fetchone() == (30_000,)  # writes wait as before
+    reader.execute("COMMIT")
+    assert t.checkpoint() is True
+    assert wal.stat().st_size == 0
+    assert reader.execute("SELECT COUNT(*) FROM mappings").fetchone() == (300,)
+    t.apply(_m(t, 4000))  # the table goes on writing into the emptied WAL
+    t.close()
+    assert len(MappingTable(str(tmp_path)).listed()) == 301
