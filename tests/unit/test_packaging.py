@@ -563,7 +563,8 @@ def test_feed_package_makefiles(pkg: str, name: str) -> None:
     assert re.fullmatch(r"[0-9a-f]{64}", v["PKG_HASH"]), "PKG_HASH must be the tarball's sha256, not skip"
     assert "include $(TOPDIR)/feeds/packages/lang/python/python3-package.mk" in mk
     assert re.search(rf"^\$\(eval \$\(call BuildPackage,{name}\)\)$", mk, re.M)
-    assert not re.search(r"^\t+python3? ", mk, re.M)  # the SDK's host python: $(HOST_PYTHON3_BIN)
+    recipes = re.sub(r"define Package/[^/\n]+/(postinst|prerm|postrm)\n.*?endef", "", mk, flags=re.S)
+    assert not re.search(r"^\t+python3? ", recipes, re.M)  # the SDK's host python: $(HOST_PYTHON3_BIN)
     assert v["PKG_MAINTAINER"] and v["PKG_LICENSE"]
     test_sh = FEED / pkg / "test.sh"  # OpenWrt CI runs it on the device after install
     assert os.access(test_sh, os.X_OK) and f'"$1" = {name}' in test_sh.read_text()
@@ -820,6 +821,67 @@ def test_postinst_restarts_dnsmasq_once_for_the_new_dhcp_handler(tmp_path: Path,
     assert res.returncode == 0, res.stderr
     got = calls.read_text().splitlines() if calls.exists() else []
     assert ("dnsmasq restart" in got) == restarts, got
+
+
+def _ipk_root(ipk: Path, root: Path) -> set[str]:
+    """The ipk's data unpacked under ``root`` (tar, as opkg's own untar would); its file paths."""
+    root.mkdir()
+    (root / "data.tar.gz").write_bytes(member(ipk, "./data.tar.gz"))
+    subprocess.run(["tar", "-xzf", str(root / "data.tar.gz"), "-C", str(root)], check=True, timeout=60)
+    (root / "data.tar.gz").unlink()
+    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
+
+
+def test_ipk_compiles_its_bytecode_at_install_and_takes_it_away_at_removal(ipk: Path, tmp_path: Path) -> None:
+    """The ipk ships sources only (version-neutral); postinst-pkg compiles them for the router's
+    python3, which the launchers' python3 -B then reads; prerm-pkg removes what no package list
+    names, and leaves the feed package's own bytecode. Nothing happens in an image build."""
+    root = tmp_path / "root"
+    shipped = _ipk_root(ipk, root)
+    lib = root / "usr/lib/igdpcp"
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    (bin_ / "python3").symlink_to(sys.executable)
+    (bin_ / "logger").write_text(f'#!/bin/sh\necho "logger $*" >> "{tmp_path / "calls"}"\n')
+    (bin_ / "logger").chmod(0o755)
+    post = (PKG / "control" / "postinst-pkg").read_text()
+    for real in ("/usr/lib/igdpcp", "/etc/init.d/dnsmasq", "/etc/hotplug.d/dhcp/90-igdpcp", "/var/etc/dnsmasq.conf"):
+        assert real in post
+        post = post.replace(real, str(root) + real)
+
+    def run(script: str, instroot: str) -> None:
+        res = subprocess.run(["dash", "-c", script], env={"PATH": f"{bin_}:/usr/bin:/bin", "IPKG_INSTROOT": instroot},
+                             capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr
+
+    def pycs() -> list[Path]:
+        return sorted(lib.rglob("*.pyc"))
+
+    run(post, "/tmp/image-root")  # an image build: the host's python3 is not the router's
+    assert pycs() == []
+    run(post, "")
+    tag = sys.implementation.cache_tag
+    modules = sorted(lib.rglob("*.py"))
+    assert modules and [p for p in modules if not (p.parent / "__pycache__" / f"{p.stem}.{tag}.pyc").exists()] == []
+    assert {p.read_bytes()[4:8] for p in pycs()} == {b"\x03\x00\x00\x00"}  # checked-hash: any install mtime
+    probe = subprocess.run([sys.executable, "-B", "-P", "-c", "import controld.main as m; print(m.__cached__)"],
+                           env={"PYTHONPATH": f"{lib}:{os.pathsep.join(sys.path[1:])}"},
+                           capture_output=True, text=True, timeout=60)
+    assert probe.returncode == 0 and Path(probe.stdout.strip()).exists(), probe.stderr
+    stamps = {p: p.stat().st_mtime_ns for p in pycs()}
+    run(post, "")  # bytecode there already (the feed package's, or a second run): left as it is
+    assert {p: p.stat().st_mtime_ns for p in pycs()} == stamps
+    prerm = (PKG / "control" / "prerm-pkg").read_text()
+    listed = root / "usr/lib/opkg/info/igdpcp.list"
+    listed.parent.mkdir(parents=True)
+    listed.write_text("".join(f"/{p.relative_to(root)}\n" for p in pycs()))  # the feed package owns them
+    run(prerm, str(root))
+    assert {p: p.stat().st_mtime_ns for p in pycs()} == stamps
+    listed.write_text("".join(f"/{f}\n" for f in sorted(shipped)))  # the ipk's own list: sources only
+    run(prerm, str(root))
+    assert pycs() == [] and not list(lib.rglob("__pycache__"))
+    assert {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()} - {str(listed.relative_to(root))} \
+        == shipped
 
 
 def test_debian_unit_writes_a_persistent_uuid_once(debian_root: Path, tmp_path: Path) -> None:
