@@ -21,7 +21,6 @@ from shared.wire import Binding
 ALLOC_RANGE = (1024, 65535)
 RESERVED_UDP = PCP_PORTS
 LAN_CACHE_MAX = 70_000  # addresses whose LAN check is remembered (bounded)
-_NONE: dict = {}  # an absent inner index (read, never written)
 
 
 class PolicyError(ValueError):
@@ -77,11 +76,12 @@ class BindingTable:
             raise PolicyError("not-lan", f"{ip} is a network or broadcast address")
 
     def free(self, proto: int, port: int) -> bool:
-        return port not in self.by_port.get(proto, _NONE) and not (proto == UDP and port in RESERVED_UDP)
+        return port not in self.by_port.get(proto, idindex.EMPTY) and not (proto == UDP and port in RESERVED_UDP)
 
     def allocate(self, proto: int, want: int, exact: bool, mid: int | None = None) -> int:
         """The wanted port if free (or already mapping ``mid``'s), else (unless ``exact``) a random free one."""
-        if want and (self.free(proto, want) or (mid is not None and self.by_port.get(proto, _NONE).get(want) == mid)):
+        if want and (self.free(proto, want)
+                     or (mid is not None and self.by_port.get(proto, idindex.EMPTY).get(want) == mid)):
             return want
         if exact:
             raise PolicyError("port-in-use", f"{PROTO_NAMES.get(proto, str(proto)).lower()}/{want} is taken")
@@ -103,7 +103,7 @@ class BindingTable:
             raise PolicyError("quota", "total binding limit reached")
         if self.per_host.get(b.lan_ip, 0) - (old is not None and old.lan_ip == b.lan_ip) >= self.limits.max_per_host:
             raise PolicyError("quota", f"binding limit for {b.lan_ip} reached")
-        owner = self.by_port.get(b.proto, _NONE).get(b.wan_port)
+        owner = self.by_port.get(b.proto, idindex.EMPTY).get(b.wan_port)
         if owner is not None and owner != b.mid:
             raise PolicyError("port-in-use", f"WAN port {b.wan_port} belongs to mapping {owner}")
         self.remove(b.mid)
@@ -153,7 +153,7 @@ class BindingTable:
         return None if mid is None else self.by_mid[mid]
 
     def by_wan_port(self, proto: int, port: int) -> Binding | None:
-        mid = self.by_port.get(proto, _NONE).get(port)
+        mid = self.by_port.get(proto, idindex.EMPTY).get(port)
         return None if mid is None else self.by_mid[mid]
 
 

@@ -8,11 +8,13 @@ int, and no set or tuple per entry: a few hundred bytes less per mapping with 10
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import Any, TypeVar
 
 K = TypeVar("K")
 Held = int | tuple[int, ...]
-_NONE: dict[int, Held] = {}  # an absent outer key's entries (read, never written): no dict per miss
+# What an absent outer key reads as, in every two-level index of both daemons (read, never
+# written): ``index.get(outer, EMPTY)`` makes no dict per miss.
+EMPTY: dict[Any, Any] = {}
 
 
 def members(held: Held) -> tuple[int, ...]:
@@ -45,5 +47,5 @@ def discard(index: dict[K, dict[int, Held]], outer: K, port: int, ident: int) ->
 
 def lowest(index: dict[K, dict[int, Held]], outer: K, port: int) -> int | None:
     """The entry's oldest (lowest) id, or None."""
-    held = index.get(outer, _NONE).get(port)
+    held = index.get(outer, EMPTY).get(port)
     return None if held is None else min(members(held))

@@ -266,7 +266,7 @@ class MappingTable:
         return self._owned.get(owner, 0)
 
     def find(self, ext_port: int, proto: int) -> Mapping | None:
-        mid = self._by_port.get(proto, {}).get(ext_port)
+        mid = self._by_port.get(proto, idindex.EMPTY).get(ext_port)
         return None if mid is None else self.by_id[mid]
 
     def find_internal(self, proto: int, int_client: str, int_port: int) -> Mapping | None:
