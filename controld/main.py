@@ -296,8 +296,9 @@ async def run(args: argparse.Namespace, reparse: Callable[[], argparse.Namespace
     link_task = await _start_iwf(args, iwf, link)
     device = _device(args, table)
     pinhole_backend = NatdPinholeBackend(link.call)
+    pinhole_store = PinholeStore(table.db)
     pinholes = Pinholes(pinhole_backend, _pinhole_policy(args, iwf.policy), table.owned_by, table.count,
-                        store=PinholeStore(table.db))
+                        store=pinhole_store)
     _share_quotas(iwf.policy, pinholes)
     await pinholes.refresh()
     resync = PinholeResync(pinhole_backend, pinholes)
@@ -319,6 +320,7 @@ async def run(args: argparse.Namespace, reparse: Callable[[], argparse.Namespace
     # then the heap's free pages back
     trim = QuietTrim(tidy=table.checkpoint)
     table.subscribe(trim.note)
+    pinhole_store.on_write = trim.note  # pinholes write into the same database
     tasks = [asyncio.create_task(ssdp.run_notify()), asyncio.create_task(gena.run_expiry()),
              asyncio.create_task(_watch_lan(lan, http, ssdp, device)), asyncio.create_task(trim.run())]
     lan_pcp = await _start_lan_pcp(args, iwf, lan.ip, pinholes)

@@ -30,6 +30,7 @@ class PinholeStore:
     def __init__(self, db: sqlite3.Connection, clock: Callable[[], float] = time.monotonic,
                  wall: Callable[[], float] = time.time) -> None:
         self.db, self.clock, self.wall = db, clock, wall
+        self.on_write: Callable[[], object] | None = None  # controld: its QuietTrim counts the writes
         self.db.executescript(_SCHEMA)
         if "nonce" not in {r[1] for r in self.db.execute("PRAGMA table_info(pinholes)")}:
             self.db.execute("ALTER TABLE pinholes ADD COLUMN nonce BLOB")  # tables from before PCP pinholes
@@ -51,6 +52,12 @@ class PinholeStore:
         values[_COLUMNS.index("expires")] = self._to_wall(p.expires)
         self.db.execute(f"INSERT OR REPLACE INTO pinholes ({', '.join(_COLUMNS)}) "
                         f"VALUES ({', '.join('?' * len(_COLUMNS))})", values)
+        self._wrote()
 
     def delete(self, uid: int) -> None:
         self.db.execute("DELETE FROM pinholes WHERE uid = ?", (uid,))
+        self._wrote()
+
+    def _wrote(self) -> None:
+        if self.on_write is not None:
+            self.on_write()

@@ -322,12 +322,16 @@ def test_rows_survive_a_restart_in_sqlite_with_their_remaining_lease(tmp_path) -
     db = sqlite3.connect(tmp_path / "m.sqlite3", isolation_level=None)
     clock, wall = Clock(), [5000.0]
     b = FakeBackend()
-    core = Pinholes(b, clock=clock, store=PinholeStore(db, clock, lambda: wall[0]))
+    store = PinholeStore(db, clock, lambda: wall[0])
+    writes: list[int] = []
+    store.on_write = lambda: writes.append(1)  # controld's QuietTrim (its WAL checkpoint) counts them
+    core = Pinholes(b, clock=clock, store=store)
     asyncio.run(core.refresh())
     keep = asyncio.run(core.add(HOST, HOST, 8080, 6, "", 0, 600))
     gone = asyncio.run(core.add(HOST, HOST, 8081, 6, "", 0, 60))
     short = asyncio.run(core.add(HOST, HOST, 8082, 6, "", 0, 100))
     asyncio.run(core.delete(HOST, gone.uid))
+    assert len(writes) == 4  # three rows written, one deleted
     # a restart 50 s later, on a new monotonic clock: the same rows, their remaining leases
     clock2, wall[0] = Clock(), 5050.0
     clock2.now = 7.0
