@@ -132,12 +132,7 @@ class PairMap(MutableMapping[_K, tuple[str, int]]):
         self._n += len(inner) - n
 
     def __delitem__(self, key: _K) -> None:
-        head = self._head(key)
-        inner = self._d[head]
-        del inner[key[-1]]
-        self._n -= 1
-        if not inner:
-            del self._d[head]
+        self.pop(key)  # (one place keeps the count and drops an emptied inner dict)
 
     def pop(self, key: _K, default: Any = _MISSING) -> Any:
         """As dict.pop (the delta path's removal, with one lookup of the element)."""
