@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from shared import idindex
@@ -122,15 +123,15 @@ class BindingTable:
             idindex.discard(self.by_endpoint, (b.lan_ip, b.proto), b.lan_port, b.mid)
         return b
 
-    def replace_all(self, bindings: list[Binding]) -> list[tuple[Binding, str]]:
+    def replace_all(self, bindings: Iterable[Binding]) -> list[tuple[Binding, str]]:
         """Swap in a whole new set (sync). A malformed set (duplicates, port clashes) is refused
         whole; a binding whose host is no longer on the LAN, or that goes over a limit (lowered
         since), is left out and returned with the reason, so it cannot block the rest."""
         trial = BindingTable(self.lan_subnets, self.router_ips, self.limits, rng=self.rng, _lan_ok=self._lan_ok)
         skipped: list[tuple[Binding, str]] = []
         for b in bindings:
-            if self.by_mid.get(b.mid) == b:  # keep the one held: the message's copy is freed, and with it
-                b = self.by_mid[b.mid]  # the arenas it filled, instead of holes left all over the old ones
+            if self.by_mid.get(b.mid) == b:  # keep the one held: the copy just read (a sync's packed
+                b = self.by_mid[b.mid]  # bindings are read one at a time) is freed at once, its memory reused
             else:
                 b = compact(b.mid, b.proto, b.lan_ip, b.lan_port, b.wan_port)
             if b.mid in trial.by_mid:

@@ -186,8 +186,8 @@ class UpstreamIO:
         # Unfinished rows too: a create in flight or a delete after a crash still needs its
         # binding for natd to relay the PCP request (RFC 6970 §5.5).
         self._arm_delete_retry()  # upstream deletes a previous run could not finish
-        bindings = [wire.Binding(m.id, m.proto, m.int_client, m.int_port, m.nat1_port)
-                    for m in self.table.by_id.values() if m.nat1_port and m.mode != "no-nat1"]
+        bindings = wire.PackedBindings.pack((m.id, m.proto, m.int_client, m.int_port, m.nat1_port)
+                                            for m in self.table.by_id.values() if m.nat1_port and m.mode != "no-nat1")
         self.stats.resyncs += 1
         reply = await self.link.call(wire.Sync(bindings), timeout=30)
         assert isinstance(reply, wire.SyncReply)

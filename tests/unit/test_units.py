@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 
 import msgpack
@@ -23,6 +24,29 @@ def test_wire_round_trip() -> None:
     assert wire.decode(wire.encode(msg, 9)) == (msg, 9)
 
 
+def _packed(mid: int, proto: int, lan_port: int, wan_port: int, ip: bytes = bytes([192, 168, 1, 2])) -> bytes:
+    """One binding as a sync packs it, written here by hand (the layout is the wire's, not the codec's)."""
+    return mid.to_bytes(8, "big") + bytes([proto]) + ip + lan_port.to_bytes(2, "big") + wan_port.to_bytes(2, "big")
+
+
+def test_a_sync_carries_its_bindings_packed_and_reads_the_list_form_too() -> None:
+    """17 bytes a binding in one bin (a 10k sync decodes to one bytes object, no map per binding);
+    a sender from before the packing, writing a list of maps, is still understood."""
+    bindings = [wire.Binding(1, 6, "192.168.1.2", 80, 8080), wire.Binding(2**40, 17, "10.0.0.9", 5353, 53)]
+    raw = msgpack.unpackb(wire.encode(wire.Sync(bindings)))
+    assert raw["bindings"] == _packed(1, 6, 80, 8080) + _packed(2**40, 17, 5353, 53, bytes([10, 0, 0, 9]))
+    msg, _ = wire.decode(wire.encode(wire.Sync(bindings)))
+    assert isinstance(msg, wire.Sync) and isinstance(msg.bindings, wire.PackedBindings)
+    assert list(msg.bindings) == bindings and len(msg.bindings) == 2 and msg.bindings[-1] == bindings[1]
+    assert msg.bindings[0].lan_ip is sys.intern("192.168.1.2")
+    old = msgpack.packb({"v": 2, "op": "sync", "bindings": [
+        {"mid": b.mid, "proto": b.proto, "lan_ip": b.lan_ip, "lan_port": b.lan_port, "wan_port": b.wan_port}
+        for b in bindings]})
+    assert wire.decode(old)[0] == msg
+    with pytest.raises(wire.WireError):
+        wire.Sync([wire.Binding(0, 6, "192.168.1.2", 80, 80)])  # the sender checks what it packs too
+
+
 @pytest.mark.parametrize("raw,code", [
     (b"\xc1", "bad-msgpack"),
     (msgpack.packb([1, 2]), "bad-msgpack"),
@@ -36,7 +60,20 @@ def test_wire_round_trip() -> None:
     (msgpack.packb({"v": 1, "op": "bind", "mid": 1, "proto": 6, "lan_ip": "1.2.3.4", "lan_port": 70000,
                     "want_port": 1}), "bad-field"),
     (msgpack.packb({"v": 1, "op": "pcp.exchange", "server": "x", "packet": b""}), "bad-field"),
-    (msgpack.packb({"v": 1, "op": "pcp.exchange", "server": "1.1.1.1", "packet": b"x" * 5000}), "bad-msgpack"),
+    (msgpack.packb({"v": 1, "op": "pcp.exchange", "server": "1.1.1.1", "packet": b"x" * 5000}), "bad-field"),
+    (msgpack.packb({"v": 1, "op": "pcp.exchange", "server": "1.1.1.1", "packet": b"x" * (wire.MAX_PACKED + 1)}),
+     "bad-msgpack"),
+    # a sync's packed bindings (mid, proto, address, LAN port, WAN port): every record is checked
+    (msgpack.packb({"v": 2, "op": "sync", "bindings": _packed(1, 6, 80, 80)[:-1]}), "bad-field"),
+    (msgpack.packb({"v": 2, "op": "sync", "bindings": _packed(1, 1, 80, 80)}), "bad-field"),
+    (msgpack.packb({"v": 2, "op": "sync", "bindings": _packed(0, 6, 80, 80)}), "bad-field"),
+    (msgpack.packb({"v": 2, "op": "sync", "bindings": _packed(1, 17, 80, 80) + _packed(2, 17, 0, 80)}),
+     "bad-field"),
+    (msgpack.packb({"v": 2, "op": "sync", "bindings": "all of them"}), "bad-field"),
+    (msgpack.packb({"v": 2, "op": "sync", "bindings": [{"mid": 1, "proto": 6, "lan_ip": 3232235777,
+                                                        "lan_port": 80, "wan_port": 80}]}), "bad-field"),
+    (msgpack.packb({"v": 2, "op": "sync", "bindings": [{"mid": 1, "proto": 6, "lan_ip": "192.168.1.300",
+                                                        "lan_port": 80, "wan_port": 80}]}), "bad-field"),
     (msgpack.packb({"v": 1, "op": "pcp.exchange", "server": "1.1.1.1", "packet": b"", "wait_ms": -1}), "bad-field"),
     (msgpack.packb({"v": 1, "op": "hello", "extra": 1}), "bad-field"),
     (b"\x00" * (wire.MAX_MESSAGE + 1), "too-big"),
