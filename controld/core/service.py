@@ -88,7 +88,10 @@ class Iwf(UpstreamIO):
         # renewal window (docs/core.md, recovery; docs/requirements.md IWF-32, §18 item 6).
         at = self.wall() + self.rng.uniform(0, self.cfg.service_wait)
         for m in self.table.listed():
-            self._schedule(m, at, arm=False)
+            if m.mode != "nat1-only":
+                self._schedule(m, at, arm=False)
+            elif m.lease_end is not None:  # nothing upstream: only its lease's end, as _create sets it
+                self._schedule(m, m.lease_end, arm=False)
         self._arm()
         log.info("iwf up: mode=%s wan=%s pcp-server=%s external=%s, %d mappings restored",
                  self.mode, self.wan_ip, self.server, self.server_ext_ip, self.table.count())

@@ -137,3 +137,26 @@ def test_natd_return_brings_failed_renewals_forward(tmp_path) -> None:
         await iwf.on_natd_event(wire.Heartbeat("boot-2", 0))
         assert iwf.timers.due[m.id][0] <= iwf.wall() + 1
     drive(iwf, body)
+
+
+def test_a_start_sets_timers_only_for_what_has_something_due(tmp_path) -> None:
+    """At start the stored upstream mappings are re-asserted, and a nat1-only row's lease end is
+    set again; a nat1-only row without a lease has nothing due, so it gets no timer: 10k of them
+    used to cost ~1.7 MiB of timer entries that fired only to do nothing."""
+    t = MappingTable(str(tmp_path))
+    now = time.time()
+    for mid, mode, lease_end in ((1, "nat1-only", None), (2, "nat1-only", now + 600), (3, "cascaded", None)):
+        t.apply(Mapping(id=mid, cp=LAN, igd=1, remote_host="", ext_port=8080 + mid, proto=6, int_client=LAN,
+                        int_port=80 + mid, description="x", lease=600 if lease_end else 0, lease_end=lease_end,
+                        state=State.ACTIVE, created=now, nat1_port=8080 + mid, mode=mode,
+                        nonce=bytes(12) if mode == "cascaded" else None,
+                        pcp_server=SERVER if mode == "cascaded" else None))
+    t.close()
+    link = Scripted()
+    iwf = make_iwf(tmp_path, link, service_wait=30.0)
+
+    async def check() -> None:
+        due = dict(iwf.timers.due)
+        assert sorted(due) == [2, 3]
+        assert due[2][0] == now + 600 and due[3][0] <= time.time() + 30
+    drive(iwf, check)
