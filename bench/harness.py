@@ -266,8 +266,12 @@ def restart_recovery(bed: tb.Testbed, system: Igdpcp, n: int) -> dict[str, Any]:
     # the flush took the bed's own router masquerade too: put it back as the bed made it
     bed.nft("cpe", f"table ip {tb.ROUTER_FW_TABLE} {{\n chain srcnat {{\n type nat hook postrouting priority srcnat;"
                    f' policy accept;\n oifname "{tb.ROUTER_WAN_IF}" ip saddr {tb.LAN_SUBNET} masquerade\n }}\n}}\n')
+    time.sleep(1.0)  # let allocators settle, as before the loaded figure
+    # both daemons started with N in their tables: what a router holds after a reboot
+    out["memory"] = procs.memory_of(system.pids())
+    both = (out["memory"].get("total") or {}).get("rss_mib")
     say(f"restart: controld first SOAP {out['controld_first_soap_s']}, natd {out['natd_restart_s']}, "
-        f"flush {out['nft_flush_s']}")
+        f"flush {out['nft_flush_s']}, both {'?' if both is None else f'{both:.1f}'} MiB RSS")
     return out
 
 
@@ -497,6 +501,8 @@ def _fold_row(doc: dict[str, Any], row: dict[str, Any], first: bool, top: bool) 
             doc["dataplane"].append({"system": system, "n": n, "conn_per_s": row.pop(key)})
     if "restart" in row:
         doc["restart"] = row.pop("restart")
+        if doc["restart"].get("memory"):
+            mem["restarted"] = {"n": row["n"], **doc["restart"].pop("memory")}
     doc["control"].append(row)
 
 

@@ -158,6 +158,10 @@ def _memory_table(mem: dict[str, Any]) -> list[str]:
                 mib = _f(procs["files_kib"] / 1024, ".2f")
                 notes.append(f"{system}'s files in its state dir at {label}: {mib} MiB "
                              "(its SQLite table, not in any RSS: RAM on OpenWrt, where the state dir is under /var).")
+            if state == "restarted":
+                notes.append(f"{system} at {label}: after the restart phase (controld restarted, then natd, then "
+                             "`nft flush ruleset`), each daemon started with the table it had: what a router "
+                             "holds after a reboot.")
             if "ctworker" in procs:
                 notes.append(f"{system}'s conntrack worker (natd's child process) is read after the loaded deletes, "
                              f"while it runs: it exits after {_f(procs.get('idle_exit_s'), '.0f')} s idle "

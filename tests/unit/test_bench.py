@@ -180,6 +180,26 @@ def test_memory_names_the_state_files_beside_the_processes(tmp_path) -> None:
     assert by_id(goals.evaluate(doc), "mem-loaded")[0].value == 59.0  # the goal reads the processes' total
 
 
+def test_memory_after_the_restart_phase_is_shown_and_held_to_the_loaded_goal() -> None:
+    """Both daemons started with their 10k (a router after a reboot) hold what they held after the
+    adds, or the goal says short: a start used to leave both ~7 MiB larger."""
+    doc = make_doc()
+    mem = {"natd": {"rss_mib": 29.2, "pss_mib": 22.3}, "controld": {"rss_mib": 31.1, "pss_mib": 24.1},
+           "total": {"rss_mib": 60.3, "pss_mib": 46.4}}
+    row = {"system": "igdpcp", "n": 10000, "memory": {"total": {"rss_mib": 59.5}},
+           "restart": {"n": 10000, "controld_first_soap_s": 0.5, "memory": mem}}
+    harness._fold_row(doc, row, first=False, top=True)
+    assert doc["memory"]["igdpcp"]["restarted"] == {"n": 10000, **mem}
+    assert "memory" not in doc["restart"] and doc["restart"]["controld_first_soap_s"] == 0.5
+    assert doc["control"].pop() is row
+    verdict = by_id(goals.evaluate(doc), "mem-restarted")[0]
+    assert (verdict.value, verdict.status) == (60.3, "short")
+    assert by_id(goals.evaluate(doc), "mem-loaded")[0].status == "met"
+    md = report.render_markdown(doc)
+    assert "| igdpcp | restarted (N=10000) | total | 60.3 | 46.4 |" in md
+    assert "what a router holds after a reboot" in md
+
+
 def test_children_memory_reads_a_processs_children() -> None:
     child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
     try:
