@@ -306,11 +306,13 @@ class Natd:
         self._heal_pinholes()
         gen = nftmon.generation()
         intact, have = self.nft.snapshot()
-        want = self.nft.expected(self.table.by_mid.values(), self.ifs.wan_ip, self.ifs.lan_subnets)
-        if intact and have == want:
-            self.nft.state = have
-            self._gen, self._gen_due = gen, False
-            return
+        if intact:  # (else it is restored whole: the write builds what it should hold, once)
+            want = self.nft.expected(self.table.by_mid.values(), self.ifs.wan_ip, self.ifs.lan_subnets)
+            if have == want:
+                self.nft.state = want  # the same, built from the bindings: it shares their ints, the dump's has its own
+                self._gen, self._gen_due = gen, False
+                return
+            del want
         reason = "rules or chains missing" if not intact else "map elements changed"
         t0 = time.monotonic()
         if intact:

@@ -18,7 +18,7 @@ import asyncio
 import errno
 import socket
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator
 
 from natd.ctnetlink import NETLINK_NETFILTER, RECV_BYTES
 from natd.ctnetlink import NFGEN as _NFGEN
@@ -103,29 +103,41 @@ def _elem(key: bytes, data: bytes | None, timeout_ms: int = 0) -> bytes:
     return _NLA.pack(4 + len(inner), NFTA_LIST_ELEM | nl.NLA_F_NESTED) + inner
 
 
-def setelem_batch(family: int, table: str, changes: Iterable[tuple[str, Sequence[ElemOp]]],
+def setelem_batch(family: int, table: str, changes: Iterable[tuple[str, Iterable[ElemOp]]],
                   seq: int = 1) -> tuple[bytes, int]:
     """One nf_tables batch (begin, the element messages, end) that applies ``changes``: per set name,
-    its deletes then its adds, in the given order. Returns the bytes and how many messages ask for
-    an acknowledgement (every element message)."""
+    its ops in the given order (callers give a set's deletes first), consecutive ops of one kind in
+    messages of at most ELEMS_PER_MESSAGE elements. The ops are read one at a time, so a 10k restore
+    never holds an object per element. Returns the bytes and how many messages ask for an
+    acknowledgement (every element message)."""
     out = [nl.message(NFNL_MSG_BATCH_BEGIN, nl.NLM_F_REQUEST, seq, _NFGEN.pack(0, 0, NFNL_SUBSYS_NFTABLES))]
     head = nl.attr(NFTA_SET_ELEM_LIST_TABLE, table.encode() + b"\0")
     acks = 0
     for name, ops in changes:
-        where = head + nl.attr(NFTA_SET_ELEM_LIST_SET, name.encode() + b"\0")
-        for kind, part in ((NFT_MSG_DELSETELEM, [op for op in ops if op[1] is None]),
-                           (NFT_MSG_NEWSETELEM, [op for op in ops if op[1] is not None])):
-            flags = nl.NLM_F_REQUEST | nl.NLM_F_ACK | (NLM_F_CREATE if kind == NFT_MSG_NEWSETELEM else 0)
-            for i in range(0, len(part), ELEMS_PER_MESSAGE):
+        where = _NFGEN.pack(family, 0, 0) + head + nl.attr(NFTA_SET_ELEM_LIST_SET, name.encode() + b"\0")
+        kind, elems, count = 0, bytearray(), 0
+        for op in ops:
+            op_kind = NFT_MSG_DELSETELEM if op[1] is None else NFT_MSG_NEWSETELEM
+            if count and (op_kind != kind or count == ELEMS_PER_MESSAGE):
                 seq += 1
-                elems = b"".join(_elem(*op) for op in part[i:i + ELEMS_PER_MESSAGE])
-                out.append(nl.message((NFNL_SUBSYS_NFTABLES << 8) | kind, flags, seq,
-                                      _NFGEN.pack(family, 0, 0) + where
-                                      + nl.attr(NFTA_SET_ELEM_LIST_ELEMENTS | nl.NLA_F_NESTED, elems)))
-                acks += 1
+                out.append(_elems_message(kind, seq, where, elems))
+                acks, elems, count = acks + 1, bytearray(), 0
+            kind, count = op_kind, count + 1
+            elems += _elem(*op)
+        if count:
+            seq += 1
+            out.append(_elems_message(kind, seq, where, elems))
+            acks += 1
     seq += 1
     out.append(nl.message(NFNL_MSG_BATCH_END, nl.NLM_F_REQUEST, seq, _NFGEN.pack(0, 0, NFNL_SUBSYS_NFTABLES)))
     return b"".join(out), acks
+
+
+def _elems_message(kind: int, seq: int, where: bytes, elems: bytes | bytearray) -> bytes:
+    """One DELSETELEM or NEWSETELEM message (acknowledged) carrying ``elems``."""
+    flags = nl.NLM_F_REQUEST | nl.NLM_F_ACK | (NLM_F_CREATE if kind == NFT_MSG_NEWSETELEM else 0)
+    return nl.message((NFNL_SUBSYS_NFTABLES << 8) | kind, flags, seq,
+                      where + nl.attr(NFTA_SET_ELEM_LIST_ELEMENTS | nl.NLA_F_NESTED, bytes(elems)))
 
 
 class NftSocket:
@@ -155,7 +167,7 @@ class NftSocket:
             self._sock.close()
             self._sock, self._sndbuf = None, 0
 
-    def run(self, changes: Iterable[tuple[str, Sequence[ElemOp]]], family: int, table: str,
+    def run(self, changes: Iterable[tuple[str, Iterable[ElemOp]]], family: int, table: str,
             timeout: float = NFT_BATCH_TIMEOUT_S) -> None:
         """Apply ``changes`` (per set: deletes, then adds) as one transaction; NftBatchError when the
         kernel refused it (nothing applied), another OSError when the socket failed (then reopened)."""
@@ -187,7 +199,7 @@ class NftSocket:
 _NFT_SOCKET = NftSocket()
 
 
-def nft_batch(changes: Iterable[tuple[str, Sequence[ElemOp]]], family: int, table: str,
+def nft_batch(changes: Iterable[tuple[str, Iterable[ElemOp]]], family: int, table: str,
               timeout: float = NFT_BATCH_TIMEOUT_S) -> None:
     """Apply element ``changes`` to ``table`` as one nf_tables transaction, on natd's long-lived socket;
     NftBatchError when the kernel refused it (nothing of it applied)."""
@@ -225,20 +237,23 @@ def decode_setelems(msg: nl.Msg) -> list[ElemVal]:
     return out
 
 
-def nft_dump_elements(family: int, table: str, name: str, timeout: float = NFT_BATCH_TIMEOUT_S) -> list[ElemVal]:
-    """Every element of a set or map as raw key/data values (blocking, as a libnftables listing is; far
-    less memory than its JSON for 10k elements). OSError (ENOENT: no such table or set) on failure."""
-    out: list[ElemVal] = []
+def nft_dump_elements(family: int, table: str, name: str, timeout: float = NFT_BATCH_TIMEOUT_S) -> Iterator[ElemVal]:
+    """Every element of a set or map as raw key/data values, yielded as the dump arrives (blocking, as a
+    libnftables listing is; far less memory than its JSON for 10k elements, and no list of them all).
+    OSError (ENOENT: no such table or set) on failure, possibly after some elements were yielded."""
+    seen = 0
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER) as s:
         s.settimeout(timeout)
         s.sendall(getsetelem_request(family, table, name))
         while True:
             for msg in nl.messages(s.recv(RECV_BYTES)):
                 if msg.type == nl.NLMSG_DONE:
-                    return out
+                    return
                 if msg.type == nl.NLMSG_ERROR:
                     code = nl.error_code(msg)
                     raise OSError(code, f"nf_tables element dump of {name}: {errno.errorcode.get(code, code)}")
-                out += decode_setelems(msg)
-                if len(out) > MAX_SET_ELEMENTS:
+                elems = decode_setelems(msg)
+                seen += len(elems)
+                if seen > MAX_SET_ELEMENTS:
                     raise OSError(errno.E2BIG, f"{name} holds more than {MAX_SET_ELEMENTS} elements")
+                yield from elems

@@ -158,6 +158,15 @@ class PairMap(MutableMapping[_K, tuple[str, int]]):
     def __len__(self) -> int:
         return self._n
 
+    def __eq__(self, other: object) -> bool:
+        """Element by element: Mapping's own ``__eq__`` builds a dict of every item of both first, which
+        for the healer's check of 10k forwards was a ~6 MiB peak whose arenas the allocator kept."""
+        if not isinstance(other, Mapping):
+            return NotImplemented
+        return len(self) == len(other) and all(other.get(k, _MISSING) == v for k, v in self.items())
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, as a dict
+
     def __repr__(self) -> str:
         return f"PairMap({dict(self.items())!r})"
 
@@ -213,26 +222,31 @@ def _changes(delta: dict[_K, tuple[str, int] | None], current: Mapping[_K, tuple
 
 
 def _delta_ops(changes: list[_Change[_K]], key: Callable[[_K], bytes]) -> list[netlink.ElemOp]:
-    """One map's changes for a netlink batch: a replaced or removed element out, the new one in."""
-    ops: list[netlink.ElemOp] = []
-    for k, old, new in changes:
-        if old is not None:
-            ops.append((key(k), None))
-        if new is not None:
-            ops.append((key(k), _addr_port(new)))
-    return ops
+    """One map's changes for a netlink batch: replaced and removed elements out, then the new ones in."""
+    dels: list[netlink.ElemOp] = [(key(k), None) for k, old, _ in changes if old is not None]
+    return dels + [(key(k), _addr_port(new)) for k, _, new in changes if new is not None]
 
 
 def _map_diff(w: Mapping[_K, tuple[str, int]], h: Mapping[_K, tuple[str, int]]) -> tuple[list[_K], list[_K]]:
     """The keys whose element in ``h`` must go, and those whose element in ``w`` must be added."""
-    return [k for k in h if w.get(k) != h[k]], [k for k in w if h.get(k) != w[k]]
+    return list(_new_keys(h, w)), list(_new_keys(w, h))
 
 
-def _triples(gone: list[_K], new: list[_K], have: Mapping[_K, tuple[str, int]],
-             want: Mapping[_K, tuple[str, int]]) -> list[_Change[_K]]:
-    """A whole-map diff (:func:`_map_diff`) as the per-key changes the delta path writes."""
-    keys: list[_K] = gone + [k for k in new if k not in have]  # a changed key is in both lists
-    return [(k, have.get(k), want.get(k)) for k in keys]
+def _new_keys(w: Mapping[_K, tuple[str, int]], h: Mapping[_K, tuple[str, int]]) -> Iterator[_K]:
+    """The keys whose element in ``w`` is not in ``h`` as it is (absent or other), one at a time;
+    with the two maps swapped, the keys whose element in ``h`` must go."""
+    return (k for k in w if h.get(k) != w[k])
+
+
+def _bulk_ops(gone: list[_K], w: Mapping[_K, tuple[str, int]], h: Mapping[_K, tuple[str, int]],
+              key: Callable[[_K], bytes]) -> Iterator[netlink.ElemOp]:
+    """A whole-map diff as a netlink batch's ops, made while the batch is written (a restore of 10k
+    forwards held ~6 MiB of keys and ops at once, and the allocator kept what they had filled):
+    ``gone``'s elements out (a changed key is among them), then every new element in."""
+    for k in gone:
+        yield key(k), None
+    for k in _new_keys(w, h):
+        yield key(k), _addr_port(w[k])
 
 
 def _fwd_elem(k: FwdKey) -> str:
@@ -424,8 +438,16 @@ class Nft:
             for name in ("wan4", "lan4", "wanif", "inif", "pcp4"):
                 if f"{p}{name}" in declared:
                     items += self._list_json(f"set {lay.where} {p}{name}")
-            maps = {name: netlink.nft_dump_elements(netlink.FAMILIES[lay.family], lay.table, f"{p}{name}")
-                    for name in ("fwd4", "snat4") if f"{p}{name}" in declared}
+            st = self._elements(items)
+            # element by element as the dump arrives: a list of the whole dump first held ~2.7 MiB at 10k
+            # beside the state being built, and the allocator kept what they had filled
+            family = netlink.FAMILIES[lay.family]
+            if f"{p}fwd4" in declared:
+                st.fwd.update(_fwd_item(k, v) for k, v in netlink.nft_dump_elements(family, lay.table, f"{p}fwd4")
+                              if v is not None)
+            if f"{p}snat4" in declared:
+                st.snat.update(_snat_item(k, v) for k, v in netlink.nft_dump_elements(family, lay.table, f"{p}snat4")
+                               if v is not None)
         except (NftError, OSError):
             return False, KernelState()
         rules: dict[str, list[str | None]] = {}
@@ -440,9 +462,6 @@ class Nft:
                     jumps.add((r["chain"], e["jump"].get("target")))
         ok = all(rules.get(c) == [tag for tag, _ in rs] for c, rs in lay.chains().items())
         ok = ok and all(j in jumps for j in lay.jumps().items())
-        st = self._elements(items)
-        st.fwd.update(_fwd_item(k, v) for k, v in maps.get("fwd4", ()) if v is not None)
-        st.snat.update(_snat_item(k, v) for k, v in maps.get("snat4", ()) if v is not None)
         return ok, st
 
     def structure_ok(self) -> bool:
@@ -539,6 +558,7 @@ class Nft:
                     return bulk
                 script, change = self._diff(want)
                 if not script:
+                    self.state = want  # the same; a picture read from the kernel holds its own ints
                     return change
                 self.run(script)
                 self.state = want
@@ -626,9 +646,9 @@ class Nft:
         None when the nft text is to be run instead (few changes, or the batch failed: nothing of it
         applied, so the text transaction starts clean)."""
         have = self.state
-        fwd_gone, fwd_new = _map_diff(want.fwd, have.fwd)
-        snat_gone, snat_new = _map_diff(want.snat, have.snat)
-        if len(fwd_gone) + len(fwd_new) + len(snat_gone) + len(snat_new) < BULK_MIN:
+        fwd_gone, snat_gone = list(_new_keys(have.fwd, want.fwd)), list(_new_keys(have.snat, want.snat))
+        fwd_new = sum(1 for _ in _new_keys(want.fwd, have.fwd))  # counted here, made in the batch
+        if len(fwd_gone) + fwd_new + len(snat_gone) + sum(1 for _ in _new_keys(want.snat, have.snat)) < BULK_MIN:
             return None
         old_wan = tuple(sorted(have.wan))
         if (have.wan, have.lan, have.wanif, have.inif, have.pcp) != (want.wan, want.lan, want.wanif, want.inif,
@@ -641,14 +661,14 @@ class Nft:
             self.run(script)
             self.state = have = sets
         p = self.layout.prefix
-        changes = [(f"{p}fwd4", _delta_ops(_triples(fwd_gone, fwd_new, have.fwd, want.fwd), _fwd_key)),
-                   (f"{p}snat4", _delta_ops(_triples(snat_gone, snat_new, have.snat, want.snat), _snat_key))]
+        changes = [(f"{p}fwd4", _bulk_ops(fwd_gone, want.fwd, have.fwd, _fwd_key)),
+                   (f"{p}snat4", _bulk_ops(snat_gone, want.snat, have.snat, _snat_key))]
         try:
             netlink.nft_batch(changes, netlink.FAMILIES[self.layout.family], self.layout.table)
         except OSError as exc:  # refused or not possible here: the same change as nft text
             log.debug("netlink element batch not applied (%s); writing it as nft text", exc)
             return None
-        return Change(added=len(fwd_new), removed=sum(1 for k in fwd_gone if k not in want.fwd),
+        return Change(added=fwd_new, removed=sum(1 for k in fwd_gone if k not in want.fwd),
                       gone_fwd=tuple((k, have.fwd[k]) for k in fwd_gone),
                       gone_snat=tuple((k, have.snat[k]) for k in snat_gone), old_wan=old_wan)
 
@@ -1012,16 +1032,17 @@ class PinholeNft:
     def _write_delta(self, delta: dict[PinKey, int | None]) -> bool:
         """The delta as one netlink batch (per set: the present keys out, then the new ones in with
         their timeouts); False when it was not applied (then nothing of it was)."""
-        per_set: dict[str, list[netlink.ElemOp]] = {}
+        per_set: dict[str, tuple[list[netlink.ElemOp], list[netlink.ElemOp]]] = {}  # set: (deletes, adds)
         for k, t in delta.items():
-            ops = per_set.setdefault(self.place.obj(pin_set(k)), [])
+            dels, adds = per_set.setdefault(self.place.obj(pin_set(k)), ([], []))
             raw = pin_key_bytes(k)
             if k in self.have:
-                ops.append((raw, None))
+                dels.append((raw, None))
             if t is not None:
-                ops.append((raw, b"", t * 1000))
+                adds.append((raw, b"", t * 1000))
         try:
-            netlink.nft_batch(list(per_set.items()), netlink.FAMILIES[self.place.family], self.place.table)
+            netlink.nft_batch([(name, dels + adds) for name, (dels, adds) in per_set.items()],
+                              netlink.FAMILIES[self.place.family], self.place.table)
         except OSError as exc:
             log.debug("netlink pinhole batch not applied (%s); writing it as nft text", exc)
             return False
