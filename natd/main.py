@@ -325,7 +325,7 @@ class Natd:
         log.warning("nft objects in %s changed under natd (%s); restored %d forwards in %.0f ms",
                     self.nft.layout.where, reason, len(self.table.by_mid), (time.monotonic() - t0) * 1000)
         self._publish(wire.Restored(self.boot_id, reason, len(self.table.by_mid)))
-        release_memory()
+        self.trim.soon()
 
     # --- PCP relay -----------------------------------------------------------------
 
@@ -501,7 +501,7 @@ class Natd:
             t.replace_all(before)
             raise
         if len(msg.bindings) > 1000:
-            release_memory()
+            self.trim.soon()
         log.info("sync: %d bindings, +%d -%d forwards", len(t.by_mid), ch.added, ch.removed)
         return wire.SyncReply(ch.added, ch.removed, [b.mid for b, _ in skipped])
 

@@ -145,6 +145,11 @@ class QuietTrim:
         """One operation done (usable as a subscriber or a callback of any signature)."""
         self.count += 1
 
+    def soon(self) -> None:
+        """A bulk operation (a sync, a restore) counts as a burst: trim at the next quiet moment, after
+        what follows it (replies, the monitor's events of its own commit) is done as well."""
+        self.count += self.ops
+
     def due(self, seen: int) -> bool:
         """Trim now? ``seen`` is the count one quiet period ago."""
         return self.count == seen and self.count - self._trimmed_at >= self.ops

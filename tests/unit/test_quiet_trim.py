@@ -28,6 +28,19 @@ def test_due_after_a_burst_at_the_first_quiet_period_and_not_again_before_the_ne
     assert trim.due(trim.count)
 
 
+def test_a_bulk_operation_is_a_burst_of_its_own_trimmed_once_quiet() -> None:
+    """natd's sync of 10k or a restore is one operation that fills the heap like a thousand: the
+    trim comes at the next quiet period, after the replies and monitor events that follow it."""
+    trim = daemon.QuietTrim(ops=50)
+    trim.note()
+    trim.soon()
+    assert not trim.due(0)  # busy in this period
+    assert trim.due(trim.count)
+    trim._trimmed_at = trim.count
+    trim.note()
+    assert not trim.due(trim.count)
+
+
 def test_the_task_trims_once_the_notes_stop(monkeypatch: pytest.MonkeyPatch) -> None:
     trims: list[int] = []
     trim = daemon.QuietTrim(ops=50, quiet=0.02)
