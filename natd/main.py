@@ -305,14 +305,13 @@ class Natd:
     def _heal(self) -> None:
         self._heal_pinholes()
         gen = nftmon.generation()
+        want = self.nft.expected(self.table.by_mid.values(), self.ifs.wan_ip, self.ifs.lan_subnets)
+        if self.nft.holds(want):
+            self.nft.state = want  # what natd holds as well, built again from the bindings: it shares their ints
+            self._gen, self._gen_due = gen, False
+            return
+        del want
         intact, have = self.nft.snapshot()
-        if intact:  # (else it is restored whole: the write builds what it should hold, once)
-            want = self.nft.expected(self.table.by_mid.values(), self.ifs.wan_ip, self.ifs.lan_subnets)
-            if have == want:
-                self.nft.state = want  # the same, built from the bindings: it shares their ints, the dump's has its own
-                self._gen, self._gen_due = gen, False
-                return
-            del want
         reason = "rules or chains missing" if not intact else "map elements changed"
         t0 = time.monotonic()
         if intact:

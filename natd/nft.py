@@ -249,6 +249,20 @@ def _bulk_ops(gone: list[_K], w: Mapping[_K, tuple[str, int]], h: Mapping[_K, tu
         yield key(k), _addr_port(w[k])
 
 
+def _dump_matches(dump: Iterable[netlink.ElemVal], item: Callable[[bytes, bytes], tuple[_K, tuple[str, int]]],
+                  want: Mapping[_K, tuple[str, int]]) -> bool:
+    """Every element of a map's ``dump`` is in ``want`` as it is there, and they are as many."""
+    n = 0
+    for k, v in dump:
+        if v is None:
+            continue
+        key, val = item(k, v)
+        if want.get(key, _MISSING) != val:
+            return False
+        n += 1
+    return n == len(want)
+
+
 def _fwd_elem(k: FwdKey) -> str:
     return f"{PROTO_NAMES[k[0]]} . {k[1]}"
 
@@ -422,34 +436,18 @@ class Nft:
 
     # --- structure -------------------------------------------------------------------
 
-    def snapshot(self) -> tuple[bool, KernelState]:
-        """(structure intact, elements): the table without elements, each small set, and the two maps'
-        elements as raw netlink values (their JSON listing costs ~7 KiB of Python objects per forward
-        and left natd ~30 MiB larger after one look at 10k forwards).
+    def _structure(self) -> tuple[bool, KernelState, set[str]]:
+        """(rules intact, the small sets, the names declared) from the table's JSON listing, without
+        the maps' elements; NftError or OSError when it cannot be read.
 
-        Intact means our chains hold exactly our rules and, in fw4, fw4's jumps to them
-        exist. Lists every element, so natd calls it only when the ruleset's generation
-        changed (see natd.nftmon), never blindly every second.
+        Intact means our chains hold exactly our rules and, in fw4, fw4's jumps to them exist.
         """
         lay, p = self.layout, self.layout.prefix
-        try:
-            items = self._list_json(f"table {lay.where}", terse=True)
-            declared = {obj.get("name") for i in items for obj in (i.get("map") or i.get("set"),) if obj}
-            for name in ("wan4", "lan4", "wanif", "inif", "pcp4"):
-                if f"{p}{name}" in declared:
-                    items += self._list_json(f"set {lay.where} {p}{name}")
-            st = self._elements(items)
-            # element by element as the dump arrives: a list of the whole dump first held ~2.7 MiB at 10k
-            # beside the state being built, and the allocator kept what they had filled
-            family = netlink.FAMILIES[lay.family]
-            if f"{p}fwd4" in declared:
-                st.fwd.update(_fwd_item(k, v) for k, v in netlink.nft_dump_elements(family, lay.table, f"{p}fwd4")
-                              if v is not None)
-            if f"{p}snat4" in declared:
-                st.snat.update(_snat_item(k, v) for k, v in netlink.nft_dump_elements(family, lay.table, f"{p}snat4")
-                               if v is not None)
-        except (NftError, OSError):
-            return False, KernelState()
+        items = self._listing(lay.where)
+        declared = {obj.get("name") for i in items for obj in (i.get("map") or i.get("set"),) if obj}
+        for name in ("wan4", "lan4", "wanif", "inif", "pcp4"):
+            if f"{p}{name}" in declared:
+                items += self._list_json(f"set {lay.where} {p}{name}")
         rules: dict[str, list[str | None]] = {}
         jumps: set[tuple[str, str]] = set()
         for item in items:
@@ -462,15 +460,71 @@ class Nft:
                     jumps.add((r["chain"], e["jump"].get("target")))
         ok = all(rules.get(c) == [tag for tag, _ in rs] for c, rs in lay.chains().items())
         ok = ok and all(j in jumps for j in lay.jumps().items())
+        return ok, self._elements(items), {str(n) for n in declared}
+
+    def _dump(self, name: str) -> Iterator[netlink.ElemVal]:
+        """One of our maps' elements, as the kernel's dump arrives."""
+        lay = self.layout
+        return netlink.nft_dump_elements(netlink.FAMILIES[lay.family], lay.table, f"{lay.prefix}{name}")
+
+    def snapshot(self) -> tuple[bool, KernelState]:
+        """(structure intact, elements): the table without elements, each small set, and the two maps'
+        elements as raw netlink values (their JSON listing costs ~7 KiB of Python objects per forward
+        and left natd ~30 MiB larger after one look at 10k forwards), taken into the picture as the
+        dump arrives (a list of the whole dump first was ~2.7 MiB more at 10k).
+
+        Lists every element, so natd calls it only when the ruleset's generation changed (see
+        natd.nftmon) and :meth:`holds` said no, never blindly every second.
+        """
+        p = self.layout.prefix
+        try:
+            ok, st, declared = self._structure()
+            if f"{p}fwd4" in declared:
+                st.fwd.update(_fwd_item(k, v) for k, v in self._dump("fwd4") if v is not None)
+            if f"{p}snat4" in declared:
+                st.snat.update(_snat_item(k, v) for k, v in self._dump("snat4") if v is not None)
+        except (NftError, OSError):
+            return False, KernelState()
         return ok, st
+
+    def holds(self, want: KernelState) -> bool:
+        """Structure intact and every set and map exactly ``want``, checked element by element as the
+        dump arrives: the healer's usual case (a ruleset change that was not to our objects: an fw4
+        reload, another table) builds no picture of the kernel's 10k forwards."""
+        p = self.layout.prefix
+        try:
+            ok, st, declared = self._structure()
+            return (ok and (st.wan, st.lan, st.wanif, st.inif, st.pcp) == (want.wan, want.lan, want.wanif,
+                                                                          want.inif, want.pcp)
+                    and {f"{p}fwd4", f"{p}snat4"} <= declared
+                    and _dump_matches(self._dump("fwd4"), _fwd_item, want.fwd)
+                    and _dump_matches(self._dump("snat4"), _snat_item, want.snat))
+        except (NftError, OSError):
+            return False
 
     def structure_ok(self) -> bool:
         """True when our objects and rules are all in place."""
-        return self.snapshot()[0]
+        try:
+            return self._structure()[0]
+        except (NftError, OSError):
+            return False
+
+    def _listing(self, where: str) -> list[dict]:
+        """Table ``where``'s ("family name") chains, rules and sets, without their elements, as JSON items.
+
+        From a terse listing of the family's ruleset: libnftables fills its cache with every
+        element of every set of a table it lists (a ``list table`` or ``list chain``, terse or
+        not), ~3 KiB of C heap per element, and keeps that cache until its next command: 31 MiB
+        at 10k forwards, at every check of the healer. A ``list set`` fills it with that set's."""
+        family, table = where.split()
+        return [i for i in self._list_json(f"ruleset {family}", terse=True)
+                if any(isinstance(v, dict) and v.get("table") == table for v in i.values())]
 
     def _has_jump(self, base: str, target: str) -> bool:
-        for item in self._list_json(f"chain {self.layout.where} {base}"):
-            if any(e.get("jump", {}).get("target") == target for e in item.get("rule", {}).get("expr", [])):
+        for item in self._listing(self.layout.where):
+            rule = item.get("rule", {})
+            if rule.get("chain") == base and any(e.get("jump", {}).get("target") == target
+                                                 for e in rule.get("expr", [])):
                 return True
         return False
 
@@ -939,10 +993,15 @@ class PinholeNft:
         log.info("pinholes in %s chain %s (%s) ready, %d in place", where, pl.chain, pl.mode, len(self.have))
 
     def snapshot(self) -> tuple[bool, dict[PinKey, int]]:
-        """(rules intact, {key: packets}) from one listing of the table."""
+        """(rules intact, {key: packets}) from the table's listing without elements, then each of our
+        sets' (their elements follow their bare declaration in ``items``: the last one read wins)."""
         pl = self.place
         try:
-            items = self.nft._list_json(f"table {pl.where}")
+            items = self.nft._listing(pl.where)
+            declared = {s.get("name") for i in items for s in (i.get("set"),) if s}
+            for name in (pl.obj("pin6"), pl.obj("pin6r"), pl.obj("pinif")):
+                if name in declared:
+                    items += self.nft._list_json(f"set {pl.where} {name}")
         except NftError:
             return False, {}
         tags: list[str | None] = []

@@ -54,6 +54,28 @@ def test_forward_is_one_map_element_snat_and_conntrack_cleanup(natd_only) -> Non
     assert reaches(bed, "isp", WAN, 20000, 8000, timeout=1.5) is None
 
 
+def test_the_healer_repairs_a_changed_element_and_leaves_a_foreign_change_alone(natd_only) -> None:
+    """A ruleset change that is not to natd's objects (a table of someone else's, as an fw4 reload
+    makes) is checked element by element and left alone; one of natd's elements pointed elsewhere
+    by hand, or one gone, is put back."""
+    st, c = natd_only()
+    bed = st.bed
+    assert c.call(wire.Sync([wire.Binding(i, 6, LAN, 8000 + i, 20000 + i) for i in range(1, 201)]), timeout=30) \
+        == wire.SyncReply(200, 0)
+    restores = st.log("natd").count("changed under natd")
+    bed.nft("cpe", "table inet someone_else {\n chain c {\n type filter hook input priority 10;\n }\n}\n")
+    time.sleep(1.0)  # the monitor's event, the healer's debounce and check: well within a second
+    assert st.log("natd").count("changed under natd") == restores
+    bed.nft("cpe", "delete element ip igdpcp fwd4 { tcp . 20005, tcp . 20006 }\n"
+                   f"add element ip igdpcp fwd4 {{ tcp . 20005 : {tb.LAN_HOST_IP} . 9999 }}\n")
+    assert wait_until(lambda: (elements(bed, "fwd4").get(("tcp", 20005)), elements(bed, "fwd4").get(("tcp", 20006)))
+                      == ((LAN, 8005), (LAN, 8006)), 3.0) is not None, elements(bed, "fwd4")
+    assert "changed under natd (map elements changed)" in st.log("natd")
+    assert len(elements(bed, "fwd4")) == 200 and len(elements(bed, "snat4")) == 200
+    bed.nft("cpe", f"add element ip igdpcp fwd4 {{ tcp . 30000 : {tb.LAN_HOST_IP} . 1 }}\n")  # one too many
+    assert wait_until(lambda: ("tcp", 30000) not in elements(bed, "fwd4"), 3.0) is not None
+
+
 def test_hairpin_from_the_lan_reaches_the_mapped_server(natd_only) -> None:
     """A LAN host connecting to WAN:port reaches the mapped server, which sees the router
     (masquerade), so its answer comes back through NAT1."""
