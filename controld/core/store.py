@@ -125,8 +125,11 @@ class MappingTable:
         state_at, pf_at = _COLUMNS.index("state"), _COLUMNS.index("prefer_failure")
         text_at = [_COLUMNS.index(c) for c in _TEXT]
         ext_at, same_at = _COLUMNS.index("ext_port"), [_COLUMNS.index(c) for c in _SAME_PORT]
+        created_at = _COLUMNS.index("created")
+        created: dict[float, float] = {}  # one float per second, shared as the rows made in it share it
         for row in self.db.execute(f"SELECT {', '.join(_COLUMNS)} FROM mappings ORDER BY id"):
             values: list[Any] = list(row)
+            values[created_at] = created.setdefault(values[created_at], values[created_at])
             for i in text_at:
                 if values[i]:
                     values[i] = sys.intern(values[i])
