@@ -7,6 +7,8 @@ import time
 
 import msgpack
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from controld.core.lifecycle import TRANSITIONS, Ev, LifecycleError, State, next_state
 from controld.core.model import Mapping
@@ -45,6 +47,22 @@ def test_a_sync_carries_its_bindings_packed_and_reads_the_list_form_too() -> Non
     assert wire.decode(old)[0] == msg
     with pytest.raises(wire.WireError):
         wire.Sync([wire.Binding(0, 6, "192.168.1.2", 80, 80)])  # the sender checks what it packs too
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.binary(min_size=17, max_size=17), max_size=8), st.binary(max_size=16))
+def test_packed_bindings_from_a_peer_are_refused_or_every_one_checks(records: list[bytes], tail: bytes) -> None:
+    """Whatever bytes a peer sends as a sync's bindings: a bad-field error, or bindings each of which
+    passes the same check a Binding does (no record is read unchecked)."""
+    raw = msgpack.packb({"v": 2, "op": "sync", "bindings": b"".join(records) + tail})
+    try:
+        msg, _ = wire.decode(raw)
+    except wire.WireError as exc:
+        assert exc.code == "bad-field"
+        return
+    assert isinstance(msg, wire.Sync) and not tail and len(msg.bindings) == len(records)
+    for b in msg.bindings:
+        b.check()
 
 
 @pytest.mark.parametrize("raw,code", [
