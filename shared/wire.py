@@ -11,7 +11,9 @@ Versioning: ``SCHEMA_VERSION`` is what this side writes; ``ACCEPTED_VERSIONS`` w
 reads. Version 2 added the ``dl`` envelope field, the positive ``mid`` rule and the
 ``restored`` event; a v1 peer's requests are still served. Any other version is
 refused with a ``version`` error reply, and an ``error`` reply of any version is
-readable, so a mismatch is always a clear error on both sides, never a crash.
+readable, so a mismatch is always a clear error on both sides, never a crash. A ``sync``
+carries its bindings packed (:class:`PackedBindings`); the list of maps written before
+that is still read, and a reader from before answers the packed form with ``bad-field``.
 :func:`decode` checks version, size, op and the type and range of every field before
 anything else sees the message, so a hostile or
 mistaken peer gets a :class:`WireError` (and a typed error reply), never a crash.
@@ -40,7 +42,8 @@ MAX_MESSAGE = 8 * 1024 * 1024  # a full sync of 65k bindings fits; anything bigg
 MAX_LIST = 70_000
 MAX_STR = 4096
 MAX_BYTES = PCP_MAX_PACKET  # the largest PCP packet (RFC 6887 §7)
-MAX_PACKED = 17 * MAX_LIST  # a sync's packed bindings (PackedBindings); every other bytes field: MAX_BYTES
+_RECORD = struct.Struct("!QB4sHH")  # one packed binding (17 bytes): mid, proto, LAN address, LAN port, WAN port
+MAX_PACKED = _RECORD.size * MAX_LIST  # a sync's packed bindings (PackedBindings); any other bytes field: MAX_BYTES
 MAX_WAIT_MS = 1_100_000  # one PCP transmission's wait: at most MRT (RFC 6887 §8.1.1) plus its jitter
 
 PROTOCOLS = (6, 17)  # TCP, UDP: all UPnP IGD can express
@@ -109,7 +112,6 @@ class Binding:
         _port(self.wan_port)
 
 
-_RECORD = struct.Struct("!QB4sHH")  # one packed binding (17 bytes): mid, proto, LAN address, LAN port, WAN port
 BindingFields = tuple[int, int, str, int, int]  # a Binding's fields, in order (no object per row)
 
 
