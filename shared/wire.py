@@ -105,11 +105,8 @@ class Binding:
     wan_port: int
 
     def check(self) -> None:
-        _mid(self.mid)
-        _proto(self.proto)
         _ipv4(self.lan_ip)
-        _port(self.lan_port)
-        _port(self.wan_port)
+        _check_record(self.mid, self.proto, self.lan_port, self.wan_port)
 
 
 BindingFields = tuple[int, int, str, int, int]  # a Binding's fields, in order (no object per row)
@@ -188,7 +185,7 @@ class PackedBindings(Sequence[Binding]):
 
 
 def _check_record(mid: int, proto: int, lan_port: int, wan_port: int) -> None:
-    """A packed binding's number fields, as Binding.check has them."""
+    """A binding's number fields (its address aside: a packed one holds 4 bytes, any of them valid)."""
     if type(mid) is not int or type(proto) is not int or type(lan_port) is not int or type(wan_port) is not int:
         raise WireError("bad-field", "a binding's numbers must be integers")
     _mid(mid)
