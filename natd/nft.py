@@ -444,7 +444,7 @@ class Nft:
         """
         lay, p = self.layout, self.layout.prefix
         items = self._listing(lay.where)
-        declared = {obj.get("name") for i in items for obj in (i.get("map") or i.get("set"),) if obj}
+        declared: set[str] = {obj.get("name") for i in items for obj in (i.get("map") or i.get("set"),) if obj}
         for name in ("wan4", "lan4", "wanif", "inif", "pcp4"):
             if f"{p}{name}" in declared:
                 items += self._list_json(f"set {lay.where} {p}{name}")
@@ -460,7 +460,7 @@ class Nft:
                     jumps.add((r["chain"], e["jump"].get("target")))
         ok = all(rules.get(c) == [tag for tag, _ in rs] for c, rs in lay.chains().items())
         ok = ok and all(j in jumps for j in lay.jumps().items())
-        return ok, self._elements(items), {str(n) for n in declared}
+        return ok, self._elements(items), declared
 
     def _dump(self, name: str) -> Iterator[netlink.ElemVal]:
         """One of our maps' elements, as the kernel's dump arrives."""
