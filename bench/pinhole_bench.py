@@ -4,7 +4,9 @@
 On the namespace bed with IPv6 (tests/bed/testbed.py, LAN6_PREFIX), natd ``--ipv6-firewall own``:
 - PinholeAdd / PinholeDelete RPC latency (p50/p99) and rate, one by one, with N pinholes live at
   the end of the adds (each RPC: ZeroMQ ipc + validation + one nft transaction of one element);
-- a PinholeSync of N (one transaction) and the restore of N after ``nft flush ruleset``.
+- a PinholeSync of N (one transaction) and the restore of N after ``nft flush ruleset``;
+- with those N live, PinholeCounters of one pinhole (what GetPinholePackets asks) and of all N,
+  and natd's RSS around them.
 The comparison with miniupnpd's AddPinhole (one rule per pinhole) through UPnP, in the same bed
 with the same client, is the ``pinholes`` phase of bench/run (bench/harness.py).
 
@@ -20,6 +22,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench import procs  # noqa: E402
 from bench._bed import Stack, tb  # noqa: E402
 from bench.systems import natd_pinholes as count  # noqa: E402
 from natd.client import NatdClient  # noqa: E402
@@ -56,6 +59,25 @@ def add_delete(c: NatdClient, n: int) -> dict:
             "del_p50": pct(rm, .5), "del_p99": pct(rm, .99), "del_rate": n / rm_total}
 
 
+def counters(c: NatdClient, n: int, natd_pid: int, calls: int = 200) -> None:
+    """PinholeCounters with ``n`` pinholes live: of one pinhole (GetPinholePackets), ``calls`` times over
+    pinholes spread through the set, then of all ``n`` once; natd's RSS before and after."""
+    before = procs.memory(natd_pid)
+    one = []
+    for k in range(calls):
+        t = time.perf_counter()
+        c.call(wire.PinholeCounters([1 + k * n // calls]))
+        one.append(time.perf_counter() - t)
+    t = time.perf_counter()
+    reply = c.call(wire.PinholeCounters([]), timeout=120)
+    every = time.perf_counter() - t
+    after = procs.memory(natd_pid)
+    assert isinstance(reply, wire.PinholeCountersReply) and before and after
+    print(f"\n## PinholeCounters with {n} live: one pinhole p50 {pct(one, .5)*1e3:.2f} ms"
+          f" p99 {pct(one, .99)*1e3:.2f} ms; all {len(reply.pids)} {every*1e3:.0f} ms;"
+          f" natd RSS {before['rss_mib']:.1f} -> {after['rss_mib']:.1f} MiB")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="100,1000,4000", help="N values for add/delete")
@@ -89,6 +111,7 @@ def main() -> int:
             time.sleep(0.01)
         print(f"## restore of {n} after nft flush ruleset: {(time.perf_counter() - t)*1e3:.0f} ms "
               f"({count(bed)} back; includes natd's up-to-1 s generation check)")
+        counters(c, n, st.procs["natd"].pid)
         c.close()
     finally:
         st.close()

@@ -830,9 +830,9 @@ class Natd:
         return wire.SyncReply(added, removed, [p.pid for p, _ in skipped])
 
     def _pinhole_counters(self, msg: wire.PinholeCounters) -> wire.Message:
-        _intact, have = self._pin().snapshot()
         pids = msg.pids or sorted(self.pins.by_pid)
         known = [pid for pid in pids if pid in self.pins.by_pid]
+        have = self._pin().packets([self.pins.by_pid[pid][1] for pid in known])
         return wire.PinholeCountersReply(known, [have.get(self.pins.by_pid[pid][1], 0) for pid in known])
 
     def _pinhole_status(self, _msg: wire.PinholeStatus) -> wire.Message:

@@ -16,6 +16,7 @@ import subprocess
 import pytest
 
 from natd.client import NatdCallError
+from natd.nft import PACKETS_LOOKUPS
 from shared import wire
 from tests.bed import testbed as tb
 from tests.bed.fw4 import fw4_ruleset
@@ -91,6 +92,13 @@ def test_own_firewall_drops_inbound_until_a_pinhole_opens_and_closes_it(own) -> 
     assert isinstance(counters, wire.PinholeCountersReply) and counters.pids == [2] and counters.packets[0] >= 1
     status = c.call(wire.PinholeStatus())
     assert status == wire.PinholeStatusReply(True, "own", [tb.LAN6_PREFIX], 1, 4096, 256)
+    # More pinholes than natd looks up one by one: all counters come from one dump of each set.
+    for pid in range(10, 10 + PACKETS_LOOKUPS + 1):
+        c.call(pin(pid, 9000 + pid))
+    every = c.call(wire.PinholeCounters([]))
+    assert isinstance(every, wire.PinholeCountersReply)
+    assert dict(zip(every.pids, every.packets, strict=True)) == {
+        2: counters.packets[0], **dict.fromkeys(range(10, 10 + PACKETS_LOOKUPS + 1), 0)}
 
 
 def test_remote_host_pinhole_admits_that_host_only(own) -> None:
@@ -101,7 +109,10 @@ def test_remote_host_pinhole_admits_that_host_only(own) -> None:
     assert bed.tcp_in6(8200) is False
     c.call(pin(1, 8200, remote=INET6))  # the same pid re-pointed: replaced in one transaction
     assert pinholes(bed, "ip6", "igdpcp") == {(INET6, LAN6, "tcp", 8200)}
+    assert c.call(wire.PinholeCounters([1])) == wire.PinholeCountersReply([1], [0])
     assert bed.tcp_in6(8200)
+    counted = c.call(wire.PinholeCounters([1]))
+    assert isinstance(counted, wire.PinholeCountersReply) and counted.pids == [1] and counted.packets[0] >= 1
 
 
 def test_pinholes_survive_a_flush_of_the_ruleset_and_a_sync_replaces_them(own) -> None:

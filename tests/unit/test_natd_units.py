@@ -358,6 +358,62 @@ def test_pinhole_element_carries_its_key_and_a_big_endian_timeout_under_a_native
     assert elem[netlink.NFTA_SET_ELEM_TIMEOUT] == struct.pack("!Q", 3_600_000)
 
 
+def _counted_message(*elems: bytes) -> nl.Msg:
+    """A NEWSETELEM message of a dump or a get, as the kernel writes it, holding ``elems``."""
+    payload = bytes([10, 0, 0, 0]) + nl.attr(1, b"t\0") + nl.attr(2, b"pin6\0") + nl.nested(
+        netlink.NFTA_SET_ELEM_LIST_ELEMENTS, *(nl.nested(netlink.NFTA_LIST_ELEM, e) for e in elems))
+    return nl.Msg((10 << 8) | netlink.NFT_MSG_NEWSETELEM, 0, 1, payload)
+
+
+def _counter(packets: int) -> bytes:
+    return nl.attr(netlink.NFTA_EXPR_NAME, b"counter\0") + nl.nested(
+        netlink.NFTA_EXPR_DATA, nl.attr(1, struct.pack("!Q", packets * 100)),
+        nl.attr(netlink.NFTA_COUNTER_PACKETS, struct.pack("!Q", packets)))
+
+
+def test_counted_elements_decode_packets_and_time_left_in_both_expression_layouts() -> None:
+    """GetPinholePackets reads a pinhole's counter by netlink: a set with one expression dumps it in
+    NFTA_SET_ELEM_EXPR, one with several in NFTA_SET_ELEM_EXPRESSIONS; the time left is a big-endian
+    u64 of ms; an element with neither counts 0 packets and no time."""
+    from natd.nft import pin_key_bytes, pin_key_of
+
+    k1, k2, k3 = (pin_key_bytes(("2001:db8:1::2", 6, p, None)) for p in (80, 81, 82))
+
+    def key(k: bytes) -> bytes:
+        return nl.nested(netlink.NFTA_SET_ELEM_KEY, nl.attr(netlink.NFTA_DATA_VALUE, k))
+
+    left = nl.attr(netlink.NFTA_SET_ELEM_EXPIRATION, struct.pack("!Q", 599_972))
+    limit = nl.attr(netlink.NFTA_EXPR_NAME, b"limit\0")
+    msg = _counted_message(
+        key(k1) + left + nl.nested(netlink.NFTA_SET_ELEM_EXPR, _counter(7)),
+        key(k2) + nl.nested(netlink.NFTA_SET_ELEM_EXPRESSIONS, nl.nested(netlink.NFTA_LIST_ELEM, limit),
+                            nl.nested(netlink.NFTA_LIST_ELEM, _counter(3))),
+        key(k3))
+    assert netlink.decode_counted(msg) == [(k1, 7, 599_972), (k2, 3, 0), (k3, 0, 0)]
+    assert netlink.decode_counted(nl.Msg(nl.NLMSG_ERROR, 0, 1, b"\0" * 4)) == []
+    assert pin_key_of(k1, remote=False) == ("2001:db8:1::2", 6, 80, None)
+    remote = ("2001:db8:1::2", 17, 53, "2001:db8:20::10")
+    assert pin_key_of(pin_key_bytes(remote), remote=True) == remote
+    assert pin_key_of(k1, remote=True) is None and pin_key_of(k1[:-1], remote=False) is None
+
+
+def test_a_get_of_one_element_names_its_key_and_a_dump_names_none() -> None:
+    """The counter lookup is a plain request (the kernel finds the one key) with an acknowledgement;
+    the dump of a whole set carries no element list."""
+    from natd.nft import pin_key_bytes
+
+    k = pin_key_bytes(("2001:db8:1::2", 6, 80, None))
+    (get,) = nl.messages(netlink.getsetelem_request(10, "igdpcp", "pin6", key=k))
+    assert get.flags == nl.NLM_F_REQUEST | nl.NLM_F_ACK and get.type == (10 << 8) | netlink.NFT_MSG_GETSETELEM
+    top = nl.attrs(get.payload, 4)
+    assert top[1] == b"igdpcp\0" and top[2] == b"pin6\0"
+    elem = nl.attrs(nl.attrs(top[netlink.NFTA_SET_ELEM_LIST_ELEMENTS])[netlink.NFTA_LIST_ELEM])
+    assert nl.attrs(elem[netlink.NFTA_SET_ELEM_KEY]) == {netlink.NFTA_DATA_VALUE: k}
+    (dump,) = nl.messages(netlink.getsetelem_request(10, "igdpcp", "pin6"))
+    assert dump.flags & nl.NLM_F_DUMP == nl.NLM_F_DUMP
+    assert netlink.NFTA_SET_ELEM_LIST_ELEMENTS not in nl.attrs(dump.payload, 4)
+
+
 def test_nft_socket_takes_only_its_own_batchs_answers() -> None:
     """natd's long-lived nf_tables socket: a late answer to an earlier batch (same socket, older
     sequence number) is skipped, this batch's error refuses it, its acks complete it."""
