@@ -28,7 +28,7 @@ import sys
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 from xml.etree import ElementTree
 
@@ -360,7 +360,8 @@ def timed_call(url: str, service: str, action: str, args: dict[str, Any],
 
 def pinhole_client(location: str) -> None:
     """Fetch the description at ``location``, then serve commands: ``add`` (``count`` TCP pinholes for
-    ``client`` from port ``first``, lease ``lease``) and ``delete`` (every pinhole it added)."""
+    ``client`` from port ``first``, lease ``lease``), ``packets`` (GetPinholePackets of ``count`` of
+    them, spread through the ones it added) and ``delete`` (every pinhole it added)."""
     with urllib.request.urlopen(location, timeout=10) as r:
         url = control_url(r.read(), location, FC6_NS)
     _say({"control_url": url})
@@ -370,13 +371,21 @@ def pinhole_client(location: str) -> None:
         lat: list[float] = []
         errors: list[str] = []  # the first few faults, for the log
         failed = refusals = 0
-        todo = list(uids) if cmd["op"] == "delete" else range(int(cmd["count"]))
+        if cmd["op"] == "delete":
+            todo: Sequence[int] = list(uids)
+        elif cmd["op"] == "packets":
+            k = min(int(cmd["count"]), len(uids))
+            todo = [uids[i * len(uids) // k] for i in range(k)]
+        else:
+            todo = range(int(cmd["count"]))
         with Progress(cmd.get("label", cmd["op"]), len(todo)) as bar:
             for i in todo:
                 if cmd["op"] == "add":
                     action, args = "AddPinhole", {"RemoteHost": "", "RemotePort": 0, "InternalClient": cmd["client"],
                                                   "InternalPort": int(cmd["first"]) + i, "Protocol": 6,
                                                   "LeaseTime": int(cmd["lease"])}
+                elif cmd["op"] == "packets":
+                    action, args = "GetPinholePackets", {"UniqueID": i}
                 else:
                     action, args = "DeletePinhole", {"UniqueID": i}
                 took, status, body, refused = timed_call(url, FC6_NS, action, args)

@@ -34,6 +34,7 @@ RESULTS_DIR = os.path.join(REPO, "bench", "results")
 FIRST_PORT = 20000
 PHASES = ("control", "dataplane", "restart", "cascaded", "natpmp", "pinholes", "pinned", "miniupnpd")
 PINHOLE_LEASE = 3600  # s: outlives the longest run, so no pinhole ends while it is counted
+PINHOLE_PACKETS_CALLS = 100  # GetPinholePackets calls at each N, spread through the pinholes open
 
 
 @dataclass
@@ -384,9 +385,9 @@ def speedups(out: dict[str, Any], keys: list[str]) -> dict[str, float]:
 
 # --------------------------------------------------------------------- IPv6 pinholes
 def pinholes_phase(cfg: Config) -> dict[str, Any]:
-    """AddPinhole then DeletePinhole, N of each one by one through UPnP (WANIPv6FirewallControl:1), igdpcp and
-    miniupnpd in the same IPv6 bed with the same raw SOAP client (``pinholes`` agent), a fresh start per N.
-    ``speedup``: miniupnpd's total / ours ("1000_add", "1000_delete")."""
+    """AddPinhole, GetPinholePackets with the N open, then DeletePinhole, one by one through UPnP
+    (WANIPv6FirewallControl:1), igdpcp and miniupnpd in the same IPv6 bed with the same raw SOAP client
+    (``pinholes`` agent), a fresh start per N. ``speedup``: miniupnpd's total / ours ("1000_add")."""
     out: dict[str, Any] = {"lease_s": PINHOLE_LEASE}
     with tb.Testbed(ipv6=True) as bed:
         systems: list[System] = [Igdpcp.for_pinholes(bed)]
@@ -395,12 +396,13 @@ def pinholes_phase(cfg: Config) -> dict[str, Any]:
         for system in systems:
             for n in cfg.pinhole_ns:
                 out.setdefault(system.name, {})[str(n)] = pinholes_at(bed, system, n)
-    out["speedup"] = speedups(out, [f"{n}.{op}" for n in cfg.pinhole_ns for op in ("add", "delete")])
+    out["speedup"] = speedups(out, [f"{n}.{op}" for n in cfg.pinhole_ns for op in ("add", "packets", "delete")])
     return out
 
 
 def pinholes_at(bed: tb.Testbed, system: System, n: int) -> dict[str, Any]:
-    """One system at one N: the adds, the pinholes in the kernel, the deletes, the kernel again."""
+    """One system at one N: the adds, the pinholes in the kernel, GetPinholePackets of some of them (the
+    counter of one pinhole among N), the deletes, the kernel again."""
     label = f"{system.name} pinholes N={n}"
     say(f"{label}: starting")
     system.start()
@@ -413,6 +415,8 @@ def pinholes_at(bed: tb.Testbed, system: System, n: int) -> dict[str, Any]:
             add = client.ask({"op": "add", "first": FIRST_PORT, "count": n, "client": tb.LAN_HOST_IP6,
                               "lease": PINHOLE_LEASE, "label": f"{label} AddPinhole"})
             opened = system.pinholes()
+            packets = client.ask({"op": "packets", "count": min(n, PINHOLE_PACKETS_CALLS),
+                                  "label": f"{label} GetPinholePackets"})
             rm = client.ask({"op": "delete", "label": f"{label} DeletePinhole"})
             left = system.pinholes()
         finally:
@@ -420,10 +424,14 @@ def pinholes_at(bed: tb.Testbed, system: System, n: int) -> dict[str, Any]:
     finally:
         system.stop()
     row = {"add": stats.summarize(add["lat"]), "add_errors": add["errors"], "add_refused": add["refused"],
+           "packets": stats.summarize(packets["lat"]), "packets_errors": packets["errors"],
+           "packets_refused": packets["refused"],
            "delete": stats.summarize(rm["lat"]), "delete_errors": rm["errors"], "delete_refused": rm["refused"],
-           "kernel": {"after_adds": opened, "after_deletes": left}, "faults": add["faults"] + rm["faults"]}
+           "kernel": {"after_adds": opened, "after_deletes": left},
+           "faults": add["faults"] + packets["faults"] + rm["faults"]}
     say(f"{label}: AddPinhole p50 {row['add']['p50_ms']:.2f} ms ({add['errors']} errors, {add['refused']} "
-        f"503 retried), DeletePinhole p50 {row['delete']['p50_ms']:.2f} ms ({rm['errors']} errors, "
+        f"503 retried), GetPinholePackets p50 {row['packets']['p50_ms']:.2f} ms ({packets['errors']} errors), "
+        f"DeletePinhole p50 {row['delete']['p50_ms']:.2f} ms ({rm['errors']} errors, "
         f"{rm['refused']} 503 retried); in the kernel {opened} after the adds, {left} after the deletes"
         + "".join(f"\n  {f}" for f in row["faults"]))
     return row

@@ -28,10 +28,11 @@ _STATS = ("n", "p50_ms", "p99_ms", "mean_ms", "max_ms", "total_s")
 _CONTROL = ("system", "n", "pinned", "add", "list", "delete", "conntrack", "cpu_s_per_1k")
 _PINHOLE_ROW = ("add", "delete", "add_errors", "delete_errors", "kernel")
 SYSTEMS = ("igdpcp", "miniupnpd")
+PINHOLE_OPS = ("add", "packets", "delete")  # the pinholes table's columns, in order
 
 
 def _missing_stats(row: dict[str, Any], where: str) -> list[str]:
-    return [f"{where}.{sec}: missing {k}" for sec in ("add", "delete") if isinstance(row.get(sec), dict)
+    return [f"{where}.{sec}: missing {k}" for sec in ("add", "packets", "delete") if isinstance(row.get(sec), dict)
             for k in _STATS if k not in row[sec]]
 
 
@@ -175,7 +176,8 @@ def _ratio(theirs: Any, ours: Any) -> float | None:
 
 def _pinholes_section(p: dict[str, Any]) -> list[str]:
     """Both systems side by side at each N, then miniupnpd / igdpcp (above 1: igdpcp is faster)."""
-    out = ["", "### IPv6 pinholes through UPnP (WANIPv6FirewallControl:1, AddPinhole then DeletePinhole)", "",
+    out = ["", "### IPv6 pinholes through UPnP (WANIPv6FirewallControl:1: AddPinhole, GetPinholePackets, "
+           "DeletePinhole)", "",
            "Same IPv6 bed, same client (raw SOAP POSTs, one connection per call, from the LAN host), TCP pinholes "
            f"for the LAN host's global address, lease {p.get('lease_s', '?')} s. igdpcp: natd `--ipv6-firewall own` "
            "(one set element per pinhole), called on its LAN IPv4 address in secure mode "
@@ -183,16 +185,21 @@ def _pinholes_section(p: dict[str, Any]) -> list[str]:
            "accept rule per pinhole in its forward chain, called on its LAN IPv6 address (it accepts a pinhole "
            "only for the caller's own address). \"in the kernel\": set elements / rules after the adds and after "
            "the deletes. A call an IGD refused with 503 (a per-host connection rate) is retried after its Retry-After; "
-           "only the served attempt is timed, the retries are counted.", "",
-           "| N | system | AddPinhole p50 / p99 | all adds | DeletePinhole p50 / p99 | all deletes "
-           "| in the kernel (adds / deletes) |", "|---|---|---|---|---|---|---|"]
+           "only the served attempt is timed, the retries are counted. GetPinholePackets: one pinhole's counter "
+           "with all N open, asked for 100 of them (or N) spread through them; \"all\" is those calls' total.",
+           "", "| N | system | AddPinhole p50 / p99 | all adds | GetPinholePackets p50 / p99 | all "
+           "| DeletePinhole p50 / p99 | all deletes | in the kernel (adds / deletes) |",
+           "|---|---|---|---|---|---|---|---|---|"]
     for n in sorted({int(k) for s in SYSTEMS for k in (p.get(s) or {})}):
         rows = {s: (p.get(s) or {}).get(str(n)) for s in SYSTEMS}
         for system, r in rows.items():
             if not r:
                 continue
             cells = []
-            for op in ("add", "delete"):
+            for op in PINHOLE_OPS:
+                if op not in r:  # a run from before GetPinholePackets was timed
+                    cells += ["—", "—"]
+                    continue
                 cells += [f"{_f(r[op]['p50_ms'])} / {_f(r[op]['p99_ms'])} ms{_notes(r, op)}",
                           f"{_f(r[op]['total_s'], '.3f')} s"]
             cells.append(f"{r['kernel'].get('after_adds')} / {r['kernel'].get('after_deletes')}")
@@ -200,7 +207,10 @@ def _pinholes_section(p: dict[str, Any]) -> list[str]:
         ours, theirs = rows["igdpcp"], rows["miniupnpd"]
         if ours and theirs:
             cells = []
-            for op in ("add", "delete"):
+            for op in PINHOLE_OPS:
+                if op not in ours or op not in theirs:
+                    cells += ["—", "—"]
+                    continue
                 cells += [f"{_f(_ratio(theirs[op]['p50_ms'], ours[op]['p50_ms']))} / "
                           f"{_f(_ratio(theirs[op]['p99_ms'], ours[op]['p99_ms']))} x",
                           f"{_f(_ratio(theirs[op]['total_s'], ours[op]['total_s']))} x"]

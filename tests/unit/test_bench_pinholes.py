@@ -26,17 +26,22 @@ DESC = f"""<?xml version="1.0"?>
 </service></serviceList></device></deviceList></device></deviceList></device></root>""".encode()
 
 
-def pinhole_row(add: float, delete: float, n: int, kernel: int, errors: int = 0, refused: int = 0) -> dict[str, Any]:
-    return {"add": stat(add, add * n / 1e3, n), "delete": stat(delete, delete * n / 1e3, n), "add_errors": errors,
-            "add_refused": 0, "delete_errors": 0, "delete_refused": refused,
-            "kernel": {"after_adds": kernel, "after_deletes": 0}, "faults": []}
+def pinhole_row(add: float, delete: float, n: int, kernel: int, errors: int = 0, refused: int = 0,
+                packets: float | None = None) -> dict[str, Any]:
+    row = {"add": stat(add, add * n / 1e3, n), "delete": stat(delete, delete * n / 1e3, n), "add_errors": errors,
+           "add_refused": 0, "delete_errors": 0, "delete_refused": refused,
+           "kernel": {"after_adds": kernel, "after_deletes": 0}, "faults": []}
+    if packets is not None:  # runs from before GetPinholePackets was timed have none
+        row.update(packets=stat(packets, packets * 100 / 1e3, 100), packets_errors=0, packets_refused=0)
+    return row
 
 
 def pinholes_doc() -> dict[str, Any]:
     p = {"lease_s": 3600,
-         "igdpcp": {"100": pinhole_row(1.0, 0.5, 100, 100), "1000": pinhole_row(2.0, 1.0, 1000, 1000, refused=7)},
-         "miniupnpd": {"100": pinhole_row(3.0, 2.0, 100, 100, errors=2)}}
-    p["speedup"] = harness.speedups(p, ["100.add", "100.delete", "1000.add"])
+         "igdpcp": {"100": pinhole_row(1.0, 0.5, 100, 100, packets=0.25),
+                    "1000": pinhole_row(2.0, 1.0, 1000, 1000, refused=7)},
+         "miniupnpd": {"100": pinhole_row(3.0, 2.0, 100, 100, errors=2, packets=1.0)}}
+    p["speedup"] = harness.speedups(p, ["100.add", "100.packets", "100.delete", "1000.add", "1000.packets"])
     return {**make_doc(), "pinholes": p}
 
 
@@ -67,6 +72,7 @@ class FakeFirewall(BaseHTTPRequestHandler):
     DeletePinhole refused with 503 as a per-host rate limit does."""
 
     calls: list[tuple[str, str]] = []
+    asked: list[str] = []  # the UniqueIDs of GetPinholePackets and DeletePinhole, in order
 
     def log_message(self, *args: Any) -> None:
         pass
@@ -84,12 +90,16 @@ class FakeFirewall(BaseHTTPRequestHandler):
         req = ElementTree.fromstring(self.rfile.read(int(self.headers["Content-Length"])))
         action = self.headers["SOAPACTION"].strip('"').rpartition("#")[2]
         self.calls.append((self.path, action))
+        if action != "AddPinhole":
+            self.asked.append(req.findtext(".//UniqueID") or "")
         if action == "AddPinhole":
             port = req.findtext(".//InternalPort") or ""
             if port == "20002":
                 self._send(500, b"<s:Fault><errorCode>701</errorCode></s:Fault>")
             else:
                 self._send(200, f"<r><UniqueID>{int(port) - 19000}</UniqueID></r>".encode())
+        elif action == "GetPinholePackets":
+            self._send(200, b"<r><PinholePackets>0</PinholePackets></r>")
         elif ("/ctl/IP6FCtl", "DeletePinhole") not in self.calls[:-1]:
             self.send_response(503)
             self.send_header("Retry-After", "0")
@@ -102,6 +112,7 @@ class FakeFirewall(BaseHTTPRequestHandler):
 @pytest.fixture
 def fake_igd() -> Iterator[str]:
     FakeFirewall.calls = []
+    FakeFirewall.asked = []
     srv = ThreadingHTTPServer(("127.0.0.1", 0), FakeFirewall)
     t = threading.Thread(target=srv.serve_forever, daemon=True)
     t.start()
@@ -113,17 +124,21 @@ def fake_igd() -> Iterator[str]:
 
 
 def test_pinhole_agent_adds_then_deletes_what_it_added(fake_igd: str) -> None:
-    cmds = [{"op": "add", "first": 20000, "count": 4, "client": "2001:db8:1::2", "lease": 3600}, {"op": "delete"},
-            {"op": "delete"}]
+    cmds = [{"op": "add", "first": 20000, "count": 4, "client": "2001:db8:1::2", "lease": 3600},
+            {"op": "packets", "count": 2}, {"op": "delete"}, {"op": "delete"}]
     res = subprocess.run([sys.executable, "-m", "bench.agents", "pinholes", fake_igd], capture_output=True, text=True,
                          input="".join(json.dumps(c) + "\n" for c in cmds), timeout=30, check=False)
     assert res.returncode == 0, res.stderr
-    hello, add, rm, again = (json.loads(line) for line in res.stdout.splitlines())
+    hello, add, packets, rm, again = (json.loads(line) for line in res.stdout.splitlines())
     assert hello == {"control_url": fake_igd.replace("/rootDesc.xml", "/ctl/IP6FCtl")}
     assert len(add["lat"]) == 4 and add["errors"] == 1 and "AddPinhole 500" in add["faults"][0]
+    assert (len(packets["lat"]), packets["errors"]) == (2, 0)
     assert (len(rm["lat"]), rm["errors"], rm["refused"]) == (3, 0, 1)  # the three it got an id for; 503 retried
     assert again == {"lat": [], "errors": 0, "faults": [], "refused": 0}  # and each only once
-    assert FakeFirewall.calls == [("/ctl/IP6FCtl", "AddPinhole")] * 4 + [("/ctl/IP6FCtl", "DeletePinhole")] * 4
+    assert FakeFirewall.calls == ([("/ctl/IP6FCtl", "AddPinhole")] * 4 + [("/ctl/IP6FCtl", "GetPinholePackets")] * 2
+                                  + [("/ctl/IP6FCtl", "DeletePinhole")] * 4)
+    # the counters of two of the three spread through them; then each deleted (the first after its 503)
+    assert FakeFirewall.asked == ["1000", "1001", "1000", "1000", "1001", "1003"]
 
 
 # ------------------------------------------------------------------ harness, schema, Markdown
@@ -141,7 +156,8 @@ def test_a_call_refused_with_503_is_retried_and_only_the_served_attempt_counts(m
 
 def test_speedups_are_theirs_over_ours_where_both_ran() -> None:
     sp = pinholes_doc()["pinholes"]["speedup"]
-    assert sp == {"100_add": pytest.approx(3.0), "100_delete": pytest.approx(4.0)}  # 1000: igdpcp only
+    assert sp == {"100_add": pytest.approx(3.0), "100_packets": pytest.approx(4.0),
+                  "100_delete": pytest.approx(4.0)}  # 1000: igdpcp only
 
 
 def test_phase_options() -> None:
@@ -167,10 +183,14 @@ def test_schema_takes_the_section_present_skipped_or_absent() -> None:
 def test_markdown_puts_both_systems_and_the_ratio_side_by_side() -> None:
     md = report.render_markdown(pinholes_doc()).split("### IPv6 pinholes through UPnP")[1].split("###")[0]
     assert "lease 3600 s" in md
-    assert "| 100 | igdpcp | 1.00 / 2.00 ms | 0.100 s | 0.50 / 1.00 ms | 0.050 s | 100 / 0 |" in md
-    assert "| 100 | miniupnpd | 3.00 / 6.00 ms (2 errors) | 0.300 s | 2.00 / 4.00 ms | 0.200 s | 100 / 0 |" in md
-    assert "| 100 | miniupnpd / igdpcp | 3.00 / 3.00 x | 3.00 x | 4.00 / 4.00 x | 4.00 x | |" in md
-    assert "| 1000 | igdpcp | 2.00 / 4.00 ms | 2.000 s | 1.00 / 2.00 ms (7 503 retried) |" in md
+    assert ("| 100 | igdpcp | 1.00 / 2.00 ms | 0.100 s | 0.25 / 0.50 ms | 0.025 s | 0.50 / 1.00 ms | 0.050 s "
+            "| 100 / 0 |") in md
+    assert ("| 100 | miniupnpd | 3.00 / 6.00 ms (2 errors) | 0.300 s | 1.00 / 2.00 ms | 0.100 s | 2.00 / 4.00 ms "
+            "| 0.200 s | 100 / 0 |") in md
+    assert ("| 100 | miniupnpd / igdpcp | 3.00 / 3.00 x | 3.00 x | 4.00 / 4.00 x | 4.00 x | 4.00 / 4.00 x "
+            "| 4.00 x | |") in md
+    # a row from a run before GetPinholePackets was timed keeps its place in the columns
+    assert "| 1000 | igdpcp | 2.00 / 4.00 ms | 2.000 s | — | — | 1.00 / 2.00 ms (7 503 retried) |" in md
     assert "| 1000 | miniupnpd" not in md
     assert "IPv6 pinholes" not in report.render_markdown(make_doc())
 
