@@ -101,9 +101,16 @@ def main() -> int:
         print("miniupnpd AddPinhole/DeletePinhole beside igdpcp's, through UPnP: bench/run's pinholes phase")
 
         n = args.sync
+        natd = st.procs["natd"].pid
+        rss = procs.memory(natd)
         t = time.perf_counter()
         c.call(wire.PinholeSync([pinhole(i) for i in range(n)]), timeout=120)
-        print(f"\n## PinholeSync of {n}: {(time.perf_counter() - t)*1e3:.0f} ms")
+        took = time.perf_counter() - t
+        time.sleep(1.0)  # natd gives the heap back at the first quiet moment after a bulk write
+        after = procs.memory(natd)
+        assert rss and after
+        print(f"\n## PinholeSync of {n}: {took*1e3:.0f} ms;"
+              f" natd RSS {rss['rss_mib']:.1f} -> {after['rss_mib']:.1f} MiB")
         t = time.perf_counter()
         bed.run("cpe", ["nft", "flush", "ruleset"])
         deadline = time.monotonic() + 30
@@ -111,7 +118,7 @@ def main() -> int:
             time.sleep(0.01)
         print(f"## restore of {n} after nft flush ruleset: {(time.perf_counter() - t)*1e3:.0f} ms "
               f"({count(bed)} back; includes natd's up-to-1 s generation check)")
-        counters(c, n, st.procs["natd"].pid)
+        counters(c, n, natd)
         c.close()
     finally:
         st.close()
