@@ -44,7 +44,14 @@ from controld.web.handler import WebApp, WebConfig
 from shared import config, wire
 from shared.config import parse_args_with_config
 from shared.const import PCP_SERVER_PORT
-from shared.daemon import QuietTrim, install_stop_signals, release_memory, reread_args, setup_logging
+from shared.daemon import (
+    QuietTrim,
+    hold_mmap_threshold,
+    install_stop_signals,
+    release_memory,
+    reread_args,
+    setup_logging,
+)
 from shared.netif import if_addrs, read_addrs
 
 log = logging.getLogger("controld")
@@ -391,6 +398,7 @@ def main(argv: list[str] | None = None) -> None:
 
     args = parse()
     setup_logging("controld", args.log_level)
+    hold_mmap_threshold()
     asyncio.run(run(args, parse))
 
 

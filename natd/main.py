@@ -53,6 +53,7 @@ from shared.daemon import (
     bind_endpoint,
     curve_server,
     gen_keys,
+    hold_mmap_threshold,
     install_stop_signals,
     needs_curve,
     release_memory,
@@ -978,6 +979,7 @@ def main(argv: list[str] | None = None) -> None:
 
     args = parse()
     setup_logging("natd", args.log_level)
+    hold_mmap_threshold()
     asyncio.run(Natd(args, parse).run())
 
 

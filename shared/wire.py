@@ -557,6 +557,30 @@ MESSAGES.update({cls.OP: cls for cls in (SameHost, SameHostReply, StunResult)})
 # --- codec -----------------------------------------------------------------------
 
 
+class _Encoder:
+    """One msgpack Packer for every message. ``msgpack.packb`` makes a Packer per call, and each
+    Packer allocates a 256 KiB buffer: per request, in both daemons, a block above glibc's mmap
+    threshold (an mmap and an munmap each time unless glibc raised the threshold past it, which
+    lets bulk buffers fragment the heap; shared/daemon.py hold_mmap_threshold). A message bigger
+    than KEEP_BYTES (a sync) gets the next message a fresh Packer, so the pages it wrote go with it."""
+
+    KEEP_BYTES = 64 * 1024
+
+    def __init__(self) -> None:
+        self._packer = self._new()
+
+    @staticmethod
+    def _new() -> msgpack.Packer:
+        return msgpack.Packer(use_bin_type=True, default=_packable)
+
+    def pack(self, body: dict[str, Any]) -> bytes:
+        """``body`` as msgpack bytes (the Packer starts empty again after a failure too)."""
+        data: bytes = self._packer.pack(body)
+        if len(data) > self.KEEP_BYTES:
+            self._packer = self._new()
+        return data
+
+
 def encode(msg: Message, rid: int | None = None, deadline_ms: int | None = None) -> bytes:
     """Serialise a message (with request id ``rid`` and, for requests, a deadline)."""
     body: dict[str, Any] = {"v": SCHEMA_VERSION, "op": msg.OP, **_as_map(msg)}
@@ -564,12 +588,15 @@ def encode(msg: Message, rid: int | None = None, deadline_ms: int | None = None)
         body["id"] = rid
     if deadline_ms is not None:
         body["dl"] = deadline_ms
-    return msgpack.packb(body, use_bin_type=True, default=_packable)
+    return _ENCODER.pack(body)
 
 
 def _packable(obj: Any) -> Any:
     """What msgpack writes for a value it has no type for: a nested dataclass, packed bindings."""
     return obj.data if isinstance(obj, PackedBindings) else _as_map(obj)
+
+
+_ENCODER = _Encoder()
 
 
 @functools.cache

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 
@@ -24,6 +25,28 @@ from shared import pcp, wire
 def test_wire_round_trip() -> None:
     msg = wire.Sync([wire.Binding(1, 6, "192.168.1.2", 80, 8080)])
     assert wire.decode(wire.encode(msg, 9)) == (msg, 9)
+
+
+def test_one_packer_serves_every_message_and_a_failed_or_big_one_leaves_nothing_behind() -> None:
+    """encode() reuses one msgpack Packer (packb's per-call Packer is a 256 KiB buffer per message): a
+    message that cannot be packed leaves it empty for the next, and one bigger than KEEP_BYTES (a
+    sync) is followed by a fresh Packer; the bytes are msgpack's either way."""
+    first = wire._ENCODER._packer
+
+    @dataclasses.dataclass(frozen=True)
+    class Odd(wire.Message):
+        OP = "odd"
+        what: object
+
+    with pytest.raises(TypeError):
+        wire.encode(Odd(object()))
+    assert wire.encode(wire.Ok(), 5) == msgpack.packb({"v": wire.SCHEMA_VERSION, "op": "ok", "id": 5})
+    assert wire._ENCODER._packer is first
+    many = [wire.Binding(i, 6, "192.168.1.2", 1024 + i, 1024 + i) for i in range(1, 5000)]
+    big = wire.encode(wire.Sync(many))
+    assert len(big) > wire._Encoder.KEEP_BYTES and wire.decode(big)[0] == wire.Sync(many)
+    assert wire._ENCODER._packer is not first
+    assert wire.decode(wire.encode(wire.Unbind(7), 1)) == (wire.Unbind(7), 1)
 
 
 def _packed(mid: int, proto: int, lan_port: int, wan_port: int, ip: bytes = bytes([192, 168, 1, 2])) -> bytes:
