@@ -4,6 +4,9 @@ never in the middle of it, and not again before the next burst."""
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import subprocess
+import sys
 
 import pytest
 
@@ -95,3 +98,33 @@ def test_the_tidy_up_runs_before_the_trim_and_a_failing_one_ends_nothing(monkeyp
 
     asyncio.run(run())
     assert done == ["tidy", "trim", "tidy", "trim"]
+
+
+_MMAPPED_AFTER_A_BIG_FREE = """
+import ctypes, sys
+from shared import daemon
+class Info(ctypes.Structure):  # glibc's struct mallinfo2 (2.33+)
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = Info
+if sys.argv[1] == "hold":
+    daemon.hold_mmap_threshold()
+big = bytes(1 << 20)  # mmapped (above the starting threshold); freed below
+del big
+before = libc.mallinfo2().hblkhd
+mid = bytes(600_000)  # without the hold: from the heap, as glibc raised its threshold at the free
+print(libc.mallinfo2().hblkhd - before >= 600_000)
+"""
+
+
+@pytest.mark.parametrize(("mode", "mmapped"), [("hold", "True"), ("default", "False")])
+def test_the_held_mmap_threshold_keeps_big_blocks_out_of_the_heap(mode: str, mmapped: str) -> None:
+    """glibc raises its mmap threshold to each mmapped block freed, so later big blocks fragment the heap;
+    hold_mmap_threshold() keeps them mmapped (given back whole when freed). The default case shows the
+    test can tell the two apart."""
+    if not hasattr(ctypes.CDLL(None), "mallinfo2"):
+        pytest.skip("not glibc 2.33+ (no mallinfo2)")
+    res = subprocess.run([sys.executable, "-c", _MMAPPED_AFTER_A_BIG_FREE, mode], capture_output=True, text=True,
+                         timeout=30, check=True)
+    assert res.stdout.strip() == mmapped
