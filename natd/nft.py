@@ -52,7 +52,6 @@ from shared.wire import Binding
 log = logging.getLogger("natd.nft")
 
 PROTO_NAMES = {6: "tcp", 17: "udp"}
-PROTO_NUMBERS = {v: k for k, v in PROTO_NAMES.items()}
 LAYOUTS = ("standalone", "fw4")
 TAG = "igdpcp"  # rule comment prefix: how natd recognises its own rules
 
@@ -798,10 +797,6 @@ def expected(bindings: Iterable[Binding], wan_ip: str | None, lan: Iterable[str]
     # lan4 is an interval set: overlapping subnets (an alias /32 inside the /24) must be merged.
     merged = ipaddress.collapse_addresses(ipaddress.IPv4Network(n, strict=False) for n in lan)
     return KernelState(fwd, snat, {wan_ip} if wan_ip else set(), {str(n) for n in merged})
-
-
-def _proto(value: str | int) -> int:
-    return value if isinstance(value, int) else PROTO_NUMBERS[value]
 
 
 def _prefix(elem: object) -> str:
