@@ -30,7 +30,7 @@ from shared import idindex
 log = logging.getLogger("controld.core.store")
 Subscriber = Callable[[ChangeEvent], object]
 MAX_UNSAVED_DELETES = 100_000
-SQLITE_CACHE_KIB = 256
+SQLITE_CACHE_KIB = 64
 SQLITE_BUSY_S = 5.0  # how long a write waits for another process's lock (sqlite3's own default)
 # The WAL file left after SQLite's automatic checkpoint (every ~1000 pages, ~4 MiB): the state dir
 # is RAM on OpenWrt (/var), so a file kept at its high-water mark would hold that much for good.
@@ -103,7 +103,8 @@ class MappingTable:
         self.db.execute(f"PRAGMA journal_size_limit={WAL_KEEP_BYTES}")
         self.db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across crashes of the daemon
         # Rows live in memory (by_id); SQLite only writes by primary key and reads at start, so its
-        # page cache (2 MiB by default, filled by the start's full read) would only hold RSS.
+        # page cache (2 MiB by default, filled by the start's full read) would only hold RSS. At 64 KiB
+        # a write by id still finds the b-tree's upper pages cached (31 us, as at 256 KiB, at 10k rows).
         self.db.execute(f"PRAGMA cache_size=-{SQLITE_CACHE_KIB}")
         self.db.executescript(_SCHEMA)
         have = {row[1] for row in self.db.execute("PRAGMA table_info(mappings)")}

@@ -234,6 +234,8 @@ def test_table_persists_and_keeps_indices(tmp_path) -> None:
     assert kept is not None and kept.nonce == b"n" * 12
     assert t2.new_id() > c.id
     assert pcp.MAX_LIFETIME == 2**32 - 1
+    # rows live in memory: SQLite's page cache is held small (its 2 MiB default would only be RSS)
+    assert t2.db.execute("PRAGMA cache_size").fetchone()[0] == -64
 
 
 def test_store_apply_is_the_one_writer_and_never_resurrects(tmp_path) -> None:
