@@ -230,18 +230,23 @@ def getsetelem_request(family: int, table: str, name: str, seq: int = 1, key: by
                       where + nl.attr(NFTA_SET_ELEM_LIST_ELEMENTS | nl.NLA_F_NESTED, _elem(key, None)))
 
 
+def _list_items(buf: bytes) -> Iterator[bytes]:
+    """The payloads of a list of NFTA_LIST_ELEM attributes (several share a type: no dict)."""
+    off = 0
+    while off + _NLA.size <= len(buf):
+        length, _ = _NLA.unpack_from(buf, off)
+        if length < _NLA.size:
+            break
+        yield buf[off + _NLA.size:off + length]
+        off += (length + 3) & ~3
+
+
 def _elements(msg: nl.Msg) -> Iterator[dict[int, bytes]]:
     """The attributes of each element of one NEWSETELEM message (none for another message)."""
     if msg.type != (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWSETELEM or len(msg.payload) < _NFGEN.size:
         return
-    elems = nl.attrs(msg.payload, _NFGEN.size).get(NFTA_SET_ELEM_LIST_ELEMENTS, b"")
-    off = 0
-    while off + _NLA.size <= len(elems):  # a list of NFTA_LIST_ELEM (several share a type: no dict)
-        length, _ = _NLA.unpack_from(elems, off)
-        if length < _NLA.size:
-            break
-        yield nl.attrs(elems[off + _NLA.size:off + length])
-        off += (length + 3) & ~3
+    for item in _list_items(nl.attrs(msg.payload, _NFGEN.size).get(NFTA_SET_ELEM_LIST_ELEMENTS, b"")):
+        yield nl.attrs(item)
 
 
 def decode_setelems(msg: nl.Msg) -> list[ElemVal]:
@@ -272,14 +277,7 @@ def decode_counted(msg: nl.Msg) -> list[ElemCount]:
         if key is None:
             continue
         exprs = [e[NFTA_SET_ELEM_EXPR]] if NFTA_SET_ELEM_EXPR in e else []
-        listed = e.get(NFTA_SET_ELEM_EXPRESSIONS, b"")
-        off = 0
-        while off + _NLA.size <= len(listed):  # NFTA_LIST_ELEM each
-            length, _ = _NLA.unpack_from(listed, off)
-            if length < _NLA.size:
-                break
-            exprs.append(listed[off + _NLA.size:off + length])
-            off += (length + 3) & ~3
+        exprs += _list_items(e.get(NFTA_SET_ELEM_EXPRESSIONS, b""))
         packets = next((n for n in map(_packets, exprs) if n is not None), 0)
         left = e.get(NFTA_SET_ELEM_EXPIRATION, b"")
         out.append((key, packets, _MS.unpack(left)[0] if len(left) == _MS.size else 0))
