@@ -833,8 +833,9 @@ class Natd:
     def _pinhole_counters(self, msg: wire.PinholeCounters) -> wire.Message:
         pids = msg.pids or sorted(self.pins.by_pid)
         known = [pid for pid in pids if pid in self.pins.by_pid]
-        have = self._pin().packets([self.pins.by_pid[pid][1] for pid in known])
-        return wire.PinholeCountersReply(known, [have.get(self.pins.by_pid[pid][1], 0) for pid in known])
+        keys = [self.pins.by_pid[pid][1] for pid in known]
+        have = self._pin().packets(keys)
+        return wire.PinholeCountersReply(known, [have.get(k, 0) for k in keys])
 
     def _pinhole_status(self, _msg: wire.PinholeStatus) -> wire.Message:
         lim, pl = self.pins.limits, self.pin_nft.place if self.pin_nft else None

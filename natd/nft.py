@@ -1009,14 +1009,7 @@ class PinholeNft:
             declared = {s.get("name") for i in items for s in (i.get("set"),) if s}
             if pl.obj("pinif") in declared:
                 items += self.nft._list_json(f"set {pl.where} {pl.obj('pinif')}")
-            elems: dict[PinKey, int] = {}
-            expires: dict[PinKey, int] = {}
-            for name in ("pin6", "pin6r"):
-                if pl.obj(name) in declared:
-                    for raw, packets, left_ms in netlink.nft_dump_counted(*self._set_of(name)):
-                        key = pin_key_of(raw, remote=name == "pin6r")
-                        if key is not None:
-                            elems[key], expires[key] = packets, left_ms // 1000
+            elems, expires = self._dump_counted([n for n in ("pin6", "pin6r") if pl.obj(n) in declared])
         except (NftError, OSError):
             return False, {}
         self.expires = expires
@@ -1044,7 +1037,10 @@ class PinholeNft:
         """The packets each of ``keys`` admitted, for those the kernel holds: a lookup per key for a few
         (GetPinholePackets asks for one), one dump of each set for many."""
         if len(keys) > PACKETS_LOOKUPS:
-            return self.snapshot()[1]
+            try:
+                return self._dump_counted(["pin6", "pin6r"])[0]
+            except OSError:
+                return {}  # as the snapshot answers a table it cannot read: no counts
         out: dict[PinKey, int] = {}
         try:
             for key in keys:
@@ -1054,6 +1050,18 @@ class PinholeNft:
         except OSError as exc:
             raise NftError(f"reading pinhole counters: {exc}") from None
         return out
+
+    def _dump_counted(self, names: list[str]) -> tuple[dict[PinKey, int], dict[PinKey, int]]:
+        """({key: packets}, {key: seconds left}) of our sets ``names`` (without prefix), by netlink dumps;
+        OSError when one cannot be read."""
+        elems: dict[PinKey, int] = {}
+        expires: dict[PinKey, int] = {}
+        for name in names:
+            for raw, packets, left_ms in netlink.nft_dump_counted(*self._set_of(name)):
+                key = pin_key_of(raw, remote=name == "pin6r")
+                if key is not None:
+                    elems[key], expires[key] = packets, left_ms // 1000
+        return elems, expires
 
     def _set_of(self, name: str) -> tuple[int, str, str]:
         """(family number, table, set) of our set ``name`` (without prefix), as netlink names them."""
