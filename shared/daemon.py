@@ -101,15 +101,15 @@ def install_stop_signals(stop: asyncio.Event) -> None:
 
 
 @functools.cache
-def _malloc_trim() -> Callable[[int], int] | None:
-    """glibc's ``malloc_trim``, or None (musl has none)."""
+def _glibc(name: str) -> Callable[..., int] | None:
+    """glibc's function ``name`` (``malloc_trim``, ``mallopt``), or None (musl has neither)."""
     try:
         import ctypes  # already loaded by pyzmq in both daemons
 
-        trim: Callable[[int], int] = ctypes.CDLL(None).malloc_trim
+        fn: Callable[..., int] = getattr(ctypes.CDLL(None), name)
     except (ImportError, OSError, AttributeError):
         return None
-    return trim
+    return fn
 
 
 M_MMAP_THRESHOLD = -3  # mallopt(3) parameter (malloc.h)
@@ -125,12 +125,9 @@ def hold_mmap_threshold() -> None:
     its restart sequence at 10k: 28.7-30.3 MiB from one run to the next, 28.7-28.9 held. The
     request path's buffers are far below the threshold, so it changes nothing there.
     """
-    try:
-        import ctypes  # already loaded by pyzmq in both daemons
-
-        ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
-    except (ImportError, OSError, AttributeError):  # musl: no mallopt, and no dynamic threshold either
-        pass
+    mallopt = _glibc("mallopt")
+    if mallopt is not None:  # (musl: no mallopt, and no dynamic threshold either)
+        mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
 
 
 def release_memory() -> None:
@@ -140,7 +137,7 @@ def release_memory() -> None:
     a daemon; ~1 MiB when modules were compiled from source), a sync or a restore of thousands of
     forwards. Nothing to do without glibc (musl gives pages back itself).
     """
-    trim = _malloc_trim()
+    trim = _glibc("malloc_trim")
     if trim is not None:
         trim(0)
 

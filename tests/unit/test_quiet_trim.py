@@ -66,8 +66,8 @@ def test_the_task_trims_once_the_notes_stop(monkeypatch: pytest.MonkeyPatch) -> 
 
 def test_release_memory_is_glibc_malloc_trim_here() -> None:
     """The bed runs on glibc: the trim is real (musl's is None and a no-op)."""
-    daemon._malloc_trim.cache_clear()
-    assert daemon._malloc_trim() is not None
+    daemon._glibc.cache_clear()
+    assert daemon._glibc("malloc_trim") is not None
     daemon.release_memory()
 
 
